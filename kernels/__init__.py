@@ -1,0 +1,17 @@
+"""Fused Triton kernels for the mHC/HC connection math; import name `mhc_kernels` (a bare `kernels` collides with a
+PyPI package that transformers probes for). Reached only through `mhc_train.ops` (backend triton | auto).
+
+- `projection.py`  kernel 1: v @ phi and sum(v^2) in one pass, reordered RMSNorm; fused dv + dphi backward
+- `gates.py`       kernel 2: gates, biases, sigmoid, 2*sigmoid and all Sinkhorn iterations in one kernel
+- `sinkhorn.py`    the Sinkhorn iterations alone (ops.sinkhorn_knopp); backward recomputes the iterates on chip
+- `stream_mix.py`  kernels 3 and 4: mhc_pre (reads nC, writes C) and mhc_post_res (reads (n+1)C, writes nC)
+Each file opens with its formula and backward derivation; its PyTorch reference is in `mhc_train/ops/`.
+On CPU they run only through Triton's interpreter: set TRITON_INTERPRET=1 before anything imports triton.
+"""
+
+from .gates import mhc_gates_sinkhorn
+from .projection import mhc_projection
+from .sinkhorn import sinkhorn_knopp
+from .stream_mix import mhc_post_res, mhc_pre
+
+__all__ = ["mhc_gates_sinkhorn", "mhc_post_res", "mhc_pre", "mhc_projection", "sinkhorn_knopp"]

@@ -1,0 +1,299 @@
+"""Fused stream read and write: `mhc_pre` (kernel 3) and `mhc_post_res` (kernel 4) of the mHC paper, section 4.3.
+
+- `mhc_pre`:      F_in[t, c]  = sum_j h_pre[t, j] x[t, j, c]                    reads nC, writes C per token
+- `mhc_post_res`: x'[t, i, c] = sum_j H_res[t, i, j] x[t, j, c] + h_post[t, i] y[t, c]
+                                                                              reads (n+1)C, writes nC per token
+HC uses the same two kernels (only its coefficients differ). Tiles are [tokens, n, C-block] with n padded to a power
+of two and masked; C is masked too (any width). Accumulation in fp32; streams may be fp32, bf16 or fp16.
+References: `mhc_train/ops/reference.py` (`mhc_pre_ref`, `mhc_post_res_ref`).
+
+Backward (per token t, upstream g):
+    pre:      dx[j, c] = h_pre[j] g[c]                 dh_pre[j] = sum_c x[j, c] g[c]
+    post_res: dx[j, c] = sum_i H[i, j] g[i, c]         dy[c] = sum_i h_post[i] g[i, c]
+              dH[i, j] = sum_c g[i, c] x[j, c]         dh_post[i] = sum_c g[i, c] y[c]
+The coefficient gradients reduce over C, so backward programs own whole tokens and loop over C: no atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import MAX_STREAMS, STREAM_DTYPES, check_tensor, next_pow2
+
+
+@triton.jit(do_not_specialize=["n_tokens"])
+def _mhc_pre_fwd_kernel(
+    x_ptr,
+    h_ptr,
+    out_ptr,
+    n_tokens,
+    C,
+    N: tl.constexpr,
+    N_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_n = tl.arange(0, N_PAD)
+    mt, mn, mc = offs_t < n_tokens, offs_n < N, offs_c < C
+    x = tl.load(
+        x_ptr + offs_t[:, None, None] * (N * C) + offs_n[None, :, None] * C + offs_c[None, None, :],
+        mask=mt[:, None, None] & mn[None, :, None] & mc[None, None, :],
+        other=0.0,
+    ).to(tl.float32)
+    h = tl.load(h_ptr + offs_t[:, None] * N + offs_n[None, :], mask=mt[:, None] & mn[None, :], other=0.0)
+    out = tl.sum(x * h.to(tl.float32)[:, :, None], axis=1)  # [BLOCK_T, BLOCK_C]
+    tl.store(
+        out_ptr + offs_t[:, None] * C + offs_c[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=mt[:, None] & mc[None, :],
+    )
+
+
+@triton.jit(do_not_specialize=["n_tokens"])
+def _mhc_pre_bwd_kernel(
+    x_ptr,
+    h_ptr,
+    g_ptr,
+    dx_ptr,
+    dh_ptr,
+    n_tokens,
+    C,
+    N: tl.constexpr,
+    N_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    offs_n = tl.arange(0, N_PAD)
+    mt, mn = offs_t < n_tokens, offs_n < N
+    h = tl.load(h_ptr + offs_t[:, None] * N + offs_n[None, :], mask=mt[:, None] & mn[None, :], other=0.0).to(tl.float32)
+    dh = tl.zeros([BLOCK_T, N_PAD], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mc = offs_c < C
+        m3 = mt[:, None, None] & mn[None, :, None] & mc[None, None, :]
+        p3 = offs_t[:, None, None] * (N * C) + offs_n[None, :, None] * C + offs_c[None, None, :]
+        x = tl.load(x_ptr + p3, mask=m3, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mt[:, None] & mc[None, :], other=0.0)
+        g = g.to(tl.float32)
+        tl.store(dx_ptr + p3, (h[:, :, None] * g[:, None, :]).to(dx_ptr.dtype.element_ty), mask=m3)
+        dh += tl.sum(x * g[:, None, :], axis=2)
+    tl.store(dh_ptr + offs_t[:, None] * N + offs_n[None, :], dh, mask=mt[:, None] & mn[None, :])
+
+
+@triton.jit(do_not_specialize=["n_tokens"])
+def _mhc_post_res_fwd_kernel(
+    x_ptr,
+    y_ptr,
+    hp_ptr,
+    hr_ptr,
+    out_ptr,
+    n_tokens,
+    C,
+    N: tl.constexpr,
+    N_PAD: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # HAS_RES=False compiles the identity-H_res arm (x' = x + h_post y) without the mixing.
+    offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_n = tl.arange(0, N_PAD)
+    mt, mn, mc = offs_t < n_tokens, offs_n < N, offs_c < C
+    m3 = mt[:, None, None] & mn[None, :, None] & mc[None, None, :]
+    p3 = offs_t[:, None, None] * (N * C) + offs_n[None, :, None] * C + offs_c[None, None, :]
+    x = tl.load(x_ptr + p3, mask=m3, other=0.0).to(tl.float32)  # [T, j, c]
+    y = tl.load(y_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mt[:, None] & mc[None, :], other=0.0)
+    hp = tl.load(hp_ptr + offs_t[:, None] * N + offs_n[None, :], mask=mt[:, None] & mn[None, :], other=0.0)
+    out = hp.to(tl.float32)[:, :, None] * y.to(tl.float32)[:, None, :]  # [T, i, c]
+    if HAS_RES:
+        hr = tl.load(
+            hr_ptr + offs_t[:, None, None] * (N * N) + offs_n[None, :, None] * N + offs_n[None, None, :],
+            mask=mt[:, None, None] & mn[None, :, None] & mn[None, None, :],
+            other=0.0,
+        )  # [T, i, j]
+        out += tl.sum(hr.to(tl.float32)[:, :, :, None] * x[:, None, :, :], axis=2)
+    else:
+        out += x
+    tl.store(out_ptr + p3, out.to(out_ptr.dtype.element_ty), mask=m3)
+
+
+@triton.jit(do_not_specialize=["n_tokens"])
+def _mhc_post_res_bwd_kernel(
+    x_ptr,
+    y_ptr,
+    hp_ptr,
+    hr_ptr,
+    g_ptr,
+    dx_ptr,
+    dy_ptr,
+    dhp_ptr,
+    dhr_ptr,
+    n_tokens,
+    C,
+    N: tl.constexpr,
+    N_PAD: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    offs_n = tl.arange(0, N_PAD)
+    mt, mn = offs_t < n_tokens, offs_n < N
+    hp = tl.load(hp_ptr + offs_t[:, None] * N + offs_n[None, :], mask=mt[:, None] & mn[None, :], other=0.0)
+    hp = hp.to(tl.float32)
+    m_nn = mt[:, None, None] & mn[None, :, None] & mn[None, None, :]
+    p_nn = offs_t[:, None, None] * (N * N) + offs_n[None, :, None] * N + offs_n[None, None, :]
+    if HAS_RES:
+        hr = tl.load(hr_ptr + p_nn, mask=m_nn, other=0.0).to(tl.float32)  # [T, i, j]
+    dhr = tl.zeros([BLOCK_T, N_PAD, N_PAD], dtype=tl.float32)
+    dhp = tl.zeros([BLOCK_T, N_PAD], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mc = offs_c < C
+        m3 = mt[:, None, None] & mn[None, :, None] & mc[None, None, :]
+        p3 = offs_t[:, None, None] * (N * C) + offs_n[None, :, None] * C + offs_c[None, None, :]
+        g = tl.load(g_ptr + p3, mask=m3, other=0.0).to(tl.float32)  # [T, i, c]
+        y = tl.load(y_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mt[:, None] & mc[None, :], other=0.0)
+        y = y.to(tl.float32)
+        tl.store(
+            dy_ptr + offs_t[:, None] * C + offs_c[None, :],
+            tl.sum(hp[:, :, None] * g, axis=1).to(dy_ptr.dtype.element_ty),
+            mask=mt[:, None] & mc[None, :],
+        )
+        dhp += tl.sum(g * y[:, None, :], axis=2)
+        if HAS_RES:
+            x = tl.load(x_ptr + p3, mask=m3, other=0.0).to(tl.float32)  # [T, j, c]
+            dx = tl.sum(hr[:, :, :, None] * g[:, :, None, :], axis=1)  # sum over i -> [T, j, c]
+            dhr += tl.sum(g[:, :, None, :] * x[:, None, :, :], axis=3)  # [T, i, j]
+        else:
+            dx = g
+        tl.store(dx_ptr + p3, dx.to(dx_ptr.dtype.element_ty), mask=m3)
+    tl.store(dhp_ptr + offs_t[:, None] * N + offs_n[None, :], dhp, mask=mt[:, None] & mn[None, :])
+    if HAS_RES:
+        tl.store(dhr_ptr + p_nn, dhr, mask=m_nn)
+
+
+def _blocks(n: int, C: int) -> tuple[int, int, int]:
+    """(N_PAD, BLOCK_T, BLOCK_C): keep the [T, n, n, C] product tile within ~8k fp32 values per program."""
+    n_pad = next_pow2(n)
+    block_c = min(128, next_pow2(C))
+    block_t = max(1, min(16, 8192 // (n_pad * n_pad * block_c)))
+    return n_pad, block_t, block_c
+
+
+def _check(n: int, **tensors) -> None:
+    if n > MAX_STREAMS:
+        raise ValueError(f"n = {n} streams is above the Triton kernels' limit of {MAX_STREAMS}; use backend=torch")
+    for name, t in tensors.items():
+        if t is not None:
+            check_tensor(name, t, STREAM_DTYPES if name in ("x", "y", "g") else (torch.float32,))
+
+
+def mhc_pre_fwd(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
+    T, n, C = x.shape
+    n_pad, bt, bc = _blocks(n, C)
+    out = torch.empty(T, C, device=x.device, dtype=x.dtype)
+    _mhc_pre_fwd_kernel[(triton.cdiv(T, bt), triton.cdiv(C, bc))](x, h_pre, out, T, C, n, n_pad, bt, bc)
+    return out
+
+
+def mhc_pre_bwd(x, h_pre, g):
+    T, n, C = x.shape
+    n_pad, bt, bc = _blocks(n, C)
+    dx, dh = torch.empty_like(x), torch.empty_like(h_pre)
+    _mhc_pre_bwd_kernel[(triton.cdiv(T, bt),)](x, h_pre, g, dx, dh, T, C, n, n_pad, bt, bc)
+    return dx, dh
+
+
+def mhc_post_res_fwd(x, y, h_post, h_res):
+    T, n, C = x.shape
+    n_pad, bt, bc = _blocks(n, C)
+    out = torch.empty_like(x)
+    has_res = h_res is not None
+    _mhc_post_res_fwd_kernel[(triton.cdiv(T, bt), triton.cdiv(C, bc))](
+        x, y, h_post, h_res if has_res else h_post, out, T, C, n, n_pad, has_res, bt, bc
+    )
+    return out
+
+
+def mhc_post_res_bwd(x, y, h_post, h_res, g):
+    T, n, C = x.shape
+    n_pad, bt, bc = _blocks(n, C)
+    has_res = h_res is not None
+    dx, dy, dhp = torch.empty_like(x), torch.empty_like(y), torch.empty_like(h_post)
+    dhr = torch.empty_like(h_res) if has_res else None
+    _mhc_post_res_bwd_kernel[(triton.cdiv(T, bt),)](
+        x,
+        y,
+        h_post,
+        h_res if has_res else h_post,
+        g,
+        dx,
+        dy,
+        dhp,
+        dhr if has_res else dhp,
+        T,
+        C,
+        n,
+        n_pad,
+        has_res,
+        bt,
+        bc,
+    )
+    return dx, dy, dhp, dhr
+
+
+class MhcPreFunction(torch.autograd.Function):
+    """Saves x and h_pre (the inputs; no intermediates)."""
+
+    @staticmethod
+    def forward(ctx, x, h_pre):
+        ctx.save_for_backward(x, h_pre)
+        return mhc_pre_fwd(x, h_pre)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, h_pre = ctx.saved_tensors
+        dx, dh = mhc_pre_bwd(x, h_pre, g.contiguous())
+        return (dx if ctx.needs_input_grad[0] else None), (dh if ctx.needs_input_grad[1] else None)
+
+
+class MhcPostResFunction(torch.autograd.Function):
+    """Saves x, y, h_post, h_res (the inputs; no intermediates)."""
+
+    @staticmethod
+    def forward(ctx, x, y, h_post, h_res):
+        ctx.save_for_backward(x, y, h_post, h_res)
+        return mhc_post_res_fwd(x, y, h_post, h_res)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y, h_post, h_res = ctx.saved_tensors
+        dx, dy, dhp, dhr = mhc_post_res_bwd(x, y, h_post, h_res, g.contiguous())
+        need = ctx.needs_input_grad
+        return (dx if need[0] else None, dy if need[1] else None, dhp if need[2] else None, dhr if need[3] else None)
+
+
+def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
+    """x [..., n, C] (fp32/bf16/fp16, contiguous), h_pre [..., n] fp32 -> [..., C] in x's dtype. n <= 16."""
+    lead, (n, C) = x.shape[:-2], x.shape[-2:]
+    _check(n, x=x, h_pre=h_pre)
+    return MhcPreFunction.apply(x.reshape(-1, n, C), h_pre.reshape(-1, n)).reshape(*lead, C)
+
+
+def mhc_post_res(x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor | None) -> torch.Tensor:
+    """x [..., n, C], y [..., C] (x's dtype), h_post [..., n], h_res [..., n, n] fp32 or None -> [..., n, C]."""
+    lead, (n, C) = x.shape[:-2], x.shape[-2:]
+    _check(n, x=x, y=y, h_post=h_post, h_res=h_res)
+    if y.dtype != x.dtype:
+        raise ValueError(f"y: dtype {y.dtype} differs from the streams' {x.dtype}")
+    out = MhcPostResFunction.apply(
+        x.reshape(-1, n, C), y.reshape(-1, C), h_post.reshape(-1, n), None if h_res is None else h_res.reshape(-1, n, n)
+    )
+    return out.reshape(*lead, n, C)

@@ -1,0 +1,383 @@
+"""Structured configs: the schema that every YAML under `configs/` is an instance of, and all validation.
+
+- Hydra merges YAML into these dataclasses, so an unknown key or a wrong type fails before any work starts.
+- Cross-field rules live in `validate_*` below, one place, and raise `ConfigError` naming the key, the value and
+  what is allowed. Model code calls `validate_model` / `validate_connection` at build time too, so a model built
+  from Python (no Hydra) gets the same messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+CONNECTION_TYPES = ("residual", "hc", "mhc")
+H_RES_MODES = ("sinkhorn", "identity")
+B_RES_INITS = ("uniform", "identity")
+OUT_PROJ_INITS = ("none", "mul_sqrt_n", "div_sqrt_n")
+BACKENDS = ("torch", "triton", "auto")
+LR_SCHEDULES = ("cosine", "step", "constant")
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key, the value and what would work."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096  # tokens; must match the tokenizer (checked against the data manifest)
+    dim: int = 256  # C, hidden width
+    n_layer: int = 4  # transformer blocks; each has 2 connection sites (attention, FFN)
+    n_head: int = 4  # attention heads; must divide dim
+    n_kv_head: int = 0  # key/value heads for GQA; 0 = n_head (plain multi-head attention)
+    head_dim: int = 0  # per-head width; 0 = dim // n_head (the mHC paper's 3B shape uses 16 x 128 at dim 1280)
+    ffn_hidden_dim: int = 0  # SwiGLU hidden width; 0 = LLaMA's 2/3 * 4 * dim rounded up to multiple_of
+    multiple_of: int = 32  # rounding of the auto FFN width (tensor-core friendly)
+    max_seq_len: int = 256  # longest sequence RoPE is precomputed for
+    rope_theta: float = 10000.0  # RoPE base
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    tie_embeddings: bool = False  # share the token embedding and the LM head
+    init_std: float = 0.02  # std of the normal init of all linear weights (GPT-2 / LLaMA convention)
+
+
+@dataclass
+class ConnectionConfig:
+    type: str = "mhc"  # residual | hc | mhc
+    n_streams: int = 4  # n, the expansion rate; residual forces 1
+    backend: str = "auto"  # torch | triton | auto (triton for CUDA tensors, torch elsewhere)
+    deterministic: bool = False  # triton: reproducible phi gradient (no float atomics; a scratch buffer instead)
+    # --- HC (Zhu et al.) ---
+    hc_dynamic: bool = True  # DHC (the paper's default) adds input-dependent terms to the static B, A_m, A_r
+    hc_dynamic_scale_init: float = 0.01  # s_alpha and s_beta at init
+    hc_out_proj_init: str = "none"  # none | mul_sqrt_n | div_sqrt_n: scale the output projections' init std
+    # --- mHC (DeepSeek) ---
+    h_res: str = "sinkhorn"  # sinkhorn | identity (ablation: fixed identity H_res, dynamic H_pre/H_post)
+    t_max: int = 20  # Sinkhorn iterations (paper: 20)
+    sinkhorn_backward: str = "unrolled"  # unrolled (exact for t_max steps, the paper's) | implicit (fixed point)
+    alpha_init: float = 0.01  # the three gates alpha_pre, alpha_post, alpha_res (paper: 0.01)
+    phi_init_std: float = 0.02  # std of phi's normal init; 0 keeps streams identical forever (symmetry)
+    b_pre_init: float = 0.0  # logit of H_pre; 0 gives a uniform read of 0.5 per stream
+    b_post_init: float = 0.0  # logit of H_post; 0 gives 2*sigmoid(0) = 1, as in HC
+    b_res_init: str = "uniform"  # uniform (H_res = J/n) | identity (diagonal logit b_res_diag, 0 elsewhere)
+    b_res_diag: float = 2.0  # diagonal logit for b_res_init=identity (2 -> ~0.71 on the diagonal at n=4)
+    eps: float = 1e-6  # epsilon of the flattened nC RMSNorm
+
+
+@dataclass
+class DataConfig:
+    source: str = "shakespeare"  # shakespeare (bundled) | a file or directory of .txt | hf:<dataset name>
+    hf_split: str = "train"  # split of a Hugging Face dataset
+    hf_text_field: str = "text"  # column holding the text
+    out_dir: str = "data_cache/shakespeare"  # where tokenizer, shards and manifest go
+    tokenizer_model: str = ""  # an existing sentencepiece .model to use instead of training one
+    vocab_size: int = 4096  # BPE vocabulary trained by the prepare step
+    val_fraction: float = 0.05  # share of documents held out for validation
+    num_proc: int = 1  # datasets.map worker processes
+    seed: int = 1234  # document shuffle for the train/val split
+    max_sentencepiece_chars: int = 20_000_000  # characters sampled to train the tokenizer
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3  # peak learning rate
+    weight_decay: float = 0.1  # applied to matrices only (not norms, biases, gates, HC static parts)
+    beta1: float = 0.9
+    beta2: float = 0.95  # mHC paper, Table 5
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"  # cosine | step (mHC paper: 0.316x at 80%, 0.1x at 90%) | constant
+    warmup_steps: int = 20  # linear warm-up from 0
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of the peak
+    step_milestones: list[float] = field(default_factory=lambda: [0.8, 0.9])  # fractions of training
+    step_factors: list[float] = field(default_factory=lambda: [0.316, 0.1])  # LR multipliers at the milestones
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0  # seeds model init and the data order
+    max_steps: int = 200  # optimiser steps
+    batch_size: int = 16  # sequences per micro-batch
+    seq_len: int = 128  # tokens per sequence
+    grad_accum: int = 1  # micro-batches per optimiser step
+    precision: str = "auto"  # fp32 | bf16 | auto (bf16 autocast where the device supports it, CUDA)
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile the model
+    eval_every: int = 50  # steps between validation passes
+    eval_batches: int = 8  # batches of the fixed held-out slice per validation
+    diag_every: int = 50  # steps between stability diagnostics (spec section 7); 0 disables
+    log_every: int = 10  # steps between metric lines
+    skip_nonfinite: bool = False  # skip (and count) steps with a NaN/inf loss instead of stopping
+    max_skipped_steps: int = 10  # stop anyway after this many skipped steps
+    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    stop_at_step: int = 0  # exit cleanly (with a checkpoint) after this step, for time-sliced jobs; 0 = never
+    dump_grads_at: int = 0  # debug: save rank 0's reduced, pre-clip gradients of this step to run_dir (torch engine)
+    progress: bool = True  # tqdm progress bar
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # steps between checkpoints; 0 = only at the end
+    keep_last: int = 2  # complete checkpoints kept (milestones are kept in addition)
+    milestones: list[int] = field(default_factory=list)  # steps whose checkpoints are never deleted
+    resume: str = "auto"  # auto (newest complete checkpoint in run_dir, if any) | never | a checkpoint path
+    save_final: bool = True  # write a checkpoint at the last step
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = True  # log to wandb too (the JSONL file is always written)
+    wandb_mode: str = "offline"  # offline (default, no account) | online | disabled
+    wandb_project: str = "mhc-train"
+    wandb_entity: str = ""
+
+
+@dataclass
+class ParallelConfig:
+    engine: str = "none"  # data parallel engine across the launched ranks: none (one process) | ddp | deepspeed
+    zero_stage: int = 1  # deepspeed ZeRO stage (1: optimizer states, 2: + gradients, 3: + parameters)
+    deepspeed_config: str = ""  # a DeepSpeed JSON whose keys override the ones built from this config
+    pp: int = 1  # pipeline-parallel ranks (torch.distributed.pipelining); the launched world must equal pp for now
+    pp_schedule: str = "1f1b"  # 1f1b | zbv | dualpipev (the V schedules hold two stages per rank)
+    pp_microbatches: int = 0  # micro-batches per optimiser step (split of train.batch_size); 0 = 2 * pp
+    recompute: str = "none"  # none | mhc (drop and recompute connection intermediates; F kept) | full (F too)
+    recompute_block: str = "auto"  # L_r in connection sites, or auto (mHC paper Eq. 20 optimum per pipeline stage)
+
+
+@dataclass
+class Config:
+    run_name: str = "run"
+    run_dir: str = "runs/${run_name}"  # everything a run writes: metrics, checkpoints, config
+    model: ModelConfig = field(default_factory=ModelConfig)
+    connection: ConnectionConfig = field(default_factory=ConnectionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{key}={value!r} is invalid: {allowed}")
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(key, value, f"allowed values are {', '.join(choices)}")
+
+
+def _at_least(key: str, value: Any, low: float, kind: type = int) -> None:
+    if not isinstance(value, kind) or isinstance(value, bool) or value < low:
+        _fail(key, value, f"must be {'an integer' if kind is int else 'a number'} >= {low}")
+
+
+def validate_model(m: ModelConfig, prefix: str = "model") -> None:
+    for key in ("vocab_size", "dim", "n_layer", "n_head", "max_seq_len", "multiple_of"):
+        _at_least(f"{prefix}.{key}", getattr(m, key), 1)
+    _at_least(f"{prefix}.n_kv_head", m.n_kv_head, 0)
+    _at_least(f"{prefix}.ffn_hidden_dim", m.ffn_hidden_dim, 0)
+    _at_least(f"{prefix}.head_dim", m.head_dim, 0)
+    if not m.head_dim and m.dim % m.n_head:
+        _fail(f"{prefix}.n_head", m.n_head, f"must divide {prefix}.dim={m.dim} (or set {prefix}.head_dim)")
+    if (m.head_dim or m.dim // m.n_head) % 2:
+        _fail(f"{prefix}.head_dim", m.head_dim or m.dim // m.n_head, "the head size must be even for RoPE")
+    kv = m.n_kv_head or m.n_head
+    if m.n_head % kv:
+        _fail(f"{prefix}.n_kv_head", m.n_kv_head, f"must divide {prefix}.n_head={m.n_head} (or be 0)")
+    if not (m.norm_eps > 0 and m.init_std > 0 and m.rope_theta > 0):
+        _fail(f"{prefix}.norm_eps/init_std/rope_theta", (m.norm_eps, m.init_std, m.rope_theta), "must all be > 0")
+
+
+def validate_connection(c: ConnectionConfig, prefix: str = "connection") -> None:
+    _choice(f"{prefix}.type", c.type, CONNECTION_TYPES)
+    _choice(f"{prefix}.backend", c.backend, BACKENDS)
+    _at_least(f"{prefix}.n_streams", c.n_streams, 1)
+    if c.type == "residual" and c.n_streams != 1:
+        _fail(f"{prefix}.n_streams", c.n_streams, "the residual baseline has exactly 1 stream; set it to 1")
+    _choice(f"{prefix}.hc_out_proj_init", c.hc_out_proj_init, OUT_PROJ_INITS)
+    _choice(f"{prefix}.h_res", c.h_res, H_RES_MODES)
+    _choice(f"{prefix}.b_res_init", c.b_res_init, B_RES_INITS)
+    _choice(f"{prefix}.sinkhorn_backward", c.sinkhorn_backward, ("unrolled", "implicit"))
+    _at_least(f"{prefix}.t_max", c.t_max, 1)
+    if not c.eps > 0:
+        _fail(f"{prefix}.eps", c.eps, "must be > 0")
+    if c.phi_init_std < 0 or c.hc_dynamic_scale_init < 0:
+        _fail(f"{prefix}.phi_init_std/hc_dynamic_scale_init", (c.phi_init_std, c.hc_dynamic_scale_init), "must be >= 0")
+
+
+def validate_pipeline(cfg: Config) -> None:
+    p, t = cfg.parallel, cfg.train
+    _at_least("parallel.pp", p.pp, 1)
+    _choice("parallel.pp_schedule", p.pp_schedule, ("1f1b", "zbv", "dualpipev"))
+    if p.pp == 1:
+        return
+    v = p.pp_schedule != "1f1b"
+    stages = p.pp * (2 if v else 1)
+    if cfg.model.n_layer % stages:
+        _fail(
+            "parallel.pp",
+            p.pp,
+            f"{p.pp_schedule} needs model.n_layer={cfg.model.n_layer} divisible by its "
+            f"{stages} stages; pick pp (or n_layer) so that it divides",
+        )
+    if p.engine != "none":
+        _fail(
+            "parallel.engine",
+            p.engine,
+            "pipeline runs use torch.distributed.pipelining: set parallel.engine=none "
+            "(DeepSpeed reduces gradients inside its own backward, which a pipeline schedule bypasses)",
+        )
+    m = p.pp_microbatches or 2 * p.pp
+    need = 2 * p.pp if v else p.pp
+    if m < need or t.batch_size % m:
+        _fail(
+            "parallel.pp_microbatches",
+            m,
+            f"{p.pp_schedule} on {p.pp} ranks needs at least {need} micro-batches "
+            f"that split train.batch_size={t.batch_size} evenly",
+        )
+    if t.grad_accum != 1:
+        _fail("train.grad_accum", t.grad_accum, "must be 1 with a pipeline: raise parallel.pp_microbatches instead")
+    if v and t.compile:
+        _fail("train.compile", True, f"{p.pp_schedule} splits the backward and refuses compiled stages; use 1f1b")
+    if v and p.recompute == "mhc":
+        _fail(
+            "parallel.recompute",
+            "mhc",
+            f"is not supported under {p.pp_schedule} yet (its weight-gradient pass "
+            "re-enters the connection Functions); use recompute=full, or pp_schedule=1f1b",
+        )
+    if cfg.model.tie_embeddings:
+        _fail("model.tie_embeddings", True, "the embedding and the head live on different pipeline stages")
+    if t.skip_nonfinite:
+        _fail("train.skip_nonfinite", True, "is not supported with a pipeline yet")
+
+
+def validate_world(cfg: Config, world: int) -> None:
+    """Rules that need the launched world size; called before the process group starts."""
+    if cfg.parallel.pp > 1:
+        if world != cfg.parallel.pp:
+            _fail(
+                "parallel.pp",
+                cfg.parallel.pp,
+                f"{world} ranks were launched; pipeline x data parallel is not "
+                f"supported yet, so launch exactly pp={cfg.parallel.pp} ranks",
+            )
+        return
+    if world > 1 and cfg.parallel.engine == "none":
+        _fail("parallel.engine", "none", f"{world} ranks were launched: set parallel.engine=ddp or deepspeed")
+    if cfg.train.batch_size % world:
+        _fail(
+            "train.batch_size",
+            cfg.train.batch_size,
+            f"the global batch must split evenly over {world} data-parallel ranks; use a multiple of {world}",
+        )
+
+
+def validate(cfg: Config) -> None:
+    """Every cross-field rule of a full run config; raises ConfigError on the first violation."""
+    validate_model(cfg.model)
+    validate_connection(cfg.connection)
+    t, o, s = cfg.train, cfg.optim, cfg.schedule
+    for key in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "log_every"):
+        _at_least(f"train.{key}", getattr(t, key), 1)
+    _at_least("train.diag_every", t.diag_every, 0)
+    _at_least("train.stop_at_step", t.stop_at_step, 0)
+    _choice("train.precision", t.precision, PRECISIONS)
+    _choice("train.device", t.device, ("auto", "cpu", "cuda"))
+    if t.seq_len > cfg.model.max_seq_len:
+        _fail("train.seq_len", t.seq_len, f"must be <= model.max_seq_len={cfg.model.max_seq_len}")
+    if not o.lr > 0:
+        _fail("optim.lr", o.lr, "must be > 0")
+    if o.weight_decay < 0 or o.grad_clip < 0:
+        _fail("optim.weight_decay/grad_clip", (o.weight_decay, o.grad_clip), "must be >= 0")
+    _choice("schedule.name", s.name, LR_SCHEDULES)
+    _at_least("schedule.warmup_steps", s.warmup_steps, 0)
+    if len(s.step_milestones) != len(s.step_factors):
+        _fail("schedule.step_factors", list(s.step_factors), "needs one factor per schedule.step_milestones entry")
+    if list(s.step_milestones) != sorted(s.step_milestones) or any(not 0 < m < 1 for m in s.step_milestones):
+        _fail("schedule.step_milestones", list(s.step_milestones), "must be increasing fractions in (0, 1)")
+    if not 0 <= s.min_lr_ratio <= 1:
+        _fail("schedule.min_lr_ratio", s.min_lr_ratio, "must be in [0, 1]")
+    _at_least("checkpoint.every", cfg.checkpoint.every, 0)
+    _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 1)
+    _choice("parallel.recompute", cfg.parallel.recompute, ("none", "mhc", "full"))
+    _choice("parallel.engine", cfg.parallel.engine, ("none", "ddp", "deepspeed"))
+    validate_pipeline(cfg)
+    if cfg.parallel.zero_stage not in (1, 2, 3):
+        _fail("parallel.zero_stage", cfg.parallel.zero_stage, "allowed values are 1, 2, 3")
+    if cfg.parallel.engine == "deepspeed" and t.skip_nonfinite:
+        _fail("train.skip_nonfinite", True, "is not supported with parallel.engine=deepspeed (it always steps)")
+    block = str(cfg.parallel.recompute_block)
+    if block != "auto" and not (block.isdigit() and int(block) >= 1):
+        _fail("parallel.recompute_block", block, "must be a positive number of connection sites or auto")
+    _choice("logging.wandb_mode", cfg.logging.wandb_mode, ("offline", "online", "disabled"))
+    if not 0 < cfg.data.val_fraction < 1:
+        _fail("data.val_fraction", cfg.data.val_fraction, "must be in (0, 1)")
+    _at_least("data.vocab_size", cfg.data.vocab_size, 16)
+    _at_least("data.num_proc", cfg.data.num_proc, 1)
+
+
+def config_dir() -> str:
+    """The `configs/` tree: $MHC_TRAIN_CONFIG_DIR, or the repository's (the package is installed editable)."""
+    import os
+    from pathlib import Path
+
+    return os.environ.get("MHC_TRAIN_CONFIG_DIR") or str(Path(__file__).resolve().parents[1] / "configs")
+
+
+def register_schema() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def _reject_unknown_keys(node: dict, schema: type, prefix: str = "") -> None:
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in node.items():
+        if key not in fields:
+            raise ConfigError(f"unknown config key {prefix}{key!r}; known keys here: {', '.join(fields)}")
+        sub = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
+        if isinstance(value, dict) and dataclasses.is_dataclass(sub):
+            _reject_unknown_keys(value, sub, f"{prefix}{key}.")
+
+
+def load_config(overrides: list[str] | None = None, config_file: str | None = None, config_name: str = "config"):
+    """Compose `configs/<config_name>.yaml` with Hydra overrides, merge an optional YAML file on top, check the schema
+    (unknown keys and wrong types fail here, naming the key), validate, and return a `Config` dataclass."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_schema()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base=None):
+            cfg = compose(config_name=config_name, overrides=list(overrides or []))
+        if config_file:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(config_file))
+        _reject_unknown_keys(OmegaConf.to_container(cfg, resolve=False), Config)  # `+key=...` bypasses struct mode
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config error: {e}".replace("\n", "; ")) from e
+    except Exception as e:  # hydra's own errors (unknown group option, bad override syntax)
+        if type(e).__module__.startswith("hydra"):
+            raise ConfigError(f"config error: {e}") from e
+        raise
+    validate(obj)
+    return obj
+
+
+def to_dict(cfg: Config) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,200 @@
+"""Residual-stream connections: the Pre-Norm residual, Hyper-Connections (HC) and mHC, behind one interface.
+
+Axis legend: B batch, T time, n streams, C channels.
+
+A `Connection` is the whole residual-stream policy of a model:
+- `expand(h)`   [B, T, C] -> [B, T, n, C]: the token embedding replicated n times (spec section 1);
+- `site(C, k)`  the module of connection site k (two per block: attention, FFN). A site wraps a sub-layer F,
+                `x_{l+1} = site(x_l, F)`, and replaces the residual add and nothing else;
+- `collapse(x)` [B, T, n, C] -> [B, T, C]: sum over streams, before the final RMSNorm.
+
+Every site exposes `coefficients(x) -> (h_pre [B,T,n], h_post [B,T,n], h_res [B,T,n,n] | None)` in this file's
+convention (H_res left-multiplied: new stream i = sum_j H_res[i, j] x_j). The stability diagnostics read it, and
+HC reports its H_res equivalent `A_r^T` through it.
+
+Notes:
+1. Parameters whose name contains `static_` are HC's static parts; the optimiser gives them no weight decay.
+2. Constructors allocate with `torch.empty` and draw nothing from the RNG; `init_weights(generator)` sets values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from mhc_train import ops
+from mhc_train.config import ConnectionConfig, validate_connection
+
+SubLayer = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Site(nn.Module):
+    """One connection site: `x_{l+1} = H_res x_l + H_post^T F(H_pre x_l)` from the coefficients of `x_l`."""
+
+    backend: str = "torch"  # which implementation of mhc_train.ops runs (config connection.backend)
+
+    def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, sublayer: SubLayer) -> torch.Tensor:
+        h_pre, h_post, h_res = self.coefficients(x)  # [B,T,n], [B,T,n], [B,T,n,n] | None
+        y = sublayer(ops.mhc_pre(x, h_pre, backend=self.backend))  # [B, T, C]
+        return ops.mhc_post_res(x, y, h_post, h_res, backend=self.backend)  # [B, T, n, C]
+
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        pass
+
+
+class ResidualSite(Site):
+    """Pre-Norm residual, n = 1: `x + F(x)`. No parameters."""
+
+    def coefficients(self, x):
+        ones = x.new_ones(x.shape[:-1], dtype=torch.float32)  # [B, T, 1]
+        return ones, ones, ones.unsqueeze(-1)
+
+    def forward(self, x: torch.Tensor, sublayer: SubLayer) -> torch.Tensor:
+        return x + sublayer(x.squeeze(-2)).unsqueeze(-2)
+
+
+class HCSite(Site):
+    """Hyper-Connections (Zhu et al., 2409.19606), static or dynamic (DHC), in this file's convention.
+
+    Static: B (write, [n]) = 1, A_m (read, [n]) one-hot on stream k mod n, A_r (mix, [n, n]) = I, so a freshly
+    built HC model equals the Pre-Norm baseline. Dynamic: each stream is RMS-normalised on its own, then
+    `A_m += s_alpha tanh(norm(x_j) W_m)`, `A_r[j, :] += s_alpha tanh(norm(x_j) W_r)`, `B += s_beta tanh(norm(x_j) W_b)`,
+    with W = 0 and s_alpha = s_beta = 0.01 at init. h_pre = A_m, h_post = B, h_res = A_r^T.
+    """
+
+    def __init__(self, dim: int, n: int, index: int, cfg: ConnectionConfig):
+        super().__init__()
+        self.n, self.index, self.dynamic, self.scale_init = n, index, cfg.hc_dynamic, cfg.hc_dynamic_scale_init
+        self.backend = cfg.backend
+        self.static_beta = nn.Parameter(torch.empty(n))
+        self.static_alpha_m = nn.Parameter(torch.empty(n))
+        self.static_alpha_r = nn.Parameter(torch.empty(n, n))
+        if self.dynamic:
+            self.norm_weight = nn.Parameter(torch.empty(dim))  # per-stream RMSNorm gain, shared by the streams
+            self.dyn_proj = nn.Parameter(torch.empty(dim, n + 2))  # columns [W_m | W_b | W_r (n)]
+            self.dyn_scale = nn.Parameter(torch.empty(2))  # (s_alpha, s_beta)
+        self.eps = cfg.eps
+
+    def init_weights(self, generator=None):
+        with torch.no_grad():
+            self.static_beta.fill_(1.0)
+            self.static_alpha_m.zero_()[self.index % self.n] = 1.0
+            self.static_alpha_r.copy_(torch.eye(self.n))
+            if self.dynamic:
+                self.norm_weight.fill_(1.0)
+                self.dyn_proj.zero_()
+                self.dyn_scale.fill_(self.scale_init)
+
+    def coefficients(self, x):
+        n = self.n
+        a_m, beta, a_r = self.static_alpha_m.float(), self.static_beta.float(), self.static_alpha_r.float()
+        lead = x.shape[:-2]
+        a_m, beta, a_r = a_m.expand(*lead, n), beta.expand(*lead, n), a_r.expand(*lead, n, n)
+        if self.dynamic:
+            xf = x.float()
+            xn = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps) * self.norm_weight.float()
+            d = torch.tanh(xn @ self.dyn_proj.float())  # [B, T, n, n+2]
+            s_alpha, s_beta = self.dyn_scale.float().unbind()
+            a_m = a_m + s_alpha * d[..., 0]
+            beta = beta + s_beta * d[..., 1]
+            a_r = a_r + s_alpha * d[..., 2:]  # row j from stream j
+        return a_m, beta, a_r.transpose(-1, -2)
+
+
+class MHCSite(Site):
+    """mHC (DeepSeek, 2512.24880, Eqs. 7-9): coefficients from the flattened, RMS-normalised nC stream state.
+
+    phi [nC, n^2+2n] (RMSNorm gain folded in) ~ N(0, phi_init_std); alpha (pre, post, res) = alpha_init;
+    bias [pre | post | res] with b_pre, b_post and a uniform or identity-like b_res. `h_res: identity` drops the
+    res columns and the res gate and fixes H_res = I (the ablation arm of spec section 5).
+    """
+
+    def __init__(self, dim: int, n: int, index: int, cfg: ConnectionConfig):
+        super().__init__()
+        self.n, self.cfg, self.backend = n, cfg, cfg.backend
+        self.identity_res = cfg.h_res == "identity"
+        k = 2 * n if self.identity_res else n * n + 2 * n
+        self.phi = nn.Parameter(torch.empty(n * dim, k))
+        self.alpha = nn.Parameter(torch.empty(2 if self.identity_res else 3))
+        self.bias = nn.Parameter(torch.empty(k))
+
+    def init_weights(self, generator=None):
+        n, c = self.n, self.cfg
+        with torch.no_grad():
+            nn.init.normal_(self.phi, 0.0, c.phi_init_std, generator=generator) if c.phi_init_std else self.phi.zero_()
+            self.alpha.fill_(c.alpha_init)
+            self.bias[:n] = c.b_pre_init
+            self.bias[n : 2 * n] = c.b_post_init
+            if not self.identity_res:
+                diag = c.b_res_diag if c.b_res_init == "identity" else 0.0
+                self.bias[2 * n :] = (torch.eye(n) * diag).flatten()
+
+    def coefficients(self, x):
+        c = self.cfg
+        return ops.mhc_coefficients(
+            x,
+            self.phi,
+            self.alpha,
+            self.bias,
+            iters=c.t_max,
+            eps=c.eps,
+            backend=self.backend,
+            deterministic=c.deterministic,
+            sinkhorn_backward=c.sinkhorn_backward,
+        )
+
+
+class Connection:
+    """The residual-stream policy of a model: expand, build sites, collapse. Not a module: it holds no weights."""
+
+    site_cls: type[Site] = ResidualSite
+
+    def __init__(self, cfg: ConnectionConfig):
+        validate_connection(cfg)
+        self.cfg = cfg
+        self.n_streams = cfg.n_streams
+
+    def expand(self, h: torch.Tensor) -> torch.Tensor:
+        return h.unsqueeze(-2).expand(*h.shape[:-1], self.n_streams, h.shape[-1]).contiguous()  # [B, T, n, C]
+
+    def collapse(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum(dim=-2)  # [B, T, C]
+
+    def site(self, dim: int, index: int) -> Site:
+        return self.site_cls(dim, self.n_streams, index, self.cfg)
+
+    @property
+    def out_proj_std_factor(self) -> float:
+        """Multiplier of the output projections' init std (HC's sqrt(n) flag; 1 otherwise)."""
+        return 1.0
+
+
+class Residual(Connection):
+    def site(self, dim: int, index: int) -> Site:
+        return ResidualSite()
+
+
+class HC(Connection):
+    site_cls = HCSite
+
+    @property
+    def out_proj_std_factor(self) -> float:
+        mode, root = self.cfg.hc_out_proj_init, self.n_streams**0.5
+        return {"none": 1.0, "mul_sqrt_n": root, "div_sqrt_n": 1.0 / root}[mode]
+
+
+class MHC(Connection):
+    site_cls = MHCSite
+
+
+CONNECTIONS: dict[str, type[Connection]] = {"residual": Residual, "hc": HC, "mhc": MHC}
+
+
+def build_connection(cfg: ConnectionConfig) -> Connection:
+    validate_connection(cfg)
+    return CONNECTIONS[cfg.type](cfg)

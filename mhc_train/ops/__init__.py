@@ -1,0 +1,135 @@
+"""The connection math as plain functions: tensors in, tensors out; no modules, no configs.
+
+This is the seam the Triton kernels of `mhc_kernels` (folder `kernels/`) plug into. Every function takes
+`backend`, resolved here and only here:
+- `torch`: the PyTorch path: the plain reference of `reference.py`, except Sinkhorn, which uses the hand-written,
+  iterate-recomputing backward of `sinkhorn.py` (4x faster on CPU; tested against the reference);
+- `triton`: the fused kernels (CUDA, or CPU through the interpreter when TRITON_INTERPRET=1 was set before
+  `import triton`); inputs a kernel was not written for raise a ValueError that says why, never a silent fallback;
+- `auto`: triton for CUDA tensors, torch otherwise.
+
+- `sinkhorn_knopp(logits, iters=20)`: [..., n, n] -> doubly stochastic [..., n, n]
+- `mhc_coefficients(x, phi, alpha, bias, iters=20, eps=1e-6)`: x [..., n, C] -> (h_pre, h_post, h_res)
+- `mhc_pre(x, h_pre)`: [..., n, C] -> [..., C]
+- `mhc_post_res(x, y, h_post, h_res)`: -> [..., n, C]; H_res left-multiplied, None = identity
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import (
+    coefficient_dtype,
+    mhc_coefficients_ref,
+    mhc_post_res_ref,
+    mhc_pre_ref,
+    mhc_projection_ref,
+    sinkhorn_knopp_ref,
+)
+from .sinkhorn import sinkhorn_knopp_implicit, sinkhorn_knopp_torch
+
+BACKENDS = ("torch", "triton", "auto")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
+    """The backend that runs for tensors on `device`: `auto` is triton on CUDA (when importable), torch elsewhere."""
+    if backend not in BACKENDS:
+        raise ValueError(f"connection.backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if torch.device(device).type == "cuda" and triton_available() else "torch"
+    if backend == "triton" and not triton_available():
+        raise ValueError("connection.backend=triton but triton is not installed; pip install triton or use torch")
+    return backend
+
+
+def _kernels():
+    import mhc_kernels
+
+    return mhc_kernels
+
+
+SINKHORN_BACKWARDS = ("unrolled", "implicit")
+
+
+def sinkhorn_knopp(logits: torch.Tensor, iters: int = 20, backend: str = "torch", implicit: bool = False):
+    """`implicit=True`: backward by implicit differentiation of the fixed point (torch, any backend)."""
+    if implicit:
+        return sinkhorn_knopp_implicit(logits, iters)
+    if resolve_backend(backend, logits.device) == "triton":
+        return _kernels().sinkhorn_knopp(logits.float().contiguous(), iters)
+    return sinkhorn_knopp_torch(logits, iters)
+
+
+def mhc_coefficients(
+    x,
+    phi,
+    alpha,
+    bias,
+    iters: int = 20,
+    eps: float = 1e-6,
+    backend: str = "torch",
+    deterministic: bool = False,
+    sinkhorn_backward: str = "unrolled",
+):
+    if sinkhorn_backward not in SINKHORN_BACKWARDS:
+        raise ValueError(f"connection.sinkhorn_backward must be one of {SINKHORN_BACKWARDS}, got {sinkhorn_backward!r}")
+    implicit = sinkhorn_backward == "implicit"
+    sinkhorn = sinkhorn_knopp_implicit if implicit else sinkhorn_knopp_torch
+    if resolve_backend(backend, x.device) != "triton":
+        return mhc_coefficients_ref(x, phi, alpha, bias, iters, eps, sinkhorn=sinkhorn)
+    k = _kernels()
+    if implicit:  # kernel 1, then the torch tail with the implicit Sinkhorn backward
+        return mhc_coefficients_ref(
+            x,
+            phi,
+            alpha,
+            bias,
+            iters,
+            eps,
+            sinkhorn=sinkhorn,
+            projection=lambda v, p, e: k.mhc_projection(v.contiguous(), p, e, deterministic),
+        )
+    h = k.mhc_projection(x.contiguous(), phi, eps, deterministic)  # [..., K] fp32, reordered norm (kernel 1)
+    return k.mhc_gates_sinkhorn(h, alpha.float().contiguous(), bias.float().contiguous(), x.shape[-2], iters)
+
+
+def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+    if resolve_backend(backend, x.device) == "triton":
+        return _kernels().mhc_pre(x.contiguous(), h_pre.float().contiguous())
+    return mhc_pre_ref(x, h_pre)
+
+
+def mhc_post_res(
+    x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor | None, backend: str = "torch"
+) -> torch.Tensor:
+    if resolve_backend(backend, x.device) == "triton":
+        h_res = None if h_res is None else h_res.float().contiguous()
+        return _kernels().mhc_post_res(x.contiguous(), y.to(x.dtype).contiguous(), h_post.float().contiguous(), h_res)
+    return mhc_post_res_ref(x, y, h_post, h_res)
+
+
+sinkhorn_knopp.__doc__ = sinkhorn_knopp_ref.__doc__
+mhc_coefficients.__doc__ = mhc_coefficients_ref.__doc__
+mhc_pre.__doc__ = mhc_pre_ref.__doc__
+mhc_post_res.__doc__ = mhc_post_res_ref.__doc__
+
+__all__ = [
+    "BACKENDS",
+    "coefficient_dtype",
+    "mhc_coefficients",
+    "mhc_post_res",
+    "mhc_pre",
+    "mhc_projection_ref",
+    "resolve_backend",
+    "sinkhorn_knopp",
+    "sinkhorn_knopp_ref",
+    "SINKHORN_BACKWARDS",
+]

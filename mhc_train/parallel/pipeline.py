@@ -1,0 +1,173 @@
+"""Pipeline parallelism on torch.distributed.pipelining, applied to a built model by cutting it into stages.
+
+- Stages are cut from the plain model by deleting what a stage does not own (blocks outside its range; the embedding
+  except on the first stage; the final norm and head except on the last), so every parameter keeps its original
+  name and a checkpoint does not depend on the layout.
+- One tensor crosses each stage boundary: the `[B, T, n, C]` stream state (n times the residual baseline's traffic).
+- Schedules: `1f1b` (one stage per rank) and the V-shaped `zbv` and `dualpipev` (two stages per rank: rank r holds
+  stages r and 2P-1-r; micro-batches enter and leave at rank 0).
+- Recompute blocks are the stages: `apply_recompute(stage, ..., stage_sites=[sites of this stage])` keeps each
+  stage's x_{l0} locally, so recomputation never waits on communication.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from mhc_train.parallel.data_parallel import TorchEngine
+
+SCHEDULES = ("1f1b", "zbv", "dualpipev")
+
+
+def stages_per_rank(schedule: str) -> int:
+    return 1 if schedule == "1f1b" else 2
+
+
+def stage_ids_for_rank(schedule: str, rank: int, pp: int) -> list[int]:
+    """Global stage indices held by `rank`: [rank] for 1F1B, [rank, 2pp-1-rank] for the V schedules."""
+    return [rank] if schedule == "1f1b" else [rank, 2 * pp - 1 - rank]
+
+
+def layer_ranges(n_layer: int, n_stages: int) -> list[range]:
+    if n_layer % n_stages:
+        raise ValueError(f"model.n_layer={n_layer} is not divisible by the {n_stages} pipeline stages")
+    per = n_layer // n_stages
+    return [range(s * per, (s + 1) * per) for s in range(n_stages)]
+
+
+def cut_stage(model, stage: int, n_stages: int):
+    """A view of `model` holding only stage `stage`'s blocks (and the embedding / head at the ends). The stage shares
+    its parameters with `model` (a shallow copy with its own module tables), so `model` stays current for them."""
+    part = copy.copy(model)
+    for key, value in list(vars(part).items()):  # own module tables and hook registries; shared leaves
+        if isinstance(value, (dict, set)):
+            setattr(part, key, copy.copy(value))
+    keep = [str(i) for i in layer_ranges(len(model.layers), n_stages)[stage]]
+    part.layers = torch.nn.ModuleDict({k: model.layers[k] for k in keep})
+    if stage != 0:
+        part.tok_embeddings = None
+    if stage != n_stages - 1:
+        part.norm, part.output = None, None
+    part.layer_runner = None
+    return part
+
+
+def build_schedule(name: str, stages, n_microbatches: int, loss_fn):
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleDualPipeV, ScheduleZBVZeroBubble
+
+    if name == "1f1b":
+        return Schedule1F1B(stages[0], n_microbatches, loss_fn=loss_fn)
+    cls = ScheduleZBVZeroBubble if name == "zbv" else ScheduleDualPipeV
+    return cls(stages, n_microbatches, loss_fn=loss_fn)
+
+
+def pipeline_stages(model, schedule: str, rank: int, pp: int, device, group=None):
+    """(stage modules, PipelineStage objects) for this rank."""
+    from torch.distributed.pipelining import PipelineStage
+
+    n_stages = pp * stages_per_rank(schedule)
+    ids = stage_ids_for_rank(schedule, rank, pp)
+    modules = [cut_stage(model, s, n_stages) for s in ids]
+    stages = [PipelineStage(m, s, n_stages, torch.device(device), group=group) for m, s in zip(modules, ids)]
+    return modules, stages
+
+
+class PipelineEngine(TorchEngine):
+    """The trainer's engine for pipeline runs: one schedule step per optimiser step (the global batch is split into
+    `n_microbatches`), a global grad-norm clip across stages, and full-model syncs to rank 0 for eval/checkpoints."""
+
+    name = "pipeline"  # step / skip / lr / load_state_dict come from TorchEngine; __init__, run, clip differ
+
+    def __init__(
+        self,
+        model,
+        schedule: str,
+        n_microbatches: int,
+        info,
+        device,
+        grad_clip: float,
+        recompute: str,
+        recompute_block,
+        build_optimizer,
+        build_scheduler,
+    ):
+        import torch.distributed as dist
+
+        from mhc_train.parallel.recompute import apply_recompute
+
+        self.model, self.info, self.grad_clip, self.device = model, info, grad_clip, device
+        self.modules, self.stages = pipeline_stages(model, schedule, info.rank, info.world, device)
+        for m in self.modules:  # recompute blocks never cross a stage: each stage is planned on its own sites
+            apply_recompute(m, recompute, recompute_block)
+        self.local = torch.nn.ModuleList(self.modules)
+        self.optimizer = build_optimizer(self.local)
+        self.scheduler = build_scheduler(self.optimizer)
+        self.params = [p for p in self.local.parameters()]
+        self.schedule = build_schedule(schedule, self.stages, n_microbatches, self._loss_fn)
+        self.first = any(st.is_first for st in self.stages)
+        self.last = any(st.is_last for st in self.stages)
+        self.forward = None  # no single forward: the schedule runs the stages
+        self._dist = dist
+
+    @staticmethod
+    def _loss_fn(logits, target):
+        import torch.nn.functional as F
+
+        return F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
+
+    def run(self, x, y) -> float:
+        """Forward and backward of the global batch through the schedule; returns the mean loss on every rank."""
+        losses: list = []
+        x, y = x.to(self.device), y.to(self.device)
+        if self.first and self.last:
+            self.schedule.step(x, target=y, losses=losses)
+        elif self.first:
+            self.schedule.step(x)
+        elif self.last:
+            self.schedule.step(target=y, losses=losses)
+        else:
+            self.schedule.step()
+        t = torch.tensor([torch.stack(losses).float().mean().item() if losses else 0.0], dtype=torch.float64)
+        self._dist.all_reduce(t)  # exactly one rank holds the last stage
+        return t.item()
+
+    def clip(self) -> float:
+        sq = torch.zeros(1, dtype=torch.float64)
+        for p in self.params:
+            if p.grad is not None:
+                sq += p.grad.detach().double().square().sum().cpu()
+        self._dist.all_reduce(sq)
+        norm = sq.sqrt().item()
+        if self.grad_clip > 0 and norm > self.grad_clip:
+            scale = self.grad_clip / (norm + 1e-6)
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        return norm
+
+    def sync_full_model(self) -> None:
+        """Rank 0's `model` gets every stage's current weights (for evaluation, diagnostics and checkpoints)."""
+        local = {k: v.detach().cpu() for m in self.modules for k, v in m.state_dict().items()}
+        gathered = [None] * self.info.world if self.info.is_main else None
+        self._dist.gather_object(local, gathered, dst=0)
+        if self.info.is_main:
+            merged = {k: v for part in gathered for k, v in part.items()}
+            self.model.load_state_dict(merged, strict=False)
+
+    def _names(self) -> dict:
+        """Local parameters -> their names in the plain model (stages keep the original names)."""
+        return {p: n for m in self.modules for n, p in m.named_parameters()}
+
+    def state_dict(self) -> dict:
+        """Every rank's optimizer state by parameter name, merged on rank 0: loads into any layout."""
+        from mhc_train.train.checkpoint import optimizer_state_by_name
+
+        mine = optimizer_state_by_name(self.optimizer, self._names())
+        gathered = [None] * self.info.world if self.info.is_main else None
+        self._dist.gather_object(mine, gathered, dst=0)
+        if not self.info.is_main:
+            return {}
+        merged = {"state": {k: v for part in gathered for k, v in part["state"].items()}, "groups": mine["groups"]}
+        return {"optimizer": merged, "scheduler": self.scheduler.state_dict()}

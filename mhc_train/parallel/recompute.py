@@ -1,0 +1,243 @@
+"""Selective recomputation of the connection work, block by block (mHC paper section 4.3, Eq. 20; spec section 6).
+
+Modes (`parallel.recompute`, block size `parallel.recompute_block`):
+- `none`: the plain model, everything kept.
+- `mhc`:  within a block of L_r consecutive sites, autograd keeps only the block input `x_{l0}` (nC per token) and
+          each site's F output `y_l` (C per token). Coefficients, Sinkhorn state, the inner stream states `x_l`, the
+          pre-mixed F input and its RMSNorm are dropped after the forward and recomputed in the backward from
+          `x_{l0}` and the `y`s. F proper (attention, FFN) keeps its own activations and is never recomputed.
+- `full`: whole groups of L_r sites (F included) keep only their input and recompute everything (the usual fallback
+          for the largest models).
+
+Blocks never cross a pipeline-stage boundary: `plan_blocks` takes the stage layout (sites per stage; one stage until
+the pipeline code passes its own) and cuts each stage separately. `auto` picks L_r per stage by minimising the
+paper's peak `nC * ceil(L / L_r) + (n + 2) C * L_r`.
+
+Note:
+1. Every custom Function here returns parameter gradients as outputs (never writes `.grad` itself) and computes only
+   what `ctx.needs_input_grad` asks for, so split-backward (zero-bubble) schedules can ask for input gradients and
+   weight gradients in two calls. Recomputation happens locally inside `backward` (no reentrant `.backward()` into
+   the model graph), which is the non-reentrant semantics pipeline schedules need.
+2. In `mhc` mode each site is two Functions around F: `_SitePre` (x_l -> RMSNorm(H_pre x_l), F's input) and
+   `_SitePost` (x_l, y_l -> x_{l+1}). Both save `x_{l0}` and the block's `y`s so far (shared storages, counted once),
+   and get `x_l` from a per-block cache that replays the block's stream updates without gradient.
+3. Forward computes the coefficients once per site (in `_SitePre`, handed to `_SitePost`). Backward replays the
+   block without gradient (its coefficients also give y's gradient) and recomputes each site once more with
+   gradient: on CPU at demo size this costs what `scripts/bench_recompute.py` prints.
+4. Gradients are bit-identical to the plain model's (tested): `_SitePre` replays the whole site as one local graph,
+   so autograd sums each gradient in the order the plain graph does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mhc_train import ops
+
+MODES = ("none", "mhc", "full")
+
+
+def optimal_block(n: int, n_sites: int) -> int:
+    """argmin over L_r in [1, n_sites] of nC*ceil(L/L_r) + (n+2)C*L_r (C cancels); near sqrt(nL/(n+2))."""
+    return min(range(1, n_sites + 1), key=lambda r: (n * math.ceil(n_sites / r) + (n + 2) * r, r))
+
+
+def plan_blocks(n_sites: int, n: int, block: int | str = "auto", stage_sites: list[int] | None = None):
+    """Site index ranges [(start, stop), ...] of the recompute blocks; none crosses a stage boundary."""
+    stage_sites = stage_sites or [n_sites]
+    if sum(stage_sites) != n_sites or any(s < 1 for s in stage_sites):
+        raise ValueError(f"stage layout {stage_sites} must split the {n_sites} sites into positive parts")
+    if block != "auto" and (not isinstance(block, int) or block < 1):
+        raise ValueError(f"recompute.block={block!r} is invalid: give a positive number of sites or auto")
+    blocks, start = [], 0
+    for size in stage_sites:
+        r = optimal_block(n, size) if block == "auto" else min(block, size)
+        blocks += [(s, min(s + r, start + size)) for s in range(start, start + size, r)]
+        start += size
+    return blocks
+
+
+class _BlockCache:
+    """Per recompute block: replays the stream updates (no gradient) to give each site its input x_l in backward,
+    and carries hand-offs between a site's two Functions (coefficients forward, the post gradient backward)."""
+
+    def __init__(self, sites):
+        self.sites = sites
+        self.xs: list[torch.Tensor] | None = None
+        self.replayed: list[tuple] = []  # (h_post, h_res) per replayed site, no gradient
+        self.coeffs = None  # forward: _SitePre -> _SitePost of the same site
+        self.grad_out: dict[int, torch.Tensor] = {}  # backward: _SitePost -> _SitePre, grad of x_{l+1}
+
+    def state(self, i: int, x0: torch.Tensor, ys: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """x_i, replaying sites 0..i-1 of the block from x0 and their F outputs (once per backward)."""
+        if self.xs is None or len(self.xs) <= i:
+            with torch.no_grad():
+                xs, self.replayed = [x0], []
+                for site, y in zip(self.sites[:i], ys):
+                    _, h_post, h_res = site.coefficients(xs[-1])
+                    self.replayed.append((h_post, h_res))
+                    xs.append(ops.mhc_post_res(xs[-1], y, h_post, h_res, backend=site.backend))
+            self.xs = xs
+        return self.xs[i]
+
+    def mixing(self, i: int, x: torch.Tensor) -> tuple:
+        """(h_post, h_res) of site i without gradient: from the replay when it covered site i."""
+        if i < len(self.replayed):
+            return self.replayed[i]
+        with torch.no_grad():
+            return self.sites[i].coefficients(x)[1:]
+
+    def release(self) -> None:
+        self.xs, self.replayed = None, []
+
+
+def _grads(outputs, inputs, grad_outs, needed):
+    """autograd.grad over the inputs whose flag is set; None elsewhere."""
+    chosen = [t for t, need in zip(inputs, needed) if need]
+    got = iter(torch.autograd.grad(outputs, chosen, grad_outs, allow_unused=True) if chosen else [])
+    return [next(got) if need else None for need in needed]
+
+
+class _SitePre(torch.autograd.Function):
+    """x_l -> z_l = RMSNorm(H_pre x_l) (F's input). Its backward replays the whole site (coefficients, pre, norm,
+    post_res) as one local graph fed with both upstream gradients (z_l's, and x_{l+1}'s from `_SitePost`), so every
+    gradient is summed in the same order as in the plain model: recompute changes no bit."""
+
+    @staticmethod
+    def forward(ctx, x, x0, ys, site, norm, cache, i, *params):
+        with torch.no_grad():
+            h_pre, h_post, h_res = site.coefficients(x)
+            z = norm(ops.mhc_pre(x, h_pre, backend=site.backend))  # [B, T, C]
+        cache.coeffs = (h_post, h_res)
+        ctx.site, ctx.norm, ctx.cache, ctx.i = site, norm, cache, i
+        ctx.save_for_backward(x0.detach(), *(y.detach() for y in ys))
+        return z
+
+    @staticmethod
+    def backward(ctx, g_z):
+        x0, *ys = ctx.saved_tensors
+        cache = ctx.cache
+        x = cache.state(ctx.i, x0, tuple(ys[: ctx.i]))
+        y, g_out = cache.grad_out.pop(ctx.i)
+        needed = (ctx.needs_input_grad[0], *ctx.needs_input_grad[7:])
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(needed[0])
+            params = list(ctx.norm.parameters()) + list(ctx.site.parameters())
+            h_pre, h_post, h_res = ctx.site.coefficients(xg)
+            z = ctx.norm(ops.mhc_pre(xg, h_pre, backend=ctx.site.backend))
+            out = ops.mhc_post_res(xg, y, h_post, h_res, backend=ctx.site.backend)
+            gx, *gp = _grads([z, out], [xg, *params], [g_z, g_out], needed)
+        if ctx.i == 0:
+            cache.release()  # the block's last backward: drop the replayed states
+        return (gx, None, None, None, None, None, None, *gp)
+
+
+class _SitePost(torch.autograd.Function):
+    """(x_l, y_l) -> x_{l+1}. Backward gives only y_l's gradient (F needs it next) and hands x_{l+1}'s gradient to
+    `_SitePre`, which returns the gradients of x_l and of the site's parameters."""
+
+    @staticmethod
+    def forward(ctx, x, y, x0, ys, site, cache, i, *params):
+        h_post, h_res = cache.coeffs
+        cache.coeffs = None
+        with torch.no_grad():
+            out = ops.mhc_post_res(x, y, h_post, h_res, backend=site.backend)
+        ctx.site, ctx.cache, ctx.i = site, cache, i
+        ctx.save_for_backward(x0.detach(), *(t.detach() for t in ys), y.detach())
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x0, *ys = ctx.saved_tensors
+        y = ys.pop()
+        ctx.cache.grad_out[ctx.i] = (y, g)  # also on a weight-only call: _SitePre needs it for the parameters
+        gy = None
+        if ctx.needs_input_grad[1]:
+            x = ctx.cache.state(ctx.i, x0, tuple(ys))
+            h_post, h_res = ctx.cache.mixing(ctx.i, x)
+            with torch.enable_grad():
+                yg = y.detach().requires_grad_()
+                (gy,) = torch.autograd.grad(ops.mhc_post_res(x, yg, h_post, h_res, backend=ctx.site.backend), yg, g)
+        return (None, gy, None, None, None, None, None, *([None] * len(ctx.needs_input_grad[7:])))
+
+
+def _run_mhc_block(parts, x):
+    """Sites of one block with connection intermediates recomputed in backward. parts: [(site, norm, f)]."""
+    cache, x0, ys = _BlockCache([p[0] for p in parts]), x, []
+    for i, (site, norm, f) in enumerate(parts):
+        z = _SitePre.apply(x, x0, tuple(ys), site, norm, cache, i, *norm.parameters(), *site.parameters())
+        y = f(z)  # F proper keeps its own activations
+        x = _SitePost.apply(x, y, x0, tuple(ys), site, cache, i, *site.parameters())
+        ys.append(y)
+    return x
+
+
+def _plain_sites(parts, x):
+    for site, norm, f in parts:
+        x = site(x, lambda h, norm=norm, f=f: f(norm(h)))
+    return x
+
+
+class _FullRecompute(torch.autograd.Function):
+    """Keeps only the group input (saved, so memory accounting sees it); backward re-runs the group with grad."""
+
+    @staticmethod
+    def forward(ctx, x, parts, n_params, *params):
+        ctx.parts = parts
+        ctx.save_for_backward(x.detach())
+        with torch.no_grad():
+            return _plain_sites(parts, x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        params = [p for site, norm, f in ctx.parts for p in _part_params(site, norm, f)]
+        needed = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:])
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(needed[0])
+            out = _plain_sites(ctx.parts, xg)
+            gx, *gp = _grads(out, [xg, *params], g, needed)
+        return (gx, None, None, *gp)
+
+
+def _part_params(site, norm, f):
+    owner = f if isinstance(f, torch.nn.Module) else f._owner
+    return [*site.parameters(), *norm.parameters(), *owner.parameters()]
+
+
+def _site_parts(model):
+    parts = []
+    for layer in model.layers.values():
+        for site, norm, f in layer.site_parts(model.rope):
+            if not isinstance(f, torch.nn.Module):  # attention's closure: remember which module owns its weights
+                f._owner = layer.attn
+            parts.append((site, norm, f))
+    return parts
+
+
+def apply_recompute(model, mode: str, block: int | str = "auto", stage_sites: list[int] | None = None):
+    """Install the recompute runner on `model` (in place); returns the block plan. `none` restores the plain loop."""
+    if mode not in MODES:
+        raise ValueError(f"parallel.recompute={mode!r} is invalid: allowed values are {', '.join(MODES)}")
+    block = block if block == "auto" else int(block)
+    n_sites = 2 * len(model.layers)
+    plan = plan_blocks(n_sites, model.n_streams, block, stage_sites)
+    if mode == "none" or (mode == "mhc" and model.conn_cfg.type == "residual"):
+        model.layer_runner = None  # residual has no connection intermediates to drop
+        return plan
+
+    def runner(m, h):
+        parts = _site_parts(m)
+        for start, stop in plan:
+            group = parts[start:stop]
+            if mode == "mhc":
+                h = _run_mhc_block(group, h)
+            else:
+                params = [p for part in group for p in _part_params(*part)]
+                h = _FullRecompute.apply(h, group, len(params), *params)
+        return h
+
+    model.layer_runner = runner
+    return plan

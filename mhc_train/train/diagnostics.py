@@ -1,0 +1,89 @@
+"""Stability diagnostics of the residual-stream mixing (mHC paper section 7 / spec section 7).
+
+For a matrix A (one site's H_res, or a product of them): forward Amax gain = max absolute row sum, backward gain =
+max absolute column sum, each averaged over the tokens of a fixed batch. Composite products: forward up to site l is
+`H_l ... H_1`; backward from site l to the output is `H_L ... H_l`. The minimum column sum is logged too, since
+attenuation is invisible to a max. HC reports its H_res equivalent (A_r^T); identity H_res and the residual baseline
+report exact 1s.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def amax_gains(m: torch.Tensor) -> tuple[float, float]:
+    """(forward, backward) Amax gain of m [..., n, n], averaged over the leading (token) axes."""
+    rows = m.abs().sum(-1).amax(-1)  # [...]
+    cols = m.abs().sum(-2).amax(-1)
+    return rows.mean().item(), cols.mean().item()
+
+
+@torch.no_grad()
+def connection_diagnostics(model, tokens: torch.Tensor) -> dict:
+    """Per-site and composite statistics of H_res, H_pre and H_post on `tokens` [B, T]."""
+    inputs: dict[str, torch.Tensor] = {}
+    handles = [
+        site.register_forward_pre_hook(lambda mod, args, name=name: inputs.__setitem__(name, args[0]))
+        for name, site in model.sites()
+    ]
+    runner, model.layer_runner = model.layer_runner, None  # the plain loop calls every site (recompute does not)
+    try:
+        model(tokens)
+    finally:
+        model.layer_runner = runner
+        for h in handles:
+            h.remove()
+    sites, fwd, bwd_chain = {}, None, []
+    for name, site in model.sites():
+        h_pre, h_post, h_res = site.coefficients(inputs[name])
+        n = inputs[name].shape[-2]
+        if h_res is None:
+            h_res = torch.eye(n).expand(*h_pre.shape[:-1], n, n)
+        h_res = h_res.double()
+        col = h_res.sum(-2)  # [B, T, n]
+        f_gain, b_gain = amax_gains(h_res)
+        fwd = h_res if fwd is None else h_res @ fwd  # H_l ... H_1
+        cf, cb = amax_gains(fwd)
+        bwd_chain.append(h_res)
+        sites[name] = {
+            "fwd_gain": f_gain,
+            "bwd_gain": b_gain,
+            "min_col_sum": col.min().item(),
+            "sinkhorn_col_err": (col - 1).abs().max().item(),
+            "composite_fwd_gain": cf,
+            "composite_fwd_bwd_gain": cb,
+            "h_pre_min": h_pre.min().item(),
+            "h_pre_max": h_pre.max().item(),
+            "h_post_min": h_post.min().item(),
+            "h_post_max": h_post.max().item(),
+        }
+    # backward composites: H_L ... H_l for every l, built from the output end
+    prod = None
+    for (name, _), h_res in zip(reversed(model.sites()), reversed(bwd_chain)):
+        prod = h_res if prod is None else prod @ h_res
+        sites[name]["composite_bwd_gain"] = amax_gains(prod)[1]
+        sites[name]["composite_min_col_sum"] = prod.sum(-2).min().item()
+    vals = list(sites.values())
+    return {
+        "sites": sites,
+        "composite_fwd_gain_max": max(v["composite_fwd_gain"] for v in vals),
+        "composite_bwd_gain_max": max(v["composite_bwd_gain"] for v in vals),
+        "single_bwd_gain_max": max(v["bwd_gain"] for v in vals),
+        "min_col_sum": min(v["min_col_sum"] for v in vals),
+        "sinkhorn_col_err_max": max(v["sinkhorn_col_err"] for v in vals),
+    }
+
+
+def grad_norms(model) -> dict:
+    """Per-layer gradient L2 norms (embedding, each block, head) and the global norm."""
+    sq: dict[str, float] = {}
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        parts = name.split(".")
+        group = f"layer{parts[1]}" if parts[0] == "layers" else parts[0]
+        sq[group] = sq.get(group, 0.0) + p.grad.detach().double().square().sum().item()
+    out = {k: v**0.5 for k, v in sq.items()}
+    out["global"] = sum(sq.values()) ** 0.5
+    return out

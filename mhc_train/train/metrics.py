@@ -1,0 +1,104 @@
+"""Metrics: always a JSONL file in the run directory; wandb too (offline unless the user opts in).
+
+Every line is `{"kind": ..., "step": ..., ...}`. A resumed run appends; readers keep the last line per (kind, step),
+so nothing already written is ever rewritten or lost.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from mhc_train.config import LoggingConfig
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_clean(x) for x in v]
+    return v
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, cfg: LoggingConfig, config_dict: dict, run_name: str, enabled: bool = True):
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self._file = open(self.path, "a") if enabled else None
+        self._wandb = None
+        if enabled and cfg.wandb and cfg.wandb_mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self._wandb = wandb.init(
+                project=cfg.wandb_project,
+                entity=cfg.wandb_entity or None,
+                name=run_name,
+                dir=str(run_dir),
+                mode=cfg.wandb_mode,
+                config=config_dict,
+                resume="allow",
+                id=_wandb_id(run_dir),
+                reinit="finish_previous",
+            )
+
+    def log(self, kind: str, step: int, **values) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(_clean({"kind": kind, "step": step, **values})) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            flat = {f"{kind}/{k}": v for k, v in _flatten(values).items() if isinstance(v, (int, float))}
+            self._wandb.log(flat, step=step)
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+            self._file = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """A stable wandb run id per run directory, so a resumed run continues the same wandb run."""
+    path = run_dir / ".wandb_id"
+    if not path.exists():
+        import uuid
+
+        path.write_text(uuid.uuid4().hex[:12])
+    return path.read_text().strip()
+
+
+def read_metrics(run_dir: str | Path) -> dict[str, list[dict]]:
+    """{kind: [records sorted by step]}, keeping the last record written for each (kind, step)."""
+    latest: dict[tuple[str, int], dict] = {}
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run directory?")
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill: skip it
+                continue
+            latest[(rec["kind"], rec["step"])] = rec
+    out: dict[str, list[dict]] = {}
+    for (kind, _), rec in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        out.setdefault(kind, []).append(rec)
+    return out

@@ -1,0 +1,187 @@
+"""Benchmark the mHC kernels and the full mHC connection site, fwd and bwd, against the torch reference, torch.compile
+of it, and the `hyper-connections` package's mHC module (a public peer).
+
+    .venv/bin/python scripts/bench_kernels.py                          # CPU: demo shape, torch reference + peer
+    python scripts/bench_kernels.py --shapes 4x4096x4096 demo 1.3b      # GPU: everything, plus per-kernel bandwidth
+
+Per kernel (GPU only): time and effective bandwidth = minimal bytes read + written / time, as a fraction of the copy
+bandwidth measured in the same run. Full site = coefficients + Sinkhorn + pre + post_res with F = identity, fwd+bwd.
+Writes JSON to benchmarks/results/bench_kernels_<device>.json.
+Targets (issue 4, H100): kernels 3 and 4 >= 80% of copy bandwidth; the full site fwd+bwd at B4 T4096 C4096 n4 in
+<= 3 ms, >= 5x the torch reference and faster than its torch.compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from mhc_train.config import ConnectionConfig
+from mhc_train.model.connections import MHCSite
+
+SHAPES = {"demo": (16, 128, 192), "1.3b": (1, 4096, 2048), "4x4096x4096": (4, 4096, 4096)}  # (batch, seq, C)
+
+
+def bench(fn, device, iters=10) -> float:
+    """Median seconds of fn()."""
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median") / 1e3
+    fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes/s of a 1 GiB (GPU) or 256 MiB (CPU) device-to-device copy: read + write."""
+    n = (1 << 28) if device == "cuda" else (1 << 26)
+    a = torch.empty(n, dtype=torch.float32, device=device)
+    b = torch.empty_like(a)
+    return 2 * a.numel() * 4 / bench(lambda: b.copy_(a), device)
+
+
+def site_step(site, x, backend):
+    site.backend = backend
+
+    def run():
+        out = site(x, lambda h: h)
+        out.backward(torch.ones_like(out))
+
+    return run
+
+
+def peer_step(n, C, B, T, device, dtype):
+    from hyper_connections.manifold_constrained_hyper_connections import ManifoldConstrainedHyperConnections
+
+    mod = ManifoldConstrainedHyperConnections(n, dim=C, branch=torch.nn.Identity(), layer_index=0).to(device)
+    x = torch.randn(B * n, T, C, device=device, dtype=dtype, requires_grad=True)
+
+    def run():
+        out = mod(x)
+        out.backward(torch.ones_like(out))
+
+    return run
+
+
+def kernel_rows(B, T, C, n, device, bw, dtype) -> dict:
+    import mhc_kernels as K
+    from mhc_kernels import projection, sinkhorn, stream_mix
+
+    tok, es = B * T, torch.finfo(dtype).bits // 8
+    x = torch.randn(tok, n, C, device=device, dtype=dtype)
+    y = torch.randn(tok, C, device=device, dtype=dtype)
+    hp, hr = torch.rand(tok, n, device=device), torch.rand(tok, n, n, device=device)
+    g3, g2 = torch.randn_like(x), torch.randn_like(y)
+    phi = torch.randn(n * C, n * n + 2 * n, device=device) * 0.01
+    K_ = n * n + 2 * n
+    h, r = projection.projection_fwd(x.view(tok, -1), phi, 1e-6)
+    gh = torch.randn_like(h)
+    cases = {
+        "pre_fwd": (lambda: stream_mix.mhc_pre_fwd(x, hp), tok * (n * C * es + n * 4 + C * es)),
+        "pre_bwd": (lambda: stream_mix.mhc_pre_bwd(x, hp, g2), tok * (2 * n * C * es + C * es + 2 * n * 4)),
+        "post_res_fwd": (
+            lambda: stream_mix.mhc_post_res_fwd(x, y, hp, hr),
+            tok * ((2 * n + 1) * C * es + (n + n * n) * 4),
+        ),
+        "post_res_bwd": (
+            lambda: stream_mix.mhc_post_res_bwd(x, y, hp, hr, g3),
+            tok * ((3 * n + 2) * C * es + 2 * (n + n * n) * 4),
+        ),
+        "projection_fwd": (
+            lambda: projection.projection_fwd(x.view(tok, -1), phi, 1e-6),
+            tok * (n * C * es + (K_ + 1) * 4),
+        ),
+        "projection_bwd": (
+            lambda: projection.projection_bwd(x.view(tok, -1), phi, h, r, gh, False),
+            tok * (2 * n * C * es + (2 * K_ + 1) * 4),
+        ),
+        "sinkhorn_fwd": (lambda: sinkhorn.sinkhorn_fwd(hr, 20), tok * 2 * n * n * 4),
+        "sinkhorn_bwd": (lambda: sinkhorn.sinkhorn_bwd(hr, hr, 20), tok * 3 * n * n * 4),
+    }
+    del K
+    out = {}
+    for name, (fn, nbytes) in cases.items():
+        t = bench(fn, device)
+        out[name] = {"ms": t * 1e3, "GB_s": nbytes / t / 1e9, "fraction_of_copy_bw": nbytes / t / bw}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=None, help=f"from {list(SHAPES)}")
+    p.add_argument("--n", type=int, default=4)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if args.dtype == "bf16" and device == "cuda" else torch.float32
+    shapes = args.shapes or (list(SHAPES) if device == "cuda" else ["demo"])
+    bw = copy_bandwidth(device)
+    report = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or "cpu"),
+        "torch": torch.__version__,
+        "dtype": str(dtype),
+        "n": args.n,
+        "copy_bandwidth_GB_s": bw / 1e9,
+        "shapes": {},
+    }
+    try:
+        import triton
+
+        report["triton"] = triton.__version__
+    except ImportError:
+        pass
+    print(f"device {report['device']}, copy bandwidth {bw / 1e9:.1f} GB/s, dtype {dtype}")
+    for shape in shapes:
+        B, T, C = SHAPES[shape]
+        n = args.n
+        site = MHCSite(C, n, 0, ConnectionConfig(type="mhc", n_streams=n)).to(device)
+        site.init_weights()
+        x = torch.randn(B, T, n, C, device=device, dtype=dtype, requires_grad=True)
+        rows = {"torch": bench(site_step(site, x, "torch"), device)}
+        if device == "cuda":
+            rows["triton"] = bench(site_step(site, x, "triton"), device)
+            if not args.no_compile:
+                site.backend = "torch"
+                compiled = torch.compile(lambda v: site(v, lambda h: h))  # noqa: B023
+
+                def run_compiled():
+                    out = compiled(x)  # noqa: B023
+                    out.backward(torch.ones_like(out))
+
+                rows["torch_compile"] = bench(run_compiled, device)
+        try:
+            rows["hyper_connections_peer"] = bench(peer_step(n, C, B, T, device, dtype), device)
+        except ImportError:
+            print("  (hyper-connections not installed: pip install hyper-connections to compare with the peer)")
+        entry = {"site_fwd_bwd_ms": {k: v * 1e3 for k, v in rows.items()}}
+        if "triton" in rows:
+            entry["speedup_vs_torch"] = rows["torch"] / rows["triton"]
+            entry["kernels"] = kernel_rows(B, T, C, n, device, bw, dtype)
+        report["shapes"][shape] = entry
+        line = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in rows.items())
+        print(f"{shape} (B{B} T{T} C{C} n{n}) full mHC site fwd+bwd: {line}")
+        for name, k in entry.get("kernels", {}).items():
+            print(
+                f"    {name:15s} {k['ms']:.3f} ms  {k['GB_s']:.0f} GB/s  {100 * k['fraction_of_copy_bw']:.0f}% of copy"
+            )
+    out = Path(args.out or f"benchmarks/results/bench_kernels_{device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Every Triton kernel against its PyTorch reference (fp64), forward and backward, random upstream gradients.
+
+On CPU the kernels run through Triton's interpreter (TRITON_INTERPRET=1, set in tests/conftest.py before triton is
+imported), so shapes and grids are small; on a GPU the same tests compile the kernels for real.
+"""
+
+import mhc_kernels as K
+import pytest
+import torch
+
+from mhc_train import ops
+from mhc_train.ops.reference import mhc_post_res_ref, mhc_pre_ref, mhc_projection_ref, sinkhorn_knopp_ref
+from tests.conftest import assert_close
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = [(5, 1, 13), (7, 2, 37), (9, 4, 67), (3, 8, 33)]  # (tokens, n, C): n in {1, 2, 4, 8}, odd C
+IDS = [f"T{t}-n{n}-C{c}" for t, n, c in SHAPES]
+DTYPES = {"fp32": (torch.float32, 2e-5), "bf16": (torch.bfloat16, 2e-2)}  # stream dtype, relative tolerance
+
+
+def _rand(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype).to(DEVICE).requires_grad_()
+
+
+def _check(name, got, ref, rtol):
+    scale = max(ref.detach().abs().max().item(), 1e-6)
+    assert_close(got.double().cpu(), ref.detach().double().cpu(), atol=rtol * scale, what=name)
+
+
+def _compare(kernel_fn, ref_fn, inputs, rtol, names):
+    """Forward and every gradient of kernel_fn vs ref_fn run in fp64 on the same (rounded) inputs."""
+    out = kernel_fn(*inputs)
+    ref_inputs = [t.detach().double().requires_grad_() if t is not None else None for t in inputs]
+    ref = ref_fn(*ref_inputs)
+    _check("forward", out, ref, rtol)
+    g = torch.randn(out.shape, dtype=torch.float64, device=DEVICE)
+    live = [(n, a, b) for n, a, b in zip(names, inputs, ref_inputs) if a is not None]
+    got = torch.autograd.grad(out, [a for _, a, _ in live], g.to(out.dtype))
+    want = torch.autograd.grad(ref, [b for _, _, b in live], g)
+    for (name, _, _), a, b in zip(live, got, want):
+        _check(f"grad {name}", a, b, rtol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=list(DTYPES))
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_pre_matches_reference(shape, dtype):
+    T, n, C = shape
+    dt, rtol = DTYPES[dtype]
+    _compare(
+        K.mhc_pre,
+        mhc_pre_ref,
+        [_rand(T, n, C, dtype=dt), _rand(T, n).detach().sigmoid().requires_grad_()],
+        rtol,
+        ["x", "h_pre"],
+    )
+
+
+@pytest.mark.parametrize("identity", [False, True], ids=["sinkhorn", "identity"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=list(DTYPES))
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_post_res_matches_reference(shape, dtype, identity):
+    T, n, C = shape
+    dt, rtol = DTYPES[dtype]
+    h_res = None if identity else _rand(T, n, n).detach().softmax(-1).requires_grad_()
+    _compare(
+        K.mhc_post_res,
+        mhc_post_res_ref,
+        [
+            _rand(T, n, C, dtype=dt),
+            _rand(T, C, dtype=dt),
+            _rand(T, n).detach().sigmoid().mul(2).requires_grad_(),
+            h_res,
+        ],
+        rtol,
+        ["x", "y", "h_post", "h_res"],
+    )
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_sinkhorn_matches_reference_through_all_iterations(n):
+    logits = _rand(6, n, n, scale=2.0)
+    _compare(lambda z: K.sinkhorn_knopp(z, 20), lambda z: sinkhorn_knopp_ref(z, 20), [logits], 1e-5, ["logits"])
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=list(DTYPES))
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_projection_matches_reference(shape, dtype, deterministic):
+    T, n, C = shape
+    dt, rtol = DTYPES[dtype]
+    _compare(
+        lambda x, phi: K.mhc_projection(x, phi, 1e-6, deterministic),
+        lambda x, phi: mhc_projection_ref(x, phi),
+        [_rand(T + 11, n, C, dtype=dt), _rand(n * C, n * n + 2 * n, scale=0.1)],
+        rtol,
+        ["x", "phi"],
+    )
+
+
+def test_deterministic_phi_gradient_is_bit_reproducible():
+    x, phi = _rand(40, 4, 24), _rand(96, 24, scale=0.1)
+    g = torch.randn(40, 24, device=DEVICE)
+    grads = [torch.autograd.grad(K.mhc_projection(x, phi, 1e-6, True), phi, g)[0] for _ in range(2)]
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_unsupported_inputs_raise_with_the_reason():
+    x = torch.randn(4, 4, 10, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="dtype torch.float64 is not supported"):
+        K.mhc_pre(x, torch.rand(4, 4, device=DEVICE))
+    with pytest.raises(ValueError, match="contiguous"):
+        K.mhc_pre(torch.randn(4, 10, 4, device=DEVICE).transpose(1, 2), torch.rand(4, 4, device=DEVICE))
+    with pytest.raises(ValueError, match="n = 32 streams is above"):
+        K.mhc_pre(torch.randn(2, 32, 8, device=DEVICE), torch.rand(2, 32, device=DEVICE))
+    with pytest.raises(ValueError, match="n = 17 is above"):
+        K.sinkhorn_knopp(torch.randn(2, 17, 17, device=DEVICE))
+    # the ops layer makes inputs contiguous itself (a correct fallback), and still refuses what no kernel handles
+    xt = torch.randn(3, 8, 4, device=DEVICE).transpose(1, 2)
+    h = torch.rand(3, 4, device=DEVICE)
+    assert_close(ops.mhc_pre(xt, h, backend="triton"), mhc_pre_ref(xt, h), atol=1e-6, what="non-contiguous x")
+    with pytest.raises(ValueError, match="float64"):
+        ops.mhc_post_res(x, torch.randn(4, 10, dtype=torch.float64), torch.rand(4, 4), None, backend="triton")
+
+
+@pytest.mark.parametrize("arm", ["hc", "mhc", "mhc_identity"])
+def test_model_trained_with_triton_matches_torch_loss_for_loss(arm):
+    from mhc_train.benchmark import lm_loss
+    from mhc_train.model import build_model
+    from tests.helpers import conn_cfg, tiny_model_cfg
+
+    tokens = torch.randint(0, 256, (4, 25), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    losses = {}
+    for backend in ("torch", "triton"):
+        model = build_model(tiny_model_cfg(), conn_cfg(arm, backend=backend, t_max=8), seed=0, device=DEVICE)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses[backend] = []
+        for _ in range(3):
+            loss = lm_loss(model, tokens)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[backend].append(loss.item())
+    print(arm, losses)
+    assert losses["torch"] == pytest.approx(losses["triton"], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("identity", [False, True], ids=["sinkhorn", "identity"])
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_gates_sinkhorn_matches_reference(n, identity):
+    """Kernel 2: gates, biases, sigmoid, 2*sigmoid and Sinkhorn fused; every output and gradient vs fp64 autograd."""
+    k = 2 * n if identity else n * n + 2 * n
+    h, alpha, bias = _rand(37, k, scale=2.0), _rand(2 if identity else 3).detach().abs().requires_grad_(), _rand(k)
+
+    def ref(h, alpha, bias):  # the reference's tail: mhc_coefficients_ref after the projection
+        pre = torch.sigmoid(alpha[0] * h[:, :n] + bias[:n])
+        post = 2 * torch.sigmoid(alpha[1] * h[:, n : 2 * n] + bias[n : 2 * n])
+        if identity:
+            return pre, post, None
+        return pre, post, sinkhorn_knopp_ref((alpha[2] * h[:, 2 * n :] + bias[2 * n :]).unflatten(-1, (n, n)), 20)
+
+    got = K.mhc_gates_sinkhorn(h, alpha, bias, n, 20)
+    ins = [t.detach().double().requires_grad_() for t in (h, alpha, bias)]
+    want = ref(*ins)
+    ups = [torch.randn(w.shape, dtype=torch.float64, device=DEVICE) for w in want if w is not None]
+    for name, a, b in zip(("h_pre", "h_post", "h_res"), got, want):
+        if b is not None:
+            _check(name, a, b, 1e-5)
+    g_got = torch.autograd.grad([a for a in got if a is not None], [h, alpha, bias], [u.float() for u in ups])
+    g_want = torch.autograd.grad([b for b in want if b is not None], ins, ups)
+    for name, a, b in zip(("h", "alpha", "bias"), g_got, g_want):
+        _check(f"grad {name}", a, b, 1e-5)

@@ -1,0 +1,239 @@
+"""Data parallelism on CPU with gloo under `torchrun --nproc_per_node=2`: DDP and DeepSpeed ZeRO-1/2 match one
+process on the same global batch; DP checkpoints resume under DP=2 and in one process; a killed rank takes the job
+down with a message and a relaunch continues. Serial, each with a timeout and its own port."""
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mhc_train.train.metrics import read_metrics
+from tests.helpers import run_overrides
+
+REPO = Path(__file__).resolve().parents[2]
+_PORTS = itertools.count(29500 + os.getpid() % 1000)
+
+
+def _env():
+    return {
+        **os.environ,
+        "PYTHONHASHSEED": "0",
+        "OMP_NUM_THREADS": "1",
+        "TORCH_EXTENSIONS_DIR": str(REPO / ".venv" / "torch_extensions"),
+    }
+
+
+def _torchrun_cmd(overrides, nproc=2):
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={next(_PORTS)}",
+        "-m",
+        "mhc_train.train",
+        *overrides,
+    ]
+
+
+def _run(cmd, timeout=300):
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout + proc.stderr
+
+
+def _single(overrides):
+    return _run([sys.executable, "-m", "mhc_train.train", *overrides])
+
+
+def _losses(run_dir):
+    return [r["loss"] for r in read_metrics(run_dir)["train"]]
+
+
+def _weights(run_dir, step):
+    return torch.load(Path(run_dir) / "checkpoints" / f"step_{step:08d}.pt", weights_only=False)["model"]
+
+
+def _assert_close_runs(a, b, step, rtol=1e-5, grads=True):
+    """Loss for loss; every gradient of step 1 (reduced over ranks); weights after `step` Adam steps (Adam turns
+    float-order noise on near-zero gradients into updates of up to lr, so weights get an lr-sized tolerance)."""
+    la, lb = _losses(a), _losses(b)
+    assert len(la) == len(lb) and all(abs(x - y) <= rtol * abs(y) for x, y in zip(la, lb)), (la, lb)
+    if grads:
+        ga, gb = (torch.load(Path(d) / "grads_step_1.pt") for d in (a, b))
+        assert ga.keys() == gb.keys()
+        for k in ga:
+            scale = gb[k].abs().max().item()
+            assert torch.allclose(ga[k], gb[k], atol=1e-5 * scale + 1e-9), (
+                f"grad {k}: {(ga[k] - gb[k]).abs().max():.2e}"
+            )
+    wa, wb = _weights(a, step), _weights(b, step)
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-4), f"{k}: max diff {(wa[k] - wb[k]).abs().max():.2e}"
+
+
+COMMON = {
+    "train.max_steps": 3,
+    "train.batch_size": 4,
+    "checkpoint.every": 0,
+    "train.threads": 1,
+    "train.dump_grads_at": 1,
+}
+
+
+@pytest.mark.parametrize("arm", ["residual", "hc", "mhc"])
+def test_ddp_matches_single_process(prepared_data, tmp_path, arm):
+    ref, dp = tmp_path / "single", tmp_path / "ddp"
+    _single(run_overrides(prepared_data, ref, connection=arm, **COMMON))
+    _run(_torchrun_cmd(run_overrides(prepared_data, dp, connection=arm, **{**COMMON, "parallel.engine": "ddp"})))
+    _assert_close_runs(dp, ref, 3)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_zero_matches_single_process(prepared_data, tmp_path, stage):
+    ref, ds = tmp_path / "single", tmp_path / "ds"
+    _single(run_overrides(prepared_data, ref, connection="mhc", **COMMON))
+    _run(
+        _torchrun_cmd(
+            run_overrides(
+                prepared_data,
+                ds,
+                connection="mhc",
+                **{**COMMON, "parallel.engine": "deepspeed", "parallel.zero_stage": stage},
+            )
+        ),
+        timeout=600,
+    )
+    _assert_close_runs(ds, ref, 3, grads=False)  # ZeRO-2 partitions gradients: compared through losses and weights
+
+
+def test_dp_checkpoint_resumes_under_dp2_and_in_one_process(prepared_data, tmp_path):
+    common = {**COMMON, "train.max_steps": 4, "parallel.engine": "ddp", "connection": "mhc"}
+    full, split, single = tmp_path / "full", tmp_path / "split", tmp_path / "single"
+    _run(_torchrun_cmd(run_overrides(prepared_data, full, **common)))
+    _run(_torchrun_cmd(run_overrides(prepared_data, split, **common, **{"train.stop_at_step": 2})))
+    out = _run(_torchrun_cmd(run_overrides(prepared_data, split, **common)))
+    assert "resumed from" in out
+    assert _losses(full) == _losses(split)  # DP=2 resume is exact
+    # the DP=2 checkpoint of step 2 continues in a single process (same global batch) to the same result
+    single.mkdir()
+    (single / "checkpoints").mkdir()
+    src = split / "checkpoints" / "step_00000002.pt"
+    (single / "checkpoints" / src.name).write_bytes(src.read_bytes())
+    out = _single(run_overrides(prepared_data, single, **{**common, "parallel.engine": "none"}))
+    assert "resumed from" in out and "parallel.engine: 'ddp' -> 'none'" in out
+    tail_full, tail_single = _losses(full)[2:], _losses(single)
+    assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(tail_full, tail_single)), (tail_full, tail_single)
+
+
+def test_killed_rank_stops_the_job_and_resume_continues(prepared_data, tmp_path):
+    import psutil
+
+    run = tmp_path / "r"
+    common = {**COMMON, "train.max_steps": 60, "checkpoint.every": 1, "parallel.engine": "ddp", "connection": "hc"}
+    proc = subprocess.Popen(
+        _torchrun_cmd(run_overrides(prepared_data, run, **common)),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    # Kill rank 1 as soon as the first checkpoint is complete. Any step_*.pt counts: with checkpoint.every=1 the
+    # pruning (keep last K) may already have removed an early one on a fast machine, so never wait on one name.
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((run / "checkpoints").glob("step_*.pt")):
+        assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.stdout.read()
+        time.sleep(0.02)
+    victim = next(
+        c
+        for c in psutil.Process(proc.pid).children(recursive=True)
+        if c.environ().get("RANK") == "1" and "mhc_train" in " ".join(c.cmdline())
+    )
+    victim.send_signal(signal.SIGKILL)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode != 0
+    assert "exitcode  : -9" in out or "Signal 9" in out or "SIGKILL" in out, out[-3000:]
+    resumed = _run(_torchrun_cmd(run_overrides(prepared_data, run, **common)))
+    assert "resumed from" in resumed
+    assert read_metrics(run)["train"][-1]["step"] == 60
+
+
+def test_deepspeed_checkpoint_resumes_exactly(prepared_data, tmp_path):
+    common = {
+        **COMMON,
+        "train.max_steps": 4,
+        "parallel.engine": "deepspeed",
+        "parallel.zero_stage": 2,
+        "connection": "mhc",
+    }
+    full, split = tmp_path / "full", tmp_path / "split"
+    _run(_torchrun_cmd(run_overrides(prepared_data, full, **common)), timeout=600)
+    _run(_torchrun_cmd(run_overrides(prepared_data, split, **common, **{"train.stop_at_step": 2})), timeout=600)
+    assert (split / "checkpoints" / "deepspeed" / "step_00000002").is_dir()
+    out = _run(_torchrun_cmd(run_overrides(prepared_data, split, **common)), timeout=600)
+    assert "resumed from" in out
+    assert _losses(full) == _losses(split)
+
+
+@pytest.mark.parametrize(
+    "schedule,recompute",
+    [("1f1b", "none"), ("1f1b", "mhc"), ("zbv", "full"), ("dualpipev", "none"), ("dualpipev", "full")],
+)
+def test_pipeline_matches_single_process(prepared_data, tmp_path, schedule, recompute):
+    """PP=2 (stream state [B, T, n, C] crossing the boundary) equals one process, loss for loss and grad for grad."""
+    ref, pp = tmp_path / "single", tmp_path / "pp"
+    common = {**COMMON, "connection": "mhc", "model.n_layer": 4}
+    _single(run_overrides(prepared_data, ref, **common))
+    _run(
+        _torchrun_cmd(
+            run_overrides(
+                prepared_data,
+                pp,
+                **{**common, "parallel.pp": 2, "parallel.pp_schedule": schedule, "parallel.recompute": recompute},
+            )
+        )
+    )
+    _assert_close_runs(pp, ref, 3, grads=False)
+
+
+def test_pipeline_checkpoint_resumes_exactly(prepared_data, tmp_path):
+    common = {
+        **COMMON,
+        "train.max_steps": 4,
+        "connection": "hc",
+        "model.n_layer": 4,
+        "parallel.pp": 2,
+        "parallel.pp_schedule": "dualpipev",
+    }
+    full, split = tmp_path / "full", tmp_path / "split"
+    _run(_torchrun_cmd(run_overrides(prepared_data, full, **common)))
+    _run(_torchrun_cmd(run_overrides(prepared_data, split, **common, **{"train.stop_at_step": 2})))
+    out = _run(_torchrun_cmd(run_overrides(prepared_data, split, **common)))
+    assert "resumed from" in out
+    assert _losses(full) == _losses(split)
+
+
+def test_pipeline_checkpoint_resumes_in_one_process_and_under_ddp(prepared_data, tmp_path):
+    """Checkpoints are layout-independent: parameter names and a by-name optimizer state."""
+    common = {**COMMON, "train.max_steps": 4, "connection": "mhc", "model.n_layer": 4}
+    pp = {"parallel.pp": 2, "parallel.pp_schedule": "1f1b"}
+    full, split = tmp_path / "full", tmp_path / "pp"
+    _single(run_overrides(prepared_data, full, **common))
+    _run(_torchrun_cmd(run_overrides(prepared_data, split, **common, **pp, **{"train.stop_at_step": 2})))
+    for target, cmd in (("single", _single), ("ddp", None)):
+        run = tmp_path / target
+        (run / "checkpoints").mkdir(parents=True)
+        src = split / "checkpoints" / "step_00000002.pt"
+        (run / "checkpoints" / src.name).write_bytes(src.read_bytes())
+        overrides = run_overrides(prepared_data, run, **common)
+        out = _single(overrides) if cmd else _run(_torchrun_cmd([*overrides, "parallel.engine=ddp"]))
+        assert "resumed from" in out
+        tail_full, tail = _losses(full)[2:], _losses(run)
+        assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(tail_full, tail)), (target, tail_full, tail)
