@@ -144,6 +144,7 @@ class ParallelConfig:
     pp: int = 1  # pipeline-parallel ranks (torch.distributed.pipelining); the launched world must equal pp for now
     pp_schedule: str = "1f1b"  # 1f1b | zbv | dualpipev (the V schedules hold two stages per rank)
     pp_microbatches: int = 0  # micro-batches per optimiser step (split of train.batch_size); 0 = 2 * pp
+    pp_overlap: bool = True  # dualpipev: run OVERLAP_F_B with our overlapping function (false: torch's, in order)
     recompute: str = "none"  # none | mhc (drop and recompute connection intermediates; F kept) | full (F too)
     recompute_block: str = "auto"  # L_r in connection sites, or auto (mHC paper Eq. 20 optimum per pipeline stage)
 
@@ -246,13 +247,6 @@ def validate_pipeline(cfg: Config) -> None:
         _fail("train.grad_accum", t.grad_accum, "must be 1 with a pipeline: raise parallel.pp_microbatches instead")
     if v and t.compile:
         _fail("train.compile", True, f"{p.pp_schedule} splits the backward and refuses compiled stages; use 1f1b")
-    if v and p.recompute == "mhc":
-        _fail(
-            "parallel.recompute",
-            "mhc",
-            f"is not supported under {p.pp_schedule} yet (its weight-gradient pass "
-            "re-enters the connection Functions); use recompute=full, or pp_schedule=1f1b",
-        )
     if cfg.model.tie_embeddings:
         _fail("model.tie_embeddings", True, "the embedding and the head live on different pipeline stages")
     if t.skip_nonfinite:

@@ -34,6 +34,15 @@ class Site(nn.Module):
     """One connection site: `x_{l+1} = H_res x_l + H_post^T F(H_pre x_l)` from the coefficients of `x_l`."""
 
     backend: str = "torch"  # which implementation of mhc_train.ops runs (config connection.backend)
+    # Optional `runner(fn, *args, **kwargs)` through which the post_res merge runs; set from outside (the pipeline's
+    # overlapped F/B puts the FFN sites' merge on a high-priority CUDA stream this way). None: call directly.
+    post_res_runner: Callable | None = None
+
+    def post_res(self, x, y, h_post, h_res) -> torch.Tensor:
+        """`H_res x + H_post^T y`, through `post_res_runner` when one is set."""
+        if self.post_res_runner is None:
+            return ops.mhc_post_res(x, y, h_post, h_res, backend=self.backend)
+        return self.post_res_runner(ops.mhc_post_res, x, y, h_post, h_res, backend=self.backend)
 
     def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
@@ -41,7 +50,7 @@ class Site(nn.Module):
     def forward(self, x: torch.Tensor, sublayer: SubLayer) -> torch.Tensor:
         h_pre, h_post, h_res = self.coefficients(x)  # [B,T,n], [B,T,n], [B,T,n,n] | None
         y = sublayer(ops.mhc_pre(x, h_pre, backend=self.backend))  # [B, T, C]
-        return ops.mhc_post_res(x, y, h_post, h_res, backend=self.backend)  # [B, T, n, C]
+        return self.post_res(x, y, h_post, h_res)  # [B, T, n, C]
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         pass
@@ -54,8 +63,13 @@ class ResidualSite(Site):
         ones = x.new_ones(x.shape[:-1], dtype=torch.float32)  # [B, T, 1]
         return ones, ones, ones.unsqueeze(-1)
 
+    def post_res(self, x, y, h_post=None, h_res=None) -> torch.Tensor:
+        if self.post_res_runner is None:
+            return x + y.unsqueeze(-2)
+        return self.post_res_runner(torch.add, x, y.unsqueeze(-2))
+
     def forward(self, x: torch.Tensor, sublayer: SubLayer) -> torch.Tensor:
-        return x + sublayer(x.squeeze(-2)).unsqueeze(-2)
+        return self.post_res(x, sublayer(x.squeeze(-2)))
 
 
 class HCSite(Site):

@@ -5,7 +5,8 @@
   name and a checkpoint does not depend on the layout.
 - One tensor crosses each stage boundary: the `[B, T, n, C]` stream state (n times the residual baseline's traffic).
 - Schedules: `1f1b` (one stage per rank) and the V-shaped `zbv` and `dualpipev` (two stages per rank: rank r holds
-  stages r and 2P-1-r; micro-batches enter and leave at rank 0).
+  stages r and 2P-1-r; micro-batches enter and leave at rank 0). DualPipeV's OVERLAP_F_B actions run through our
+  own function (overlap.py): on CUDA one micro-batch's forward overlaps another's backward.
 - Recompute blocks are the stages: `apply_recompute(stage, ..., stage_sites=[sites of this stage])` keeps each
   stage's x_{l0} locally, so recomputation never waits on communication.
 """
@@ -92,6 +93,7 @@ class PipelineEngine(TorchEngine):
         recompute_block,
         build_optimizer,
         build_scheduler,
+        overlap: bool = True,
     ):
         import torch.distributed as dist
 
@@ -106,6 +108,11 @@ class PipelineEngine(TorchEngine):
         self.scheduler = build_scheduler(self.optimizer)
         self.params = [p for p in self.local.parameters()]
         self.schedule = build_schedule(schedule, self.stages, n_microbatches, self._loss_fn)
+        self.overlap = None
+        if schedule == "dualpipev" and overlap:  # our OVERLAP_F_B: forward and backward overlap on CUDA
+            from mhc_train.parallel.overlap import register_overlap
+
+            self.overlap = register_overlap(self.schedule, device)
         self.first = any(st.is_first for st in self.stages)
         self.last = any(st.is_last for st in self.stages)
         self.forward = None  # no single forward: the schedule runs the stages
@@ -133,6 +140,14 @@ class PipelineEngine(TorchEngine):
         self._dist.all_reduce(t)  # exactly one rank holds the last stage
         return t.item()
 
+    def overlap_report(self) -> str:
+        """One line on what the overlapped F/B pairs did so far on this rank (empty without our OVERLAP_F_B)."""
+        if self.overlap is None:
+            return ""
+        o = self.overlap
+        where = "forward on a side stream, FFN post_res on a priority -1 stream" if o.cuda else "in order (CPU)"
+        return f"OVERLAP_F_B: {o.pairs} overlapped F/B pairs, {o.runner.calls} FFN post_res through the priority runner; {where}"
+
     def clip(self) -> float:
         sq = torch.zeros(1, dtype=torch.float64)
         for p in self.params:
@@ -155,6 +170,18 @@ class PipelineEngine(TorchEngine):
         if self.info.is_main:
             merged = {k: v for part in gathered for k, v in part.items()}
             self.model.load_state_dict(merged, strict=False)
+
+    def gather_grads(self) -> dict:
+        """Every stage's current gradients by parameter name, merged on rank 0 ({} elsewhere). A collective."""
+        local = {
+            n: p.grad.detach().cpu().clone()
+            for m in self.modules
+            for n, p in m.named_parameters()
+            if p.grad is not None
+        }
+        gathered = [None] * self.info.world if self.info.is_main else None
+        self._dist.gather_object(local, gathered, dst=0)
+        return {k: v for part in gathered for k, v in part.items()} if self.info.is_main else {}
 
     def _names(self) -> dict:
         """Local parameters -> their names in the plain model (stages keep the original names)."""

@@ -14,10 +14,13 @@ the pipeline code passes its own) and cuts each stage separately. `auto` picks L
 paper's peak `nC * ceil(L / L_r) + (n + 2) C * L_r`.
 
 Note:
-1. Every custom Function here returns parameter gradients as outputs (never writes `.grad` itself) and computes only
-   what `ctx.needs_input_grad` asks for, so split-backward (zero-bubble) schedules can ask for input gradients and
-   weight gradients in two calls. Recomputation happens locally inside `backward` (no reentrant `.backward()` into
-   the model graph), which is the non-reentrant semantics pipeline schedules need.
+1. Every custom Function here returns parameter gradients as outputs (never writes `.grad` itself). Split-backward
+   schedules (ZBV, DualPipeV) call a Function's backward twice: input gradients, then weight gradients through
+   `autograd.grad` on GradientEdges. `ctx.needs_input_grad` is fixed at forward time and cannot tell the two calls
+   apart, so differentiable inputs enter through their own `view_as` node and `backward` asks the engine which of
+   them this call needs (`_wanted`), computing only that half. Only `_SitePre` touches the site's parameters, so
+   the weight call never walks through F. Recomputation happens locally inside `backward` (no reentrant
+   `.backward()` into the model graph), which is the non-reentrant semantics pipeline schedules need.
 2. In `mhc` mode each site is two Functions around F: `_SitePre` (x_l -> RMSNorm(H_pre x_l), F's input) and
    `_SitePost` (x_l, y_l -> x_{l+1}). Both save `x_{l0}` and the block's `y`s so far (shared storages, counted once),
    and get `x_l` from a per-block cache that replays the block's stream updates without gradient.
@@ -68,7 +71,8 @@ class _BlockCache:
         self.xs: list[torch.Tensor] | None = None
         self.replayed: list[tuple] = []  # (h_post, h_res) per replayed site, no gradient
         self.coeffs = None  # forward: _SitePre -> _SitePost of the same site
-        self.grad_out: dict[int, torch.Tensor] = {}  # backward: _SitePost -> _SitePre, grad of x_{l+1}
+        self.grad_out: dict[int, tuple] = {}  # backward: _SitePost -> _SitePre, (y_l, grad of x_{l+1})
+        self.done = 0  # sites whose parameter gradients are computed (the block's states are released after all)
 
     def state(self, i: int, x0: torch.Tensor, ys: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """x_i, replaying sites 0..i-1 of the block from x0 and their F outputs (once per backward)."""
@@ -90,7 +94,24 @@ class _BlockCache:
             return self.sites[i].coefficients(x)[1:]
 
     def release(self) -> None:
-        self.xs, self.replayed = None, []
+        self.xs, self.replayed, self.done = None, [], 0
+
+
+def _views(tensors):
+    """Differentiable inputs of a Function passed through `view_as`: each then has a non-leaf grad_fn of its own,
+    which lets `backward` ask the engine whether this call needs that input's gradient (`_wanted`)."""
+    return [t.view_as(t) if t.requires_grad else t for t in tensors]
+
+
+def _remember_nodes(ctx, tensors) -> None:
+    ctx.nodes = [t.grad_fn if t.requires_grad else None for t in tensors]
+
+
+def _wanted(ctx) -> list[bool]:
+    """Per remembered input: is its gradient needed by *this* backward call? `ctx.needs_input_grad` is fixed at
+    forward time; a split-backward schedule calls backward twice (input gradients, then weight gradients through
+    `autograd.grad` on GradientEdges), and each call should compute only its half."""
+    return [node is not None and torch._C._will_engine_execute_node(node) for node in ctx.nodes]
 
 
 def _grads(outputs, inputs, grad_outs, needed):
@@ -112,6 +133,7 @@ class _SitePre(torch.autograd.Function):
             z = norm(ops.mhc_pre(x, h_pre, backend=site.backend))  # [B, T, C]
         cache.coeffs = (h_post, h_res)
         ctx.site, ctx.norm, ctx.cache, ctx.i = site, norm, cache, i
+        _remember_nodes(ctx, (x, *params))
         ctx.save_for_backward(x0.detach(), *(y.detach() for y in ys))
         return z
 
@@ -120,8 +142,11 @@ class _SitePre(torch.autograd.Function):
         x0, *ys = ctx.saved_tensors
         cache = ctx.cache
         x = cache.state(ctx.i, x0, tuple(ys[: ctx.i]))
-        y, g_out = cache.grad_out.pop(ctx.i)
-        needed = (ctx.needs_input_grad[0], *ctx.needs_input_grad[7:])
+        needed = _wanted(ctx)
+        # An input-only call (the first half of a split backward) leaves the post gradient and the replayed states
+        # for the weight call that follows; any call that computes the parameters' gradients consumes them.
+        input_only = needed[0] and not any(needed[1:]) and any(n is not None for n in ctx.nodes[1:])
+        y, g_out = cache.grad_out[ctx.i] if input_only else cache.grad_out.pop(ctx.i)
         with torch.enable_grad():
             xg = x.detach().requires_grad_(needed[0])
             params = list(ctx.norm.parameters()) + list(ctx.site.parameters())
@@ -129,8 +154,10 @@ class _SitePre(torch.autograd.Function):
             z = ctx.norm(ops.mhc_pre(xg, h_pre, backend=ctx.site.backend))
             out = ops.mhc_post_res(xg, y, h_post, h_res, backend=ctx.site.backend)
             gx, *gp = _grads([z, out], [xg, *params], [g_z, g_out], needed)
-        if ctx.i == 0:
-            cache.release()  # the block's last backward: drop the replayed states
+        if not input_only:
+            cache.done += 1
+            if cache.done == len(cache.sites):
+                cache.release()  # every site of the block has its gradients: drop the replayed states
         return (gx, None, None, None, None, None, None, *gp)
 
 
@@ -139,11 +166,11 @@ class _SitePost(torch.autograd.Function):
     `_SitePre`, which returns the gradients of x_l and of the site's parameters."""
 
     @staticmethod
-    def forward(ctx, x, y, x0, ys, site, cache, i, *params):
+    def forward(ctx, x, y, x0, ys, site, cache, i):
         h_post, h_res = cache.coeffs
         cache.coeffs = None
         with torch.no_grad():
-            out = ops.mhc_post_res(x, y, h_post, h_res, backend=site.backend)
+            out = site.post_res(x, y, h_post, h_res)
         ctx.site, ctx.cache, ctx.i = site, cache, i
         ctx.save_for_backward(x0.detach(), *(t.detach() for t in ys), y.detach())
         return out
@@ -152,7 +179,7 @@ class _SitePost(torch.autograd.Function):
     def backward(ctx, g):
         x0, *ys = ctx.saved_tensors
         y = ys.pop()
-        ctx.cache.grad_out[ctx.i] = (y, g)  # also on a weight-only call: _SitePre needs it for the parameters
+        ctx.cache.grad_out[ctx.i] = (y, g)  # _SitePre needs it for x_l's and the parameters' gradients
         gy = None
         if ctx.needs_input_grad[1]:
             x = ctx.cache.state(ctx.i, x0, tuple(ys))
@@ -160,16 +187,18 @@ class _SitePost(torch.autograd.Function):
             with torch.enable_grad():
                 yg = y.detach().requires_grad_()
                 (gy,) = torch.autograd.grad(ops.mhc_post_res(x, yg, h_post, h_res, backend=ctx.site.backend), yg, g)
-        return (None, gy, None, None, None, None, None, *([None] * len(ctx.needs_input_grad[7:])))
+        return None, gy, None, None, None, None, None
 
 
 def _run_mhc_block(parts, x):
     """Sites of one block with connection intermediates recomputed in backward. parts: [(site, norm, f)]."""
     cache, x0, ys = _BlockCache([p[0] for p in parts]), x, []
     for i, (site, norm, f) in enumerate(parts):
-        z = _SitePre.apply(x, x0, tuple(ys), site, norm, cache, i, *norm.parameters(), *site.parameters())
+        params = _views([*norm.parameters(), *site.parameters()])
+        (xv,) = _views([x])
+        z = _SitePre.apply(xv, x0, tuple(ys), site, norm, cache, i, *params)
         y = f(z)  # F proper keeps its own activations
-        x = _SitePost.apply(x, y, x0, tuple(ys), site, cache, i, *site.parameters())
+        x = _SitePost.apply(x, y, x0, tuple(ys), site, cache, i)
         ys.append(y)
     return x
 
@@ -186,6 +215,7 @@ class _FullRecompute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, parts, n_params, *params):
         ctx.parts = parts
+        _remember_nodes(ctx, (x, *params))
         ctx.save_for_backward(x.detach())
         with torch.no_grad():
             return _plain_sites(parts, x)
@@ -194,7 +224,7 @@ class _FullRecompute(torch.autograd.Function):
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
         params = [p for site, norm, f in ctx.parts for p in _part_params(site, norm, f)]
-        needed = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:])
+        needed = _wanted(ctx)  # a split backward asks for the input, then the weights: recompute computes each once
         with torch.enable_grad():
             xg = x.detach().requires_grad_(needed[0])
             out = _plain_sites(ctx.parts, xg)
@@ -236,7 +266,8 @@ def apply_recompute(model, mode: str, block: int | str = "auto", stage_sites: li
                 h = _run_mhc_block(group, h)
             else:
                 params = [p for part in group for p in _part_params(*part)]
-                h = _FullRecompute.apply(h, group, len(params), *params)
+                (hv,) = _views([h])
+                h = _FullRecompute.apply(hv, group, len(params), *_views(params))
         return h
 
     model.layer_runner = runner

@@ -101,6 +101,7 @@ class Trainer:
                 p.recompute_block,
                 lambda m: build_optimizer(m, cfg.optim),
                 lambda o: build_scheduler(o, t.max_steps, cfg.schedule),
+                overlap=p.pp_overlap,
             )
         else:
             apply_recompute(self.model, p.recompute, p.recompute_block)
@@ -219,7 +220,12 @@ class Trainer:
         t, step = self.cfg.train, self.step
         if self.engine.name == "pipeline":  # the schedule runs forward and backward of every micro-batch
             x, y = self.data.train_batch(t.seed, step, 0, t.batch_size, t.seq_len)
-            return {"loss": self.engine.run(x, y), "grad_norm": self.engine.clip()}
+            loss = self.engine.run(x, y)
+            if t.dump_grads_at == step + 1:
+                grads = self.engine.gather_grads()  # a collective: every stage's gradients by name, on rank 0
+                if self.dist.is_main:
+                    torch.save(grads, self.run_dir / f"grads_step_{step + 1}.pt")
+            return {"loss": loss, "grad_norm": self.engine.clip()}
         total = torch.zeros((), device=self.device)
         for micro in range(t.grad_accum):
             x, y = self.data.train_batch(t.seed, step, micro, t.batch_size, t.seq_len, self.dist.rank, self.dist.world)
@@ -296,6 +302,8 @@ class Trainer:
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
                 self.step += 1
+                if self.step == 1 and getattr(self.engine, "overlap", None) is not None:
+                    self.log(f"rank 0, step 1: {self.engine.overlap_report()}")
                 self.tokens_seen += tokens_per_step
                 self.train_time += dt
                 tps = tokens_per_step / dt

@@ -4,6 +4,7 @@ down with a message and a relaunch continues. Serial, each with a timeout and it
 
 import itertools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -182,25 +183,51 @@ def test_deepspeed_checkpoint_resumes_exactly(prepared_data, tmp_path):
     assert _losses(full) == _losses(split)
 
 
+@pytest.fixture(scope="module")
+def single_reference(prepared_data, tmp_path_factory):
+    """One-process reference runs of the pipeline tests' model, one per connection type (run once, shared)."""
+    runs = {}
+
+    def get(arm):
+        if arm not in runs:
+            runs[arm] = tmp_path_factory.mktemp(f"single_{arm}")
+            _single(run_overrides(prepared_data, runs[arm], **PIPE_COMMON, connection=arm))
+        return runs[arm]
+
+    return get
+
+
+PIPE_COMMON = {**COMMON, "model.n_layer": 4}
+
+
 @pytest.mark.parametrize(
-    "schedule,recompute",
-    [("1f1b", "none"), ("1f1b", "mhc"), ("zbv", "full"), ("dualpipev", "none"), ("dualpipev", "full")],
+    "arm,schedule,recompute",
+    [
+        ("mhc", "1f1b", "none"),
+        ("mhc", "1f1b", "mhc"),
+        ("mhc", "zbv", "none"),
+        ("mhc", "zbv", "mhc"),
+        ("mhc", "zbv", "full"),
+        ("mhc", "dualpipev", "none"),
+        ("mhc", "dualpipev", "mhc"),
+        ("mhc", "dualpipev", "full"),
+        ("hc", "1f1b", "mhc"),
+        ("hc", "zbv", "mhc"),
+        ("hc", "dualpipev", "mhc"),
+        ("residual", "1f1b", "none"),
+        ("residual", "dualpipev", "full"),
+    ],
 )
-def test_pipeline_matches_single_process(prepared_data, tmp_path, schedule, recompute):
-    """PP=2 (stream state [B, T, n, C] crossing the boundary) equals one process, loss for loss and grad for grad."""
-    ref, pp = tmp_path / "single", tmp_path / "pp"
-    common = {**COMMON, "connection": "mhc", "model.n_layer": 4}
-    _single(run_overrides(prepared_data, ref, **common))
-    _run(
-        _torchrun_cmd(
-            run_overrides(
-                prepared_data,
-                pp,
-                **{**common, "parallel.pp": 2, "parallel.pp_schedule": schedule, "parallel.recompute": recompute},
-            )
-        )
-    )
-    _assert_close_runs(pp, ref, 3, grads=False)
+def test_pipeline_matches_single_process(prepared_data, single_reference, tmp_path, arm, schedule, recompute):
+    """PP=2 (stream state [B, T, n, C] crossing the boundary) equals one process: loss for loss, every gradient of
+    step 1, weights after 3 steps. DualPipeV runs its OVERLAP_F_B pairs through our function (counted)."""
+    ref, pp = single_reference(arm), tmp_path / "pp"
+    overrides = {"parallel.pp": 2, "parallel.pp_schedule": schedule, "parallel.recompute": recompute}
+    out = _run(_torchrun_cmd(run_overrides(prepared_data, pp, **PIPE_COMMON, connection=arm, **overrides)))
+    _assert_close_runs(pp, ref, 3)
+    if schedule == "dualpipev":  # 4 stages of 1 layer: one FFN site per overlapped forward
+        m = re.search(r"OVERLAP_F_B: (\d+) overlapped F/B pairs, (\d+) FFN post_res", out)
+        assert m and int(m.group(1)) > 0 and int(m.group(2)) == int(m.group(1)), out[-2000:]
 
 
 def test_pipeline_checkpoint_resumes_exactly(prepared_data, tmp_path):

@@ -66,6 +66,50 @@ def test_split_input_then_weight_backward(arm):
     assert all(torch.equal(a, b) for a, b in zip(gp, gp_ref))
 
 
+@pytest.mark.parametrize("arm", ["hc", "mhc"])
+@pytest.mark.parametrize("mode", ["mhc", "full"])
+def test_torch_split_backward_gives_the_plain_gradients_and_splits_the_work(arm, mode, monkeypatch):
+    """torch's own zero-bubble backward (stage_backward_input, then stage_backward_weight from the saved
+    intermediates, as ZBV and DualPipeV run it) on a recomputing stage equals the plain stage bit for bit; the input
+    call computes no parameter gradient and the weight call no input gradient."""
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+
+    from mhc_train.parallel import recompute
+
+    model = _model(arm)
+    x_in = model.conn.expand(model.tok_embeddings(torch.randint(0, 256, (2, 16)))).detach()
+    params = [p for n, p in model.named_parameters() if n.startswith("layers.")]
+    w = torch.randn(2, 16, model.n_streams, 32)
+
+    x = x_in.clone().requires_grad_()
+    h = x
+    for layer in model.layers.values():
+        h = layer(h, model.rope)
+    gx_ref, *gp_ref = torch.autograd.grad(h, [x, *params], w)
+
+    apply_recompute(model, mode, 3)
+    calls = []
+    real = recompute._grads
+    monkeypatch.setattr(
+        recompute, "_grads", lambda o, i, g, needed: calls.append(list(needed)) or real(o, i, g, needed)
+    )
+    for p in params:
+        p.grad = None
+    x = x_in.clone().requires_grad_()
+    out = model.layer_runner(model, x)
+    (gx,), groups = stage_backward_input([out], [w], [x], iter(params))
+    input_calls, calls[:] = list(calls), []
+    stage_backward_weight(iter(params), groups)
+    weight_calls = calls
+
+    assert torch.equal(gx, gx_ref)
+    names = [n for n, _ in model.named_parameters() if n.startswith("layers.")]
+    for name, p, ref in zip(names, params, gp_ref):
+        assert torch.equal(p.grad, ref), f"{name} differs by {(p.grad - ref).abs().max():.3e}"
+    assert input_calls and all(c[0] and not any(c[1:]) for c in input_calls), input_calls
+    assert weight_calls and all(not c[0] and any(c[1:]) for c in weight_calls), weight_calls
+
+
 def test_plan_blocks_respects_stages_and_auto():
     assert plan_blocks(8, 4, 3) == [(0, 3), (3, 6), (6, 8)]
     assert plan_blocks(8, 4, 2, stage_sites=[3, 5]) == [(0, 2), (2, 3), (3, 5), (5, 7), (7, 8)]

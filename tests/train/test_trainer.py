@@ -205,7 +205,6 @@ def test_checkpoint_retention_keeps_last_and_milestones(prepared_data, tmp_path)
 
 PIPELINE_ERRORS = [
     (["parallel.pp=2", "parallel.engine=deepspeed"], r"parallel.engine='deepspeed'.*set parallel.engine=none"),
-    (["parallel.pp=2", "parallel.pp_schedule=dualpipev", "parallel.recompute=mhc"], r"parallel.recompute='mhc'"),
     (
         ["parallel.pp=2", "parallel.pp_schedule=dualpipev", "parallel.pp_microbatches=2"],
         r"parallel.pp_microbatches=2.*at least 4 micro-batches",

@@ -1,0 +1,130 @@
+"""DualPipeV's overlapped forward/backward pair (`OVERLAP_F_B`), run by our own function.
+
+torch's DualPipeV schedule emits `OVERLAP_F_B` actions: the forward of one micro-batch on one of the rank's two
+stages, paired with the full backward of another micro-batch on the other stage. torch's runtime runs the pair in
+order on one stream. `OverlapFB` replaces that handler (`schedule.register_custom_function`, a private API of the
+pinned torch) and on CUDA actually overlaps the pair:
+
+- the forward is enqueued on a side stream, the backward right after it on the current stream, with no host sync in
+  between, so the GPU runs the two micro-batches' kernels concurrently;
+- during that forward every FFN site's `post_res` (the `H_res x + H_post^T y` merge that produces the next stream
+  state, i.e. the tensor the next stage waits for) runs on a high-priority stream (`priority=-1`), so the backward's
+  long GEMMs do not delay the hand-off; the backward of those ops follows them onto that stream (autograd runs a
+  backward op on its forward op's stream).
+On CPU there are no streams: the same function runs the forward, then the backward, in order (what CI checks).
+
+Bookkeeping the runtime would do for the pair, done here (torch's `_PipelineScheduleRuntime._step_microbatches`,
+FORWARD and FULL_BACKWARD branches): wait the matching receives, forward one chunk, compute the loss on the last
+stage, hand the V turn-around input to the local next stage, count backwards and flag the last one (gradient
+reduction), backward one chunk, hand the input gradient to the local previous stage.
+
+Stream safety (CUDA caching allocator): every side-stream region starts with `side.wait_stream(current)` and the
+pair ends with `current.wait_stream(side)`; within a pair all side/priority allocations are enqueued before the
+backward frees anything, so a block freed by the backward is reused on a side stream only after the next region's
+wait. Outputs made on the priority stream are `record_stream`ed on the stream that consumes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+
+
+class _PriorityRunner:
+    """Runs one op on the priority stream, ordered after the current stream's work, and orders the current stream
+    after it. On CPU (no stream) it just calls the op. Counts calls (checked by tests and reported per step)."""
+
+    def __init__(self, stream):
+        self.stream, self.calls = stream, 0
+
+    def __call__(self, fn, *args, **kwargs):
+        self.calls += 1
+        if self.stream is None:
+            return fn(*args, **kwargs)
+        cur = torch.cuda.current_stream()
+        self.stream.wait_stream(cur)
+        with torch.cuda.stream(self.stream):
+            out = fn(*args, **kwargs)
+        out.record_stream(cur)
+        cur.wait_stream(self.stream)
+        return out
+
+
+@contextlib.contextmanager
+def ffn_post_res_on(module: torch.nn.Module, runner: Callable):
+    """Route the FFN sites' post_res of `module` (a stage) through `runner` for the duration of the block."""
+    sites = [layer.ffn_conn for layer in getattr(module, "layers", {}).values()]
+    for site in sites:
+        site.post_res_runner = runner
+    try:
+        yield
+    finally:
+        for site in sites:
+            site.post_res_runner = None
+
+
+class OverlapFB:
+    """The `OVERLAP_F_B` handler: `schedule.register_custom_function(OVERLAP_F_B, OverlapFB(device))`."""
+
+    def __init__(self, device: torch.device | str):
+        device = torch.device(device)
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            greatest = torch.cuda.Stream.priority_range()[1]  # (least, greatest); greater priority is more negative
+            self.side = torch.cuda.Stream(device)
+            self.runner = _PriorityRunner(torch.cuda.Stream(device, priority=max(greatest, -1)))
+        else:
+            self.side, self.runner = None, _PriorityRunner(None)
+        self.pairs = 0
+
+    def _side(self):
+        if not self.cuda:
+            return contextlib.nullcontext()
+        self.side.wait_stream(torch.cuda.current_stream())
+        return torch.cuda.stream(self.side)
+
+    def __call__(self, action, ctx) -> None:
+        from torch.distributed.pipelining.schedules import _wait_batch_p2p
+
+        sched = ctx.schedule_ref
+        fwd, bwd = action.sub_actions
+        stages = {s.stage_index: s for s in sched._stages}
+        self.pairs += 1
+
+        # forward of micro-batch fwd.microbatch_index on its stage (side stream on CUDA)
+        stage, mb = stages[fwd.stage_index], fwd.microbatch_index
+        sched._assert_unsharded(stage)
+        with self._side():
+            if not stage.is_first and fwd.stage_index - 1 not in stages:
+                _wait_batch_p2p(sched.fwd_recv_ops.pop((fwd.stage_index, mb)))
+            with ffn_post_res_on(stage.submod, self.runner):
+                out = stage.forward_one_chunk(mb, ctx.arg_mbs[mb], ctx.kwarg_mbs[mb], save_forward_output=True)
+            sched._maybe_compute_loss(stage, out, ctx.target_mbs, mb)
+            if fwd.stage_index + 1 in stages:  # the V turn-around: the next stage lives on this rank
+                stages[fwd.stage_index + 1].set_local_fwd_input(out, mb)
+
+        # full backward of micro-batch bwd.microbatch_index on the other stage (current stream)
+        stage, mb = stages[bwd.stage_index], bwd.microbatch_index
+        sched._assert_unsharded(stage)
+        if not stage.is_last and bwd.stage_index + 1 not in stages:
+            _wait_batch_p2p(sched.bwd_recv_ops.pop((bwd.stage_index, mb)))
+        loss = sched._maybe_get_loss(stage, mb)
+        sched.backward_counter[bwd.stage_index] += 1
+        last = sched.backward_counter[bwd.stage_index] == sched._n_microbatches
+        stage.backward_one_chunk(mb, loss=loss, full_backward=True, last_backward=last)
+        if bwd.stage_index - 1 in stages:
+            stages[bwd.stage_index - 1].set_local_bwd_input(stage.get_local_bwd_output(mb), mb)
+
+        if self.cuda:
+            torch.cuda.current_stream().wait_stream(self.side)
+
+
+def register_overlap(schedule, device) -> OverlapFB:
+    """Install `OverlapFB` as the schedule's OVERLAP_F_B handler; returns it (its counters feed logs and tests)."""
+    from torch.distributed.pipelining.schedules import OVERLAP_F_B
+
+    handler = OverlapFB(device)
+    schedule.register_custom_function(OVERLAP_F_B, handler)
+    return handler
