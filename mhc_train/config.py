@@ -138,10 +138,10 @@ class LoggingConfig:
 
 @dataclass
 class ParallelConfig:
-    engine: str = "none"  # data parallel engine across the launched ranks: none (one process) | ddp | deepspeed
+    engine: str = "none"  # data parallel across the launched ranks: none (one process) | ddp | fsdp (FSDP2) | deepspeed
     zero_stage: int = 1  # deepspeed ZeRO stage (1: optimizer states, 2: + gradients, 3: + parameters)
     deepspeed_config: str = ""  # a DeepSpeed JSON whose keys override the ones built from this config
-    pp: int = 1  # pipeline-parallel ranks (torch.distributed.pipelining); the launched world must equal pp for now
+    pp: int = 1  # pipeline-parallel ranks (torch.distributed.pipelining); world = pp x dp (dp > 1 needs engine=fsdp)
     pp_schedule: str = "1f1b"  # 1f1b | zbv | dualpipev (the V schedules hold two stages per rank)
     pp_microbatches: int = 0  # micro-batches per optimiser step (split of train.batch_size); 0 = 2 * pp
     pp_overlap: bool = True  # dualpipev: run OVERLAP_F_B with our overlapping function (false: torch's, in order)
@@ -227,12 +227,20 @@ def validate_pipeline(cfg: Config) -> None:
             f"{p.pp_schedule} needs model.n_layer={cfg.model.n_layer} divisible by its "
             f"{stages} stages; pick pp (or n_layer) so that it divides",
         )
-    if p.engine != "none":
+    if p.engine == "deepspeed":
         _fail(
             "parallel.engine",
             p.engine,
-            "pipeline runs use torch.distributed.pipelining: set parallel.engine=none "
-            "(DeepSpeed reduces gradients inside its own backward, which a pipeline schedule bypasses)",
+            "pipeline runs use torch.distributed.pipelining: set parallel.engine=none (pipeline only) or fsdp "
+            "(pipeline x FSDP2 data parallel); DeepSpeed reduces gradients inside its own backward, which a "
+            "pipeline schedule bypasses",
+        )
+    if p.engine == "ddp":
+        _fail(
+            "parallel.engine",
+            p.engine,
+            "with a pipeline, data parallelism is FSDP2 per stage: set parallel.engine=fsdp (DDP's gradient hooks "
+            "do not fire under the split-backward schedules), or none for a pipeline alone",
         )
     m = p.pp_microbatches or 2 * p.pp
     need = 2 * p.pp if v else p.pp
@@ -255,17 +263,28 @@ def validate_pipeline(cfg: Config) -> None:
 
 def validate_world(cfg: Config, world: int) -> None:
     """Rules that need the launched world size; called before the process group starts."""
-    if cfg.parallel.pp > 1:
-        if world != cfg.parallel.pp:
+    p = cfg.parallel
+    if p.pp > 1:
+        if world % p.pp:
+            _fail("parallel.pp", p.pp, f"{world} ranks were launched: launch a multiple of pp={p.pp} (pp x dp ranks)")
+        dp = world // p.pp
+        if dp > 1 and p.engine != "fsdp":
             _fail(
-                "parallel.pp",
-                cfg.parallel.pp,
-                f"{world} ranks were launched; pipeline x data parallel is not "
-                f"supported yet, so launch exactly pp={cfg.parallel.pp} ranks",
+                "parallel.engine",
+                p.engine,
+                f"{world} ranks with pp={p.pp} make {dp} pipeline replicas: set parallel.engine=fsdp to train them "
+                f"data-parallel, or launch exactly pp={p.pp} ranks",
+            )
+        m = p.pp_microbatches or 2 * p.pp
+        if cfg.train.batch_size % (dp * m):
+            _fail(
+                "train.batch_size",
+                cfg.train.batch_size,
+                f"must split over {dp} pipeline replicas x {m} micro-batches; use a multiple of {dp * m}",
             )
         return
-    if world > 1 and cfg.parallel.engine == "none":
-        _fail("parallel.engine", "none", f"{world} ranks were launched: set parallel.engine=ddp or deepspeed")
+    if world > 1 and p.engine == "none":
+        _fail("parallel.engine", "none", f"{world} ranks were launched: set parallel.engine=ddp, fsdp or deepspeed")
     if cfg.train.batch_size % world:
         _fail(
             "train.batch_size",
@@ -302,7 +321,7 @@ def validate(cfg: Config) -> None:
     _at_least("checkpoint.every", cfg.checkpoint.every, 0)
     _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 1)
     _choice("parallel.recompute", cfg.parallel.recompute, ("none", "mhc", "full"))
-    _choice("parallel.engine", cfg.parallel.engine, ("none", "ddp", "deepspeed"))
+    _choice("parallel.engine", cfg.parallel.engine, ("none", "ddp", "fsdp", "deepspeed"))
     validate_pipeline(cfg)
     if cfg.parallel.zero_stage not in (1, 2, 3):
         _fail("parallel.zero_stage", cfg.parallel.zero_stage, "allowed values are 1, 2, 3")

@@ -64,20 +64,34 @@ def build_schedule(name: str, stages, n_microbatches: int, loss_fn):
     return cls(stages, n_microbatches, loss_fn=loss_fn)
 
 
-def pipeline_stages(model, schedule: str, rank: int, pp: int, device, group=None):
-    """(stage modules, PipelineStage objects) for this rank."""
+def pipeline_stages(model, schedule: str, rank: int, pp: int, device, group=None, dp_mesh=None, recompute=None):
+    """(stage modules, PipelineStage objects) for pipeline rank `rank`. With `dp_mesh`, each stage module is cut from
+    its own copy of the model and sharded over the data-parallel group with FSDP2 (after recompute is applied)."""
     from torch.distributed.pipelining import PipelineStage
+
+    from mhc_train.parallel.recompute import apply_recompute
 
     n_stages = pp * stages_per_rank(schedule)
     ids = stage_ids_for_rank(schedule, rank, pp)
-    modules = [cut_stage(model, s, n_stages) for s in ids]
+    source = copy.deepcopy(model) if dp_mesh is not None else model  # FSDP must not shard rank 0's eval model
+    modules = [cut_stage(source, s, n_stages) for s in ids]
+    for m in modules:  # recompute blocks never cross a stage: each stage is planned on its own sites
+        apply_recompute(m, *(recompute or ("none", "auto")))
+    if dp_mesh is not None:
+        from mhc_train.parallel.fsdp import shard
+
+        modules = [shard(m, dp_mesh) for m in modules]
     stages = [PipelineStage(m, s, n_stages, torch.device(device), group=group) for m, s in zip(modules, ids)]
     return modules, stages
 
 
 class PipelineEngine(TorchEngine):
-    """The trainer's engine for pipeline runs: one schedule step per optimiser step (the global batch is split into
-    `n_microbatches`), a global grad-norm clip across stages, and full-model syncs to rank 0 for eval/checkpoints."""
+    """The trainer's engine for pipeline runs: one schedule step per optimiser step (each data-parallel replica's
+    slice of the global batch is split into `n_microbatches`), a global grad-norm clip across stages, and full-model
+    syncs to rank 0 for eval/checkpoints.
+
+    Ranks form a (pp, dp) mesh, pipeline outermost: rank = pp_rank * dp + dp_rank. With dp > 1 every stage is
+    sharded over its dp group with FSDP2 (`parallel.engine=fsdp`), which the pipelining runtime drives itself."""
 
     name = "pipeline"  # step / skip / lr / load_state_dict come from TorchEngine; __init__, run, clip differ
 
@@ -94,15 +108,24 @@ class PipelineEngine(TorchEngine):
         build_optimizer,
         build_scheduler,
         overlap: bool = True,
+        pp: int | None = None,
     ):
         import torch.distributed as dist
 
-        from mhc_train.parallel.recompute import apply_recompute
-
         self.model, self.info, self.grad_clip, self.device = model, info, grad_clip, device
-        self.modules, self.stages = pipeline_stages(model, schedule, info.rank, info.world, device)
-        for m in self.modules:  # recompute blocks never cross a stage: each stage is planned on its own sites
-            apply_recompute(m, recompute, recompute_block)
+        self.pp = pp or info.world
+        self.dp = info.world // self.pp
+        group, dp_mesh = None, None
+        self.pp_rank, self.dp_rank = info.rank, 0
+        if self.dp > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(torch.device(device).type, (self.pp, self.dp), mesh_dim_names=("pp", "dp"))
+            group, dp_mesh = mesh["pp"].get_group(), mesh["dp"]
+            self.pp_rank, self.dp_rank = mesh["pp"].get_local_rank(), mesh["dp"].get_local_rank()
+        self.modules, self.stages = pipeline_stages(
+            model, schedule, self.pp_rank, self.pp, device, group, dp_mesh, (recompute, recompute_block)
+        )
         self.local = torch.nn.ModuleList(self.modules)
         self.optimizer = build_optimizer(self.local)
         self.scheduler = build_scheduler(self.optimizer)
@@ -118,6 +141,18 @@ class PipelineEngine(TorchEngine):
         self.forward = None  # no single forward: the schedule runs the stages
         self._dist = dist
 
+    def describe(self) -> str:
+        from mhc_train.parallel.fsdp import local
+
+        held = sum(local(p).numel() for p in self.params)
+        total = sum(p.numel() for p in self.model.parameters())
+        ids = [st.stage_index for st in self.stages]
+        dp = f" x dp={self.dp} (FSDP2 per stage)" if self.dp > 1 else ""
+        return (
+            f"pipeline: pp={self.pp}{dp}; rank {self.info.rank} runs stages {ids} and holds {held:,} of {total:,} "
+            "parameter elements"
+        )
+
     @staticmethod
     def _loss_fn(logits, target):
         import torch.nn.functional as F
@@ -125,7 +160,8 @@ class PipelineEngine(TorchEngine):
         return F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
 
     def run(self, x, y) -> float:
-        """Forward and backward of the global batch through the schedule; returns the mean loss on every rank."""
+        """Forward and backward of this replica's slice through the schedule; returns the global mean loss on every
+        rank (the last-stage ranks hold one replica's mean each)."""
         losses: list = []
         x, y = x.to(self.device), y.to(self.device)
         if self.first and self.last:
@@ -137,8 +173,8 @@ class PipelineEngine(TorchEngine):
         else:
             self.schedule.step()
         t = torch.tensor([torch.stack(losses).float().mean().item() if losses else 0.0], dtype=torch.float64)
-        self._dist.all_reduce(t)  # exactly one rank holds the last stage
-        return t.item()
+        self._dist.all_reduce(t)  # exactly one rank per replica holds the last stage
+        return t.item() / self.dp
 
     def overlap_report(self) -> str:
         """One line on what the overlapped F/B pairs did so far on this rank (empty without our OVERLAP_F_B)."""
@@ -146,13 +182,18 @@ class PipelineEngine(TorchEngine):
             return ""
         o = self.overlap
         where = "forward on a side stream, FFN post_res on a priority -1 stream" if o.cuda else "in order (CPU)"
-        return f"OVERLAP_F_B: {o.pairs} overlapped F/B pairs, {o.runner.calls} FFN post_res through the priority runner; {where}"
+        return (
+            f"OVERLAP_F_B: {o.pairs} overlapped F/B pairs, {o.runner.calls} FFN post_res through the priority "
+            f"runner; {where}"
+        )
 
     def clip(self) -> float:
+        from mhc_train.parallel.fsdp import local
+
         sq = torch.zeros(1, dtype=torch.float64)
-        for p in self.params:
+        for p in self.params:  # FSDP shards partition each gradient, so every element is counted once
             if p.grad is not None:
-                sq += p.grad.detach().double().square().sum().cpu()
+                sq += local(p.grad.detach()).double().square().sum().cpu()
         self._dist.all_reduce(sq)
         norm = sq.sqrt().item()
         if self.grad_clip > 0 and norm > self.grad_clip:
@@ -162,26 +203,30 @@ class PipelineEngine(TorchEngine):
                     p.grad.mul_(scale)
         return norm
 
-    def sync_full_model(self) -> None:
-        """Rank 0's `model` gets every stage's current weights (for evaluation, diagnostics and checkpoints)."""
-        local = {k: v.detach().cpu() for m in self.modules for k, v in m.state_dict().items()}
+    def _gather(self, local: dict) -> dict:
         gathered = [None] * self.info.world if self.info.is_main else None
         self._dist.gather_object(local, gathered, dst=0)
+        return {k: v for part in gathered for k, v in part.items()} if self.info.is_main else {}
+
+    def sync_full_model(self) -> None:
+        """Rank 0's `model` gets every stage's current weights (for evaluation, diagnostics and checkpoints)."""
+        from mhc_train.parallel.fsdp import full_state
+
+        merged = self._gather(full_state(self.modules))
         if self.info.is_main:
-            merged = {k: v for part in gathered for k, v in part.items()}
             self.model.load_state_dict(merged, strict=False)
 
     def gather_grads(self) -> dict:
         """Every stage's current gradients by parameter name, merged on rank 0 ({} elsewhere). A collective."""
-        local = {
-            n: p.grad.detach().cpu().clone()
+        from mhc_train.parallel.fsdp import full
+
+        grads = {
+            n: full(p.grad).detach().cpu().clone()
             for m in self.modules
             for n, p in m.named_parameters()
             if p.grad is not None
         }
-        gathered = [None] * self.info.world if self.info.is_main else None
-        self._dist.gather_object(local, gathered, dst=0)
-        return {k: v for part in gathered for k, v in part.items()} if self.info.is_main else {}
+        return self._gather(grads)
 
     def _names(self) -> dict:
         """Local parameters -> their names in the plain model (stages keep the original names)."""
@@ -189,12 +234,16 @@ class PipelineEngine(TorchEngine):
 
     def state_dict(self) -> dict:
         """Every rank's optimizer state by parameter name, merged on rank 0: loads into any layout."""
-        from mhc_train.train.checkpoint import optimizer_state_by_name
+        from mhc_train.parallel.fsdp import full_optimizer_state
 
-        mine = optimizer_state_by_name(self.optimizer, self._names())
-        gathered = [None] * self.info.world if self.info.is_main else None
-        self._dist.gather_object(mine, gathered, dst=0)
+        mine = full_optimizer_state(self.optimizer, self._names())
+        merged = self._gather(mine["state"])
         if not self.info.is_main:
             return {}
-        merged = {"state": {k: v for part in gathered for k, v in part["state"].items()}, "groups": mine["groups"]}
-        return {"optimizer": merged, "scheduler": self.scheduler.state_dict()}
+        return {"optimizer": {"state": merged, "groups": mine["groups"]}, "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        from mhc_train.parallel.fsdp import load_full_optimizer_state
+
+        load_full_optimizer_state(self.optimizer, state["optimizer"], self._names())
+        self.scheduler.load_state_dict(state["scheduler"])

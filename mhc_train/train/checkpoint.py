@@ -142,14 +142,15 @@ def optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict) -> di
     }
 
 
-def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, saved: dict, names: dict) -> None:
-    """Load a by-name state into `optimizer`, taking the entries of the parameters it holds."""
+def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, saved: dict, names: dict, convert=None) -> None:
+    """Load a by-name state into `optimizer`, taking the entries of the parameters it holds. `convert(value, param)`
+    may re-lay each value out like its parameter (FSDP shards a full tensor this way)."""
     sd = optimizer.state_dict()
     ordered = [p for g in optimizer.param_groups for p in g["params"]]
     state = {}
     for i, p in enumerate(ordered):
         entry = saved["state"].get(names[p])
         if entry is not None:
-            state[i] = entry
+            state[i] = {k: convert(v, p) for k, v in entry.items()} if convert else entry
     groups = [{**saved["groups"].get(g["name"], {}), "params": g["params"]} for g in sd["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})

@@ -86,6 +86,9 @@ class Trainer:
         self.tokenizer_ref = {"path": manifest["tokenizer"]["path"], "sha256": manifest["tokenizer"]["sha256"]}
 
         self.model = build_model(cfg.model, cfg.connection, seed=t.seed, device=self.device)
+        self.config_dict = to_dict(cfg)
+        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint)
+        resume_state, resume_path = self._read_checkpoint()  # weights go into the plain model before any wrapping
         p = cfg.parallel
         if p.pp > 1:  # stages are cut from the plain model; recompute is applied per stage (blocks = stages)
             from mhc_train.parallel.pipeline import PipelineEngine
@@ -102,6 +105,7 @@ class Trainer:
                 lambda m: build_optimizer(m, cfg.optim),
                 lambda o: build_scheduler(o, t.max_steps, cfg.schedule),
                 overlap=p.pp_overlap,
+                pp=p.pp,
             )
         else:
             apply_recompute(self.model, p.recompute, p.recompute_block)
@@ -120,25 +124,39 @@ class Trainer:
                     self.autocast_dtype == torch.bfloat16,
                     p.deepspeed_config,
                 )
+            elif p.engine == "fsdp":
+                from mhc_train.parallel.fsdp import FSDPEngine
+
+                self.engine = FSDPEngine(
+                    self.model,
+                    lambda m: build_optimizer(m, cfg.optim),
+                    lambda o: build_scheduler(o, t.max_steps, cfg.schedule),
+                    cfg.optim.grad_clip,
+                    self.dist,
+                    self.device,
+                )
             else:
                 self.engine = TorchEngine(self.model, opt, sched, cfg.optim.grad_clip, self.dist, p.engine == "ddp")
+        if hasattr(self.engine, "describe"):
+            self.log(self.engine.describe())
         fwd = self.engine.forward
         self.forward = torch.compile(fwd) if t.compile and fwd is not None else fwd
-        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint)
         self.step, self.skipped, self.tokens_seen, self.train_time = 0, 0, 0, 0.0
         self.last_ckpt: Path | None = None
         self.val_set = self.data.val_batches(t.eval_batches, t.batch_size, t.seq_len)
-        self.config_dict = to_dict(cfg)
-        self._resume()
+        if resume_state is not None:
+            self._restore(resume_state, resume_path)
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
-    def _resume(self) -> None:
+    def _read_checkpoint(self):
+        """(state, path) of the checkpoint to resume from, checked against this config, with the model weights
+        already loaded into `self.model`; (None, None) for a fresh start."""
         mode = self.cfg.checkpoint.resume
         if mode == "never":
-            return
+            return None, None
         path = self.ckpt.latest() if mode == "auto" else Path(mode)
         if path is None:
-            return
+            return None, None
         state = CheckpointManager.load(path)
         fatal, allowed = compare_configs(state["config"], self.config_dict)
         if fatal:
@@ -155,6 +173,11 @@ class Trainer:
                 "point data.out_dir / data.tokenizer_model back at the original tokenizer"
             )
         self.model.load_state_dict(state["model"])
+        return state, path
+
+    def _restore(self, state: dict, path: Path) -> None:
+        """Engine (optimizer, scheduler), RNG and counters from a checkpoint read by `_read_checkpoint`."""
+        allowed = compare_configs(state["config"], self.config_dict)[1]
         if state.get("deepspeed_tag"):
             self.engine.load_sharded(self.ckpt.dir / "deepspeed", state["deepspeed_tag"])
         else:
@@ -219,8 +242,9 @@ class Trainer:
     def train_step(self) -> dict:
         t, step = self.cfg.train, self.step
         if self.engine.name == "pipeline":  # the schedule runs forward and backward of every micro-batch
-            x, y = self.data.train_batch(t.seed, step, 0, t.batch_size, t.seq_len)
-            loss = self.engine.run(x, y)
+            e = self.engine  # this data-parallel replica's slice of the global batch
+            x, y = self.data.train_batch(t.seed, step, 0, t.batch_size, t.seq_len, e.dp_rank, e.dp)
+            loss = e.run(x, y)
             if t.dump_grads_at == step + 1:
                 grads = self.engine.gather_grads()  # a collective: every stage's gradients by name, on rank 0
                 if self.dist.is_main:
@@ -233,9 +257,15 @@ class Trainer:
             self.engine.backward(loss, micro, t.grad_accum)
             total += loss.detach() / t.grad_accum
         loss_value = mean_across_ranks(total.item(), self.dist, self.device)
-        if t.dump_grads_at == step + 1 and self.dist.is_main and self.engine.name == "torch":
-            grads = {n: p.grad.detach().cpu().clone() for n, p in self.model.named_parameters() if p.grad is not None}
-            torch.save(grads, self.run_dir / f"grads_step_{step + 1}.pt")
+        if t.dump_grads_at == step + 1 and self.engine.name in ("torch", "fsdp"):
+            if self.engine.name == "fsdp":
+                grads = self.engine.gather_grads()  # a collective: every rank calls it
+            else:
+                grads = {
+                    n: p.grad.detach().cpu().clone() for n, p in self.model.named_parameters() if p.grad is not None
+                }
+            if self.dist.is_main:
+                torch.save(grads, self.run_dir / f"grads_step_{step + 1}.pt")
         norm = self.engine.clip()
         return {"loss": loss_value, "grad_norm": norm}
 
@@ -325,8 +355,8 @@ class Trainer:
                 last = self.step == t.max_steps or self.step == t.stop_at_step
                 is_eval = self.step % t.eval_every == 0 or self.step == t.max_steps
                 is_ckpt = (every and self.step % every == 0) or (last and cfg.checkpoint.save_final)
-                if self.engine.name == "pipeline" and (diag_step or is_eval or is_ckpt):
-                    self.engine.sync_full_model()  # rank 0's model gets every stage's weights
+                if self.engine.name in ("pipeline", "fsdp") and (diag_step or is_eval or is_ckpt):
+                    self.engine.sync_full_model()  # rank 0's plain model gets the trained weights
                 if diag_step and self.dist.is_main:
                     diag = connection_diagnostics(self.model, diag_batch)
                     metrics.log("diag", self.step, grad_norms=layer_norms or {"global": out["grad_norm"]}, **diag)

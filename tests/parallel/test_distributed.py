@@ -197,7 +197,7 @@ def single_reference(prepared_data, tmp_path_factory):
     return get
 
 
-PIPE_COMMON = {**COMMON, "model.n_layer": 4}
+PIPE_COMMON = {**COMMON, "model.n_layer": 4, "train.batch_size": 8}
 
 
 @pytest.mark.parametrize(
@@ -228,6 +228,67 @@ def test_pipeline_matches_single_process(prepared_data, single_reference, tmp_pa
     if schedule == "dualpipev":  # 4 stages of 1 layer: one FFN site per overlapped forward
         m = re.search(r"OVERLAP_F_B: (\d+) overlapped F/B pairs, (\d+) FFN post_res", out)
         assert m and int(m.group(1)) > 0 and int(m.group(2)) == int(m.group(1)), out[-2000:]
+
+
+@pytest.mark.parametrize("arm", ["residual", "hc", "mhc"])
+def test_fsdp_matches_single_process(prepared_data, single_reference, tmp_path, arm):
+    """FSDP2 data parallel (parameters, gradients and optimizer states sharded over 2 ranks) equals one process."""
+    run = tmp_path / "fsdp"
+    out = _run(
+        _torchrun_cmd(run_overrides(prepared_data, run, **PIPE_COMMON, connection=arm, **{"parallel.engine": "fsdp"}))
+    )
+    _assert_close_runs(run, single_reference(arm), 3)
+    held, total = (int(v.replace(",", "")) for v in re.search(r"holds ([\d,]+) of ([\d,]+) param", out).groups())
+    assert held <= total // 2 + 64, out[-2000:]  # rank 0 holds about half: sharded, not replicated
+
+
+@pytest.mark.parametrize(
+    "arm,schedule,recompute", [("mhc", "1f1b", "mhc"), ("mhc", "dualpipev", "mhc"), ("hc", "zbv", "none")]
+)
+def test_pipeline_x_fsdp_matches_single_process(prepared_data, single_reference, tmp_path, arm, schedule, recompute):
+    """PP=2 x DP=2 on 4 processes (a (pp, dp) mesh; each stage sharded over its dp pair with FSDP2) equals one
+    process on the same global batch: loss for loss, every gradient, weights."""
+    run = tmp_path / "pp_dp"
+    overrides = {
+        "parallel.pp": 2,
+        "parallel.engine": "fsdp",
+        "parallel.pp_schedule": schedule,
+        "parallel.recompute": recompute,
+    }
+    cmd = _torchrun_cmd(run_overrides(prepared_data, run, **PIPE_COMMON, connection=arm, **overrides), nproc=4)
+    out = _run(cmd, timeout=600)
+    _assert_close_runs(run, single_reference(arm), 3)
+    held, total = (int(v.replace(",", "")) for v in re.search(r"holds ([\d,]+) of ([\d,]+) param", out).groups())
+    assert "pp=2 x dp=2 (FSDP2 per stage)" in out and held < total // 2, out[-2000:]  # half the stages, sharded
+
+
+def test_pipeline_x_fsdp_checkpoint_resumes_exactly_and_into_fsdp_alone(prepared_data, tmp_path):
+    """A PP=2 x DP=2 checkpoint (full state by parameter name, gathered from the FSDP shards) resumes on the same
+    layout exactly, and into FSDP data parallel without a pipeline (re-sharded on load)."""
+    common = {
+        **PIPE_COMMON,
+        "train.max_steps": 4,
+        "connection": "mhc",
+        "parallel.pp": 2,
+        "parallel.engine": "fsdp",
+        "parallel.pp_schedule": "dualpipev",
+    }
+    full, split = tmp_path / "full", tmp_path / "split"
+    _run(_torchrun_cmd(run_overrides(prepared_data, full, **common), nproc=4), timeout=600)
+    _run(
+        _torchrun_cmd(run_overrides(prepared_data, split, **common, **{"train.stop_at_step": 2}), nproc=4), timeout=600
+    )
+    out = _run(_torchrun_cmd(run_overrides(prepared_data, split, **common), nproc=4), timeout=600)
+    assert "resumed from" in out
+    assert _losses(full) == _losses(split)
+    run = tmp_path / "fsdp"
+    (run / "checkpoints").mkdir(parents=True)
+    src = split / "checkpoints" / "step_00000002.pt"
+    (run / "checkpoints" / src.name).write_bytes(src.read_bytes())
+    out = _run(_torchrun_cmd(run_overrides(prepared_data, run, **{**common, "parallel.pp": 1})))
+    assert "resumed from" in out
+    tail_full, tail = _losses(full)[2:], _losses(run)
+    assert len(tail) == 2 and all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(tail_full, tail)), (tail_full, tail)
 
 
 def test_pipeline_checkpoint_resumes_exactly(prepared_data, tmp_path):

@@ -205,6 +205,7 @@ def test_checkpoint_retention_keeps_last_and_milestones(prepared_data, tmp_path)
 
 PIPELINE_ERRORS = [
     (["parallel.pp=2", "parallel.engine=deepspeed"], r"parallel.engine='deepspeed'.*set parallel.engine=none"),
+    (["parallel.pp=2", "parallel.engine=ddp"], r"parallel.engine='ddp'.*set parallel.engine=fsdp"),
     (
         ["parallel.pp=2", "parallel.pp_schedule=dualpipev", "parallel.pp_microbatches=2"],
         r"parallel.pp_microbatches=2.*at least 4 micro-batches",
@@ -225,10 +226,16 @@ def test_world_size_checks(monkeypatch):
     from mhc_train.config import validate_world
 
     cfg = load_config(["model=test", "train=test", "train.batch_size=8", "parallel.pp=2"])
-    with pytest.raises(ConfigError, match="4 ranks were launched.*launch exactly pp=2"):
+    with pytest.raises(ConfigError, match="4 ranks with pp=2 make 2 pipeline replicas: set parallel.engine=fsdp"):
         validate_world(cfg, 4)
+    with pytest.raises(ConfigError, match="3 ranks were launched: launch a multiple of pp=2"):
+        validate_world(cfg, 3)
+    cfg = load_config(["model=test", "train=test", "train.batch_size=4", "parallel.pp=2", "parallel.engine=fsdp"])
+    with pytest.raises(ConfigError, match="train.batch_size=4.*2 pipeline replicas x 4 micro-batches"):
+        validate_world(cfg, 4)
+    validate_world(cfg, 2)  # one replica: 4 micro-batches of 1
     cfg = load_config(["model=test", "train=test", "train.batch_size=6"])
-    with pytest.raises(ConfigError, match="set parallel.engine=ddp or deepspeed"):
+    with pytest.raises(ConfigError, match="set parallel.engine=ddp, fsdp or deepspeed"):
         validate_world(cfg, 2)
     cfg = load_config(["model=test", "train=test", "train.batch_size=6", "parallel.engine=ddp"])
     with pytest.raises(ConfigError, match="split evenly over 4 data-parallel ranks"):
