@@ -142,9 +142,11 @@ class ParallelConfig:
     zero_stage: int = 1  # deepspeed ZeRO stage (1: optimizer states, 2: + gradients, 3: + parameters)
     deepspeed_config: str = ""  # a DeepSpeed JSON whose keys override the ones built from this config
     pp: int = 1  # pipeline-parallel ranks (torch.distributed.pipelining); world = pp x dp (dp > 1 needs engine=fsdp)
-    pp_schedule: str = "1f1b"  # 1f1b | zbv | dualpipev (the V schedules hold two stages per rank)
+    pp_schedule: str = "1f1b"  # 1f1b | interleaved1f1b | zbv | dualpipev (V: two stages per rank) | csv
     pp_microbatches: int = 0  # micro-batches per optimiser step (split of train.batch_size); 0 = 2 * pp
     pp_overlap: bool = True  # dualpipev: run OVERLAP_F_B with our overlapping function (false: torch's, in order)
+    pp_stages_per_rank: int = 0  # interleaved1f1b: stages per rank (0 = 2)
+    pp_schedule_csv: str = ""  # pp_schedule=csv: a compute-only schedule file in torch's CSV format (row = rank)
     recompute: str = "none"  # none | mhc (drop and recompute connection intermediates; F kept) | full (F too)
     recompute_block: str = "auto"  # L_r in connection sites, or auto (mHC paper Eq. 20 optimum per pipeline stage)
 
@@ -215,11 +217,42 @@ def validate_connection(c: ConnectionConfig, prefix: str = "connection") -> None
 def validate_pipeline(cfg: Config) -> None:
     p, t = cfg.parallel, cfg.train
     _at_least("parallel.pp", p.pp, 1)
-    _choice("parallel.pp_schedule", p.pp_schedule, ("1f1b", "zbv", "dualpipev"))
+    _choice("parallel.pp_schedule", p.pp_schedule, ("1f1b", "interleaved1f1b", "zbv", "dualpipev", "csv"))
     if p.pp == 1:
         return
-    v = p.pp_schedule != "1f1b"
-    stages = p.pp * (2 if v else 1)
+    from mhc_train.parallel.pipeline import SPLIT_BACKWARD, read_csv_schedule
+
+    m = p.pp_microbatches or 2 * p.pp
+    split = p.pp_schedule in SPLIT_BACKWARD
+    if p.pp_schedule == "csv":
+        if not p.pp_schedule_csv:
+            _fail("parallel.pp_schedule_csv", "", "pp_schedule=csv needs the path of a schedule file")
+        try:
+            stages, _, file_mbs, split = read_csv_schedule(p.pp_schedule_csv, p.pp)
+        except ValueError as e:
+            _fail("parallel.pp_schedule_csv", p.pp_schedule_csv, str(e))
+        if file_mbs != m:
+            _fail(
+                "parallel.pp_microbatches",
+                m,
+                f"the schedule file {p.pp_schedule_csv} runs {file_mbs} micro-batches: set pp_microbatches={file_mbs}",
+            )
+    elif p.pp_schedule == "interleaved1f1b":
+        _at_least("parallel.pp_stages_per_rank", p.pp_stages_per_rank or 2, 2)
+        stages = p.pp * (p.pp_stages_per_rank or 2)
+        rounds = max(1, m // p.pp)
+        if m < p.pp or m % rounds:
+            _fail(
+                "parallel.pp_microbatches",
+                m,
+                f"interleaved1f1b on {p.pp} ranks needs at least {p.pp} micro-batches and a count that "
+                f"max(1, m // pp) divides (e.g. a multiple of {p.pp})",
+            )
+    else:
+        stages = p.pp * (1 if p.pp_schedule == "1f1b" else 2)
+        need = p.pp if p.pp_schedule == "1f1b" else 2 * p.pp
+        if m < need:
+            _fail("parallel.pp_microbatches", m, f"{p.pp_schedule} on {p.pp} ranks needs at least {need} micro-batches")
     if cfg.model.n_layer % stages:
         _fail(
             "parallel.pp",
@@ -227,6 +260,8 @@ def validate_pipeline(cfg: Config) -> None:
             f"{p.pp_schedule} needs model.n_layer={cfg.model.n_layer} divisible by its "
             f"{stages} stages; pick pp (or n_layer) so that it divides",
         )
+    if t.batch_size % m:
+        _fail("parallel.pp_microbatches", m, f"must split train.batch_size={t.batch_size} evenly")
     if p.engine == "deepspeed":
         _fail(
             "parallel.engine",
@@ -242,18 +277,9 @@ def validate_pipeline(cfg: Config) -> None:
             "with a pipeline, data parallelism is FSDP2 per stage: set parallel.engine=fsdp (DDP's gradient hooks "
             "do not fire under the split-backward schedules), or none for a pipeline alone",
         )
-    m = p.pp_microbatches or 2 * p.pp
-    need = 2 * p.pp if v else p.pp
-    if m < need or t.batch_size % m:
-        _fail(
-            "parallel.pp_microbatches",
-            m,
-            f"{p.pp_schedule} on {p.pp} ranks needs at least {need} micro-batches "
-            f"that split train.batch_size={t.batch_size} evenly",
-        )
     if t.grad_accum != 1:
         _fail("train.grad_accum", t.grad_accum, "must be 1 with a pipeline: raise parallel.pp_microbatches instead")
-    if v and t.compile:
+    if split and t.compile:
         _fail("train.compile", True, f"{p.pp_schedule} splits the backward and refuses compiled stages; use 1f1b")
     if cfg.model.tie_embeddings:
         _fail("model.tie_embeddings", True, "the embedding and the head live on different pipeline stages")

@@ -4,8 +4,9 @@
   except on the first stage; the final norm and head except on the last), so every parameter keeps its original
   name and a checkpoint does not depend on the layout.
 - One tensor crosses each stage boundary: the `[B, T, n, C]` stream state (n times the residual baseline's traffic).
-- Schedules: `1f1b` (one stage per rank) and the V-shaped `zbv` and `dualpipev` (two stages per rank: rank r holds
-  stages r and 2P-1-r; micro-batches enter and leave at rank 0). DualPipeV's OVERLAP_F_B actions run through our
+- Schedules: `1f1b` (one stage per rank), `interleaved1f1b` (v stages per rank), the V-shaped `zbv` and `dualpipev`
+  (rank r holds stages r and 2P-1-r; micro-batches enter and leave at rank 0), or a `csv` schedule file in torch's
+  compute-only format (the file decides which stages each rank holds). DualPipeV's OVERLAP_F_B actions run through our
   own function (overlap.py): on CUDA one micro-batch's forward overlaps another's backward.
 - Recompute blocks are the stages: `apply_recompute(stage, ..., stage_sites=[sites of this stage])` keeps each
   stage's x_{l0} locally, so recomputation never waits on communication.
@@ -19,16 +20,59 @@ import torch
 
 from mhc_train.parallel.data_parallel import TorchEngine
 
-SCHEDULES = ("1f1b", "zbv", "dualpipev")
+SCHEDULES = ("1f1b", "interleaved1f1b", "zbv", "dualpipev", "csv")
+SPLIT_BACKWARD = ("zbv", "dualpipev")  # schedules that run input and weight gradients as separate actions
 
 
-def stages_per_rank(schedule: str) -> int:
-    return 1 if schedule == "1f1b" else 2
+def read_csv_schedule(path: str, pp: int) -> tuple[int, dict[int, list[int]], int, bool]:
+    """A compute-only schedule file in torch's CSV format (one row per pipeline rank, actions such as `0F3`, `1B0`,
+    `2I1`, `2W1`): returns (stage count, {rank: its stage ids}, micro-batch count, whether it splits the backward).
+    Raises ValueError naming the problem; needs no process group."""
+    import csv
+
+    from torch.distributed.pipelining.schedules import _Action
+
+    try:
+        with open(path, newline="") as f:
+            rows = [[c.strip() for c in row if c.strip()] for row in csv.reader(f)]
+    except OSError as e:
+        raise ValueError(f"cannot read the schedule file {path!r} ({e.strerror})") from e
+    if len(rows) != pp:
+        raise ValueError(f"the schedule file {path!r} has {len(rows)} rows but parallel.pp={pp} (one row per rank)")
+    layout, mbs, split = {}, set(), False
+    for rank, row in enumerate(rows):
+        try:
+            actions = [_Action.from_str(c) for c in row]
+        except Exception as e:
+            raise ValueError(f"the schedule file {path!r}, row {rank}: {e}") from e
+        layout[rank] = sorted({a.stage_index for a in actions})
+        mbs |= {a.microbatch_index for a in actions if a.microbatch_index is not None}
+        split |= any(a.computation_type.value in ("I", "W") for a in actions)
+        if not layout[rank]:
+            raise ValueError(f"the schedule file {path!r}, row {rank}: rank {rank} runs no stage")
+    stages = sorted(s for ids in layout.values() for s in ids)
+    if stages != list(range(len(stages))):
+        raise ValueError(f"the schedule file {path!r} must place stages 0..N-1 once each on the ranks, got {layout}")
+    return len(stages), layout, len(mbs), split
 
 
-def stage_ids_for_rank(schedule: str, rank: int, pp: int) -> list[int]:
-    """Global stage indices held by `rank`: [rank] for 1F1B, [rank, 2pp-1-rank] for the V schedules."""
-    return [rank] if schedule == "1f1b" else [rank, 2 * pp - 1 - rank]
+def pipeline_layout(schedule: str, pp: int, stages_per_rank: int = 0, csv_path: str = ""):
+    """(stage count, {pipeline rank: its global stage ids}) of a schedule.
+
+    1f1b: rank r holds stage r. interleaved1f1b: v stages per rank (default 2), rank r holds r, r+pp, ...
+    zbv / dualpipev: the V, rank r holds stages r and 2pp-1-r (micro-batches enter and leave at rank 0).
+    csv: whatever the file places on each rank."""
+    if schedule == "1f1b":
+        return pp, {r: [r] for r in range(pp)}
+    if schedule == "interleaved1f1b":
+        v = stages_per_rank or 2
+        return pp * v, {r: [r + k * pp for k in range(v)] for r in range(pp)}
+    if schedule in SPLIT_BACKWARD:
+        return 2 * pp, {r: [r, 2 * pp - 1 - r] for r in range(pp)}
+    if schedule == "csv":
+        n, layout, _, _ = read_csv_schedule(csv_path, pp)
+        return n, layout
+    raise ValueError(f"unknown pipeline schedule {schedule!r}: allowed values are {', '.join(SCHEDULES)}")
 
 
 def layer_ranges(n_layer: int, n_stages: int) -> list[range]:
@@ -55,24 +99,35 @@ def cut_stage(model, stage: int, n_stages: int):
     return part
 
 
-def build_schedule(name: str, stages, n_microbatches: int, loss_fn):
-    from torch.distributed.pipelining import Schedule1F1B, ScheduleDualPipeV, ScheduleZBVZeroBubble
+def build_schedule(name: str, stages, n_microbatches: int, loss_fn, csv_path: str = ""):
+    from torch.distributed.pipelining import (
+        Schedule1F1B,
+        ScheduleDualPipeV,
+        ScheduleInterleaved1F1B,
+        ScheduleZBVZeroBubble,
+    )
+    from torch.distributed.pipelining.schedules import _PipelineScheduleRuntime
 
     if name == "1f1b":
         return Schedule1F1B(stages[0], n_microbatches, loss_fn=loss_fn)
-    cls = ScheduleZBVZeroBubble if name == "zbv" else ScheduleDualPipeV
-    return cls(stages, n_microbatches, loss_fn=loss_fn)
+    if name == "csv":  # torch's runtime lowers the compute-only actions and adds the sends and receives
+        schedule = _PipelineScheduleRuntime(stages, n_microbatches, loss_fn=loss_fn)
+        schedule._load_csv(csv_path)
+        return schedule
+    cls = {"interleaved1f1b": ScheduleInterleaved1F1B, "zbv": ScheduleZBVZeroBubble, "dualpipev": ScheduleDualPipeV}
+    return cls[name](stages, n_microbatches, loss_fn=loss_fn)
 
 
-def pipeline_stages(model, schedule: str, rank: int, pp: int, device, group=None, dp_mesh=None, recompute=None):
-    """(stage modules, PipelineStage objects) for pipeline rank `rank`. With `dp_mesh`, each stage module is cut from
-    its own copy of the model and sharded over the data-parallel group with FSDP2 (after recompute is applied)."""
+def pipeline_stages(model, layout, rank: int, device, group=None, dp_mesh=None, recompute=None):
+    """(stage modules, PipelineStage objects) for pipeline rank `rank` of `layout` (from `pipeline_layout`). With
+    `dp_mesh`, the stages are cut from a copy of the model and sharded over the data-parallel group with FSDP2
+    (after recompute is applied)."""
     from torch.distributed.pipelining import PipelineStage
 
     from mhc_train.parallel.recompute import apply_recompute
 
-    n_stages = pp * stages_per_rank(schedule)
-    ids = stage_ids_for_rank(schedule, rank, pp)
+    n_stages, ranks = layout
+    ids = ranks[rank]
     source = copy.deepcopy(model) if dp_mesh is not None else model  # FSDP must not shard rank 0's eval model
     modules = [cut_stage(source, s, n_stages) for s in ids]
     for m in modules:  # recompute blocks never cross a stage: each stage is planned on its own sites
@@ -109,6 +164,8 @@ class PipelineEngine(TorchEngine):
         build_scheduler,
         overlap: bool = True,
         pp: int | None = None,
+        stages_per_rank: int = 0,
+        csv_path: str = "",
     ):
         import torch.distributed as dist
 
@@ -123,14 +180,15 @@ class PipelineEngine(TorchEngine):
             mesh = init_device_mesh(torch.device(device).type, (self.pp, self.dp), mesh_dim_names=("pp", "dp"))
             group, dp_mesh = mesh["pp"].get_group(), mesh["dp"]
             self.pp_rank, self.dp_rank = mesh["pp"].get_local_rank(), mesh["dp"].get_local_rank()
+        layout = pipeline_layout(schedule, self.pp, stages_per_rank, csv_path)
         self.modules, self.stages = pipeline_stages(
-            model, schedule, self.pp_rank, self.pp, device, group, dp_mesh, (recompute, recompute_block)
+            model, layout, self.pp_rank, device, group, dp_mesh, (recompute, recompute_block)
         )
         self.local = torch.nn.ModuleList(self.modules)
         self.optimizer = build_optimizer(self.local)
         self.scheduler = build_scheduler(self.optimizer)
         self.params = [p for p in self.local.parameters()]
-        self.schedule = build_schedule(schedule, self.stages, n_microbatches, self._loss_fn)
+        self.schedule = build_schedule(schedule, self.stages, n_microbatches, self._loss_fn, csv_path)
         self.overlap = None
         if schedule == "dualpipev" and overlap:  # our OVERLAP_F_B: forward and backward overlap on CUDA
             from mhc_train.parallel.overlap import register_overlap

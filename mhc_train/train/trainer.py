@@ -106,6 +106,8 @@ class Trainer:
                 lambda o: build_scheduler(o, t.max_steps, cfg.schedule),
                 overlap=p.pp_overlap,
                 pp=p.pp,
+                stages_per_rank=p.pp_stages_per_rank,
+                csv_path=p.pp_schedule_csv,
             )
         else:
             apply_recompute(self.model, p.recompute, p.recompute_block)

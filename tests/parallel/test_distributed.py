@@ -216,6 +216,8 @@ PIPE_COMMON = {**COMMON, "model.n_layer": 4, "train.batch_size": 8}
         ("hc", "dualpipev", "mhc"),
         ("residual", "1f1b", "none"),
         ("residual", "dualpipev", "full"),
+        ("mhc", "interleaved1f1b", "mhc"),
+        ("mhc", "csv", "mhc"),
     ],
 )
 def test_pipeline_matches_single_process(prepared_data, single_reference, tmp_path, arm, schedule, recompute):
@@ -223,6 +225,11 @@ def test_pipeline_matches_single_process(prepared_data, single_reference, tmp_pa
     step 1, weights after 3 steps. DualPipeV runs its OVERLAP_F_B pairs through our function (counted)."""
     ref, pp = single_reference(arm), tmp_path / "pp"
     overrides = {"parallel.pp": 2, "parallel.pp_schedule": schedule, "parallel.recompute": recompute}
+    if schedule == "csv":  # a hand-written zero-bubble-style file: split backward (I then W), one stage per rank
+        rank0 = [f"0F{i}" for i in range(4)] + [a for i in range(4) for a in (f"0I{i}", f"0W{i}")]
+        rank1 = [a for i in range(4) for a in (f"1F{i}", f"1I{i}", f"1W{i}")]
+        (tmp_path / "zb.csv").write_text(",".join(rank0) + "\n" + ",".join(rank1) + "\n")
+        overrides["parallel.pp_schedule_csv"] = str(tmp_path / "zb.csv")
     out = _run(_torchrun_cmd(run_overrides(prepared_data, pp, **PIPE_COMMON, connection=arm, **overrides)))
     _assert_close_runs(pp, ref, 3)
     if schedule == "dualpipev":  # 4 stages of 1 layer: one FFN site per overlapped forward

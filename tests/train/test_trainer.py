@@ -211,6 +211,15 @@ PIPELINE_ERRORS = [
         r"parallel.pp_microbatches=2.*at least 4 micro-batches",
     ),
     (["parallel.pp=3"], r"parallel.pp=3.*n_layer=4 divisible by its 3 stages"),
+    (["parallel.pp=2", "parallel.pp_schedule=csv"], r"parallel.pp_schedule_csv=''.*needs the path"),
+    (
+        ["parallel.pp=2", "parallel.pp_schedule=csv", "parallel.pp_schedule_csv=/nonexistent.csv"],
+        r"cannot read the schedule file '/nonexistent.csv'",
+    ),
+    (
+        ["parallel.pp=2", "parallel.pp_schedule=interleaved1f1b", "parallel.pp_stages_per_rank=3"],
+        r"n_layer=4 divisible by its 6 stages",
+    ),
     (["parallel.pp=2", "parallel.pp_schedule=zbv", "train.compile=true"], r"train.compile=True.*refuses compiled"),
     (["parallel.pp_schedule=gpipe"], r"parallel.pp_schedule='gpipe'.*1f1b, zbv, dualpipev"),
 ]
