@@ -3,6 +3,7 @@ process on the same global batch; DP checkpoints resume under DP=2 and in one pr
 down with a message and a relaunch continues. Serial, each with a timeout and its own port."""
 
 import itertools
+import json
 import os
 import re
 import signal
@@ -296,6 +297,26 @@ def test_pipeline_x_fsdp_checkpoint_resumes_exactly_and_into_fsdp_alone(prepared
     assert "resumed from" in out
     tail_full, tail = _losses(full)[2:], _losses(run)
     assert len(tail) == 2 and all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(tail_full, tail)), (tail_full, tail)
+
+
+@pytest.mark.parametrize("arm", ["residual", "mhc"])
+def test_deepspeed_pipeline_engine_is_an_independent_oracle(prepared_data, tmp_path, arm):
+    """DeepSpeed's PipelineModule (its own 1F1B runtime, p2p and accumulation) on the same model, data, optimizer
+    and schedule reaches the same losses as our torch.distributed.pipelining run."""
+    common = {**PIPE_COMMON, "connection": arm, "parallel.pp": 2, "parallel.pp_schedule": "1f1b"}
+    ours, oracle = tmp_path / "ours", tmp_path / "oracle.json"
+    _run(_torchrun_cmd(run_overrides(prepared_data, ours, **common)))
+    overrides = run_overrides(prepared_data, tmp_path / "ds", **common)
+    cmd = _torchrun_cmd([*overrides, "--out", str(oracle)])
+    cmd[cmd.index("-m", 3) : cmd.index("-m", 3) + 2] = [str(REPO / "scripts" / "deepspeed_pipeline_oracle.py")]
+    _run(cmd, timeout=600)
+    got = json.loads(oracle.read_text())
+    theirs, mine = got["losses"], _losses(ours)
+    assert len(theirs) == len(mine) == 3
+    assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(theirs, mine)), (theirs, mine)
+    # the gradient norm catches what Adam's scale invariance would hide from the losses (a wrong 1/M, say)
+    norms = [r["grad_norm"] for r in read_metrics(ours)["train"]]
+    assert all(abs(a - b) <= 1e-4 * b for a, b in zip(got["grad_norms"], norms)), (got["grad_norms"], norms)
 
 
 def test_pipeline_checkpoint_resumes_exactly(prepared_data, tmp_path):
