@@ -1,4 +1,5 @@
-"""Data parallelism applied to a built model: torch DDP or DeepSpeed ZeRO (stages 1-3), behind one small engine API.
+"""Data parallelism applied to a built model: torch DDP or DeepSpeed ZeRO (stages 1-3), behind one small engine API
+(FSDP2 lives in fsdp.py, the pipeline in pipeline.py).
 
 The trainer talks to an engine only: `forward`, `backward(loss)`, `clip() -> pre-clip norm`, `step()`, `skip()`,
 and checkpoint hooks. Launch with `torchrun --nproc_per_node=N -m mhc_train.train ...` (or the `deepspeed`
@@ -16,6 +17,7 @@ Notes:
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 
@@ -130,8 +132,8 @@ class DeepSpeedEngine(TorchEngine):
     def __init__(
         self,
         model,
-        optimizer,
-        scheduler,
+        build_optimizer,
+        build_scheduler,
         grad_clip: float,
         info: DistInfo,
         zero_stage: int,
@@ -156,9 +158,15 @@ class DeepSpeedEngine(TorchEngine):
         if config_file:
             with open(config_file) as f:
                 config.update(json.load(f))
-        self.model, self.optimizer, self.scheduler, self.grad_clip = model, optimizer, scheduler, grad_clip
+        self.model, self.grad_clip, self.info = model, grad_clip, info
+        # ZeRO-3 partitions the module's parameters in place: it trains a copy, and `self.model` stays whole for rank
+        # 0's evaluation, diagnostics and checkpoint file (`sync_full_model` gathers into it).
+        self.zero3 = int(config["zero_optimization"].get("stage", zero_stage)) == 3
+        self.train_model = copy.deepcopy(model) if self.zero3 else model
+        self.optimizer = build_optimizer(self.train_model)
+        self.scheduler = build_scheduler(self.optimizer)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
+            model=self.train_model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=config
         )
         self.forward = self.engine
 
@@ -172,6 +180,18 @@ class DeepSpeedEngine(TorchEngine):
 
     def step(self) -> None:
         self.engine.step()
+
+    def sync_full_model(self) -> None:
+        """ZeRO-3: gather the partitioned parameters (a collective) and copy them into rank 0's plain model. ZeRO-1/2
+        train the model's own parameters, which are always current: nothing to do."""
+        import deepspeed
+
+        if not self.zero3:
+            return
+        params = list(self.train_model.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if self.info.is_main:
+                self.model.load_state_dict(self.train_model.state_dict())
 
     def pre_clip_norm(self) -> float:
         norm = self.engine.get_global_grad_norm()

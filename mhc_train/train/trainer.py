@@ -111,13 +111,11 @@ class Trainer:
             )
         else:
             apply_recompute(self.model, p.recompute, p.recompute_block)
-            opt = build_optimizer(self.model, cfg.optim)
-            sched = build_scheduler(opt, t.max_steps, cfg.schedule)
             if p.engine == "deepspeed":
                 self.engine = DeepSpeedEngine(
                     self.model,
-                    opt,
-                    sched,
+                    lambda m: build_optimizer(m, cfg.optim),
+                    lambda o: build_scheduler(o, t.max_steps, cfg.schedule),
                     cfg.optim.grad_clip,
                     self.dist,
                     p.zero_stage,
@@ -138,6 +136,8 @@ class Trainer:
                     self.device,
                 )
             else:
+                opt = build_optimizer(self.model, cfg.optim)
+                sched = build_scheduler(opt, t.max_steps, cfg.schedule)
                 self.engine = TorchEngine(self.model, opt, sched, cfg.optim.grad_clip, self.dist, p.engine == "ddp")
         if hasattr(self.engine, "describe"):
             self.log(self.engine.describe())
@@ -357,8 +357,9 @@ class Trainer:
                 last = self.step == t.max_steps or self.step == t.stop_at_step
                 is_eval = self.step % t.eval_every == 0 or self.step == t.max_steps
                 is_ckpt = (every and self.step % every == 0) or (last and cfg.checkpoint.save_final)
-                if self.engine.name in ("pipeline", "fsdp") and (diag_step or is_eval or is_ckpt):
-                    self.engine.sync_full_model()  # rank 0's plain model gets the trained weights
+                sync = getattr(self.engine, "sync_full_model", None)  # engines that train a sharded/cut copy
+                if sync is not None and (diag_step or is_eval or is_ckpt):
+                    sync()  # a collective: rank 0's plain model gets the trained weights
                 if diag_step and self.dist.is_main:
                     diag = connection_diagnostics(self.model, diag_batch)
                     metrics.log("diag", self.step, grad_norms=layer_norms or {"global": out["grad_norm"]}, **diag)

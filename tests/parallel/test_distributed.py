@@ -97,7 +97,7 @@ def test_ddp_matches_single_process(prepared_data, tmp_path, arm):
     _assert_close_runs(dp, ref, 3)
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_zero_matches_single_process(prepared_data, tmp_path, stage):
     ref, ds = tmp_path / "single", tmp_path / "ds"
     _single(run_overrides(prepared_data, ref, connection="mhc", **COMMON))
