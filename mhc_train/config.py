@@ -126,6 +126,8 @@ class CheckpointConfig:
     milestones: list[int] = field(default_factory=list)  # steps whose checkpoints are never deleted
     resume: str = "auto"  # auto (newest complete checkpoint in run_dir, if any) | never | a checkpoint path
     save_final: bool = True  # write a checkpoint at the last step
+    format: str = "auto"  # file (one self-contained file) | dcp (torch DCP shards, every rank) | auto (see below)
+    # auto: dcp for the sharded torch engines (pipeline, fsdp), file for one process and DDP; deepspeed: its own
 
 
 @dataclass
@@ -346,6 +348,9 @@ def validate(cfg: Config) -> None:
         _fail("schedule.min_lr_ratio", s.min_lr_ratio, "must be in [0, 1]")
     _at_least("checkpoint.every", cfg.checkpoint.every, 0)
     _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 1)
+    _choice("checkpoint.format", cfg.checkpoint.format, ("auto", "file", "dcp"))
+    if cfg.parallel.engine == "deepspeed" and cfg.checkpoint.format == "dcp":
+        _fail("checkpoint.format", "dcp", "parallel.engine=deepspeed writes its own sharded checkpoints: use auto")
     _choice("parallel.recompute", cfg.parallel.recompute, ("none", "mhc", "full"))
     _choice("parallel.engine", cfg.parallel.engine, ("none", "ddp", "fsdp", "deepspeed"))
     validate_pipeline(cfg)

@@ -117,6 +117,12 @@ class TorchEngine:
         load_optimizer_state_by_name(self.optimizer, state["optimizer"], self._names())
         self.scheduler.load_state_dict(state["scheduler"])
 
+    def dcp_state(self) -> dict:
+        """Live model and optimizer tensors by parameter name, for a DCP save or an in-place DCP load."""
+        from mhc_train.train.checkpoint import dcp_state
+
+        return dcp_state([self.model], self.optimizer, self._names())
+
     def save_sharded(self, ckpt_dir, tag: str) -> None:
         pass
 
@@ -205,6 +211,8 @@ class DeepSpeedEngine(TorchEngine):
 
     def state_dict(self) -> dict:
         return {}
+
+    dcp_state = None  # DeepSpeed writes its own shards
 
     def load_state_dict(self, state: dict) -> None:
         pass

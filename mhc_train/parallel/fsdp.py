@@ -117,6 +117,11 @@ class FSDPEngine(TorchEngine):
             n: full(p.grad).detach().cpu().clone() for n, p in self.train_model.named_parameters() if p.grad is not None
         }
 
+    def dcp_state(self) -> dict:
+        from mhc_train.train.checkpoint import dcp_state
+
+        return dcp_state([self.train_model], self.optimizer, self._names())
+
     def state_dict(self) -> dict:
         return {
             "optimizer": full_optimizer_state(self.optimizer, self._names()),

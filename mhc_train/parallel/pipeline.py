@@ -290,6 +290,12 @@ class PipelineEngine(TorchEngine):
         """Local parameters -> their names in the plain model (stages keep the original names)."""
         return {p: n for m in self.modules for n, p in m.named_parameters()}
 
+    def dcp_state(self) -> dict:
+        """This rank's stages' model and optimizer tensors by parameter name (DCP merges the ranks' keys)."""
+        from mhc_train.train.checkpoint import dcp_state
+
+        return dcp_state(self.modules, self.optimizer, self._names())
+
     def state_dict(self) -> dict:
         """Every rank's optimizer state by parameter name, merged on rank 0: loads into any layout."""
         from mhc_train.parallel.fsdp import full_optimizer_state

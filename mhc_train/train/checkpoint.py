@@ -1,12 +1,18 @@
 """Atomic checkpoints, retention, and the resume compatibility check.
 
-A checkpoint is one file `checkpoints/step_XXXXXXXX.pt` (plus, under DeepSpeed, its sharded engine state in
-`checkpoints/deepspeed/step_XXXXXXXX/`, written by all ranks before the file), written as a hidden temporary file, fsynced and renamed:
+A checkpoint is one file `checkpoints/step_XXXXXXXX.pt`, written as a hidden temporary file, fsynced and renamed:
 a kill at any moment leaves either the previous set of complete checkpoints or that set plus the new one, never a
 half-written file under a checkpoint name. Leftover temporaries are removed on the next save.
 
-It holds: model, optimiser, scheduler, step, RNG states (torch, CUDA, numpy, python), the data position (seed and
-next step: batches are a function of them), the resolved config and the tokenizer reference.
+It holds: step, RNG states (torch, CUDA, numpy, python), the data position (seed and next step: batches are a
+function of them), the resolved config, the tokenizer reference, the scheduler, and the weights and optimizer state
+in one of three forms (`checkpoint.format`):
+- `file`: in the file itself, full tensors keyed by parameter name (rank 0 gathers them);
+- `dcp`: a torch.distributed.checkpoint directory `checkpoints/dcp/step_XXXXXXXX/` that every rank writes its own
+  shards into (DTensor shards stay sharded), keyed by parameter name, so it loads into any layout (one process, DDP,
+  FSDP at another size, any pipeline schedule), re-sharding on the fly;
+- DeepSpeed's own shards in `checkpoints/deepspeed/step_XXXXXXXX/` under `parallel.engine=deepspeed`.
+The sharded directories are complete before the file that points at them is renamed into place.
 """
 
 from __future__ import annotations
@@ -82,7 +88,8 @@ class CheckpointManager:
         for step, path in done:
             if step not in keep:
                 path.unlink(missing_ok=True)
-                shutil.rmtree(self.dir / "deepspeed" / path.stem, ignore_errors=True)  # its sharded engine state
+                for sharded in ("deepspeed", "dcp"):  # its sharded engine state, if any
+                    shutil.rmtree(self.dir / sharded / path.stem, ignore_errors=True)
 
     @staticmethod
     def load(path: str | Path) -> dict:
@@ -98,8 +105,12 @@ class CheckpointManager:
                 f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {e}); delete it to resume from "
                 "the previous one, or set checkpoint.resume to another file"
             ) from e
-        sharded = state.get("deepspeed_tag")  # DeepSpeed keeps optimizer and scheduler in its own shards
-        required = {"model", "step", "rng", "config"} | (set() if sharded else {"optimizer", "scheduler"})
+        if state.get("deepspeed_tag"):  # DeepSpeed keeps optimizer and scheduler in its own shards
+            required = {"model", "step", "rng", "config"}
+        elif state.get("dcp"):  # weights and optimizer state in the DCP directory
+            required = {"step", "rng", "config", "scheduler", "optimizer_groups"}
+        else:
+            required = {"model", "step", "rng", "config", "optimizer", "scheduler"}
         missing = required - set(state)
         if missing:
             raise CheckpointError(f"checkpoint {path} lacks {sorted(missing)}: it was not written by mhc-train")
@@ -154,3 +165,69 @@ def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, saved: dict, 
             state[i] = {k: convert(v, p) for k, v in entry.items()} if convert else entry
     groups = [{**saved["groups"].get(g["name"], {}), "params": g["params"]} for g in sd["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _adamw_state_like(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter an (empty) AdamW state so a DCP load has tensors of the right layout to fill in place."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not optimizer.state.get(p):
+                optimizer.state[p] = {
+                    "step": torch.tensor(0.0),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                }
+
+
+def dcp_state(modules, optimizer: torch.optim.Optimizer, names: dict) -> dict:
+    """The live tensors a DCP save reads and a DCP load fills in place: {"model": {name: tensor}, "optim": {name:
+    {state key: tensor}}}. Names are the plain model's, whatever the layout; DTensors stay DTensors (sharded)."""
+    model = {}
+    for m in modules:
+        for name, t in m.state_dict(keep_vars=True).items():
+            model[name] = t.detach() if isinstance(t, torch.nn.Parameter) else t
+    _adamw_state_like(optimizer)
+    optim = {names[p]: dict(optimizer.state[p]) for g in optimizer.param_groups for p in g["params"]}
+    return {"model": model, "optim": optim}
+
+
+def save_dcp(state: dict, directory: Path) -> None:
+    """Every rank calls this: writes its shards and (the coordinator) the metadata, which comes last."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state, checkpoint_id=str(directory))
+
+
+def load_dcp(state: dict, directory: Path) -> None:
+    """Fill `state` (from `dcp_state`) in place from a DCP directory, re-sharding as needed (every rank calls it)."""
+    import torch.distributed.checkpoint as dcp
+
+    if not (directory / ".metadata").is_file():
+        raise CheckpointError(
+            f"DCP checkpoint {directory} is missing or incomplete (no .metadata); delete the step file that points "
+            "at it to resume from the previous checkpoint"
+        )
+    try:
+        dcp.load(state, checkpoint_id=str(directory))
+    except Exception as e:
+        raise CheckpointError(
+            f"DCP checkpoint {directory} does not fit this model ({type(e).__name__}: {str(e)[:300]}); resume with "
+            "the config it was written with, or start a new run (checkpoint.resume=never)"
+        ) from e
+
+
+def read_model_state(path: str | Path) -> dict:
+    """The model weights of a checkpoint file, whatever its format ({name: full tensor}); needs no process group.
+    For a DCP checkpoint the shards are read back into full tensors."""
+    import tempfile
+
+    path = Path(path)
+    state = CheckpointManager.load(path)
+    if not state.get("dcp"):
+        return state["model"]
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "full.pt"
+        dcp_to_torch_save(str(path.parent / "dcp" / state["dcp"]), str(out))
+        return torch.load(out, map_location="cpu", weights_only=False)["model"]

@@ -26,7 +26,7 @@ from mhc_train.data import TokenData, prepare
 from mhc_train.model import build_model
 from mhc_train.parallel import apply_recompute
 from mhc_train.parallel.data_parallel import DeepSpeedEngine, TorchEngine, barrier, init_distributed, mean_across_ranks
-from mhc_train.train.checkpoint import CheckpointError, CheckpointManager, compare_configs
+from mhc_train.train.checkpoint import CheckpointError, CheckpointManager, compare_configs, load_dcp, save_dcp
 from mhc_train.train.diagnostics import connection_diagnostics, grad_norms
 from mhc_train.train.metrics import MetricsLogger
 from mhc_train.train.optim import build_optimizer, build_scheduler
@@ -174,7 +174,8 @@ class Trainer:
                 f"but the data now uses {self.tokenizer_ref['path']} (sha256 {self.tokenizer_ref['sha256'][:12]}); "
                 "point data.out_dir / data.tokenizer_model back at the original tokenizer"
             )
-        self.model.load_state_dict(state["model"])
+        if not state.get("dcp"):  # a DCP checkpoint's weights are loaded into the engine's tensors, after it exists
+            self.model.load_state_dict(state["model"])
         return state, path
 
     def _restore(self, state: dict, path: Path) -> None:
@@ -182,6 +183,19 @@ class Trainer:
         allowed = compare_configs(state["config"], self.config_dict)[1]
         if state.get("deepspeed_tag"):
             self.engine.load_sharded(self.ckpt.dir / "deepspeed", state["deepspeed_tag"])
+        elif state.get("dcp"):
+            if getattr(self.engine, "dcp_state", None) is None:
+                raise CheckpointError(
+                    f"{path} is a DCP checkpoint; parallel.engine=deepspeed cannot load it (use none, ddp, fsdp or "
+                    "a pipeline)"
+                )
+            load_dcp(self.engine.dcp_state(), self.ckpt.dir / "dcp" / state["dcp"])
+            for group in self.engine.optimizer.param_groups:  # the hyper-parameters the scheduler last set (lr)
+                group.update(state["optimizer_groups"].get(group["name"], {}))
+            self.engine.scheduler.load_state_dict(state["scheduler"])
+            sync = getattr(self.engine, "sync_full_model", None)
+            if sync is not None:
+                sync()  # rank 0's plain model gets the loaded weights too
         else:
             self.engine.load_state_dict(state)
         _set_rng_state(state["rng"])
@@ -192,11 +206,27 @@ class Trainer:
         for line in allowed:
             self.log(f"  config change on resume (allowed): {line}")
 
+    def checkpoint_format(self) -> str:
+        """file | dcp | deepspeed, from checkpoint.format and the engine."""
+        if self.engine.name == "deepspeed":
+            return "deepspeed"
+        fmt = self.cfg.checkpoint.format
+        return ("dcp" if self.engine.name in ("pipeline", "fsdp") else "file") if fmt == "auto" else fmt
+
     def save_checkpoint(self) -> Path:
         """Every rank calls this. Sharded engine state first (all ranks), then rank 0's atomic checkpoint file."""
-        tag = None
-        engine_state = self.engine.state_dict()  # a collective under a pipeline: every rank calls it
-        if self.engine.name == "deepspeed":
+        tag, dcp_tag, fmt = None, None, self.checkpoint_format()
+        if fmt == "dcp":
+            dcp_tag = f"step_{self.step:08d}"
+            save_dcp(self.engine.dcp_state(), self.ckpt.dir / "dcp" / dcp_tag)
+            groups = {
+                g["name"]: {k: v for k, v in g.items() if k != "params"} for g in self.engine.optimizer.param_groups
+            }
+            engine_state = {"scheduler": self.engine.scheduler.state_dict(), "optimizer_groups": groups}
+            barrier(self.dist)
+        else:
+            engine_state = self.engine.state_dict()  # a collective under a pipeline or FSDP: every rank calls it
+        if fmt == "deepspeed":
             tag = f"step_{self.step:08d}"
             self.engine.save_sharded(self.ckpt.dir / "deepspeed", tag)
             barrier(self.dist)
@@ -205,9 +235,10 @@ class Trainer:
             self.last_ckpt = self.ckpt.path_for(self.step)
             return self.last_ckpt
         state = {
-            "model": self.model.state_dict(),
-            **engine_state,  # optimizer + scheduler (torch, pipeline engines; deepspeed keeps them in its shards)
+            **({} if dcp_tag else {"model": self.model.state_dict()}),
+            **engine_state,  # optimizer + scheduler (file format), the scheduler (dcp); deepspeed: its shards
             "deepspeed_tag": tag,
+            "dcp": dcp_tag,
             "world_size": self.dist.world,
             "step": self.step,
             "skipped_steps": self.skipped,
@@ -358,7 +389,7 @@ class Trainer:
                 is_eval = self.step % t.eval_every == 0 or self.step == t.max_steps
                 is_ckpt = (every and self.step % every == 0) or (last and cfg.checkpoint.save_final)
                 sync = getattr(self.engine, "sync_full_model", None)  # engines that train a sharded/cut copy
-                if sync is not None and (diag_step or is_eval or is_ckpt):
+                if sync is not None and (diag_step or is_eval or (is_ckpt and self.checkpoint_format() != "dcp")):
                     sync()  # a collective: rank 0's plain model gets the trained weights
                 if diag_step and self.dist.is_main:
                     diag = connection_diagnostics(self.model, diag_batch)

@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mhc_train.train.checkpoint import read_model_state
 from mhc_train.train.metrics import read_metrics
 from tests.helpers import run_overrides
 
@@ -59,7 +61,17 @@ def _losses(run_dir):
 
 
 def _weights(run_dir, step):
-    return torch.load(Path(run_dir) / "checkpoints" / f"step_{step:08d}.pt", weights_only=False)["model"]
+    return read_model_state(Path(run_dir) / "checkpoints" / f"step_{step:08d}.pt")
+
+
+def _copy_checkpoint(src_run: Path, dst_run: Path, step: int) -> None:
+    """A checkpoint file and the sharded directory it points at (DCP or DeepSpeed), into another run directory."""
+    name = f"step_{step:08d}"
+    (dst_run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    shutil.copy(src_run / "checkpoints" / f"{name}.pt", dst_run / "checkpoints" / f"{name}.pt")
+    for sharded in ("dcp", "deepspeed"):
+        if (src_run / "checkpoints" / sharded / name).is_dir():
+            shutil.copytree(src_run / "checkpoints" / sharded / name, dst_run / "checkpoints" / sharded / name)
 
 
 def _assert_close_runs(a, b, step, rtol=1e-5, grads=True):
@@ -124,10 +136,7 @@ def test_dp_checkpoint_resumes_under_dp2_and_in_one_process(prepared_data, tmp_p
     assert "resumed from" in out
     assert _losses(full) == _losses(split)  # DP=2 resume is exact
     # the DP=2 checkpoint of step 2 continues in a single process (same global batch) to the same result
-    single.mkdir()
-    (single / "checkpoints").mkdir()
-    src = split / "checkpoints" / "step_00000002.pt"
-    (single / "checkpoints" / src.name).write_bytes(src.read_bytes())
+    _copy_checkpoint(split, single, 2)
     out = _single(run_overrides(prepared_data, single, **{**common, "parallel.engine": "none"}))
     assert "resumed from" in out and "parallel.engine: 'ddp' -> 'none'" in out
     tail_full, tail_single = _losses(full)[2:], _losses(single)
@@ -290,9 +299,7 @@ def test_pipeline_x_fsdp_checkpoint_resumes_exactly_and_into_fsdp_alone(prepared
     assert "resumed from" in out
     assert _losses(full) == _losses(split)
     run = tmp_path / "fsdp"
-    (run / "checkpoints").mkdir(parents=True)
-    src = split / "checkpoints" / "step_00000002.pt"
-    (run / "checkpoints" / src.name).write_bytes(src.read_bytes())
+    _copy_checkpoint(split, run, 2)
     out = _run(_torchrun_cmd(run_overrides(prepared_data, run, **{**common, "parallel.pp": 1})))
     assert "resumed from" in out
     tail_full, tail = _losses(full)[2:], _losses(run)
@@ -345,9 +352,7 @@ def test_pipeline_checkpoint_resumes_in_one_process_and_under_ddp(prepared_data,
     _run(_torchrun_cmd(run_overrides(prepared_data, split, **common, **pp, **{"train.stop_at_step": 2})))
     for target, cmd in (("single", _single), ("ddp", None)):
         run = tmp_path / target
-        (run / "checkpoints").mkdir(parents=True)
-        src = split / "checkpoints" / "step_00000002.pt"
-        (run / "checkpoints" / src.name).write_bytes(src.read_bytes())
+        _copy_checkpoint(split, run, 2)
         overrides = run_overrides(prepared_data, run, **common)
         out = _single(overrides) if cmd else _run(_torchrun_cmd([*overrides, "parallel.engine=ddp"]))
         assert "resumed from" in out

@@ -81,6 +81,30 @@ def test_resume_is_bit_exact_across_a_process_restart(prepared_data, tmp_path):
         assert torch.equal(a[k], b[k]), f"weights differ at {k}"
 
 
+def test_dcp_checkpoint_resumes_exactly_and_a_broken_one_is_named(prepared_data, tmp_path):
+    """checkpoint.format=dcp in one process: the step file holds no weights, the DCP directory does; resume is bit
+    exact; an incomplete DCP directory stops the resume with a message naming it and the fix."""
+    from mhc_train.train.checkpoint import read_model_state
+
+    common = {"train.max_steps": 6, "checkpoint.every": 0, "connection": "hc", "checkpoint.format": "dcp"}
+    _run_cli(run_overrides(prepared_data, tmp_path / "full", **common))
+    _run_cli(run_overrides(prepared_data, tmp_path / "split", **common, **{"train.stop_at_step": 3}))
+    step3 = tmp_path / "split/checkpoints/step_00000003.pt"
+    assert "model" not in torch.load(step3, weights_only=False)
+    assert (tmp_path / "split/checkpoints/dcp/step_00000003/.metadata").is_file()
+    out = _run_cli(run_overrides(prepared_data, tmp_path / "split", **common))
+    assert "resumed from" in out
+    assert _train_losses(tmp_path / "full") == _train_losses(tmp_path / "split")
+    a = read_model_state(tmp_path / "full/checkpoints/step_00000006.pt")
+    b = read_model_state(tmp_path / "split/checkpoints/step_00000006.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    (tmp_path / "split/checkpoints/dcp/step_00000006/.metadata").unlink()
+    cfg = load_config(run_overrides(prepared_data, tmp_path / "split", **{**common, "train.max_steps": 8}))
+    with pytest.raises(CheckpointError, match=r"dcp/step_00000006 is missing or incomplete.*delete the step file"):
+        Trainer(cfg, log=lambda *a: None)
+
+
 def test_sigkill_mid_checkpoint_write_resumes_from_newest_complete(prepared_data, tmp_path):
     ref, victim = tmp_path / "ref", tmp_path / "victim"
     common = {"train.max_steps": 8, "checkpoint.every": 1, "checkpoint.keep_last": 3, "connection": "hc"}
@@ -206,6 +230,7 @@ def test_checkpoint_retention_keeps_last_and_milestones(prepared_data, tmp_path)
 PIPELINE_ERRORS = [
     (["parallel.pp=2", "parallel.engine=deepspeed"], r"parallel.engine='deepspeed'.*set parallel.engine=none"),
     (["parallel.pp=2", "parallel.engine=ddp"], r"parallel.engine='ddp'.*set parallel.engine=fsdp"),
+    (["parallel.engine=deepspeed", "checkpoint.format=dcp"], r"checkpoint.format='dcp'.*writes its own sharded"),
     (
         ["parallel.pp=2", "parallel.pp_schedule=dualpipev", "parallel.pp_microbatches=2"],
         r"parallel.pp_microbatches=2.*at least 4 micro-batches",
