@@ -21,4 +21,11 @@ python -c "import sys, os; p = os.path.join(os.getcwd(), 'mhc_kernels'); os.path
 python -m pytest -q tests/kernels tests/ops -p no:cacheprovider 2>&1 | tee "$OUT/gpu_kernel_tests.txt" | tail -5
 python scripts/bench_kernels.py --out "$OUT/bench_kernels_cuda.json" 2>&1 | tail -20
 python scripts/bench_sinkhorn_backward.py --tokens 65536 2>&1 | tail -8
+# DualPipeV's overlapped F/B on one GPU (needs hydra-core and omegaconf for the config; skipped without them)
+if python -c "import hydra, omegaconf" 2>/dev/null; then
+  python scripts/bench_overlap.py --model 125m --seq 2048 --micro-batch 2 --microbatches 8 --steps 10 \
+      --out "$OUT/bench_overlap_cuda.json" 2>&1 | tail -5
+else
+  echo "bench_overlap skipped: hydra-core/omegaconf not installed on this machine"
+fi
 rm -f mhc_kernels
