@@ -115,7 +115,7 @@ class TrainConfig:
     max_skipped_steps: int = 10  # stop anyway after this many skipped steps
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
     stop_at_step: int = 0  # exit cleanly (with a checkpoint) after this step, for time-sliced jobs; 0 = never
-    dump_grads_at: int = 0  # debug: save rank 0's reduced, pre-clip gradients of this step to run_dir (torch engine)
+    dump_grads_at: int = 0  # debug: save the reduced, pre-clip gradients of this step by name to run_dir (any engine)
     progress: bool = True  # tqdm progress bar
 
 

@@ -199,6 +199,18 @@ class DeepSpeedEngine(TorchEngine):
             if self.info.is_main:
                 self.model.load_state_dict(self.train_model.state_dict())
 
+    def gather_grads(self) -> dict:
+        """Every parameter's full, reduced gradient by name (ZeRO-2/3 partition them; DeepSpeed assembles each, a
+        collective under ZeRO-3). Call between backward and step, on every rank."""
+        from deepspeed.utils import safe_get_full_grad
+
+        grads = {}
+        for name, p in self.train_model.named_parameters():
+            g = safe_get_full_grad(p)
+            if g is not None:
+                grads[name] = g.detach().float().cpu().clone()
+        return grads
+
     def pre_clip_norm(self) -> float:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")

@@ -290,8 +290,8 @@ class Trainer:
             self.engine.backward(loss, micro, t.grad_accum)
             total += loss.detach() / t.grad_accum
         loss_value = mean_across_ranks(total.item(), self.dist, self.device)
-        if t.dump_grads_at == step + 1 and self.engine.name in ("torch", "fsdp"):
-            if self.engine.name == "fsdp":
+        if t.dump_grads_at == step + 1:
+            if self.engine.name in ("fsdp", "deepspeed"):
                 grads = self.engine.gather_grads()  # a collective: every rank calls it
             else:
                 grads = {
