@@ -150,7 +150,7 @@ class ParallelConfig:
     pp_stages_per_rank: int = 0  # interleaved1f1b: stages per rank (0 = 2)
     pp_schedule_csv: str = ""  # pp_schedule=csv: a compute-only schedule file in torch's CSV format (row = rank)
     recompute: str = "none"  # none | mhc (drop and recompute connection intermediates; F kept) | full (F too)
-    recompute_block: str = "auto"  # L_r in connection sites, or auto (mHC paper Eq. 20 optimum per pipeline stage)
+    recompute_block: str = "auto"  # L_r in sites | auto (Eq. 20 optimum per pipeline stage) | stage (the paper's)
 
 
 @dataclass
@@ -359,8 +359,8 @@ def validate(cfg: Config) -> None:
     if cfg.parallel.engine == "deepspeed" and t.skip_nonfinite:
         _fail("train.skip_nonfinite", True, "is not supported with parallel.engine=deepspeed (it always steps)")
     block = str(cfg.parallel.recompute_block)
-    if block != "auto" and not (block.isdigit() and int(block) >= 1):
-        _fail("parallel.recompute_block", block, "must be a positive number of connection sites or auto")
+    if block not in ("auto", "stage") and not (block.isdigit() and int(block) >= 1):
+        _fail("parallel.recompute_block", block, "must be a positive number of connection sites, auto or stage")
     _choice("logging.wandb_mode", cfg.logging.wandb_mode, ("offline", "online", "disabled"))
     if not 0 < cfg.data.val_fraction < 1:
         _fail("data.val_fraction", cfg.data.val_fraction, "must be in (0, 1)")

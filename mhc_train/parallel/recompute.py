@@ -9,9 +9,10 @@ Modes (`parallel.recompute`, block size `parallel.recompute_block`):
 - `full`: whole groups of L_r sites (F included) keep only their input and recompute everything (the usual fallback
           for the largest models).
 
-Blocks never cross a pipeline-stage boundary: `plan_blocks` takes the stage layout (sites per stage; one stage until
-the pipeline code passes its own) and cuts each stage separately. `auto` picks L_r per stage by minimising the
-paper's peak `nC * ceil(L / L_r) + (n + 2) C * L_r`.
+Blocks never cross a pipeline-stage boundary: `plan_blocks` takes the stage layout (sites per stage; the pipeline
+applies recompute to each stage module on its own) and cuts each stage separately. `auto` picks L_r per stage by
+minimising the paper's peak `nC * ceil(L / L_r) + (n + 2) C * L_r`; `stage` makes each stage one block, as the paper
+does.
 
 Note:
 1. Every custom Function here returns parameter gradients as outputs (never writes `.grad` itself). Split-backward
@@ -52,11 +53,11 @@ def plan_blocks(n_sites: int, n: int, block: int | str = "auto", stage_sites: li
     stage_sites = stage_sites or [n_sites]
     if sum(stage_sites) != n_sites or any(s < 1 for s in stage_sites):
         raise ValueError(f"stage layout {stage_sites} must split the {n_sites} sites into positive parts")
-    if block != "auto" and (not isinstance(block, int) or block < 1):
-        raise ValueError(f"recompute.block={block!r} is invalid: give a positive number of sites or auto")
+    if block not in ("auto", "stage") and (not isinstance(block, int) or block < 1):
+        raise ValueError(f"recompute.block={block!r} is invalid: give a positive number of sites, auto or stage")
     blocks, start = [], 0
     for size in stage_sites:
-        r = optimal_block(n, size) if block == "auto" else min(block, size)
+        r = optimal_block(n, size) if block == "auto" else size if block == "stage" else min(block, size)
         blocks += [(s, min(s + r, start + size)) for s in range(start, start + size, r)]
         start += size
     return blocks
@@ -251,7 +252,7 @@ def apply_recompute(model, mode: str, block: int | str = "auto", stage_sites: li
     """Install the recompute runner on `model` (in place); returns the block plan. `none` restores the plain loop."""
     if mode not in MODES:
         raise ValueError(f"parallel.recompute={mode!r} is invalid: allowed values are {', '.join(MODES)}")
-    block = block if block == "auto" else int(block)
+    block = block if block in ("auto", "stage") else int(block)
     n_sites = 2 * len(model.layers)
     plan = plan_blocks(n_sites, model.n_streams, block, stage_sites)
     if mode == "none" or (mode == "mhc" and model.conn_cfg.type == "residual"):

@@ -236,6 +236,8 @@ def test_pipeline_matches_single_process(prepared_data, single_reference, tmp_pa
     step 1, weights after 3 steps. DualPipeV runs its OVERLAP_F_B pairs through our function (counted)."""
     ref, pp = single_reference(arm), tmp_path / "pp"
     overrides = {"parallel.pp": 2, "parallel.pp_schedule": schedule, "parallel.recompute": recompute}
+    if arm == "hc":  # the paper's layout: each stage is one recompute block
+        overrides["parallel.recompute_block"] = "stage"
     if schedule == "csv":  # a hand-written zero-bubble-style file: split backward (I then W), one stage per rank
         rank0 = [f"0F{i}" for i in range(4)] + [a for i in range(4) for a in (f"0I{i}", f"0W{i}")]
         rank1 = [a for i in range(4) for a in (f"1F{i}", f"1I{i}", f"1W{i}")]

@@ -121,7 +121,8 @@ def test_plan_blocks_respects_stages_and_auto():
     plan = plan_blocks(48, 4, "auto", stage_sites=[20, 28])
     assert (16, 20) in plan and (20, 24) in plan  # L_r = 4 in both stages (20 and 28 sites); none crosses 20
     assert not any(start < 20 < stop for start, stop in plan)
-    with pytest.raises(ValueError, match="positive number of sites or auto"):
+    assert plan_blocks(48, 4, "stage", stage_sites=[20, 28]) == [(0, 20), (20, 48)]  # the paper: a stage per block
+    with pytest.raises(ValueError, match="positive number of sites, auto or stage"):
         plan_blocks(8, 4, 0)
 
 
