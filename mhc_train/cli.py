@@ -45,6 +45,18 @@ def cmd_train(args) -> None:
     if int(os.environ.get("RANK", "0")) == 0:  # one writer under torchrun / deepspeed
         atomic_write_text(Path(cfg.run_dir) / "summary.json", json.dumps(summary, indent=2))
         print(json.dumps(summary, indent=2))
+    shutdown_distributed()
+
+
+def shutdown_distributed() -> None:
+    """After a successful distributed run: wait for every rank, then tear the process group down. Leaving it to
+    interpreter exit can abort a rank ("terminate called without an active exception") while a backend thread is
+    still alive, which turns a finished run into a failed job."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def cmd_compare(args) -> None:

@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from mhc_train.cli import shutdown_distributed
 from mhc_train.config import load_config
 from mhc_train.parallel.deepspeed_pipeline import train_losses
 
@@ -31,6 +32,7 @@ def main() -> None:
     if out is not None and dist.get_rank() == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"losses": losses, "grad_norms": norms}, indent=1))
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
