@@ -174,6 +174,10 @@ class DeepSpeedEngine(TorchEngine):
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.train_model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=config
         )
+        if self.zero3:
+            from mhc_train.parallel.fsdp import release_eval_copy
+
+            release_eval_copy(model, info)
         self.forward = self.engine
 
     def backward(self, loss, micro, n_micro) -> None:

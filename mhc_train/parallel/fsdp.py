@@ -12,7 +12,7 @@ Notes:
    per-module hooks live; one unit keeps every recompute mode correct. (Per-block units with recompute=none is
    the obvious next step for the largest models.)
 2. Rank 0 evaluates, runs diagnostics and writes checkpoints on a plain, unsharded copy of the model (`sync`
-   gathers full weights into it). Checkpoints stay full-state and keyed by parameter name: they load into one
+   gathers full weights into it); the other ranks free theirs (meta device) once the engine has its training copy. Checkpoints stay full-state and keyed by parameter name: they load into one
    process, DDP, any pipeline layout, or FSDP at another world size.
 """
 
@@ -48,6 +48,13 @@ def shard_like(value, param: torch.Tensor):
 
         return distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements)
     return value
+
+
+def release_eval_copy(model: torch.nn.Module, info) -> None:
+    """Only rank 0 evaluates and writes checkpoint files from the plain model; once an engine trains its own copy,
+    the other ranks move theirs to the meta device (shapes kept, storage freed: one whole model per rank)."""
+    if not info.is_main:
+        model.to(torch.device("meta"))
 
 
 def shard(module: torch.nn.Module, mesh) -> torch.nn.Module:
@@ -90,6 +97,7 @@ class FSDPEngine(TorchEngine):
         self.model, self.grad_clip, self.info = model, grad_clip, info
         mesh = init_device_mesh(device.type, (info.world,), mesh_dim_names=("dp",))
         self.train_model = shard(copy.deepcopy(model), mesh)
+        release_eval_copy(model, info)
         self.optimizer = build_optimizer(self.train_model)
         self.scheduler = build_scheduler(self.optimizer)
         self.forward = self.train_model

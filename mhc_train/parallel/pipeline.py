@@ -184,6 +184,10 @@ class PipelineEngine(TorchEngine):
         self.modules, self.stages = pipeline_stages(
             model, layout, self.pp_rank, device, group, dp_mesh, (recompute, recompute_block)
         )
+        if dp_mesh is not None:  # the stages were cut from a copy: the plain model is rank 0's eval copy only
+            from mhc_train.parallel.fsdp import release_eval_copy
+
+            release_eval_copy(model, info)
         self.local = torch.nn.ModuleList(self.modules)
         self.optimizer = build_optimizer(self.local)
         self.scheduler = build_scheduler(self.optimizer)
