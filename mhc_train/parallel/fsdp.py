@@ -7,10 +7,11 @@
   a reduce-scatter; UNSHARD / RESHARD actions in the multi-stage schedules).
 
 Notes:
-1. A stage or model is sharded as one unit (`fully_shard` on its root only). Per-block units would gather weights
-   later, but our recompute runner calls the sites directly rather than the blocks' `forward`, where FSDP's
-   per-module hooks live; one unit keeps every recompute mode correct. (Per-block units with recompute=none is
-   the obvious next step for the largest models.)
+1. FSDP alone, or under 1F1B / interleaved 1F1B, without recompute: each block is its own FSDP unit (weights
+   gathered just before the block, freed after), plus the root for the embedding, final norm and head. Otherwise a
+   stage or model is one unit: the recompute runner calls the sites directly rather than the blocks' `forward`,
+   where FSDP's per-module hooks live, and under the split-backward schedules (ZBV, DualPipeV) nested units gave
+   wrong gradients in our test (torch 2.13) while one unit per stage matches one process.
 2. Rank 0 evaluates, runs diagnostics and writes checkpoints on a plain, unsharded copy of the model (`sync`
    gathers full weights into it); the other ranks free theirs (meta device) once the engine has its training copy. Checkpoints stay full-state and keyed by parameter name: they load into one
    process, DDP, any pipeline layout, or FSDP at another world size.
@@ -57,9 +58,15 @@ def release_eval_copy(model: torch.nn.Module, info) -> None:
         model.to(torch.device("meta"))
 
 
-def shard(module: torch.nn.Module, mesh) -> torch.nn.Module:
+def shard(module: torch.nn.Module, mesh, per_block: bool = False) -> torch.nn.Module:
+    """FSDP2 over `mesh`: with `per_block`, one unit per block (weights gathered just in time, freed after) plus the
+    root; otherwise one unit for the whole module. Per-block needs the blocks' own forward to run (no recompute
+    runner) and a schedule without a split backward (see note 1)."""
     from torch.distributed.fsdp import fully_shard
 
+    if per_block and getattr(module, "layer_runner", None) is None:
+        for layer in module.layers.values():
+            fully_shard(layer, mesh=mesh)
     return fully_shard(module, mesh=mesh)
 
 
@@ -96,7 +103,7 @@ class FSDPEngine(TorchEngine):
 
         self.model, self.grad_clip, self.info = model, grad_clip, info
         mesh = init_device_mesh(device.type, (info.world,), mesh_dim_names=("dp",))
-        self.train_model = shard(copy.deepcopy(model), mesh)
+        self.train_model = shard(copy.deepcopy(model), mesh, per_block=True)
         release_eval_copy(model, info)
         self.optimizer = build_optimizer(self.train_model)
         self.scheduler = build_scheduler(self.optimizer)

@@ -118,7 +118,7 @@ def build_schedule(name: str, stages, n_microbatches: int, loss_fn, csv_path: st
     return cls[name](stages, n_microbatches, loss_fn=loss_fn)
 
 
-def pipeline_stages(model, layout, rank: int, device, group=None, dp_mesh=None, recompute=None):
+def pipeline_stages(model, layout, rank: int, device, group=None, dp_mesh=None, recompute=None, schedule="1f1b"):
     """(stage modules, PipelineStage objects) for pipeline rank `rank` of `layout` (from `pipeline_layout`). With
     `dp_mesh`, the stages are cut from a copy of the model and sharded over the data-parallel group with FSDP2
     (after recompute is applied)."""
@@ -135,7 +135,8 @@ def pipeline_stages(model, layout, rank: int, device, group=None, dp_mesh=None, 
     if dp_mesh is not None:
         from mhc_train.parallel.fsdp import shard
 
-        modules = [shard(m, dp_mesh) for m in modules]
+        per_block = schedule in ("1f1b", "interleaved1f1b")  # no split backward (see fsdp.py note 1)
+        modules = [shard(m, dp_mesh, per_block) for m in modules]
     stages = [PipelineStage(m, s, n_stages, torch.device(device), group=group) for m, s in zip(modules, ids)]
     return modules, stages
 
@@ -182,7 +183,7 @@ class PipelineEngine(TorchEngine):
             self.pp_rank, self.dp_rank = mesh["pp"].get_local_rank(), mesh["dp"].get_local_rank()
         layout = pipeline_layout(schedule, self.pp, stages_per_rank, csv_path)
         self.modules, self.stages = pipeline_stages(
-            model, layout, self.pp_rank, device, group, dp_mesh, (recompute, recompute_block)
+            model, layout, self.pp_rank, device, group, dp_mesh, (recompute, recompute_block), schedule
         )
         if dp_mesh is not None:  # the stages were cut from a copy: the plain model is rank 0's eval copy only
             from mhc_train.parallel.fsdp import release_eval_copy

@@ -263,7 +263,8 @@ def test_fsdp_matches_single_process(prepared_data, single_reference, tmp_path, 
 
 
 @pytest.mark.parametrize(
-    "arm,schedule,recompute", [("mhc", "1f1b", "mhc"), ("mhc", "dualpipev", "mhc"), ("hc", "zbv", "none")]
+    "arm,schedule,recompute",
+    [("mhc", "1f1b", "mhc"), ("mhc", "dualpipev", "mhc"), ("hc", "zbv", "none"), ("residual", "1f1b", "none")],
 )
 def test_pipeline_x_fsdp_matches_single_process(prepared_data, single_reference, tmp_path, arm, schedule, recompute):
     """PP=2 x DP=2 on 4 processes (a (pp, dp) mesh; each stage sharded over its dp pair with FSDP2) equals one
