@@ -27,6 +27,7 @@ wait. Outputs made on the priority stream are `record_stream`ed on the stream th
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -65,6 +66,15 @@ def ffn_post_res_on(module: torch.nn.Module, runner: Callable):
             site.post_res_runner = None
 
 
+def _assert_unsharded(sched, stage) -> None:
+    """The runtime's FSDP check before computing on a stage; its argument was a stage index in older torch."""
+    check = getattr(sched, "_assert_unsharded", None)
+    if check is None:
+        return
+    first = next(iter(inspect.signature(check).parameters), "stage")
+    check(stage.stage_index if first == "stage_idx" else stage)
+
+
 class OverlapFB:
     """The `OVERLAP_F_B` handler: `schedule.register_custom_function(OVERLAP_F_B, OverlapFB(device))`."""
 
@@ -95,7 +105,7 @@ class OverlapFB:
 
         # forward of micro-batch fwd.microbatch_index on its stage (side stream on CUDA)
         stage, mb = stages[fwd.stage_index], fwd.microbatch_index
-        sched._assert_unsharded(stage)
+        _assert_unsharded(sched, stage)
         with self._side():
             if not stage.is_first and fwd.stage_index - 1 not in stages:
                 _wait_batch_p2p(sched.fwd_recv_ops.pop((fwd.stage_index, mb)))
@@ -107,7 +117,7 @@ class OverlapFB:
 
         # full backward of micro-batch bwd.microbatch_index on the other stage (current stream)
         stage, mb = stages[bwd.stage_index], bwd.microbatch_index
-        sched._assert_unsharded(stage)
+        _assert_unsharded(sched, stage)
         if not stage.is_last and bwd.stage_index + 1 not in stages:
             _wait_batch_p2p(sched.bwd_recv_ops.pop((bwd.stage_index, mb)))
         loss = sched._maybe_get_loss(stage, mb)
