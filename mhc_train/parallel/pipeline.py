@@ -8,8 +8,9 @@
   (rank r holds stages r and 2P-1-r; micro-batches enter and leave at rank 0), or a `csv` schedule file in torch's
   compute-only format (the file decides which stages each rank holds). DualPipeV's OVERLAP_F_B actions run through our
   own function (overlap.py): on CUDA one micro-batch's forward overlaps another's backward.
-- Recompute blocks are the stages: `apply_recompute(stage, ..., stage_sites=[sites of this stage])` keeps each
-  stage's x_{l0} locally, so recomputation never waits on communication.
+- Recompute is applied to each stage module on its own, so blocks never cross a stage boundary and each stage keeps
+  its x_{l0} locally: recomputation never waits on communication (`recompute_block=stage`: one block per stage).
+- Pipeline x data parallel: ranks form a (pp, dp) mesh and each stage is sharded over its dp group with FSDP2.
 """
 
 from __future__ import annotations

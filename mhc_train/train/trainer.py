@@ -90,7 +90,9 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint)
         resume_state, resume_path = self._read_checkpoint()  # weights go into the plain model before any wrapping
         p = cfg.parallel
-        if p.pp > 1:  # stages are cut from the plain model; recompute is applied per stage (blocks = stages)
+        make_optimizer = lambda m: build_optimizer(m, cfg.optim)  # engines build them on the modules they train
+        make_scheduler = lambda o: build_scheduler(o, t.max_steps, cfg.schedule)
+        if p.pp > 1:  # stages are cut from the plain model; recompute is applied per stage (blocks never cross)
             from mhc_train.parallel.pipeline import PipelineEngine
 
             self.engine = PipelineEngine(
@@ -102,8 +104,8 @@ class Trainer:
                 cfg.optim.grad_clip,
                 p.recompute,
                 p.recompute_block,
-                lambda m: build_optimizer(m, cfg.optim),
-                lambda o: build_scheduler(o, t.max_steps, cfg.schedule),
+                make_optimizer,
+                make_scheduler,
                 overlap=p.pp_overlap,
                 pp=p.pp,
                 stages_per_rank=p.pp_stages_per_rank,
@@ -114,8 +116,8 @@ class Trainer:
             if p.engine == "deepspeed":
                 self.engine = DeepSpeedEngine(
                     self.model,
-                    lambda m: build_optimizer(m, cfg.optim),
-                    lambda o: build_scheduler(o, t.max_steps, cfg.schedule),
+                    make_optimizer,
+                    make_scheduler,
                     cfg.optim.grad_clip,
                     self.dist,
                     p.zero_stage,
@@ -129,16 +131,17 @@ class Trainer:
 
                 self.engine = FSDPEngine(
                     self.model,
-                    lambda m: build_optimizer(m, cfg.optim),
-                    lambda o: build_scheduler(o, t.max_steps, cfg.schedule),
+                    make_optimizer,
+                    make_scheduler,
                     cfg.optim.grad_clip,
                     self.dist,
                     self.device,
                 )
             else:
-                opt = build_optimizer(self.model, cfg.optim)
-                sched = build_scheduler(opt, t.max_steps, cfg.schedule)
-                self.engine = TorchEngine(self.model, opt, sched, cfg.optim.grad_clip, self.dist, p.engine == "ddp")
+                opt = make_optimizer(self.model)
+                self.engine = TorchEngine(
+                    self.model, opt, make_scheduler(opt), cfg.optim.grad_clip, self.dist, p.engine == "ddp"
+                )
         if hasattr(self.engine, "describe"):
             self.log(self.engine.describe())
         fwd = self.engine.forward
