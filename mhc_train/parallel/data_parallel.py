@@ -112,9 +112,10 @@ class TorchEngine:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        from mhc_train.train.checkpoint import load_optimizer_state_by_name
+        """Optimizer state by name (each full tensor re-sharded like its parameter under FSDP) and the scheduler."""
+        from mhc_train.parallel.fsdp import load_full_optimizer_state
 
-        load_optimizer_state_by_name(self.optimizer, state["optimizer"], self._names())
+        load_full_optimizer_state(self.optimizer, state["optimizer"], self._names())
         self.scheduler.load_state_dict(state["scheduler"])
 
     def dcp_state(self) -> dict:

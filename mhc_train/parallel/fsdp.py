@@ -12,8 +12,9 @@ Notes:
    stage or model is one unit: the recompute runner calls the sites directly rather than the blocks' `forward`,
    where FSDP's per-module hooks live, and under the split-backward schedules (ZBV, DualPipeV) nested units gave
    wrong gradients in our test (torch 2.13) while one unit per stage matches one process.
-2. Rank 0 evaluates, runs diagnostics and writes checkpoints on a plain, unsharded copy of the model (`sync`
-   gathers full weights into it); the other ranks free theirs (meta device) once the engine has its training copy. Checkpoints stay full-state and keyed by parameter name: they load into one
+2. Rank 0 evaluates, runs diagnostics and writes file-format checkpoints on a plain, unsharded copy of the model
+   (`sync_full_model` gathers full weights into it); the other ranks free theirs (meta device) once the engine has
+   its training copy. Checkpoints (DCP by default, or one file) are keyed by parameter name: they load into one
    process, DDP, any pipeline layout, or FSDP at another world size.
 """
 
@@ -142,7 +143,3 @@ class FSDPEngine(TorchEngine):
             "optimizer": full_optimizer_state(self.optimizer, self._names()),
             "scheduler": self.scheduler.state_dict(),
         }
-
-    def load_state_dict(self, state: dict) -> None:
-        load_full_optimizer_state(self.optimizer, state["optimizer"], self._names())
-        self.scheduler.load_state_dict(state["scheduler"])

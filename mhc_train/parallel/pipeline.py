@@ -311,9 +311,3 @@ class PipelineEngine(TorchEngine):
         if not self.info.is_main:
             return {}
         return {"optimizer": {"state": merged, "groups": mine["groups"]}, "scheduler": self.scheduler.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        from mhc_train.parallel.fsdp import load_full_optimizer_state
-
-        load_full_optimizer_state(self.optimizer, state["optimizer"], self._names())
-        self.scheduler.load_state_dict(state["scheduler"])

@@ -147,10 +147,12 @@ def optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict) -> di
     sd = optimizer.state_dict()
     ordered = [p for g in optimizer.param_groups for p in g["params"]]
     idx_to_name = {i: names[p] for i, p in enumerate(ordered)}
-    return {
-        "state": {idx_to_name[i]: s for i, s in sd["state"].items()},
-        "groups": {g["name"]: {k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]},
-    }
+    return {"state": {idx_to_name[i]: s for i, s in sd["state"].items()}, "groups": optimizer_groups_by_name(optimizer)}
+
+
+def optimizer_groups_by_name(optimizer: torch.optim.Optimizer) -> dict:
+    """Each parameter group's hyper-parameters (lr as the scheduler last set it, betas, weight decay, ...) by name."""
+    return {g["name"]: {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups}
 
 
 def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, saved: dict, names: dict, convert=None) -> None:

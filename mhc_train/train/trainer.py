@@ -26,7 +26,14 @@ from mhc_train.data import TokenData, prepare
 from mhc_train.model import build_model
 from mhc_train.parallel import apply_recompute
 from mhc_train.parallel.data_parallel import DeepSpeedEngine, TorchEngine, barrier, init_distributed, mean_across_ranks
-from mhc_train.train.checkpoint import CheckpointError, CheckpointManager, compare_configs, load_dcp, save_dcp
+from mhc_train.train.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    compare_configs,
+    load_dcp,
+    optimizer_groups_by_name,
+    save_dcp,
+)
 from mhc_train.train.diagnostics import connection_diagnostics, grad_norms
 from mhc_train.train.metrics import MetricsLogger
 from mhc_train.train.optim import build_optimizer, build_scheduler
@@ -88,7 +95,7 @@ class Trainer:
         self.model = build_model(cfg.model, cfg.connection, seed=t.seed, device=self.device)
         self.config_dict = to_dict(cfg)
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint)
-        resume_state, resume_path = self._read_checkpoint()  # weights go into the plain model before any wrapping
+        resume = self._read_checkpoint()  # weights go into the plain model before any wrapping
         p = cfg.parallel
         make_optimizer = lambda m: build_optimizer(m, cfg.optim)  # engines build them on the modules they train
         make_scheduler = lambda o: build_scheduler(o, t.max_steps, cfg.schedule)
@@ -149,19 +156,19 @@ class Trainer:
         self.step, self.skipped, self.tokens_seen, self.train_time = 0, 0, 0, 0.0
         self.last_ckpt: Path | None = None
         self.val_set = self.data.val_batches(t.eval_batches, t.batch_size, t.seq_len)
-        if resume_state is not None:
-            self._restore(resume_state, resume_path)
+        if resume is not None:
+            self._restore(*resume)
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def _read_checkpoint(self):
-        """(state, path) of the checkpoint to resume from, checked against this config, with the model weights
-        already loaded into `self.model`; (None, None) for a fresh start."""
+        """(state, path, allowed config changes) of the checkpoint to resume from, checked against this config, with
+        the model weights already loaded into `self.model`; None for a fresh start."""
         mode = self.cfg.checkpoint.resume
         if mode == "never":
-            return None, None
+            return None
         path = self.ckpt.latest() if mode == "auto" else Path(mode)
         if path is None:
-            return None, None
+            return None
         state = CheckpointManager.load(path)
         fatal, allowed = compare_configs(state["config"], self.config_dict)
         if fatal:
@@ -179,11 +186,10 @@ class Trainer:
             )
         if not state.get("dcp"):  # a DCP checkpoint's weights are loaded into the engine's tensors, after it exists
             self.model.load_state_dict(state["model"])
-        return state, path
+        return state, path, allowed
 
-    def _restore(self, state: dict, path: Path) -> None:
+    def _restore(self, state: dict, path: Path, allowed: list[str]) -> None:
         """Engine (optimizer, scheduler), RNG and counters from a checkpoint read by `_read_checkpoint`."""
-        allowed = compare_configs(state["config"], self.config_dict)[1]
         if state.get("deepspeed_tag"):
             self.engine.load_sharded(self.ckpt.dir / "deepspeed", state["deepspeed_tag"])
         elif state.get("dcp"):
@@ -222,9 +228,7 @@ class Trainer:
         if fmt == "dcp":
             dcp_tag = f"step_{self.step:08d}"
             save_dcp(self.engine.dcp_state(), self.ckpt.dir / "dcp" / dcp_tag)
-            groups = {
-                g["name"]: {k: v for k, v in g.items() if k != "params"} for g in self.engine.optimizer.param_groups
-            }
+            groups = optimizer_groups_by_name(self.engine.optimizer)
             engine_state = {"scheduler": self.engine.scheduler.state_dict(), "optimizer_groups": groups}
             barrier(self.dist)
         else:
