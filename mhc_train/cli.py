@@ -38,25 +38,22 @@ def cmd_prepare(args) -> None:
 
 def cmd_train(args) -> None:
     from mhc_train.data.prepare import atomic_write_text
+    from mhc_train.rundir import RunDir
     from mhc_train.train.trainer import train
 
     cfg = _load(args)
     summary = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # one writer under torchrun / deepspeed
-        atomic_write_text(Path(cfg.run_dir) / "summary.json", json.dumps(summary, indent=2))
+        atomic_write_text(RunDir(cfg.run_dir).summary, json.dumps(summary, indent=2))
         print(json.dumps(summary, indent=2))
     shutdown_distributed()
 
 
 def shutdown_distributed() -> None:
-    """After a successful distributed run: wait for every rank, then tear the process group down. Leaving it to
-    interpreter exit can abort a rank ("terminate called without an active exception") while a backend thread is
-    still alive, which turns a finished run into a failed job."""
-    import torch.distributed as dist
+    """Tear the process group down after a successful distributed run (mhc_train.parallel.shutdown)."""
+    from mhc_train.parallel import shutdown
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    shutdown()
 
 
 def cmd_compare(args) -> None:

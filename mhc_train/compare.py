@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mhc_train.rundir import RunDir
 from mhc_train.train.metrics import read_metrics
 
 
@@ -27,7 +28,7 @@ def _smooth(y: np.ndarray, k: int = 10) -> np.ndarray:
 def load_run(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     recs = read_metrics(run_dir)
-    summary_path = run_dir / "summary.json"
+    summary_path = RunDir(run_dir).summary
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     return {
         "dir": run_dir,

@@ -16,8 +16,16 @@ H_RES_MODES = ("sinkhorn", "identity")
 B_RES_INITS = ("uniform", "identity")
 OUT_PROJ_INITS = ("none", "mul_sqrt_n", "div_sqrt_n")
 BACKENDS = ("torch", "triton", "auto")
+SINKHORN_BACKWARDS = ("unrolled", "implicit")
 LR_SCHEDULES = ("cosine", "step", "constant")
 PRECISIONS = ("fp32", "bf16", "auto")
+DEVICES = ("auto", "cpu", "cuda")
+ENGINES = ("none", "ddp", "fsdp", "deepspeed")  # data parallel across the launched ranks (parallel.engine)
+PP_SCHEDULES = ("1f1b", "interleaved1f1b", "zbv", "dualpipev", "csv")
+SPLIT_BACKWARD_SCHEDULES = ("zbv", "dualpipev")  # schedules that run input and weight gradients as separate actions
+RECOMPUTE_MODES = ("none", "mhc", "full")
+CHECKPOINT_FORMATS = ("auto", "file", "dcp")
+WANDB_MODES = ("offline", "online", "disabled")
 
 
 class ConfigError(ValueError):
@@ -168,157 +176,72 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
-def _fail(key: str, value: Any, allowed: str) -> None:
+def fail(key: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"{key}={value!r} is invalid: {allowed}")
 
 
-def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+def choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        _fail(key, value, f"allowed values are {', '.join(choices)}")
+        fail(key, value, f"allowed values are {', '.join(choices)}")
 
 
-def _at_least(key: str, value: Any, low: float, kind: type = int) -> None:
+def at_least(key: str, value: Any, low: float, kind: type = int) -> None:
     if not isinstance(value, kind) or isinstance(value, bool) or value < low:
-        _fail(key, value, f"must be {'an integer' if kind is int else 'a number'} >= {low}")
+        fail(key, value, f"must be {'an integer' if kind is int else 'a number'} >= {low}")
 
 
 def validate_model(m: ModelConfig, prefix: str = "model") -> None:
     for key in ("vocab_size", "dim", "n_layer", "n_head", "max_seq_len", "multiple_of"):
-        _at_least(f"{prefix}.{key}", getattr(m, key), 1)
-    _at_least(f"{prefix}.n_kv_head", m.n_kv_head, 0)
-    _at_least(f"{prefix}.ffn_hidden_dim", m.ffn_hidden_dim, 0)
-    _at_least(f"{prefix}.head_dim", m.head_dim, 0)
+        at_least(f"{prefix}.{key}", getattr(m, key), 1)
+    at_least(f"{prefix}.n_kv_head", m.n_kv_head, 0)
+    at_least(f"{prefix}.ffn_hidden_dim", m.ffn_hidden_dim, 0)
+    at_least(f"{prefix}.head_dim", m.head_dim, 0)
     if not m.head_dim and m.dim % m.n_head:
-        _fail(f"{prefix}.n_head", m.n_head, f"must divide {prefix}.dim={m.dim} (or set {prefix}.head_dim)")
+        fail(f"{prefix}.n_head", m.n_head, f"must divide {prefix}.dim={m.dim} (or set {prefix}.head_dim)")
     if (m.head_dim or m.dim // m.n_head) % 2:
-        _fail(f"{prefix}.head_dim", m.head_dim or m.dim // m.n_head, "the head size must be even for RoPE")
+        fail(f"{prefix}.head_dim", m.head_dim or m.dim // m.n_head, "the head size must be even for RoPE")
     kv = m.n_kv_head or m.n_head
     if m.n_head % kv:
-        _fail(f"{prefix}.n_kv_head", m.n_kv_head, f"must divide {prefix}.n_head={m.n_head} (or be 0)")
+        fail(f"{prefix}.n_kv_head", m.n_kv_head, f"must divide {prefix}.n_head={m.n_head} (or be 0)")
     if not (m.norm_eps > 0 and m.init_std > 0 and m.rope_theta > 0):
-        _fail(f"{prefix}.norm_eps/init_std/rope_theta", (m.norm_eps, m.init_std, m.rope_theta), "must all be > 0")
+        fail(f"{prefix}.norm_eps/init_std/rope_theta", (m.norm_eps, m.init_std, m.rope_theta), "must all be > 0")
 
 
 def validate_connection(c: ConnectionConfig, prefix: str = "connection") -> None:
-    _choice(f"{prefix}.type", c.type, CONNECTION_TYPES)
-    _choice(f"{prefix}.backend", c.backend, BACKENDS)
-    _at_least(f"{prefix}.n_streams", c.n_streams, 1)
+    choice(f"{prefix}.type", c.type, CONNECTION_TYPES)
+    choice(f"{prefix}.backend", c.backend, BACKENDS)
+    at_least(f"{prefix}.n_streams", c.n_streams, 1)
     if c.type == "residual" and c.n_streams != 1:
-        _fail(f"{prefix}.n_streams", c.n_streams, "the residual baseline has exactly 1 stream; set it to 1")
-    _choice(f"{prefix}.hc_out_proj_init", c.hc_out_proj_init, OUT_PROJ_INITS)
-    _choice(f"{prefix}.h_res", c.h_res, H_RES_MODES)
-    _choice(f"{prefix}.b_res_init", c.b_res_init, B_RES_INITS)
-    _choice(f"{prefix}.sinkhorn_backward", c.sinkhorn_backward, ("unrolled", "implicit"))
-    _at_least(f"{prefix}.t_max", c.t_max, 1)
+        fail(f"{prefix}.n_streams", c.n_streams, "the residual baseline has exactly 1 stream; set it to 1")
+    choice(f"{prefix}.hc_out_proj_init", c.hc_out_proj_init, OUT_PROJ_INITS)
+    choice(f"{prefix}.h_res", c.h_res, H_RES_MODES)
+    choice(f"{prefix}.b_res_init", c.b_res_init, B_RES_INITS)
+    choice(f"{prefix}.sinkhorn_backward", c.sinkhorn_backward, SINKHORN_BACKWARDS)
+    at_least(f"{prefix}.t_max", c.t_max, 1)
     if not c.eps > 0:
-        _fail(f"{prefix}.eps", c.eps, "must be > 0")
+        fail(f"{prefix}.eps", c.eps, "must be > 0")
     if c.phi_init_std < 0 or c.hc_dynamic_scale_init < 0:
-        _fail(f"{prefix}.phi_init_std/hc_dynamic_scale_init", (c.phi_init_std, c.hc_dynamic_scale_init), "must be >= 0")
+        fail(f"{prefix}.phi_init_std/hc_dynamic_scale_init", (c.phi_init_std, c.hc_dynamic_scale_init), "must be >= 0")
 
 
-def validate_pipeline(cfg: Config) -> None:
-    p, t = cfg.parallel, cfg.train
-    _at_least("parallel.pp", p.pp, 1)
-    _choice("parallel.pp_schedule", p.pp_schedule, ("1f1b", "interleaved1f1b", "zbv", "dualpipev", "csv"))
-    if p.pp == 1:
-        return
-    from mhc_train.parallel.pipeline import SPLIT_BACKWARD, read_csv_schedule
+# Rules that need knowledge of a higher layer (the pipeline's schedule files, the launched world) are registered by
+# that layer (mhc_train.parallel registers its own on import), so this module imports nothing of mhc_train.
+_RULES: list = []
+_WORLD_RULES: list = []
 
-    m = p.pp_microbatches or 2 * p.pp
-    split = p.pp_schedule in SPLIT_BACKWARD
-    if p.pp_schedule == "csv":
-        if not p.pp_schedule_csv:
-            _fail("parallel.pp_schedule_csv", "", "pp_schedule=csv needs the path of a schedule file")
-        try:
-            stages, _, file_mbs, split = read_csv_schedule(p.pp_schedule_csv, p.pp)
-        except ValueError as e:
-            _fail("parallel.pp_schedule_csv", p.pp_schedule_csv, str(e))
-        if file_mbs != m:
-            _fail(
-                "parallel.pp_microbatches",
-                m,
-                f"the schedule file {p.pp_schedule_csv} runs {file_mbs} micro-batches: set pp_microbatches={file_mbs}",
-            )
-    elif p.pp_schedule == "interleaved1f1b":
-        _at_least("parallel.pp_stages_per_rank", p.pp_stages_per_rank or 2, 2)
-        stages = p.pp * (p.pp_stages_per_rank or 2)
-        rounds = max(1, m // p.pp)
-        if m < p.pp or m % rounds:
-            _fail(
-                "parallel.pp_microbatches",
-                m,
-                f"interleaved1f1b on {p.pp} ranks needs at least {p.pp} micro-batches and a count that "
-                f"max(1, m // pp) divides (e.g. a multiple of {p.pp})",
-            )
-    else:
-        stages = p.pp * (1 if p.pp_schedule == "1f1b" else 2)
-        need = p.pp if p.pp_schedule == "1f1b" else 2 * p.pp
-        if m < need:
-            _fail("parallel.pp_microbatches", m, f"{p.pp_schedule} on {p.pp} ranks needs at least {need} micro-batches")
-    if cfg.model.n_layer % stages:
-        _fail(
-            "parallel.pp",
-            p.pp,
-            f"{p.pp_schedule} needs model.n_layer={cfg.model.n_layer} divisible by its "
-            f"{stages} stages; pick pp (or n_layer) so that it divides",
-        )
-    if t.batch_size % m:
-        _fail("parallel.pp_microbatches", m, f"must split train.batch_size={t.batch_size} evenly")
-    if p.engine == "deepspeed":
-        _fail(
-            "parallel.engine",
-            p.engine,
-            "pipeline runs use torch.distributed.pipelining: set parallel.engine=none (pipeline only) or fsdp "
-            "(pipeline x FSDP2 data parallel); DeepSpeed reduces gradients inside its own backward, which a "
-            "pipeline schedule bypasses",
-        )
-    if p.engine == "ddp":
-        _fail(
-            "parallel.engine",
-            p.engine,
-            "with a pipeline, data parallelism is FSDP2 per stage: set parallel.engine=fsdp (DDP's gradient hooks "
-            "do not fire under the split-backward schedules), or none for a pipeline alone",
-        )
-    if t.grad_accum != 1:
-        _fail("train.grad_accum", t.grad_accum, "must be 1 with a pipeline: raise parallel.pp_microbatches instead")
-    if split and t.compile:
-        _fail("train.compile", True, f"{p.pp_schedule} splits the backward and refuses compiled stages; use 1f1b")
-    if cfg.model.tie_embeddings:
-        _fail("model.tie_embeddings", True, "the embedding and the head live on different pipeline stages")
-    if t.skip_nonfinite:
-        _fail("train.skip_nonfinite", True, "is not supported with a pipeline yet")
+
+def register_rules(rules=None, world_rules=None) -> None:
+    """Add `rules(cfg)` to `validate` and `world_rules(cfg, world)` to `validate_world` (each once)."""
+    for registry, fn in ((_RULES, rules), (_WORLD_RULES, world_rules)):
+        if fn is not None and fn not in registry:
+            registry.append(fn)
 
 
 def validate_world(cfg: Config, world: int) -> None:
-    """Rules that need the launched world size; called before the process group starts."""
-    p = cfg.parallel
-    if p.pp > 1:
-        if world % p.pp:
-            _fail("parallel.pp", p.pp, f"{world} ranks were launched: launch a multiple of pp={p.pp} (pp x dp ranks)")
-        dp = world // p.pp
-        if dp > 1 and p.engine != "fsdp":
-            _fail(
-                "parallel.engine",
-                p.engine,
-                f"{world} ranks with pp={p.pp} make {dp} pipeline replicas: set parallel.engine=fsdp to train them "
-                f"data-parallel, or launch exactly pp={p.pp} ranks",
-            )
-        m = p.pp_microbatches or 2 * p.pp
-        if cfg.train.batch_size % (dp * m):
-            _fail(
-                "train.batch_size",
-                cfg.train.batch_size,
-                f"must split over {dp} pipeline replicas x {m} micro-batches; use a multiple of {dp * m}",
-            )
-        return
-    if world > 1 and p.engine == "none":
-        _fail("parallel.engine", "none", f"{world} ranks were launched: set parallel.engine=ddp, fsdp or deepspeed")
-    if cfg.train.batch_size % world:
-        _fail(
-            "train.batch_size",
-            cfg.train.batch_size,
-            f"the global batch must split evenly over {world} data-parallel ranks; use a multiple of {world}",
-        )
+    """Rules that need the launched world size (registered by mhc_train.parallel); called before the process group
+    starts."""
+    for rule in _WORLD_RULES:
+        rule(cfg, world)
 
 
 def validate(cfg: Config) -> None:
@@ -327,45 +250,48 @@ def validate(cfg: Config) -> None:
     validate_connection(cfg.connection)
     t, o, s = cfg.train, cfg.optim, cfg.schedule
     for key in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "log_every"):
-        _at_least(f"train.{key}", getattr(t, key), 1)
-    _at_least("train.diag_every", t.diag_every, 0)
-    _at_least("train.stop_at_step", t.stop_at_step, 0)
-    _choice("train.precision", t.precision, PRECISIONS)
-    _choice("train.device", t.device, ("auto", "cpu", "cuda"))
+        at_least(f"train.{key}", getattr(t, key), 1)
+    at_least("train.diag_every", t.diag_every, 0)
+    at_least("train.stop_at_step", t.stop_at_step, 0)
+    choice("train.precision", t.precision, PRECISIONS)
+    choice("train.device", t.device, DEVICES)
     if t.seq_len > cfg.model.max_seq_len:
-        _fail("train.seq_len", t.seq_len, f"must be <= model.max_seq_len={cfg.model.max_seq_len}")
+        fail("train.seq_len", t.seq_len, f"must be <= model.max_seq_len={cfg.model.max_seq_len}")
     if not o.lr > 0:
-        _fail("optim.lr", o.lr, "must be > 0")
+        fail("optim.lr", o.lr, "must be > 0")
     if o.weight_decay < 0 or o.grad_clip < 0:
-        _fail("optim.weight_decay/grad_clip", (o.weight_decay, o.grad_clip), "must be >= 0")
-    _choice("schedule.name", s.name, LR_SCHEDULES)
-    _at_least("schedule.warmup_steps", s.warmup_steps, 0)
+        fail("optim.weight_decay/grad_clip", (o.weight_decay, o.grad_clip), "must be >= 0")
+    choice("schedule.name", s.name, LR_SCHEDULES)
+    at_least("schedule.warmup_steps", s.warmup_steps, 0)
     if len(s.step_milestones) != len(s.step_factors):
-        _fail("schedule.step_factors", list(s.step_factors), "needs one factor per schedule.step_milestones entry")
+        fail("schedule.step_factors", list(s.step_factors), "needs one factor per schedule.step_milestones entry")
     if list(s.step_milestones) != sorted(s.step_milestones) or any(not 0 < m < 1 for m in s.step_milestones):
-        _fail("schedule.step_milestones", list(s.step_milestones), "must be increasing fractions in (0, 1)")
+        fail("schedule.step_milestones", list(s.step_milestones), "must be increasing fractions in (0, 1)")
     if not 0 <= s.min_lr_ratio <= 1:
-        _fail("schedule.min_lr_ratio", s.min_lr_ratio, "must be in [0, 1]")
-    _at_least("checkpoint.every", cfg.checkpoint.every, 0)
-    _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 1)
-    _choice("checkpoint.format", cfg.checkpoint.format, ("auto", "file", "dcp"))
+        fail("schedule.min_lr_ratio", s.min_lr_ratio, "must be in [0, 1]")
+    at_least("checkpoint.every", cfg.checkpoint.every, 0)
+    at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 1)
+    choice("checkpoint.format", cfg.checkpoint.format, CHECKPOINT_FORMATS)
     if cfg.parallel.engine == "deepspeed" and cfg.checkpoint.format == "dcp":
-        _fail("checkpoint.format", "dcp", "parallel.engine=deepspeed writes its own sharded checkpoints: use auto")
-    _choice("parallel.recompute", cfg.parallel.recompute, ("none", "mhc", "full"))
-    _choice("parallel.engine", cfg.parallel.engine, ("none", "ddp", "fsdp", "deepspeed"))
-    validate_pipeline(cfg)
+        fail("checkpoint.format", "dcp", "parallel.engine=deepspeed writes its own sharded checkpoints: use auto")
+    choice("parallel.recompute", cfg.parallel.recompute, RECOMPUTE_MODES)
+    choice("parallel.engine", cfg.parallel.engine, ENGINES)
+    at_least("parallel.pp", cfg.parallel.pp, 1)
+    choice("parallel.pp_schedule", cfg.parallel.pp_schedule, PP_SCHEDULES)
     if cfg.parallel.zero_stage not in (1, 2, 3):
-        _fail("parallel.zero_stage", cfg.parallel.zero_stage, "allowed values are 1, 2, 3")
+        fail("parallel.zero_stage", cfg.parallel.zero_stage, "allowed values are 1, 2, 3")
     if cfg.parallel.engine == "deepspeed" and t.skip_nonfinite:
-        _fail("train.skip_nonfinite", True, "is not supported with parallel.engine=deepspeed (it always steps)")
+        fail("train.skip_nonfinite", True, "is not supported with parallel.engine=deepspeed (it always steps)")
     block = str(cfg.parallel.recompute_block)
     if block not in ("auto", "stage") and not (block.isdigit() and int(block) >= 1):
-        _fail("parallel.recompute_block", block, "must be a positive number of connection sites, auto or stage")
-    _choice("logging.wandb_mode", cfg.logging.wandb_mode, ("offline", "online", "disabled"))
+        fail("parallel.recompute_block", block, "must be a positive number of connection sites, auto or stage")
+    choice("logging.wandb_mode", cfg.logging.wandb_mode, WANDB_MODES)
     if not 0 < cfg.data.val_fraction < 1:
-        _fail("data.val_fraction", cfg.data.val_fraction, "must be in (0, 1)")
-    _at_least("data.vocab_size", cfg.data.vocab_size, 16)
-    _at_least("data.num_proc", cfg.data.num_proc, 1)
+        fail("data.val_fraction", cfg.data.val_fraction, "must be in (0, 1)")
+    at_least("data.vocab_size", cfg.data.vocab_size, 16)
+    at_least("data.num_proc", cfg.data.num_proc, 1)
+    for rule in _RULES:
+        rule(cfg)
 
 
 def config_dir() -> str:

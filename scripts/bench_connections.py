@@ -12,13 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 from pathlib import Path
 
 import torch
 
-from mhc_train.benchmark import lm_loss, saved_bytes_for_backward, time_fwd_bwd
-from mhc_train.config import load_config
-from mhc_train.model import build_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, where tools/ lives
+
+from mhc_train.config import load_config  # noqa: E402
+from mhc_train.model import build_model  # noqa: E402
+from tools.measure import next_token_loss, saved_bytes_for_backward, time_fwd_bwd  # noqa: E402
 
 ARMS = ("residual", "hc", "mhc")
 
@@ -50,7 +53,7 @@ def main() -> None:
         model = build_model(cfg.model, cfg.connection, device=args.device)
         tokens = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq_len + 1), device=args.device)
         timing = time_fwd_bwd(model, tokens, iters=args.iters)
-        saved = saved_bytes_for_backward(lambda: lm_loss(model, tokens), model.parameters())  # noqa: B023 (called within the iteration)
+        saved = saved_bytes_for_backward(lambda: next_token_loss(model, tokens), model.parameters())  # noqa: B023 (called within the iteration)
         results[arm] = {
             **timing,
             "saved_bytes_per_token": saved / (args.batch * args.seq_len),

@@ -42,33 +42,28 @@ def _concurrent_ms(events) -> float:
 
 
 def run_variant(cfg, schedule: str, overlap: bool, args, device) -> dict:
+    import dataclasses
+
     from mhc_train.model import build_model
-    from mhc_train.parallel.data_parallel import DistInfo
-    from mhc_train.parallel.pipeline import PipelineEngine
-    from mhc_train.train.optim import build_optimizer, build_scheduler
+    from mhc_train.parallel import DistInfo
+    from mhc_train.parallel.build import build_pipeline
 
     model = build_model(cfg.model, cfg.connection, seed=0, device=device)
-    engine = PipelineEngine(
-        model,
-        schedule,
-        args.microbatches,
-        DistInfo(),
-        device,
-        1.0,
-        args.recompute,
-        "auto",
-        lambda m: build_optimizer(m, cfg.optim),
-        lambda o: build_scheduler(o, 1000, cfg.schedule),
-        overlap=overlap,
-        pp=1,
-    )
+    parallel = dataclasses.replace(
+        cfg.parallel, pp_schedule=schedule, pp_microbatches=args.microbatches, recompute=args.recompute,
+        recompute_block="auto", pp_overlap=overlap,
+    )  # fmt: skip
+    train = dataclasses.replace(cfg.train, max_steps=1000)
+    optim = dataclasses.replace(cfg.optim, grad_clip=1.0)
+    run_cfg = dataclasses.replace(cfg, parallel=parallel, train=train, optim=optim)
+    engine = build_pipeline(model, run_cfg, DistInfo(device=device), pp=1)
     g = torch.Generator().manual_seed(0)
     batch = args.micro_batch * args.microbatches
     x = torch.randint(0, cfg.model.vocab_size, (batch, args.seq), generator=g)
     y = torch.randint(0, cfg.model.vocab_size, (batch, args.seq), generator=g)
 
     def step():
-        loss = engine.run(x, y)
+        loss = engine.forward_backward(lambda micro, shard, n_shards: (x, y))
         norm = engine.clip()
         engine.optimizer.zero_grad(set_to_none=True)  # timing only: weights stay fixed, every step is the same work
         return loss, norm

@@ -16,16 +16,19 @@ import argparse
 import dataclasses
 import json
 import platform
+import sys
 from pathlib import Path
 
 import torch
 
-from mhc_train.benchmark import time_fwd_bwd
-from mhc_train.config import load_config
-from mhc_train.model import build_model
-from mhc_train.model.transformer import ffn_hidden_dim
-from mhc_train.parallel import apply_recompute, optimal_block, plan_blocks
-from mhc_train.parallel.memory import component_bytes, predict_bytes_per_token, transient_peak_bytes_per_token
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, where tools/ lives
+
+from mhc_train.config import load_config  # noqa: E402
+from mhc_train.model import build_model  # noqa: E402
+from mhc_train.model.transformer import ffn_hidden_dim  # noqa: E402
+from mhc_train.parallel import apply_recompute, optimal_block, plan_blocks  # noqa: E402
+from tools.measure import time_fwd_bwd  # noqa: E402
+from tools.memory_model import component_bytes, predict_bytes_per_token, transient_peak_bytes_per_token  # noqa: E402
 
 
 def recompute_flops_per_token(n: int, C: int, n_layer: int) -> dict:

@@ -14,9 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-from mhc_train.cli import shutdown_distributed
-from mhc_train.config import load_config
-from mhc_train.parallel.deepspeed_pipeline import train_losses
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, where tools/ lives
+
+from mhc_train.cli import shutdown_distributed  # noqa: E402
+from mhc_train.config import load_config  # noqa: E402
+from tools.deepspeed_pipeline import train_losses  # noqa: E402
 
 
 def main() -> None:

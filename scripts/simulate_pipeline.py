@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from mhc_train.parallel.pipeline_sim import SCHEDULES, Costs, simulate
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, where tools/ lives
+
+from tools.pipeline_sim import SCHEDULES, Costs, simulate  # noqa: E402
 
 
 def main() -> None:

@@ -34,15 +34,21 @@ class Site(nn.Module):
     """One connection site: `x_{l+1} = H_res x_l + H_post^T F(H_pre x_l)` from the coefficients of `x_l`."""
 
     backend: str = "torch"  # which implementation of mhc_train.ops runs (config connection.backend)
-    # Optional `runner(fn, *args, **kwargs)` through which the post_res merge runs; set from outside (the pipeline's
-    # overlapped F/B puts the FFN sites' merge on a high-priority CUDA stream this way). None: call directly.
-    post_res_runner: Callable | None = None
+    _post_res_runner: Callable | None = None  # see `run_post_res_through`
+
+    def run_post_res_through(self, runner: Callable | None) -> None:
+        """Run the post_res merge as `runner(fn, *args, **kwargs)` (None: call it directly). Chosen once, when the
+        pipeline is built: DualPipeV's overlapped F/B routes the FFN sites' merge, the tensor the next stage waits
+        for, through a runner that puts it on a high-priority CUDA stream during an overlapped forward."""
+        self._post_res_runner = runner
+
+    def _run(self, fn, *args, **kwargs) -> torch.Tensor:
+        runner = self._post_res_runner
+        return fn(*args, **kwargs) if runner is None else runner(fn, *args, **kwargs)
 
     def post_res(self, x, y, h_post, h_res) -> torch.Tensor:
-        """`H_res x + H_post^T y`, through `post_res_runner` when one is set."""
-        if self.post_res_runner is None:
-            return ops.mhc_post_res(x, y, h_post, h_res, backend=self.backend)
-        return self.post_res_runner(ops.mhc_post_res, x, y, h_post, h_res, backend=self.backend)
+        """`H_res x + H_post^T y`."""
+        return self._run(ops.mhc_post_res, x, y, h_post, h_res, backend=self.backend)
 
     def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
@@ -64,9 +70,7 @@ class ResidualSite(Site):
         return ones, ones, ones.unsqueeze(-1)
 
     def post_res(self, x, y, h_post=None, h_res=None) -> torch.Tensor:
-        if self.post_res_runner is None:
-            return x + y.unsqueeze(-2)
-        return self.post_res_runner(torch.add, x, y.unsqueeze(-2))
+        return self._run(torch.add, x, y.unsqueeze(-2))
 
     def forward(self, x: torch.Tensor, sublayer: SubLayer) -> torch.Tensor:
         return self.post_res(x, sublayer(x.squeeze(-2)))

@@ -8,11 +8,18 @@ Axis legend: B batch, T time, n streams, C channels, V vocabulary.
 - Blocks live in a ModuleDict keyed by their index as a string, and `forward` passes through a missing embedding,
   norm or head, so pipeline stages cut from this model keep stable parameter names.
 - Construction allocates only (works on the meta device); `init_weights(seed)` sets every value.
+- `forward` is `head(run_blocks(embed(tokens)))`. The blocks run as a plain loop unless a block runner was chosen
+  with `use_block_runner` (mhc_train.parallel installs recomputation this way when it builds the engine); the runner
+  gets every site as an explicit `SitePart`, so it needs nothing else from the model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mhc_train.config import ConnectionConfig, ModelConfig, validate_connection, validate_model
@@ -31,6 +38,19 @@ def ffn_hidden_dim(cfg: ModelConfig) -> int:
     return cfg.multiple_of * ((hidden + cfg.multiple_of - 1) // cfg.multiple_of)
 
 
+class SitePart(NamedTuple):
+    """One connection site as the blocks compose it: `x_{l+1} = site(x_l, lambda h: fn(norm(h)))`. `owner` is the
+    module holding `fn`'s weights (a runner that recomputes F needs them)."""
+
+    site: nn.Module
+    norm: nn.Module
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    owner: nn.Module
+
+
+BlockRunner = Callable[[list[SitePart], torch.Tensor], torch.Tensor]  # (sites in order, x [B,T,n,C]) -> x
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, conn: Connection, layer_id: int):
         super().__init__()
@@ -46,12 +66,11 @@ class Block(nn.Module):
         x = self.ffn_conn(x, lambda h: self.ffn(self.ffn_norm(h)))  # [B, T, n, C]
         return x
 
-    def site_parts(self, rope: torch.Tensor):
-        """(connection site, sub-layer RMSNorm, sub-layer proper) per site, in order: what `forward` composes.
-        Used by recomputation (mhc_train.parallel), which needs the norm apart from F."""
+    def site_parts(self, rope: torch.Tensor) -> list[SitePart]:
+        """The block's two sites as `forward` composes them, with the RMSNorm apart from F (recompute needs it)."""
         return [
-            (self.attn_conn, self.attn_norm, lambda h: self.attn(h, rope)),
-            (self.ffn_conn, self.ffn_norm, self.ffn),
+            SitePart(self.attn_conn, self.attn_norm, lambda h: self.attn(h, rope), self.attn),
+            SitePart(self.ffn_conn, self.ffn_norm, self.ffn, self.ffn),
         ]
 
 
@@ -68,12 +87,25 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.layer_runner = None  # optional callable (model, h) -> h replacing the plain loop over blocks
+        self._block_runner: BlockRunner | None = None  # see `use_block_runner`
         self.register_buffer("rope", rope_cache(head_dim(cfg), cfg.max_seq_len, cfg.rope_theta), persistent=False)
 
     @property
     def n_streams(self) -> int:
         return self.conn.n_streams
+
+    @property
+    def block_runner(self) -> BlockRunner | None:
+        return self._block_runner
+
+    def use_block_runner(self, runner: BlockRunner | None) -> None:
+        """Choose how the blocks run: `runner(site_parts, x)` instead of the plain loop (None restores it). Chosen once,
+        when parallelism is applied (mhc_train.parallel.apply_recompute); the result equals the plain loop's."""
+        self._block_runner = runner
+
+    def site_parts(self) -> list[SitePart]:
+        """Every connection site of the blocks this module holds, in forward order."""
+        return [part for layer in self.layers.values() for part in layer.site_parts(self.rope)]
 
     def sites(self) -> list[tuple[str, nn.Module]]:
         """Connection sites in forward order: (name, site)."""
@@ -104,18 +136,28 @@ class Transformer(nn.Module):
                 site.init_weights(g)
             self.rope.copy_(rope_cache(head_dim(self.cfg), self.cfg.max_seq_len, self.cfg.rope_theta))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T] (or the stream state [B, T, n, C] on a later pipeline stage) -> logits [B, T, V]."""
-        h = self.conn.expand(self.tok_embeddings(tokens)) if self.tok_embeddings is not None else tokens
-        if self.layer_runner is not None:  # set from outside, e.g. by mhc_train.parallel.apply_recompute
-            h = self.layer_runner(self, h)
-        else:
-            for layer in self.layers.values():
-                h = layer(h, self.rope)  # [B, T, n, C]
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] -> stream state [B, T, n, C]; a stage without the embedding passes its input through."""
+        return self.conn.expand(self.tok_embeddings(tokens)) if self.tok_embeddings is not None else tokens
+
+    def run_blocks(self, h: torch.Tensor, plain: bool = False) -> torch.Tensor:
+        """[B, T, n, C] through the blocks: the chosen block runner, or the plain loop (always with `plain`)."""
+        if self._block_runner is not None and not plain:
+            return self._block_runner(self.site_parts(), h)
+        for layer in self.layers.values():
+            h = layer(h, self.rope)  # [B, T, n, C]
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, T, n, C] -> logits [B, T, V]; a stage without the final norm passes the stream state through."""
         if self.norm is None:
             return h
         h = self.norm(self.conn.collapse(h))  # [B, T, C]
         return self.output(h) if self.output is not None else h
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] (or the stream state [B, T, n, C] on a later pipeline stage) -> logits [B, T, V]."""
+        return self.head(self.run_blocks(self.embed(tokens)))
 
 
 def build_model(cfg: ModelConfig, conn_cfg: ConnectionConfig, seed: int = 0, device: str | torch.device = "cpu"):
@@ -125,6 +167,12 @@ def build_model(cfg: ModelConfig, conn_cfg: ConnectionConfig, seed: int = 0, dev
     if str(device) != "meta":
         model.init_weights(seed)
     return model
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of logits [B, T, V] against targets [B, T], in fp32: the one loss of every
+    engine, the pipeline's last stage, the oracles and the benchmarks."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:

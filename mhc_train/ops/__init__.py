@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from mhc_train.config import BACKENDS, SINKHORN_BACKWARDS
+
 from .reference import (
     coefficient_dtype,
     mhc_coefficients_ref,
@@ -27,8 +29,6 @@ from .reference import (
     sinkhorn_knopp_ref,
 )
 from .sinkhorn import sinkhorn_knopp_implicit, sinkhorn_knopp_torch
-
-BACKENDS = ("torch", "triton", "auto")
 
 
 def triton_available() -> bool:
@@ -54,9 +54,6 @@ def _kernels():
     import mhc_kernels
 
     return mhc_kernels
-
-
-SINKHORN_BACKWARDS = ("unrolled", "implicit")
 
 
 def sinkhorn_knopp(logits: torch.Tensor, iters: int = 20, backend: str = "torch", implicit: bool = False):

@@ -1,5 +1,24 @@
-"""Applied to a built model from outside; the model never imports this package."""
+"""Parallelism applied to a built model from outside; the model never imports this package.
 
+`build_engine(model, cfg, dist)` (build.py) is the entry point: it returns an `Engine` (engine.py), the one interface
+the trainer drives. Importing this package registers its config rules with `mhc_train.config` (rules.py).
+"""
+
+from mhc_train.parallel import rules  # noqa: F401  (registers the pipeline/world config rules)
+from mhc_train.parallel.build import build_engine
+from mhc_train.parallel.dist import DistInfo, barrier, init_distributed, shutdown
+from mhc_train.parallel.engine import Engine
 from mhc_train.parallel.recompute import MODES, apply_recompute, optimal_block, plan_blocks
 
-__all__ = ["MODES", "apply_recompute", "optimal_block", "plan_blocks"]
+__all__ = [
+    "MODES",
+    "DistInfo",
+    "Engine",
+    "apply_recompute",
+    "barrier",
+    "build_engine",
+    "init_distributed",
+    "optimal_block",
+    "plan_blocks",
+    "shutdown",
+]

@@ -10,7 +10,8 @@ pinned torch) and on CUDA actually overlaps the pair:
 - during that forward every FFN site's `post_res` (the `H_res x + H_post^T y` merge that produces the next stream
   state, i.e. the tensor the next stage waits for) runs on a high-priority stream (`priority=-1`), so the backward's
   long GEMMs do not delay the hand-off; the backward of those ops follows them onto that stream (autograd runs a
-  backward op on its forward op's stream).
+  backward op on its forward op's stream). The FFN sites get the priority runner once, when the engine is built
+  (`Site.run_post_res_through`); it is active only inside an overlapped forward and calls the op directly elsewhere.
 On CPU there are no streams: the same function runs the forward, then the backward, in order (what CI checks).
 
 Bookkeeping the runtime would do for the pair, done here (torch's `_PipelineScheduleRuntime._step_microbatches`,
@@ -28,19 +29,29 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable
 
 import torch
 
 
 class _PriorityRunner:
-    """Runs one op on the priority stream, ordered after the current stream's work, and orders the current stream
-    after it. On CPU (no stream) it just calls the op. Counts calls (checked by tests and reported per step)."""
+    """While `active`: runs one op on the priority stream, ordered after the current stream's work, and orders the
+    current stream after it (on CPU, with no stream, it just calls the op) and counts the call (checked by tests and
+    reported after the first step). Inactive, it calls the op directly."""
 
     def __init__(self, stream):
-        self.stream, self.calls = stream, 0
+        self.stream, self.calls, self.active = stream, 0, False
+
+    @contextlib.contextmanager
+    def activated(self):
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
 
     def __call__(self, fn, *args, **kwargs):
+        if not self.active:
+            return fn(*args, **kwargs)
         self.calls += 1
         if self.stream is None:
             return fn(*args, **kwargs)
@@ -51,19 +62,6 @@ class _PriorityRunner:
         out.record_stream(cur)
         cur.wait_stream(self.stream)
         return out
-
-
-@contextlib.contextmanager
-def ffn_post_res_on(module: torch.nn.Module, runner: Callable):
-    """Route the FFN sites' post_res of `module` (a stage) through `runner` for the duration of the block."""
-    sites = [layer.ffn_conn for layer in getattr(module, "layers", {}).values()]
-    for site in sites:
-        site.post_res_runner = runner
-    try:
-        yield
-    finally:
-        for site in sites:
-            site.post_res_runner = None
 
 
 def _assert_unsharded(sched, stage) -> None:
@@ -109,7 +107,7 @@ class OverlapFB:
         with self._side():
             if not stage.is_first and fwd.stage_index - 1 not in stages:
                 _wait_batch_p2p(sched.fwd_recv_ops.pop((fwd.stage_index, mb)))
-            with ffn_post_res_on(stage.submod, self.runner):
+            with self.runner.activated():
                 out = stage.forward_one_chunk(mb, ctx.arg_mbs[mb], ctx.kwarg_mbs[mb], save_forward_output=True)
             sched._maybe_compute_loss(stage, out, ctx.target_mbs, mb)
             if fwd.stage_index + 1 in stages:  # the V turn-around: the next stage lives on this rank
@@ -131,10 +129,14 @@ class OverlapFB:
             torch.cuda.current_stream().wait_stream(self.side)
 
 
-def register_overlap(schedule, device) -> OverlapFB:
-    """Install `OverlapFB` as the schedule's OVERLAP_F_B handler; returns it (its counters feed logs and tests)."""
+def install_overlap(schedule, modules, device) -> OverlapFB:
+    """Install `OverlapFB` as the schedule's OVERLAP_F_B handler and route the FFN sites' post_res of the stage
+    `modules` through its priority runner; returns it (its counters feed logs and tests)."""
     from torch.distributed.pipelining.schedules import OVERLAP_F_B
 
     handler = OverlapFB(device)
     schedule.register_custom_function(OVERLAP_F_B, handler)
+    for module in modules:
+        for layer in module.layers.values():
+            layer.ffn_conn.run_post_res_through(handler.runner)
     return handler

@@ -39,8 +39,7 @@ import math
 import torch
 
 from mhc_train import ops
-
-MODES = ("none", "mhc", "full")
+from mhc_train.config import RECOMPUTE_MODES as MODES
 
 
 def optimal_block(n: int, n_sites: int) -> int:
@@ -192,9 +191,9 @@ class _SitePost(torch.autograd.Function):
 
 
 def _run_mhc_block(parts, x):
-    """Sites of one block with connection intermediates recomputed in backward. parts: [(site, norm, f)]."""
-    cache, x0, ys = _BlockCache([p[0] for p in parts]), x, []
-    for i, (site, norm, f) in enumerate(parts):
+    """Sites of one block with connection intermediates recomputed in backward. parts: [SitePart]."""
+    cache, x0, ys = _BlockCache([p.site for p in parts]), x, []
+    for i, (site, norm, f, _) in enumerate(parts):
         params = _views([*norm.parameters(), *site.parameters()])
         (xv,) = _views([x])
         z = _SitePre.apply(xv, x0, tuple(ys), site, norm, cache, i, *params)
@@ -205,7 +204,7 @@ def _run_mhc_block(parts, x):
 
 
 def _plain_sites(parts, x):
-    for site, norm, f in parts:
+    for site, norm, f, _ in parts:
         x = site(x, lambda h, norm=norm, f=f: f(norm(h)))
     return x
 
@@ -224,7 +223,7 @@ class _FullRecompute(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        params = [p for site, norm, f in ctx.parts for p in _part_params(site, norm, f)]
+        params = [p for part in ctx.parts for p in _part_params(part)]
         needed = _wanted(ctx)  # a split backward asks for the input, then the weights: recompute computes each once
         with torch.enable_grad():
             xg = x.detach().requires_grad_(needed[0])
@@ -233,43 +232,32 @@ class _FullRecompute(torch.autograd.Function):
         return (gx, None, None, *gp)
 
 
-def _part_params(site, norm, f):
-    owner = f if isinstance(f, torch.nn.Module) else f._owner
-    return [*site.parameters(), *norm.parameters(), *owner.parameters()]
-
-
-def _site_parts(model):
-    parts = []
-    for layer in model.layers.values():
-        for site, norm, f in layer.site_parts(model.rope):
-            if not isinstance(f, torch.nn.Module):  # attention's closure: remember which module owns its weights
-                f._owner = layer.attn
-            parts.append((site, norm, f))
-    return parts
+def _part_params(part) -> list:
+    return [*part.site.parameters(), *part.norm.parameters(), *part.owner.parameters()]
 
 
 def apply_recompute(model, mode: str, block: int | str = "auto", stage_sites: list[int] | None = None):
-    """Install the recompute runner on `model` (in place); returns the block plan. `none` restores the plain loop."""
+    """Choose `model`'s block runner for `mode` (`model.use_block_runner`); returns the block plan. `none` (and `mhc`
+    on the residual baseline, which has no connection intermediates to drop) keeps the plain loop."""
     if mode not in MODES:
         raise ValueError(f"parallel.recompute={mode!r} is invalid: allowed values are {', '.join(MODES)}")
     block = block if block in ("auto", "stage") else int(block)
     n_sites = 2 * len(model.layers)
     plan = plan_blocks(n_sites, model.n_streams, block, stage_sites)
     if mode == "none" or (mode == "mhc" and model.conn_cfg.type == "residual"):
-        model.layer_runner = None  # residual has no connection intermediates to drop
+        model.use_block_runner(None)
         return plan
 
-    def runner(m, h):
-        parts = _site_parts(m)
+    def runner(parts, h):
         for start, stop in plan:
             group = parts[start:stop]
             if mode == "mhc":
                 h = _run_mhc_block(group, h)
             else:
-                params = [p for part in group for p in _part_params(*part)]
+                params = [p for part in group for p in _part_params(part)]
                 (hv,) = _views([h])
                 h = _FullRecompute.apply(hv, group, len(params), *_views(params))
         return h
 
-    model.layer_runner = runner
+    model.use_block_runner(runner)
     return plan

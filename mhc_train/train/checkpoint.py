@@ -1,5 +1,9 @@
 """Atomic checkpoints, retention, and the resume compatibility check.
 
+All checkpoint state lives here, whatever the engine: the engine gives primitives (`mhc_train.parallel.Engine`:
+`checkpoint_formats`, by-name optimizer state, live DCP tensors, a native format), the run directory gives the paths
+(`mhc_train.rundir.RunDir`), and this module decides what is written where and how it is read back.
+
 A checkpoint is one file `checkpoints/step_XXXXXXXX.pt`, written as a hidden temporary file, fsynced and renamed:
 a kill at any moment leaves either the previous set of complete checkpoints or that set plus the new one, never a
 half-written file under a checkpoint name. Leftover temporaries are removed on the next save.
@@ -18,16 +22,19 @@ The sharded directories are complete before the file that points at them is rena
 from __future__ import annotations
 
 import os
-import re
+import random
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mhc_train.config import CheckpointConfig
+from mhc_train.parallel import DistInfo, Engine, barrier
+from mhc_train.parallel.state import optimizer_groups_by_name
+from mhc_train.rundir import RunDir
 
-NAME = re.compile(r"^step_(\d{8})\.pt$")
 # Keys whose change makes a checkpoint unusable: they change parameter shapes or the meaning of the weights.
 FATAL_PREFIXES = ("model.", "connection.")
 SAFE_EXCEPTIONS = ("connection.backend",)  # same math, another implementation
@@ -45,31 +52,77 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 class CheckpointManager:
-    def __init__(self, run_dir: Path, cfg: CheckpointConfig):
-        self.dir = Path(run_dir) / "checkpoints"
+    """The checkpoints of one run directory: listing, atomic writes, retention, and engine state in and out."""
+
+    def __init__(self, run_dir: str | Path | RunDir, cfg: CheckpointConfig, dist: DistInfo | None = None):
+        self.run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        self.dir = self.run.checkpoints
         self.cfg = cfg
+        self.dist = dist or DistInfo()
 
     def path_for(self, step: int) -> Path:
-        return self.dir / f"step_{step:08d}.pt"
+        return self.run.step_file(step)
 
     def complete(self) -> list[tuple[int, Path]]:
         """Complete checkpoints, oldest first (temporaries are never listed)."""
-        if not self.dir.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in self.dir.iterdir() if (m := NAME.match(p.name))]
-        return sorted(found)
+        return self.run.step_files()
 
     def latest(self) -> Path | None:
         done = self.complete()
         return done[-1][1] if done else None
 
-    def save(self, step: int, state: dict) -> Path:
+    # ---- writing -----------------------------------------------------------------------------------------------
+    def format_for(self, engine: Engine) -> str:
+        """file | dcp | the engine's native format: checkpoint.format where the engine supports it, else (and for
+        auto) the engine's first format."""
+        fmt = self.cfg.format
+        return fmt if fmt in engine.checkpoint_formats else engine.checkpoint_formats[0]
+
+    def save(self, engine: Engine, step: int, meta: dict) -> Path:
+        """Every rank calls this. Sharded engine state first (all ranks), then rank 0's atomic step file holding
+        `meta` (counters, RNG, config, ...) and what points at the shards."""
+        fmt, tag = self.format_for(engine), self.run.tag(step)
+        body: dict = {"dcp": None, "deepspeed_tag": None}
+        if fmt == "dcp":
+            save_dcp(engine.live_state(), self.run.dcp_dir(tag))
+            body.update(dcp=tag, scheduler=engine.scheduler.state_dict(), optimizer_groups=groups(engine))
+        elif fmt == "file":
+            body.update(optimizer=engine.optimizer_state(), scheduler=engine.scheduler.state_dict())
+        else:
+            engine.save_native(self.run.deepspeed_root, tag)  # every rank writes its shards
+            body.update(deepspeed_tag=tag)
+        if fmt != "dcp":
+            body["model"] = engine.full_model().state_dict()  # a collective where weights are sharded or cut
+        barrier(self.dist)  # every shard is complete before the file that points at them exists
+        path = self.path_for(step)
+        if self.dist.is_main:
+            self.write(step, {**body, **meta, "world_size": self.dist.world, "step": step, "rng": rng_state()})
+        barrier(self.dist)
+        return path
+
+    def write(self, step: int, state: dict) -> Path:
+        """Rank 0: the step file, written as a hidden temporary, fsynced and renamed; then retention."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.dir.glob(".step_*.tmp*"):  # left by a run killed mid-write
+        for stale in self.run.temp_files():  # left by a run killed mid-write
             stale.unlink(missing_ok=True)
         final = self.path_for(step)
-        tmp = self.dir / f".{final.name}.tmp{os.getpid()}"
+        tmp = self.run.temp_file(step, os.getpid())
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -88,9 +141,10 @@ class CheckpointManager:
         for step, path in done:
             if step not in keep:
                 path.unlink(missing_ok=True)
-                for sharded in ("deepspeed", "dcp"):  # its sharded engine state, if any
-                    shutil.rmtree(self.dir / sharded / path.stem, ignore_errors=True)
+                for sharded in self.run.sharded_dirs(path.stem):  # its sharded engine state, if any
+                    shutil.rmtree(sharded, ignore_errors=True)
 
+    # ---- reading -----------------------------------------------------------------------------------------------
     @staticmethod
     def load(path: str | Path) -> dict:
         path = Path(path)
@@ -116,6 +170,64 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {path} lacks {sorted(missing)}: it was not written by mhc-train")
         return state
 
+    def read(self, path: Path, config: dict, tokenizer: dict) -> tuple[dict, list[str]]:
+        """(state, allowed config changes) of the checkpoint at `path`, checked against this run's resolved config and
+        tokenizer reference; raises CheckpointError naming the problem and the fix."""
+        state = self.load(path)
+        fatal, allowed = compare_configs(state["config"], config)
+        if fatal:
+            raise CheckpointError(
+                f"cannot resume from {path}: the config changes the model. Differing keys:\n  "
+                + "\n  ".join(fatal)
+                + "\nRestore these values, or start a new run (another run_dir, or checkpoint.resume=never)."
+            )
+        tok = state.get("tokenizer", {})
+        if tok.get("sha256") and tok["sha256"] != tokenizer["sha256"]:
+            raise CheckpointError(
+                f"cannot resume from {path}: it was trained with tokenizer {tok['path']} (sha256 {tok['sha256'][:12]}) "
+                f"but the data now uses {tokenizer['path']} (sha256 {tokenizer['sha256'][:12]}); "
+                "point data.out_dir / data.tokenizer_model back at the original tokenizer"
+            )
+        return state, allowed
+
+    @staticmethod
+    def load_weights(model: torch.nn.Module, state: dict) -> None:
+        """Weights of a step file into the plain model, before any engine wraps it (a DCP checkpoint's weights are
+        loaded into the engine's own tensors by `restore`)."""
+        if not state.get("dcp"):
+            model.load_state_dict(state["model"])
+
+    def restore(self, engine: Engine, state: dict, path: Path) -> list[str]:
+        """Optimizer, scheduler (and DCP weights) into the built engine, and the RNG states; every rank calls it.
+        Returns notes for the log."""
+        notes = []
+        if state.get("deepspeed_tag"):
+            try:
+                engine.load_native(self.run.deepspeed_root, state["deepspeed_tag"])
+            except (FileNotFoundError, NotImplementedError) as e:
+                raise CheckpointError(f"cannot resume from {path}: {e}") from e
+        elif state.get("dcp"):
+            if "dcp" not in engine.checkpoint_formats:
+                raise CheckpointError(
+                    f"{path} is a DCP checkpoint; parallel.engine={engine.name} cannot load it (use none, ddp, fsdp "
+                    "or a pipeline)"
+                )
+            load_dcp(engine.live_state(), self.run.dcp_dir(state["dcp"]))
+            engine.weights_loaded()  # rank 0's plain model gets the loaded weights at the next full_model()
+            for group in engine.optimizer.param_groups:  # the hyper-parameters the scheduler last set (lr)
+                group.update(state["optimizer_groups"].get(group["name"], {}))
+            engine.scheduler.load_state_dict(state["scheduler"])
+        else:
+            if not engine.load_optimizer_state(state["optimizer"]):
+                notes.append(f"{path} is a file checkpoint: {engine.name} takes its weights only (fresh optimizer)")
+            engine.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        return notes
+
+
+def groups(engine: Engine) -> dict:
+    return optimizer_groups_by_name(engine.optimizer)
+
 
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
@@ -139,60 +251,6 @@ def compare_configs(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     return fatal, allowed
 
 
-def optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict) -> dict:
-    """The optimizer's state keyed by parameter name instead of position, so any layout can load it.
-
-    names: {parameter tensor: its name in the plain model}. Groups are identified by their "name" field.
-    """
-    sd = optimizer.state_dict()
-    ordered = [p for g in optimizer.param_groups for p in g["params"]]
-    idx_to_name = {i: names[p] for i, p in enumerate(ordered)}
-    return {"state": {idx_to_name[i]: s for i, s in sd["state"].items()}, "groups": optimizer_groups_by_name(optimizer)}
-
-
-def optimizer_groups_by_name(optimizer: torch.optim.Optimizer) -> dict:
-    """Each parameter group's hyper-parameters (lr as the scheduler last set it, betas, weight decay, ...) by name."""
-    return {g["name"]: {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups}
-
-
-def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, saved: dict, names: dict, convert=None) -> None:
-    """Load a by-name state into `optimizer`, taking the entries of the parameters it holds. `convert(value, param)`
-    may re-lay each value out like its parameter (FSDP shards a full tensor this way)."""
-    sd = optimizer.state_dict()
-    ordered = [p for g in optimizer.param_groups for p in g["params"]]
-    state = {}
-    for i, p in enumerate(ordered):
-        entry = saved["state"].get(names[p])
-        if entry is not None:
-            state[i] = {k: convert(v, p) for k, v in entry.items()} if convert else entry
-    groups = [{**saved["groups"].get(g["name"], {}), "params": g["params"]} for g in sd["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-def _adamw_state_like(optimizer: torch.optim.Optimizer) -> None:
-    """Give every parameter an (empty) AdamW state so a DCP load has tensors of the right layout to fill in place."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if not optimizer.state.get(p):
-                optimizer.state[p] = {
-                    "step": torch.tensor(0.0),
-                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-                }
-
-
-def dcp_state(modules, optimizer: torch.optim.Optimizer, names: dict) -> dict:
-    """The live tensors a DCP save reads and a DCP load fills in place: {"model": {name: tensor}, "optim": {name:
-    {state key: tensor}}}. Names are the plain model's, whatever the layout; DTensors stay DTensors (sharded)."""
-    model = {}
-    for m in modules:
-        for name, t in m.state_dict(keep_vars=True).items():
-            model[name] = t.detach() if isinstance(t, torch.nn.Parameter) else t
-    _adamw_state_like(optimizer)
-    optim = {names[p]: dict(optimizer.state[p]) for g in optimizer.param_groups for p in g["params"]}
-    return {"model": model, "optim": optim}
-
-
 def save_dcp(state: dict, directory: Path) -> None:
     """Every rank calls this: writes its shards and (the coordinator) the metadata, which comes last."""
     import torch.distributed.checkpoint as dcp
@@ -201,7 +259,7 @@ def save_dcp(state: dict, directory: Path) -> None:
 
 
 def load_dcp(state: dict, directory: Path) -> None:
-    """Fill `state` (from `dcp_state`) in place from a DCP directory, re-sharding as needed (every rank calls it)."""
+    """Fill `state` (from `Engine.live_state`) in place from a DCP directory, re-sharding as needed (every rank)."""
     import torch.distributed.checkpoint as dcp
 
     if not (directory / ".metadata").is_file():
@@ -231,5 +289,5 @@ def read_model_state(path: str | Path) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "full.pt"
-        dcp_to_torch_save(str(path.parent / "dcp" / state["dcp"]), str(out))
+        dcp_to_torch_save(str(RunDir.of_step_file(path).dcp_dir(state["dcp"])), str(out))
         return torch.load(out, map_location="cpu", weights_only=False)["model"]

@@ -27,11 +27,9 @@ def connection_diagnostics(model, tokens: torch.Tensor) -> dict:
         site.register_forward_pre_hook(lambda mod, args, name=name: inputs.__setitem__(name, args[0]))
         for name, site in model.sites()
     ]
-    runner, model.layer_runner = model.layer_runner, None  # the plain loop calls every site (recompute does not)
     try:
-        model(tokens)
+        model.run_blocks(model.embed(tokens), plain=True)  # the plain loop calls every site (recompute does not)
     finally:
-        model.layer_runner = runner
         for h in handles:
             h.remove()
     sites, fwd, bwd_chain = {}, None, []
@@ -75,15 +73,14 @@ def connection_diagnostics(model, tokens: torch.Tensor) -> dict:
     }
 
 
-def grad_norms(model) -> dict:
-    """Per-layer gradient L2 norms (embedding, each block, head) and the global norm."""
+def grad_norms(named_grads) -> dict:
+    """Per-layer gradient L2 norms (embedding, each block, head) and the global norm, from (name, grad) pairs of the
+    plain model's parameters (`Engine.local_named_grads`)."""
     sq: dict[str, float] = {}
-    for name, p in model.named_parameters():
-        if p.grad is None:
-            continue
+    for name, grad in named_grads:
         parts = name.split(".")
         group = f"layer{parts[1]}" if parts[0] == "layers" else parts[0]
-        sq[group] = sq.get(group, 0.0) + p.grad.detach().double().square().sum().item()
+        sq[group] = sq.get(group, 0.0) + grad.detach().double().square().sum().item()
     out = {k: v**0.5 for k, v in sq.items()}
     out["global"] = sum(sq.values()) ** 0.5
     return out

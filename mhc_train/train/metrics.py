@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from mhc_train.config import LoggingConfig
+from mhc_train.rundir import RunDir
 
 
 def _clean(v):
@@ -26,7 +27,7 @@ def _clean(v):
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, cfg: LoggingConfig, config_dict: dict, run_name: str, enabled: bool = True):
-        self.path = run_dir / "metrics.jsonl"
+        self.path = RunDir(run_dir).metrics
         self.enabled = enabled
         self._file = open(self.path, "a") if enabled else None
         self._wandb = None
@@ -88,7 +89,7 @@ def _wandb_id(run_dir: Path) -> str:
 def read_metrics(run_dir: str | Path) -> dict[str, list[dict]]:
     """{kind: [records sorted by step]}, keeping the last record written for each (kind, step)."""
     latest: dict[tuple[str, int], dict] = {}
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run directory?")
     with open(path) as f:

@@ -124,9 +124,9 @@ def test_unsupported_inputs_raise_with_the_reason():
 
 @pytest.mark.parametrize("arm", ["hc", "mhc", "mhc_identity"])
 def test_model_trained_with_triton_matches_torch_loss_for_loss(arm):
-    from mhc_train.benchmark import lm_loss
     from mhc_train.model import build_model
     from tests.helpers import conn_cfg, tiny_model_cfg
+    from tools.measure import next_token_loss
 
     tokens = torch.randint(0, 256, (4, 25), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     losses = {}
@@ -135,7 +135,7 @@ def test_model_trained_with_triton_matches_torch_loss_for_loss(arm):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         losses[backend] = []
         for _ in range(3):
-            loss = lm_loss(model, tokens)
+            loss = next_token_loss(model, tokens)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mhc_train.parallel.pipeline_sim import Costs, schedule_order, simulate
+from tools.pipeline_sim import Costs, schedule_order, simulate
 
 
 def test_one_f_one_b_matches_the_hand_computed_case():

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from mhc_train.benchmark import lm_loss, saved_bytes_for_backward
 from mhc_train.model import build_model
 from mhc_train.parallel import apply_recompute, optimal_block, plan_blocks
-from mhc_train.parallel.memory import component_bytes, predict_bytes_per_token
 from tests.helpers import conn_cfg, tiny_model_cfg
+from tools.measure import next_token_loss, saved_bytes_for_backward
+from tools.memory_model import component_bytes, predict_bytes_per_token
 
 ARMS = ["residual", "hc", "mhc", "mhc_identity"]
 
@@ -24,7 +24,7 @@ def _model(arm, n_layer=4, **kw):
 
 def _grads(model, tokens):
     model.zero_grad(set_to_none=True)
-    loss = lm_loss(model, tokens)
+    loss = next_token_loss(model, tokens)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -43,7 +43,7 @@ def test_recompute_gradients_are_bit_identical(arm, mode):
             diff = (got[name] - ref[name]).abs().max().item()
             assert torch.equal(got[name], ref[name]), f"{mode} L_r={block}: {name} differs by {diff:.3e}"
     apply_recompute(model, "none")
-    assert model.layer_runner is None
+    assert model.block_runner is None
 
 
 @pytest.mark.parametrize("arm", ["hc", "mhc"])
@@ -56,7 +56,7 @@ def test_split_input_then_weight_backward(arm):
     w = torch.randn(2, 16, model.n_streams, 32)
 
     def stage():  # a pipeline stage: stream state in, stream state out
-        return model.layer_runner(model, x)
+        return model.run_blocks(x)
 
     (gx_ref, *gp_ref) = torch.autograd.grad((stage() * w).sum(), [x, *params])
     out = (stage() * w).sum()
@@ -96,7 +96,7 @@ def test_torch_split_backward_gives_the_plain_gradients_and_splits_the_work(arm,
     for p in params:
         p.grad = None
     x = x_in.clone().requires_grad_()
-    out = model.layer_runner(model, x)
+    out = model.run_blocks(x)
     (gx,), groups = stage_backward_input([out], [w], [x], iter(params))
     input_calls, calls[:] = list(calls), []
     stage_backward_weight(iter(params), groups)
@@ -136,7 +136,9 @@ def test_saved_bytes_match_the_memory_model(arm):
     results = {}
     for mode, block in [("none", "auto"), ("mhc", 1), ("mhc", 3), ("mhc", "auto"), ("full", 1), ("full", 3)]:
         plan = apply_recompute(model, mode, block)
-        measured = saved_bytes_for_backward(lambda: lm_loss(model, tokens), [*model.parameters(), *model.buffers()])
+        measured = saved_bytes_for_backward(
+            lambda: next_token_loss(model, tokens), [*model.parameters(), *model.buffers()]
+        )
         measured /= B * T
         effective = "none" if (mode == "mhc" and arm == "residual") else mode
         predicted = predict_bytes_per_token(comp, 4, n, C, effective, plan)["total"]

@@ -3,8 +3,8 @@ import torch
 
 from mhc_train.config import ScheduleConfig
 from mhc_train.model import build_model
+from mhc_train.optim import lr_multiplier
 from mhc_train.train.diagnostics import amax_gains, connection_diagnostics
-from mhc_train.train.optim import lr_multiplier
 from tests.helpers import conn_cfg, tiny_model_cfg
 
 

@@ -163,20 +163,20 @@ def test_corrupt_checkpoint_is_reported(prepared_data, tmp_path):
 def test_nonfinite_loss_stops_naming_step_and_checkpoint(prepared_data, tmp_path):
     cfg = load_config(run_overrides(prepared_data, tmp_path / "r", **{"train.max_steps": 6, "checkpoint.every": 2}))
     t = Trainer(cfg, log=lambda *a: None)
-    orig = t.train_step
+    orig = t.engine.forward_backward
 
-    def poisoned():
-        out = orig()
-        return {**out, "loss": float("nan")} if t.step == 3 else out
+    def poisoned(batch):
+        loss = orig(batch)
+        return float("nan") if t.step == 3 else loss
 
-    t.train_step = poisoned
+    t.engine.forward_backward = poisoned
     with pytest.raises(TrainingError, match=r"non-finite loss at step 4.*step_00000002.pt.*skip_nonfinite"):
         t.run()
     cfg.train.skip_nonfinite = True
     cfg.run_dir = str(tmp_path / "skip")
     t = Trainer(cfg, log=lambda *a: None)
-    orig = t.train_step
-    t.train_step = poisoned
+    orig = t.engine.forward_backward
+    t.engine.forward_backward = poisoned
     summary = t.run()
     assert summary["skipped_steps"] == 1 and summary["steps"] == 6
 

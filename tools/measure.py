@@ -10,7 +10,8 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
+
+from mhc_train.model import lm_loss
 
 
 def saved_bytes_for_backward(fn, params=()) -> int:
@@ -34,9 +35,9 @@ def saved_bytes_for_backward(fn, params=()) -> int:
     return sum(seen.values())
 
 
-def lm_loss(model, tokens: torch.Tensor) -> torch.Tensor:
-    logits = model(tokens[:, :-1])
-    return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+def next_token_loss(model, tokens: torch.Tensor) -> torch.Tensor:
+    """The LM loss of `model` on tokens [B, T+1] (inputs tokens[:, :-1], targets tokens[:, 1:])."""
+    return lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
 
 
 def time_fwd_bwd(model, tokens: torch.Tensor, warmup: int = 2, iters: int = 5) -> dict:
@@ -44,7 +45,7 @@ def time_fwd_bwd(model, tokens: torch.Tensor, warmup: int = 2, iters: int = 5) -
     times = []
     for i in range(warmup + iters):
         t0 = time.perf_counter()
-        lm_loss(model, tokens).backward()
+        next_token_loss(model, tokens).backward()
         if tokens.device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:

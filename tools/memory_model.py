@@ -16,7 +16,8 @@ import math
 
 import torch
 
-from mhc_train.benchmark import lm_loss, saved_bytes_for_backward
+from mhc_train.model import lm_loss
+from tools.measure import saved_bytes_for_backward
 
 
 def _measure(fn, model) -> int:
@@ -33,13 +34,9 @@ def component_bytes(model, batch: int = 1, seq_len: int = 64) -> dict:
     x = torch.randn(batch, seq_len, n, C, device=dev, dtype=dtype, requires_grad=True)
     h = torch.randn(batch, seq_len, C, device=dev, dtype=dtype, requires_grad=True)
     ntok = batch * seq_len
-    saved_runner, model.layer_runner = model.layer_runner, (lambda m, s: s)  # head only: skip the blocks
-    try:
-        head = _measure(lambda: lm_loss(model, tok), model)
-    finally:
-        model.layer_runner = saved_runner
+    head = _measure(lambda: lm_loss(model.head(model.embed(tok[:, :-1])), tok[:, 1:]), model)  # no blocks
     out = {"head": head / ntok}
-    (attn_site, attn_norm, attn_f), (ffn_site, ffn_norm, ffn_f) = layer.site_parts(model.rope)
+    (attn_site, attn_norm, attn_f, _), (ffn_site, ffn_norm, ffn_f, _) = layer.site_parts(model.rope)
     out["attn"] = _measure(lambda: attn_f(h), model) / ntok
     out["ffn"] = _measure(lambda: ffn_f(h), model) / ntok
     out["attn_site_none"] = _measure(lambda: attn_site(x, lambda v: attn_f(attn_norm(v))), model) / ntok - out["attn"]

@@ -13,8 +13,9 @@ two runs differ only in the pipeline machinery. Not a training engine: no checkp
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from mhc_train.model import lm_loss
 
 
 class _Embed(nn.Module):
@@ -45,10 +46,6 @@ class _Head(nn.Module):
         return self.output(self.norm(self.conn.collapse(x)))
 
 
-def lm_loss(logits, target):
-    return F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
-
-
 def pipeline_module(model, num_stages: int):
     """A DeepSpeed `PipelineModule` over `model`'s own modules, cut into `num_stages` by layer count."""
     from deepspeed.pipe import PipelineModule
@@ -64,7 +61,7 @@ def train_losses(cfg, steps: int, log=print) -> tuple[list[float], list[float]]:
 
     from mhc_train.data.loader import TokenData
     from mhc_train.model import build_model
-    from mhc_train.train.optim import build_optimizer, build_scheduler
+    from mhc_train.optim import build_optimizer, build_scheduler
 
     t, p = cfg.train, cfg.parallel
     deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")

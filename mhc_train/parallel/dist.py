@@ -1,0 +1,79 @@
+"""The process group: who this rank is, joining the group torchrun describes, and the few collectives engines share.
+
+Collectives here put their tensors on the engine's device: NCCL refuses CPU tensors, gloo takes either.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # this rank's compute device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device_type(device: str) -> str:
+    """`train.device`: auto is cuda where available, cpu otherwise."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group torchrun / the deepspeed launcher describe in the environment (no-op alone), and pick
+    this rank's device (`train.device`; cuda:LOCAL_RANK on CUDA)."""
+    device_type = resolve_device_type(device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0
+    dev = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device("cpu")
+    if world == 1:
+        return DistInfo(device=dev)
+    info = DistInfo(int(os.environ["RANK"]), world, local_rank, dev)
+    if not dist.is_initialized():
+        if device_type == "cuda":
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return info
+
+
+def barrier(info: DistInfo) -> None:
+    if info.world > 1:
+        dist.barrier()
+
+
+def sum_across_ranks(value: torch.Tensor | float, info: DistInfo, device) -> float:
+    """The sum of a scalar over all ranks (the value itself alone), reduced in float64 on `device`."""
+    t = torch.as_tensor(value, dtype=torch.float64).reshape(1).to(device)
+    if info.world > 1:
+        dist.all_reduce(t)
+    return t.item()
+
+
+def gather_dicts(local: dict, info: DistInfo) -> dict:
+    """Every rank's dict merged on rank 0 ({} elsewhere). A collective."""
+    if info.world == 1:
+        return dict(local)
+    gathered = [None] * info.world if info.is_main else None
+    dist.gather_object(local, gathered, dst=0)
+    return {k: v for part in gathered for k, v in part.items()} if info.is_main else {}
+
+
+def shutdown() -> None:
+    """After a successful distributed run: wait for every rank, then tear the process group down. Leaving it to
+    interpreter exit can abort a rank ("terminate called without an active exception") while a backend thread is
+    still alive, which turns a finished run into a failed job."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,195 @@
+"""The engine contract: what the trainer drives, whatever the parallelism.
+
+An engine owns the training copy of the model (the plain model itself, a DDP/DeepSpeed wrapper, FSDP shards or this
+rank's pipeline stages), its optimizer and LR scheduler, and the forward/backward of one optimiser step. The trainer
+holds an `Engine`, calls the methods below in this order each step, and never asks which engine it is:
+
+    loss = engine.forward_backward(batch)      # every micro-batch of this step; the global mean loss on every rank
+    grads = engine.gather_grads()               # (debug) full reduced gradients by name on rank 0; a collective
+    lr = engine.lr(); norm = engine.step()      # clip, optimizer and scheduler step; returns the pre-clip norm
+    # or engine.skip() for a step with a non-finite loss
+    model = engine.full_model()                 # the plain model with the trained weights (rank 0); a collective
+
+Checkpoints go through `mhc_train.train.checkpoint`, which owns all checkpoint state and uses the engine's
+primitives: `checkpoint_formats`, `optimizer_state` / `load_optimizer_state` (by parameter name, full tensors),
+`live_state` (torch DCP, sharded as trained) and `save_native` / `load_native` (an engine's own format).
+
+`batch(micro, shard, n_shards) -> (x, y)` is the trainer's data: micro-batch `micro` of this step, slice `shard`
+of `n_shards` of the global batch. Each engine knows its micro-batch count and which data-parallel slice it trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+
+import torch
+
+from mhc_train.model import lm_loss
+from mhc_train.parallel import state
+from mhc_train.parallel.dist import DistInfo, sum_across_ranks
+
+BatchFn = Callable[[int, int, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def release_eval_copy(model: torch.nn.Module, info) -> None:
+    """Only rank 0 evaluates and writes checkpoint files from the plain model; once an engine trains its own copy,
+    the other ranks move theirs to the meta device (shapes kept, storage freed: one whole model per rank)."""
+    if not info.is_main:
+        model.to(torch.device("meta"))
+
+
+class Engine:
+    """Base class and the single-model default; subclasses override what their parallelism changes."""
+
+    name = "engine"  # for logs only; nothing branches on it
+    checkpoint_formats: tuple[str, ...] = ("file", "dcp")  # what `save` can write; the first is checkpoint.format=auto
+
+    def __init__(self, model, optimizer, scheduler, dist: DistInfo, device, grad_clip: float, autocast_dtype=None):
+        self.model = model  # the plain model: rank 0's full view for evaluation, diagnostics and checkpoint files
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.dist, self.device, self.grad_clip = dist, torch.device(device), grad_clip
+        self.autocast_dtype = autocast_dtype
+        self._version, self._synced = 0, 0  # optimiser steps taken / reflected in `self.model`
+
+    # ---- one optimiser step ------------------------------------------------------------------------------------
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def loss(self, forward, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            logits = forward(x.to(self.device))
+        return lm_loss(logits, y.to(self.device))
+
+    def forward_backward(self, batch: BatchFn) -> float:
+        """Forward and backward of every micro-batch of this step; returns the global mean loss on every rank."""
+        raise NotImplementedError
+
+    def params_with_grad(self) -> list[torch.Tensor]:
+        return [p for p in self.train_parameters() if p.grad is not None]
+
+    def clip(self) -> float:
+        """The global pre-clip gradient norm; scales the gradients to `grad_clip` when it is exceeded (0: never)."""
+        limit = self.grad_clip if self.grad_clip > 0 else float("inf")
+        return torch.nn.utils.clip_grad_norm_(self.params_with_grad(), limit).item()
+
+    def step(self) -> float:
+        """Clip, optimizer step, scheduler step, zero the gradients; returns the pre-clip gradient norm."""
+        norm = self.clip()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._version += 1
+        return norm
+
+    def skip(self) -> None:
+        """Drop this step's gradients (a non-finite loss); the schedule advances as if it had stepped."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    # ---- views -------------------------------------------------------------------------------------------------
+    def train_parameters(self) -> Iterable[torch.Tensor]:
+        """The parameters this rank trains (shards or stages included)."""
+        return self.model.parameters()
+
+    def param_names(self) -> dict:
+        """{trained parameter: its name in the plain model} (stages and shards keep the plain names)."""
+        return {p: n for n, p in self.model.named_parameters()}
+
+    def _sync_full_model(self) -> None:
+        """Copy the trained weights into rank 0's `self.model` (a collective where they are sharded or cut)."""
+
+    def full_model(self) -> torch.nn.Module:
+        """The plain model holding the current weights on rank 0 (other ranks may hold a meta copy). A collective
+        where the weights are sharded or cut: every rank calls it; it syncs at most once per optimiser step."""
+        if self._synced != self._version:
+            self._sync_full_model()
+            self._synced = self._version
+        return self.model
+
+    def weights_loaded(self) -> None:
+        """The trained weights were replaced in place (a DCP load): the next `full_model` syncs."""
+        self._synced = -1
+
+    def local_named_grads(self) -> Iterable[tuple[str, torch.Tensor]] | None:
+        """(name, full reduced gradient) of the plain model where it holds them without a collective, else None."""
+        return None
+
+    def gather_grads(self) -> dict:
+        """Every parameter's full, reduced gradient by name on rank 0, between backward and step. A collective."""
+        return {n: p.grad.detach().cpu().clone() for p, n in self.param_names().items() if p.grad is not None}
+
+    def describe(self) -> str:
+        """One line on the layout, logged at start ("" for none)."""
+        return ""
+
+    def report(self) -> str:
+        """One line on what the engine did in the first step, logged after it ("" for nothing to say)."""
+        return ""
+
+    # ---- checkpoint primitives (used by mhc_train.train.checkpoint) ---------------------------------------------
+    def optimizer_state(self) -> dict:
+        """Optimizer state by parameter name, full tensors, merged on rank 0 ({} elsewhere). A collective."""
+        return state.optimizer_state_by_name(self.optimizer, self.param_names(), gather=True)
+
+    def load_optimizer_state(self, saved: dict) -> bool:
+        """A by-name optimizer state (from any layout), each tensor re-laid out like its parameter; False where the
+        engine cannot take one (it then starts from a fresh optimizer state)."""
+        state.load_optimizer_state_by_name(self.optimizer, saved, self.param_names())
+        return True
+
+    def live_modules(self) -> list[torch.nn.Module]:
+        return [self.model]
+
+    def live_state(self) -> dict:
+        """Live model and optimizer tensors by parameter name, for a DCP save or an in-place DCP load."""
+        return state.live_state(self.live_modules(), self.optimizer, self.param_names())
+
+    def save_native(self, directory, tag: str) -> None:
+        raise NotImplementedError(f"{self.name} has no native checkpoint format")
+
+    def load_native(self, directory, tag: str) -> None:
+        raise NotImplementedError(f"{self.name} has no native checkpoint format")
+
+    def teardown(self) -> None:
+        """Release what the engine holds beyond the process group (nothing by default)."""
+
+
+class LocalEngine(Engine):
+    """One process, or torch DDP across ranks (gradients averaged during backward); trains the plain model itself."""
+
+    name = "torch"
+
+    def __init__(self, model, optimizer, scheduler, dist, device, grad_clip, autocast_dtype, grad_accum: int,
+                 ddp: bool = False, compile: bool = False):  # fmt: skip
+        super().__init__(model, optimizer, scheduler, dist, device, grad_clip, autocast_dtype)
+        self.grad_accum = grad_accum
+        forward = model
+        if ddp:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [dist.local_rank] if self.device.type == "cuda" else None
+            # broadcast_buffers=False: the only buffer (RoPE's table) is constant, and a per-forward broadcast would
+            # make rank 0's evaluation wait on the other ranks
+            forward = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        self.forward = torch.compile(forward) if compile else forward
+
+    def backward(self, loss: torch.Tensor, micro: int) -> None:
+        (loss / self.grad_accum).backward()
+
+    def forward_backward(self, batch: BatchFn) -> float:
+        total = torch.zeros((), device=self.device)
+        for micro in range(self.grad_accum):
+            x, y = batch(micro, self.dist.rank, self.dist.world)
+            loss = self.loss(self.forward, x, y)
+            self.backward(loss, micro)
+            total += loss.detach() / self.grad_accum
+        return sum_across_ranks(total.item(), self.dist, self.device) / self.dist.world
+
+    def local_named_grads(self):
+        return [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]

@@ -1,0 +1,101 @@
+"""Model and optimizer state by parameter name, whatever the layout: what makes a checkpoint load into one process,
+DDP, FSDP at another world size or any pipeline layout.
+
+- DTensor helpers: `local` (this rank's shard), `full` (the whole tensor, a collective), `shard_like` (a full
+  tensor laid out like a parameter);
+- the optimizer's state keyed by parameter name instead of position (`optimizer_state_by_name` and its loader);
+- `live_state`: the live tensors a torch DCP save reads and a DCP load fills in place.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _dtensor_cls():
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (the tensor itself otherwise)."""
+    return t.to_local() if isinstance(t, _dtensor_cls()) else t
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: all-gathers a DTensor over its mesh (a collective: every rank of the mesh must call it)."""
+    return t.full_tensor() if isinstance(t, _dtensor_cls()) else t
+
+
+def shard_like(value, param: torch.Tensor):
+    """A full tensor laid out like `param` (a DTensor shard of it when `param` is one); other values unchanged."""
+    if isinstance(param, _dtensor_cls()) and isinstance(value, torch.Tensor) and value.shape == param.shape:
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements)
+    return value
+
+
+def full_model_state(modules) -> dict:
+    """{parameter/buffer name: full CPU tensor} over `modules` (a collective under FSDP)."""
+    return {k: full(v).detach().cpu() for m in modules for k, v in m.state_dict().items()}
+
+
+def optimizer_groups_by_name(optimizer: torch.optim.Optimizer) -> dict:
+    """Each parameter group's hyper-parameters (lr as the scheduler last set it, betas, weight decay, ...) by name."""
+    return {g["name"]: {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups}
+
+
+def optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict, gather: bool = False) -> dict:
+    """The optimizer's state keyed by parameter name instead of position, so any layout can load it.
+
+    names: {parameter tensor: its name in the plain model}. Groups are identified by their "name" field. With
+    `gather`, every DTensor is all-gathered to a full CPU tensor (a collective under FSDP)."""
+    sd = optimizer.state_dict()
+    ordered = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {names[ordered[i]]: s for i, s in sd["state"].items()}
+    if gather:
+        state = {
+            name: {k: full(v).cpu() if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+            for name, entry in state.items()
+        }
+    return {"state": state, "groups": optimizer_groups_by_name(optimizer)}
+
+
+def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, saved: dict, names: dict) -> None:
+    """Load a by-name state into `optimizer`, taking the entries of the parameters it holds; each full tensor is
+    re-laid out like its parameter (sharded under FSDP)."""
+    sd = optimizer.state_dict()
+    ordered = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {}
+    for i, p in enumerate(ordered):
+        entry = saved["state"].get(names[p])
+        if entry is not None:
+            state[i] = {k: shard_like(v, p) for k, v in entry.items()}
+    groups = [{**saved["groups"].get(g["name"], {}), "params": g["params"]} for g in sd["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _adamw_state_like(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter an (empty) AdamW state so a DCP load has tensors of the right layout to fill in place."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not optimizer.state.get(p):
+                optimizer.state[p] = {
+                    "step": torch.tensor(0.0),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                }
+
+
+def live_state(modules, optimizer: torch.optim.Optimizer, names: dict) -> dict:
+    """The live tensors a DCP save reads and a DCP load fills in place: {"model": {name: tensor}, "optim": {name:
+    {state key: tensor}}}. Names are the plain model's, whatever the layout; DTensors stay DTensors (sharded)."""
+    model = {}
+    for m in modules:
+        for name, t in m.state_dict(keep_vars=True).items():
+            model[name] = t.detach() if isinstance(t, torch.nn.Parameter) else t
+    _adamw_state_like(optimizer)
+    optim = {names[p]: dict(optimizer.state[p]) for g in optimizer.param_groups for p in g["params"]}
+    return {"model": model, "optim": optim}

@@ -1,0 +1,149 @@
+"""The package's layering, read from the source (every import statement, function-local ones included):
+
+    rank 0  mhc_kernels (folder kernels/), mhc_train.config, mhc_train.rundir   import nothing of mhc_train
+    rank 1  mhc_train.ops
+    rank 2  mhc_train.model, mhc_train.data
+    rank 3  mhc_train.optim
+    rank 4  mhc_train.parallel
+    rank 5  mhc_train.train
+    rank 6  mhc_train.compare
+    rank 7  mhc_train.cli
+    rank 8  entry points (`__main__` modules: `python -m mhc_train.train` runs the CLI)
+
+A module may import its own group or a lower rank only, nothing imports `tools/` (planning tools and oracles live
+outside the product), and the module graph has no cycle.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RANKS = {
+    "mhc_kernels": 0,
+    "mhc_train.config": 0,
+    "mhc_train.rundir": 0,
+    "mhc_train.ops": 1,
+    "mhc_train.model": 2,
+    "mhc_train.data": 2,
+    "mhc_train.optim": 3,
+    "mhc_train.parallel": 4,
+    "mhc_train.train": 5,
+    "mhc_train.compare": 6,
+    "mhc_train.cli": 7,
+    "__main__": 8,
+}
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for root, name in ((REPO / "mhc_train", "mhc_train"), (REPO / "kernels", "mhc_kernels")):
+        for path in root.rglob("*.py"):
+            parts = [name, *path.relative_to(root).with_suffix("").parts]
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            mods[".".join(parts)] = path
+    return mods
+
+
+def _imports(module: str, path: Path, known: set[str]) -> set[str]:
+    """Internal modules `module` imports (a `from pkg import name` counts as pkg.name where that is a module)."""
+    is_pkg = path.name == "__init__.py"
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                pkg = module.split(".") if is_pkg else module.split(".")[:-1]
+                pkg = pkg[: len(pkg) - (node.level - 1)]
+                base = ".".join([*pkg, base] if base else pkg)
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        else:
+            continue
+        out |= {t for t in targets if t.split(".")[0] in ("mhc_train", "mhc_kernels", "tools")}
+    return out - {module}
+
+
+def _group(module: str) -> str | None:
+    if module.endswith(".__main__"):
+        return "__main__"
+    best = None
+    for g in RANKS:
+        if (module == g or module.startswith(g + ".")) and (best is None or len(g) > len(best)):
+            best = g
+    return best
+
+
+def graph() -> dict[str, set[str]]:
+    mods = _modules()
+    return {m: _imports(m, p, set(mods)) for m, p in mods.items()}
+
+
+def violations(edges: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for a, targets in edges.items():
+        ga = _group(a)
+        for b in targets:
+            gb = _group(b)
+            if b.split(".")[0] == "tools":
+                bad.append(f"{a} imports {b}: tools/ is not part of the product package")
+            elif a == "mhc_train" or b == "mhc_train":
+                continue  # the top-level package file holds nothing
+            elif ga is None or gb is None:
+                bad.append(f"{a} -> {b}: a module outside the layer table; add it to RANKS")
+            elif ga != gb and RANKS[gb] >= RANKS[ga]:
+                bad.append(f"{a} (rank {RANKS[ga]}) imports {b} (rank {RANKS[gb]}): only lower ranks may be imported")
+    return bad
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected component with more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in edges.get(v, ()):
+            if w not in edges:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in edges:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_checker_sees_cycles_and_upward_imports():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    bad = violations({"mhc_train.model.x": {"mhc_train.parallel.y"}, "mhc_train.config": {"mhc_train.ops"}})
+    assert len(bad) == 2, bad
+    assert violations({"mhc_train.parallel.y": {"tools.measure"}})
+    assert not violations({"mhc_train.train.t": {"mhc_train.parallel.y", "mhc_train.config", "mhc_kernels.gates"}})
+
+
+def test_the_package_graph_is_layered_and_acyclic():
+    edges = graph()
+    assert "mhc_train.parallel.build" in edges and "mhc_kernels" in edges  # the walk found the package
+    assert edges["mhc_train.config"] == set(), edges["mhc_train.config"]
+    assert violations(edges) == []
+    assert cycles(edges) == []
