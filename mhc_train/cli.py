@@ -33,7 +33,8 @@ def _load(args):
 def cmd_prepare(args) -> None:
     from mhc_train.data import prepare
 
-    prepare(_load(args).data)
+    manifest = prepare(_load(args).data)
+    print(f"prepared data: {manifest['dir']} (tokenizer sha256 {manifest['tokenizer']['sha256'][:12]})")
 
 
 def cmd_train(args) -> None:
@@ -121,10 +122,13 @@ def main(argv: list[str] | None = None) -> None:
     from mhc_train.config import ConfigError
     from mhc_train.data.errors import DataError
     from mhc_train.train.checkpoint import CheckpointError
-    from mhc_train.train.trainer import TrainingError
+    from mhc_train.train.errors import Preempted, TrainingError
 
     try:
         args.fn(args)
+    except Preempted as e:  # a checkpoint was written: say where, exit 128 + signal (143 SIGTERM, 130 SIGINT)
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except (ConfigError, DataError, CheckpointError, TrainingError) as e:
         _die(str(e))
 

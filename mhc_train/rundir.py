@@ -66,6 +66,17 @@ class RunDir:
         return sorted(self.checkpoints.glob(".step_*.tmp*")) if self.checkpoints.is_dir() else []
 
     @property
+    def damaged(self) -> Path:
+        return self.checkpoints / "damaged"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer.model"
+
+    def lock(self, rank: int) -> Path:
+        return self.root / "locks" / f"rank{rank}.lock"
+
+    @property
     def dcp_root(self) -> Path:
         return self.checkpoints / "dcp"
 

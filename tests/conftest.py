@@ -33,10 +33,12 @@ def assert_close(actual, expected, atol, rtol=0.0, what=""):
 
 @pytest.fixture(scope="session")
 def prepared_data(tmp_path_factory):
-    """The bundled Shakespeare corpus prepared once per session with a 512-piece tokenizer (~4 s)."""
+    """The bundled Shakespeare corpus prepared once per session with a 512-piece tokenizer (~4 s): the prepared
+    directory itself (`<root>/<key>/`), which runs take as data.out_dir (a directory holding a manifest is reused)."""
+    from pathlib import Path
+
     from mhc_train.config import DataConfig
     from mhc_train.data import prepare
 
     out = tmp_path_factory.mktemp("data") / "shakespeare_v512"
-    prepare(DataConfig(out_dir=str(out), vocab_size=512), log=lambda *a: None)
-    return out
+    return Path(prepare(DataConfig(out_dir=str(out), vocab_size=512), log=lambda *a: None)["dir"])

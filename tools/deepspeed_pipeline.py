@@ -95,7 +95,7 @@ def train_losses(cfg, steps: int, log=print) -> tuple[list[float], list[float]]:
         ds_clip()
 
     engine.clip_fp32_gradients = norm_then_clip
-    data = TokenData(cfg.data.out_dir)
+    data = TokenData.for_config(cfg.data)
     losses, norms = [], []
     for step in range(steps):
         x, y = data.train_batch(t.seed, step, 0, t.batch_size, t.seq_len)

@@ -1,5 +1,5 @@
-from mhc_train.data.errors import DataError
+from mhc_train.data.errors import DataError, SourceMissing
 from mhc_train.data.loader import TokenData
-from mhc_train.data.prepare import prepare
+from mhc_train.data.prepare import find_prepared, prepare
 
-__all__ = ["DataError", "TokenData", "prepare"]
+__all__ = ["DataError", "SourceMissing", "TokenData", "find_prepared", "prepare"]

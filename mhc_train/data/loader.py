@@ -12,11 +12,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mhc_train.config import DataConfig
 from mhc_train.data.errors import DataError
-from mhc_train.data.prepare import load_manifest, verify_shards
+from mhc_train.data.prepare import find_prepared, load_manifest, verify_shards
 
 
 class TokenData:
+    """The shards of one prepared directory: the `dir` of the manifest `prepare` returns (or an older flat
+    `data.out_dir` that holds a manifest itself)."""
+
     def __init__(self, data_dir: str | Path):
         self.dir = Path(data_dir)
         self.manifest = load_manifest(self.dir)
@@ -26,6 +30,11 @@ class TokenData:
             name: np.memmap(self.dir / info["file"], dtype=dtype, mode="r")
             for name, info in self.manifest["splits"].items()
         }
+
+    @classmethod
+    def for_config(cls, cfg: DataConfig, log=lambda *a: None) -> TokenData:
+        """The data already prepared for `cfg` (nothing is built: DataError when `mhc-train prepare` has not run)."""
+        return cls(find_prepared(cfg, log=log)["dir"])
 
     @property
     def vocab_size(self) -> int:

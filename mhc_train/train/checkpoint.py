@@ -21,10 +21,12 @@ The sharded directories are complete before the file that points at them is rena
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -44,12 +46,96 @@ class CheckpointError(RuntimeError):
     """A checkpoint is corrupt, missing or does not match the run; the message names the file and the fix."""
 
 
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint's bytes do not match the digests written with it (never loaded; auto-resume moves it aside)."""
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# Every step file ends with a footer: MAGIC, the digest of the bytes before the footer, and their length. torch.load
+# reads the zip in front of it and ignores the footer; `verify_file` checks it. Sharded state (DCP, DeepSpeed) is
+# covered by the step file itself: it lists the digest and size of every file in the directories it points at.
+# The digest is a sha256 tree hash: sha256 over the sha256 of each CHUNK-byte piece, so the pieces hash in parallel
+# threads (hashlib and os.pread release the GIL) at the machine's full memory bandwidth, not one core's.
+MAGIC = b"MHCSUM2\0"
+FOOTER = len(MAGIC) + 32 + 8
+CHUNK = 16 << 20
+
+
+def _sha256(path: Path, limit: int | None = None) -> str:
+    """The tree digest of the first `limit` bytes of `path` (all of it by default)."""
+    size = path.stat().st_size if limit is None else limit
+    fd = os.open(path, os.O_RDONLY)
+    try:
+
+        def piece(offset: int) -> bytes:
+            return hashlib.sha256(os.pread(fd, min(CHUNK, size - offset), offset)).digest()
+
+        offsets = range(0, size, CHUNK)
+        if len(offsets) <= 1:
+            leaves = [piece(o) for o in offsets]
+        else:
+            workers = min(len(offsets), os.cpu_count() or 1, 8)
+            with ThreadPoolExecutor(workers) as pool:
+                leaves = list(pool.map(piece, offsets))
+    finally:
+        os.close(fd)
+    return hashlib.sha256(b"".join(leaves)).hexdigest()
+
+
+def _append_footer(path: Path) -> None:
+    size = path.stat().st_size
+    digest = bytes.fromhex(_sha256(path))
+    with open(path, "ab") as f:
+        f.write(MAGIC + digest + size.to_bytes(8, "little"))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def verify_file(path: Path) -> int:
+    """Check a step file's footer digest; returns the bytes verified. Raises CheckpointError naming the problem."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(max(0, size - FOOTER))
+        footer = f.read(FOOTER)
+    if size < FOOTER or footer[: len(MAGIC)] != MAGIC:
+        raise CheckpointError(
+            f"checkpoint {path} has no integrity footer: it is truncated, damaged, or not mhc-train's"
+        )
+    digest, length = footer[len(MAGIC) : len(MAGIC) + 32].hex(), int.from_bytes(footer[-8:], "little")
+    if length != size - FOOTER:
+        raise CheckpointError(f"checkpoint {path} is damaged: its footer records {length} bytes, the file holds {size}")
+    if _sha256(path, length) != digest:
+        raise CheckpointError(f"checkpoint {path} is damaged: its content does not match the sha256 written with it")
+    return size
+
+
+def shard_digests(directory: Path) -> dict:
+    """{path relative to `directory`: [size, sha256]} of every file under it."""
+    return {
+        str(f.relative_to(directory)): [f.stat().st_size, _sha256(f)]
+        for f in sorted(directory.rglob("*"))
+        if f.is_file()
+    }
+
+
+def verify_shards(directory: Path, digests: dict) -> int:
+    """Check every file a step file lists under `directory`; returns the bytes verified."""
+    total = 0
+    for rel, (size, digest) in digests.items():
+        f = directory / rel
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint shard {f} is missing")
+        if f.stat().st_size != size or _sha256(f) != digest:
+            raise CheckpointError(f"checkpoint shard {f} is damaged: it does not match the sha256 its step file lists")
+        total += size
+    return total
 
 
 def rng_state() -> dict:
@@ -75,6 +161,7 @@ class CheckpointManager:
         self.dir = self.run.checkpoints
         self.cfg = cfg
         self.dist = dist or DistInfo()
+        self._chosen: tuple[Path, dict] | None = None  # the state `choose` verified and loaded (read uses it)
 
     def path_for(self, step: int) -> Path:
         return self.run.step_file(step)
@@ -96,30 +183,36 @@ class CheckpointManager:
 
     def save(self, engine: Engine, step: int, meta: dict) -> Path:
         """Every rank calls this. Sharded engine state first (all ranks), then rank 0's atomic step file holding
-        `meta` (counters, RNG, config, ...) and what points at the shards."""
+        `meta` (counters, RNG, config, ...), what points at the shards and their digests."""
         fmt, tag = self.format_for(engine), self.run.tag(step)
         body: dict = {"dcp": None, "deepspeed_tag": None}
+        sharded = None
         if fmt == "dcp":
-            save_dcp(engine.live_state(), self.run.dcp_dir(tag))
+            sharded = self.run.dcp_dir(tag)
+            save_dcp(engine.live_state(), sharded)
             body.update(dcp=tag, scheduler=engine.scheduler.state_dict(), optimizer_groups=groups(engine))
         elif fmt == "file":
             body.update(optimizer=engine.optimizer_state(), scheduler=engine.scheduler.state_dict())
         else:
             engine.save_native(self.run.deepspeed_root, tag)  # every rank writes its shards
+            sharded = self.run.deepspeed_root / tag
             body.update(deepspeed_tag=tag)
         if fmt != "dcp":
             body["model"] = engine.full_model().state_dict()  # a collective where weights are sharded or cut
         barrier(self.dist)  # every shard is complete before the file that points at them exists
         path = self.path_for(step)
         if self.dist.is_main:
+            if sharded is not None:
+                body["shards"] = {"dir": str(sharded.relative_to(self.dir)), "files": shard_digests(sharded)}
             self.write(step, {**body, **meta, "world_size": self.dist.world, "step": step, "rng": rng_state()})
         barrier(self.dist)
         return path
 
     def write(self, step: int, state: dict) -> Path:
-        """Rank 0: the step file, written as a hidden temporary, fsynced and renamed; then retention."""
+        """Rank 0: the step file, written as a hidden temporary with its digest footer, fsynced and renamed; read
+        back and verified; then retention (which therefore never removes the newest verified checkpoint)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.run.temp_files():  # left by a run killed mid-write
+        for stale in self.run.temp_files():  # left by a run killed mid-write (the run directory's lock is ours)
             stale.unlink(missing_ok=True)
         final = self.path_for(step)
         tmp = self.run.temp_file(step, os.getpid())
@@ -127,11 +220,13 @@ class CheckpointManager:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        _append_footer(tmp)
         pause = float(os.environ.get("MHC_TRAIN_TEST_SAVE_PAUSE", "0"))  # test seam: widen the mid-write window
         if pause:
             time.sleep(pause)
         os.replace(tmp, final)
         _fsync_dir(self.dir)
+        self.verify(final, state)  # what landed on disk is what we meant to write, before anything older goes
         self.prune()
         return final
 
@@ -145,19 +240,33 @@ class CheckpointManager:
                     shutil.rmtree(sharded, ignore_errors=True)
 
     # ---- reading -----------------------------------------------------------------------------------------------
+    def verify(self, path: Path, state: dict) -> int:
+        """The step file's digest and every shard it lists; returns the bytes checked (CorruptCheckpoint if not)."""
+        total = verify_file(path)
+        shards = state.get("shards")
+        if shards:
+            total += verify_shards(path.parent / shards["dir"], shards["files"])
+        return total
+
     @staticmethod
-    def load(path: str | Path) -> dict:
+    def load(path: str | Path, verify: bool = True) -> dict:
+        """A step file's state, its digest verified first (CorruptCheckpoint when it does not match)."""
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(
                 f"checkpoint {path} does not exist; set checkpoint.resume=auto or to an existing file"
             )
+        if verify:
+            try:
+                verify_file(path)
+            except CheckpointError as e:
+                raise CorruptCheckpoint(str(e)) from None
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:
-            raise CheckpointError(
-                f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {e}); delete it to resume from "
-                "the previous one, or set checkpoint.resume to another file"
+            raise CorruptCheckpoint(
+                f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {e}); resume from the previous "
+                "one (checkpoint.resume=auto moves a damaged checkpoint aside), or set checkpoint.resume to another file"
             ) from e
         if state.get("deepspeed_tag"):  # DeepSpeed keeps optimizer and scheduler in its own shards
             required = {"model", "step", "rng", "config"}
@@ -170,16 +279,86 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {path} lacks {sorted(missing)}: it was not written by mhc-train")
         return state
 
+    def _load_verified(self, path: Path) -> tuple[dict, str]:
+        """Verify the step file, load it, verify its shards; returns (state, a log line with the cost)."""
+        if not path.is_file():
+            raise CheckpointError(
+                f"checkpoint {path} does not exist; set checkpoint.resume=auto or to an existing file"
+            )
+        t0 = time.perf_counter()
+        try:
+            nbytes = verify_file(path)
+        except CheckpointError as e:
+            raise CorruptCheckpoint(str(e)) from None
+        t1 = time.perf_counter()
+        state = self.load(path, verify=False)
+        t2 = time.perf_counter()
+        shards = state.get("shards")
+        if shards:
+            try:
+                nbytes += verify_shards(path.parent / shards["dir"], shards["files"])
+            except CheckpointError as e:
+                raise CorruptCheckpoint(str(e)) from None
+        verify_s, mib = (t1 - t0) + (time.perf_counter() - t2), nbytes / 2**20
+        line = (
+            f"verified {path.name}{' and its shards' if shards else ''}: {mib:,.1f} MiB in {verify_s:.3f} s "
+            f"({mib / max(verify_s, 1e-9):,.0f} MiB/s; loading the step file took {t2 - t1:.3f} s)"
+        )
+        return state, line
+
+    def move_aside(self, path: Path) -> Path:
+        """A checkpoint that failed verification, with its sharded directories, into checkpoints/damaged/ (kept)."""
+        dest = self.run.damaged / path.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, dest)
+        for sharded in self.run.sharded_dirs(path.stem):
+            if sharded.is_dir():
+                target = self.run.damaged / sharded.relative_to(self.dir)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(sharded, target)
+        return dest
+
+    def choose(self, mode: str) -> tuple[Path | None, list[str]]:
+        """Rank 0: the checkpoint to resume from for `checkpoint.resume` (auto: the newest one that verifies; damaged
+        newer ones are moved aside, never deleted), and log lines saying what happened."""
+        if mode == "never":
+            return None, []
+        if mode != "auto":
+            path = Path(mode)
+            state, line = self._load_verified(path)  # raises on damage: an explicit choice is never replaced
+            self._chosen = (path, state)
+            return path, [line]
+        notes = []
+        for _, path in reversed(self.complete()):
+            try:
+                state, line = self._load_verified(path)
+                self._chosen = (path, state)
+            except CorruptCheckpoint as e:
+                dest = self.move_aside(path)
+                notes.append(f"{e}; moved it aside to {dest}")
+                continue
+            if notes:
+                notes.append(f"resuming from {path} instead, the newest checkpoint that verifies")
+            return path, [*notes, line]
+        if notes:  # there were checkpoints and none verifies: never start over silently
+            raise CorruptCheckpoint(
+                "\n".join(notes) + f"\nno checkpoint in {self.dir} verifies, so none was loaded: restore one from a "
+                "backup (checkpoint.resume=<file>), or start over in another run_dir"
+            )
+        return None, notes
+
     def read(self, path: Path, config: dict, tokenizer: dict) -> tuple[dict, list[str]]:
         """(state, allowed config changes) of the checkpoint at `path`, checked against this run's resolved config and
-        tokenizer reference; raises CheckpointError naming the problem and the fix."""
-        state = self.load(path)
+        tokenizer reference; raises CheckpointError naming the problem and the fix. `choose` verified it."""
+        chosen, self._chosen = self._chosen, None
+        state = chosen[1] if chosen and chosen[0] == path else self.load(path, verify=False)
         fatal, allowed = compare_configs(state["config"], config)
         if fatal:
             raise CheckpointError(
                 f"cannot resume from {path}: the config changes the model. Differing keys:\n  "
                 + "\n  ".join(fatal)
-                + "\nRestore these values, or start a new run (another run_dir, or checkpoint.resume=never)."
+                + "\nRestore these values, or start a new run in another run_dir (or checkpoint.overwrite=true moves "
+                "the old run aside)."
             )
         tok = state.get("tokenizer", {})
         if tok.get("sha256") and tok["sha256"] != tokenizer["sha256"]:
@@ -199,8 +378,11 @@ class CheckpointManager:
 
     def restore(self, engine: Engine, state: dict, path: Path) -> list[str]:
         """Optimizer, scheduler (and DCP weights) into the built engine, and the RNG states; every rank calls it.
-        Returns notes for the log."""
+        The optimizer's hyper-parameters stay the ones this run's config built it with (a changed optim.lr or
+        weight decay takes effect); only the schedule's position and the optimizer's moments come from the
+        checkpoint. Returns notes for the log."""
         notes = []
+        fresh = groups(engine)  # built from the current config
         if state.get("deepspeed_tag"):
             try:
                 engine.load_native(self.run.deepspeed_root, state["deepspeed_tag"])
@@ -214,15 +396,27 @@ class CheckpointManager:
                 )
             load_dcp(engine.live_state(), self.run.dcp_dir(state["dcp"]))
             engine.weights_loaded()  # rank 0's plain model gets the loaded weights at the next full_model()
-            for group in engine.optimizer.param_groups:  # the hyper-parameters the scheduler last set (lr)
-                group.update(state["optimizer_groups"].get(group["name"], {}))
             engine.scheduler.load_state_dict(state["scheduler"])
         else:
             if not engine.load_optimizer_state(state["optimizer"]):
                 notes.append(f"{path} is a file checkpoint: {engine.name} takes its weights only (fresh optimizer)")
             engine.scheduler.load_state_dict(state["scheduler"])
+        apply_hyperparameters(engine.optimizer, engine.scheduler, fresh)
         set_rng_state(state["rng"])
         return notes
+
+
+def apply_hyperparameters(optimizer, scheduler, fresh: dict) -> None:
+    """Put the current config's hyper-parameters (`fresh`, by group name) back on a restored optimizer, make them
+    the scheduler's base, and set each group's lr for the schedule's restored position."""
+    for group in optimizer.param_groups:
+        group.update({k: v for k, v in fresh.get(group["name"], {}).items() if k != "lr"})
+    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is not None:  # LambdaLR (build_scheduler's): lr = base * multiplier(position)
+        for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, lambdas):
+            group["lr"] = base * fn(scheduler.last_epoch)
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def groups(engine: Engine) -> dict:

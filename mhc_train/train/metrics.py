@@ -1,7 +1,10 @@
 """Metrics: always a JSONL file in the run directory; wandb too (offline unless the user opts in).
 
-Every line is `{"kind": ..., "step": ..., ...}`. A resumed run appends; readers keep the last line per (kind, step),
-so nothing already written is ever rewritten or lost.
+Every line is `{"kind": ..., "step": ..., "segment": ..., ...}`. Each launch on a run directory appends under a new
+segment number. Nothing already written is rewritten or lost: where a later segment logs a step an earlier one also
+logged (a resume from a checkpoint older than the last record, a restart without a checkpoint), readers take the
+later segment's record and say so (a warning naming the segments and steps); `read_metrics(..., segments=True)` gives
+every record.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 from mhc_train.config import LoggingConfig
@@ -29,6 +33,7 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, cfg: LoggingConfig, config_dict: dict, run_name: str, enabled: bool = True):
         self.path = RunDir(run_dir).metrics
         self.enabled = enabled
+        self.segment = _last_segment(self.path) + 1 if enabled else 0
         self._file = open(self.path, "a") if enabled else None
         self._wandb = None
         if enabled and cfg.wandb and cfg.wandb_mode != "disabled":
@@ -50,7 +55,7 @@ class MetricsLogger:
     def log(self, kind: str, step: int, **values) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps(_clean({"kind": kind, "step": step, **values})) + "\n")
+        self._file.write(json.dumps(_clean({"kind": kind, "step": step, "segment": self.segment, **values})) + "\n")
         self._file.flush()
         if self._wandb is not None:
             flat = {f"{kind}/{k}": v for k, v in _flatten(values).items() if isinstance(v, (int, float))}
@@ -86,20 +91,48 @@ def _wandb_id(run_dir: Path) -> str:
     return path.read_text().strip()
 
 
-def read_metrics(run_dir: str | Path) -> dict[str, list[dict]]:
-    """{kind: [records sorted by step]}, keeping the last record written for each (kind, step)."""
-    latest: dict[tuple[str, int], dict] = {}
-    path = RunDir(run_dir).metrics
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run directory?")
+def _records(path: Path):
     with open(path) as f:
         for line in f:
             try:
-                rec = json.loads(line)
+                yield json.loads(line)
             except json.JSONDecodeError:  # a line cut by a kill: skip it
                 continue
-            latest[(rec["kind"], rec["step"])] = rec
-    out: dict[str, list[dict]] = {}
+
+
+def _last_segment(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    return max((rec.get("segment", 0) for rec in _records(path)), default=0)
+
+
+def read_metrics(run_dir: str | Path, segments: bool = False) -> dict[str, list[dict]]:
+    """{kind: [records sorted by step]}: for each (kind, step) the record of the latest segment that logged it (and
+    within a segment the last written), with a warning when a later segment replaces earlier records. With
+    `segments`, every record of every segment, in file order."""
+    path = RunDir(run_dir).metrics
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run directory?")
+    if segments:
+        out: dict[str, list[dict]] = {}
+        for rec in _records(path):
+            out.setdefault(rec["kind"], []).append(rec)
+        return out
+    latest: dict[tuple[str, int], dict] = {}
+    replaced: dict[tuple[int, int], list[int]] = {}  # (old segment, new segment) -> steps
+    for rec in _records(path):
+        key, seg = (rec["kind"], rec["step"]), rec.get("segment", 0)
+        old = latest.get(key)
+        if old is not None and old.get("segment", 0) != seg and rec["kind"] != "meta":
+            replaced.setdefault((old.get("segment", 0), seg), []).append(rec["step"])
+        latest[key] = rec
+    for (old, new), steps in replaced.items():
+        warnings.warn(
+            f"{path}: segment {new} replaces {len(steps)} record(s) of segment {old} at steps {min(steps)}-{max(steps)} "
+            "(a later launch logged those steps again; read_metrics(..., segments=True) gives both)",
+            stacklevel=2,
+        )
+    out = {}
     for (kind, _), rec in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         out.setdefault(kind, []).append(rec)
     return out

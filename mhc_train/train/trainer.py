@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import os
 import resource
+import shlex
+import shutil
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -24,15 +28,15 @@ import torch
 from mhc_train.config import Config, to_dict, validate, validate_world
 from mhc_train.data import TokenData, prepare
 from mhc_train.model import build_model
-from mhc_train.parallel import barrier, build_engine, init_distributed
+from mhc_train.parallel import any_rank, barrier, broadcast_from_main, build_engine, init_distributed
 from mhc_train.rundir import RunDir
-from mhc_train.train.checkpoint import CheckpointManager
+from mhc_train.train.checkpoint import CheckpointError, CheckpointManager
 from mhc_train.train.diagnostics import connection_diagnostics, grad_norms
+from mhc_train.train.errors import Preempted, TrainingError
+from mhc_train.train.lock import RunLock
 from mhc_train.train.metrics import MetricsLogger, read_metrics
 
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (non-finite loss, ...); the message names the step, the last checkpoint and the fix."""
+__all__ = ["Preempted", "Trainer", "TrainingError", "train"]
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -53,20 +57,29 @@ class Trainer:
         self.device = self.dist.device
         self.log = log if self.dist.is_main else (lambda *a, **k: None)
         self.run_dir = RunDir(cfg.run_dir)
-        self.run_dir.create()
 
         if self.dist.is_main:
             prepare(cfg.data, log=self.log)  # reuses the output when the input is unchanged
         barrier(self.dist)
         manifest = prepare(cfg.data, log=lambda *a: None)
-        self.data = TokenData(cfg.data.out_dir)
+        self.data = TokenData(manifest["dir"])  # the content-addressed directory prepare() made or reused
         self.data.check_compatible(cfg.model.vocab_size, t.seq_len)
         self.tokenizer_ref = {"path": manifest["tokenizer"]["path"], "sha256": manifest["tokenizer"]["sha256"]}
+        self.lock = self._claim_run_dir()  # after the data is ready: a data error leaves no run directory behind
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
 
+    def _build(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
         self.model = build_model(cfg.model, cfg.connection, seed=t.seed, device=self.device)
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint, self.dist)
         resume = self._resume_point()
+        if self.dist.is_main:
+            self._write_run_files()
         if resume is not None:  # weights go into the plain model before any wrapping
             self.ckpt.load_weights(self.model, resume[0])
         self.engine = build_engine(self.model, cfg, self.dist)
@@ -78,15 +91,77 @@ class Trainer:
         if resume is not None:
             self._restore(*resume)
 
+    # ---- the run directory -------------------------------------------------------------------------------------
+    def _holds_a_run(self) -> str:
+        """What of an earlier run the run directory holds ("" for nothing)."""
+        steps = self.run_dir.step_files()
+        if steps:
+            return f"{len(steps)} checkpoint(s), the newest {steps[-1][1].name}"
+        metrics = self.run_dir.metrics
+        return f"{metrics} ({metrics.stat().st_size} bytes)" if metrics.is_file() and metrics.stat().st_size else ""
+
+    def _claim_run_dir(self) -> RunLock:
+        """Create the run directory and take this rank's lock on it. A fresh start (checkpoint.resume=never) in a
+        directory that holds another run refuses, or with checkpoint.overwrite=true moves that run aside."""
+        root, ck = self.run_dir.root, self.cfg.checkpoint
+        held = self._holds_a_run() if ck.resume == "never" else ""
+        if held and not ck.overwrite:
+            raise TrainingError(
+                f"run_dir {root} already holds a run ({held}) and checkpoint.resume=never starts a new one: use "
+                "another run_dir, or set checkpoint.overwrite=true to move the old run aside (nothing is deleted)"
+            )
+        if held and self.dist.is_main:
+            aside = root.with_name(f"{root.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            old = RunLock(self.run_dir.lock(0), root).acquire()  # refuses while that run is live
+            os.replace(root, aside)
+            old.release()
+            self.log(f"checkpoint.overwrite=true: moved the old run in {root} aside to {aside}")
+        barrier(self.dist)
+        self.run_dir.create()
+        return RunLock(self.run_dir.lock(self.dist.rank), root).acquire()
+
+    def _write_run_files(self) -> None:
+        """Rank 0: the resolved config, and a copy of the tokenizer, so the run directory is self-contained."""
+        from omegaconf import OmegaConf
+
+        from mhc_train.data.prepare import atomic_write_text
+
+        atomic_write_text(self.run_dir.config, OmegaConf.to_yaml(OmegaConf.create(self.config_dict)))
+        src, dst = Path(self.tokenizer_ref["path"]), self.run_dir.tokenizer
+        if src.is_file() and not dst.is_file():
+            tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+
+    def close(self) -> None:
+        """Release the run directory (also done at the end of `run`)."""
+        lock = getattr(self, "lock", None)
+        if lock is not None:
+            lock.release()
+
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def _resume_point(self):
-        """(state, path, allowed config changes) of the checkpoint to resume from, or None for a fresh start."""
-        mode = self.cfg.checkpoint.resume
-        path = None if mode == "never" else self.ckpt.latest() if mode == "auto" else Path(mode)
+        """(state, path, allowed config changes) of the checkpoint to resume from, or None for a fresh start. Rank 0
+        picks (verifying digests, moving damaged checkpoints aside) and every rank follows its choice."""
+        choice = None
+        if self.dist.is_main:
+            try:
+                path, notes = self.ckpt.choose(self.cfg.checkpoint.resume)
+                choice = (str(path) if path else None, notes, None)
+            except CheckpointError as e:
+                choice = (None, [], e)
+        path, notes, error = broadcast_from_main(choice, self.dist)
+        if error is not None:
+            raise error
+        for line in notes:
+            self.log(line)
         if path is None:
+            if self.cfg.checkpoint.resume == "auto" and (held := self._holds_a_run()):
+                self.log(f"{self.run_dir.root} holds {held} but no checkpoint that verifies: starting at step 0; "
+                         "metrics.jsonl keeps the earlier records under their own segment")  # fmt: skip
             return None
-        state, allowed = self.ckpt.read(path, self.config_dict, self.tokenizer_ref)
-        return state, path, allowed
+        state, allowed = self.ckpt.read(Path(path), self.config_dict, self.tokenizer_ref)
+        return state, Path(path), allowed
 
     def _restore(self, state: dict, path: Path, allowed: list[str]) -> None:
         for note in self.ckpt.restore(self.engine, state, path):
@@ -132,7 +207,7 @@ class Trainer:
         last = str(self.last_ckpt) if self.last_ckpt else "none yet"
         if not t.skip_nonfinite:
             raise TrainingError(
-                f"non-finite loss {where}. Last good checkpoint: {last}. Lower optim.lr or raise optim.warmup, use "
+                f"non-finite loss {where}. Last good checkpoint: {last}. Lower optim.lr or raise schedule.warmup_steps, use "
                 "train.precision=fp32, or set train.skip_nonfinite=true to skip such steps (they are counted)."
             )
         self.skipped += 1
@@ -156,8 +231,43 @@ class Trainer:
             f"{str(e)[:200]}). Relaunch the same command (checkpoint.resume=auto) to continue from {last}."
         )
 
+    # ---- preemption --------------------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        if self._signal is not None:  # a second signal: exit at once
+            print(f"\n{signal.Signals(signum).name} again: exiting at once", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self._signal = signum
+        print(
+            f"\n{signal.Signals(signum).name}: finishing step {self.step + 1}, then writing a checkpoint (send it "
+            "again to exit at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _preempt(self, saved: bool) -> None:
+        """Every rank: write a checkpoint (unless this step just did) and stop with the signal's exit code."""
+        signum = self._signal or signal.SIGTERM
+        path = self.last_ckpt if saved else self.save_checkpoint()
+        cmd = " ".join(shlex.quote(a) for a in ["python", "-m", "mhc_train.train", *sys.argv[1:]])
+        how = "the same torchrun command" if self.dist.world > 1 else cmd
+        raise Preempted(
+            f"{signal.Signals(signum).name} at step {self.step}: wrote checkpoint {path}. To resume, relaunch {how} "
+            "(checkpoint.resume=auto continues from it)",
+            128 + signum,
+        )
+
     # ---- loop --------------------------------------------------------------------------------------------------
     def run(self) -> dict:
+        self._signal = None
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return self._loop()
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            self.close()
+
+    def _loop(self) -> dict:
         cfg, t, engine = self.cfg, self.cfg.train, self.engine
         metrics = MetricsLogger(self.run_dir.root, cfg.logging, self.config_dict, cfg.run_name, self.dist.is_main)
         tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
@@ -240,9 +350,13 @@ class Trainer:
                     bar.update(1)
                 if is_ckpt:
                     self.save_checkpoint()
+                if any_rank(self._signal is not None, self.dist):  # every rank stops after the same step
+                    self._preempt(saved=bool(is_ckpt))
                 if self.step == t.stop_at_step:
                     self.log(f"stopping at train.stop_at_step={t.stop_at_step}; resume with checkpoint.resume=auto")
                     break
+        except Preempted:
+            raise
         except (RuntimeError, torch.distributed.DistBackendError) as e:
             lost = self._peer_lost(e)
             if lost is None:

@@ -100,9 +100,20 @@ def test_dcp_checkpoint_resumes_exactly_and_a_broken_one_is_named(prepared_data,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     (tmp_path / "split/checkpoints/dcp/step_00000006/.metadata").unlink()
+    step6 = tmp_path / "split/checkpoints/step_00000006.pt"
+    explicit = {**common, "train.max_steps": 8, "checkpoint.resume": str(step6)}
+    with pytest.raises(CheckpointError, match=r"shard .*dcp/step_00000006/.metadata is missing"):
+        Trainer(load_config(run_overrides(prepared_data, tmp_path / "split", **explicit)), log=lambda *a: None)
+    # auto: the incomplete checkpoint is moved aside (kept) and the run resumes from the previous one, naming both
+    logs = []
     cfg = load_config(run_overrides(prepared_data, tmp_path / "split", **{**common, "train.max_steps": 8}))
-    with pytest.raises(CheckpointError, match=r"dcp/step_00000006 is missing or incomplete.*delete the step file"):
-        Trainer(cfg, log=lambda *a: None)
+    t = Trainer(cfg, log=logs.append)
+    t.close()
+    assert t.step == 3, logs
+    text = "\n".join(logs)
+    assert "step_00000006/.metadata is missing" in text and "resuming from" in text and "step_00000003.pt" in text
+    assert (tmp_path / "split/checkpoints/damaged/step_00000006.pt").is_file()
+    assert (tmp_path / "split/checkpoints/damaged/dcp/step_00000006").is_dir()
 
 
 def test_sigkill_mid_checkpoint_write_resumes_from_newest_complete(prepared_data, tmp_path):
@@ -156,7 +167,9 @@ def test_corrupt_checkpoint_is_reported(prepared_data, tmp_path):
     Trainer(load_config(run_overrides(prepared_data, run, **{"train.max_steps": 2})), log=lambda *a: None).run()
     ckpt = run / "checkpoints" / "step_00000002.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match="step_00000002.pt is corrupt or unreadable.*delete it"):
+    with pytest.raises(
+        CheckpointError, match=r"(?s)step_00000002.pt has no integrity footer.*no checkpoint in .* verifies"
+    ):
         Trainer(load_config(run_overrides(prepared_data, run, **{"train.max_steps": 4})), log=lambda *a: None)
 
 

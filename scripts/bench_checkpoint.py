@@ -1,0 +1,97 @@
+"""What checkpoint verification costs: write, verify and load one step file of a model preset, and a resume.
+
+A step file (weights + AdamW moments, as `checkpoint.format=file` writes it) of `--model` is written through
+`CheckpointManager.write` (which appends the digest footer and reads the file back to verify it), then read the way a
+resume reads it. Printed and written to JSON: MiB, write / verify / torch.load seconds, verification MiB/s, and the
+verification's share of the resume (building the model and optimizer, loading the step file, loading the states,
+verifying). The page cache is warm (the file was just written): the worst case for verification's share, since a
+cold read makes torch.load slower and leaves the hash the same.
+
+    .venv/bin/python scripts/bench_checkpoint.py --model 125m
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mhc_train.config import CheckpointConfig, ConnectionConfig, OptimConfig, load_config
+from mhc_train.model import build_model
+from mhc_train.optim import build_optimizer
+from mhc_train.parallel.state import load_optimizer_state_by_name, optimizer_state_by_name
+from mhc_train.train.checkpoint import CheckpointManager, verify_file
+
+
+def _state(model_cfg, conn: ConnectionConfig) -> dict:
+    model = build_model(model_cfg, conn, seed=0)
+    opt = build_optimizer(model, OptimConfig())
+    for p in model.parameters():  # AdamW moments as after a step
+        opt.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.randn_like(p), "exp_avg_sq": torch.rand_like(p)}
+    names = {p: n for n, p in model.named_parameters()}
+    return {"model": model.state_dict(), "optimizer": optimizer_state_by_name(opt, names), "step": 1, "rng": {}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="125m", help="a configs/model preset")
+    p.add_argument("--connection", default="mhc")
+    p.add_argument("--out", default="benchmarks/results/bench_checkpoint_cpu.json")
+    args = p.parse_args()
+    cfg = load_config([f"model={args.model}", f"connection={args.connection}", "connection.backend=torch"])
+    state = _state(cfg.model, cfg.connection)
+    with tempfile.TemporaryDirectory() as tmp:
+        manager = CheckpointManager(tmp, CheckpointConfig())
+        t0 = time.perf_counter()
+        path = manager.write(1, state)  # torch.save + footer + read-back verification
+        write_s = time.perf_counter() - t0
+        del state
+        mib = path.stat().st_size / 2**20
+
+        t0 = time.perf_counter()  # a resume: model and optimizer built, the step file loaded into them, verified
+        model = build_model(cfg.model, cfg.connection, seed=0)
+        opt = build_optimizer(model, cfg.optim)
+        build_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        verify_file(path)
+        verify_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        loaded = CheckpointManager.load(path, verify=False)
+        load_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model.load_state_dict(loaded["model"])
+        load_optimizer_state_by_name(opt, loaded["optimizer"], {p: n for n, p in model.named_parameters()})
+        apply_s = time.perf_counter() - t0
+    resume_s = build_s + verify_s + load_s + apply_s
+    report = {
+        "device": platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "model": args.model,
+        "connection": args.connection,
+        "step_file_mib": mib,
+        "write_s": write_s,
+        "verify_s": verify_s,
+        "verify_mib_per_s": mib / verify_s,
+        "torch_load_s": load_s,
+        "resume_s": resume_s,
+        "verify_share_of_resume": verify_s / resume_s,
+        "verify_vs_torch_load": verify_s / load_s,
+    }
+    print(
+        f"{args.model} {args.connection}: step file {mib:,.0f} MiB; write {write_s:.2f} s (incl. read-back "
+        f"verification); verify {verify_s:.2f} s = {mib / verify_s:,.0f} MiB/s; torch.load {load_s:.2f} s; "
+        f"resume {resume_s:.2f} s, of which verification {100 * verify_s / resume_s:.1f}%"
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
