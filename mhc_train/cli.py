@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         args.fn(args)
     except Preempted as e:  # a checkpoint was written: say where, exit 128 + signal (143 SIGTERM, 130 SIGINT)
         print(f"stopped: {e}", file=sys.stderr)
+        shutdown_distributed()  # every rank stopped after the same step: a clean teardown, not an abort at exit
         sys.exit(e.exit_code)
     except (ConfigError, DataError, CheckpointError, TrainingError) as e:
         _die(str(e))

@@ -133,6 +133,7 @@ class CheckpointConfig:
     keep_last: int = 2  # complete checkpoints kept (milestones are kept in addition)
     milestones: list[int] = field(default_factory=list)  # steps whose checkpoints are never deleted
     resume: str = "auto"  # auto (newest checkpoint in run_dir that verifies, if any) | never | a checkpoint path
+    verify: bool = True  # check checkpoint digests on load; false also loads files written before digests existed
     overwrite: bool = False  # a fresh start in a run_dir holding another run moves that run aside (never deletes)
     save_final: bool = True  # write a checkpoint at the last step
     format: str = "auto"  # file (one self-contained file) | dcp (torch DCP shards, every rank) | auto (see below)
@@ -281,6 +282,15 @@ def validate(cfg: Config) -> None:
     choice("parallel.pp_schedule", cfg.parallel.pp_schedule, PP_SCHEDULES)
     if cfg.parallel.zero_stage not in (1, 2, 3):
         fail("parallel.zero_stage", cfg.parallel.zero_stage, "allowed values are 1, 2, 3")
+    p = cfg.parallel
+    if p.engine == "deepspeed" and p.zero_stage == 3 and p.recompute != "none":
+        fail(
+            "parallel.recompute",
+            p.recompute,
+            "ZeRO-3 gathers a module's partitioned parameters only inside that module's forward, and recomputation "
+            "re-runs the sites inside the backward, outside it: use recompute=none with zero_stage=3, or "
+            "parallel.engine=fsdp (parameters sharded too) with recompute=mhc or full",
+        )
     if cfg.parallel.engine == "deepspeed" and t.skip_nonfinite:
         fail("train.skip_nonfinite", True, "is not supported with parallel.engine=deepspeed (it always steps)")
     block = str(cfg.parallel.recompute_block)

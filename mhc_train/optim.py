@@ -20,8 +20,14 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
         {"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
-    # foreach=False keeps CPU results bit-identical between a run and its resumed twin whatever the grouping.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=False)
+    # CPU: foreach=False keeps results bit-identical between a run and its resumed twin whatever the grouping.
+    # CUDA: the fused kernel (one launch for every tensor) where the parameters are plain tensors; foreach (a few
+    # launches per group) for DTensor shards (FSDP2).
+    params = [p for g in groups for p in g["params"]]
+    on_cuda = bool(params) and all(p.is_cuda for p in params)
+    plain = all(type(p) is torch.nn.Parameter or type(p) is torch.Tensor for p in params)
+    fast = {"fused": True} if on_cuda and plain else {"foreach": on_cuda}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **fast)
 
 
 def lr_multiplier(step: int, total: int, cfg: ScheduleConfig) -> float:

@@ -109,6 +109,10 @@ class HCSite(Site):
                 self.dyn_scale.fill_(self.scale_init)
 
     def coefficients(self, x):
+        with ops.coefficient_region(x):  # fp32 whatever the engine's precision
+            return self._coefficients(x)
+
+    def _coefficients(self, x):
         n = self.n
         a_m, beta, a_r = self.static_alpha_m.float(), self.static_beta.float(), self.static_alpha_r.float()
         lead = x.shape[:-2]

@@ -65,6 +65,13 @@ def sinkhorn_knopp(logits: torch.Tensor, iters: int = 20, backend: str = "torch"
     return sinkhorn_knopp_torch(logits, iters)
 
 
+def coefficient_region(x: torch.Tensor):
+    """Autocast off for the coefficient path (projection, gates, Sinkhorn): it runs in fp32 whatever precision the
+    engine runs the rest in (the mHC paper keeps it fp32; a bf16 projection of the nC stream loses the small
+    coefficient differences the gates learn)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def mhc_coefficients(
     x,
     phi,
@@ -78,6 +85,11 @@ def mhc_coefficients(
 ):
     if sinkhorn_backward not in SINKHORN_BACKWARDS:
         raise ValueError(f"connection.sinkhorn_backward must be one of {SINKHORN_BACKWARDS}, got {sinkhorn_backward!r}")
+    with coefficient_region(x):
+        return _mhc_coefficients(x, phi, alpha, bias, iters, eps, backend, deterministic, sinkhorn_backward)
+
+
+def _mhc_coefficients(x, phi, alpha, bias, iters, eps, backend, deterministic, sinkhorn_backward):
     implicit = sinkhorn_backward == "implicit"
     sinkhorn = sinkhorn_knopp_implicit if implicit else sinkhorn_knopp_torch
     if resolve_backend(backend, x.device) != "triton":
@@ -120,6 +132,7 @@ mhc_post_res.__doc__ = mhc_post_res_ref.__doc__
 
 __all__ = [
     "BACKENDS",
+    "coefficient_region",
     "coefficient_dtype",
     "mhc_coefficients",
     "mhc_post_res",

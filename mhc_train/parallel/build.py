@@ -30,9 +30,18 @@ PER_BLOCK_FSDP_SCHEDULES = ("1f1b", "interleaved1f1b")  # no split backward (see
 
 
 def autocast_dtype(precision: str, device: torch.device):
-    """bf16 autocast for `bf16`, and for `auto` on CUDA; None (the parameters' dtype) otherwise."""
+    """The precision policy, the same on every engine: fp32 parameters, gradients and optimizer states (the master
+    weights), compute under torch.autocast in bf16 for `bf16` (and `auto` on CUDA), the connection's coefficient path
+    in fp32 inside it (`ops.coefficient_region`). None: everything in the parameters' dtype (fp32)."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.bfloat16 if use_bf16 else None
+
+
+def use_fast_fp32_matmul(device: torch.device) -> None:
+    """On CUDA, fp32 matmuls (what autocast leaves in fp32, and fp32 runs) may use TF32 tensor cores."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def build_pipeline(model: torch.nn.Module, cfg: Config, dist: DistInfo, pp: int | None = None) -> PipelineEngine:
@@ -64,6 +73,7 @@ def build_pipeline(model: torch.nn.Module, cfg: Config, dist: DistInfo, pp: int 
         cfg.optim.grad_clip,
         csv_path=p.pp_schedule_csv,
         overlap=p.pp_overlap,
+        autocast_dtype=autocast_dtype(cfg.train.precision, dist.device),
     )
 
 
@@ -71,6 +81,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, dist: DistInfo) -> Engine:
     """Apply `cfg.parallel` to the plain, initialised `model` (weights already loaded on resume). `model` stays the
     plain full view for rank 0 (evaluation, diagnostics, checkpoint files); other ranks may free it."""
     p, t = cfg.parallel, cfg.train
+    use_fast_fp32_matmul(dist.device)
     if p.pp > 1:
         return build_pipeline(model, cfg, dist)
     make_optimizer = partial(build_optimizer, cfg=cfg.optim)  # engines build them on the modules they train

@@ -39,7 +39,10 @@ class DeepSpeedEngine(LocalEngine):
             "gradient_accumulation_steps": grad_accum,
             "zero_optimization": {"stage": zero_stage},
             "gradient_clipping": grad_clip,
-            "bf16": {"enabled": autocast_dtype is not None},
+            # Not DeepSpeed's bf16 mode: it casts the whole module to bf16 (phi and the gates with it, and the RoPE
+            # table). Our precision policy instead: fp32 parameters (DeepSpeed's fp32 path), bf16 compute under
+            # autocast (Engine.loss), the connection's coefficient path fp32 inside it.
+            "bf16": {"enabled": False},
             "steps_per_print": 1 << 30,
             "wall_clock_breakdown": False,
         }

@@ -1,6 +1,9 @@
-"""The process group: who this rank is, joining the group torchrun describes, and the few collectives engines share.
+"""The process group: who this rank is, joining the group torchrun describes, and every collective the trainer, the
+checkpoints and the engines issue themselves (the rest are inside torch's DDP / FSDP / pipelining and DeepSpeed).
 
-Collectives here put their tensors on the engine's device: NCCL refuses CPU tensors, gloo takes either.
+- On CUDA the default group serves both devices, `cuda:nccl,cpu:gloo`: a CPU tensor that reaches a collective goes
+  through gloo instead of failing under NCCL. The helpers here still put their tensors on the compute device.
+- Reductions are in float64 on that device and return Python numbers.
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ class DistInfo:
         return self.rank == 0
 
 
+def process_group_backend(device_type: str) -> str:
+    """`cuda:nccl,cpu:gloo` on CUDA (both devices served), gloo on CPU."""
+    return "cuda:nccl,cpu:gloo" if device_type == "cuda" else "gloo"
+
+
 def resolve_device_type(device: str) -> str:
     """`train.device`: auto is cuda where available, cpu otherwise."""
     if device == "auto":
@@ -44,7 +52,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group(backend=process_group_backend(device_type))
     return info
 
 
@@ -59,6 +67,13 @@ def sum_across_ranks(value: torch.Tensor | float, info: DistInfo, device) -> flo
     if info.world > 1:
         dist.all_reduce(t)
     return t.item()
+
+
+def all_reduce_sum_(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum `t` over all ranks in place (on its own device; the tensor itself alone)."""
+    if info.world > 1:
+        dist.all_reduce(t)
+    return t
 
 
 def gather_dicts(local: dict, info: DistInfo) -> dict:

@@ -180,7 +180,10 @@ class LocalEngine(Engine):
         self.forward = torch.compile(forward) if compile else forward
 
     def backward(self, loss: torch.Tensor, micro: int) -> None:
-        (loss / self.grad_accum).backward()
+        """Accumulate this micro-batch's gradient; data parallel reduces once per step, in the last micro-batch."""
+        last = micro == self.grad_accum - 1
+        with contextlib.nullcontext() if last or not hasattr(self.forward, "no_sync") else self.forward.no_sync():
+            (loss / self.grad_accum).backward()
 
     def forward_backward(self, batch: BatchFn) -> float:
         total = torch.zeros((), device=self.device)

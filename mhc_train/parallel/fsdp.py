@@ -66,6 +66,12 @@ class FSDPEngine(LocalEngine):
     def train_parameters(self):
         return self.train_model.parameters()
 
+    def backward(self, loss, micro: int) -> None:
+        """Reduce-scatter the gradients once per step, in the last micro-batch (FSDP2 accumulates unsharded
+        gradients locally before it)."""
+        self.train_model.set_requires_gradient_sync(micro == self.grad_accum - 1)
+        (loss / self.grad_accum).backward()
+
     def clip(self) -> float:
         limit = self.grad_clip if self.grad_clip > 0 else float("inf")
         return full(torch.nn.utils.clip_grad_norm_(self.params_with_grad(), limit)).item()

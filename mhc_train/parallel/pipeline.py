@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from mhc_train.model import lm_loss
-from mhc_train.parallel.dist import gather_dicts, sum_across_ranks
+from mhc_train.parallel.dist import all_reduce_sum_, gather_dicts, sum_across_ranks
 from mhc_train.parallel.engine import Engine
 from mhc_train.parallel.overlap import install_overlap
 from mhc_train.parallel.schedules import build_schedule, layer_ranges
@@ -77,14 +77,14 @@ class PipelineEngine(Engine):
     checkpoint_formats = ("dcp", "file")
 
     def __init__(self, model, modules, stage_ids, n_stages, mesh: PipelineMesh, schedule: str, n_microbatches: int,
-                 build_optimizer, build_scheduler, dist, grad_clip, csv_path: str = "", overlap: bool = True):  # fmt: skip
+                 build_optimizer, build_scheduler, dist, grad_clip, csv_path: str = "", overlap: bool = True,
+                 autocast_dtype=None):  # fmt: skip
         from torch.distributed.pipelining import PipelineStage
 
         self.modules, self.mesh = modules, mesh
         self.local = torch.nn.ModuleList(modules)
         optimizer = build_optimizer(self.local)
-        # no autocast: pipeline stages run in the parameters' dtype
-        super().__init__(model, optimizer, build_scheduler(optimizer), dist, dist.device, grad_clip)
+        super().__init__(model, optimizer, build_scheduler(optimizer), dist, dist.device, grad_clip, autocast_dtype)
         self.stages = [PipelineStage(m, s, n_stages, self.device, group=mesh.group) for m, s in zip(modules, stage_ids)]
         self.schedule = build_schedule(schedule, self.stages, n_microbatches, lm_loss, csv_path)
         self.overlap = None
@@ -116,14 +116,15 @@ class PipelineEngine(Engine):
         x, y = batch(0, self.mesh.dp_rank, self.mesh.dp)
         losses: list = []
         x, y = x.to(self.device), y.to(self.device)
-        if self.first and self.last:
-            self.schedule.step(x, target=y, losses=losses)
-        elif self.first:
-            self.schedule.step(x)
-        elif self.last:
-            self.schedule.step(target=y, losses=losses)
-        else:
-            self.schedule.step()
+        with self.autocast():  # the stages' forwards run under it (the backward follows the forward's dtypes)
+            if self.first and self.last:
+                self.schedule.step(x, target=y, losses=losses)
+            elif self.first:
+                self.schedule.step(x)
+            elif self.last:
+                self.schedule.step(target=y, losses=losses)
+            else:
+                self.schedule.step()
         mine = torch.stack(losses).float().mean().item() if losses else 0.0
         return (
             sum_across_ranks(mine, self.dist, self.device) / self.mesh.dp
@@ -144,7 +145,7 @@ class PipelineEngine(Engine):
         sq = torch.zeros(1, dtype=torch.float64, device=self.device)
         for p in self.params_with_grad():  # FSDP shards partition each gradient, so every element is counted once
             sq += local(p.grad.detach()).double().square().sum()
-        torch.distributed.all_reduce(sq)
+        all_reduce_sum_(sq, self.dist)
         norm = sq.sqrt().item()
         if self.grad_clip > 0 and norm > self.grad_clip:
             scale = self.grad_clip / (norm + 1e-6)

@@ -51,6 +51,10 @@ class CorruptCheckpoint(CheckpointError):
     """A checkpoint's bytes do not match the digests written with it (never loaded; auto-resume moves it aside)."""
 
 
+class UnverifiableCheckpoint(CheckpointError):
+    """A step file without a digest footer (older than digests, or cut at the end): refused, not moved aside."""
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -107,8 +111,9 @@ def verify_file(path: Path) -> int:
         f.seek(max(0, size - FOOTER))
         footer = f.read(FOOTER)
     if size < FOOTER or footer[: len(MAGIC)] != MAGIC:
-        raise CheckpointError(
-            f"checkpoint {path} has no integrity footer: it is truncated, damaged, or not mhc-train's"
+        raise UnverifiableCheckpoint(
+            f"checkpoint {path} has no integrity footer: it was written before checkpoints carried digests, or it is "
+            "truncated. It was not loaded or moved; to load it unverified set checkpoint.verify=false"
         )
     digest, length = footer[len(MAGIC) : len(MAGIC) + 32].hex(), int.from_bytes(footer[-8:], "little")
     if length != size - FOOTER:
@@ -232,13 +237,15 @@ class CheckpointManager:
             time.sleep(pause)
         os.replace(tmp, final)
         _fsync_dir(self.dir)
-        self.verify(final, state)  # what landed on disk is what we meant to write, before anything older goes
-        self.prune()
+        verify_file(final)  # what landed on disk is what we meant to write, before anything older goes (the shards'
+        # digests were computed from the files on disk a moment ago)
+        self.prune(keep=step)
         return final
 
-    def prune(self) -> None:
+    def prune(self, keep: int | None = None) -> None:
+        """Keep the newest `keep_last`, the milestones, and step `keep` (the one just written)."""
         done = self.complete()
-        keep = {s for s, _ in done[-self.cfg.keep_last :]} | set(self.cfg.milestones)
+        keep = {s for s, _ in done[-self.cfg.keep_last :]} | set(self.cfg.milestones) | {keep}
         for step, path in done:
             if step not in keep:
                 path.unlink(missing_ok=True)
@@ -255,11 +262,12 @@ class CheckpointManager:
         return total
 
     @staticmethod
-    def load(path: str | Path, verify: bool = True, timings: dict | None = None) -> dict:
+    def load(path: str | Path, verify: bool = True, timings: dict | None = None, trusted: bool = False) -> dict:
         """A step file's state; with `verify`, its digest is checked in a background thread while torch.load parses
         it, and the state is returned only if the digest matches (CorruptCheckpoint otherwise). Parsing unverified
         bytes is safe: the load is `weights_only` (tensors and plain containers; no code runs from the file).
-        `timings` receives the verification's seconds and bytes."""
+        `timings` receives the verification's seconds and bytes. `trusted` (checkpoint.verify=false) unpickles in
+        full, as files written before digests existed need (their numpy RNG state)."""
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(
@@ -273,12 +281,14 @@ class CheckpointManager:
         with ThreadPoolExecutor(1) as pool:
             verified = pool.submit(check) if verify else None
             try:
-                state, failure = torch.load(path, map_location="cpu", weights_only=True), None
+                state, failure = torch.load(path, map_location="cpu", weights_only=not trusted), None
             except Exception as e:
                 state, failure = None, e
             if verified is not None:
                 try:
                     nbytes, seconds = verified.result()
+                except UnverifiableCheckpoint:
+                    raise
                 except CheckpointError as e:
                     raise CorruptCheckpoint(str(e)) from None
                 if timings is not None:
@@ -304,6 +314,9 @@ class CheckpointManager:
         """Load the step file with its digest checked alongside, then verify its shards; returns (state, a log line
         with the cost)."""
         t0, timings = time.perf_counter(), {}
+        if not self.cfg.verify:
+            state = self.load(path, verify=False, trusted=True)
+            return state, f"loaded {path.name} unverified (checkpoint.verify=false) in {time.perf_counter() - t0:.3f} s"
         state = self.load(path, timings=timings)
         load_s, nbytes, verify_s = time.perf_counter() - t0, timings["bytes"], timings["seconds"]
         shards = state.get("shards")
@@ -321,14 +334,18 @@ class CheckpointManager:
         )
         return state, line
 
-    def move_aside(self, path: Path) -> Path:
-        """A checkpoint that failed verification, with its sharded directories, into checkpoints/damaged/ (kept)."""
-        dest = self.run.damaged / path.name
+    def move_aside(self, path: Path, why: str = "damaged") -> Path:
+        """A checkpoint, with its sharded directories, into checkpoints/<why>/ (kept; a name already taken there gets
+        a time suffix, so nothing moved aside earlier is overwritten)."""
+        root = self.dir / why
+        suffix = "" if not (root / path.name).exists() else time.strftime(".%Y%m%d-%H%M%S") + f".{os.getpid()}"
+        dest = root / (path.name + suffix)
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, dest)
         for sharded in self.run.sharded_dirs(path.stem):
             if sharded.is_dir():
-                target = self.run.damaged / sharded.relative_to(self.dir)
+                target = root / sharded.relative_to(self.dir)
+                target = target.with_name(target.name + suffix)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(sharded, target)
         return dest
@@ -342,7 +359,13 @@ class CheckpointManager:
             path = Path(mode)
             state, line = self._load_verified(path)  # raises on damage: an explicit choice is never replaced
             self._chosen = (path, state)
-            return path, [line]
+            notes = [line]
+            if path.resolve().parent == self.dir.resolve():  # an older checkpoint of this run: the newer ones belong
+                for step, newer in self.complete():  # to a timeline this resume abandons; keep them, out of the way
+                    if step > state["step"]:
+                        notes.append(f"resuming from step {state['step']}: moved the newer {newer.name} aside to "
+                                     f"{self.move_aside(newer, 'superseded')}")  # fmt: skip
+            return path, notes
         notes = []
         for _, path in reversed(self.complete()):
             try:
@@ -366,7 +389,9 @@ class CheckpointManager:
         """(state, allowed config changes) of the checkpoint at `path`, checked against this run's resolved config and
         tokenizer reference; raises CheckpointError naming the problem and the fix. `choose` verified it."""
         chosen, self._chosen = self._chosen, None
-        state = chosen[1] if chosen and chosen[0] == path else self.load(path, verify=False)
+        state = (
+            chosen[1] if chosen and chosen[0] == path else self.load(path, verify=False, trusted=not self.cfg.verify)
+        )
         fatal, allowed = compare_configs(state["config"], config)
         if fatal:
             raise CheckpointError(
@@ -400,7 +425,7 @@ class CheckpointManager:
         fresh = groups(engine)  # built from the current config
         if state.get("deepspeed_tag"):
             try:
-                engine.load_native(self.run.deepspeed_root, state["deepspeed_tag"])
+                engine.load_native(RunDir.of_step_file(path).deepspeed_root, state["deepspeed_tag"])
             except (FileNotFoundError, NotImplementedError) as e:
                 raise CheckpointError(f"cannot resume from {path}: {e}") from e
         elif state.get("dcp"):
@@ -409,7 +434,7 @@ class CheckpointManager:
                     f"{path} is a DCP checkpoint; parallel.engine={engine.name} cannot load it (use none, ddp, fsdp "
                     "or a pipeline)"
                 )
-            load_dcp(engine.live_state(), self.run.dcp_dir(state["dcp"]))
+            load_dcp(engine.live_state(), RunDir.of_step_file(path).dcp_dir(state["dcp"]))
             engine.weights_loaded()  # rank 0's plain model gets the loaded weights at the next full_model()
             engine.scheduler.load_state_dict(state["scheduler"])
         else:

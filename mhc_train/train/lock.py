@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import time
+import weakref
 from pathlib import Path
 
 from mhc_train.train.errors import RunDirBusy
@@ -20,6 +21,11 @@ from mhc_train.train.errors import RunDirBusy
 class RunLock:
     def __init__(self, path: Path, run_dir: Path):
         self.path, self.run_dir, self._fd = Path(path), Path(run_dir), None
+        self._finalizer = None
+
+    @property
+    def released(self) -> bool:
+        return self._fd is None
 
     def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,6 +45,7 @@ class RunLock:
         os.write(fd, json.dumps(record).encode())
         os.fsync(fd)
         self._fd = fd
+        self._finalizer = weakref.finalize(self, os.close, fd)  # a lock object dropped unreleased frees its flock
         return self
 
     @staticmethod
@@ -51,7 +58,7 @@ class RunLock:
     def release(self) -> None:
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
+            self._finalizer()  # closes the fd, once
             self._fd = None
 
     def __enter__(self) -> RunLock:

@@ -19,6 +19,7 @@ import shlex
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,15 +27,16 @@ import numpy as np
 import torch
 
 from mhc_train.config import Config, to_dict, validate, validate_world
-from mhc_train.data import TokenData, prepare
+from mhc_train.data import DataError, TokenData, prepare
 from mhc_train.model import build_model
 from mhc_train.parallel import any_rank, barrier, broadcast_from_main, build_engine, init_distributed
 from mhc_train.rundir import RunDir
 from mhc_train.train.checkpoint import CheckpointError, CheckpointManager
 from mhc_train.train.diagnostics import connection_diagnostics, grad_norms
-from mhc_train.train.errors import Preempted, TrainingError
+from mhc_train.train.errors import Preempted, RunDirBusy, TrainingError
 from mhc_train.train.lock import RunLock
 from mhc_train.train.metrics import MetricsLogger, read_metrics
+from mhc_train.train.throughput import device_peak_tflops, flops_per_token, mfu
 
 __all__ = ["Preempted", "Trainer", "TrainingError", "train"]
 
@@ -62,6 +64,12 @@ class Trainer:
             prepare(cfg.data, log=self.log)  # reuses the output when the input is unchanged
         barrier(self.dist)
         manifest = prepare(cfg.data, log=lambda *a: None)
+        key = broadcast_from_main(manifest.get("key"), self.dist)
+        if manifest.get("key") != key:  # another node's filesystem, or the source changed under the barrier
+            raise DataError(
+                f"rank {self.dist.rank} prepared data {manifest['dir']} (key {manifest.get('key')}) but rank 0 has key "
+                f"{key}: every node must see the same data.source; run `mhc-train prepare` once before the launch"
+            )
         self.data = TokenData(manifest["dir"])  # the content-addressed directory prepare() made or reused
         self.data.check_compatible(cfg.model.vocab_size, t.seq_len)
         self.tokenizer_ref = {"path": manifest["tokenizer"]["path"], "sha256": manifest["tokenizer"]["sha256"]}
@@ -87,6 +95,7 @@ class Trainer:
             self.log(line)
         self.step, self.skipped, self.tokens_seen, self.train_time = 0, 0, 0, 0.0
         self.last_ckpt: Path | None = None
+        self.peak_mb = 0.0
         self.val_set = self.data.val_batches(t.eval_batches, t.batch_size, t.seq_len)
         if resume is not None:
             self._restore(*resume)
@@ -102,23 +111,40 @@ class Trainer:
 
     def _claim_run_dir(self) -> RunLock:
         """Create the run directory and take this rank's lock on it. A fresh start (checkpoint.resume=never) in a
-        directory that holds another run refuses, or with checkpoint.overwrite=true moves that run aside."""
+        directory that holds another run refuses, or with checkpoint.overwrite=true moves that run aside. Rank 0
+        decides and every rank follows; a rank that cannot take its lock stops every rank."""
         root, ck = self.run_dir.root, self.cfg.checkpoint
-        held = self._holds_a_run() if ck.resume == "never" else ""
-        if held and not ck.overwrite:
-            raise TrainingError(
-                f"run_dir {root} already holds a run ({held}) and checkpoint.resume=never starts a new one: use "
-                "another run_dir, or set checkpoint.overwrite=true to move the old run aside (nothing is deleted)"
-            )
-        if held and self.dist.is_main:
-            aside = root.with_name(f"{root.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-            old = RunLock(self.run_dir.lock(0), root).acquire()  # refuses while that run is live
-            os.replace(root, aside)
-            old.release()
-            self.log(f"checkpoint.overwrite=true: moved the old run in {root} aside to {aside}")
-        barrier(self.dist)
+        error = None
+        if self.dist.is_main:
+            try:
+                held = self._holds_a_run() if ck.resume == "never" else ""
+                if held and not ck.overwrite:
+                    raise TrainingError(
+                        f"run_dir {root} already holds a run ({held}) and checkpoint.resume=never starts a new one: "
+                        "use another run_dir, or set checkpoint.overwrite=true to move the old run aside (nothing is "
+                        "deleted)"
+                    )
+                if held:
+                    aside = root.with_name(f"{root.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+                    old = RunLock(self.run_dir.lock(0), root).acquire()  # refuses while that run is live
+                    os.replace(root, aside)
+                    old.release()
+                    self.log(f"checkpoint.overwrite=true: moved the old run in {root} aside to {aside}")
+            except Exception as e:
+                error = e
+        error = broadcast_from_main(error, self.dist)
+        if error is not None:
+            raise error
         self.run_dir.create()
-        return RunLock(self.run_dir.lock(self.dist.rank), root).acquire()
+        lock, failed = RunLock(self.run_dir.lock(self.dist.rank), root), None
+        try:
+            lock.acquire()
+        except RunDirBusy as e:
+            failed = e
+        if any_rank(failed is not None, self.dist):
+            lock.release()
+            raise failed or RunDirBusy(f"another rank could not take its lock on run_dir {root}; see its message")
+        return lock
 
     def _write_run_files(self) -> None:
         """Rank 0: the resolved config, and a copy of the tokenizer, so the run directory is self-contained."""
@@ -232,11 +258,15 @@ class Trainer:
         )
 
     # ---- preemption --------------------------------------------------------------------------------------------
+    REPEAT_GRACE_S = 3.0  # launchers often deliver one stop twice (the deepspeed launcher: SIGINT, then SIGTERM)
+
     def _on_signal(self, signum, frame) -> None:
-        if self._signal is not None:  # a second signal: exit at once
+        if self._signal is not None:
+            if time.monotonic() - self._signal_at < self.REPEAT_GRACE_S:
+                return  # the same stop delivered twice: keep finishing the step and checkpointing
             print(f"\n{signal.Signals(signum).name} again: exiting at once", file=sys.stderr, flush=True)
             os._exit(128 + signum)
-        self._signal = signum
+        self._signal, self._signal_at = signum, time.monotonic()
         print(
             f"\n{signal.Signals(signum).name}: finishing step {self.step + 1}, then writing a checkpoint (send it "
             "again to exit at once)",
@@ -258,8 +288,14 @@ class Trainer:
 
     # ---- loop --------------------------------------------------------------------------------------------------
     def run(self) -> dict:
+        """Train to train.max_steps (or stop_at_step). In the main thread SIGTERM / SIGINT stop it gracefully (see
+        `_preempt`); elsewhere (signals reach only the main thread) they keep their handlers."""
         self._signal = None
-        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        if self.lock.released:  # a second run() owns the directory again
+            self.lock.acquire()
+        main = threading.current_thread() is threading.main_thread()
+        stops = (signal.SIGTERM, signal.SIGINT) if main else ()
+        handlers = {s: signal.signal(s, self._on_signal) for s in stops}
         try:
             return self._loop()
         finally:
@@ -267,10 +303,16 @@ class Trainer:
                 signal.signal(s, h)
             self.close()
 
+    def _check_stop(self, saved: bool) -> None:
+        if any_rank(self._signal is not None, self.dist):  # every rank stops after the same step
+            self._preempt(saved)
+
     def _loop(self) -> dict:
         cfg, t, engine = self.cfg, self.cfg.train, self.engine
         metrics = MetricsLogger(self.run_dir.root, cfg.logging, self.config_dict, cfg.run_name, self.dist.is_main)
         tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
+        flops = flops_per_token(cfg.model, cfg.connection, t.seq_len)
+        peak = device_peak_tflops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         metrics.log(
             "meta",
             self.step,
@@ -280,6 +322,9 @@ class Trainer:
             device=str(self.device),
             tokens_per_step=tokens_per_step,
             unigram_entropy=self.data.unigram_entropy("val"),
+            flops_per_token=flops,
+            peak_tflops=peak,
+            world_size=self.dist.world,
             torch=torch.__version__,
         )
         bar = None
@@ -302,6 +347,7 @@ class Trainer:
                     self._nonfinite(loss)
                     engine.skip()
                     self.step += 1
+                    self._check_stop(saved=False)
                     continue
                 diag_step = t.diag_every and (self.step + 1) % t.diag_every == 0
                 local_grads = engine.local_named_grads() if diag_step else None
@@ -325,11 +371,16 @@ class Trainer:
                         grad_norm=grad_norm,
                         clipped=bool(cfg.optim.grad_clip > 0 and grad_norm > cfg.optim.grad_clip),
                         tokens_per_s=tokens_per_step / dt,
+                        tokens_per_s_per_device=tokens_per_step / dt / self.dist.world,
+                        mfu=mfu(tokens_per_step / dt / self.dist.world, flops["total"], peak),
                         step_time_s=dt,
                         tokens=self.tokens_seen,
                         skipped_steps=self.skipped,
-                        peak_mem_mb=peak_memory_mb(self.device),
+                        peak_mem_mb=(window_peak := peak_memory_mb(self.device)),  # since the last train record
                     )
+                    self.peak_mb = max(self.peak_mb, window_peak)
+                    if self.device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(self.device)
                 last = self.step == t.max_steps or self.step == t.stop_at_step
                 is_eval = self.step % t.eval_every == 0 or self.step == t.max_steps
                 is_ckpt = (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or (
@@ -350,8 +401,7 @@ class Trainer:
                     bar.update(1)
                 if is_ckpt:
                     self.save_checkpoint()
-                if any_rank(self._signal is not None, self.dist):  # every rank stops after the same step
-                    self._preempt(saved=bool(is_ckpt))
+                self._check_stop(saved=bool(is_ckpt))
                 if self.step == t.stop_at_step:
                     self.log(f"stopping at train.stop_at_step={t.stop_at_step}; resume with checkpoint.resume=auto")
                     break
@@ -379,7 +429,7 @@ class Trainer:
             "final_val_loss": val[-1]["loss"] if val else None,
             "final_train_loss": train[-1]["loss"] if train else None,
             "tokens_per_s": self.tokens_seen / self.train_time if self.train_time else None,
-            "peak_mem_mb": peak_memory_mb(self.device),
+            "peak_mem_mb": max(self.peak_mb, peak_memory_mb(self.device)),
             "n_params": self.n_params,
             "pid": os.getpid(),
         }

@@ -311,3 +311,55 @@ def test_sigterm_under_torchrun_checkpoints_every_rank(prepared_data, tmp_path):
     assert state["world_size"] == 2 and state["step"] == int(m.group(1))
     manager = CheckpointManager(run, load_config(run_overrides(prepared_data, run)).checkpoint)
     assert manager.verify(Path(m.group(2)), state) > 0  # both ranks' DCP shards are complete
+
+
+def test_resuming_an_older_checkpoint_moves_the_newer_timeline_aside(prepared_data, tmp_path):
+    run = tmp_path / "r"
+    common = {**QUIET, "train.max_steps": 6, "checkpoint.every": 2, "checkpoint.keep_last": 2}
+    _train(prepared_data, run, **common)  # keeps steps 4 and 6
+    step4 = run / "checkpoints/step_00000004.pt"
+    logs = []
+    _train(
+        prepared_data,
+        run,
+        logs,
+        **{**common, "checkpoint.resume": str(step4), "train.max_steps": 5, "checkpoint.every": 5},
+    )
+    assert any("moved the newer step_00000006.pt aside" in line for line in logs), logs
+    assert (run / "checkpoints/superseded/step_00000006.pt").is_file()
+    kept = [s for s, _ in CheckpointManager(run, load_config(run_overrides(prepared_data, run)).checkpoint).complete()]
+    assert kept == [4, 5], kept  # the checkpoint just written survives retention; the abandoned one is kept aside
+
+
+def test_a_checkpoint_without_a_digest_is_refused_not_moved_and_verify_false_loads_it(prepared_data, tmp_path):
+    run = tmp_path / "r"
+    _train(prepared_data, run, **QUIET, **{"train.max_steps": 2})
+    step = run / "checkpoints/step_00000002.pt"
+    step.write_bytes(step.read_bytes()[: -ckpt_mod.FOOTER])  # as written before digests existed
+    overrides = {**QUIET, "train.max_steps": 3}
+    with pytest.raises(ckpt_mod.UnverifiableCheckpoint, match="no integrity footer.*checkpoint.verify=false"):
+        Trainer(load_config(run_overrides(prepared_data, run, **overrides)), log=lambda *a: None)
+    assert step.is_file()
+    t = _train(prepared_data, run, **overrides, **{"checkpoint.verify": "false"})
+    assert t.step == 3
+
+
+def test_moving_aside_twice_keeps_both_copies(prepared_data, tmp_path):
+    run = tmp_path / "r"
+    _train(prepared_data, run, **QUIET, **{"train.max_steps": 2})
+    manager = CheckpointManager(run, load_config(run_overrides(prepared_data, run)).checkpoint)
+    step = run / "checkpoints/step_00000002.pt"
+    first = manager.move_aside(step)
+    shutil.copy(first, step)
+    second = manager.move_aside(step)
+    assert first != second and first.is_file() and second.is_file()
+
+
+def test_a_trainer_dropped_without_run_frees_its_run_dir(prepared_data, tmp_path):
+    import gc
+
+    cfg = load_config(run_overrides(prepared_data, tmp_path / "r", **QUIET, **{"train.max_steps": 1}))
+    t = Trainer(cfg, log=lambda *a: None)
+    del t
+    gc.collect()
+    Trainer(cfg, log=lambda *a: None).run()  # no RunDirBusy naming our own PID
