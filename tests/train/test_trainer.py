@@ -167,9 +167,7 @@ def test_corrupt_checkpoint_is_reported(prepared_data, tmp_path):
     Trainer(load_config(run_overrides(prepared_data, run, **{"train.max_steps": 2})), log=lambda *a: None).run()
     ckpt = run / "checkpoints" / "step_00000002.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
-    with pytest.raises(
-        CheckpointError, match=r"step_00000002.pt has no integrity footer.*checkpoint.verify=false"
-    ):
+    with pytest.raises(CheckpointError, match=r"step_00000002.pt has no integrity footer.*checkpoint.verify=false"):
         Trainer(load_config(run_overrides(prepared_data, run, **{"train.max_steps": 4})), log=lambda *a: None)
 
 
