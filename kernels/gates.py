@@ -168,7 +168,7 @@ class GatesSinkhornFunction(torch.autograd.Function):
             ctx.has_res,
             bt,
         )
-        da = da.sum(0)[: alpha.numel()]
+        da = da.sum(0)[: alpha.numel()].clone()  # not a view: split-backward schedules detach_ parameter grads
         need = ctx.needs_input_grad
         return (dh if need[0] else None, da if need[1] else None, db.sum(0) if need[2] else None, None, None)
 

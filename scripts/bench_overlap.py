@@ -87,6 +87,9 @@ def run_variant(cfg, schedule: str, overlap: bool, args, device) -> dict:
         "first_loss": first_loss,
         "first_grad_norm": first_norm,
         "overlap_pairs_per_step": engine.overlap.pairs / (args.steps + args.warmup + 1) if engine.overlap else 0,
+        "stream_trace": engine.overlap.trace
+        if engine.overlap
+        else [],  # (pair, F stage, mb, stream, B stage, mb, stream)
     }
     if device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile

@@ -147,3 +147,54 @@ def test_the_package_graph_is_layered_and_acyclic():
     assert edges["mhc_train.config"] == set(), edges["mhc_train.config"]
     assert violations(edges) == []
     assert cycles(edges) == []
+
+
+COLLECTIVES = {
+    "all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "reduce_scatter",
+    "reduce_scatter_tensor", "broadcast", "broadcast_object_list", "gather", "gather_object", "scatter", "barrier",
+    "send", "recv", "isend", "irecv", "all_to_all", "monitored_barrier",
+}  # fmt: skip
+
+
+def collective_calls(path: Path) -> list[str]:
+    """Calls of a method named like a torch.distributed collective (whatever it is called on) and imports of one,
+    as 'line: name'."""
+    tree = ast.parse(path.read_text())
+    aliases = {"torch.distributed"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases |= {a.asname for a in node.names if a.name == "torch.distributed" and a.asname}
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.module == "torch"
+            and any(a.name == "distributed" for a in node.names)
+        ):
+            aliases |= {a.asname or a.name for a in node.names if a.name == "distributed"}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in COLLECTIVES:
+            owner = ast.unparse(node.func.value)  # any owner: `self._dist.all_reduce` counts as well
+            found.append(f"{node.lineno}: {owner}.{node.func.attr}")
+        elif isinstance(node, ast.ImportFrom) and node.module == "torch.distributed":
+            found += [
+                f"{node.lineno}: from torch.distributed import {a.name}" for a in node.names if a.name in COLLECTIVES
+            ]
+    return found
+
+
+def test_the_collective_checker_sees_calls_through_any_name(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("import torch.distributed as d\ndef f(self, t):\n    self._dist.all_reduce(t)\n    d.barrier()\n")
+    assert collective_calls(sample) == ["3: self._dist.all_reduce", "4: d.barrier"]
+
+
+def test_every_collective_of_ours_goes_through_parallel_dist():
+    """The trainer, checkpoints and engines issue collectives only through mhc_train/parallel/dist.py, which puts
+    every tensor on the compute device (NCCL refuses CPU tensors); torch's and DeepSpeed's own stay theirs."""
+    assert collective_calls(REPO / "mhc_train/parallel/dist.py"), "the checker finds dist.py's own collectives"
+    outside = {
+        str(p.relative_to(REPO)): calls
+        for p in (REPO / "mhc_train").rglob("*.py")
+        if p != REPO / "mhc_train/parallel/dist.py" and (calls := collective_calls(p))
+    }
+    assert outside == {}, outside

@@ -150,8 +150,8 @@ class Transformer(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """[B, T, n, C] -> logits [B, T, V]; a stage without the final norm passes the stream state through."""
-        if self.norm is None:
-            return h
+        if self.norm is None:  # a stage's boundary output: never a view (pipelining detaches it in place)
+            return h if h._base is None else h.clone()
         h = self.norm(self.conn.collapse(h))  # [B, T, C]
         return self.output(h) if self.output is not None else h
 

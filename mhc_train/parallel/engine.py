@@ -58,10 +58,16 @@ class Engine:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host batch onto the compute device: pinned and copied without blocking the host on CUDA."""
+        if self.device.type != "cuda" or t.is_cuda:
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     def loss(self, forward, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with self.autocast():
-            logits = forward(x.to(self.device))
-        return lm_loss(logits, y.to(self.device))
+            logits = forward(self.to_device(x))
+        return lm_loss(logits, self.to_device(y))
 
     def forward_backward(self, batch: BatchFn) -> float:
         """Forward and backward of every micro-batch of this step; returns the global mean loss on every rank."""

@@ -5,8 +5,11 @@ stages, paired with the full backward of another micro-batch on the other stage.
 order on one stream. `OverlapFB` replaces that handler (`schedule.register_custom_function`, a private API of the
 pinned torch) and on CUDA actually overlaps the pair:
 
-- the forward is enqueued on a side stream, the backward right after it on the current stream, with no host sync in
-  between, so the GPU runs the two micro-batches' kernels concurrently;
+- the two halves run on different streams: autograd runs a backward on the stream its forward ran on, so the handler
+  puts each overlapped forward on the stream its paired backward does not use (it records which stream every
+  micro-batch's forward ran on: the current one for the runtime's own F actions, then alternating); the forward is
+  enqueued first and the backward right after it, with no host sync in between, so the GPU runs the two micro-batches'
+  kernels concurrently in steady state (`trace` records the assignment; tests check it on CPU);
 - during that forward every FFN site's `post_res` (the `H_res x + H_post^T y` merge that produces the next stream
   state, i.e. the tensor the next stage waits for) runs on a high-priority stream (`priority=-1`), so the backward's
   long GEMMs do not delay the hand-off; the backward of those ops follows them onto that stream (autograd runs a
@@ -19,8 +22,8 @@ FORWARD and FULL_BACKWARD branches): wait the matching receives, forward one chu
 stage, hand the V turn-around input to the local next stage, count backwards and flag the last one (gradient
 reduction), backward one chunk, hand the input gradient to the local previous stage.
 
-Stream safety (CUDA caching allocator): every side-stream region starts with `side.wait_stream(current)` and the
-pair ends with `current.wait_stream(side)`; within a pair all side/priority allocations are enqueued before the
+Stream safety (CUDA caching allocator): every pair starts with `side.wait_stream(current)` and ends with
+`current.wait_stream(side)`; within a pair all side/priority allocations are enqueued before the
 backward frees anything, so a block freed by the backward is reused on a side stream only after the next region's
 wait. Outputs made on the priority stream are `record_stream`ed on the stream that consumes them.
 """
@@ -86,11 +89,15 @@ class OverlapFB:
         else:
             self.side, self.runner = None, _PriorityRunner(None)
         self.pairs = 0
+        self.stream_of: dict[tuple[int, int], int] = {}  # (stage, micro-batch) -> stream its forward ran on
+        self.trace: list[tuple] = []  # the first pairs: (pair, F stage, F mb, F stream, B stage, B mb, B stream)
 
-    def _side(self):
-        if not self.cuda:
+    CURRENT, SIDE = 0, 1
+
+    def _on(self, stream: int):
+        """Enqueue on the current stream (0) or the side stream (1); on CPU there are no streams."""
+        if not self.cuda or stream == self.CURRENT:
             return contextlib.nullcontext()
-        self.side.wait_stream(torch.cuda.current_stream())
         return torch.cuda.stream(self.side)
 
     def __call__(self, action, ctx) -> None:
@@ -100,11 +107,20 @@ class OverlapFB:
         fwd, bwd = action.sub_actions
         stages = {s.stage_index: s for s in sched._stages}
         self.pairs += 1
+        # the backward will run where its forward ran; the forward goes on the other stream
+        b_stream = self.stream_of.pop((bwd.stage_index, bwd.microbatch_index), self.CURRENT)
+        f_stream = self.SIDE if b_stream == self.CURRENT else self.CURRENT
+        self.stream_of[(fwd.stage_index, fwd.microbatch_index)] = f_stream
+        if len(self.trace) < 256:
+            self.trace.append((self.pairs, fwd.stage_index, fwd.microbatch_index, f_stream, bwd.stage_index,
+                               bwd.microbatch_index, b_stream))  # fmt: skip
+        if self.cuda:
+            self.side.wait_stream(torch.cuda.current_stream())
 
-        # forward of micro-batch fwd.microbatch_index on its stage (side stream on CUDA)
+        # forward of micro-batch fwd.microbatch_index on its stage
         stage, mb = stages[fwd.stage_index], fwd.microbatch_index
         _assert_unsharded(sched, stage)
-        with self._side():
+        with self._on(f_stream):
             if not stage.is_first and fwd.stage_index - 1 not in stages:
                 _wait_batch_p2p(sched.fwd_recv_ops.pop((fwd.stage_index, mb)))
             with self.runner.activated():
@@ -113,7 +129,7 @@ class OverlapFB:
             if fwd.stage_index + 1 in stages:  # the V turn-around: the next stage lives on this rank
                 stages[fwd.stage_index + 1].set_local_fwd_input(out, mb)
 
-        # full backward of micro-batch bwd.microbatch_index on the other stage (current stream)
+        # full backward of micro-batch bwd.microbatch_index on the other stage (on b_stream, where autograd runs it)
         stage, mb = stages[bwd.stage_index], bwd.microbatch_index
         _assert_unsharded(sched, stage)
         if not stage.is_last and bwd.stage_index + 1 not in stages:

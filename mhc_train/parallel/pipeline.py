@@ -115,7 +115,7 @@ class PipelineEngine(Engine):
         rank (the last-stage ranks hold one replica's mean each)."""
         x, y = batch(0, self.mesh.dp_rank, self.mesh.dp)
         losses: list = []
-        x, y = x.to(self.device), y.to(self.device)
+        x, y = self.to_device(x), self.to_device(y)
         with self.autocast():  # the stages' forwards run under it (the backward follows the forward's dtypes)
             if self.first and self.last:
                 self.schedule.step(x, target=y, losses=losses)
@@ -135,10 +135,11 @@ class PipelineEngine(Engine):
         if self.overlap is None:
             return ""
         o = self.overlap
-        where = "forward on a side stream, FFN post_res on a priority -1 stream" if o.cuda else "in order (CPU)"
+        where = "F and B on two streams, FFN post_res on a priority -1 stream" if o.cuda else "in order (CPU)"
+        split = sum(f != b for *_, f, _, _, b in o.trace)
         return (
             f"OVERLAP_F_B: {o.pairs} overlapped F/B pairs, {o.runner.calls} FFN post_res through the priority "
-            f"runner; {where}"
+            f"runner, {split} of the first {len(o.trace)} pairs with F and B on different streams; {where}"
         )
 
     def clip(self) -> float:

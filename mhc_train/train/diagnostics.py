@@ -21,10 +21,18 @@ def amax_gains(m: torch.Tensor) -> tuple[float, float]:
 
 @torch.no_grad()
 def connection_diagnostics(model, tokens: torch.Tensor) -> dict:
-    """Per-site and composite statistics of H_res, H_pre and H_post on `tokens` [B, T]."""
-    inputs: dict[str, torch.Tensor] = {}
+    """Per-site and composite statistics of H_res, H_pre and H_post on `tokens` [B, T].
+
+    Memory: each site's coefficients are computed as the forward reaches it and only they are kept ([B, T, 2n + n^2]
+    per site, against the [B, T, n, C] stream input: 1/300 of it at n = 4, C = 2048), so the diagnostics never hold
+    more than one site's stream beyond what the forward itself does."""
+    coeffs: dict[str, tuple] = {}
+
+    def keep(name, site, x):
+        coeffs[name] = (*site.coefficients(x), x.shape[-2])
+
     handles = [
-        site.register_forward_pre_hook(lambda mod, args, name=name: inputs.__setitem__(name, args[0]))
+        site.register_forward_pre_hook(lambda mod, args, name=name: keep(name, mod, args[0]))
         for name, site in model.sites()
     ]
     try:
@@ -33,9 +41,8 @@ def connection_diagnostics(model, tokens: torch.Tensor) -> dict:
         for h in handles:
             h.remove()
     sites, fwd, bwd_chain = {}, None, []
-    for name, site in model.sites():
-        h_pre, h_post, h_res = site.coefficients(inputs[name])
-        n = inputs[name].shape[-2]
+    for name, _ in model.sites():
+        h_pre, h_post, h_res, n = coeffs[name]
         if h_res is None:
             h_res = torch.eye(n).expand(*h_pre.shape[:-1], n, n)
         h_res = h_res.double()

@@ -19,7 +19,6 @@ import shlex
 import shutil
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -33,10 +32,11 @@ from mhc_train.parallel import any_rank, barrier, broadcast_from_main, build_eng
 from mhc_train.rundir import RunDir
 from mhc_train.train.checkpoint import CheckpointError, CheckpointManager
 from mhc_train.train.diagnostics import connection_diagnostics, grad_norms
-from mhc_train.train.errors import Preempted, RunDirBusy, TrainingError
-from mhc_train.train.lock import RunLock
+from mhc_train.train.errors import Preempted, TrainingError
+from mhc_train.train.lock import claim_run_dir, holds_a_run
 from mhc_train.train.metrics import MetricsLogger, read_metrics
-from mhc_train.train.throughput import device_peak_tflops, flops_per_token, mfu
+from mhc_train.train.preemption import StopSignals
+from mhc_train.train.throughput import StepTimer, device_peak_tflops, flops_per_token, mfu
 
 __all__ = ["Preempted", "Trainer", "TrainingError", "train"]
 
@@ -73,7 +73,8 @@ class Trainer:
         self.data = TokenData(manifest["dir"])  # the content-addressed directory prepare() made or reused
         self.data.check_compatible(cfg.model.vocab_size, t.seq_len)
         self.tokenizer_ref = {"path": manifest["tokenizer"]["path"], "sha256": manifest["tokenizer"]["sha256"]}
-        self.lock = self._claim_run_dir()  # after the data is ready: a data error leaves no run directory behind
+        self.lock = claim_run_dir(self.run_dir, cfg.checkpoint, self.dist, self.log)  # after the data: a data error
+        # leaves no run directory behind
         try:
             self._build()
         except BaseException:
@@ -96,56 +97,12 @@ class Trainer:
         self.step, self.skipped, self.tokens_seen, self.train_time = 0, 0, 0, 0.0
         self.last_ckpt: Path | None = None
         self.peak_mb = 0.0
+        self.timer = StepTimer()  # host time per phase; the step-end CUDA synchronize lands in "optimizer"
         self.val_set = self.data.val_batches(t.eval_batches, t.batch_size, t.seq_len)
         if resume is not None:
             self._restore(*resume)
 
     # ---- the run directory -------------------------------------------------------------------------------------
-    def _holds_a_run(self) -> str:
-        """What of an earlier run the run directory holds ("" for nothing)."""
-        steps = self.run_dir.step_files()
-        if steps:
-            return f"{len(steps)} checkpoint(s), the newest {steps[-1][1].name}"
-        metrics = self.run_dir.metrics
-        return f"{metrics} ({metrics.stat().st_size} bytes)" if metrics.is_file() and metrics.stat().st_size else ""
-
-    def _claim_run_dir(self) -> RunLock:
-        """Create the run directory and take this rank's lock on it. A fresh start (checkpoint.resume=never) in a
-        directory that holds another run refuses, or with checkpoint.overwrite=true moves that run aside. Rank 0
-        decides and every rank follows; a rank that cannot take its lock stops every rank."""
-        root, ck = self.run_dir.root, self.cfg.checkpoint
-        error = None
-        if self.dist.is_main:
-            try:
-                held = self._holds_a_run() if ck.resume == "never" else ""
-                if held and not ck.overwrite:
-                    raise TrainingError(
-                        f"run_dir {root} already holds a run ({held}) and checkpoint.resume=never starts a new one: "
-                        "use another run_dir, or set checkpoint.overwrite=true to move the old run aside (nothing is "
-                        "deleted)"
-                    )
-                if held:
-                    aside = root.with_name(f"{root.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-                    old = RunLock(self.run_dir.lock(0), root).acquire()  # refuses while that run is live
-                    os.replace(root, aside)
-                    old.release()
-                    self.log(f"checkpoint.overwrite=true: moved the old run in {root} aside to {aside}")
-            except Exception as e:
-                error = e
-        error = broadcast_from_main(error, self.dist)
-        if error is not None:
-            raise error
-        self.run_dir.create()
-        lock, failed = RunLock(self.run_dir.lock(self.dist.rank), root), None
-        try:
-            lock.acquire()
-        except RunDirBusy as e:
-            failed = e
-        if any_rank(failed is not None, self.dist):
-            lock.release()
-            raise failed or RunDirBusy(f"another rank could not take its lock on run_dir {root}; see its message")
-        return lock
-
     def _write_run_files(self) -> None:
         """Rank 0: the resolved config, and a copy of the tokenizer, so the run directory is self-contained."""
         from omegaconf import OmegaConf
@@ -182,7 +139,7 @@ class Trainer:
         for line in notes:
             self.log(line)
         if path is None:
-            if self.cfg.checkpoint.resume == "auto" and (held := self._holds_a_run()):
+            if self.cfg.checkpoint.resume == "auto" and (held := holds_a_run(self.run_dir)):
                 self.log(f"{self.run_dir.root} holds {held} but no checkpoint that verifies: starting at step 0; "
                          "metrics.jsonl keeps the earlier records under their own segment")  # fmt: skip
             return None
@@ -215,7 +172,8 @@ class Trainer:
     # ---- steps -------------------------------------------------------------------------------------------------
     def _batch(self, micro: int, shard: int, n_shards: int):
         t = self.cfg.train
-        return self.data.train_batch(t.seed, self.step, micro, t.batch_size, t.seq_len, shard, n_shards)
+        with self.timer("data"):
+            return self.data.train_batch(t.seed, self.step, micro, t.batch_size, t.seq_len, shard, n_shards)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -258,25 +216,9 @@ class Trainer:
         )
 
     # ---- preemption --------------------------------------------------------------------------------------------
-    REPEAT_GRACE_S = 3.0  # launchers often deliver one stop twice (the deepspeed launcher: SIGINT, then SIGTERM)
-
-    def _on_signal(self, signum, frame) -> None:
-        if self._signal is not None:
-            if time.monotonic() - self._signal_at < self.REPEAT_GRACE_S:
-                return  # the same stop delivered twice: keep finishing the step and checkpointing
-            print(f"\n{signal.Signals(signum).name} again: exiting at once", file=sys.stderr, flush=True)
-            os._exit(128 + signum)
-        self._signal, self._signal_at = signum, time.monotonic()
-        print(
-            f"\n{signal.Signals(signum).name}: finishing step {self.step + 1}, then writing a checkpoint (send it "
-            "again to exit at once)",
-            file=sys.stderr,
-            flush=True,
-        )
-
     def _preempt(self, saved: bool) -> None:
         """Every rank: write a checkpoint (unless this step just did) and stop with the signal's exit code."""
-        signum = self._signal or signal.SIGTERM
+        signum = self.stops.received or signal.SIGTERM
         path = self.last_ckpt if saved else self.save_checkpoint()
         cmd = " ".join(shlex.quote(a) for a in ["python", "-m", "mhc_train.train", *sys.argv[1:]])
         how = "the same torchrun command" if self.dist.world > 1 else cmd
@@ -290,21 +232,17 @@ class Trainer:
     def run(self) -> dict:
         """Train to train.max_steps (or stop_at_step). In the main thread SIGTERM / SIGINT stop it gracefully (see
         `_preempt`); elsewhere (signals reach only the main thread) they keep their handlers."""
-        self._signal = None
         if self.lock.released:  # a second run() owns the directory again
             self.lock.acquire()
-        main = threading.current_thread() is threading.main_thread()
-        stops = (signal.SIGTERM, signal.SIGINT) if main else ()
-        handlers = {s: signal.signal(s, self._on_signal) for s in stops}
+        self.stops = StopSignals(lambda: self.step + 1)
         try:
-            return self._loop()
+            with self.stops:
+                return self._loop()
         finally:
-            for s, h in handlers.items():
-                signal.signal(s, h)
             self.close()
 
     def _check_stop(self, saved: bool) -> None:
-        if any_rank(self._signal is not None, self.dist):  # every rank stops after the same step
+        if any_rank(self.stops.received is not None, self.dist):  # every rank stops after the same step
             self._preempt(saved)
 
     def _loop(self) -> dict:
@@ -338,7 +276,8 @@ class Trainer:
         try:
             while self.step < t.max_steps:
                 t0 = time.perf_counter()
-                loss = engine.forward_backward(self._batch)
+                with self.timer("forward_backward"):  # includes "data" (the engine pulls its micro-batches)
+                    loss = engine.forward_backward(self._batch)
                 if t.dump_grads_at == self.step + 1:
                     grads = engine.gather_grads()  # a collective: every rank calls it
                     if self.dist.is_main:
@@ -353,9 +292,11 @@ class Trainer:
                 local_grads = engine.local_named_grads() if diag_step else None
                 layer_norms = grad_norms(local_grads) if local_grads is not None else None
                 lr = engine.lr()
-                grad_norm = engine.step()
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
+                with self.timer("optimizer"):  # clip (a collective where sharded), step, and the GPU's queue
+                    grad_norm = engine.step()
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize()
+                self.timer.step()
                 dt = time.perf_counter() - t0
                 self.step += 1
                 if self.step == 1 and (line := engine.report()):
@@ -370,6 +311,7 @@ class Trainer:
                         lr=lr,
                         grad_norm=grad_norm,
                         clipped=bool(cfg.optim.grad_clip > 0 and grad_norm > cfg.optim.grad_clip),
+                        time_per_step_s=self.timer.window(),
                         tokens_per_s=tokens_per_step / dt,
                         tokens_per_s_per_device=tokens_per_step / dt / self.dist.world,
                         mfu=mfu(tokens_per_step / dt / self.dist.world, flops["total"], peak),

@@ -1,5 +1,7 @@
 """Engine x precision x recompute x backend: every combination the config accepts runs, here in a pairwise cover
-(each engine with bf16 and fp32, each recompute mode, the torch and Triton backends), two steps on 2 (or 4) gloo
+(each engine with bf16 and fp32, each recompute mode; the Triton backend under a split-backward pipeline, the
+one place it differs: under the interpreter a 2-rank Triton run costs minutes, and the kernels' own tests cover
+them against the reference), two steps on 2 (or 4) gloo
 ranks, against one process at the same precision and backend; the one combination the config refuses says why.
 
 What it guards (each failed before): DeepSpeed's own bf16 mode cast phi to bf16 (the Triton projection refused it),
@@ -30,11 +32,11 @@ PP = {"parallel.pp": 2}
 # (engine overrides, precision, recompute, backend, arm, processes)
 MATRIX = [
     ({"parallel.engine": "ddp"}, "bf16", "mhc", "torch", "mhc", 2),
-    ({"parallel.engine": "ddp"}, "fp32", "full", "triton", "mhc", 2),
+    ({"parallel.engine": "ddp"}, "fp32", "full", "torch", "mhc", 2),
     ({"parallel.engine": "fsdp"}, "bf16", "none", "torch", "hc", 2),
     ({"parallel.engine": "fsdp"}, "fp32", "mhc", "torch", "mhc", 2),
     ({**DS, "parallel.zero_stage": 1}, "bf16", "mhc", "torch", "mhc", 2),
-    ({**DS, "parallel.zero_stage": 2}, "bf16", "none", "triton", "mhc", 2),
+    ({**DS, "parallel.zero_stage": 2}, "bf16", "none", "torch", "mhc", 2),
     ({**DS, "parallel.zero_stage": 3}, "bf16", "none", "torch", "mhc", 2),
     ({**DS, "parallel.zero_stage": 3}, "fp32", "none", "torch", "hc", 2),
     ({**PP, "parallel.pp_schedule": "1f1b"}, "bf16", "mhc", "torch", "mhc", 2),
@@ -99,8 +101,21 @@ def torch_float32():
 
 @pytest.mark.parametrize("mode", ["mhc", "full"])
 def test_zero3_with_recompute_is_refused_with_the_way_out(mode):
-    zero3 = ["model=test", "parallel.engine=deepspeed", "parallel.zero_stage=3"]
+    zero3 = ["model=test", "train=test", "parallel.engine=deepspeed", "parallel.zero_stage=3"]
     with pytest.raises(ConfigError, match=rf"parallel.recompute='{mode}' is invalid: ZeRO-3 .*parallel.engine=fsdp"):
         load_config([*zero3, f"parallel.recompute={mode}"])
     load_config([*zero3, "parallel.recompute=none"])
-    load_config(["model=test", "parallel.engine=fsdp", f"parallel.recompute={mode}"])
+    load_config(["model=test", "train=test", "parallel.engine=fsdp", f"parallel.recompute={mode}"])
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_gradient_accumulation_reduces_once_and_equals_one_process(prepared_data, tmp_path, engine):
+    """grad_accum=2: the micro-batches before the last skip the reduction (DDP no_sync, FSDP2
+    set_requires_gradient_sync(False)); the step's gradient still equals one process's on every parameter."""
+    from tests.parallel.test_distributed import _assert_close_runs
+
+    common = {**BASE, "train.grad_accum": 2, "train.dump_grads_at": 1, "connection": "mhc"}
+    ref, dp = tmp_path / "single", tmp_path / engine
+    _single(run_overrides(prepared_data, ref, **common))
+    _run(_torchrun_cmd(run_overrides(prepared_data, dp, **common, **{"parallel.engine": engine})), timeout=600)
+    _assert_close_runs(dp, ref, 2)

@@ -363,3 +363,15 @@ def test_a_trainer_dropped_without_run_frees_its_run_dir(prepared_data, tmp_path
     del t
     gc.collect()
     Trainer(cfg, log=lambda *a: None).run()  # no RunDirBusy naming our own PID
+
+
+def test_train_records_carry_throughput_and_a_step_time_breakdown(prepared_data, tmp_path):
+    run = tmp_path / "r"
+    _train(prepared_data, run, **QUIET, **{"train.max_steps": 2})
+    recs = read_metrics(run)
+    meta, train = recs["meta"][-1], recs["train"]
+    assert meta["flops_per_token"]["total"] > meta["flops_per_token"]["connection"] > 0 and meta["world_size"] == 1
+    for r in train:
+        assert set(r["time_per_step_s"]) == {"forward_backward", "data", "optimizer"}, r
+        assert 0 < r["time_per_step_s"]["data"] < r["time_per_step_s"]["forward_backward"] <= r["step_time_s"]
+        assert r["tokens_per_s_per_device"] == r["tokens_per_s"] and r["mfu"] is None  # no peak known on CPU
