@@ -41,6 +41,7 @@ from mhc_train.config import DataConfig
 from mhc_train.data.errors import DataError, SourceMissing
 from mhc_train.data.sources import TextSource, resolve_source
 from mhc_train.data.tokenizer import Tokenizer, file_sha256, train_tokenizer
+from mhc_train.rundir import fsync_dir
 
 FORMAT_VERSION = 2  # bump when tokenizer training or shard layout changes: a new key, so a new directory
 MANIFEST = "manifest.json"
@@ -286,14 +287,6 @@ def _write_shard(ds, path: Path, dtype) -> tuple[int, str]:
     return count, h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _remove_stale_builds(out: Path) -> None:
     """Temporary build directories of killed prepare runs on this host (their process is gone)."""
     host = socket.gethostname()
@@ -317,7 +310,7 @@ def _build(cfg, source: TextSource, out: Path, settings: dict, key: str, fp: str
     tmp.mkdir()
     try:
         manifest = _build_into(cfg, source, tmp, final, settings, key, fp, digest, log)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         try:
             os.rename(tmp, final)
         except OSError:  # `final` exists: another process finished first, or a damaged copy
@@ -330,7 +323,7 @@ def _build(cfg, source: TextSource, out: Path, settings: dict, key: str, fp: str
             os.rename(final, aside)
             os.rename(tmp, final)
             log(f"prepare: moved the damaged {final} to {aside}")
-        _fsync_dir(out)
+        fsync_dir(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

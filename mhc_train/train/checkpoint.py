@@ -36,7 +36,7 @@ import torch
 from mhc_train.config import CheckpointConfig
 from mhc_train.parallel import DistInfo, Engine, barrier
 from mhc_train.parallel.state import optimizer_groups_by_name
-from mhc_train.rundir import RunDir
+from mhc_train.rundir import RunDir, fsync_dir
 
 # Keys whose change makes a checkpoint unusable: they change parameter shapes or the meaning of the weights.
 FATAL_PREFIXES = ("model.", "connection.")
@@ -53,14 +53,6 @@ class CorruptCheckpoint(CheckpointError):
 
 class UnverifiableCheckpoint(CheckpointError):
     """A step file without a digest footer (older than digests, or cut at the end): refused, not moved aside."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # Every step file ends with a footer: MAGIC, the digest of the bytes before the footer, and their length. torch.load
@@ -236,7 +228,7 @@ class CheckpointManager:
         if pause:
             time.sleep(pause)
         os.replace(tmp, final)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         verify_file(final)  # what landed on disk is what we meant to write, before anything older goes (the shards'
         # digests were computed from the files on disk a moment ago)
         self.prune(keep=step)
