@@ -14,7 +14,8 @@ HC reports its H_res equivalent `A_r^T` through it.
 
 Notes:
 1. Parameters whose name contains `static_` are HC's static parts; the optimiser gives them no weight decay.
-2. Constructors allocate with `torch.empty` and draw nothing from the RNG; `init_weights(generator)` sets values.
+2. Constructors allocate with `torch.empty` and draw nothing from the RNG; `initial_values(generator)` gives every
+   parameter's full initial value (the model writes them, whole or as this rank's shard).
 """
 
 from __future__ import annotations
@@ -58,8 +59,15 @@ class Site(nn.Module):
         y = sublayer(ops.mhc_pre(x, h_pre, backend=self.backend))  # [B, T, C]
         return self.post_res(x, y, h_post, h_res)  # [B, T, n, C]
 
+    def initial_values(self, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """{parameter name: its full initial value}, drawn from `generator` (on the generator's device)."""
+        return {}
+
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        pass
+        """Set every parameter of a standalone site (a model sets them through `Transformer.init_weights`)."""
+        with torch.no_grad():
+            for name, value in self.initial_values(generator).items():
+                getattr(self, name).copy_(value)
 
 
 class ResidualSite(Site):
@@ -98,15 +106,20 @@ class HCSite(Site):
             self.dyn_scale = nn.Parameter(torch.empty(2))  # (s_alpha, s_beta)
         self.eps = cfg.eps
 
-    def init_weights(self, generator=None):
-        with torch.no_grad():
-            self.static_beta.fill_(1.0)
-            self.static_alpha_m.zero_()[self.index % self.n] = 1.0
-            self.static_alpha_r.copy_(torch.eye(self.n))
-            if self.dynamic:
-                self.norm_weight.fill_(1.0)
-                self.dyn_proj.zero_()
-                self.dyn_scale.fill_(self.scale_init)
+    def initial_values(self, generator=None):
+        n, dev = self.n, generator.device if generator is not None else None
+        values = {
+            "static_beta": torch.ones(n, device=dev),
+            "static_alpha_m": torch.zeros(n, device=dev).index_fill_(
+                0, torch.tensor([self.index % n], device=dev), 1.0
+            ),
+            "static_alpha_r": torch.eye(n, device=dev),
+        }
+        if self.dynamic:
+            values["norm_weight"] = torch.ones(self.norm_weight.shape, device=dev)
+            values["dyn_proj"] = torch.zeros(self.dyn_proj.shape, device=dev)
+            values["dyn_scale"] = torch.full((2,), self.scale_init, device=dev)
+        return values
 
     def coefficients(self, x):
         with ops.coefficient_region(x):  # fp32 whatever the engine's precision
@@ -145,16 +158,18 @@ class MHCSite(Site):
         self.alpha = nn.Parameter(torch.empty(2 if self.identity_res else 3))
         self.bias = nn.Parameter(torch.empty(k))
 
-    def init_weights(self, generator=None):
-        n, c = self.n, self.cfg
-        with torch.no_grad():
-            nn.init.normal_(self.phi, 0.0, c.phi_init_std, generator=generator) if c.phi_init_std else self.phi.zero_()
-            self.alpha.fill_(c.alpha_init)
-            self.bias[:n] = c.b_pre_init
-            self.bias[n : 2 * n] = c.b_post_init
-            if not self.identity_res:
-                diag = c.b_res_diag if c.b_res_init == "identity" else 0.0
-                self.bias[2 * n :] = (torch.eye(n) * diag).flatten()
+    def initial_values(self, generator=None):
+        n, c, dev = self.n, self.cfg, generator.device if generator is not None else None
+        phi = torch.zeros(self.phi.shape, device=dev)
+        if c.phi_init_std:
+            phi.normal_(0.0, c.phi_init_std, generator=generator)
+        bias = torch.empty(self.bias.shape, device=dev)
+        bias[:n] = c.b_pre_init
+        bias[n : 2 * n] = c.b_post_init
+        if not self.identity_res:
+            diag = c.b_res_diag if c.b_res_init == "identity" else 0.0
+            bias[2 * n :] = (torch.eye(n, device=dev) * diag).flatten()
+        return {"phi": phi, "alpha": torch.full(self.alpha.shape, c.alpha_init, device=dev), "bias": bias}
 
     def coefficients(self, x):
         c = self.cfg

@@ -7,7 +7,8 @@ Axis legend: B batch, T time, n streams, C channels, V vocabulary.
   final norm (spec section 1).
 - Blocks live in a ModuleDict keyed by their index as a string, and `forward` passes through a missing embedding,
   norm or head, so pipeline stages cut from this model keep stable parameter names.
-- Construction allocates only (works on the meta device); `init_weights(seed)` sets every value.
+- Construction allocates only (works on the meta device); `init_weights(seed)` sets every value, each module's from
+  its own seed, so a sharded or cut model initialises only what it holds.
 - `forward` is `head(run_blocks(embed(tokens)))`. The blocks run as a plain loop unless a block runner was chosen
   with `use_block_runner` (mhc_train.parallel installs recomputation this way when it builds the engine); the runner
   gets every site as an explicit `SitePart`, so it needs nothing else from the model.
@@ -15,6 +16,7 @@ Axis legend: B batch, T time, n streams, C channels, V vocabulary.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -111,30 +113,55 @@ class Transformer(nn.Module):
         """Connection sites in forward order: (name, site)."""
         return [(f"{k}.{s}", getattr(b, f"{s}_conn")) for k, b in self.layers.items() for s in ("attn", "ffn")]
 
-    def init_weights(self, seed: int = 0) -> None:
+    def init_weights(self, seed: int = 0, write: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
         """Set every weight from `seed` (nothing is drawn from the global RNG).
 
         - token embedding, all linear weights: N(0, init_std)
         - output projections (attention `wo`, FFN `w2`): N(0, init_std / sqrt(2 n_layer) * f), f = 1 except HC's
           sqrt(n) flag (GPT-2's depth-scaled init)
         - LM head: N(0, init_std) (or tied to the embedding)
-        - RMSNorm gains: 1; connection sites: their own `init_weights` (see connections.py)
+        - RMSNorm gains: 1; connection sites: their own `initial_values` (see connections.py)
+
+        Each module draws from its own CPU generator, seeded from (seed, the module's name): a value depends on
+        nothing else, not on the device, nor on which modules a pipeline stage holds, nor on how they are sharded, so
+        every engine starts from the same weights and a stage or a shard initialises just what it holds (one
+        module's full values at a time pass through host memory). `write(param, full_value)` puts a
+        value into a parameter (default: copy); the parallel package passes one that keeps this rank's shard of a
+        DTensor, so a model built on the meta device and sharded is initialised without ever being whole.
         """
-        g = torch.Generator(device=self.tok_embeddings.weight.device).manual_seed(seed)
+        write = write or (lambda param, value: param.copy_(value))
         std = self.cfg.init_std
         out_std = std / (2 * self.cfg.n_layer) ** 0.5 * self.conn.out_proj_std_factor
+        done: set[int] = set()  # a tied weight is set once (by the embedding)
         with torch.no_grad():
             for name, mod in self.named_modules():
+                params = dict(mod.named_parameters(recurse=False))
+                if not params or all(id(p) in done for p in params.values()):
+                    continue
+                if any(p.device.type == "meta" for p in params.values()):
+                    raise RuntimeError(f"{name}: parameters on the meta device; materialise them first (to_empty)")
+                device = torch.device("cpu")
+                g = torch.Generator(device=device).manual_seed(module_seed(seed, name))
                 if isinstance(mod, RMSNorm):
-                    mod.weight.fill_(1.0)
-                elif isinstance(mod, nn.Linear):
-                    is_out = name.endswith(("attn.wo", "ffn.w2"))
-                    nn.init.normal_(mod.weight, 0.0, out_std if is_out else std, generator=g)
-                elif isinstance(mod, nn.Embedding):
-                    nn.init.normal_(mod.weight, 0.0, std, generator=g)
-            for _, site in self.sites():
-                site.init_weights(g)
-            self.rope.copy_(rope_cache(head_dim(self.cfg), self.cfg.max_seq_len, self.cfg.rope_theta))
+                    values = {"weight": torch.ones(mod.weight.shape, device=device)}
+                elif isinstance(mod, (nn.Linear, nn.Embedding)):
+                    s = out_std if name.endswith(("attn.wo", "ffn.w2")) else std
+                    values = {"weight": torch.empty(mod.weight.shape, device=device).normal_(0.0, s, generator=g)}
+                elif hasattr(mod, "initial_values"):  # a connection site
+                    values = mod.initial_values(g)
+                else:
+                    raise TypeError(f"{name} ({type(mod).__name__}) has parameters init_weights does not know")
+                if set(values) != set(params):
+                    raise TypeError(f"{name}: initial values for {sorted(values)}, parameters {sorted(params)}")
+                for key, p in params.items():
+                    write(p, values[key].to(p.dtype))
+                    done.add(id(p))
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Recompute the buffers (the RoPE table), e.g. after `to_empty` moved the model off the meta device."""
+        self.rope.copy_(rope_cache(head_dim(self.cfg), self.cfg.max_seq_len, self.cfg.rope_theta, self.rope.device))
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] -> stream state [B, T, n, C]; a stage without the embedding passes its input through."""
@@ -158,6 +185,11 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] (or the stream state [B, T, n, C] on a later pipeline stage) -> logits [B, T, V]."""
         return self.head(self.run_blocks(self.embed(tokens)))
+
+
+def module_seed(seed: int, name: str) -> int:
+    """The seed of module `name`'s initial values under run seed `seed` (stable across processes and versions)."""
+    return (seed * 0x9E3779B97F4A7C15 + zlib.crc32(name.encode())) % 2**63
 
 
 def build_model(cfg: ModelConfig, conn_cfg: ConnectionConfig, seed: int = 0, device: str | torch.device = "cpu"):

@@ -25,6 +25,7 @@ from mhc_train.parallel.fsdp import FSDPEngine, shard
 from mhc_train.parallel.pipeline import PipelineEngine, cut_stage, pipeline_mesh
 from mhc_train.parallel.recompute import apply_recompute
 from mhc_train.parallel.schedules import pipeline_layout
+from mhc_train.parallel.state import on_meta
 
 PER_BLOCK_FSDP_SCHEDULES = ("1f1b", "interleaved1f1b")  # no split backward (see fsdp.py note 1)
 
@@ -42,6 +43,13 @@ def use_fast_fp32_matmul(device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def builds_on_meta(cfg: Config) -> bool:
+    """Whether `build_engine` wants the plain model built on the meta device (it then allocates and fills only what
+    each rank trains): DeepSpeed (ZeRO-3 partitions; ZeRO-1/2 allocate the model once, on the device). One process,
+    DDP, FSDP2 (see fsdp.py note 2) and the pipeline take a built, initialised model."""
+    return cfg.parallel.pp == 1 and cfg.parallel.engine == "deepspeed"
 
 
 def build_pipeline(model: torch.nn.Module, cfg: Config, dist: DistInfo, pp: int | None = None) -> PipelineEngine:
@@ -77,11 +85,15 @@ def build_pipeline(model: torch.nn.Module, cfg: Config, dist: DistInfo, pp: int 
     )
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, dist: DistInfo) -> Engine:
-    """Apply `cfg.parallel` to the plain, initialised `model` (weights already loaded on resume). `model` stays the
-    plain full view for rank 0 (evaluation, diagnostics, checkpoint files); other ranks may free it."""
+def build_engine(model: torch.nn.Module, cfg: Config, dist: DistInfo, weights: dict | None = None) -> Engine:
+    """Apply `cfg.parallel` to the plain `model`: built on the meta device where `builds_on_meta(cfg)` (the engine
+    allocates and fills what each rank trains, from `cfg.train.seed` or from `weights`), else built and initialised.
+    `weights`: a full state dict by name to start from (a file checkpoint on resume), or None. `model` stays the
+    plain full view for rank 0 (diagnostics, checkpoint files; for sharded engines on `meta` until needed)."""
     p, t = cfg.parallel, cfg.train
     use_fast_fp32_matmul(dist.device)
+    if weights is not None and not on_meta(model):
+        model.load_state_dict(weights)
     if p.pp > 1:
         return build_pipeline(model, cfg, dist)
     make_optimizer = partial(build_optimizer, cfg=cfg.optim)  # engines build them on the modules they train
@@ -94,7 +106,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, dist: DistInfo) -> Engine:
         micro = t.batch_size // dist.world
         return DeepSpeedEngine(
             model, make_optimizer, make_scheduler, **common, zero_stage=p.zero_stage, micro_batch=micro,
-            config_file=p.deepspeed_config, compile=t.compile,
+            config_file=p.deepspeed_config, compile=t.compile, seed=t.seed, weights=weights,
         )  # fmt: skip
     if p.engine == "fsdp":
         return FSDPEngine(model, make_optimizer, make_scheduler, **common, compile=t.compile)

@@ -20,7 +20,8 @@ import json
 
 import torch
 
-from mhc_train.parallel.engine import LocalEngine, release_eval_copy
+from mhc_train.parallel.engine import LocalEngine, materialise_on_host, release_eval_copy
+from mhc_train.parallel.state import materialise, on_meta
 
 
 class DeepSpeedEngine(LocalEngine):
@@ -31,7 +32,7 @@ class DeepSpeedEngine(LocalEngine):
 
     def __init__(self, model, build_optimizer, build_scheduler, dist, device, grad_clip, autocast_dtype,
                  grad_accum: int, zero_stage: int, micro_batch: int, config_file: str = "",
-                 compile: bool = False):  # fmt: skip
+                 compile: bool = False, seed: int = 0, weights: dict | None = None):  # fmt: skip
         import deepspeed
 
         config = {
@@ -49,19 +50,30 @@ class DeepSpeedEngine(LocalEngine):
         if config_file:
             with open(config_file) as f:
                 config.update(json.load(f))
-        # ZeRO-3 partitions the module's parameters in place: it trains a copy, and `model` stays whole for rank 0's
-        # evaluation, diagnostics and checkpoint file (`_sync_full_model` gathers into it).
+        # Built from the meta device. ZeRO-3 partitions the module's parameters in place: the training copy is
+        # allocated in host memory, filled (seed or checkpoint weights) and handed to zero.Init, which moves each
+        # parameter's partition to the device one parameter at a time, so no rank holds the whole model on the
+        # device. Rank 0's plain view stays on `meta` until diagnostics or a file checkpoint need it (then in host
+        # memory, `_sync_full_model`). ZeRO-1/2 keep whole parameters on every rank and train the model itself.
         self.zero3 = int(config["zero_optimization"].get("stage", zero_stage)) == 3
-        self.train_model = copy.deepcopy(model) if self.zero3 else model
-        optimizer = build_optimizer(self.train_model)
+        self.train_model = copy.deepcopy(model) if self.zero3 else model  # a copy of a meta skeleton is free
+        built_on_meta = on_meta(self.train_model)
+        if built_on_meta:
+            materialise(self.train_model, "cpu" if self.zero3 else device, seed, weights)
+        elif self.zero3:
+            release_eval_copy(model, dist)
+        optimizer = build_optimizer(self.train_model)  # before partitioning: the groups read each parameter's shape
         scheduler = build_scheduler(optimizer)
+        if built_on_meta and self.zero3:
+            deepspeed.zero.Init(module=self.train_model, config_dict_or_path=config, dtype=torch.float32)
         self.ds, _, _, _ = deepspeed.initialize(
             model=self.train_model, optimizer=optimizer, lr_scheduler=scheduler, config=config
         )
         super().__init__(model, optimizer, scheduler, dist, device, grad_clip, autocast_dtype, grad_accum)
         self.forward = torch.compile(self.ds) if compile else self.ds
-        if self.zero3:
-            release_eval_copy(model, dist)
+
+    def eval_forward(self):
+        return self.ds  # under ZeRO-3 its hooks gather each layer's partitions
 
     def train_parameters(self):
         return self.train_model.parameters()
@@ -97,10 +109,13 @@ class DeepSpeedEngine(LocalEngine):
 
         if not self.zero3:
             return
-        params = list(self.train_model.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            if self.dist.is_main:
-                self.model.load_state_dict(self.train_model.state_dict())
+        state = {}
+        for name, p in self.train_model.named_parameters():  # one parameter gathered at a time
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if self.dist.is_main:
+                    state[name] = p.detach().cpu().clone()
+        if self.dist.is_main:
+            materialise_on_host(self.model, state)
 
     def gather_grads(self) -> dict:
         """Every parameter's full, reduced gradient by name (ZeRO-2/3 partition them; DeepSpeed assembles each, a

@@ -8,6 +8,7 @@ holds an `Engine`, calls the methods below in this order each step, and never as
     grads = engine.gather_grads()               # (debug) full reduced gradients by name on rank 0; a collective
     lr = engine.lr(); norm = engine.step()      # clip, optimizer and scheduler step; returns the pre-clip norm
     # or engine.skip() for a step with a non-finite loss
+    val = engine.evaluate(batches)              # the mean loss over the full val batches, each rank its slice
     model = engine.full_model()                 # the plain model with the trained weights (rank 0); a collective
 
 Checkpoints go through `mhc_train.train.checkpoint`, which owns all checkpoint state and uses the engine's
@@ -33,10 +34,19 @@ BatchFn = Callable[[int, int, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 def release_eval_copy(model: torch.nn.Module, info) -> None:
-    """Only rank 0 evaluates and writes checkpoint files from the plain model; once an engine trains its own copy,
-    the other ranks move theirs to the meta device (shapes kept, storage freed: one whole model per rank)."""
+    """Only rank 0 runs diagnostics and writes checkpoint files from the plain model; once an engine trains its own
+    copy, the other ranks move theirs to the meta device (shapes kept, storage freed: one whole model per rank)."""
     if not info.is_main:
         model.to(torch.device("meta"))
+
+
+def materialise_on_host(model: torch.nn.Module, state: dict) -> None:
+    """Rank 0's plain view of a sharded engine: built on the meta device and kept there until something needs it
+    whole (diagnostics, a file checkpoint); then allocated in host memory, never on the accelerator, and filled."""
+    if any(p.device.type == "meta" for p in model.parameters()):
+        model.to_empty(device="cpu")
+        model.init_buffers()
+    model.load_state_dict(state)
 
 
 class Engine:
@@ -97,6 +107,30 @@ class Engine:
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    # ---- evaluation ------------------------------------------------------------------------------------------
+    def eval_forward(self):
+        """The module that evaluates: the trained copy itself where it is sharded (its hooks gather the weights),
+        the plain model where it is whole (no wrapper, so no gradient hooks)."""
+        return self.model
+
+    def evaluate(self, batches) -> float:
+        """Mean loss over `batches` (the same full batches on every rank): each rank evaluates its data-parallel
+        slice of each batch, and the sum is reduced once. A collective: every rank calls it."""
+        total = self.eval_loss_sum(self.eval_forward(), batches, self.dist.rank, self.dist.world)
+        return sum_across_ranks(total, self.dist, self.device) / (self.dist.world * len(batches))
+
+    @torch.no_grad()
+    def eval_loss_sum(self, forward, batches, shard: int, n_shards: int) -> torch.Tensor:
+        """The sum over `batches` of the mean loss of slice `shard` of `n_shards` of each batch (no collective)."""
+        forward.eval()
+        total = torch.zeros((), device=self.device)
+        for x, y in batches:
+            per = x.shape[0] // n_shards
+            rows = slice(shard * per, (shard + 1) * per)
+            total += self.loss(forward, x[rows], y[rows]).detach()
+        forward.train()
+        return total
 
     # ---- views -------------------------------------------------------------------------------------------------
     def train_parameters(self) -> Iterable[torch.Tensor]:

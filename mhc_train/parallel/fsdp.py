@@ -12,10 +12,13 @@ Notes:
    stage or model is one unit: the recompute runner calls the sites directly rather than the blocks' `forward`,
    where FSDP's per-module hooks live, and under the split-backward schedules (ZBV, DualPipeV) nested units gave
    wrong gradients in our test (torch 2.13) while one unit per stage matches one process.
-2. Rank 0 evaluates, runs diagnostics and writes file-format checkpoints on a plain, unsharded copy of the model
-   (`Engine.full_model` gathers full weights into it); the other ranks free theirs (meta device) once the engine has
-   its training copy. Checkpoints (DCP by default, or one file) are keyed by parameter name: they load into one
-   process, DDP, any pipeline layout, or FSDP at another world size.
+2. Every rank evaluates its slice of the val batches on the sharded model. Rank 0 keeps a plain copy for
+   diagnostics and file checkpoints (`Engine.full_model` gathers one tensor at a time into it); the other ranks free
+   theirs (meta device) once the engine has its training copy. Not yet built from the meta device (DeepSpeed is:
+   data_parallel.py): a first try failed because an evaluation forward left the root unit unsharded (fixed in
+   `evaluate`); re-enabling it with `state.materialise` is the next step.
+   Checkpoints (DCP by default, or one file) are keyed by parameter name: they load into one process, DDP, any
+   pipeline layout, or FSDP at another world size.
 """
 
 from __future__ import annotations
@@ -82,8 +85,23 @@ class FSDPEngine(LocalEngine):
     def local_named_grads(self):
         return None  # sharded
 
+    def eval_forward(self):
+        return self.train_model
+
+    def evaluate(self, batches) -> float:
+        """A forward without backward leaves the root unit's parameters unsharded (the module then holds other
+        tensors than the ones the optimizer steps): reshard every unit after it."""
+        from torch.distributed.fsdp import FSDPModule
+
+        try:
+            return super().evaluate(batches)
+        finally:
+            for m in self.train_model.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
+
     def _sync_full_model(self) -> None:
-        state = full_model_state([self.train_model])
+        state = full_model_state([self.train_model], keep=self.dist.is_main)
         if self.dist.is_main:
             self.model.load_state_dict(state)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from mhc_train.model import lm_loss
-from mhc_train.parallel.dist import all_reduce_sum_, gather_dicts, sum_across_ranks
+from mhc_train.parallel.dist import all_reduce_sum_, broadcast_from_main, gather_dicts, sum_across_ranks
 from mhc_train.parallel.engine import Engine
 from mhc_train.parallel.overlap import install_overlap
 from mhc_train.parallel.schedules import build_schedule, layer_ranges
@@ -153,6 +153,14 @@ class PipelineEngine(Engine):
             for p in self.params_with_grad():
                 p.grad.mul_(scale)
         return norm
+
+    def evaluate(self, batches) -> float:
+        """Rank 0 evaluates the gathered plain model and broadcasts the loss; a collective. The schedule has no
+        forward-only step, so this holds the whole model on rank 0's device: pipeline-parallel eval is still to
+        come (FSDP and DeepSpeed evaluate sharded, on every rank)."""
+        model = self.full_model()
+        loss = self.eval_loss_sum(model, batches, 0, 1).item() / len(batches) if self.dist.is_main else None
+        return broadcast_from_main(loss, self.dist)
 
     def _sync_full_model(self) -> None:
         """Rank 0's `model` gets every stage's current weights (for evaluation, diagnostics and checkpoints)."""

@@ -37,9 +37,54 @@ def shard_like(value, param: torch.Tensor):
     return value
 
 
-def full_model_state(modules) -> dict:
-    """{parameter/buffer name: full CPU tensor} over `modules` (a collective under FSDP)."""
-    return {k: full(v).detach().cpu() for m in modules for k, v in m.state_dict().items()}
+def full_model_state(modules, keep: bool = True) -> dict:
+    """{parameter/buffer name: full CPU tensor} over `modules` (a collective under FSDP: every rank calls it). Each
+    tensor is gathered on its own, so a rank holds one full parameter on the device at a time; a rank with
+    `keep=False` only takes part in the gathers and returns {}."""
+    out = {}
+    for m in modules:
+        for k, v in m.state_dict().items():
+            whole = full(v).detach()
+            if keep:
+                out[k] = whole.cpu()
+    return out
+
+
+def write_shard(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Put the full `value` into `param`: all of a plain tensor, this rank's shard of a DTensor. Every rank holds
+    the same full value (drawn from the same seed, or read from the same file), so the shard is sliced locally and
+    nothing is communicated."""
+    if isinstance(param, _dtensor_cls()):
+        from torch.distributed.tensor import distribute_tensor
+
+        part = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements,
+                                 src_data_rank=None)  # fmt: skip
+        param.to_local().copy_(part.to_local())
+    else:
+        param.copy_(value)
+
+
+@torch.no_grad()
+def materialise(module: torch.nn.Module, device, seed: int, weights: dict | None = None) -> None:
+    """Allocate a module built on the meta device on `device` and fill it: the initial values of `seed`, or the
+    full tensors of `weights` (a plain state dict by name, from a checkpoint file), each rank writing what it holds."""
+    module.to_empty(device=device)
+    if weights is None:
+        module.init_weights(seed, write=write_shard)
+        return
+    params = dict(module.named_parameters())
+    missing = sorted(set(params) - set(weights))
+    if missing:
+        raise KeyError(f"the checkpoint has no weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for name, p in params.items():
+        if tuple(weights[name].shape) != tuple(p.shape):
+            raise ValueError(f"{name}: checkpoint shape {tuple(weights[name].shape)}, model {tuple(p.shape)}")
+        write_shard(p, weights[name])
+    module.init_buffers()
+
+
+def on_meta(module: torch.nn.Module) -> bool:
+    return any(p.device.type == "meta" for p in module.parameters())
 
 
 def optimizer_groups_by_name(optimizer: torch.optim.Optimizer) -> dict:

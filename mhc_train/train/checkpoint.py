@@ -402,11 +402,10 @@ class CheckpointManager:
         return state, allowed
 
     @staticmethod
-    def load_weights(model: torch.nn.Module, state: dict) -> None:
-        """Weights of a step file into the plain model, before any engine wraps it (a DCP checkpoint's weights are
-        loaded into the engine's own tensors by `restore`)."""
-        if not state.get("dcp"):
-            model.load_state_dict(state["model"])
+    def weights_of(state: dict) -> dict | None:
+        """The full weights of a step file, for `build_engine` to start from (None for a DCP checkpoint: its
+        weights are loaded into the engine's own tensors by `restore`)."""
+        return None if state.get("dcp") else state["model"]
 
     def restore(self, engine: Engine, state: dict, path: Path) -> list[str]:
         """Optimizer, scheduler (and DCP weights) into the built engine, and the RNG states; every rank calls it.

@@ -28,7 +28,7 @@ import torch
 from mhc_train.config import Config, to_dict, validate, validate_world
 from mhc_train.data import DataError, TokenData, prepare
 from mhc_train.model import build_model
-from mhc_train.parallel import any_rank, barrier, broadcast_from_main, build_engine, init_distributed
+from mhc_train.parallel import any_rank, barrier, broadcast_from_main, build_engine, builds_on_meta, init_distributed
 from mhc_train.rundir import RunDir
 from mhc_train.train.checkpoint import CheckpointError, CheckpointManager
 from mhc_train.train.diagnostics import connection_diagnostics, grad_norms
@@ -83,15 +83,16 @@ class Trainer:
 
     def _build(self) -> None:
         cfg, t = self.cfg, self.cfg.train
-        self.model = build_model(cfg.model, cfg.connection, seed=t.seed, device=self.device)
+        # DeepSpeed builds from the meta device: it allocates and fills only what each rank trains
+        device = "meta" if builds_on_meta(cfg) else self.device
+        self.model = build_model(cfg.model, cfg.connection, seed=t.seed, device=device)
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint, self.dist)
         resume = self._resume_point()
         if self.dist.is_main:
             self._write_run_files()
-        if resume is not None:  # weights go into the plain model before any wrapping
-            self.ckpt.load_weights(self.model, resume[0])
-        self.engine = build_engine(self.model, cfg, self.dist)
+        weights = self.ckpt.weights_of(resume[0]) if resume is not None else None  # a file checkpoint's weights
+        self.engine = build_engine(self.model, cfg, self.dist, weights=weights)
         if line := self.engine.describe():
             self.log(line)
         self.step, self.skipped, self.tokens_seen, self.train_time = 0, 0, 0, 0.0
@@ -175,15 +176,9 @@ class Trainer:
         with self.timer("data"):
             return self.data.train_batch(t.seed, self.step, micro, t.batch_size, t.seq_len, shard, n_shards)
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Rank 0 only, on the plain model (no engine wrapper, so no collective can wait on the other ranks); call
-        `engine.full_model()` on every rank first."""
-        model = self.engine.model
-        model.eval()
-        losses = [self.engine.loss(model, x, y).item() for x, y in self.val_set]
-        model.train()
-        return float(np.mean(losses))
+        """The mean loss over the fixed val batches; every rank evaluates its slice (a collective)."""
+        return self.engine.evaluate(self.val_set)
 
     def _nonfinite(self, loss: float) -> None:
         t = self.cfg.train
@@ -270,8 +265,8 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=t.max_steps, initial=self.step, desc=cfg.run_name, dynamic_ncols=True)
-        diag_batch = self.val_set[0][0][: min(4, t.batch_size)].to(self.device)
-        if self.step == 0 and self.dist.is_main:  # the curve starts at the untrained model (~ln(vocab))
+        diag_batch = self.val_set[0][0][: min(4, t.batch_size)]
+        if self.step == 0:  # the curve starts at the untrained model (~ln(vocab))
             metrics.log("val", 0, loss=self.evaluate())
         try:
             while self.step < t.max_steps:
@@ -328,12 +323,12 @@ class Trainer:
                 is_ckpt = (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or (
                     last and cfg.checkpoint.save_final
                 )
-                if diag_step or is_eval:
+                if diag_step:
                     model = engine.full_model()  # a collective where the weights are sharded or cut
-                if diag_step and self.dist.is_main:
-                    diag = connection_diagnostics(model, diag_batch)
-                    metrics.log("diag", self.step, grad_norms=layer_norms or {"global": grad_norm}, **diag)
-                if is_eval and self.dist.is_main:
+                    if self.dist.is_main:
+                        diag = connection_diagnostics(model, diag_batch.to(next(model.parameters()).device))
+                        metrics.log("diag", self.step, grad_norms=layer_norms or {"global": grad_norm}, **diag)
+                if is_eval:
                     val = self.evaluate()
                     metrics.log("val", self.step, loss=val)
                     if bar:

@@ -207,3 +207,28 @@ def test_bad_config_fails_at_build_naming_key(group, kw, pattern):
 def test_residual_has_one_stream_and_no_connection_params():
     m = build_model(ModelConfig(**{**tiny_model_cfg().__dict__}), conn_cfg("residual"))
     assert m.n_streams == 1 and not [n for n, _ in m.named_parameters() if "_conn." in n]
+
+
+def test_each_module_initialises_from_its_own_seed_so_a_part_needs_nothing_else():
+    """A module's initial values depend only on (seed, its name): a second model with a block removed, or the
+    model's parameters written through a custom `write` (how the sharded engines keep their slice), get the same
+    values, and another seed gives others."""
+    import torch
+
+    from mhc_train.config import load_config
+    from mhc_train.model import build_model
+
+    cfg = load_config(["model=test", "train=test", "connection=mhc"])
+    a = build_model(cfg.model, cfg.connection, seed=3)
+    b = build_model(cfg.model, cfg.connection, device="meta")
+    del b.layers["0"]  # like a pipeline stage that does not hold block 0
+    b.to_empty(device="cpu")
+    seen = {}
+    b.init_weights(3, write=lambda p, v: (p.copy_(v), seen.__setitem__(id(p), v.shape)))
+    for name, p in b.named_parameters():
+        assert torch.equal(p, a.state_dict()[name]), name
+    assert len(seen) == len(list(b.parameters()))
+    c = build_model(cfg.model, cfg.connection, seed=4)
+    assert not torch.equal(c.layers["1"].attn.wq.weight, a.layers["1"].attn.wq.weight)
+    with pytest.raises(RuntimeError, match="meta device"):
+        build_model(cfg.model, cfg.connection, device="meta").init_weights(0)

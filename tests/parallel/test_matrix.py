@@ -122,3 +122,16 @@ def test_gradient_accumulation_reduces_once_and_equals_one_process(prepared_data
     _single(run_overrides(prepared_data, ref, **common))
     _run(_torchrun_cmd(run_overrides(prepared_data, dp, **common, **{"parallel.engine": engine})), timeout=600)
     _assert_close_runs(dp, ref, 2)
+
+
+def test_deepspeed_builds_from_the_meta_device():
+    """DeepSpeed engines get a skeleton: ZeRO-3 partitions a host copy, so no rank allocates the model on the device
+    before it is partitioned; the others take a built model."""
+    from mhc_train.parallel import builds_on_meta
+
+    for stage in (1, 2, 3):
+        assert builds_on_meta(
+            load_config(["model=test", "train=test", "parallel.engine=deepspeed", f"parallel.zero_stage={stage}"])
+        )
+    for engine in ("none", "ddp", "fsdp"):
+        assert not builds_on_meta(load_config(["model=test", "train=test", f"parallel.engine={engine}"]))
