@@ -123,7 +123,7 @@ def make_lm(scorer: Scorer, batch_size: int = 8):
                 context, kwargs = req.args
                 until = kwargs.get("until") or []
                 until = [until] if isinstance(until, str) else list(until)
-                max_new = int(kwargs.get("max_gen_toks", 64))
+                max_new = min(int(kwargs.get("max_gen_toks", 64)), scorer.max_len - 1)  # room for one context token
                 ids = scorer.encode(context)[-(scorer.max_len - max_new) :]
                 text = scorer.decode(scorer.continue_fn(ids, max_new))
                 for stop in until:
