@@ -1,9 +1,12 @@
-"""`mhc-train prepare | train | compare | demo`.
+"""`mhc-train prepare | train | compare | demo | generate | export | eval`.
 
 mhc-train prepare [hydra overrides]           text -> tokenizer + token shards (data.* keys)
 mhc-train train [--config FILE] [overrides]   one run; e.g. connection=hc model=125m train.max_steps=1000
 mhc-train compare RUN_DIR... --out DIR        plots + markdown table of several runs
 mhc-train demo [overrides]                    the three arms on the bundled corpus, then the comparison
+mhc-train generate CKPT --prompt TEXT         sample from a checkpoint (run dir or step file; KV-cache decode)
+mhc-train export CKPT --out DIR               a Hugging Face directory (AutoModelForCausalLM, trust_remote_code)
+mhc-train eval CKPT_OR_EXPORT --tasks T...    lm-evaluation-harness; scores into <run_dir>/eval.json
 """
 
 from __future__ import annotations
@@ -101,6 +104,65 @@ def cmd_demo(args) -> None:
     print(f"plot: {result['png']}\nbenchmark: {out / 'bench.json'}")
 
 
+def cmd_generate(args) -> None:
+    from mhc_train.infer.errors import InferenceError
+    from mhc_train.infer.generate import SamplingConfig, generate
+    from mhc_train.infer.load import load_checkpoint
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise InferenceError(f"prompts file {path} does not exist; give one prompt per line")
+        prompts += [line.replace("\\n", "\n") for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise InferenceError("no prompt: pass --prompt TEXT (repeatable) or --prompts-file FILE (one per line)")
+    loaded = load_checkpoint(args.checkpoint, tokenizer=args.tokenizer)
+    tok = loaded.tokenizer
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    t0 = time.perf_counter()
+    outs = generate(loaded.model, [tok.encode(p) for p in prompts], sampling, eos_id=tok.eos_id)
+    dt = time.perf_counter() - t0
+    records = [{"prompt": p, "completion": tok.decode(o), "tokens": o} for p, o in zip(prompts, outs)]
+    if args.json:
+        print(json.dumps(records, indent=2))
+    else:
+        for r in records:
+            print(r["prompt"] + r["completion"])
+            print("-" * 40)
+    n = sum(len(o) for o in outs)
+    print(f"{loaded.path} (step {loaded.step}): {n} tokens in {dt:.2f} s ({n / dt:,.1f} tokens/s)", file=sys.stderr)
+
+
+def cmd_export(args) -> None:
+    from mhc_train.infer.export import export
+    from mhc_train.infer.load import load_checkpoint
+
+    loaded = load_checkpoint(args.checkpoint, tokenizer=args.tokenizer)
+    out = export(loaded, args.out, overwrite=args.overwrite)
+    print(f"exported {loaded.path} (step {loaded.step}) to {out}")
+
+
+def cmd_eval(args) -> None:
+    from mhc_train.infer.eval import checkpoint_scorer, export_scorer, run_eval, write_scores
+    from mhc_train.infer.load import load_checkpoint
+
+    target = Path(args.target)
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():  # an export
+        scorer, info = export_scorer(target), json.loads((target / "config.json").read_text()).get("mhc_train", {})
+        source = {"export": str(target), **info}
+        ckpt_run = Path(info["checkpoint"]).resolve().parent.parent if info.get("checkpoint") else None
+        run_dir = args.run_dir or (ckpt_run if ckpt_run and ckpt_run.is_dir() else target)
+    else:
+        loaded = load_checkpoint(target, tokenizer=args.tokenizer)
+        scorer, source = checkpoint_scorer(loaded), {"checkpoint": str(loaded.path), "step": loaded.step}
+        run_dir = args.run_dir or loaded.run_dir.root
+    scores = run_eval(scorer, args.tasks, args.include, args.batch_size, args.limit, args.num_fewshot)
+    path = write_scores(Path(run_dir), scores, source)
+    print(json.dumps(scores, indent=2))
+    print(f"scores: {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="mhc-train", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -118,9 +180,38 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--arms", nargs="+", default=list(DEMO_ARMS))
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=cmd_demo)
+    s = sub.add_parser("generate", help="sample from a checkpoint")
+    s.add_argument("checkpoint", help="a run directory (its newest checkpoint) or a checkpoints/step_*.pt file")
+    s.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    s.add_argument("--prompts-file", help="one prompt per line (\\n in a line is a newline)")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter")
+    s.add_argument("--top-p", type=float, default=1.0, help="1 = no nucleus filter")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--tokenizer", help="the sentencepiece model, where the run directory has none")
+    s.add_argument("--json", action="store_true", help="print prompts, completions and token ids as JSON")
+    s.set_defaults(fn=cmd_generate)
+    s = sub.add_parser("export", help="write a Hugging Face transformers directory")
+    s.add_argument("checkpoint")
+    s.add_argument("--out", required=True)
+    s.add_argument("--tokenizer")
+    s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    s.set_defaults(fn=cmd_export)
+    s = sub.add_parser("eval", help="lm-evaluation-harness on a checkpoint or an export")
+    s.add_argument("target", help="a run directory, a step file, or an export directory")
+    s.add_argument("--tasks", nargs="+", required=True, help="lm-eval task names; offline: mhc_local_mc mhc_local_ppl")
+    s.add_argument("--include", nargs="*", default=[], help="directories of your own lm-eval YAML tasks")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
+    s.add_argument("--num-fewshot", type=int, default=None)
+    s.add_argument("--run-dir", help="where eval.json goes (default: the checkpoint's run directory)")
+    s.add_argument("--tokenizer")
+    s.set_defaults(fn=cmd_eval)
     args = p.parse_args(argv)
     from mhc_train.config import ConfigError
     from mhc_train.data.errors import DataError
+    from mhc_train.infer.errors import InferenceError
     from mhc_train.train.checkpoint import CheckpointError
     from mhc_train.train.errors import Preempted, TrainingError
 
@@ -130,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"stopped: {e}", file=sys.stderr)
         shutdown_distributed()  # every rank stopped after the same step: a clean teardown, not an abort at exit
         sys.exit(e.exit_code)
-    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingError, InferenceError) as e:
         _die(str(e))
 
 

@@ -30,7 +30,15 @@ def load_run(run_dir: str | Path) -> dict:
     recs = read_metrics(run_dir)
     summary_path = RunDir(run_dir).summary
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    eval_path = run_dir / "eval.json"  # written by `mhc-train eval` (mhc_train/infer/eval.py)
+    evals = json.loads(eval_path.read_text()).get("tasks", {}) if eval_path.is_file() else {}
     return {
+        "eval": {
+            f"{task}/{metric}": value
+            for task, rec in evals.items()
+            for metric, value in rec.get("metrics", {}).items()
+            if not metric.endswith("_stderr")
+        },
         "dir": run_dir,
         "label": _label(run_dir, recs),
         "recs": recs,
@@ -48,6 +56,7 @@ def summary_rows(runs: list[dict]) -> list[dict]:
     base = next((r for r in runs if r["connection"] == "residual"), None)
     base_val = _series(base["recs"], "val", "loss")[1][-1] if base and base["recs"].get("val") else None
     base_tps = base["summary"].get("tokens_per_s") if base else None
+    eval_cols = sorted({k for r in runs for k in r.get("eval", {})})
     rows = []
     for r in runs:
         _, val = _series(r["recs"], "val", "loss")
@@ -69,6 +78,7 @@ def summary_rows(runs: list[dict]) -> list[dict]:
                 "composite_bwd_gain_max": last.get("composite_bwd_gain_max"),
                 "sinkhorn_col_err_max": last.get("sinkhorn_col_err_max"),
                 "unigram_entropy": r["recs"].get("meta", [{}])[-1].get("unigram_entropy"),
+                **{col: r.get("eval", {}).get(col) for col in eval_cols},  # downstream scores (mhc-train eval)
             }
         )
     return rows

@@ -6,7 +6,7 @@
     rank 3  mhc_train.optim
     rank 4  mhc_train.parallel
     rank 5  mhc_train.train
-    rank 6  mhc_train.compare
+    rank 6  mhc_train.compare, mhc_train.infer (generate / export / eval; only mhc_train.cli imports it)
     rank 7  mhc_train.cli
     rank 8  entry points (`__main__` modules: `python -m mhc_train.train` runs the CLI)
 
@@ -31,6 +31,7 @@ RANKS = {
     "mhc_train.parallel": 4,
     "mhc_train.train": 5,
     "mhc_train.compare": 6,
+    "mhc_train.infer": 6,
     "mhc_train.cli": 7,
     "__main__": 8,
 }
@@ -147,6 +148,11 @@ def test_the_package_graph_is_layered_and_acyclic():
     assert edges["mhc_train.config"] == set(), edges["mhc_train.config"]
     assert violations(edges) == []
     assert cycles(edges) == []
+
+
+def test_only_the_cli_imports_infer():
+    importers = {a for a, targets in graph().items() if any(_group(b) == "mhc_train.infer" for b in targets)}
+    assert {a for a in importers if _group(a) != "mhc_train.infer"} == {"mhc_train.cli"}, importers
 
 
 COLLECTIVES = {

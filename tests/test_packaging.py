@@ -94,6 +94,8 @@ def test_wheel_contents_and_installed_cli(tmp_path):
     expected = {f"mhc_train/{p.relative_to(REPO / 'mhc_train')}" for p in (REPO / "mhc_train").rglob("*.py")}
     expected |= {f"mhc_kernels/{p.relative_to(REPO / 'kernels')}" for p in (REPO / "kernels").rglob("*.py")}
     expected |= {f"mhc_train/configs/{p.relative_to(REPO / 'configs')}" for p in (REPO / "configs").rglob("*.yaml")}
+    tasks = REPO / "mhc_train" / "infer" / "tasks"  # the bundled offline lm-eval tasks and their data files
+    expected |= {f"mhc_train/{p.relative_to(REPO / 'mhc_train')}" for p in tasks.iterdir() if p.is_file()}
     assert not expected - names, sorted(expected - names)
     top = {n.split("/")[0] for n in names}
     assert top == {"mhc_train", "mhc_kernels", wheel.name.split("-py")[0] + ".dist-info"}, top

@@ -1,0 +1,13 @@
+"""Use a trained model: load a checkpoint for inference, generate with a KV cache, export to Hugging Face, evaluate
+with lm-evaluation-harness. Only `mhc_train.cli` imports this package.
+
+- `load.py`      a checkpoint (one file or DCP shards, any layout it was trained in) -> plain model + tokenizer
+- `generate.py`  KV-cache decode: attention keys/values cached, the n-stream state and the connection coefficients
+                 computed for the new tokens only (they are per-token functions); batched prompts, sampling
+- `export.py`    a directory `transformers` loads with trust_remote_code (modeling code in `hf/`)
+- `eval.py`      lm-evaluation-harness on a checkpoint or an export; bundled offline tasks in `tasks/`
+"""
+
+from mhc_train.infer.errors import InferenceError
+
+__all__ = ["InferenceError"]

@@ -1,0 +1,86 @@
+"""Decode speed with the KV cache (mhc-train generate's path): tokens/s for residual, HC and mHC, and the ratio of
+each arm's time per token to the residual's.
+
+    .venv/bin/python scripts/bench_generate.py                            # demo size, CPU, batch 1 and 8, 256 tokens
+    .venv/bin/python scripts/bench_generate.py --batch 1 8 32 --new-tokens 512 --device cuda --model 125m
+
+Randomly initialised models of the `--model` preset (decode cost does not depend on the weights); RoPE's table is
+extended to prompt + new tokens (the demo preset's max_seq_len is 128, shorter than 256 new tokens; the table size
+changes no parameter). Greedy, no EOS stop; the best of `--repeats` runs after a warm-up (the machine is shared).
+Prints a table and writes JSON to benchmarks/results/bench_generate_<device>.json.
+Target (issue 16): mHC decode within 1.5x of the residual's time per token on CPU at demo size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mhc_train.config import load_config  # noqa: E402
+from mhc_train.infer.generate import SamplingConfig, generate  # noqa: E402
+from mhc_train.model import build_model  # noqa: E402
+
+ARMS = ("residual", "hc", "mhc")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="demo")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny decode steps are dispatch-bound)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    ctx = args.prompt_len + args.new_tokens
+    sampling = SamplingConfig(max_new_tokens=args.new_tokens, stop_at_eos=False)
+    results = []
+    for arm in ARMS:
+        cfg = load_config([f"model={args.model}", f"connection={arm}", f"model.max_seq_len={ctx}"])
+        model = build_model(cfg.model, cfg.connection, seed=0, device=args.device).eval()
+        for batch in args.batch:
+            prompts = torch.randint(0, cfg.model.vocab_size, (batch, args.prompt_len)).tolist()
+            generate(model, prompts, SamplingConfig(max_new_tokens=8, stop_at_eos=False))  # warm-up
+            best = float("inf")
+            for _ in range(args.repeats):
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                generate(model, prompts, sampling)
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - t0)
+            results.append(
+                {
+                    "arm": arm,
+                    "batch": batch,
+                    "s_per_step": best / args.new_tokens,
+                    "tokens_per_s": batch * args.new_tokens / best,
+                }  # fmt: skip
+            )
+    base = {r["batch"]: r["s_per_step"] for r in results if r["arm"] == "residual"}
+    print(f"{'arm':>9} {'batch':>5} {'ms/step':>8} {'tokens/s':>9} {'vs residual':>11}")
+    for r in results:
+        r["time_vs_residual"] = r["s_per_step"] / base[r["batch"]]
+        print(f"{r['arm']:>9} {r['batch']:>5} {r['s_per_step'] * 1e3:>8.2f} {r['tokens_per_s']:>9.0f} "
+              f"{r['time_vs_residual']:>10.2f}x")  # fmt: skip
+    out = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / f"bench_generate_{args.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {k: v for k, v in vars(args).items()}
+    meta.update(torch=torch.__version__, machine=platform.processor() or platform.machine(), target_ratio=1.5)
+    out.write_text(json.dumps({"config": meta, "results": results}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
