@@ -40,13 +40,13 @@ def release_eval_copy(model: torch.nn.Module, info) -> None:
         model.to(torch.device("meta"))
 
 
-def materialise_on_host(model: torch.nn.Module, state: dict) -> None:
+def materialise_on_host(model: torch.nn.Module, weights: dict) -> None:
     """Rank 0's plain view of a sharded engine: built on the meta device and kept there until something needs it
     whole (diagnostics, a file checkpoint); then allocated in host memory, never on the accelerator, and filled."""
-    if any(p.device.type == "meta" for p in model.parameters()):
+    if state.on_meta(model):
         model.to_empty(device="cpu")
         model.init_buffers()
-    model.load_state_dict(state)
+    model.load_state_dict(weights)
 
 
 class Engine:
