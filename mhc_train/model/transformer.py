@@ -130,33 +130,43 @@ class Transformer(nn.Module):
         DTensor, so a model built on the meta device and sharded is initialised without ever being whole.
         """
         write = write or (lambda param, value: param.copy_(value))
-        std = self.cfg.init_std
-        out_std = std / (2 * self.cfg.n_layer) ** 0.5 * self.conn.out_proj_std_factor
-        done: set[int] = set()  # a tied weight is set once (by the embedding)
         with torch.no_grad():
-            for name, mod in self.named_modules():
-                params = dict(mod.named_parameters(recurse=False))
-                if not params or all(id(p) in done for p in params.values()):
-                    continue
+            for name, mod, params in self.weight_modules():
                 if any(p.device.type == "meta" for p in params.values()):
                     raise RuntimeError(f"{name}: parameters on the meta device; materialise them first (to_empty)")
-                device = torch.device("cpu")
-                g = torch.Generator(device=device).manual_seed(module_seed(seed, name))
-                if isinstance(mod, RMSNorm):
-                    values = {"weight": torch.ones(mod.weight.shape, device=device)}
-                elif isinstance(mod, (nn.Linear, nn.Embedding)):
-                    s = out_std if name.endswith(("attn.wo", "ffn.w2")) else std
-                    values = {"weight": torch.empty(mod.weight.shape, device=device).normal_(0.0, s, generator=g)}
-                elif hasattr(mod, "initial_values"):  # a connection site
-                    values = mod.initial_values(g)
-                else:
-                    raise TypeError(f"{name} ({type(mod).__name__}) has parameters init_weights does not know")
-                if set(values) != set(params):
-                    raise TypeError(f"{name}: initial values for {sorted(values)}, parameters {sorted(params)}")
+                values = self.initial_values(name, mod, seed)
                 for key, p in params.items():
                     write(p, values[key].to(p.dtype))
-                    done.add(id(p))
         self.init_buffers()
+
+    def weight_modules(self):
+        """(name, module, {parameter name: parameter}) for every module that owns parameters, each parameter once
+        (a tied weight belongs to the module that comes first, the embedding), in `named_modules` order."""
+        seen: set[int] = set()
+        for name, mod in self.named_modules():
+            params = {k: p for k, p in mod.named_parameters(recurse=False) if id(p) not in seen}
+            if params:
+                seen.update(id(p) for p in params.values())
+                yield name, mod, params
+
+    def initial_values(self, name: str, mod: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+        """{parameter name: full initial value, on the host} of module `name` (see `init_weights`)."""
+        std = self.cfg.init_std
+        g = torch.Generator(device="cpu").manual_seed(module_seed(seed, name))
+        if isinstance(mod, RMSNorm):
+            values = {"weight": torch.ones(mod.weight.shape)}
+        elif isinstance(mod, (nn.Linear, nn.Embedding)):
+            out_std = std / (2 * self.cfg.n_layer) ** 0.5 * self.conn.out_proj_std_factor
+            s = out_std if name.endswith(("attn.wo", "ffn.w2")) else std
+            values = {"weight": torch.empty(mod.weight.shape).normal_(0.0, s, generator=g)}
+        elif hasattr(mod, "initial_values"):  # a connection site
+            values = mod.initial_values(g)
+        else:
+            raise TypeError(f"{name} ({type(mod).__name__}) has parameters init_weights does not know")
+        params = {k for k, _ in mod.named_parameters(recurse=False)}
+        if set(values) != params:
+            raise TypeError(f"{name}: initial values for {sorted(values)}, parameters {sorted(params)}")
+        return values
 
     @torch.no_grad()
     def init_buffers(self) -> None:

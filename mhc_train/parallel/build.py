@@ -47,9 +47,10 @@ def use_fast_fp32_matmul(device: torch.device) -> None:
 
 def builds_on_meta(cfg: Config) -> bool:
     """Whether `build_engine` wants the plain model built on the meta device (it then allocates and fills only what
-    each rank trains): DeepSpeed (ZeRO-3 partitions; ZeRO-1/2 allocate the model once, on the device). One process,
-    DDP, FSDP2 (see fsdp.py note 2) and the pipeline take a built, initialised model."""
-    return cfg.parallel.pp == 1 and cfg.parallel.engine == "deepspeed"
+    each rank trains): DeepSpeed (ZeRO-3 partitions; ZeRO-1/2 allocate the model once, on the device) and FSDP2
+    (shards allocated after sharding, fsdp.py note 2). One process, DDP and the pipeline take a built, initialised
+    model."""
+    return cfg.parallel.pp == 1 and cfg.parallel.engine in ("deepspeed", "fsdp")
 
 
 def build_pipeline(model: torch.nn.Module, cfg: Config, dist: DistInfo, pp: int | None = None) -> PipelineEngine:
@@ -109,6 +110,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, dist: DistInfo, weights: d
             config_file=p.deepspeed_config, compile=t.compile, seed=t.seed, weights=weights,
         )  # fmt: skip
     if p.engine == "fsdp":
-        return FSDPEngine(model, make_optimizer, make_scheduler, **common, compile=t.compile)
+        return FSDPEngine(model, make_optimizer, make_scheduler, **common, compile=t.compile, seed=t.seed,
+                          weights=weights)  # fmt: skip
     optimizer = make_optimizer(model)
     return LocalEngine(model, optimizer, make_scheduler(optimizer), **common, ddp=p.engine == "ddp", compile=t.compile)

@@ -21,7 +21,7 @@ import json
 import torch
 
 from mhc_train.parallel.engine import LocalEngine, materialise_on_host, release_eval_copy
-from mhc_train.parallel.state import materialise, on_meta
+from mhc_train.parallel.state import materialise, materialise_each, on_meta
 
 
 class DeepSpeedEngine(LocalEngine):
@@ -50,22 +50,28 @@ class DeepSpeedEngine(LocalEngine):
         if config_file:
             with open(config_file) as f:
                 config.update(json.load(f))
-        # Built from the meta device. ZeRO-3 partitions the module's parameters in place: the training copy is
-        # allocated in host memory, filled (seed or checkpoint weights) and handed to zero.Init, which moves each
-        # parameter's partition to the device one parameter at a time, so no rank holds the whole model on the
-        # device. Rank 0's plain view stays on `meta` until diagnostics or a file checkpoint need it (then in host
-        # memory, `_sync_full_model`). ZeRO-1/2 keep whole parameters on every rank and train the model itself.
+        # Built from the meta device. ZeRO-1/2 keep whole parameters on every rank: the model is allocated once, on
+        # the device, and trained itself. ZeRO-3 partitions parameters in place: the training copy is allocated,
+        # filled (seed or checkpoint weights) and partitioned one module at a time (`state.materialise_each`), so
+        # no rank ever holds more than its partitions plus one module in full, on the host or the device. The
+        # optimizer is built first, on the skeleton: its groups read each parameter's shape, which partitioning
+        # hides, and the parameter objects survive materialisation. Rank 0's plain view stays on `meta` until
+        # diagnostics or a file checkpoint need it (then in host memory, `_sync_full_model`).
         self.zero3 = int(config["zero_optimization"].get("stage", zero_stage)) == 3
         self.train_model = copy.deepcopy(model) if self.zero3 else model  # a copy of a meta skeleton is free
         built_on_meta = on_meta(self.train_model)
-        if built_on_meta:
-            materialise(self.train_model, "cpu" if self.zero3 else device, seed, weights)
-        elif self.zero3:
+        if built_on_meta and not self.zero3:
+            materialise(self.train_model, device, seed, weights)
+        elif not built_on_meta and self.zero3:
             release_eval_copy(model, dist)
-        optimizer = build_optimizer(self.train_model)  # before partitioning: the groups read each parameter's shape
+        optimizer = build_optimizer(self.train_model)
         scheduler = build_scheduler(optimizer)
         if built_on_meta and self.zero3:
-            deepspeed.zero.Init(module=self.train_model, config_dict_or_path=config, dtype=torch.float32)
+
+            def partition(module):
+                deepspeed.zero.Init(module=module, config_dict_or_path=config, dtype=torch.float32)
+
+            materialise_each(self.train_model, "cpu", seed, weights, after=partition)
         self.ds, _, _, _ = deepspeed.initialize(
             model=self.train_model, optimizer=optimizer, lr_scheduler=scheduler, config=config
         )

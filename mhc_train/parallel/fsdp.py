@@ -12,11 +12,14 @@ Notes:
    stage or model is one unit: the recompute runner calls the sites directly rather than the blocks' `forward`,
    where FSDP's per-module hooks live, and under the split-backward schedules (ZBV, DualPipeV) nested units gave
    wrong gradients in our test (torch 2.13) while one unit per stage matches one process.
-2. Every rank evaluates its slice of the val batches on the sharded model. Rank 0 keeps a plain copy for
-   diagnostics and file checkpoints (`Engine.full_model` gathers one tensor at a time into it); the other ranks free
-   theirs (meta device) once the engine has its training copy. Not yet built from the meta device (DeepSpeed is:
-   data_parallel.py): a first try failed because an evaluation forward left the root unit unsharded (fixed in
-   `evaluate`); re-enabling it with `state.materialise` is the next step.
+2. Built from the meta device (`build.builds_on_meta`): the skeleton is sharded while it holds no storage, then
+   `state.materialise` allocates this rank's shards on the device and fills them from the seed (each module's
+   values drawn on the host, one module at a time, the shard sliced out locally) or from a file checkpoint's
+   weights. No rank ever holds the whole model on the device, nor a second copy anywhere: the FSDP units' sharded
+   parameters are the only storage. Every rank evaluates its slice of the val batches on the sharded model; rank
+   0's plain view stays on `meta` until diagnostics or a file checkpoint need it whole (`Engine.full_model`
+   gathers one tensor at a time into host memory). A model handed over already built (a caller's own) is copied,
+   sharded, and the other ranks free theirs.
    Checkpoints (DCP by default, or one file) are keyed by parameter name: they load into one process, DDP, any
    pipeline layout, or FSDP at another world size.
 """
@@ -27,8 +30,8 @@ import copy
 
 import torch
 
-from mhc_train.parallel.engine import LocalEngine, release_eval_copy
-from mhc_train.parallel.state import full, full_model_state, local
+from mhc_train.parallel.engine import LocalEngine, materialise_on_host, release_eval_copy
+from mhc_train.parallel.state import full, full_model_state, local, materialise, on_meta
 
 
 def shard(module: torch.nn.Module, mesh, per_block: bool = False) -> torch.nn.Module:
@@ -50,12 +53,16 @@ class FSDPEngine(LocalEngine):
     checkpoint_formats = ("dcp", "file")
 
     def __init__(self, model, build_optimizer, build_scheduler, dist, device, grad_clip, autocast_dtype,
-                 grad_accum: int, compile: bool = False):  # fmt: skip
+                 grad_accum: int, compile: bool = False, seed: int = 0, weights: dict | None = None):  # fmt: skip
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(torch.device(device).type, (dist.world,), mesh_dim_names=("dp",))
-        self.train_model = shard(copy.deepcopy(model), mesh, per_block=True)
-        release_eval_copy(model, dist)
+        built_on_meta = on_meta(model)
+        self.train_model = shard(copy.deepcopy(model), mesh, per_block=True)  # a copy of a meta skeleton is free
+        if built_on_meta:
+            materialise(self.train_model, device, seed, weights)  # this rank's shards only (note 2)
+        else:
+            release_eval_copy(model, dist)
         optimizer = build_optimizer(self.train_model)
         super().__init__(model, optimizer, build_scheduler(optimizer), dist, device, grad_clip, autocast_dtype,
                          grad_accum)  # fmt: skip
@@ -103,7 +110,7 @@ class FSDPEngine(LocalEngine):
     def _sync_full_model(self) -> None:
         state = full_model_state([self.train_model], keep=self.dist.is_main)
         if self.dist.is_main:
-            self.model.load_state_dict(state)
+            materialise_on_host(self.model, state)
 
     def gather_grads(self) -> dict:
         return {n: full(p.grad).detach().cpu().clone() for p, n in self.param_names().items() if p.grad is not None}

@@ -64,6 +64,14 @@ def write_shard(param: torch.Tensor, value: torch.Tensor) -> None:
         param.copy_(value)
 
 
+def _checkpoint_value(weights: dict, name: str, param: torch.Tensor) -> torch.Tensor:
+    if name not in weights:
+        raise KeyError(f"the checkpoint has no weights for {name}")
+    if tuple(weights[name].shape) != tuple(param.shape):
+        raise ValueError(f"{name}: checkpoint shape {tuple(weights[name].shape)}, model {tuple(param.shape)}")
+    return weights[name]
+
+
 @torch.no_grad()
 def materialise(module: torch.nn.Module, device, seed: int, weights: dict | None = None) -> None:
     """Allocate a module built on the meta device on `device` and fill it: the initial values of `seed`, or the
@@ -77,10 +85,40 @@ def materialise(module: torch.nn.Module, device, seed: int, weights: dict | None
     if missing:
         raise KeyError(f"the checkpoint has no weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     for name, p in params.items():
-        if tuple(weights[name].shape) != tuple(p.shape):
-            raise ValueError(f"{name}: checkpoint shape {tuple(weights[name].shape)}, model {tuple(p.shape)}")
-        write_shard(p, weights[name])
+        write_shard(p, _checkpoint_value(weights, name, p))
     module.init_buffers()
+
+
+@torch.no_grad()
+def materialise_each(model: torch.nn.Module, device, seed: int, weights: dict | None = None, after=None) -> None:
+    """`materialise`, one module at a time: each module that owns parameters is allocated on `device`, filled (from
+    `seed` or `weights`) and handed to `after(module)` before the next is touched. ZeRO-3 partitions it there, which
+    frees its full copy, so a rank never holds more than its partitions plus one module in full.
+
+    The parameter objects are kept (their storage is swapped in, not replaced), so an optimizer built on the meta
+    skeleton still points at them."""
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        for name, mod, params in model.weight_modules():
+            if len(params) != len(list(mod.parameters(recurse=False))):  # a tied weight shared with a later module
+                raise NotImplementedError(f"{name}: owns parameters another module already materialised")
+            mod.to_empty(device=device, recurse=False)
+            values = (
+                model.initial_values(name, mod, seed)
+                if weights is None
+                else {k: _checkpoint_value(weights, f"{name}.{k}" if name else k, p) for k, p in params.items()}
+            )
+            for key, p in params.items():
+                p.copy_(values[key].to(p.dtype))
+            if after is not None:
+                after(mod)
+        for mod in model.modules():  # buffers (the RoPE table) of modules without parameters
+            if any(b.device.type == "meta" for b in mod.buffers(recurse=False)):
+                mod.to_empty(device=device, recurse=False)
+        model.init_buffers()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
 
 
 def on_meta(module: torch.nn.Module) -> bool:

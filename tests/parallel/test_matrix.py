@@ -128,14 +128,15 @@ def test_gradient_accumulation_reduces_once_and_equals_one_process(prepared_data
     _assert_close_runs(dp, ref, 2)
 
 
-def test_deepspeed_builds_from_the_meta_device():
-    """DeepSpeed engines get a skeleton: ZeRO-3 partitions a host copy, so no rank allocates the model on the device
-    before it is partitioned; the others take a built model."""
+def test_sharded_engines_build_from_the_meta_device():
+    """DeepSpeed and FSDP engines get a skeleton (they allocate only what each rank trains: test_setup_memory.py
+    measures it); one process and DDP take a built model."""
     from mhc_train.parallel import builds_on_meta
 
     for stage in (1, 2, 3):
         assert builds_on_meta(
             load_config(["model=test", "train=test", "parallel.engine=deepspeed", f"parallel.zero_stage={stage}"])
         )
-    for engine in ("none", "ddp", "fsdp"):
+    assert builds_on_meta(load_config(["model=test", "train=test", "parallel.engine=fsdp"]))
+    for engine in ("none", "ddp"):
         assert not builds_on_meta(load_config(["model=test", "train=test", f"parallel.engine={engine}"]))
