@@ -55,6 +55,7 @@ TOKENIZER = "tokenizer.model"
 TOKENIZER_JSON = "tokenizer.json"
 PROGRESS = "progress.json"  # a build's resume point
 LOCK = ".prepare.lock"
+BATCH_CHARS = 1 << 20  # characters of text per tokeniser task: large enough to amortise the transfer to a worker
 DIGEST_CACHE = ".source_digests.json"  # source fingerprint -> content digest, so a touched file is hashed once
 
 
@@ -351,15 +352,15 @@ def _make_tokenizer(cfg, source: TextSource, build: Path, log) -> Path:
     return train_tokenizer(sample, build / "tokenizer", cfg.vocab_size, cfg.max_sentencepiece_chars, cfg.seed)
 
 
-def _batches(docs, batch_chars: int = 1 << 20):
-    """Groups of whole documents of about `batch_chars` characters: (last position + 1, splits, texts)."""
+def _batches(docs):
+    """Groups of whole documents of about BATCH_CHARS characters: (last position + 1, splits, texts)."""
     splits, texts, size, end = [], [], 0, 0
     for pos, split, doc in docs:
         splits.append(split)
         texts.append(doc)
         size += len(doc)
         end = pos + 1
-        if size >= batch_chars:
+        if size >= BATCH_CHARS:
             yield end, splits, texts
             splits, texts, size = [], [], 0
     if texts:
