@@ -25,6 +25,10 @@ BASE = {
     "train.threads": 1,
     "train.eval_every": 1000,
     "train.diag_every": 0,
+    # At the default init (std 0.02) the logits are ~0.1 and the step-1 loss sits at ln(vocab) whatever the
+    # precision: bf16 and fp32 differed by 2e-6, two fp32 ulps, no larger than a batch split's reordering. At 0.2
+    # they differ by ~2e-3, so "closer to bf16 than to fp32" below can tell the two apart.
+    "model.init_std": 0.2,
 }
 DS = {"parallel.engine": "deepspeed"}
 # The interpreter runs the Sinkhorn backward's iterations one by one in Python: 4 instead of 20 cuts the Triton case
