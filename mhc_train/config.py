@@ -74,16 +74,23 @@ class ConnectionConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "shakespeare"  # shakespeare (bundled) | a file or directory of .txt | hf:<dataset name>
-    hf_split: str = "train"  # split of a Hugging Face dataset
-    hf_text_field: str = "text"  # column holding the text
-    out_dir: str = "data_cache/shakespeare"  # where tokenizer, shards and manifest go
-    tokenizer_model: str = ""  # an existing sentencepiece .model to use instead of training one
+    source: str = (
+        "shakespeare"  # shakespeare (bundled) | a file, directory or glob of txt/jsonl[.gz|.zst]/parquet | hf:<name>
+    )
+    hf_config: str = ""  # config (subset) of a Hugging Face dataset, e.g. sample-10BT for FineWeb; "" = its default
+    hf_split: str = "train"  # split of a Hugging Face dataset (read in streaming mode)
+    text_field: str = "text"  # the field (jsonl) or column (parquet, Hugging Face) holding the text
+    txt_per_line: bool = False  # .txt inputs: each non-blank line is a document (false: each file is one)
+    out_dir: str = "data_cache/shakespeare"  # root of the prepared directories (tokenizer, shards, manifest)
+    tokenizer_model: str = ""  # a sentencepiece .model or a Hugging Face tokenizer.json to use instead of training one
     vocab_size: int = 4096  # BPE vocabulary trained by the prepare step
-    val_fraction: float = 0.05  # share of documents held out for validation
-    num_proc: int = 1  # datasets.map worker processes
-    seed: int = 1234  # document shuffle for the train/val split
-    max_sentencepiece_chars: int = 20_000_000  # characters sampled to train the tokenizer
+    val_fraction: float = 0.05  # share of documents held out for validation (at least one)
+    num_workers: int = 1  # tokeniser processes for prepare; the shards are byte-identical for any count
+    seed: int = 1234  # the train/val split and the tokenizer's training sample
+    max_sentencepiece_chars: int = 20_000_000  # characters of the sample the tokenizer trains on (its time)
+    tokenizer_sample_lines: int = 1_000_000  # lines in the seeded reservoir sample the tokenizer trains on (its memory)
+    shard_tokens: int = 100_000_000  # tokens per shard file (200 MB at uint16): a 10B-token corpus is ~100 files
+    verify: str = "size"  # check of the shards before training: size (cheap) | digest (sha256 of every shard)
 
 
 @dataclass
@@ -192,6 +199,17 @@ def at_least(key: str, value: Any, low: float, kind: type = int) -> None:
         fail(key, value, f"must be {'an integer' if kind is int else 'a number'} >= {low}")
 
 
+def validate_data(d: DataConfig) -> None:
+    """The data.* checks, also run by `prepare` on a DataConfig built without a full Config."""
+    if not 0 < d.val_fraction < 1:
+        fail("data.val_fraction", d.val_fraction, "must be in (0, 1)")
+    at_least("data.vocab_size", d.vocab_size, 16)
+    at_least("data.num_workers", d.num_workers, 1)
+    at_least("data.tokenizer_sample_lines", d.tokenizer_sample_lines, 1)
+    at_least("data.shard_tokens", d.shard_tokens, 1024)
+    choice("data.verify", d.verify, ("size", "digest"))
+
+
 def validate_model(m: ModelConfig, prefix: str = "model") -> None:
     for key in ("vocab_size", "dim", "n_layer", "n_head", "max_seq_len", "multiple_of"):
         at_least(f"{prefix}.{key}", getattr(m, key), 1)
@@ -297,10 +315,7 @@ def validate(cfg: Config) -> None:
     if block not in ("auto", "stage") and not (block.isdigit() and int(block) >= 1):
         fail("parallel.recompute_block", block, "must be a positive number of connection sites, auto or stage")
     choice("logging.wandb_mode", cfg.logging.wandb_mode, WANDB_MODES)
-    if not 0 < cfg.data.val_fraction < 1:
-        fail("data.val_fraction", cfg.data.val_fraction, "must be in (0, 1)")
-    at_least("data.vocab_size", cfg.data.vocab_size, 16)
-    at_least("data.num_proc", cfg.data.num_proc, 1)
+    validate_data(cfg.data)
     for rule in _RULES:
         rule(cfg)
 

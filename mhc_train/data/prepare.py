@@ -1,13 +1,22 @@
-"""Text -> sentencepiece tokenizer -> flat binary token shards plus a JSON manifest, in a content-addressed directory.
+"""Text -> tokenizer -> numbered token shards plus a JSON manifest, in a content-addressed directory, streaming.
 
 `data.out_dir` is a root: each prepared output lives in `<out_dir>/<key>/`, where the key hashes the source's content
-digest and every data setting that changes the output (tokenizer: the given model's sha256, or vocab_size and
-max_sentencepiece_chars; val_fraction; seed; the shard format). A directory holds `tokenizer.model`, `train.bin`,
-`val.bin` (uint16 when the vocabulary fits, else uint32; documents joined with EOS) and `manifest.json`. It is built in
-a hidden temporary directory beside it and renamed into place when complete, so a killed prepare never leaves a half
-directory under a key, and nothing is ever rebuilt in place: editing the source gives a new key and a new directory,
-and the tokenizer and shards that existing checkpoints name stay where they are.
+digest and every data setting that changes the output (tokenizer: the given file's sha256, or vocab_size,
+max_sentencepiece_chars and tokenizer_sample_lines; val_fraction; seed; text_field; txt_per_line; shard_tokens; the
+shard format). A directory holds the tokenizer (`tokenizer.model`, or `tokenizer.json` when one was given), the shards
+`train_00000.bin`, ... and `val_00000.bin`, ... (uint16 when the vocabulary fits, else uint32; documents joined with
+EOS; see shards.py) and `manifest.json` (per-shard token counts and sha256). Nothing is ever rebuilt in place:
+editing the source gives a new key and a new directory, and the tokenizer and shards that checkpoints name stay.
 
+- Streaming, bounded memory: documents flow from the source through the split and the tokenizer into the shards; the
+  tokenizer trains on a seeded reservoir sample of `data.tokenizer_sample_lines` train lines (a first pass).
+- Parallel and deterministic: `data.num_workers` processes tokenise batches of documents, written in input order, so
+  the shards are byte-identical for any worker count (encode.py).
+- Resumable: a build runs in `<out_dir>/.build-<key>/`; each completed shard records a resume point (`progress.json`),
+  and a re-run after a kill continues from the last complete shard. The finished build is renamed to `<key>`.
+- One preparer per filesystem: `prepare` holds `<out_dir>/.prepare.lock` (flock) while it looks for and builds data;
+  other processes (ranks of a `train` launch, a second `mhc-train prepare`) wait on it with a progress message, then
+  find the finished directory.
 - Reuse is cheap: a prepared directory whose manifest has the same settings and the same source fingerprint (paths,
   sizes, mtimes) is returned without reading the text. Otherwise the content is hashed (remembered per fingerprint in
   `<out_dir>/.source_digests.json`), so touched, copied or moved but unchanged text still finds its directory.
@@ -17,9 +26,6 @@ and the tokenizer and shards that existing checkpoints name stay where they are.
   reused while its input is unchanged (new outputs then go into keyed subdirectories of it, the flat files left as
   they are); a keyed directory named directly (`data.out_dir=<root>/<key>`, e.g. where a checkpoint's tokenizer
   lives) with the same settings is used as it is, with a notice when the source changed or is missing.
-- Train/val split by whole documents (shuffled with `data.seed`); a single document is cut into line blocks first.
-- Tokenisation runs through `datasets.map` (`data.num_proc` workers) on an Arrow cache inside the build directory, so
-  the corpus never has to fit in RAM.
 """
 
 from __future__ import annotations
@@ -27,27 +33,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
-import re
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from mhc_train.config import DataConfig
+from mhc_train.config import DataConfig, validate_data
+from mhc_train.data.encode import encode_documents, ordered_map
 from mhc_train.data.errors import DataError, SourceMissing
+from mhc_train.data.lock import PrepareLock
+from mhc_train.data.shards import ShardWriter, split_documents, verify_shards
 from mhc_train.data.sources import TextSource, resolve_source
-from mhc_train.data.tokenizer import Tokenizer, file_sha256, train_tokenizer
+from mhc_train.data.tokenizer import file_sha256, is_tokenizer_json, load_tokenizer, sample_lines, train_tokenizer
 from mhc_train.rundir import fsync_dir
 
-FORMAT_VERSION = 2  # bump when tokenizer training or shard layout changes: a new key, so a new directory
+FORMAT_VERSION = 3  # bump when tokenizer training or shard layout changes: a new key, so a new directory
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
+TOKENIZER_JSON = "tokenizer.json"
+PROGRESS = "progress.json"  # a build's resume point
+LOCK = ".prepare.lock"
+BATCH_CHARS = 1 << 20  # characters of text per tokeniser task: large enough to amortise the transfer to a worker
 DIGEST_CACHE = ".source_digests.json"  # source fingerprint -> content digest, so a touched file is hashed once
-_TMP = re.compile(r"^\.tmp-[0-9a-f]{16}-(\d+)@(.+)$")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -66,7 +75,8 @@ def _tokenizer_setting(cfg: DataConfig) -> str:
         path = Path(cfg.tokenizer_model).expanduser()
         if not path.is_file():
             raise DataError(
-                f"data.tokenizer_model={cfg.tokenizer_model!r} does not exist: give an existing sentencepiece .model, "
+                f"data.tokenizer_model={cfg.tokenizer_model!r} does not exist: give an existing sentencepiece .model "
+                "or Hugging Face tokenizer.json, "
                 "or leave it empty to train one on the text"
             )
         return file_sha256(path)
@@ -74,13 +84,19 @@ def _tokenizer_setting(cfg: DataConfig) -> str:
 
 
 def data_settings(cfg: DataConfig) -> dict:
-    """Every data setting besides the source that changes the prepared output (num_proc does not)."""
-    return {
+    """Every data setting besides the source that changes the prepared output (num_workers and verify do not)."""
+    settings = {
         "format_version": FORMAT_VERSION,
         "tokenizer": _tokenizer_setting(cfg),
         "val_fraction": cfg.val_fraction,
         "seed": cfg.seed,
+        "text_field": cfg.text_field,
+        "txt_per_line": cfg.txt_per_line,
+        "shard_tokens": cfg.shard_tokens,
     }
+    if not cfg.tokenizer_model:
+        settings["tokenizer_sample_lines"] = cfg.tokenizer_sample_lines
+    return settings
 
 
 def _hash(text: str) -> str:
@@ -164,16 +180,17 @@ def _remember_digest(out: Path, fp: str, digest: str) -> None:
         pass  # a read-only out_dir: the digest is recomputed next time
 
 
-def _find(cfg: DataConfig, log) -> tuple[dict | None, dict]:
+def _find(cfg: DataConfig, log, hash_content: bool = True) -> tuple[dict | None, dict]:
     """(manifest of the reusable prepared directory or None, build context). Reads the text only on a fingerprint
-    miss; raises when the source is missing and nothing with these settings is prepared."""
+    miss (and not at all without `hash_content`: then a miss is None, {}); raises when the source is missing and
+    nothing with these settings is prepared."""
     settings = data_settings(cfg)
     sk = settings_key(settings)
     out = Path(cfg.out_dir).expanduser()
     candidates = _candidates(out)
     pinned = _pinned(out, candidates, sk)
     try:
-        source = resolve_source(cfg.source, cfg.hf_split, cfg.hf_text_field)
+        source = resolve_source(cfg.source, cfg.hf_split, cfg.text_field, cfg.hf_config, cfg.txt_per_line)
     except SourceMissing as e:
         return _without_source(cfg, out, candidates, pinned, sk, e, log), {}
     fp = source.fingerprint()
@@ -196,6 +213,8 @@ def _find(cfg: DataConfig, log) -> tuple[dict | None, dict]:
             "prepare the current text)"
         )
         return _with_paths(pinned.manifest, pinned.dir), {}
+    if not hash_content:
+        return None, {}
     digest = _read_digest_cache(out).get(fp) or source.digest()
     key = data_key(settings, digest)
     for c in candidates:
@@ -248,128 +267,150 @@ def find_prepared(cfg: DataConfig, log=print) -> dict:
 
 def prepare(cfg: DataConfig, log=print) -> dict:
     """Build (or reuse) tokenizer, shards and manifest for `cfg`; returns the manifest, whose `dir` is the absolute
-    prepared directory (give it to `TokenData`) and whose `tokenizer` holds the absolute `path` and `sha256`."""
-    manifest, ctx = _find(cfg, log)
+    prepared directory (give it to `TokenData`) and whose `tokenizer` holds the absolute `path` and `sha256`.
+
+    Holds `<out_dir>/.prepare.lock` throughout: another process preparing into the same root is waited for (with a
+    progress message), and its result is then found and reused."""
+    validate_data(cfg)
+    quiet = []
+    manifest, _ = _find(cfg, quiet.append, hash_content=False)  # the common case: unchanged input, no lock needed
     if manifest is not None:
+        for line in quiet:
+            log(line)
         return manifest
-    return _build(cfg, log=log, **ctx)
+    out = Path(cfg.out_dir).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create data.out_dir={cfg.out_dir!r} ({e}); point it at a writable directory") from e
+    with _prepare_lock(out, log) as lock:  # another process may be building this very data: wait, then look again
+        manifest, ctx = _find(cfg, log)
+        if manifest is not None:
+            return manifest
+        return _build(cfg, log=log, lock=lock, **ctx)
 
 
 # ---- building ----------------------------------------------------------------------------------------------------
-def _split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    docs = [d for d in docs if d.strip()]
-    if not docs:
-        raise DataError("the input text is empty: every document is blank")
-    if len(docs) < 2:  # one big file: cut it into blocks of 200 lines so there is something to hold out
-        lines = docs[0].splitlines(keepends=True)
-        docs = ["".join(lines[i : i + 200]) for i in range(0, len(lines), 200)]
-        if len(docs) < 2:
-            raise DataError("the input is a single document under 200 lines: too little text to hold out a val split")
-    order = list(range(len(docs)))
-    random.Random(seed).shuffle(order)
-    n_val = max(1, round(val_fraction * len(docs)))
-    val_idx = set(order[:n_val])
-    return [d for i, d in enumerate(docs) if i not in val_idx], [d for i, d in enumerate(docs) if i in val_idx]
-
-
-def _write_shard(ds, path: Path, dtype) -> tuple[int, str]:
-    """Stream the `ids` column of a tokenised dataset into a flat binary file; returns (tokens, sha256)."""
-    h, count = hashlib.sha256(), 0
-    with open(path, "wb") as f:
-        for batch in ds.iter(batch_size=256):
-            for ids in batch["ids"]:
-                arr = np.asarray(ids, dtype=dtype)
-                f.write(arr.tobytes())
-                h.update(arr.tobytes())
-                count += arr.size
-        f.flush()
-        os.fsync(f.fileno())
-    return count, h.hexdigest()
-
-
-def _remove_stale_builds(out: Path) -> None:
-    """Temporary build directories of killed prepare runs on this host (their process is gone)."""
-    host = socket.gethostname()
-    for p in out.iterdir():
-        m = _TMP.match(p.name)
-        if m and m[2] == host:
-            try:
-                os.kill(int(m[1]), 0)
-            except ProcessLookupError:
-                shutil.rmtree(p, ignore_errors=True)
-            except PermissionError:
-                pass  # alive, another user's
-
-
-def _build(cfg, source: TextSource, out: Path, settings: dict, key: str, fp: str, digest: str, log) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    _remove_stale_builds(out)
-    final = out / key
-    tmp = out / f".tmp-{key}-{os.getpid()}@{socket.gethostname()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        manifest = _build_into(cfg, source, tmp, final, settings, key, fp, digest, log)
-        fsync_dir(tmp)
+def _prepare_lock(out: Path, log) -> PrepareLock:
+    def progress(holder: dict) -> str:
         try:
-            os.rename(tmp, final)
-        except OSError:  # `final` exists: another process finished first, or a damaged copy
-            existing = next((c for c in _candidates(final)[:1] if c.dir == final), None)
-            if existing is not None and existing.problem() is None:
-                shutil.rmtree(tmp, ignore_errors=True)
-                log(f"prepare: {final} was completed by another process; reusing it")
-                return _with_paths(existing.manifest, final)
-            aside = out / f".damaged-{key}-{time.strftime('%Y%m%dT%H%M%S')}"
-            os.rename(final, aside)
-            os.rename(tmp, final)
-            log(f"prepare: moved the damaged {final} to {aside}")
-        fsync_dir(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+            p = json.loads((Path(holder["building"]) / PROGRESS).read_text())
+        except (KeyError, OSError, ValueError):
+            return "" if "building" not in holder else "training the tokenizer"
+        done = len(p["splits"]["train"]["shards"])
+        return f"{p['documents']:,} documents tokenised, {done} train shard(s) complete"
+
+    return PrepareLock(out / LOCK, log, progress)
+
+
+def _build(cfg, source: TextSource, out: Path, settings: dict, key: str, fp: str, digest: str, log, lock) -> dict:
+    """Build (or continue building) `<out>/.build-<key>` and rename it to `<out>/<key>`, under the prepare lock."""
+    final, build = out / key, out / f".build-{key}"
+    lock.record(building=str(build))
+    build.mkdir(exist_ok=True)
+    try:
+        manifest = _build_into(cfg, source, build, final, settings, key, fp, digest, log)
+    except DataError:  # the input is bad: this build can never be continued
+        shutil.rmtree(build, ignore_errors=True)
         raise
+    # (a kill or any other error keeps the build directory: the next run continues from its last complete shard)
+    (build / PROGRESS).unlink(missing_ok=True)
+    fsync_dir(build)
+    if final.exists():  # a damaged copy (a usable one would have been found): keep it aside, never delete it
+        aside = out / f".damaged-{key}-{time.strftime('%Y%m%dT%H%M%S')}"
+        os.rename(final, aside)
+        log(f"prepare: moved the damaged {final} to {aside}")
+    os.rename(build, final)
+    fsync_dir(out)
+    _remember_digest(out, fp, digest)
+    t, v = manifest["splits"]["train"], manifest["splits"]["val"]
     log(
-        f"prepare: wrote {final} (train {manifest['splits']['train']['tokens']:,} tokens, val "
-        f"{manifest['splits']['val']['tokens']:,} tokens)"
+        f"prepare: wrote {final} (train {t['tokens']:,} tokens in {len(t['shards'])} shard(s), val {v['tokens']:,} "
+        f"tokens; {t['documents']:,} + {v['documents']:,} documents)"
     )
     return _with_paths(manifest, final)
 
 
-def _build_into(cfg, source, tmp: Path, final: Path, settings, key, fp, digest, log) -> dict:
-    import datasets
+def _documents(cfg, source: TextSource, skip: int = 0):
+    """(position, split, text) of the source's non-blank documents from position `skip` on."""
+    for pos, split, doc in split_documents(source.documents(), cfg.val_fraction, cfg.seed):
+        if pos >= skip:
+            yield pos, split, doc
 
-    log(f"prepare: reading {source.name}")
-    train_docs, val_docs = _split_documents(list(source.documents()), cfg.val_fraction, cfg.seed)
-    tok_path = tmp / TOKENIZER
+
+def _make_tokenizer(cfg, source: TextSource, build: Path, log) -> Path:
+    """The build's tokenizer file: a copy of data.tokenizer_model, or one trained on a seeded sample of train lines."""
     if cfg.tokenizer_model:
-        shutil.copyfile(Path(cfg.tokenizer_model).expanduser(), tok_path)
-    else:
-        log(f"prepare: training a {cfg.vocab_size}-piece BPE tokenizer")
-        lines = (line for d in train_docs for line in d.splitlines())
-        tok_path = train_tokenizer(lines, tmp / "tokenizer", cfg.vocab_size, cfg.max_sentencepiece_chars, cfg.seed)
-    tok = Tokenizer(tok_path)
-    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+        given = Path(cfg.tokenizer_model).expanduser()
+        path = build / (TOKENIZER_JSON if is_tokenizer_json(given) else TOKENIZER)
+        load_tokenizer(given)  # fails here, naming the file, when it is not a tokenizer
+        shutil.copyfile(given, path)
+        return path
+    log(f"prepare: sampling up to {cfg.tokenizer_sample_lines:,} lines to train a {cfg.vocab_size}-piece BPE tokenizer")
+    lines = (line for _, split, doc in _documents(cfg, source) if split == "train" for line in doc.splitlines())
+    sample = sample_lines(lines, cfg.tokenizer_sample_lines, cfg.seed)
+    return train_tokenizer(sample, build / "tokenizer", cfg.vocab_size, cfg.max_sentencepiece_chars, cfg.seed)
 
-    def encode(batch):
-        return {"ids": [ids + [tok.eos_id] for ids in tok.encode(batch["text"])]}
 
-    splits = {}
-    cache = tmp / "arrow_cache"
-    for split, docs in (("train", train_docs), ("val", val_docs)):
-        ds = datasets.Dataset.from_dict({"text": docs})
-        ds = ds.map(
-            encode,
-            batched=True,
-            batch_size=16,
-            num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
-            remove_columns=["text"],
-            cache_file_name=str(cache / f"{split}.arrow"),
-            desc=f"tokenize {split}",
+def _batches(docs):
+    """Groups of whole documents of about BATCH_CHARS characters: (last position + 1, splits, texts)."""
+    splits, texts, size, end = [], [], 0, 0
+    for pos, split, doc in docs:
+        splits.append(split)
+        texts.append(doc)
+        size += len(doc)
+        end = pos + 1
+        if size >= BATCH_CHARS:
+            yield end, splits, texts
+            splits, texts, size = [], [], 0
+    if texts:
+        yield end, splits, texts
+
+
+def _build_into(cfg, source, build: Path, final: Path, settings, key, fp, digest, log) -> dict:
+    t0 = time.perf_counter()
+    progress = _read_progress(build, key)
+    if progress is not None:
+        tok_path = build / progress["tokenizer_file"]
+        log(
+            f"prepare: continuing the build in {build} after {progress['documents']:,} documents "
+            f"({len(progress['splits']['train']['shards'])} complete train shard(s))"
         )
-        cache.mkdir(parents=True, exist_ok=True)
-        tokens, sha = _write_shard(ds, tmp / f"{split}.bin", dtype)
-        splits[split] = {"file": f"{split}.bin", "tokens": tokens, "sha256": sha, "documents": len(docs)}
-        del ds
-    shutil.rmtree(cache, ignore_errors=True)
+    else:
+        for p in build.iterdir():  # a build killed before its first record: start it over
+            p.unlink() if p.is_file() else shutil.rmtree(p)
+        tok_path = _make_tokenizer(cfg, source, build, log)
+    tokenizer_s = time.perf_counter() - t0
+    tok = load_tokenizer(tok_path)
+    dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
+    resume = progress["splits"] if progress else {}
+    try:
+        writers = {s: ShardWriter(build, s, dtype, cfg.shard_tokens, resume.get(s)) for s in ("train", "val")}
+    except DataError as e:  # the files do not match the record (edited by hand?): build from the start
+        log(f"prepare: cannot continue the build in {build} ({e}); starting it over")
+        (build / PROGRESS).unlink(missing_ok=True)
+        return _build_into(cfg, source, build, final, settings, key, fp, digest, log)
+    skip = progress["documents"] if progress else 0
+    log(
+        f"prepare: tokenising {source.name} with {cfg.num_workers} worker(s) into shards of {cfg.shard_tokens:,} tokens"
+    )
+    t1 = time.perf_counter()
+    chars = 0
+    batches = _batches(_documents(cfg, source, skip))
+    for (end, splits, texts), (tokens, lengths) in ordered_map(
+        encode_documents, batches, cfg.num_workers, (str(tok_path), dtype.name), select=lambda b: b[2]
+    ):
+        completed = _write_batch(writers, splits, tokens, lengths)
+        chars += sum(map(len, texts))
+        if completed:  # a resume point: both splits hold exactly the documents before `end`
+            for w in writers.values():
+                w.flush()
+            record = {"key": key, "tokenizer_file": tok_path.name, "documents": end,
+                      "splits": {s: w.state() for s, w in writers.items()}}  # fmt: skip
+            atomic_write_text(build / PROGRESS, json.dumps(record))
+    splits = {s: w.finish() for s, w in writers.items()}
+    if not splits["train"]["tokens"] or not splits["val"]["tokens"]:
+        raise DataError("the input text is empty: every document is blank")
     manifest = {
         "format_version": FORMAT_VERSION,
         "key": key,
@@ -380,18 +421,53 @@ def _build_into(cfg, source, tmp: Path, final: Path, settings, key, fp, digest, 
         "source_digest": digest,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "tokenizer": {
-            "file": TOKENIZER,
-            "path": str((final / TOKENIZER).resolve()),  # informational: readers take dir / file
+            "file": tok_path.name,
+            "kind": tok.kind,
+            "path": str((final / tok_path.name).resolve()),  # informational: readers take dir / file
             "sha256": file_sha256(tok_path),
             "vocab_size": tok.vocab_size,
             "eos_id": tok.eos_id,
         },
         "vocab_size": tok.vocab_size,
-        "dtype": np.dtype(dtype).name,
+        "dtype": dtype.name,
+        "shard_tokens": cfg.shard_tokens,
         "splits": splits,
+        # how this build went (not part of the data: informational, for benchmarks)
+        "build": {
+            "num_workers": cfg.num_workers,
+            "tokenizer_s": round(tokenizer_s, 3),
+            "tokenize_s": round(time.perf_counter() - t1, 3),
+            "chars_tokenised": chars,
+            "resumed_at_document": skip,
+        },  # fmt: skip
     }
-    atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
+    atomic_write_text(build / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
+
+
+def _write_batch(writers: dict, splits: list[str], tokens: np.ndarray, lengths: np.ndarray) -> bool:
+    """Write one encoded batch, each run of consecutive same-split documents in one piece."""
+    ends = np.cumsum(lengths)
+    completed, i, n = False, 0, len(splits)
+    while i < n:
+        j = i
+        while j < n and splits[j] == splits[i]:
+            j += 1
+        lo = ends[i - 1] if i else 0
+        completed |= writers[splits[i]].write(tokens[lo : ends[j - 1]], j - i)
+        i = j
+    return completed
+
+
+def _read_progress(build: Path, key: str) -> dict | None:
+    """The resume record of a killed build of this key, or None (none, or unreadable: start over)."""
+    try:
+        p = json.loads((build / PROGRESS).read_text())
+    except (OSError, ValueError):
+        return None
+    if p.get("key") != key or not (build / p.get("tokenizer_file", "")).is_file():
+        return None
+    return p
 
 
 # ---- reading -----------------------------------------------------------------------------------------------------
@@ -407,20 +483,3 @@ def load_manifest(data_dir: str | Path) -> dict:
         return _with_paths(json.loads(path.read_text()), Path(data_dir))
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON ({e}); delete {data_dir} and re-run `mhc-train prepare`") from e
-
-
-def verify_shards(data_dir: str | Path, manifest: dict) -> None:
-    """Each shard exists and holds exactly the manifest's token count (a cheap size check, no hashing)."""
-    itemsize = np.dtype(manifest["dtype"]).itemsize
-    for split, info in manifest["splits"].items():
-        path = Path(data_dir) / info["file"]
-        if not path.is_file():
-            raise DataError(f"{split} shard {path} is missing; re-run `mhc-train prepare`")
-        expected = info["tokens"] * itemsize
-        actual = path.stat().st_size
-        if actual != expected:
-            raise DataError(
-                f"{split} shard {path} has {actual} bytes but the manifest says {info['tokens']} tokens "
-                f"({expected} bytes): it is truncated or from another prepare run; re-run `mhc-train prepare` "
-                "(same data.* settings) to build a fresh copy"
-            )

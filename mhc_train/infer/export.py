@@ -62,6 +62,11 @@ def export(loaded: Loaded, out_dir: str | Path, overwrite: bool = False) -> Path
     from safetensors.torch import save_file
 
     out = Path(out_dir)
+    if not hasattr(loaded.tokenizer, "sp"):  # TODO: a tokenizer.json run could export with PreTrainedTokenizerFast
+        raise InferenceError(
+            f"export supports runs tokenised with sentencepiece only; {loaded.tokenizer.path} is a Hugging Face "
+            "tokenizer.json. Load it with tokenizers.Tokenizer.from_file next to the model's weights instead"
+        )
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise InferenceError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from mhc_train.config import ConnectionConfig, ModelConfig
-from mhc_train.data.tokenizer import Tokenizer, file_sha256
+from mhc_train.data.tokenizer import HFTokenizer, Tokenizer, file_sha256, load_tokenizer
 from mhc_train.infer.errors import InferenceError
 from mhc_train.model.transformer import Transformer
 from mhc_train.rundir import RunDir
@@ -25,7 +25,7 @@ from mhc_train.train.checkpoint import CheckpointError, CheckpointManager, read_
 @dataclass
 class Loaded:
     model: Transformer
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | HFTokenizer
     config: dict  # the resolved config the checkpoint was trained with (mhc_train.config.to_dict)
     path: Path  # the step file
     step: int
@@ -62,7 +62,7 @@ def find_tokenizer(step_file: Path, recorded: dict, given: str | Path | None = N
     if found is None:
         where = " nor ".join(str(p) for p in candidates if str(p))
         raise InferenceError(
-            f"checkpoint {step_file} has no tokenizer: neither {where} exists. Pass the sentencepiece model it was "
+            f"checkpoint {step_file} has no tokenizer: neither {where} exists. Pass the tokenizer (sentencepiece model or tokenizer.json) it was "
             "trained with (--tokenizer PATH), or copy it to <run_dir>/tokenizer.model"
         )
     want = recorded.get("sha256")
@@ -85,7 +85,7 @@ def load_checkpoint(path: str | Path, tokenizer: str | Path | None = None, devic
     config = state.get("config") or {}
     if "model" not in config or "connection" not in config:
         raise InferenceError(f"checkpoint {step_file} records no model config; it was not written by mhc-train train")
-    tok = Tokenizer(find_tokenizer(step_file, state.get("tokenizer") or {}, tokenizer))
+    tok = load_tokenizer(find_tokenizer(step_file, state.get("tokenizer") or {}, tokenizer))
     model_cfg, conn_cfg = model_configs(config)
     if tok.vocab_size > model_cfg.vocab_size:
         raise InferenceError(

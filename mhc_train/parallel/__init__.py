@@ -6,7 +6,15 @@ the trainer drives. Importing this package registers its config rules with `mhc_
 
 from mhc_train.parallel import rules  # noqa: F401  (registers the pipeline/world config rules)
 from mhc_train.parallel.build import build_engine, builds_on_meta
-from mhc_train.parallel.dist import DistInfo, any_rank, barrier, broadcast_from_main, init_distributed, shutdown
+from mhc_train.parallel.dist import (
+    DistInfo,
+    any_rank,
+    barrier,
+    broadcast_from_main,
+    exchange_without_deadline,
+    init_distributed,
+    shutdown,
+)
 from mhc_train.parallel.engine import Engine
 from mhc_train.parallel.recompute import MODES, apply_recompute, optimal_block, plan_blocks
 
@@ -19,6 +27,7 @@ __all__ = [
     "barrier",
     "broadcast_from_main",
     "build_engine",
+    "exchange_without_deadline",
     "builds_on_meta",
     "init_distributed",
     "optimal_block",

@@ -8,7 +8,9 @@ checkpoints and the engines issue themselves (the rest are inside torch's DDP / 
 
 from __future__ import annotations
 
+import itertools
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -101,6 +103,29 @@ def broadcast_from_main(obj, info: DistInfo):
     box = [obj if info.is_main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+_exchanges = itertools.count()  # every rank makes the same exchanges in the same order: equal tags
+
+
+def exchange_without_deadline(value: str, info: DistInfo, log=lambda *a: None, report_s: float = 60.0) -> list[str]:
+    """Every rank's string `value`, in rank order, through the process group's key-value store. Unlike a collective
+    this has no timeout: a rank waits (polling, and logging every `report_s`) for as long as the slowest rank takes,
+    e.g. one still preparing data for hours."""
+    if info.world == 1:
+        return [value]
+    store = dist.distributed_c10d._get_default_store()
+    tag = f"mhc_exchange/{next(_exchanges)}"
+    store.set(f"{tag}/{info.rank}", value)
+    keys = [f"{tag}/{r}" for r in range(info.world)]
+    t0 = last = time.monotonic()
+    while not store.check(keys):
+        time.sleep(0.2)
+        if time.monotonic() - last >= report_s:
+            last = time.monotonic()
+            missing = [r for r, k in enumerate(keys) if not store.check([k])]
+            log(f"waiting for rank(s) {missing} ({last - t0:.0f} s so far)")
+    return [store.get(k).decode() for k in keys]
 
 
 def any_rank(flag: bool, info: DistInfo) -> bool:

@@ -13,6 +13,8 @@ Notes:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import resource
 import shlex
@@ -27,8 +29,16 @@ import torch
 
 from mhc_train.config import Config, to_dict, validate, validate_world
 from mhc_train.data import DataError, TokenData, prepare
+from mhc_train.data.loader import Prefetcher
 from mhc_train.model import build_model
-from mhc_train.parallel import any_rank, barrier, broadcast_from_main, build_engine, builds_on_meta, init_distributed
+from mhc_train.parallel import (
+    any_rank,
+    broadcast_from_main,
+    build_engine,
+    builds_on_meta,
+    exchange_without_deadline,
+    init_distributed,
+)
 from mhc_train.rundir import RunDir
 from mhc_train.train.checkpoint import CheckpointError, CheckpointManager
 from mhc_train.train.diagnostics import connection_diagnostics, grad_norms
@@ -60,17 +70,8 @@ class Trainer:
         self.log = log if self.dist.is_main else (lambda *a, **k: None)
         self.run_dir = RunDir(cfg.run_dir)
 
-        if self.dist.is_main:
-            prepare(cfg.data, log=self.log)  # reuses the output when the input is unchanged
-        barrier(self.dist)
-        manifest = prepare(cfg.data, log=lambda *a: None)
-        key = broadcast_from_main(manifest.get("key"), self.dist)
-        if manifest.get("key") != key:  # another node's filesystem, or the source changed under the barrier
-            raise DataError(
-                f"rank {self.dist.rank} prepared data {manifest['dir']} (key {manifest.get('key')}) but rank 0 has key "
-                f"{key}: every node must see the same data.source; run `mhc-train prepare` once before the launch"
-            )
-        self.data = TokenData(manifest["dir"])  # the content-addressed directory prepare() made or reused
+        manifest = self._prepare_data()
+        self.data = TokenData(manifest["dir"], verify=cfg.data.verify)  # the directory prepare() made or reused
         self.data.check_compatible(cfg.model.vocab_size, t.seq_len)
         self.tokenizer_ref = {"path": manifest["tokenizer"]["path"], "sha256": manifest["tokenizer"]["sha256"]}
         self.lock = claim_run_dir(self.run_dir, cfg.checkpoint, self.dist, self.log)  # after the data: a data error
@@ -80,6 +81,32 @@ class Trainer:
         except BaseException:
             self.close()
             raise
+
+    def _prepare_data(self) -> dict:
+        """Every rank calls `prepare`: on each filesystem the first one builds (or reuses) the data under the prepare
+        lock while the others wait on that lock, logging progress; no rank sits in a collective meanwhile (an
+        exchange through the store, without deadline, follows). Every rank must end with the same data."""
+        rank, dist = self.dist.rank, self.dist
+        waits = self.log if dist.is_main else (lambda m: "waiting" in m and print(f"rank {rank}: {m}", flush=True))
+        try:
+            manifest, error = prepare(self.cfg.data, log=waits), ""
+            mine = json.dumps({"key": manifest["key"], "shards": _shards_digest(manifest)})
+        except DataError as e:
+            mine, error = json.dumps({"error": str(e)}), e
+        everyone = [json.loads(v) for v in exchange_without_deadline(mine, dist, log=self.log)]
+        if error:
+            raise error
+        if (failed := next((r for r, v in enumerate(everyone) if "error" in v), None)) is not None:
+            raise DataError(f"rank {failed} could not prepare its data: {everyone[failed]['error']}")
+        if any(v != everyone[0] for v in everyone):
+            differ = [r for r, v in enumerate(everyone) if v != everyone[0]]
+            raise DataError(
+                f"rank(s) {differ} prepared other data than rank 0 (rank {rank} has {manifest['dir']}, key "
+                f"{manifest['key']}; rank 0 has key {everyone[0]['key']}): every node must see the same data.source "
+                "and data.* settings; run `mhc-train prepare` once on each node (or on a shared filesystem) before "
+                "the launch"
+            )
+        return manifest
 
     def _build(self) -> None:
         cfg, t = self.cfg, self.cfg.train
@@ -100,6 +127,8 @@ class Trainer:
         self.peak_mb = 0.0
         self.timer = StepTimer()  # host time per phase; the step-end CUDA synchronize lands in "optimizer"
         self.val_set = self.data.val_batches(t.eval_batches, t.batch_size, t.seq_len)
+        # the next micro-batches are drawn on a thread while this one computes (pinned on CUDA)
+        self.prefetch = Prefetcher(self._draw, n_micro=t.grad_accum, pin=self.device.type == "cuda")
         if resume is not None:
             self._restore(*resume)
 
@@ -122,6 +151,9 @@ class Trainer:
         lock = getattr(self, "lock", None)
         if lock is not None:
             lock.release()
+        prefetch = getattr(self, "prefetch", None)
+        if prefetch is not None:
+            prefetch.close()
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def _resume_point(self):
@@ -171,10 +203,13 @@ class Trainer:
         return self.last_ckpt
 
     # ---- steps -------------------------------------------------------------------------------------------------
-    def _batch(self, micro: int, shard: int, n_shards: int):
+    def _draw(self, step: int, micro: int, shard: int, n_shards: int):
         t = self.cfg.train
-        with self.timer("data"):
-            return self.data.train_batch(t.seed, self.step, micro, t.batch_size, t.seq_len, shard, n_shards)
+        return self.data.train_batch(t.seed, step, micro, t.batch_size, t.seq_len, shard, n_shards)
+
+    def _batch(self, micro: int, shard: int, n_shards: int):
+        with self.timer("data"):  # the wait for the prefetch (the draw itself when it missed)
+            return self.prefetch.get(self.step, micro, shard, n_shards)
 
     def evaluate(self) -> float:
         """The mean loss over the fixed val batches; every rank evaluates its slice (a collective)."""
@@ -370,6 +405,11 @@ class Trainer:
             "n_params": self.n_params,
             "pid": os.getpid(),
         }
+
+
+def _shards_digest(manifest: dict) -> str:
+    """One digest of a manifest's shard list (names, token counts, sha256), to compare across nodes."""
+    return hashlib.sha256(json.dumps(manifest["splits"], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def train(cfg: Config, log=print) -> dict:

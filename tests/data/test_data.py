@@ -23,10 +23,13 @@ def test_manifest_describes_shards(prepared_data):
     assert m["vocab_size"] == 512 and m["dtype"] == "uint16" and m["source"] == "shakespeare"
     for split in ("train", "val"):
         info = m["splits"][split]
-        assert (prepared_data / info["file"]).stat().st_size == info["tokens"] * 2
+        assert info["tokens"] == sum(s["tokens"] for s in info["shards"])
+        for i, shard in enumerate(info["shards"]):
+            assert shard["file"] == f"{split}_{i:05d}.bin"
+            assert (prepared_data / shard["file"]).stat().st_size == shard["tokens"] * 2
     assert m["splits"]["train"]["tokens"] > 10 * m["splits"]["val"]["tokens"] > 0
     data = TokenData(prepared_data)
-    assert data.splits["train"].max() < 512
+    assert max(int(a.max()) for a in data.splits["train"].all_tokens()) < 512
 
 
 def test_prepare_reuses_unchanged_output(prepared_data, tmp_path):
@@ -38,7 +41,7 @@ def test_prepare_reuses_unchanged_output(prepared_data, tmp_path):
 def test_prepare_local_directory_and_errors(tmp_path):
     src = tmp_path / "corpus"
     src.mkdir()
-    with pytest.raises(DataError, match="holds no .txt files"):
+    with pytest.raises(DataError, match=r"holds no \.txt, \.jsonl, .* files"):
         prepare(DataConfig(source=str(src), out_dir=str(tmp_path / "o")), log=lambda *a: None)
     (src / "a.txt").write_text("")
     with pytest.raises(DataError, match="every input file is empty"):
@@ -56,18 +59,18 @@ def test_prepare_local_directory_and_errors(tmp_path):
 def test_hub_dataset_offline_fails_with_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(DataError, match="Hub datasets need a network"):
+    with pytest.raises(DataError, match="hub datasets need a network"):
         prepare(DataConfig(source="hf:nonexistent/dataset", out_dir=str(tmp_path / "o")), log=lambda *a: None)
 
 
 def test_truncated_shard_and_missing_manifest_are_reported(prepared_data, tmp_path):
     copy = tmp_path / "copy"
     copy.mkdir()
-    for f in ("manifest.json", "train.bin", "val.bin", "tokenizer.model"):
-        (copy / f).write_bytes((prepared_data / f).read_bytes())
-    with open(copy / "train.bin", "r+b") as f:
-        f.truncate(os.path.getsize(copy / "train.bin") - 10)
-    with pytest.raises(DataError, match="truncated or from another prepare run"):
+    for f in prepared_data.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    with open(copy / "val_00000.bin", "r+b") as f:
+        f.truncate(os.path.getsize(copy / "val_00000.bin") - 10)
+    with pytest.raises(DataError, match=f"val shard {copy / 'val_00000.bin'} has .* truncated or from another"):
         TokenData(copy)
     (copy / "manifest.json").unlink()
     with pytest.raises(DataError, match="run `mhc-train prepare`"):

@@ -6,9 +6,6 @@ import importlib
 import json
 import re
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -133,30 +130,6 @@ def test_an_older_flat_output_is_reused_and_never_overwritten(tmp_path):
     m2 = prepare(_cfg(src, flat, seed=5), log=lambda *a: None)
     assert Path(m2["dir"]).parent == flat.resolve()
     assert {k: v for k, v in _snapshot(flat).items() if k in before} == before
-
-
-def test_a_failed_or_killed_build_leaves_no_directory_under_a_key(tmp_path, monkeypatch):
-    src, out = _corpus(tmp_path / "src"), tmp_path / "out"
-    real = prep._write_shard
-
-    def dies_on_val(ds, path, dtype):
-        if path.name == "val.bin":
-            raise KeyboardInterrupt  # a kill between the two shards
-        return real(ds, path, dtype)
-
-    monkeypatch.setattr(prep, "_write_shard", dies_on_val)
-    with pytest.raises(KeyboardInterrupt):
-        prepare(_cfg(src, out), log=lambda *a: None)
-    assert list(out.iterdir()) == []
-    monkeypatch.undo()
-
-    # a SIGKILLed build leaves its hidden temporary directory: never a candidate, removed by the next build
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = out / f".tmp-{'0' * 16}-{int(dead.stdout)}@{socket.gethostname()}"
-    stale.mkdir()
-    (stale / "manifest.json").write_text("{}")
-    m = prepare(_cfg(src, out), log=lambda *a: None)
-    assert not stale.exists() and _prepared_dirs(out) == {m["key"]}
 
 
 def test_a_missing_source_falls_back_to_the_prepared_data(tmp_path):
