@@ -16,6 +16,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def write_holder(fd: int, **extra) -> None:
+    """Replace the holder record in an open lock file: pid, host, since, and `extra` (e.g. a build directory). The
+    run directory's lock (`mhc_train.train.lock`) writes and reads the same record."""
+    rec = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(rec).encode(), 0)
+    os.fsync(fd)
+
+
+def read_holder(fd: int) -> dict:
+    """The holder record of an open lock file ({} when it is empty or unreadable)."""
+    try:
+        return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
 class PrepareLock:
     """`with PrepareLock(path, log, progress):` holds the lock on `path` (created when missing).
 
@@ -42,7 +59,7 @@ class PrepareLock:
             except BlockingIOError:
                 now = time.monotonic()
                 if last_report is None or now - last_report >= self.report_s:
-                    holder = self.holder(fd)
+                    holder = read_holder(fd)
                     how_far = self.progress(holder)
                     self.log(
                         f"prepare: waiting for PID {holder.get('pid', '?')} on {holder.get('host', '?')}, which "
@@ -57,18 +74,8 @@ class PrepareLock:
 
     def record(self, **extra) -> None:
         """Write the holder record (pid, host, since, and `extra`, e.g. the build directory) into the lock file."""
-        if self._fd is None:
-            return
-        rec = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, json.dumps(rec).encode(), 0)
-
-    @staticmethod
-    def holder(fd: int) -> dict:
-        try:
-            return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-        except (OSError, ValueError):
-            return {}
+        if self._fd is not None:
+            write_holder(self._fd, **extra)
 
     def __exit__(self, *exc) -> None:
         if self._fd is not None:

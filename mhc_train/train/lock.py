@@ -9,14 +9,13 @@ refuses (or, asked to, moves aside) another run in the directory before a fresh 
 from __future__ import annotations
 
 import fcntl
-import json
 import os
-import socket
 import time
 import weakref
 from pathlib import Path
 
 from mhc_train.config import CheckpointConfig
+from mhc_train.data.lock import read_holder, write_holder
 from mhc_train.parallel import DistInfo, any_rank, broadcast_from_main
 from mhc_train.rundir import RunDir
 from mhc_train.train.errors import RunDirBusy, TrainingError
@@ -37,27 +36,17 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = self._holder(fd)
+            holder = read_holder(fd)
             os.close(fd)
             raise RunDirBusy(
                 f"run_dir {self.run_dir} is in use by PID {holder.get('pid', '?')} on host {holder.get('host', '?')} "
                 f"(since {holder.get('since', '?')}, lock {self.path}); wait for that run to end or stop it, or "
                 "give this run another run_dir"
             ) from None
-        os.ftruncate(fd, 0)
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.write(fd, json.dumps(record).encode())
-        os.fsync(fd)
+        write_holder(fd)
         self._fd = fd
         self._finalizer = weakref.finalize(self, os.close, fd)  # a lock object dropped unreleased frees its flock
         return self
-
-    @staticmethod
-    def _holder(fd: int) -> dict:
-        try:
-            return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-        except (OSError, ValueError):
-            return {}
 
     def release(self) -> None:
         if self._fd is not None:
