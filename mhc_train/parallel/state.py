@@ -101,7 +101,9 @@ def materialise_each(model: torch.nn.Module, device, seed: int, weights: dict | 
     torch.__future__.set_swap_module_params_on_conversion(True)
     try:
         for name, mod, params in model.weight_modules():
-            if len(params) != len(list(mod.parameters(recurse=False))):  # a tied weight shared with a later module
+            if len(params) != len(
+                list(mod.parameters(recurse=False))
+            ):  # tied to a weight an earlier module materialised
                 raise NotImplementedError(f"{name}: owns parameters another module already materialised")
             mod.to_empty(device=device, recurse=False)
             values = (

@@ -1,5 +1,5 @@
 """Run under torchrun: the peak resident memory one rank adds while the parallel engine is built (`build_engine`,
-with the model built as the trainer builds it), next to the model's size. Prints one JSON line per rank.
+with the model built as the trainer builds it), next to the model's size. Writes one JSON file per rank.
 
 Peak RSS comes from the kernel (`VmHWM` in /proc/self/status, reset through /proc/self/clear_refs just before the
 build), so it sees every allocation, transient ones included, whoever makes them (torch, DeepSpeed, FSDP's copies).
@@ -11,7 +11,8 @@ live, not the allocator's heap.
 
 Two peaks: when the engine's training copy has been filled (`materialise` / `materialise_each` returned: the
 parameters alone), and when `build_engine` returns (with the engine's own per-partition state: DeepSpeed ZeRO-3
-allocates an fp32 master copy and a gradient partition at initialisation).
+allocates an fp32 master copy and a gradient partition at initialisation). Each rank writes its numbers to
+`$PROBE_OUT/rank<r>.json` (one file per rank: lines printed by two ranks into one pipe can interleave).
 
     python -m torch.distributed.run --nproc_per_node=2 -m tests.parallel.setup_memory_probe <overrides>
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import re
 import sys
 
@@ -41,9 +43,8 @@ def _recording(fn, peaks: list):
 
 def main(overrides: list[str]) -> None:
     from mhc_train.config import load_config
-    from mhc_train.parallel import data_parallel, fsdp
     from mhc_train.model import build_model
-    from mhc_train.parallel import build_engine, builds_on_meta, init_distributed
+    from mhc_train.parallel import build_engine, builds_on_meta, data_parallel, fsdp, init_distributed
 
     cfg = load_config(overrides)
     tiny = load_config([*overrides, "model.dim=32", "model.n_layer=1", "model.n_head=4", "model.vocab_size=256"])
@@ -77,7 +78,8 @@ def main(overrides: list[str]) -> None:
         "model_bytes": total,
         "block_bytes": block,
     }
-    print("PROBE " + json.dumps(out), flush=True)
+    with open(os.path.join(os.environ["PROBE_OUT"], f"rank{info.rank}.json"), "w") as f:
+        json.dump(out, f)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 

@@ -6,10 +6,9 @@ design, is the control: the same probe must see its full model, or the probe pro
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
-
-import subprocess
 
 from tests.parallel.test_distributed import REPO, _env, _torchrun_cmd
 
@@ -31,15 +30,15 @@ SLACK = 24 << 20  # process-group buffers, DeepSpeed's bookkeeping, allocator ro
 COPIES = {"fsdp": 1, "deepspeed": 3}
 
 
-def _probe(**engine) -> list[dict]:
+def _probe(out_dir, **engine) -> list[dict]:
     overrides = [f"{k}={v}" for k, v in {**BIG, **engine}.items()]
     cmd = _torchrun_cmd(overrides)
     cmd[cmd.index("mhc_train.train")] = "tests.parallel.setup_memory_probe"
-    env = {**_env(), "MALLOC_MMAP_THRESHOLD_": str(1 << 16)}  # freed tensors leave RSS (see the probe)
+    # a fixed mmap threshold: freed tensors leave RSS (see the probe)
+    env = {**_env(), "MALLOC_MMAP_THRESHOLD_": str(1 << 16), "PROBE_OUT": str(out_dir)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    out = proc.stdout + proc.stderr
-    return [json.loads(line.split("PROBE ", 1)[1]) for line in out.splitlines() if line.startswith("PROBE ")]
+    return [json.loads(p.read_text()) for p in sorted(out_dir.glob("rank*.json"))]
 
 
 @pytest.mark.parametrize(
@@ -47,8 +46,8 @@ def _probe(**engine) -> list[dict]:
     [{"parallel.engine": "fsdp"}, {"parallel.engine": "deepspeed", "parallel.zero_stage": 3}],
     ids=["fsdp", "zero3"],
 )
-def test_sharded_engines_never_hold_a_whole_model_during_set_up(engine):
-    ranks = _probe(**engine)
+def test_sharded_engines_never_hold_a_whole_model_during_set_up(engine, tmp_path):
+    ranks = _probe(tmp_path, **engine)
     assert len(ranks) == 2
     for r in ranks:
         share = r["model_bytes"] / r["world"]
@@ -66,6 +65,8 @@ def test_sharded_engines_never_hold_a_whole_model_during_set_up(engine):
         )
 
 
-def test_the_memory_probe_sees_a_whole_replica():
-    for r in _probe(**{"parallel.engine": "ddp"}):
+def test_the_memory_probe_sees_a_whole_replica(tmp_path):
+    ranks = _probe(tmp_path, **{"parallel.engine": "ddp"})
+    assert len(ranks) == 2
+    for r in ranks:
         assert r["added_peak_bytes"] >= r["model_bytes"], r
