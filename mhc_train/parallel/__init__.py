@@ -9,10 +9,12 @@ from mhc_train.parallel.build import build_engine, builds_on_meta
 from mhc_train.parallel.dist import (
     DistInfo,
     any_rank,
+    any_rank_flag,
     barrier,
     broadcast_from_main,
     exchange_without_deadline,
     init_distributed,
+    read_scalars,
     shutdown,
 )
 from mhc_train.parallel.engine import Engine
@@ -23,6 +25,7 @@ __all__ = [
     "DistInfo",
     "Engine",
     "any_rank",
+    "any_rank_flag",
     "apply_recompute",
     "barrier",
     "broadcast_from_main",
@@ -32,5 +35,6 @@ __all__ = [
     "init_distributed",
     "optimal_block",
     "plan_blocks",
+    "read_scalars",
     "shutdown",
 ]

@@ -83,6 +83,7 @@ def build_pipeline(model: torch.nn.Module, cfg: Config, dist: DistInfo, pp: int 
         csv_path=p.pp_schedule_csv,
         overlap=p.pp_overlap,
         autocast_dtype=autocast_dtype(cfg.train.precision, dist.device),
+        layout=layout,
     )
 
 

@@ -92,12 +92,12 @@ class DeepSpeedEngine(LocalEngine):
         if micro < self.grad_accum - 1:
             self.ds.step()  # a no-op off the accumulation boundary, but DeepSpeed counts micro-steps here
 
-    def step(self) -> float:
-        """DeepSpeed clips inside its step; the pre-clip norm is known after it."""
+    def step(self) -> torch.Tensor:
+        """DeepSpeed clips inside its step; the pre-clip norm is known after it (DeepSpeed itself may read it)."""
         self.ds.step()
         self._version += 1
         norm = self.ds.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float64)
 
     def skip(self) -> None:
         raise RuntimeError("train.skip_nonfinite is not supported with parallel.engine=deepspeed")

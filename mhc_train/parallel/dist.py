@@ -63,18 +63,37 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def sum_across_ranks(value: torch.Tensor | float, info: DistInfo, device) -> float:
-    """The sum of a scalar over all ranks (the value itself alone), reduced in float64 on `device`."""
-    t = torch.as_tensor(value, dtype=torch.float64).reshape(1).to(device)
+def reduce_sum(value: torch.Tensor | float, info: DistInfo, device) -> torch.Tensor:
+    """The sum of a scalar over all ranks (the value itself alone) as a 0-dim float64 tensor on `device`, without
+    reading it on the host: on CUDA the all-reduce is queued on the stream and nothing waits for it here."""
+    t = torch.as_tensor(value).detach().to(device=device, dtype=torch.float64).reshape(())
     if info.world > 1:
+        t = t.clone() if isinstance(value, torch.Tensor) else t  # never reduce the caller's tensor in place
         dist.all_reduce(t)
-    return t.item()
+    return t
+
+
+def sum_across_ranks(value: torch.Tensor | float, info: DistInfo, device) -> float:
+    """The sum of a scalar over all ranks (the value itself alone), reduced in float64 on `device`, read on the host."""
+    return reduce_sum(value, info, device).item()
 
 
 def all_reduce_sum_(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Sum `t` over all ranks in place (on its own device; the tensor itself alone)."""
     if info.world > 1:
         dist.all_reduce(t)
+    return t
+
+
+def send_to(t: torch.Tensor, peer: int, group=None) -> None:
+    """Point-to-point send of `t` (on the compute device) to rank `peer` of `group` (the default group: None)."""
+    dist.send(t.contiguous(), group=group, group_dst=peer)
+
+
+def recv_from(shape, dtype, device, peer: int, group=None) -> torch.Tensor:
+    """The tensor rank `peer` of `group` sends with `send_to`, received into a new one on `device`."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    dist.recv(t, group=group, group_src=peer)
     return t
 
 
@@ -128,10 +147,26 @@ def exchange_without_deadline(value: str, info: DistInfo, log=lambda *a: None, r
     return [store.get(k).decode() for k in keys]
 
 
+def any_rank_flag(flag: bool, info: DistInfo) -> torch.Tensor:
+    """1.0 on every rank when `flag` is set on any rank, else 0.0, as a 0-dim float64 tensor on the compute device
+    that nobody has read yet (read it together with the step's other scalars: one host sync). A collective."""
+    t = torch.tensor(1.0 if flag else 0.0, dtype=torch.float64, device=info.device)
+    if info.world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def any_rank(flag: bool, info: DistInfo) -> bool:
     """True on every rank when `flag` is set on any rank. A collective."""
     if info.world == 1:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return bool(any_rank_flag(flag, info).item())
+
+
+def read_scalars(*values: torch.Tensor | float) -> list[float]:
+    """The host values of device scalars in one transfer: one host sync however many there are (floats pass)."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return [float(v) for v in values]
+    read = iter(torch.stack([t.detach().reshape(()).to(tensors[0].device, torch.float64) for t in tensors]).tolist())
+    return [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]

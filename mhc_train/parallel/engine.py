@@ -11,6 +11,10 @@ holds an `Engine`, calls the methods below in this order each step, and never as
     val = engine.evaluate(batches)              # the mean loss over the full val batches, each rank its slice
     model = engine.full_model()                 # the plain model with the trained weights (rank 0); a collective
 
+`loss` and `norm` are 0-dim tensors on the compute device that nothing has read yet: no method of a step reads a
+value on the host, so on CUDA the host runs ahead of the GPU and the trainer reads the step's scalars once, together
+(`dist.read_scalars`): one host sync per step.
+
 Checkpoints go through `mhc_train.train.checkpoint`, which owns all checkpoint state and uses the engine's
 primitives: `checkpoint_formats`, `optimizer_state` / `load_optimizer_state` (by parameter name, full tensors),
 `live_state` (torch DCP, sharded as trained) and `save_native` / `load_native` (an engine's own format).
@@ -28,7 +32,7 @@ import torch
 
 from mhc_train.model import lm_loss
 from mhc_train.parallel import state
-from mhc_train.parallel.dist import DistInfo, sum_across_ranks
+from mhc_train.parallel.dist import DistInfo, reduce_sum, sum_across_ranks
 
 BatchFn = Callable[[int, int, int], tuple[torch.Tensor, torch.Tensor]]
 
@@ -79,20 +83,23 @@ class Engine:
             logits = forward(self.to_device(x))
         return lm_loss(logits, self.to_device(y))
 
-    def forward_backward(self, batch: BatchFn) -> float:
-        """Forward and backward of every micro-batch of this step; returns the global mean loss on every rank."""
+    def forward_backward(self, batch: BatchFn) -> torch.Tensor:
+        """Forward and backward of every micro-batch of this step; returns the global mean loss on every rank (a
+        0-dim device tensor, not read on the host)."""
         raise NotImplementedError
 
     def params_with_grad(self) -> list[torch.Tensor]:
         return [p for p in self.train_parameters() if p.grad is not None]
 
-    def clip(self) -> float:
-        """The global pre-clip gradient norm; scales the gradients to `grad_clip` when it is exceeded (0: never)."""
+    def clip(self) -> torch.Tensor:
+        """The global pre-clip gradient norm (a device tensor); scales the gradients to `grad_clip` when it is
+        exceeded (0: never), on the device, without reading the norm on the host."""
         limit = self.grad_clip if self.grad_clip > 0 else float("inf")
-        return torch.nn.utils.clip_grad_norm_(self.params_with_grad(), limit).item()
+        return torch.nn.utils.clip_grad_norm_(self.params_with_grad(), limit)
 
-    def step(self) -> float:
-        """Clip, optimizer step, scheduler step, zero the gradients; returns the pre-clip gradient norm."""
+    def step(self) -> torch.Tensor:
+        """Clip, optimizer step, scheduler step, zero the gradients; returns the pre-clip gradient norm (a device
+        tensor, not read on the host)."""
         norm = self.clip()
         self.optimizer.step()
         self.scheduler.step()
@@ -225,14 +232,14 @@ class LocalEngine(Engine):
         with contextlib.nullcontext() if last or not hasattr(self.forward, "no_sync") else self.forward.no_sync():
             (loss / self.grad_accum).backward()
 
-    def forward_backward(self, batch: BatchFn) -> float:
+    def forward_backward(self, batch: BatchFn) -> torch.Tensor:
         total = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
             x, y = batch(micro, self.dist.rank, self.dist.world)
             loss = self.loss(self.forward, x, y)
             self.backward(loss, micro)
             total += loss.detach() / self.grad_accum
-        return sum_across_ranks(total.item(), self.dist, self.device) / self.dist.world
+        return reduce_sum(total, self.dist, self.device) / self.dist.world
 
     def local_named_grads(self):
         return [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]

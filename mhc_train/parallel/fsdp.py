@@ -82,9 +82,9 @@ class FSDPEngine(LocalEngine):
         self.train_model.set_requires_gradient_sync(micro == self.grad_accum - 1)
         (loss / self.grad_accum).backward()
 
-    def clip(self) -> float:
+    def clip(self) -> torch.Tensor:
         limit = self.grad_clip if self.grad_clip > 0 else float("inf")
-        return full(torch.nn.utils.clip_grad_norm_(self.params_with_grad(), limit)).item()
+        return full(torch.nn.utils.clip_grad_norm_(self.params_with_grad(), limit))
 
     def param_names(self) -> dict:
         return {p: n for n, p in self.train_model.named_parameters()}
@@ -96,16 +96,10 @@ class FSDPEngine(LocalEngine):
         return self.train_model
 
     def evaluate(self, batches) -> float:
-        """A forward without backward leaves the root unit's parameters unsharded (the module then holds other
-        tensors than the ones the optimizer steps): reshard every unit after it."""
-        from torch.distributed.fsdp import FSDPModule
-
         try:
             return super().evaluate(batches)
         finally:
-            for m in self.train_model.modules():
-                if isinstance(m, FSDPModule):
-                    m.reshard()
+            reshard_all([self.train_model])
 
     def _sync_full_model(self) -> None:
         state = full_model_state([self.train_model], keep=self.dist.is_main)
@@ -117,3 +111,14 @@ class FSDPEngine(LocalEngine):
 
     def live_modules(self):
         return [self.train_model]
+
+
+def reshard_all(modules) -> None:
+    """A forward without backward leaves the root unit's parameters unsharded (the module then holds other tensors
+    than the ones the optimizer steps): reshard every FSDP unit of `modules` after one (no-op without FSDP)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()

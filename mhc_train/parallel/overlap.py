@@ -10,6 +10,10 @@ pinned torch) and on CUDA actually overlaps the pair:
   micro-batch's forward ran on: the current one for the runtime's own F actions, then alternating); the forward is
   enqueued first and the backward right after it, with no host sync in between, so the GPU runs the two micro-batches'
   kernels concurrently in steady state (`trace` records the assignment; tests check it on CPU);
+- the forward's boundary output (the stream state the next stage, on another rank, waits for) is sent as soon as the
+  forward has produced it, from inside the pair and before the backward is enqueued, on the forward's stream, instead
+  of after the whole pair returns (the runtime's `SEND_F` action that follows the pair then finds nothing left to
+  send for that micro-batch; `finish` waits the sends at the end of the step, as the runtime waits its own);
 - during that forward every FFN site's `post_res` (the `H_res x + H_post^T y` merge that produces the next stream
   state, i.e. the tensor the next stage waits for) runs on a high-priority stream (`priority=-1`), so the backward's
   long GEMMs do not delay the hand-off; the backward of those ops follows them onto that stream (autograd runs a
@@ -91,6 +95,32 @@ class OverlapFB:
         self.pairs = 0
         self.stream_of: dict[tuple[int, int], int] = {}  # (stage, micro-batch) -> stream its forward ran on
         self.trace: list[tuple] = []  # the first pairs: (pair, F stage, F mb, F stream, B stage, B mb, B stream)
+        self.events: list[tuple] = []  # issue order of the first pairs: (kind F|SEND_F|B, stage, mb, stream)
+        self.early_sends = 0
+        self._sent: set[tuple[int, int]] = set()  # (stage, mb) whose forward output already went out
+        self._works: list = []  # the early sends' requests, waited by `finish`
+
+    def _record(self, *event) -> None:
+        if len(self.events) < 1024:
+            self.events.append(event)
+
+    def wrap_send_ops(self, stage) -> None:
+        """The runtime's SEND_F for a micro-batch this handler already sent becomes a no-op (no second send)."""
+        original = stage.get_fwd_send_ops
+
+        def get_fwd_send_ops(mb: int):
+            if (stage.stage_index, mb) in self._sent:
+                self._sent.remove((stage.stage_index, mb))
+                return []
+            return original(mb)
+
+        stage.get_fwd_send_ops = get_fwd_send_ops
+
+    def finish(self) -> None:
+        """Wait this step's early sends (call after every schedule step)."""
+        for work in self._works:
+            work.wait()
+        self._works.clear()
 
     CURRENT, SIDE = 0, 1
 
@@ -101,7 +131,7 @@ class OverlapFB:
         return torch.cuda.stream(self.side)
 
     def __call__(self, action, ctx) -> None:
-        from torch.distributed.pipelining.schedules import _wait_batch_p2p
+        from torch.distributed.pipelining.schedules import _batch_p2p, _wait_batch_p2p
 
         sched = ctx.schedule_ref
         fwd, bwd = action.sub_actions
@@ -125,9 +155,15 @@ class OverlapFB:
                 _wait_batch_p2p(sched.fwd_recv_ops.pop((fwd.stage_index, mb)))
             with self.runner.activated():
                 out = stage.forward_one_chunk(mb, ctx.arg_mbs[mb], ctx.kwarg_mbs[mb], save_forward_output=True)
+            self._record("F", fwd.stage_index, mb, f_stream)
             sched._maybe_compute_loss(stage, out, ctx.target_mbs, mb)
             if fwd.stage_index + 1 in stages:  # the V turn-around: the next stage lives on this rank
                 stages[fwd.stage_index + 1].set_local_fwd_input(out, mb)
+            elif not stage.is_last:  # the next stage is on another rank: send now, before the backward
+                self._works.extend(_batch_p2p(stage.get_fwd_send_ops(mb)))
+                self._sent.add((fwd.stage_index, mb))
+                self.early_sends += 1
+                self._record("SEND_F", fwd.stage_index, mb, f_stream)
 
         # full backward of micro-batch bwd.microbatch_index on the other stage (on b_stream, where autograd runs it)
         stage, mb = stages[bwd.stage_index], bwd.microbatch_index
@@ -137,6 +173,7 @@ class OverlapFB:
         loss = sched._maybe_get_loss(stage, mb)
         sched.backward_counter[bwd.stage_index] += 1
         last = sched.backward_counter[bwd.stage_index] == sched._n_microbatches
+        self._record("B", bwd.stage_index, mb, b_stream)
         stage.backward_one_chunk(mb, loss=loss, full_backward=True, last_backward=last)
         if bwd.stage_index - 1 in stages:
             stages[bwd.stage_index - 1].set_local_bwd_input(stage.get_local_bwd_output(mb), mb)
@@ -152,6 +189,8 @@ def install_overlap(schedule, modules, device) -> OverlapFB:
 
     handler = OverlapFB(device)
     schedule.register_custom_function(OVERLAP_F_B, handler)
+    for stage in schedule._stages:
+        handler.wrap_send_ops(stage)
     for module in modules:
         for layer in module.layers.values():
             layer.ffn_conn.run_post_res_through(handler.runner)

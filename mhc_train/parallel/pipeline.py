@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from mhc_train.model import lm_loss
-from mhc_train.parallel.dist import all_reduce_sum_, broadcast_from_main, gather_dicts, sum_across_ranks
+from mhc_train.parallel.dist import all_reduce_sum_, gather_dicts, recv_from, reduce_sum, send_to, sum_across_ranks
 from mhc_train.parallel.engine import Engine
+from mhc_train.parallel.fsdp import reshard_all
 from mhc_train.parallel.overlap import install_overlap
 from mhc_train.parallel.schedules import build_schedule, layer_ranges
 from mhc_train.parallel.state import full, full_model_state, local
@@ -78,10 +79,12 @@ class PipelineEngine(Engine):
 
     def __init__(self, model, modules, stage_ids, n_stages, mesh: PipelineMesh, schedule: str, n_microbatches: int,
                  build_optimizer, build_scheduler, dist, grad_clip, csv_path: str = "", overlap: bool = True,
-                 autocast_dtype=None):  # fmt: skip
+                 autocast_dtype=None, layout: dict[int, list[int]] | None = None):  # fmt: skip
         from torch.distributed.pipelining import PipelineStage
 
-        self.modules, self.mesh = modules, mesh
+        self.modules, self.mesh, self.stage_ids, self.n_stages = modules, mesh, list(stage_ids), n_stages
+        layout = layout or {mesh.pp_rank: list(stage_ids)}  # {pipeline rank: its stage ids}
+        self.stage_owner = {s: r for r, ids in layout.items() for s in ids}  # stage -> the pipeline rank holding it
         self.local = torch.nn.ModuleList(modules)
         optimizer = build_optimizer(self.local)
         super().__init__(model, optimizer, build_scheduler(optimizer), dist, dist.device, grad_clip, autocast_dtype)
@@ -110,7 +113,7 @@ class PipelineEngine(Engine):
         """Local parameters -> their names in the plain model (stages keep the original names)."""
         return {p: n for m in self.modules for n, p in m.named_parameters()}
 
-    def forward_backward(self, batch) -> float:
+    def forward_backward(self, batch) -> torch.Tensor:
         """Forward and backward of this replica's slice through the schedule; returns the global mean loss on every
         rank (the last-stage ranks hold one replica's mean each)."""
         x, y = batch(0, self.mesh.dp_rank, self.mesh.dp)
@@ -125,10 +128,10 @@ class PipelineEngine(Engine):
                 self.schedule.step(target=y, losses=losses)
             else:
                 self.schedule.step()
-        mine = torch.stack(losses).float().mean().item() if losses else 0.0
-        return (
-            sum_across_ranks(mine, self.dist, self.device) / self.mesh.dp
-        )  # one rank per replica holds the last stage
+        if self.overlap is not None:
+            self.overlap.finish()
+        mine = torch.stack(losses).detach().float().mean() if losses else torch.zeros((), device=self.device)
+        return reduce_sum(mine, self.dist, self.device) / self.mesh.dp  # one rank per replica holds the last stage
 
     def report(self) -> str:
         """What the overlapped F/B pairs did so far on this rank (empty without our OVERLAP_F_B)."""
@@ -139,28 +142,58 @@ class PipelineEngine(Engine):
         split = sum(f != b for *_, f, _, _, b in o.trace)
         return (
             f"OVERLAP_F_B: {o.pairs} overlapped F/B pairs, {o.runner.calls} FFN post_res through the priority "
-            f"runner, {split} of the first {len(o.trace)} pairs with F and B on different streams; {where}"
+            f"runner, {split} of the first {len(o.trace)} pairs with F and B on different streams, {o.early_sends} "
+            f"boundary sends posted before the pair's backward; {where}"
         )
 
-    def clip(self) -> float:
+    def clip(self) -> torch.Tensor:
+        """The global pre-clip norm over every stage and shard (one all-reduce), and the clip applied on the device
+        (a factor min(1, limit / norm): no host read of the norm)."""
         sq = torch.zeros(1, dtype=torch.float64, device=self.device)
-        for p in self.params_with_grad():  # FSDP shards partition each gradient, so every element is counted once
-            sq += local(p.grad.detach()).double().square().sum()
+        grads = [local(p.grad.detach()) for p in self.params_with_grad()]  # shards partition each gradient
+        for g in grads:
+            sq += g.double().square().sum()
         all_reduce_sum_(sq, self.dist)
-        norm = sq.sqrt().item()
-        if self.grad_clip > 0 and norm > self.grad_clip:
-            scale = self.grad_clip / (norm + 1e-6)
-            for p in self.params_with_grad():
-                p.grad.mul_(scale)
+        norm = sq.sqrt().reshape(())
+        if self.grad_clip > 0:
+            scale = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+            for g in grads:  # the local shard shares storage with its DTensor gradient
+                g.mul_(scale.to(g.dtype))
         return norm
 
+    @torch.no_grad()
     def evaluate(self, batches) -> float:
-        """Rank 0 evaluates the gathered plain model and broadcasts the loss; a collective. The schedule has no
-        forward-only step, so this holds the whole model on rank 0's device: pipeline-parallel eval is still to
-        come (FSDP and DeepSpeed evaluate sharded, on every rank)."""
-        model = self.full_model()
-        loss = self.eval_loss_sum(model, batches, 0, 1).item() / len(batches) if self.dist.is_main else None
-        return broadcast_from_main(loss, self.dist)
+        """Mean loss over `batches`, evaluated through the stages where they live (no rank holds the whole model):
+        each data-parallel replica takes its slice of every batch through its pipeline stage by stage, the stream
+        state [B, T, n, C] crossing ranks point to point on the compute device, and the last stage's loss sums are
+        reduced once. A collective: every rank calls it."""
+        me, owner = self.mesh.pp_rank, self.stage_owner
+        module_of = dict(zip(self.stage_ids, self.modules))
+        last = self.n_stages - 1
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for m in self.modules:
+            m.eval()
+        for x, y in batches:
+            per = x.shape[0] // self.mesh.dp
+            rows = slice(self.mesh.dp_rank * per, (self.mesh.dp_rank + 1) * per)
+            x, y = self.to_device(x[rows]), self.to_device(y[rows])
+            state_shape = (*x.shape, self.model.conn.n_streams, self.model.cfg.dim)
+            h = x
+            for s in range(self.n_stages):
+                if owner[s] != me:
+                    continue
+                if s > 0 and owner[s - 1] != me:  # the previous stage lives on another rank
+                    h = recv_from(state_shape, torch.float32, self.device, owner[s - 1], self.mesh.group)
+                with self.autocast():
+                    h = module_of[s](h)
+                if s == last:
+                    total += lm_loss(h, y).double()
+                elif owner[s + 1] != me:  # sent in fp32 whatever autocast made of it: the receiver knows the dtype
+                    send_to(h.float(), owner[s + 1], self.mesh.group)
+        for m in self.modules:
+            m.train()
+        reshard_all(self.modules)  # FSDP2 per stage (dp > 1): back to the shards the optimizer steps
+        return sum_across_ranks(total, self.dist, self.device) / (self.mesh.dp * len(batches))
 
     def _sync_full_model(self) -> None:
         """Rank 0's `model` gets every stage's current weights (for evaluation, diagnostics and checkpoints)."""

@@ -32,12 +32,13 @@ from mhc_train.data import DataError, TokenData, prepare
 from mhc_train.data.loader import Prefetcher
 from mhc_train.model import build_model
 from mhc_train.parallel import (
-    any_rank,
+    any_rank_flag,
     broadcast_from_main,
     build_engine,
     builds_on_meta,
     exchange_without_deadline,
     init_distributed,
+    read_scalars,
 )
 from mhc_train.rundir import RunDir
 from mhc_train.train.checkpoint import CheckpointError, CheckpointManager
@@ -125,7 +126,7 @@ class Trainer:
         self.step, self.skipped, self.tokens_seen, self.train_time = 0, 0, 0, 0.0
         self.last_ckpt: Path | None = None
         self.peak_mb = 0.0
-        self.timer = StepTimer()  # host time per phase; the step-end CUDA synchronize lands in "optimizer"
+        self.timer = StepTimer()  # host time per phase; on CUDA the wait for the GPU lands in "forward_backward"
         self.val_set = self.data.val_batches(t.eval_batches, t.batch_size, t.seq_len)
         # the next micro-batches are drawn on a thread while this one computes (pinned on CUDA)
         self.prefetch = Prefetcher(self._draw, n_micro=t.grad_accum, pin=self.device.type == "cuda")
@@ -271,10 +272,6 @@ class Trainer:
         finally:
             self.close()
 
-    def _check_stop(self, saved: bool) -> None:
-        if any_rank(self.stops.received is not None, self.dist):  # every rank stops after the same step
-            self._preempt(saved)
-
     def _loop(self) -> dict:
         cfg, t, engine = self.cfg, self.cfg.train, self.engine
         metrics = MetricsLogger(self.run_dir.root, cfg.logging, self.config_dict, cfg.run_name, self.dist.is_main)
@@ -308,6 +305,11 @@ class Trainer:
                 t0 = time.perf_counter()
                 with self.timer("forward_backward"):  # includes "data" (the engine pulls its micro-batches)
                     loss = engine.forward_backward(self._batch)
+                    # The step's one host sync: the loss (for the non-finite check) and whether any rank received a
+                    # stop signal (every rank then stops after this same step), read together. Nothing else in a
+                    # step reads the device: the grad norm is read on log steps only, and the optimizer's kernels
+                    # are still queued when the next step starts.
+                    loss, stop = read_scalars(loss, any_rank_flag(self.stops.received is not None, self.dist))
                 if t.dump_grads_at == self.step + 1:
                     grads = engine.gather_grads()  # a collective: every rank calls it
                     if self.dist.is_main:
@@ -316,16 +318,15 @@ class Trainer:
                     self._nonfinite(loss)
                     engine.skip()
                     self.step += 1
-                    self._check_stop(saved=False)
+                    if stop:
+                        self._preempt(saved=False)
                     continue
                 diag_step = t.diag_every and (self.step + 1) % t.diag_every == 0
                 local_grads = engine.local_named_grads() if diag_step else None
                 layer_norms = grad_norms(local_grads) if local_grads is not None else None
                 lr = engine.lr()
-                with self.timer("optimizer"):  # clip (a collective where sharded), step, and the GPU's queue
-                    grad_norm = engine.step()
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize()
+                with self.timer("optimizer"):  # clip (a collective where sharded) and step; on CUDA their launch
+                    grad_norm = engine.step()  # time: the kernels run on while the next step's batch is read
                 self.timer.step()
                 dt = time.perf_counter() - t0
                 self.step += 1
@@ -333,6 +334,8 @@ class Trainer:
                     self.log(f"rank 0, step 1: {line}")
                 self.tokens_seen += tokens_per_step
                 self.train_time += dt
+                if self.step % t.log_every == 0 or self.step == t.max_steps or diag_step:
+                    grad_norm = read_scalars(grad_norm)[0]  # a host read on log steps only
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
                     metrics.log(
                         "train",
@@ -373,7 +376,8 @@ class Trainer:
                     bar.update(1)
                 if is_ckpt:
                     self.save_checkpoint()
-                self._check_stop(saved=bool(is_ckpt))
+                if stop:
+                    self._preempt(saved=bool(is_ckpt))
                 if self.step == t.stop_at_step:
                     self.log(f"stopping at train.stop_at_step={t.stop_at_step}; resume with checkpoint.resume=auto")
                     break

@@ -79,6 +79,8 @@ def _assert_close_runs(a, b, step, rtol=1e-5, grads=True):
     float-order noise on near-zero gradients into updates of up to lr, so weights get an lr-sized tolerance)."""
     la, lb = _losses(a), _losses(b)
     assert len(la) == len(lb) and all(abs(x - y) <= rtol * abs(y) for x, y in zip(la, lb)), (la, lb)
+    va, vb = ([r["loss"] for r in read_metrics(d)["val"]] for d in (a, b))  # evaluated by every engine its own way
+    assert va and len(va) == len(vb) and all(abs(x - y) <= rtol * abs(y) for x, y in zip(va, vb)), (va, vb)
     if grads:
         ga, gb = (torch.load(Path(d) / "grads_step_1.pt") for d in (a, b))
         assert ga.keys() == gb.keys()
@@ -248,6 +250,9 @@ def test_pipeline_matches_single_process(prepared_data, single_reference, tmp_pa
     if schedule == "dualpipev":  # 4 stages of 1 layer: one FFN site per overlapped forward
         m = re.search(r"OVERLAP_F_B: (\d+) overlapped F/B pairs, (\d+) FFN post_res", out)
         assert m and int(m.group(1)) > 0 and int(m.group(2)) == int(m.group(1)), out[-2000:]
+        # rank 0 holds stages 0 and 3: a pair forwarding stage 0 sends to rank 1 from inside the pair
+        sends = re.search(r"(\d+) boundary sends posted before the pair's backward", out)
+        assert sends and 0 < int(sends.group(1)) <= int(m.group(1)), out[-2000:]
 
 
 @pytest.mark.parametrize("arm", ["residual", "hc", "mhc"])

@@ -285,3 +285,34 @@ def test_world_size_checks(monkeypatch):
     cfg = load_config(["model=test", "train=test", "train.batch_size=6", "parallel.engine=ddp"])
     with pytest.raises(ConfigError, match="split evenly over 4 data-parallel ranks"):
         validate_world(cfg, 4)
+
+
+def _host_reads_in_run(prepared_data, run, steps: int, monkeypatch) -> int:
+    """Tensor-to-host reads (item, tolist, float/int/bool of a tensor) outside torch.optim over a whole run of `steps` steps that logs,
+    evaluates and checkpoints only at its start and end."""
+    overrides = {"train.max_steps": steps, "train.log_every": 1000, "train.eval_every": 1000, "train.diag_every": 0}
+    t = Trainer(load_config(run_overrides(prepared_data, run, **overrides, **{"checkpoint.every": 0})), log=str)
+    count = [0]
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _original=original, **k):
+            caller = sys._getframe(1).f_code.co_filename
+            # torch.optim's single-tensor AdamW reads its own step counter, a CPU scalar even on CUDA (and the
+            # fused CUDA AdamW never reads it): not a device sync
+            count[0] += f"{os.sep}optim{os.sep}" not in caller
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    t.run()
+    monkeypatch.undo()
+    return count[0]
+
+
+def test_a_training_step_reads_the_device_once(prepared_data, tmp_path, monkeypatch):
+    """On CUDA every host read of a device tensor waits for the GPU. A step reads its loss and the stop flag together
+    (one read); the grad norm is read on log steps only and the step ends without a synchronize. Counted as the
+    difference between a 6-step and a 3-step run with the same start and end (logs, eval, final checkpoint)."""
+    short = _host_reads_in_run(prepared_data, tmp_path / "short", 3, monkeypatch)
+    long = _host_reads_in_run(prepared_data, tmp_path / "long", 6, monkeypatch)
+    assert (long - short) / 3 == 1, (short, long)
