@@ -19,6 +19,7 @@ BACKENDS = ("torch", "triton", "auto")
 SINKHORN_BACKWARDS = ("unrolled", "implicit")
 LR_SCHEDULES = ("cosine", "step", "constant")
 PRECISIONS = ("fp32", "bf16", "auto")
+STREAM_DTYPES = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("none", "ddp", "fsdp", "deepspeed")  # data parallel across the launched ranks (parallel.engine)
 PP_SCHEDULES = ("1f1b", "interleaved1f1b", "zbv", "dualpipev", "csv")
@@ -47,6 +48,10 @@ class ModelConfig:
     norm_eps: float = 1e-6  # RMSNorm epsilon
     tie_embeddings: bool = False  # share the token embedding and the LM head
     init_std: float = 0.02  # std of the normal init of all linear weights (GPT-2 / LLaMA convention)
+    # Storage dtype of the [B, T, n, C] stream state between sites: fp32, or bf16 (the mHC paper's setting: half the
+    # stream's memory and traffic; the connection's coefficients stay fp32, the final stream sum accumulates in
+    # fp32). bf16 needs bf16 compute (train.precision=bf16, or auto on CUDA).
+    stream_dtype: str = "fp32"
 
 
 @dataclass
@@ -216,6 +221,7 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
     at_least(f"{prefix}.n_kv_head", m.n_kv_head, 0)
     at_least(f"{prefix}.ffn_hidden_dim", m.ffn_hidden_dim, 0)
     at_least(f"{prefix}.head_dim", m.head_dim, 0)
+    choice(f"{prefix}.stream_dtype", m.stream_dtype, STREAM_DTYPES)
     if not m.head_dim and m.dim % m.n_head:
         fail(f"{prefix}.n_head", m.n_head, f"must divide {prefix}.dim={m.dim} (or set {prefix}.head_dim)")
     if (m.head_dim or m.dim // m.n_head) % 2:
@@ -274,6 +280,8 @@ def validate(cfg: Config) -> None:
     at_least("train.diag_every", t.diag_every, 0)
     at_least("train.stop_at_step", t.stop_at_step, 0)
     choice("train.precision", t.precision, PRECISIONS)
+    if cfg.model.stream_dtype == "bf16" and t.precision == "fp32":
+        fail("model.stream_dtype", "bf16", "bf16 streams need bf16 compute: set train.precision=bf16 (or auto on CUDA)")
     choice("train.device", t.device, DEVICES)
     if t.seq_len > cfg.model.max_seq_len:
         fail("train.seq_len", t.seq_len, f"must be <= model.max_seq_len={cfg.model.max_seq_len}")

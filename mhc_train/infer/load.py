@@ -51,9 +51,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def model_configs(config: dict) -> tuple[ModelConfig, ConnectionConfig]:
-    """The model and connection configs of a resolved config dict; the connection runs the torch backend on CPU."""
+    """The model and connection configs of a resolved config dict; the connection runs the torch backend on CPU.
+    Inference keeps the streams in fp32 whatever they were trained in (bf16 streams need bf16 autocast; fp32 is the
+    more precise storage of the same weights)."""
     conn = {**config["connection"], "backend": "auto"}  # same math (tested): triton on CUDA, torch elsewhere
-    return ModelConfig(**config["model"]), ConnectionConfig(**conn)
+    return ModelConfig(**{**config["model"], "stream_dtype": "fp32"}), ConnectionConfig(**conn)
 
 
 def find_tokenizer(step_file: Path, recorded: dict, given: str | Path | None = None) -> Path:

@@ -200,7 +200,7 @@ class Connection:
         return h.unsqueeze(-2).expand(*h.shape[:-1], self.n_streams, h.shape[-1]).contiguous()  # [B, T, n, C]
 
     def collapse(self, x: torch.Tensor) -> torch.Tensor:
-        return x.sum(dim=-2)  # [B, T, C]
+        return x.sum(dim=-2, dtype=torch.promote_types(x.dtype, torch.float32))  # [B, T, C], accumulated in >= fp32
 
     def site(self, dim: int, index: int) -> Site:
         return self.site_cls(dim, self.n_streams, index, self.cfg)

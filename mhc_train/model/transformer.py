@@ -83,6 +83,8 @@ class Transformer(nn.Module):
         validate_connection(conn_cfg)
         self.cfg, self.conn_cfg = cfg, conn_cfg
         self.conn = build_connection(conn_cfg)
+        # bf16 streams: stored in bf16 from the expand on (every site returns its stream dtype); None: the embedding's
+        self.stream_dtype = torch.bfloat16 if cfg.stream_dtype == "bf16" else None
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleDict({str(i): Block(cfg, self.conn, i) for i in range(cfg.n_layer)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -175,7 +177,10 @@ class Transformer(nn.Module):
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] -> stream state [B, T, n, C]; a stage without the embedding passes its input through."""
-        return self.conn.expand(self.tok_embeddings(tokens)) if self.tok_embeddings is not None else tokens
+        if self.tok_embeddings is None:
+            return tokens
+        h = self.conn.expand(self.tok_embeddings(tokens))  # [B, T, n, C] in the embedding's dtype
+        return h if self.stream_dtype is None else h.to(self.stream_dtype)
 
     def run_blocks(self, h: torch.Tensor, plain: bool = False) -> torch.Tensor:
         """[B, T, n, C] through the blocks: the chosen block runner, or the plain loop (always with `plain`)."""

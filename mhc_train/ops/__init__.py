@@ -113,7 +113,8 @@ def _mhc_coefficients(x, phi, alpha, bias, iters, eps, backend, deterministic, s
 def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor, backend: str = "torch") -> torch.Tensor:
     if resolve_backend(backend, x.device) == "triton":
         return _kernels().mhc_pre(x.contiguous(), h_pre.float().contiguous())
-    return mhc_pre_ref(x, h_pre)
+    with coefficient_region(x):  # the stream math in fp32 as in the kernels (autocast would run these @ in bf16)
+        return mhc_pre_ref(x, h_pre)
 
 
 def mhc_post_res(
@@ -122,7 +123,8 @@ def mhc_post_res(
     if resolve_backend(backend, x.device) == "triton":
         h_res = None if h_res is None else h_res.float().contiguous()
         return _kernels().mhc_post_res(x.contiguous(), y.to(x.dtype).contiguous(), h_post.float().contiguous(), h_res)
-    return mhc_post_res_ref(x, y, h_post, h_res)
+    with coefficient_region(x):
+        return mhc_post_res_ref(x, y, h_post, h_res)
 
 
 sinkhorn_knopp.__doc__ = sinkhorn_knopp_ref.__doc__

@@ -16,7 +16,7 @@ from functools import partial
 
 import torch
 
-from mhc_train.config import Config
+from mhc_train.config import Config, ConfigError
 from mhc_train.optim import build_optimizer, build_scheduler
 from mhc_train.parallel.data_parallel import DeepSpeedEngine
 from mhc_train.parallel.dist import DistInfo
@@ -94,6 +94,11 @@ def build_engine(model: torch.nn.Module, cfg: Config, dist: DistInfo, weights: d
     plain full view for rank 0 (diagnostics, checkpoint files; for sharded engines on `meta` until needed)."""
     p, t = cfg.parallel, cfg.train
     use_fast_fp32_matmul(dist.device)
+    if cfg.model.stream_dtype == "bf16" and autocast_dtype(t.precision, dist.device) is None:
+        raise ConfigError(
+            f"model.stream_dtype='bf16' needs bf16 compute, but train.precision={t.precision!r} runs fp32 on "
+            f"{dist.device.type}: set train.precision=bf16, or model.stream_dtype=fp32"
+        )
     if weights is not None and not on_meta(model):
         model.load_state_dict(weights)
     if p.pp > 1:

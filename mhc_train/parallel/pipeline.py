@@ -170,6 +170,7 @@ class PipelineEngine(Engine):
         me, owner = self.mesh.pp_rank, self.stage_owner
         module_of = dict(zip(self.stage_ids, self.modules))
         last = self.n_stages - 1
+        stream_dtype = self.model.stream_dtype or torch.float32
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for m in self.modules:
             m.eval()
@@ -183,13 +184,13 @@ class PipelineEngine(Engine):
                 if owner[s] != me:
                     continue
                 if s > 0 and owner[s - 1] != me:  # the previous stage lives on another rank
-                    h = recv_from(state_shape, torch.float32, self.device, owner[s - 1], self.mesh.group)
+                    h = recv_from(state_shape, stream_dtype, self.device, owner[s - 1], self.mesh.group)
                 with self.autocast():
                     h = module_of[s](h)
                 if s == last:
                     total += lm_loss(h, y).double()
-                elif owner[s + 1] != me:  # sent in fp32 whatever autocast made of it: the receiver knows the dtype
-                    send_to(h.float(), owner[s + 1], self.mesh.group)
+                elif owner[s + 1] != me:  # sent in the stream dtype (model.stream_dtype), which the receiver knows
+                    send_to(h.to(stream_dtype), owner[s + 1], self.mesh.group)
         for m in self.modules:
             m.train()
         reshard_all(self.modules)  # FSDP2 per stage (dp > 1): back to the shards the optimizer steps

@@ -35,18 +35,24 @@ DS = {"parallel.engine": "deepspeed"}
 # from minutes to seconds and still walks every (column, row) step of the exact backward.
 SHORT = {"torch": {}, "triton": {"connection.t_max": 4}}
 PP = {"parallel.pp": 2}
+# bf16s: bf16 compute and bf16 stream storage (model.stream_dtype, the paper's setting)
+PRECISION = {
+    "fp32": {"train.precision": "fp32"},
+    "bf16": {"train.precision": "bf16"},
+    "bf16s": {"train.precision": "bf16", "model.stream_dtype": "bf16"},
+}
 
 # (engine overrides, precision, recompute, backend, arm, processes)
 MATRIX = [
     ({"parallel.engine": "ddp"}, "bf16", "mhc", "torch", "mhc", 2),
     ({"parallel.engine": "ddp"}, "fp32", "full", "torch", "mhc", 2),
-    ({"parallel.engine": "fsdp"}, "bf16", "none", "torch", "hc", 2),
+    ({"parallel.engine": "fsdp"}, "bf16s", "none", "torch", "hc", 2),
     ({"parallel.engine": "fsdp"}, "fp32", "mhc", "torch", "mhc", 2),
     ({**DS, "parallel.zero_stage": 1}, "bf16", "mhc", "torch", "mhc", 2),
-    ({**DS, "parallel.zero_stage": 2}, "bf16", "none", "torch", "mhc", 2),
+    ({**DS, "parallel.zero_stage": 2}, "bf16s", "none", "torch", "mhc", 2),
     ({**DS, "parallel.zero_stage": 3}, "bf16", "none", "torch", "mhc", 2),
     ({**DS, "parallel.zero_stage": 3}, "fp32", "none", "torch", "hc", 2),
-    ({**PP, "parallel.pp_schedule": "1f1b"}, "bf16", "mhc", "torch", "mhc", 2),
+    ({**PP, "parallel.pp_schedule": "1f1b"}, "bf16s", "mhc", "torch", "mhc", 2),
     ({**PP, "parallel.pp_schedule": "dualpipev"}, "bf16", "full", "torch", "hc", 2),
     ({**PP, "parallel.pp_schedule": "zbv"}, "fp32", "mhc", "triton", "mhc", 2),
     ({**PP, "parallel.engine": "fsdp", "parallel.pp_schedule": "1f1b"}, "bf16", "none", "torch", "mhc", 4),
@@ -71,7 +77,7 @@ def reference(prepared_data, tmp_path_factory):
         key = (precision, backend, arm)
         if key not in runs:
             runs[key] = tmp_path_factory.mktemp(f"ref_{precision}_{backend}_{arm}")
-            extra = {"train.precision": precision, "connection.backend": backend, "connection": arm, **SHORT[backend]}
+            extra = {**PRECISION[precision], "connection.backend": backend, "connection": arm, **SHORT[backend]}
             _single(run_overrides(prepared_data, runs[key], **BASE, **extra))
         return runs[key]
 
@@ -82,7 +88,7 @@ def reference(prepared_data, tmp_path_factory):
 def test_every_accepted_combination_trains_like_one_process(prepared_data, reference, tmp_path, case):
     engine, precision, recompute, backend, arm, nproc = case
     run = tmp_path / "run"
-    extra = {"train.precision": precision, "connection.backend": backend, "parallel.recompute": recompute}
+    extra = {**PRECISION[precision], "connection.backend": backend, "parallel.recompute": recompute}
     if "parallel.pp" in engine:
         extra["parallel.recompute_block"] = "stage"
     overrides = run_overrides(prepared_data, run, **BASE, **engine, **extra, **SHORT[backend], connection=arm)
@@ -90,10 +96,12 @@ def test_every_accepted_combination_trains_like_one_process(prepared_data, refer
     got, ref = _losses(run), _losses(reference(precision, backend, arm))
     tol = 1e-5 if precision == "fp32" else 2e-2  # bf16: another split of the batch rounds differently
     assert len(got) == len(ref) == 2 and all(abs(a - b) <= tol * abs(b) for a, b in zip(got, ref)), (got, ref)
-    if precision == "bf16":  # it really ran in bf16: not the fp32 numbers, and closer to bf16's than to fp32's
+    if precision != "fp32":  # it really ran in bf16: not the fp32 numbers, and closer to bf16's than to fp32's
         fp32 = _losses(reference("fp32", backend, arm))
         assert got[0] != fp32[0], (got, fp32)
         assert abs(got[0] - ref[0]) < abs(got[0] - fp32[0]), (got, ref, fp32)
+    if precision == "bf16s":  # and its streams were stored in bf16: not the fp32-stream bf16 numbers
+        assert got[0] != _losses(reference("bf16", backend, arm))[0], got
     weights = _weights(run, 2)
     assert all(w.dtype == weights["tok_embeddings.weight"].dtype == torch_float32() for w in weights.values()), {
         k: w.dtype for k, w in weights.items() if w.dtype != torch_float32()
