@@ -160,7 +160,7 @@ class OverlapFB:
             if fwd.stage_index + 1 in stages:  # the V turn-around: the next stage lives on this rank
                 stages[fwd.stage_index + 1].set_local_fwd_input(out, mb)
             elif not stage.is_last:  # the next stage is on another rank: send now, before the backward
-                self._works.extend(_batch_p2p(stage.get_fwd_send_ops(mb)))
+                self._works.extend(_works(_batch_p2p(stage.get_fwd_send_ops(mb))))
                 self._sent.add((fwd.stage_index, mb))
                 self.early_sends += 1
                 self._record("SEND_F", fwd.stage_index, mb, f_stream)
@@ -180,6 +180,19 @@ class OverlapFB:
 
         if self.cuda:
             torch.cuda.current_stream().wait_stream(self.side)
+
+
+def _works(result) -> list:
+    """`_batch_p2p`'s requests as a list: torch returns a list of Works today, one Work (or None for no ops) in older
+    releases such as the lent GPU machine's 2.11."""
+    if result is None:
+        return []
+    return list(result) if isinstance(result, (list, tuple)) else [result]
+
+
+def issue_order(events, limit: int = 16) -> str:
+    """The first `limit` issued events as `F0.2@1 SEND_F0.2@1 B3.0@0` (kind, stage.micro-batch, @stream)."""
+    return " ".join(f"{kind}{stage}.{mb}@{stream}" for kind, stage, mb, stream in events[:limit])
 
 
 def install_overlap(schedule, modules, device) -> OverlapFB:

@@ -24,7 +24,7 @@ from mhc_train.model import lm_loss
 from mhc_train.parallel.dist import all_reduce_sum_, gather_dicts, recv_from, reduce_sum, send_to, sum_across_ranks
 from mhc_train.parallel.engine import Engine
 from mhc_train.parallel.fsdp import reshard_all
-from mhc_train.parallel.overlap import install_overlap
+from mhc_train.parallel.overlap import install_overlap, issue_order
 from mhc_train.parallel.schedules import build_schedule, layer_ranges
 from mhc_train.parallel.state import full, full_model_state, local
 
@@ -143,7 +143,7 @@ class PipelineEngine(Engine):
         return (
             f"OVERLAP_F_B: {o.pairs} overlapped F/B pairs, {o.runner.calls} FFN post_res through the priority "
             f"runner, {split} of the first {len(o.trace)} pairs with F and B on different streams, {o.early_sends} "
-            f"boundary sends posted before the pair's backward; {where}"
+            f"boundary sends posted before the pair's backward; {where}; issue order: {issue_order(o.events)}"
         )
 
     def clip(self) -> torch.Tensor:

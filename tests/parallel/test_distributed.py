@@ -253,6 +253,13 @@ def test_pipeline_matches_single_process(prepared_data, single_reference, tmp_pa
         # rank 0 holds stages 0 and 3: a pair forwarding stage 0 sends to rank 1 from inside the pair
         sends = re.search(r"(\d+) boundary sends posted before the pair's backward", out)
         assert sends and 0 < int(sends.group(1)) <= int(m.group(1)), out[-2000:]
+        # the issue order: each send right after the forward that produced it, on its stream, before the pair's B
+        events = re.findall(r"(SEND_F|F|B)(\d+)\.(\d+)@(\d)", re.search(r"issue order: ([^\n]*)", out).group(1))
+        sent = [i for i, e in enumerate(events) if e[0] == "SEND_F"]
+        assert sent, events
+        for i in sent:
+            assert events[i - 1] == ("F", *events[i][1:]), events
+            assert i + 1 == len(events) or events[i + 1][0] == "B", events
 
 
 @pytest.mark.parametrize("arm", ["residual", "hc", "mhc"])
