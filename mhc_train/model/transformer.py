@@ -179,8 +179,9 @@ class Transformer(nn.Module):
         """tokens [B, T] -> stream state [B, T, n, C]; a stage without the embedding passes its input through."""
         if self.tok_embeddings is None:
             return tokens
-        h = self.conn.expand(self.tok_embeddings(tokens))  # [B, T, n, C] in the embedding's dtype
-        return h if self.stream_dtype is None else h.to(self.stream_dtype)
+        h = self.conn.expand(self.tok_embeddings(tokens))  # [B, T, n, C]
+        # model.stream_dtype, or at least fp32 (a bf16 embedding weight, e.g. FSDP's bf16 gather, keeps fp32 streams)
+        return h.to(self.stream_dtype or torch.promote_types(h.dtype, torch.float32))
 
     def run_blocks(self, h: torch.Tensor, plain: bool = False) -> torch.Tensor:
         """[B, T, n, C] through the blocks: the chosen block runner, or the plain loop (always with `plain`)."""

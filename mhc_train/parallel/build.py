@@ -66,7 +66,8 @@ def build_pipeline(model: torch.nn.Module, cfg: Config, dist: DistInfo, pp: int 
         apply_recompute(stage, p.recompute, p.recompute_block)
     if mesh.dp > 1:  # 3. shard each stage over its data-parallel group
         per_block = p.pp_schedule in PER_BLOCK_FSDP_SCHEDULES
-        stages = [shard(stage, mesh.dp_mesh, per_block) for stage in stages]
+        amp = autocast_dtype(cfg.train.precision, dist.device)
+        stages = [shard(stage, mesh.dp_mesh, per_block, compute_dtype=amp) for stage in stages]
         release_eval_copy(model, dist)
     return PipelineEngine(  # 4. schedule
         model,

@@ -22,6 +22,12 @@ Notes:
    sharded, and the other ranks free theirs.
    Checkpoints (DCP by default, or one file) are keyed by parameter name: they load into one process, DDP, any
    pipeline layout, or FSDP at another world size.
+3. Mixed precision (train.precision=bf16) where each block is its own unit: the blocks and the root are gathered
+   in bf16 (half the all-gather traffic, bf16 GEMM weights) and their gradients reduce-scattered in fp32, while
+   every connection site with parameters is a unit of its own gathered in fp32, so the coefficient path (phi,
+   gates, biases) never sees a rounded weight. Inputs are never cast (`cast_forward_inputs=False`): the stream
+   keeps model.stream_dtype. Where the whole module is one unit (recompute, split-backward schedules; note 1) the
+   gathers stay fp32, since a module-wide bf16 cast would round phi; autocast still runs the GEMMs in bf16.
 """
 
 from __future__ import annotations
@@ -34,16 +40,28 @@ from mhc_train.parallel.engine import LocalEngine, materialise_on_host, release_
 from mhc_train.parallel.state import full, full_model_state, local, materialise, on_meta
 
 
-def shard(module: torch.nn.Module, mesh, per_block: bool = False) -> torch.nn.Module:
+def shard(module: torch.nn.Module, mesh, per_block: bool = False, compute_dtype=None) -> torch.nn.Module:
     """FSDP2 over `mesh`: with `per_block`, one unit per block (weights gathered just in time, freed after) plus the
     root; otherwise one unit for the whole module. Per-block needs the blocks' own forward to run (the plain block
-    loop, no recompute runner) and a schedule without a split backward (see note 1)."""
-    from torch.distributed.fsdp import fully_shard
+    loop, no recompute runner) and a schedule without a split backward (see note 1). `compute_dtype` (bf16 under
+    train.precision=bf16, else None): mixed precision for per-block units (note 3)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if per_block and module.block_runner is None:
-        for layer in module.layers.values():
-            fully_shard(layer, mesh=mesh)
-    return fully_shard(module, mesh=mesh)
+    from mhc_train.model.connections import Site
+
+    if not (per_block and module.block_runner is None):
+        return fully_shard(module, mesh=mesh)
+    fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    low = (
+        fp32 if compute_dtype is None else MixedPrecisionPolicy(compute_dtype, torch.float32, cast_forward_inputs=False)
+    )
+    for layer in module.layers.values():
+        if compute_dtype is not None:
+            for site in layer.modules():
+                if isinstance(site, Site) and any(True for _ in site.parameters()):
+                    fully_shard(site, mesh=mesh, mp_policy=fp32)
+        fully_shard(layer, mesh=mesh, mp_policy=low)
+    return fully_shard(module, mesh=mesh, mp_policy=low)
 
 
 class FSDPEngine(LocalEngine):
@@ -58,7 +76,8 @@ class FSDPEngine(LocalEngine):
 
         mesh = init_device_mesh(torch.device(device).type, (dist.world,), mesh_dim_names=("dp",))
         built_on_meta = on_meta(model)
-        self.train_model = shard(copy.deepcopy(model), mesh, per_block=True)  # a copy of a meta skeleton is free
+        # a copy of a meta skeleton is free
+        self.train_model = shard(copy.deepcopy(model), mesh, per_block=True, compute_dtype=autocast_dtype)
         if built_on_meta:
             materialise(self.train_model, device, seed, weights)  # this rank's shards only (note 2)
         else:

@@ -96,10 +96,14 @@ def test_every_accepted_combination_trains_like_one_process(prepared_data, refer
     got, ref = _losses(run), _losses(reference(precision, backend, arm))
     tol = 1e-5 if precision == "fp32" else 2e-2  # bf16: another split of the batch rounds differently
     assert len(got) == len(ref) == 2 and all(abs(a - b) <= tol * abs(b) for a, b in zip(got, ref)), (got, ref)
+    # FSDP with one unit per block gathers the weights in bf16 (fsdp.py note 3): the embedding and the norms are then
+    # rounded too, which autocast leaves in fp32, so its numbers need not sit nearer one process's bf16 than its fp32
+    bf16_gathers = engine.get("parallel.engine") == "fsdp" and recompute == "none"
+    bf16_gathers &= engine.get("parallel.pp_schedule", "1f1b") in ("1f1b", "interleaved1f1b")
     if precision != "fp32":  # it really ran in bf16: not the fp32 numbers, and closer to bf16's than to fp32's
         fp32 = _losses(reference("fp32", backend, arm))
         assert got[0] != fp32[0], (got, fp32)
-        assert abs(got[0] - ref[0]) < abs(got[0] - fp32[0]), (got, ref, fp32)
+        assert bf16_gathers or abs(got[0] - ref[0]) < abs(got[0] - fp32[0]), (got, ref, fp32)
     if precision == "bf16s":  # and its streams were stored in bf16: not the fp32-stream bf16 numbers
         assert got[0] != _losses(reference("bf16", backend, arm))[0], got
     weights = _weights(run, 2)
