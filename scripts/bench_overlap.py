@@ -68,7 +68,7 @@ def run_variant(cfg, schedule: str, overlap: bool, args, device) -> dict:
         engine.optimizer.zero_grad(set_to_none=True)  # timing only: weights stay fixed, every step is the same work
         return loss, norm
 
-    first_loss, first_norm = step()
+    first_loss, first_norm = (float(v) for v in step())  # device scalars (the engine contract), read once
     for _ in range(args.warmup):
         step()
     if device.type == "cuda":
