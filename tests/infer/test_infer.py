@@ -40,13 +40,13 @@ def _model(arm, seed=1, **kw):
     return model
 
 
-@pytest.mark.parametrize("arm", list(ALL_ARMS))
-def test_kv_cache_decode_equals_full_recompute(arm):
+@pytest.mark.parametrize("arm, native", [(arm, True) for arm in ALL_ARMS] + [("mhc", False)])
+def test_kv_cache_decode_equals_full_recompute(arm, native):
     model = _model(arm)
     tokens = torch.randint(0, 256, (2, 21))
     with torch.no_grad():
         full = model(tokens)  # [B, T, V]
-    dec = Decoder(model)
+    dec = Decoder(model, native)  # native: mHC's Sinkhorn as the C loop (False: torch ops)
     cache = dec.new_cache(2, 21)
     steps = [dec.forward(tokens[:, :6], cache, all_logits=True)]
     steps += [dec.forward(tokens[:, t : t + 1], cache, all_logits=True) for t in range(6, 21)]
