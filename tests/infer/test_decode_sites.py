@@ -91,3 +91,27 @@ def test_an_mhc_decode_step_costs_few_ops_per_site():
     assert all(v <= 32 for v in extra.values()), extra
     assert (_ops_per_step(_model("mhc"), native=False) - base) / sites >= 80 + extra["mhc"]  # the loop, as ops
     assert isinstance(decode_site(_model("mhc").layers["0"].attn_conn), DecodeSite)
+
+
+def test_a_decode_step_computes_the_new_token_only():
+    """The stream state and the coefficients are per token: after the prefill every site sees [B, 1, n, C], whatever
+    the prefix length (nothing is recomputed over the prefix)."""
+    dec = Decoder(_model("mhc"))
+    seen = []
+    dec.sites = [tuple(_Recorder(s, seen) for s in pair) for pair in dec.sites]
+    cache = dec.new_cache(2, 20)
+    dec.forward(torch.randint(0, 256, (2, 7)), cache)
+    assert {s[1] for s in seen} == {7}
+    seen.clear()
+    for _ in range(3):
+        dec.forward(torch.randint(0, 256, (2, 1)), cache)
+    assert len(seen) == 3 * len(dec.sites) * 2 and {s[:2] for s in seen} == {(2, 1)}
+
+
+class _Recorder:
+    def __init__(self, site, seen):
+        self.site, self.seen = site, seen
+
+    def __call__(self, x, sublayer):
+        self.seen.append(tuple(x.shape))
+        return self.site(x, sublayer)
