@@ -69,7 +69,8 @@ class DecodeSite:
 
 
 class MHCDecodeSite(DecodeSite):
-    """mHC (`MHCSite`): gates and biases as per-column vectors, H_pre and H_post from one sigmoid, Sinkhorn in place."""
+    """mHC (`MHCSite`): gates and biases as per-column vectors, H_pre and H_post from one sigmoid, Sinkhorn as the C
+    loop (`native`, on CPU) or in place (`sinkhorn_`)."""
 
     def __init__(self, site: MHCSite, native: bool = True):
         n, cfg = site.n, site.cfg
