@@ -161,7 +161,7 @@ def test_a_checkpoint_without_a_tokenizer_is_refused(pp_run, tmp_path):
 
 
 def test_eval_on_local_tasks_scores_the_model_and_feeds_compare(tokenizer, tmp_path):
-    from mhc_train.compare import summary_rows
+    from mhc_train.compare import load_run, summary_rows
 
     tasks = ["mhc_local_mc", "mhc_local_ppl"]
     scores = []
@@ -178,11 +178,12 @@ def test_eval_on_local_tasks_scores_the_model_and_feeds_compare(tokenizer, tmp_p
     for task in tasks:
         for metric, value in a[task].items():
             assert via_export[task][metric] == pytest.approx(value, rel=1e-5), (task, metric)
-    run = tmp_path / "run"
+    run = tmp_path / "run"  # compare reads <run>/eval.json, as `mhc-train eval` wrote it, into its table
     write_scores(run, a, {"checkpoint": "x", "step": 0})
-    (row,) = summary_rows([{"dir": run, "recs": {}, "summary": {}, "connection": "mhc", "eval": {
-        f"{t}/{m}": v for t, ms in a.items() for m, v in ms.items()}}])  # fmt: skip
+    (run / "metrics.jsonl").write_text("")  # a run directory (no training records needed here)
+    (row,) = summary_rows([load_run(run)])
     assert row["mhc_local_mc/acc"] == a["mhc_local_mc"]["acc"]
+    assert row["mhc_local_ppl/word_perplexity"] == a["mhc_local_ppl"]["word_perplexity"]
 
 
 def test_an_unknown_task_is_refused(tokenizer, tmp_path):
