@@ -83,12 +83,12 @@ def _ops_per_step(model, native=True):
 
 def test_an_mhc_decode_step_costs_few_ops_per_site():
     """Decode is dispatch-bound: the op count is the cost. Per site over the residual's, the training sites spend ~130
-    ops (mHC, 80 of them Sinkhorn) and ~40 (HC); the decode sites ~26 (mHC with the C loop, ~110 with torch's) and
-    ~20 (HC)."""
+    ops (mHC, 80 of them Sinkhorn) and ~40 (HC); the decode sites 24 (mHC with the C loop, 108 with torch's) and
+    20 (HC)."""
     base = _ops_per_step(_model("residual"))
     sites = 2 * _model("residual").cfg.n_layer
     extra = {arm: (_ops_per_step(_model(arm)) - base) / sites for arm in ("hc", "mhc", "mhc_identity")}
-    assert all(v <= 32 for v in extra.values()), extra
+    assert all(v <= 30 for v in extra.values()), extra
     assert (_ops_per_step(_model("mhc"), native=False) - base) / sites >= 80 + extra["mhc"]  # the loop, as ops
     assert isinstance(decode_site(_model("mhc").layers["0"].attn_conn), DecodeSite)
 
