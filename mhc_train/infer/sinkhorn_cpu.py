@@ -60,7 +60,8 @@ void mhc_sinkhorn_f32(const float *z, long z_stride, float *out, long batch, lon
 NativeSinkhorn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
-def _compiler() -> str | None:
+def c_compiler() -> str | None:
+    """The C compiler to build with: `$CC`, else the first of cc, gcc, clang on PATH (None: none found)."""
     cc = os.environ.get("CC")
     if cc:
         return cc
@@ -92,7 +93,7 @@ def _build(cc: str) -> Path:
 @functools.cache
 def native_sinkhorn() -> NativeSinkhorn | None:
     """`fn(z, iters)`: z [N, n, n] float32 CPU logits -> [N, n, n] doubly stochastic; None where it cannot be built."""
-    cc = _compiler()
+    cc = c_compiler()
     try:
         if cc is None:
             raise RuntimeError("no C compiler found (set CC, or install cc / gcc / clang)")
