@@ -21,6 +21,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -73,8 +74,9 @@ def _cache_dir() -> Path:
 
 
 def _build(cc: str) -> Path:
-    """Compile SOURCE into the cache (once per source and compiler); returns the shared library's path."""
-    tag = hashlib.sha256(f"{SOURCE}{cc}".encode()).hexdigest()[:16]
+    """Compile SOURCE into the cache (once per source, compiler and machine type: a home directory may be shared by
+    machines of different architectures); returns the shared library's path."""
+    tag = hashlib.sha256(f"{SOURCE}{cc}{platform.machine()}{platform.system()}".encode()).hexdigest()[:16]
     lib = _cache_dir() / f"sinkhorn_cpu_{tag}.so"
     if lib.is_file():
         return lib
