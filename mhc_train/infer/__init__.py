@@ -4,6 +4,8 @@ with lm-evaluation-harness. Only `mhc_train.cli` imports this package.
 - `load.py`      a checkpoint (one file or DCP shards, any layout it was trained in) -> plain model + tokenizer
 - `generate.py`  KV-cache decode: attention keys/values cached, the n-stream state and the connection coefficients
                  computed for the new tokens only (they are per-token functions); batched prompts, sampling
+- `sites.py`     the connection sites as decode runs them: the same math in few ops per site (decode is dispatch-bound)
+- `sinkhorn_cpu.py` mHC's Sinkhorn for decode as one call into a small C loop on CPU (torch loop without a compiler)
 - `export.py`    a directory `transformers` loads with trust_remote_code (modeling code in `hf/`)
 - `eval.py`      lm-evaluation-harness on a checkpoint or an export; bundled offline tasks in `tasks/`
 """

@@ -7,9 +7,11 @@ Axis legend: B batch, T new tokens, L cached length, n streams, C channels, H he
   site, the FFNs and the head on the new token only, and attention reads the cached keys and values of the prefix.
   Nothing is recomputed over the prefix, and no stream state of past tokens is kept: the cache is the K/V of each
   layer, exactly as for the residual baseline.
-- The sites run through their own `forward` (`site(x, sublayer)`), so decode uses exactly the math (and the backend)
-  the model trains with; only the attention sub-layer is replaced by `_cached_attention`, which uses the block's
-  `wq/wk/wv/wo` and the model's RoPE table at each row's own positions.
+- The sites run as `site(x, sublayer)` through `sites.decode_site`: the training math (the same ops) regrouped into a
+  few ops per site with the token-free parts precomputed, since a decode step is dispatch-bound (torch backend, fp32;
+  otherwise the site's own `forward`, e.g. the fused triton kernels on CUDA). Only the attention sub-layer is
+  replaced, by `_cached_attention`, which uses the block's `wq/wk/wv/wo` and the model's RoPE table at each row's own
+  positions.
 - Batched prompts of different lengths are left-padded: each row's positions start at 0 at its first real token,
   pad keys are masked out (a pad query sees only itself, so no row of the softmax is empty), and every row then
   decodes in lockstep.
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from mhc_train.infer.errors import InferenceError
+from mhc_train.infer.sites import decode_site
 from mhc_train.model.transformer import Transformer, head_dim
 
 
@@ -78,13 +81,18 @@ def rope_at(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
 
 class Decoder:
-    """Runs a plain `Transformer` (not wrapped by any engine) over new tokens against a `KVCache`."""
+    """Runs a plain `Transformer` (not wrapped by any engine) over new tokens against a `KVCache`. `native`: mHC's
+    Sinkhorn as one C call per site on CPU (`sinkhorn_cpu.py`; False: torch ops only, the same result, slower)."""
 
-    def __init__(self, model: Transformer):
+    def __init__(self, model: Transformer, native: bool = True):
         if model.tok_embeddings is None or model.output is None:
             raise InferenceError("decode needs the whole model (embedding to head), not a pipeline stage")
         self.model = model
         self.cfg = model.cfg
+        # (attention site, FFN site) of every block, as decode runs them (see sites.py)
+        self.sites = [
+            (decode_site(b.attn_conn, native), decode_site(b.ffn_conn, native)) for b in model.layers.values()
+        ]
 
     def new_cache(self, batch: int, max_len: int, pad: list[int] | None = None) -> KVCache:
         return KVCache(self.model, batch, max_len, pad or [0] * batch)
@@ -126,12 +134,12 @@ class Decoder:
         rope = model.rope[cache.positions[:, start : start + T]]  # [B, T, D/2, 2]
         mask = self._mask(cache, start, T)
         x = model.embed(tokens)  # [B, T, n, C]
-        for i, layer in enumerate(model.layers.values()):
+        for i, (layer, (attn_site, ffn_site)) in enumerate(zip(model.layers.values(), self.sites)):
             attn = lambda h, i=i, layer=layer: self._cached_attention(  # noqa: E731
                 i, layer.attn, layer.attn_norm(h), cache, rope, mask, start
             )
-            x = layer.attn_conn(x, attn)  # [B, T, n, C]: the site's own coefficients, on the new tokens only
-            x = layer.ffn_conn(x, lambda h, layer=layer: layer.ffn(layer.ffn_norm(h)))  # [B, T, n, C]
+            x = attn_site(x, attn)  # [B, T, n, C]: the site's coefficients, on the new tokens only
+            x = ffn_site(x, lambda h, layer=layer: layer.ffn(layer.ffn_norm(h)))  # [B, T, n, C]
         cache.length = start + T
         return model.head(x) if all_logits else model.head(x[:, -1:])[:, 0]
 
@@ -166,15 +174,16 @@ def check_context(lengths: list[int], max_new_tokens: int, max_seq_len: int) -> 
 
 
 def generate(
-    model: Transformer, prompts: list[list[int]], cfg: SamplingConfig, eos_id: int | None = None
+    model: Transformer, prompts: list[list[int]], cfg: SamplingConfig, eos_id: int | None = None, native: bool = True
 ) -> list[list[int]]:
-    """Continue every prompt (token ids); returns the new tokens of each (ending at EOS where it stopped)."""
+    """Continue every prompt (token ids); returns the new tokens of each (ending at EOS where it stopped). `native`: see
+    `Decoder`."""
     cfg.validate()
     if not prompts:
         raise InferenceError("no prompts given")
     lengths = [len(p) for p in prompts]
     check_context(lengths, cfg.max_new_tokens, model.cfg.max_seq_len)
-    decoder = Decoder(model)
+    decoder = Decoder(model, native)
     device = model.tok_embeddings.weight.device
     longest = max(lengths)
     pad = [longest - n for n in lengths]

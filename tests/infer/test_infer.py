@@ -40,13 +40,13 @@ def _model(arm, seed=1, **kw):
     return model
 
 
-@pytest.mark.parametrize("arm", list(ALL_ARMS))
-def test_kv_cache_decode_equals_full_recompute(arm):
+@pytest.mark.parametrize("arm, native", [(arm, True) for arm in ALL_ARMS] + [("mhc", False)])
+def test_kv_cache_decode_equals_full_recompute(arm, native):
     model = _model(arm)
     tokens = torch.randint(0, 256, (2, 21))
     with torch.no_grad():
         full = model(tokens)  # [B, T, V]
-    dec = Decoder(model)
+    dec = Decoder(model, native)  # native: mHC's Sinkhorn as the C loop (False: torch ops)
     cache = dec.new_cache(2, 21)
     steps = [dec.forward(tokens[:, :6], cache, all_logits=True)]
     steps += [dec.forward(tokens[:, t : t + 1], cache, all_logits=True) for t in range(6, 21)]
@@ -161,7 +161,7 @@ def test_a_checkpoint_without_a_tokenizer_is_refused(pp_run, tmp_path):
 
 
 def test_eval_on_local_tasks_scores_the_model_and_feeds_compare(tokenizer, tmp_path):
-    from mhc_train.compare import summary_rows
+    from mhc_train.compare import load_run, summary_rows
 
     tasks = ["mhc_local_mc", "mhc_local_ppl"]
     scores = []
@@ -178,11 +178,12 @@ def test_eval_on_local_tasks_scores_the_model_and_feeds_compare(tokenizer, tmp_p
     for task in tasks:
         for metric, value in a[task].items():
             assert via_export[task][metric] == pytest.approx(value, rel=1e-5), (task, metric)
-    run = tmp_path / "run"
+    run = tmp_path / "run"  # compare reads <run>/eval.json, as `mhc-train eval` wrote it, into its table
     write_scores(run, a, {"checkpoint": "x", "step": 0})
-    (row,) = summary_rows([{"dir": run, "recs": {}, "summary": {}, "connection": "mhc", "eval": {
-        f"{t}/{m}": v for t, ms in a.items() for m, v in ms.items()}}])  # fmt: skip
+    (run / "metrics.jsonl").write_text("")  # a run directory (no training records needed here)
+    (row,) = summary_rows([load_run(run)])
     assert row["mhc_local_mc/acc"] == a["mhc_local_mc"]["acc"]
+    assert row["mhc_local_ppl/word_perplexity"] == a["mhc_local_ppl"]["word_perplexity"]
 
 
 def test_an_unknown_task_is_refused(tokenizer, tmp_path):

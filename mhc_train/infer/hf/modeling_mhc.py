@@ -3,7 +3,7 @@
 Copied by `mhc-train export` next to `config.json` and `model.safetensors`; loaded with
 `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`. Needs only torch and transformers (it imports
 nothing of mhc_train). The connection math is mhc-train's torch path (`mhc_train/model/connections.py`,
-`mhc_train/ops/reference.py`), line for line; `tests/infer/test_export.py` checks the logits match (fp32, 1e-5).
+`mhc_train/ops/reference.py`), line for line; `tests/infer/test_infer.py` checks the logits match (fp32, 1e-5).
 
 Axis legend: B batch, T time, n streams, C channels, H heads, D head size.
 
