@@ -57,13 +57,27 @@ def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 120
     return value
 
 
-def _train_shards_done(out: Path) -> int:
+def _progress(out: Path) -> dict | None:
+    """The resume record of the build in `out`, or None."""
     for build in out.glob(".build-*"):
         try:
-            return len(json.loads((build / "progress.json").read_text())["splits"]["train"]["shards"])
-        except (OSError, ValueError, KeyError):
-            return 0
-    return 0
+            return json.loads((build / "progress.json").read_text())
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def _train_shards_done(out: Path) -> int:
+    return len(p["splits"]["train"]["shards"]) if (p := _progress(out)) else 0
+
+
+def _written_past_the_record(out: Path, shards: int) -> bool:
+    """At least `shards` complete train shards recorded, and the partial train shard on disk already longer than the
+    record says (uint16 tokens): a kill now leaves tokens that the resumed build must cut off."""
+    if (p := _progress(out)) is None or (n := len(p["splits"]["train"]["shards"])) < shards:
+        return False
+    partial = next(out.glob(".build-*"), out) / f"train_{n:05d}.bin.partial"
+    return partial.is_file() and partial.stat().st_size > 2 * p["splits"]["train"]["partial_tokens"]
 
 
 def _shard_bytes(data_dir) -> dict[str, bytes]:
@@ -77,12 +91,15 @@ def corpus(tmp_path, prepared_data) -> dict:
     return {"source": str(src), "tokenizer_model": str(prepared_data / "tokenizer.model"), "shard_tokens": 1024}
 
 
-def test_a_killed_build_continues_from_its_last_complete_shard(tmp_path, corpus, monkeypatch):
+def test_a_killed_build_continues_from_its_last_complete_shard(tmp_path, corpus):
+    # shards of 12 KB and batches of ~1 KB: the file buffer (8 KB) reaches the disk between two resume records
+    src = write_jsonl(tmp_path / "big.jsonl", make_documents(1000, seed=8))
+    corpus = {**corpus, "source": str(src), "shard_tokens": 6144}
     out = tmp_path / "out"
     with open(tmp_path / "child.log", "w") as log:
         child = _slow_prepare({**corpus, "out_dir": str(out)}, log)
         try:
-            _wait_for(lambda: _train_shards_done(out) >= 3, child, "three complete train shards")
+            _wait_for(lambda: _written_past_the_record(out, 2), child, "tokens written past a record")
             child.send_signal(signal.SIGKILL)
         finally:
             child.wait(timeout=60)
