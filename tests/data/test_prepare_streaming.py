@@ -309,3 +309,38 @@ def test_the_tokenizer_trains_on_a_bounded_seeded_sample(tmp_path, monkeypatch):
     assert len(first) == 250 and seen["lines"] == first and a["tokenizer"]["sha256"] == b["tokenizer"]["sha256"]
     prepare(DataConfig(out_dir=str(tmp_path / "c"), **{**kw, "seed": 5}), log=quiet)
     assert len(seen["lines"]) == 250 and seen["lines"] != first
+
+
+# ---- a Hugging Face tokenizer.json -------------------------------------------------------------------------------
+def byte_level_bpe(path: Path, texts: list[str], special: list[str]) -> Path:
+    """A GPT-2-style byte-level BPE tokenizer.json trained on `texts` (exact round trip of any text)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.save(str(path))
+    return path
+
+
+def test_a_tokenizer_json_round_trips(tmp_path):
+    from tokenizers import Tokenizer
+
+    docs = make_documents(150, seed=5)
+    tok = byte_level_bpe(tmp_path / "tokenizer.json", docs, ["<|endoftext|>"])
+    src = write_jsonl(tmp_path / "c.jsonl.zst", docs)
+    m = prepare(cfg(src, tmp_path / "out", tok, num_workers=2), log=quiet)
+    assert m["tokenizer"]["kind"] == "tokenizers" and m["tokenizer"]["eos_id"] == 0
+    assert m["vocab_size"] == Tokenizer.from_file(str(tok)).get_vocab_size() > 256
+    assert Path(m["tokenizer"]["path"]).name == "tokenizer.json"
+    assert_round_trip(m, docs)
+    no_eos = byte_level_bpe(tmp_path / "no_eos.json", docs, ["<pad>"])
+    with pytest.raises(DataError, match=re.escape(f"{no_eos} has no end-of-text token (looked for <|endoftext|>")):
+        prepare(cfg(src, tmp_path / "out", no_eos), log=quiet)
