@@ -41,7 +41,8 @@ print("DIR", m["dir"], flush=True)
 
 def _slow_prepare(fields: dict, stdout) -> subprocess.Popen:
     cmd = [sys.executable, "-c", SLOW_PREPARE, json.dumps(fields)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=stdout, stderr=subprocess.STDOUT, text=True)
+    env = {**_env(), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=stdout, stderr=subprocess.STDOUT, text=True)
     proc.args_log = stdout.name  # for _wait_for's message
     return proc
 
@@ -53,7 +54,7 @@ def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 120
             log = Path(proc.args_log).read_text()[-3000:] if hasattr(proc, "args_log") else ""
             raise AssertionError(f"the process ended (rc {proc.returncode}) before {what}:\n{log}")
         assert time.monotonic() - t0 < timeout, f"timed out waiting for {what}"
-        time.sleep(0.05)
+        time.sleep(0.01)
     return value
 
 
@@ -128,11 +129,17 @@ def test_a_second_prepare_waits_on_the_lock_then_reuses(tmp_path, corpus):
         first = _slow_prepare({**corpus, "out_dir": str(out)}, f1)
         try:
             _wait_for(lambda: _train_shards_done(out) >= 1, first, "the first process to be building")
-            overrides = [f"data.{k}={v}" for k, v in {**corpus, "out_dir": out}.items()]
-            second = subprocess.Popen(
-                [sys.executable, "-m", "mhc_train.cli", "prepare", *overrides],
-                cwd=REPO, env=_env(), stdout=f2, stderr=subprocess.STDOUT, text=True,
-            )  # fmt: skip
+            first.send_signal(signal.SIGSTOP)  # mid-build, holding the lock, until the second is seen waiting
+            try:
+                overrides = [f"data.{k}={v}" for k, v in {**corpus, "out_dir": out}.items()]
+                second = subprocess.Popen(
+                    [sys.executable, "-m", "mhc_train.cli", "prepare", *overrides],
+                    cwd=REPO, env={**_env(), "PYTHONUNBUFFERED": "1"}, stdout=f2, stderr=subprocess.STDOUT, text=True,
+                )  # fmt: skip
+                second.args_log = str(logs[1])
+                _wait_for(lambda: f"waiting for PID {first.pid}" in logs[1].read_text(), second, "the second to wait")
+            finally:
+                first.send_signal(signal.SIGCONT)
             assert second.wait(timeout=240) == 0, logs[1].read_text()
             assert first.wait(timeout=60) == 0, logs[0].read_text()
         finally:
@@ -163,7 +170,12 @@ def test_two_rank_train_on_unprepared_data_waits_on_the_lock_then_trains(tmp_pat
     # this test holds the lock, as a `prepare` on another node of the same filesystem would
     with PrepareLock(out / ".prepare.lock", log=lambda *a: None), open(log_path, "w") as log:
         proc = subprocess.Popen(
-            _torchrun_cmd(overrides), cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True
+            _torchrun_cmd(overrides),
+            cwd=REPO,
+            env={**_env(), "PYTHONUNBUFFERED": "1"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         try:
             waiting = f"prepare: waiting for PID {os.getpid()} on "  # the test is the holder they name
