@@ -197,6 +197,21 @@ def test_hf_source_with_a_config_name_offline(tmp_path, tokenizer, monkeypatch):
         prepare(cfg(f"hf:{ds}", tmp_path / "out", tokenizer, hf_config="sample-10BT", text_field="content"), log=quiet)
 
 
+def test_hf_source_saved_with_save_to_disk(tmp_path, tokenizer):
+    import datasets
+
+    docs = make_documents(130, seed=6)
+    saved = tmp_path / "saved"
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"text": docs}), "test": datasets.Dataset.from_dict({"text": ["x"]})}
+    ).save_to_disk(str(saved))
+    assert_round_trip(prepare(cfg(f"hf:{saved}", tmp_path / "out", tokenizer), log=quiet), docs)
+    with pytest.raises(DataError, match=r"has no split 'validation' \(it has \['test', 'train'\]\)"):
+        prepare(cfg(f"hf:{saved}", tmp_path / "out", tokenizer, hf_split="validation"), log=quiet)
+    with pytest.raises(DataError, match="written by save_to_disk, which keeps no configs"):
+        prepare(cfg(f"hf:{saved}", tmp_path / "out", tokenizer, hf_config="sample-10BT"), log=quiet)
+
+
 # ---- determinism across worker counts ------------------------------------------------------------------------------
 def test_shards_are_byte_identical_for_one_and_two_workers(tmp_path, tokenizer, monkeypatch):
     monkeypatch.setattr(prep, "BATCH_CHARS", 2000)  # many small batches, several in flight at once
