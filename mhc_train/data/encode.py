@@ -3,7 +3,8 @@
 - `ordered_map` runs a function over a stream of items in `workers` processes and yields the results in input order
   with at most `2 * workers` batches in flight, so memory stays bounded however long the stream (`Pool.imap` would
   read the whole input ahead). One worker runs in-process, with no pool.
-- Workers are forked (Linux), so they start in milliseconds without re-importing torch; they run only the tokenizer.
+- Workers are forked (Linux), so they start in milliseconds without re-importing torch; they run only the tokenizer,
+  on one thread each (sentencepiece would otherwise start a thread per CPU in every worker).
 - The tokenizer is deterministic, so the output, and the shards written from it, are the same for any worker count.
 """
 
@@ -24,7 +25,7 @@ _worker: dict = {}  # per process: the loaded tokenizer and the shard dtype
 
 def _init_worker(tokenizer_path: str, dtype: str) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the workers are the parallelism
-    _worker["tok"], _worker["dtype"] = load_tokenizer(tokenizer_path), np.dtype(dtype)
+    _worker["tok"], _worker["dtype"] = load_tokenizer(tokenizer_path, threads=1), np.dtype(dtype)
 
 
 def encode_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

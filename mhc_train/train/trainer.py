@@ -88,9 +88,15 @@ class Trainer:
         lock while the others wait on that lock, logging progress; no rank sits in a collective meanwhile (an
         exchange through the store, without deadline, follows). Every rank must end with the same data."""
         rank, dist = self.dist.rank, self.dist
-        waits = self.log if dist.is_main else (lambda m: "waiting" in m and print(f"rank {rank}: {m}", flush=True))
+
+        def log(line: str) -> None:  # other ranks: only waiting and building (the node's builder may be any rank)
+            if dist.is_main:
+                self.log(line)
+            elif line.startswith(_PREPARE_PROGRESS):
+                print(f"rank {rank}: {line}", flush=True)
+
         try:
-            manifest, error = prepare(self.cfg.data, log=waits), ""
+            manifest, error = prepare(self.cfg.data, log=log), ""
             mine = json.dumps({"key": manifest["key"], "shards": _shards_digest(manifest)})
         except DataError as e:
             mine, error = json.dumps({"error": str(e)}), e
@@ -409,6 +415,10 @@ class Trainer:
             "n_params": self.n_params,
             "pid": os.getpid(),
         }
+
+
+# prepare's lines that every rank shows: it waits for the lock, or it is the one building (not the reuse notices)
+_PREPARE_PROGRESS = tuple(f"prepare: {w} " for w in ("waiting", "sampling", "continuing", "tokenising", "wrote"))
 
 
 def _shards_digest(manifest: dict) -> str:
