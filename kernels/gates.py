@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .sinkhorn import _block_t, _sinkhorn_bwd_core, _sinkhorn_fwd_core
-from .utils import MAX_STREAMS, check_tensor, next_pow2
+from .utils import MAX_STREAMS, check_tensor, launch, next_pow2
 
 
 @triton.jit(do_not_specialize=["n_tokens", "iters"])
@@ -128,7 +128,9 @@ class GatesSinkhornFunction(torch.autograd.Function):
         pre = torch.empty(T, n, device=h.device, dtype=torch.float32)
         post = torch.empty_like(pre)
         res = torch.empty(T, n, n, device=h.device, dtype=torch.float32) if has_res else pre
-        _gates_fwd_kernel[(triton.cdiv(T, bt),)](h, alpha, bias, pre, post, res, T, iters, K, n, n_pad, has_res, bt)
+        launch(_gates_fwd_kernel, (triton.cdiv(T, bt),), writes=("pre_ptr", "post_ptr", "res_ptr"), h_ptr=h, a_ptr=alpha,
+               b_ptr=bias, pre_ptr=pre, post_ptr=post, res_ptr=res, n_tokens=T, iters=iters, K=K, N=n, N_PAD=n_pad,
+               HAS_RES=has_res, BLOCK_T=bt)
         ctx.n, ctx.iters, ctx.has_res = n, iters, has_res
         ctx.save_for_backward(h, alpha, bias, pre, post)
         return pre, post, (res if has_res else None)
@@ -148,26 +150,10 @@ class GatesSinkhornFunction(torch.autograd.Function):
         dh = torch.empty_like(h)
         da = torch.zeros(blocks, 3, device=h.device)
         db = torch.zeros(blocks, K, device=h.device)
-        _gates_bwd_kernel[(blocks,)](
-            h,
-            alpha,
-            bias,
-            pre,
-            post,
-            d_pre,
-            d_post,
-            d_res if ctx.has_res else d_pre,
-            dh,
-            da,
-            db,
-            T,
-            ctx.iters,
-            K,
-            n,
-            n_pad,
-            ctx.has_res,
-            bt,
-        )
+        launch(_gates_bwd_kernel, (blocks,), writes=("dh_ptr", "da_ptr", "db_ptr"), h_ptr=h, a_ptr=alpha, b_ptr=bias,
+               pre_ptr=pre, post_ptr=post, dpre_ptr=d_pre, dpost_ptr=d_post, dres_ptr=d_res if ctx.has_res else d_pre,
+               dh_ptr=dh, da_ptr=da, db_ptr=db, n_tokens=T, iters=ctx.iters, K=K, N=n, N_PAD=n_pad,
+               HAS_RES=ctx.has_res, BLOCK_T=bt)
         da = da.sum(0)[: alpha.numel()].clone()  # not a view: split-backward schedules detach_ parameter grads
         need = ctx.needs_input_grad
         return (dh if need[0] else None, da if need[1] else None, db.sum(0) if need[2] else None, None, None)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import STREAM_DTYPES, check_tensor, next_pow2
+from .utils import STREAM_DTYPES, check_tensor, launch, next_pow2
 
 
 @triton.jit(do_not_specialize=["n_tokens"])
@@ -99,7 +99,8 @@ def projection_fwd(v: torch.Tensor, phi: torch.Tensor, eps: float):
     h = torch.empty(T, K, device=v.device, dtype=torch.float32)
     r = torch.empty(T, device=v.device, dtype=torch.float32)
     k_pad = max(16, next_pow2(K))
-    _projection_fwd_kernel[(triton.cdiv(T, BLOCK_T),)](v, phi, h, r, T, D, K, eps, k_pad, BLOCK_T, BLOCK_D)
+    launch(_projection_fwd_kernel, (triton.cdiv(T, BLOCK_T),), writes=("h_ptr", "r_ptr"), v_ptr=v, phi_ptr=phi,
+           h_ptr=h, r_ptr=r, n_tokens=T, D=D, K=K, eps=eps, K_PAD=k_pad, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
     return h, r
 
 
@@ -113,7 +114,9 @@ def projection_bwd(v, phi, h, r, gh, deterministic: bool):
         dphi = torch.empty(blocks, D, K, device=v.device, dtype=torch.float32)
     else:
         dphi = torch.zeros(D, K, device=v.device, dtype=torch.float32)
-    _projection_bwd_kernel[(blocks,)](v, phi, h, r, gh, dv, dphi, T, D, K, k_pad, BLOCK_T, BLOCK_D, deterministic)
+    launch(_projection_bwd_kernel, (blocks,), writes=("dv_ptr", "dphi_ptr"), v_ptr=v, phi_ptr=phi, h_ptr=h, r_ptr=r,
+           gh_ptr=gh, dv_ptr=dv, dphi_ptr=dphi, n_tokens=T, D=D, K=K, K_PAD=k_pad, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
+           DETERMINISTIC=deterministic)
     return dv, (dphi.sum(0) if deterministic else dphi)
 
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import MAX_STREAMS, check_tensor, next_pow2
+from .utils import MAX_STREAMS, check_tensor, launch, next_pow2
 
 
 @triton.jit
@@ -98,7 +98,8 @@ def sinkhorn_fwd(z: torch.Tensor, iters: int) -> torch.Tensor:
     n_pad = next_pow2(n)
     out = torch.empty_like(z)
     bt = _block_t(n_pad)
-    _sinkhorn_fwd_kernel[(triton.cdiv(T, bt),)](z, out, T, iters, n, n_pad, bt)
+    launch(_sinkhorn_fwd_kernel, (triton.cdiv(T, bt),), writes=("out_ptr",), z_ptr=z, out_ptr=out, n_tokens=T,
+           iters=iters, N=n, N_PAD=n_pad, BLOCK_T=bt)
     return out
 
 
@@ -107,7 +108,8 @@ def sinkhorn_bwd(z: torch.Tensor, g: torch.Tensor, iters: int) -> torch.Tensor:
     n_pad = next_pow2(n)
     dz = torch.empty_like(z)
     bt = _block_t(n_pad)
-    _sinkhorn_bwd_kernel[(triton.cdiv(T, bt),)](z, g, dz, T, iters, n, n_pad, bt)
+    launch(_sinkhorn_bwd_kernel, (triton.cdiv(T, bt),), writes=("dz_ptr",), z_ptr=z, g_ptr=g, dz_ptr=dz, n_tokens=T,
+           iters=iters, N=n, N_PAD=n_pad, BLOCK_T=bt)
     return dz
 
 

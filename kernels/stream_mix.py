@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import MAX_STREAMS, STREAM_DTYPES, check_tensor, next_pow2
+from .utils import MAX_STREAMS, STREAM_DTYPES, check_tensor, launch, next_pow2
 
 
 @triton.jit(do_not_specialize=["n_tokens"])
@@ -199,7 +199,8 @@ def mhc_pre_fwd(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     T, n, C = x.shape
     n_pad, bt, bc = _blocks(n, C)
     out = torch.empty(T, C, device=x.device, dtype=x.dtype)
-    _mhc_pre_fwd_kernel[(triton.cdiv(T, bt), triton.cdiv(C, bc))](x, h_pre, out, T, C, n, n_pad, bt, bc)
+    launch(_mhc_pre_fwd_kernel, (triton.cdiv(T, bt), triton.cdiv(C, bc)), writes=("out_ptr",), x_ptr=x, h_ptr=h_pre,
+           out_ptr=out, n_tokens=T, C=C, N=n, N_PAD=n_pad, BLOCK_T=bt, BLOCK_C=bc)
     return out
 
 
@@ -207,7 +208,8 @@ def mhc_pre_bwd(x, h_pre, g):
     T, n, C = x.shape
     n_pad, bt, bc = _blocks(n, C)
     dx, dh = torch.empty_like(x), torch.empty_like(h_pre)
-    _mhc_pre_bwd_kernel[(triton.cdiv(T, bt),)](x, h_pre, g, dx, dh, T, C, n, n_pad, bt, bc)
+    launch(_mhc_pre_bwd_kernel, (triton.cdiv(T, bt),), writes=("dx_ptr", "dh_ptr"), x_ptr=x, h_ptr=h_pre, g_ptr=g,
+           dx_ptr=dx, dh_ptr=dh, n_tokens=T, C=C, N=n, N_PAD=n_pad, BLOCK_T=bt, BLOCK_C=bc)
     return dx, dh
 
 
@@ -216,9 +218,9 @@ def mhc_post_res_fwd(x, y, h_post, h_res):
     n_pad, bt, bc = _blocks(n, C)
     out = torch.empty_like(x)
     has_res = h_res is not None
-    _mhc_post_res_fwd_kernel[(triton.cdiv(T, bt), triton.cdiv(C, bc))](
-        x, y, h_post, h_res if has_res else h_post, out, T, C, n, n_pad, has_res, bt, bc
-    )
+    launch(_mhc_post_res_fwd_kernel, (triton.cdiv(T, bt), triton.cdiv(C, bc)), writes=("out_ptr",), x_ptr=x, y_ptr=y,
+           hp_ptr=h_post, hr_ptr=h_res if has_res else h_post, out_ptr=out, n_tokens=T, C=C, N=n, N_PAD=n_pad,
+           HAS_RES=has_res, BLOCK_T=bt, BLOCK_C=bc)
     return out
 
 
@@ -228,24 +230,9 @@ def mhc_post_res_bwd(x, y, h_post, h_res, g):
     has_res = h_res is not None
     dx, dy, dhp = torch.empty_like(x), torch.empty_like(y), torch.empty_like(h_post)
     dhr = torch.empty_like(h_res) if has_res else None
-    _mhc_post_res_bwd_kernel[(triton.cdiv(T, bt),)](
-        x,
-        y,
-        h_post,
-        h_res if has_res else h_post,
-        g,
-        dx,
-        dy,
-        dhp,
-        dhr if has_res else dhp,
-        T,
-        C,
-        n,
-        n_pad,
-        has_res,
-        bt,
-        bc,
-    )
+    launch(_mhc_post_res_bwd_kernel, (triton.cdiv(T, bt),), writes=("dx_ptr", "dy_ptr", "dhp_ptr", "dhr_ptr"), x_ptr=x,
+           y_ptr=y, hp_ptr=h_post, hr_ptr=h_res if has_res else h_post, g_ptr=g, dx_ptr=dx, dy_ptr=dy, dhp_ptr=dhp,
+           dhr_ptr=dhr if has_res else dhp, n_tokens=T, C=C, N=n, N_PAD=n_pad, HAS_RES=has_res, BLOCK_T=bt, BLOCK_C=bc)
     return dx, dy, dhp, dhr
 
 

@@ -16,6 +16,8 @@ This is the seam the Triton kernels of `mhc_kernels` (folder `kernels/`) plug in
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from mhc_train.config import BACKENDS, SINKHORN_BACKWARDS
@@ -69,6 +71,8 @@ def coefficient_region(x: torch.Tensor):
     """Autocast off for the coefficient path (projection, gates, Sinkhorn): it runs in fp32 whatever precision the
     engine runs the rest in (the mHC paper keeps it fp32; a bf16 projection of the nC stream loses the small
     coefficient differences the gates learn)."""
+    if x.device.type == "meta":  # launches recorded on meta tensors (mhc_train.ops.audit): no autocast there
+        return contextlib.nullcontext()
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
