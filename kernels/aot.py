@@ -114,8 +114,9 @@ def compile_launch(launch, arch: int, use_cache: bool = True) -> dict:
     report = {"kernel": launch.name, "arch": f"sm_{arch}", "key": key, **launch.options}
     report["constexprs"] = {launch.kernel.arg_names[p[0]]: v for p, v in constexprs.items() if len(p) == 1}
     try:
-        compiled = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs), target=target,
-                                  options=options.__dict__)
+        compiled = triton.compile(
+            ASTSource(launch.kernel, signature, constexprs, attrs), target=target, options=options.__dict__
+        )
     except Exception as exc:  # noqa: BLE001 - any compiler failure fails the gate, with its message
         report.update(ok=False, why=f"compile error: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}")
         return report

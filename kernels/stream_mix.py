@@ -100,26 +100,27 @@ def _mhc_post_res_fwd_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    # HAS_RES=False compiles the identity-H_res arm (x' = x + h_post y) without the mixing.
+    # HAS_RES=False compiles the identity-H_res arm (x' = x + h_post y) without the mixing. The mixing is n rank-1
+    # updates out[:, i, :] += H[i, j] x[j, :] (one input stream at a time): no [T, n, n, C] product in registers.
     offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_n = tl.arange(0, N_PAD)
     mt, mn, mc = offs_t < n_tokens, offs_n < N, offs_c < C
+    m_tc = mt[:, None] & mc[None, :]
     m3 = mt[:, None, None] & mn[None, :, None] & mc[None, None, :]
     p3 = offs_t[:, None, None] * (N * C) + offs_n[None, :, None] * C + offs_c[None, None, :]
-    x = tl.load(x_ptr + p3, mask=m3, other=0.0).to(tl.float32)  # [T, j, c]
-    y = tl.load(y_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mt[:, None] & mc[None, :], other=0.0)
+    y = tl.load(y_ptr + offs_t[:, None] * C + offs_c[None, :], mask=m_tc, other=0.0)
     hp = tl.load(hp_ptr + offs_t[:, None] * N + offs_n[None, :], mask=mt[:, None] & mn[None, :], other=0.0)
     out = hp.to(tl.float32)[:, :, None] * y.to(tl.float32)[:, None, :]  # [T, i, c]
     if HAS_RES:
-        hr = tl.load(
-            hr_ptr + offs_t[:, None, None] * (N * N) + offs_n[None, :, None] * N + offs_n[None, None, :],
-            mask=mt[:, None, None] & mn[None, :, None] & mn[None, None, :],
-            other=0.0,
-        )  # [T, i, j]
-        out += tl.sum(hr.to(tl.float32)[:, :, :, None] * x[:, None, :, :], axis=2)
+        for j in tl.static_range(N):
+            xj = tl.load(x_ptr + offs_t[:, None] * (N * C) + j * C + offs_c[None, :], mask=m_tc, other=0.0)
+            hj = tl.load(
+                hr_ptr + offs_t[:, None] * (N * N) + offs_n[None, :] * N + j, mask=mt[:, None] & mn[None, :], other=0.0
+            )  # column j of H_res: [T, i]
+            out += hj[:, :, None] * xj.to(tl.float32)[:, None, :]
     else:
-        out += x
+        out += tl.load(x_ptr + p3, mask=m3, other=0.0).to(tl.float32)
     tl.store(out_ptr + p3, out.to(out_ptr.dtype.element_ty), mask=m3)
 
 
@@ -142,48 +143,52 @@ def _mhc_post_res_bwd_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    # One output stream i at a time (g_i = g[:, i, :]): dy += h_post[i] g_i, dx[j] += H[i, j] g_i, and the reductions
+    # over C dh_post[i] = <g_i, y>, dH[i, :] = <g_i, x[j]>. Registers hold [T, n, C] tiles only.
     offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     offs_n = tl.arange(0, N_PAD)
     mt, mn = offs_t < n_tokens, offs_n < N
-    hp = tl.load(hp_ptr + offs_t[:, None] * N + offs_n[None, :], mask=mt[:, None] & mn[None, :], other=0.0)
-    hp = hp.to(tl.float32)
-    m_nn = mt[:, None, None] & mn[None, :, None] & mn[None, None, :]
-    p_nn = offs_t[:, None, None] * (N * N) + offs_n[None, :, None] * N + offs_n[None, None, :]
-    if HAS_RES:
-        hr = tl.load(hr_ptr + p_nn, mask=m_nn, other=0.0).to(tl.float32)  # [T, i, j]
+    m_tn = mt[:, None] & mn[None, :]
+    sel = offs_n[None, :, None]  # row index i of the [T, i, j] coefficient gradient
     dhr = tl.zeros([BLOCK_T, N_PAD, N_PAD], dtype=tl.float32)
     dhp = tl.zeros([BLOCK_T, N_PAD], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mc = offs_c < C
+        m_tc = mt[:, None] & mc[None, :]
         m3 = mt[:, None, None] & mn[None, :, None] & mc[None, None, :]
         p3 = offs_t[:, None, None] * (N * C) + offs_n[None, :, None] * C + offs_c[None, None, :]
-        g = tl.load(g_ptr + p3, mask=m3, other=0.0).to(tl.float32)  # [T, i, c]
-        y = tl.load(y_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mt[:, None] & mc[None, :], other=0.0)
-        y = y.to(tl.float32)
-        tl.store(
-            dy_ptr + offs_t[:, None] * C + offs_c[None, :],
-            tl.sum(hp[:, :, None] * g, axis=1).to(dy_ptr.dtype.element_ty),
-            mask=mt[:, None] & mc[None, :],
-        )
-        dhp += tl.sum(g * y[:, None, :], axis=2)
+        y = tl.load(y_ptr + offs_t[:, None] * C + offs_c[None, :], mask=m_tc, other=0.0).to(tl.float32)
         if HAS_RES:
             x = tl.load(x_ptr + p3, mask=m3, other=0.0).to(tl.float32)  # [T, j, c]
-            dx = tl.sum(hr[:, :, :, None] * g[:, :, None, :], axis=1)  # sum over i -> [T, j, c]
-            dhr += tl.sum(g[:, :, None, :] * x[:, None, :, :], axis=3)  # [T, i, j]
+            dx = tl.zeros([BLOCK_T, N_PAD, BLOCK_C], dtype=tl.float32)
         else:
-            dx = g
+            dx = tl.load(g_ptr + p3, mask=m3, other=0.0).to(tl.float32)  # identity H_res: dx = g
+        dy = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+        for i in tl.static_range(N):
+            gi = tl.load(g_ptr + offs_t[:, None] * (N * C) + i * C + offs_c[None, :], mask=m_tc, other=0.0)
+            gi = gi.to(tl.float32)
+            hpi = tl.load(hp_ptr + offs_t * N + i, mask=mt, other=0.0)
+            dy += hpi[:, None] * gi
+            dhp += tl.where(offs_n[None, :] == i, tl.sum(gi * y, axis=1)[:, None], 0.0)
+            if HAS_RES:
+                hri = tl.load(hr_ptr + offs_t[:, None] * (N * N) + i * N + offs_n[None, :], mask=m_tn, other=0.0)
+                dx += hri[:, :, None] * gi[:, None, :]  # row i of H_res: [T, j]
+                dhr += tl.where(sel == i, tl.sum(x * gi[:, None, :], axis=2)[:, None, :], 0.0)
+        tl.store(dy_ptr + offs_t[:, None] * C + offs_c[None, :], dy.to(dy_ptr.dtype.element_ty), mask=m_tc)
         tl.store(dx_ptr + p3, dx.to(dx_ptr.dtype.element_ty), mask=m3)
-    tl.store(dhp_ptr + offs_t[:, None] * N + offs_n[None, :], dhp, mask=mt[:, None] & mn[None, :])
+    tl.store(dhp_ptr + offs_t[:, None] * N + offs_n[None, :], dhp, mask=m_tn)
     if HAS_RES:
+        m_nn = mt[:, None, None] & mn[None, :, None] & mn[None, None, :]
+        p_nn = offs_t[:, None, None] * (N * N) + offs_n[None, :, None] * N + offs_n[None, None, :]
         tl.store(dhr_ptr + p_nn, dhr, mask=m_nn)
 
 
 def _blocks(n: int, C: int) -> tuple[int, int, int]:
-    """(N_PAD, BLOCK_T, BLOCK_C): keep the [T, n, n, C] product tile within ~8k fp32 values per program."""
+    """(N_PAD, BLOCK_T, BLOCK_C): a [T, n, C] tile of ~2k values per program (16 fp32 per thread at 4 warps)."""
     n_pad = next_pow2(n)
     block_c = min(128, next_pow2(C))
-    block_t = max(1, min(16, 8192 // (n_pad * n_pad * block_c)))
+    block_t = max(1, min(16, 2048 // (n_pad * block_c)))
     return n_pad, block_t, block_c
 
 
@@ -199,8 +204,20 @@ def mhc_pre_fwd(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     T, n, C = x.shape
     n_pad, bt, bc = _blocks(n, C)
     out = torch.empty(T, C, device=x.device, dtype=x.dtype)
-    launch(_mhc_pre_fwd_kernel, (triton.cdiv(T, bt), triton.cdiv(C, bc)), writes=("out_ptr",), x_ptr=x, h_ptr=h_pre,
-           out_ptr=out, n_tokens=T, C=C, N=n, N_PAD=n_pad, BLOCK_T=bt, BLOCK_C=bc)
+    launch(
+        _mhc_pre_fwd_kernel,
+        (triton.cdiv(T, bt), triton.cdiv(C, bc)),
+        writes=("out_ptr",),
+        x_ptr=x,
+        h_ptr=h_pre,
+        out_ptr=out,
+        n_tokens=T,
+        C=C,
+        N=n,
+        N_PAD=n_pad,
+        BLOCK_T=bt,
+        BLOCK_C=bc,
+    )
     return out
 
 
@@ -208,8 +225,22 @@ def mhc_pre_bwd(x, h_pre, g):
     T, n, C = x.shape
     n_pad, bt, bc = _blocks(n, C)
     dx, dh = torch.empty_like(x), torch.empty_like(h_pre)
-    launch(_mhc_pre_bwd_kernel, (triton.cdiv(T, bt),), writes=("dx_ptr", "dh_ptr"), x_ptr=x, h_ptr=h_pre, g_ptr=g,
-           dx_ptr=dx, dh_ptr=dh, n_tokens=T, C=C, N=n, N_PAD=n_pad, BLOCK_T=bt, BLOCK_C=bc)
+    launch(
+        _mhc_pre_bwd_kernel,
+        (triton.cdiv(T, bt),),
+        writes=("dx_ptr", "dh_ptr"),
+        x_ptr=x,
+        h_ptr=h_pre,
+        g_ptr=g,
+        dx_ptr=dx,
+        dh_ptr=dh,
+        n_tokens=T,
+        C=C,
+        N=n,
+        N_PAD=n_pad,
+        BLOCK_T=bt,
+        BLOCK_C=bc,
+    )
     return dx, dh
 
 
@@ -218,9 +249,23 @@ def mhc_post_res_fwd(x, y, h_post, h_res):
     n_pad, bt, bc = _blocks(n, C)
     out = torch.empty_like(x)
     has_res = h_res is not None
-    launch(_mhc_post_res_fwd_kernel, (triton.cdiv(T, bt), triton.cdiv(C, bc)), writes=("out_ptr",), x_ptr=x, y_ptr=y,
-           hp_ptr=h_post, hr_ptr=h_res if has_res else h_post, out_ptr=out, n_tokens=T, C=C, N=n, N_PAD=n_pad,
-           HAS_RES=has_res, BLOCK_T=bt, BLOCK_C=bc)
+    launch(
+        _mhc_post_res_fwd_kernel,
+        (triton.cdiv(T, bt), triton.cdiv(C, bc)),
+        writes=("out_ptr",),
+        x_ptr=x,
+        y_ptr=y,
+        hp_ptr=h_post,
+        hr_ptr=h_res if has_res else h_post,
+        out_ptr=out,
+        n_tokens=T,
+        C=C,
+        N=n,
+        N_PAD=n_pad,
+        HAS_RES=has_res,
+        BLOCK_T=bt,
+        BLOCK_C=bc,
+    )
     return out
 
 
@@ -230,9 +275,27 @@ def mhc_post_res_bwd(x, y, h_post, h_res, g):
     has_res = h_res is not None
     dx, dy, dhp = torch.empty_like(x), torch.empty_like(y), torch.empty_like(h_post)
     dhr = torch.empty_like(h_res) if has_res else None
-    launch(_mhc_post_res_bwd_kernel, (triton.cdiv(T, bt),), writes=("dx_ptr", "dy_ptr", "dhp_ptr", "dhr_ptr"), x_ptr=x,
-           y_ptr=y, hp_ptr=h_post, hr_ptr=h_res if has_res else h_post, g_ptr=g, dx_ptr=dx, dy_ptr=dy, dhp_ptr=dhp,
-           dhr_ptr=dhr if has_res else dhp, n_tokens=T, C=C, N=n, N_PAD=n_pad, HAS_RES=has_res, BLOCK_T=bt, BLOCK_C=bc)
+    launch(
+        _mhc_post_res_bwd_kernel,
+        (triton.cdiv(T, bt),),
+        writes=("dx_ptr", "dy_ptr", "dhp_ptr", "dhr_ptr"),
+        x_ptr=x,
+        y_ptr=y,
+        hp_ptr=h_post,
+        hr_ptr=h_res if has_res else h_post,
+        g_ptr=g,
+        dx_ptr=dx,
+        dy_ptr=dy,
+        dhp_ptr=dhp,
+        dhr_ptr=dhr if has_res else dhp,
+        n_tokens=T,
+        C=C,
+        N=n,
+        N_PAD=n_pad,
+        HAS_RES=has_res,
+        BLOCK_T=bt,
+        BLOCK_C=bc,
+    )
     return dx, dy, dhp, dhr
 
 

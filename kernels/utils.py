@@ -26,6 +26,13 @@ def next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+def sm_count() -> int:
+    """Streaming multiprocessors of the current GPU (132 on an H100 SXM when there is none: launch sizing only)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return 132
+
+
 MAX_STREAMS = 16  # n above this is refused here (the ops layer then takes the torch path); tested for n in 1..16
 STREAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -82,7 +89,9 @@ def launch(kernel, grid, *, writes: tuple[str, ...], num_warps: int = 4, num_sta
     """Run `kernel[grid](**args)` with the given launch options (recorded too inside `capture()`)."""
     grid = tuple(int(g) for g in grid)
     if _captured is not None:
-        _captured.append(Launch(kernel, grid, dict(args), tuple(writes), dict(num_warps=num_warps, num_stages=num_stages)))
+        _captured.append(
+            Launch(kernel, grid, dict(args), tuple(writes), dict(num_warps=num_warps, num_stages=num_stages))
+        )
         if any(isinstance(v, torch.Tensor) and v.device.type == "meta" for v in args.values()):
             return
     if interpreting():

@@ -17,6 +17,7 @@ This is the seam the Triton kernels of `mhc_kernels` (folder `kernels/`) plug in
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
@@ -58,11 +59,29 @@ def _kernels():
     return mhc_kernels
 
 
+_noticed: set = set()
+
+
+def _kernel_takes(op: str, n: int) -> bool:
+    """Whether the Triton kernels handle n streams; above their limit the torch path runs, with a one-time notice."""
+    limit = _kernels().MAX_STREAMS
+    if n <= limit:
+        return True
+    if (op, n) not in _noticed:
+        _noticed.add((op, n))
+        warnings.warn(
+            f"{op}: n = {n} streams is above the Triton kernels' limit of {limit}; running the torch path for it "
+            "(set connection.backend=torch to silence this)",
+            stacklevel=3,
+        )
+    return False
+
+
 def sinkhorn_knopp(logits: torch.Tensor, iters: int = 20, backend: str = "torch", implicit: bool = False):
     """`implicit=True`: backward by implicit differentiation of the fixed point (torch, any backend)."""
     if implicit:
         return sinkhorn_knopp_implicit(logits, iters)
-    if resolve_backend(backend, logits.device) == "triton":
+    if resolve_backend(backend, logits.device) == "triton" and _kernel_takes("sinkhorn_knopp", logits.shape[-1]):
         return _kernels().sinkhorn_knopp(logits.float().contiguous(), iters)
     return sinkhorn_knopp_torch(logits, iters)
 
@@ -96,7 +115,7 @@ def mhc_coefficients(
 def _mhc_coefficients(x, phi, alpha, bias, iters, eps, backend, deterministic, sinkhorn_backward):
     implicit = sinkhorn_backward == "implicit"
     sinkhorn = sinkhorn_knopp_implicit if implicit else sinkhorn_knopp_torch
-    if resolve_backend(backend, x.device) != "triton":
+    if resolve_backend(backend, x.device) != "triton" or not _kernel_takes("mhc_coefficients", x.shape[-2]):
         return mhc_coefficients_ref(x, phi, alpha, bias, iters, eps, sinkhorn=sinkhorn)
     k = _kernels()
     if implicit:  # kernel 1, then the torch tail with the implicit Sinkhorn backward
@@ -115,7 +134,7 @@ def _mhc_coefficients(x, phi, alpha, bias, iters, eps, backend, deterministic, s
 
 
 def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor, backend: str = "torch") -> torch.Tensor:
-    if resolve_backend(backend, x.device) == "triton":
+    if resolve_backend(backend, x.device) == "triton" and _kernel_takes("mhc_pre", x.shape[-2]):
         return _kernels().mhc_pre(x.contiguous(), h_pre.float().contiguous())
     return mhc_pre_ref(x, h_pre)
 
@@ -123,7 +142,7 @@ def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor, backend: str = "torch") -> tor
 def mhc_post_res(
     x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor | None, backend: str = "torch"
 ) -> torch.Tensor:
-    if resolve_backend(backend, x.device) == "triton":
+    if resolve_backend(backend, x.device) == "triton" and _kernel_takes("mhc_post_res", x.shape[-2]):
         h_res = None if h_res is None else h_res.float().contiguous()
         return _kernels().mhc_post_res(x.contiguous(), y.to(x.dtype).contiguous(), h_post.float().contiguous(), h_res)
     return mhc_post_res_ref(x, y, h_post, h_res)
