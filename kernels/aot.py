@@ -13,7 +13,9 @@ Needs a real `triton.jit` kernel: import triton without TRITON_INTERPRET=1 (scri
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -62,6 +64,35 @@ def specialization_key(launch, arch: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
+def _parse_usage(log: str) -> dict | None:
+    regs = re.search(r"Used (\d+) registers", log)
+    if not regs:
+        return None
+    stores = re.search(r"(\d+) bytes spill stores", log)
+    loads = re.search(r"(\d+) bytes spill loads", log)
+    return {
+        "registers": int(regs.group(1)),
+        "spill_bytes": (int(stores.group(1)) if stores else 0) + (int(loads.group(1)) if loads else 0),
+    }
+
+
+@contextlib.contextmanager
+def _triton_ptxas_log(into: io.StringIO):
+    """Triton runs ptxas with -v when it builds the cubin; its log is printed when knobs.nvidia.dump_ptxas_log is on.
+    Capturing it saves a second ptxas run per kernel (where the knob is missing, _ptxas_usage runs ptxas itself)."""
+    knobs = getattr(getattr(triton, "knobs", None), "nvidia", None)
+    if knobs is None or not hasattr(knobs, "dump_ptxas_log"):
+        yield
+        return
+    previous = knobs.dump_ptxas_log
+    knobs.dump_ptxas_log = True
+    try:
+        with contextlib.redirect_stdout(into):
+            yield
+    finally:
+        knobs.dump_ptxas_log = previous
+
+
 def _ptxas_usage(ptx: str, arch: int) -> dict:
     """Registers and spills from `ptxas -v` (the bundled ptxas, the same flags Triton uses)."""
     from triton.backends.nvidia import compiler as nv
@@ -79,14 +110,7 @@ def _ptxas_usage(ptx: str, arch: int) -> dict:
             capture_output=True,
             text=True,
         )
-    log = out.stdout + out.stderr
-    regs = re.search(r"Used (\d+) registers", log)
-    stores = re.search(r"(\d+) bytes spill stores", log)
-    loads = re.search(r"(\d+) bytes spill loads", log)
-    return {
-        "registers": int(regs.group(1)) if regs else None,
-        "spill_bytes": (int(stores.group(1)) if stores else 0) + (int(loads.group(1)) if loads else 0),
-    }
+    return _parse_usage(out.stdout + out.stderr) or {"registers": None, "spill_bytes": 0}
 
 
 def _occupancy(regs: int, smem: int, num_warps: int, arch: int) -> float:
@@ -113,15 +137,17 @@ def compile_launch(launch, arch: int, use_cache: bool = True) -> dict:
     signature, constexprs, attrs, options = _bind(launch, make_backend(target))
     report = {"kernel": launch.name, "arch": f"sm_{arch}", "key": key, **launch.options}
     report["constexprs"] = {launch.kernel.arg_names[p[0]]: v for p, v in constexprs.items() if len(p) == 1}
+    log = io.StringIO()
     try:
-        compiled = triton.compile(
-            ASTSource(launch.kernel, signature, constexprs, attrs), target=target, options=options.__dict__
-        )
+        with _triton_ptxas_log(log):
+            compiled = triton.compile(
+                ASTSource(launch.kernel, signature, constexprs, attrs), target=target, options=options.__dict__
+            )
     except Exception as exc:  # noqa: BLE001 - any compiler failure fails the gate, with its message
         report.update(ok=False, why=f"compile error: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}")
         return report
     smem = int(compiled.metadata.shared)
-    usage = _ptxas_usage(compiled.asm["ptx"], arch)
+    usage = _parse_usage(log.getvalue()) or _ptxas_usage(compiled.asm["ptx"], arch)
     report.update(usage, shared_bytes=smem)
     limit = LIMITS[arch]["smem_per_block"]
     why = []

@@ -113,7 +113,7 @@ def _mhc_post_res_fwd_kernel(
     hp = tl.load(hp_ptr + offs_t[:, None] * N + offs_n[None, :], mask=mt[:, None] & mn[None, :], other=0.0)
     out = hp.to(tl.float32)[:, :, None] * y.to(tl.float32)[:, None, :]  # [T, i, c]
     if HAS_RES:
-        for j in tl.static_range(N):
+        for j in range(0, N):  # a loop, not unrolled: 16 unrolled loads spilled at n = 16
             xj = tl.load(x_ptr + offs_t[:, None] * (N * C) + j * C + offs_c[None, :], mask=m_tc, other=0.0)
             hj = tl.load(
                 hr_ptr + offs_t[:, None] * (N * N) + offs_n[None, :] * N + j, mask=mt[:, None] & mn[None, :], other=0.0
@@ -165,7 +165,7 @@ def _mhc_post_res_bwd_kernel(
         else:
             dx = tl.load(g_ptr + p3, mask=m3, other=0.0).to(tl.float32)  # identity H_res: dx = g
         dy = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
-        for i in tl.static_range(N):
+        for i in range(0, N):  # a loop, not unrolled: 16 unrolled loads spilled at n = 16
             gi = tl.load(g_ptr + offs_t[:, None] * (N * C) + i * C + offs_c[None, :], mask=m_tc, other=0.0)
             gi = gi.to(tl.float32)
             hpi = tl.load(hp_ptr + offs_t * N + i, mask=mt, other=0.0)
@@ -185,10 +185,12 @@ def _mhc_post_res_bwd_kernel(
 
 
 def _blocks(n: int, C: int) -> tuple[int, int, int]:
-    """(N_PAD, BLOCK_T, BLOCK_C): a [T, n, C] tile of ~2k values per program (16 fp32 per thread at 4 warps)."""
+    """(N_PAD, BLOCK_T, BLOCK_C): a [T, n, C] tile of ~1k values per program (8 per thread at 4 warps: every tile
+    holds 64-bit pointers, so more values per thread push the backward past 255 registers and spill; n = 16 with an
+    unaligned C at 2k values per program did, in the compile gate)."""
     n_pad = next_pow2(n)
-    block_c = min(128, next_pow2(C))
-    block_t = max(1, min(16, 2048 // (n_pad * block_c)))
+    block_c = min(128, next_pow2(C), max(16, 1024 // n_pad))
+    block_t = max(1, min(16, 1024 // (n_pad * block_c)))
     return n_pad, block_t, block_c
 
 

@@ -50,6 +50,7 @@ def matrix(ns, widths, dtypes):
 def unique_launches(cases, archs):
     """{specialization key (per arch): (launch, [case ids])}."""
     from mhc_kernels.aot import specialization_key
+
     from mhc_train.ops.audit import site_launches
 
     seen: dict = {}
@@ -69,26 +70,59 @@ def unique_launches(cases, archs):
     return seen
 
 
-def run_gate(launches, use_cache=True):
-    """Compile each (launch, arch); returns the list of reports."""
+_JOBS: list = []  # (launch, arch) pairs, set before the worker processes fork
+
+
+def _compile_one(i: int) -> dict:
     from mhc_kernels.aot import compile_launch
 
-    reports = []
-    for key, (launch, arch, cases) in launches.items():
-        rep = compile_launch(launch, arch, use_cache=use_cache)
+    launch, arch = _JOBS[i]
+    return compile_launch(launch, arch, use_cache=_USE_CACHE)
+
+
+_USE_CACHE = True
+
+
+def run_gate(launches, use_cache=True, jobs=1):
+    """Compile each (launch, arch), in `jobs` forked worker processes (compiles are independent and CPU-bound);
+    returns the list of reports in the order of `launches`."""
+    global _JOBS, _USE_CACHE
+    entries = list(launches.values())
+    _JOBS, _USE_CACHE = [(launch, arch) for launch, arch, _ in entries], use_cache
+    if jobs > 1:
+        import multiprocessing as mp
+
+        # biggest kernels first (the matmuls take longest) so the workers finish together
+        order = sorted(range(len(_JOBS)), key=lambda i: "projection" not in _JOBS[i][0].name)
+        with mp.get_context("fork").Pool(jobs) as pool:
+            done = dict(zip(order, pool.map(_compile_one, order, chunksize=1)))
+        reports = [done[i] for i in range(len(_JOBS))]
+    else:
+        reports = [_compile_one(i) for i in range(len(_JOBS))]
+    for rep, (_, _, cases) in zip(reports, entries):
         rep["cases"] = sorted(set(cases))
-        reports.append(rep)
     return reports
 
 
 def print_table(reports):
-    print(f"{'kernel':28s} {'arch':6s} {'constexprs':42s} {'warps':>5s} {'stg':>3s} {'regs':>4s} {'spill':>5s} "
-          f"{'smem':>7s} {'occ':>5s}  status")
+    print(
+        f"{'kernel':28s} {'arch':6s} {'constexprs':42s} {'warps':>5s} {'stg':>3s} {'regs':>4s} {'spill':>5s} "
+        f"{'smem':>7s} {'occ':>5s}  status"
+    )
     for r in sorted(reports, key=lambda r: (r["kernel"], r["arch"], str(r["constexprs"]))):
         const = ",".join(f"{k}={v}" for k, v in r["constexprs"].items())
-        print(f"{r['kernel']:28s} {r['arch']:6s} {const[:42]:42s} {r['num_warps']:5d} {r['num_stages']:3d} "
-              f"{r.get('registers') or 0:4d} {r.get('spill_bytes', 0):5d} {r.get('shared_bytes', 0):7d} "
-              f"{r.get('occupancy', 0):5.2f}  {'ok' if r['ok'] else 'FAIL: ' + r['why']}")
+        print(
+            f"{r['kernel']:28s} {r['arch']:6s} {const[:42]:42s} {r['num_warps']:5d} {r['num_stages']:3d} "
+            f"{r.get('registers') or 0:4d} {r.get('spill_bytes', 0):5d} {r.get('shared_bytes', 0):7d} "
+            f"{r.get('occupancy', 0):5.2f}  {'ok' if r['ok'] else 'FAIL: ' + r['why']}"
+        )
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def main(argv=None) -> int:
@@ -98,11 +132,12 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", nargs="*", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--arch", type=int, nargs="*", default=[90, 100])
     p.add_argument("--no-cache", action="store_true", help="recompile everything (ignore ~/.cache/mhc_aot)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: one per core)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "check_kernels.json")
     args = p.parse_args(argv)
     t0 = time.time()
     launches = unique_launches(matrix(args.n, args.C, args.dtype), args.arch)
-    reports = run_gate(launches, use_cache=not args.no_cache)
+    reports = run_gate(launches, use_cache=not args.no_cache, jobs=args.jobs)
     print_table(reports)
     failed = [r for r in reports if not r["ok"]]
     import triton
@@ -114,9 +149,13 @@ def main(argv=None) -> int:
         "passed": len(reports) - len(failed),
         "failed": len(failed),
         "seconds": round(time.time() - t0, 1),
+        "cpu_seconds": round(_cpu_seconds(), 1),  # this process and its workers / ptxas: the wall time on 1 idle core
+        "jobs": args.jobs,
     }
-    print(f"\n{summary['passed']} of {len(reports)} specializations fit (sm_{'/sm_'.join(map(str, args.arch))}); "
-          f"{len(failed)} fail; {summary['seconds']} s")
+    print(
+        f"\n{summary['passed']} of {len(reports)} specializations fit (sm_{'/sm_'.join(map(str, args.arch))}); "
+        f"{len(failed)} fail; {summary['seconds']} s wall, {summary['cpu_seconds']} s CPU, {args.jobs} jobs"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"summary": summary, "reports": reports}, indent=1, default=str) + "\n")
     return 1 if failed else 0

@@ -7,11 +7,63 @@ Axis legend: T tokens, n streams, C channels, K coefficient columns.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from mhc_train import ops
 
 ARMS = ("mhc", "mhc_identity", "hc", "sinkhorn")
+
+
+_ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh"}
+
+
+class TorchOp:
+    """One aten op run outside the Triton kernels (autograd's gradient sums, dtype conversions, reductions of
+    partials), with the bytes of its tensor arguments (read) and results (written): the audit counts these too."""
+
+    def __init__(self, name: str, read: int, written: int):
+        self.name, self._bytes = name, (read, written)
+
+    def bytes_moved(self) -> tuple[int, int]:
+        return self._bytes
+
+
+class _RecordTorchOps(TorchDispatchMode):
+    """Appends a TorchOp for every aten op that moves data; views and bare allocations move none."""
+
+    def __init__(self, into: list):
+        super().__init__()
+        self.into = into
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        returns = func._schema.returns
+        is_view = any(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+        if name not in _ALLOCATIONS and not is_view:
+
+            def size(tree):
+                return sum(t.numel() * t.element_size() for t in tree_leaves(tree) if isinstance(t, torch.Tensor))
+
+            self.into.append(TorchOp(f"aten.{name}", size((args, kwargs or {})), size(out)))
+        return out
+
+
+@contextlib.contextmanager
+def record(torch_ops: bool):
+    """Triton launches (kernels.utils.capture), plus the torch ops around them when `torch_ops`."""
+    from mhc_kernels.utils import capture
+
+    with capture() as launches:
+        if torch_ops:
+            with _RecordTorchOps(launches):
+                yield launches
+        else:
+            yield launches
 
 
 def site_launches(
@@ -23,20 +75,20 @@ def site_launches(
     deterministic: bool = False,
     sinkhorn_backward: str = "unrolled",
     t_max: int = 20,
+    torch_ops: bool = False,
 ):
     """(forward launches, backward launches) of one site with F = identity, through `mhc_train.ops` (backend triton).
 
     `arm`: mhc (projection, gates + Sinkhorn, pre, post_res), mhc_identity (no H_res), hc (pre and post_res: HC's
-    coefficients are torch ops), sinkhorn (the standalone Sinkhorn op).
+    coefficients are torch ops), sinkhorn (the standalone Sinkhorn op). `torch_ops=True` also records every aten op
+    that moves data (as `TorchOp`s, in order with the launches): what the traffic audit counts.
     """
-    from mhc_kernels.utils import capture
-
     meta = dict(device="meta")
 
     def leaf(*shape, dtype=torch.float32):
         return torch.empty(*shape, dtype=dtype, **meta).requires_grad_()
 
-    with capture() as fwd:
+    with record(torch_ops) as fwd:
         if arm == "sinkhorn":
             inputs = [leaf(tokens, n, n)]
             out = ops.sinkhorn_knopp(inputs[0], t_max, backend="triton")
@@ -61,8 +113,9 @@ def site_launches(
                 )
             y = ops.mhc_pre(x, h_pre, backend="triton")  # F = identity: y = F(F_in)
             out = ops.mhc_post_res(x, y, h_post, h_res, backend="triton")
-    with capture() as bwd:
-        torch.autograd.grad(out, inputs, torch.empty_like(out))
+    upstream = torch.empty_like(out)
+    with record(torch_ops) as bwd:
+        torch.autograd.grad(out, inputs, upstream)
     return fwd, bwd
 
 
