@@ -9,7 +9,9 @@ an odd 67; fp32 and bf16 streams; deterministic on and off; both Sinkhorn backwa
 tensors through `mhc_train.ops` (mhc_train/ops/audit.py), forward and backward, then deduplicated by what the
 compiler sees (C is a runtime argument, so most widths share a specialization). Fails (exit 1) on a compile error,
 shared memory over the chip's limit, or any register spill; prints registers, spills, shared memory and occupancy
-per specialization. Reports are cached by specialization in ~/.cache/mhc_aot (MHC_AOT_CACHE).
+per specialization. Reports are cached by specialization in ~/.cache/mhc_aot (MHC_AOT_CACHE); CI starts cold, so
+the compiles run in one forked worker per core (--jobs), and ptxas runs once per kernel (its -v log is taken from
+Triton's own cubin step). The summary gives wall and CPU seconds.
 """
 
 from __future__ import annotations

@@ -86,14 +86,16 @@ def test_sinkhorn_matches_reference_through_all_iterations(n, iters):
 
 
 TF32_ULP = 2.0**-10  # relative error of one product of two TF32-rounded operands (10 mantissa bits each)
+# The interpreter computes tl.dot exactly in fp32: there the bound is fp32's, so an algebra slip cannot hide in it.
+PRODUCT_ULP = TF32_ULP if DEVICE == "cuda" else 2.0**-20
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=list(DTYPES))
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 def test_projection_matches_reference_within_the_tf32_bound(shape, dtype):
     """Kernel 1 runs its matmuls on tensor cores (TF32 operands, fp32 accumulation). Each output and gradient must be
-    within 2^-10 of the sum of |products| (the TF32 rounding bound) plus fp32 accumulation, against fp64. The
-    interpreter computes exactly in fp32, so on CPU this checks the algebra; compiled on a GPU it checks the bound."""
+    within 2 * 2^-10 of the sum of |products| (the TF32 rounding bound) plus fp32 accumulation, against fp64, on a
+    GPU; under the interpreter (exact fp32 dots) within 2 * 2^-20 of it."""
     T, n, C = shape
     dt = DTYPES[dtype][0]
     x, phi = _rand(T + 11, n, C, dtype=dt), _rand(n * C, n * n + 2 * n, scale=0.1)
@@ -115,7 +117,7 @@ def test_projection_matches_reference_within_the_tf32_bound(shape, dtype):
     }
     for name, (got, want, mag) in bounds.items():
         err = (got.detach().double() - want.detach().double()).abs()
-        allowed = 2 * TF32_ULP * mag + fp32 * want.detach().abs().max()
+        allowed = 2 * PRODUCT_ULP * mag + fp32 * want.detach().abs().max()
         if dt != torch.float32:
             allowed = allowed + 2e-2 * want.detach().abs().max() * (name == "grad x")  # dx is stored in bf16
         worst = (err / allowed).max().item()
