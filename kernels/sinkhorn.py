@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import MAX_STREAMS, check_tensor, launch, next_pow2
+from .utils import MAX_STREAMS, check_tensor, interpreting, launch, next_pow2
 
 
 @triton.jit
@@ -121,7 +121,10 @@ def _iters_pad(iters: int) -> int:
 
 
 def _block_t_bwd(n_pad: int, iters: int) -> int:
-    """Tokens per backward program: the n x n tiles plus the two [ITERS_PAD, n] sum histories, ~4k fp32 values."""
+    """Tokens per backward program: the n x n tiles plus the two [ITERS_PAD, n] sum histories, ~4k fp32 values (the
+    interpreter has no registers to spare and pays per program: it takes the forward's block)."""
+    if interpreting():
+        return _block_t(n_pad)
     per_token = n_pad * n_pad + 2 * _iters_pad(iters) * n_pad
     return max(1, min(64, 1 << (4096 // per_token).bit_length() - 1)) if per_token <= 4096 else 1
 
