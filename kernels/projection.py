@@ -70,6 +70,7 @@ def _projection_bwd_kernel(
     h_ptr,
     r_ptr,
     gh_ptr,
+    dvin_ptr,
     dv_ptr,
     dphi_ptr,
     n_tokens,
@@ -79,7 +80,10 @@ def _projection_bwd_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ACC_DV: tl.constexpr,
 ):
+    # ACC_DV: dv also adds dvin, the gradient of the chained stream alias (mhc_projection(..., chain=True)): the
+    # site's other dx contributions, summed here instead of by autograd.
     pid_d, pid_k, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -109,6 +113,8 @@ def _projection_bwd_kernel(
                 ghh += tl.sum(gj * hj, axis=1)
                 dv = tl.dot(gj / r[:, None], tl.trans(pj), dv, input_precision="tf32")
             dv += (-ghh / (r * r) / D)[:, None] * v
+            if ACC_DV:
+                dv += tl.load(dvin_ptr + offs_t[:, None] * D + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)
             tl.store(dv_ptr + offs_t[:, None] * D + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=m_td)
     dphi = dphi_ptr + pid_s.to(tl.int64) * D * K + offs_d[:, None] * K + offs_k[None, :]
     tl.store(dphi, acc, mask=md[:, None] & mk[None, :])
@@ -164,7 +170,7 @@ def _splits(T: int, d_blocks: int, k_tiles: int, block_t: int) -> int:
     return max(1, min(16, want, triton.cdiv(T, block_t)))
 
 
-def projection_bwd(v, phi, h, r, gh):
+def projection_bwd(v, phi, h, r, gh, dv_in=None):
     T, D = v.shape
     K = phi.shape[1]
     cfg = _bwd_config(K)
@@ -182,6 +188,8 @@ def projection_bwd(v, phi, h, r, gh):
         h_ptr=h,
         r_ptr=r,
         gh_ptr=gh,
+        dvin_ptr=dv if dv_in is None else dv_in,
+        ACC_DV=dv_in is not None,
         dv_ptr=dv,
         dphi_ptr=dphi,
         n_tokens=T,
@@ -194,25 +202,32 @@ def projection_bwd(v, phi, h, r, gh):
 
 
 class ProjectionFunction(torch.autograd.Function):
-    """Saves v (the input), r (1 per token) and h (K per token)."""
+    """Saves v (the input), r (1 per token) and h (K per token). Returns (h, v): the second output is v itself, for
+    the site's stream ops downstream, so that their dx comes back here and is added by the backward kernel."""
 
     @staticmethod
     def forward(ctx, v, phi, eps):
         h, r = projection_fwd(v, phi, eps)
         ctx.save_for_backward(v, phi, h, r)
-        return h
+        return h, v
 
     @staticmethod
-    def backward(ctx, gh):
+    def backward(ctx, gh, g_v):
         v, phi, h, r = ctx.saved_tensors
-        dv, dphi = projection_bwd(v, phi, h, r, gh.contiguous().float())
+        dv_in = None if g_v is None else g_v.to(v.dtype).contiguous()
+        gh = torch.zeros_like(h) if gh is None else gh.contiguous().float()
+        dv, dphi = projection_bwd(v, phi, h, r, gh, dv_in)
         return (dv if ctx.needs_input_grad[0] else None), (dphi if ctx.needs_input_grad[1] else None), None
 
 
-def mhc_projection(x: torch.Tensor, phi: torch.Tensor, eps: float = 1e-6, deterministic: bool = True):
+def mhc_projection(
+    x: torch.Tensor, phi: torch.Tensor, eps: float = 1e-6, deterministic: bool = True, chain: bool = False
+):
     """RMSNorm(vec(x)) @ phi with the reordered norm. x [..., n, C] (fp32/bf16/fp16), phi [nC, K] fp32 -> [..., K].
 
     `deterministic` is accepted for the ops API: the backward is always bit-reproducible (two-stage dphi reduction).
+    `chain=True` returns (h, x_chained): x_chained equals x; the site's stream ops use it in place of x and their
+    dx is added inside this op's backward kernel (the site writes one dx).
     """
     del deterministic
     lead, (n, C) = x.shape[:-2], x.shape[-2:]
@@ -220,4 +235,6 @@ def mhc_projection(x: torch.Tensor, phi: torch.Tensor, eps: float = 1e-6, determ
     check_tensor("phi", phi, (torch.float32,))
     if phi.shape[0] != n * C:
         raise ValueError(f"phi must have n*C = {n * C} rows for x of shape {tuple(x.shape)}, got {tuple(phi.shape)}")
-    return ProjectionFunction.apply(x.reshape(-1, n * C), phi, eps).reshape(*lead, phi.shape[1])
+    h, v = ProjectionFunction.apply(x.reshape(-1, n * C), phi, eps)
+    h = h.reshape(*lead, phi.shape[1])
+    return (h, v.reshape(x.shape)) if chain else h

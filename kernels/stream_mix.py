@@ -58,6 +58,7 @@ def _mhc_pre_bwd_kernel(
     x_ptr,
     h_ptr,
     g_ptr,
+    dxin_ptr,
     dx_ptr,
     dh_ptr,
     n_tokens,
@@ -66,7 +67,10 @@ def _mhc_pre_bwd_kernel(
     N_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    ACC_DX: tl.constexpr,
 ):
+    # ACC_DX: dx = dxin + h_pre g, where dxin is the gradient of the stream alias mhc_pre(..., chain=True) returned
+    # (the post_res backward's dx): one dx written per site instead of two that autograd then adds.
     offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     offs_n = tl.arange(0, N_PAD)
     mt, mn = offs_t < n_tokens, offs_n < N
@@ -80,7 +84,10 @@ def _mhc_pre_bwd_kernel(
         x = tl.load(x_ptr + p3, mask=m3, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mt[:, None] & mc[None, :], other=0.0)
         g = g.to(tl.float32)
-        tl.store(dx_ptr + p3, (h[:, :, None] * g[:, None, :]).to(dx_ptr.dtype.element_ty), mask=m3)
+        dx = h[:, :, None] * g[:, None, :]
+        if ACC_DX:
+            dx += tl.load(dxin_ptr + p3, mask=m3, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + p3, dx.to(dx_ptr.dtype.element_ty), mask=m3)
         dh += tl.sum(x * g[:, None, :], axis=2)
     tl.store(dh_ptr + offs_t[:, None] * N + offs_n[None, :], dh, mask=mt[:, None] & mn[None, :])
 
@@ -223,7 +230,8 @@ def mhc_pre_fwd(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def mhc_pre_bwd(x, h_pre, g):
+def mhc_pre_bwd(x, h_pre, g, dx_in=None):
+    """dx (plus dx_in when given: the gradient of the chained stream alias) and dh_pre."""
     T, n, C = x.shape
     n_pad, bt, bc = _blocks(n, C)
     dx, dh = torch.empty_like(x), torch.empty_like(h_pre)
@@ -234,6 +242,8 @@ def mhc_pre_bwd(x, h_pre, g):
         x_ptr=x,
         h_ptr=h_pre,
         g_ptr=g,
+        dxin_ptr=dx if dx_in is None else dx_in,
+        ACC_DX=dx_in is not None,
         dx_ptr=dx,
         dh_ptr=dh,
         n_tokens=T,
@@ -302,17 +312,21 @@ def mhc_post_res_bwd(x, y, h_post, h_res, g):
 
 
 class MhcPreFunction(torch.autograd.Function):
-    """Saves x and h_pre (the inputs; no intermediates)."""
+    """Saves x and h_pre (the inputs; no intermediates). Returns (F_in, x): the second output is x itself, for the
+    consumer downstream (post_res) to read, so that its gradient comes back here and is summed into this backward's
+    dx by the kernel rather than by autograd."""
 
     @staticmethod
     def forward(ctx, x, h_pre):
         ctx.save_for_backward(x, h_pre)
-        return mhc_pre_fwd(x, h_pre)
+        return mhc_pre_fwd(x, h_pre), x
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, g_x):
         x, h_pre = ctx.saved_tensors
-        dx, dh = mhc_pre_bwd(x, h_pre, g.contiguous())
+        dx_in = None if g_x is None else g_x.to(x.dtype).contiguous()
+        g = x.new_zeros(x.shape[0], x.shape[2]) if g is None else g.contiguous()
+        dx, dh = mhc_pre_bwd(x, h_pre, g, dx_in)
         return (dx if ctx.needs_input_grad[0] else None), (dh if ctx.needs_input_grad[1] else None)
 
 
@@ -332,11 +346,16 @@ class MhcPostResFunction(torch.autograd.Function):
         return (dx if need[0] else None, dy if need[1] else None, dhp if need[2] else None, dhr if need[3] else None)
 
 
-def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
-    """x [..., n, C] (fp32/bf16/fp16, contiguous), h_pre [..., n] fp32 -> [..., C] in x's dtype. n <= 16."""
+def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor, chain: bool = False):
+    """x [..., n, C] (fp32/bf16/fp16, contiguous), h_pre [..., n] fp32 -> [..., C] in x's dtype. n <= 16.
+
+    `chain=True` returns (F_in, x_chained): x_chained equals x; use it in place of x downstream (mhc_post_res) and its
+    gradient is added to dx inside this op's backward kernel (one dx write instead of two plus autograd's sum)."""
     lead, (n, C) = x.shape[:-2], x.shape[-2:]
     _check(n, x=x, h_pre=h_pre)
-    return MhcPreFunction.apply(x.reshape(-1, n, C), h_pre.reshape(-1, n)).reshape(*lead, C)
+    out, x_chained = MhcPreFunction.apply(x.reshape(-1, n, C), h_pre.reshape(-1, n))
+    out = out.reshape(*lead, C)
+    return (out, x_chained.reshape(x.shape)) if chain else out
 
 
 def mhc_post_res(x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor | None) -> torch.Tensor:

@@ -35,8 +35,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def matrix(ns, widths, dtypes):
-    """Every (arm, n, C, dtype, deterministic, sinkhorn_backward) a config can reach."""
+    """Every (arm, n, C, dtype, deterministic, sinkhorn_backward, chained or not) a config can reach: a model site
+    chains x through its ops (one dx per site); selective recomputation calls them unchained."""
     for arm, n, C, dt in itertools.product(("mhc", "mhc_identity", "hc"), ns, widths, dtypes):
+        yield dict(arm=arm, n=n, C=C, stream_dtype=DTYPES[dt], chain=False)
         if arm == "mhc":
             for det, sb in itertools.product((False, True), ("unrolled", "implicit")):
                 yield dict(arm=arm, n=n, C=C, stream_dtype=DTYPES[dt], deterministic=det, sinkhorn_backward=sb)
@@ -65,6 +67,8 @@ def unique_launches(cases, archs):
             cid += "-det"
         if case.get("sinkhorn_backward") == "implicit":
             cid += "-implicit"
+        if case.get("chain") is False:
+            cid += "-unchained"
         for launch in fwd + bwd:
             for arch in archs:
                 key = specialization_key(launch, arch)

@@ -12,6 +12,11 @@ This is the seam the Triton kernels of `mhc_kernels` (folder `kernels/`) plug in
 - `mhc_coefficients(x, phi, alpha, bias, iters=20, eps=1e-6)`: x [..., n, C] -> (h_pre, h_post, h_res)
 - `mhc_pre(x, h_pre)`: [..., n, C] -> [..., C]
 - `mhc_post_res(x, y, h_post, h_res)`: -> [..., n, C]; H_res left-multiplied, None = identity
+
+One dx per site (`chain=True` on `mhc_coefficients` and `mhc_pre`): each also returns `x_chained`, equal to its x.
+A site passes it on (coefficients -> pre -> post_res) in place of x, so the backward runs as a chain: post_res's dx
+is added inside pre's backward kernel, that sum inside the projection's backward kernel, and x receives one dx
+instead of three that autograd adds (two passes over [T, n, C] fewer each way). The torch path returns x itself.
 """
 
 from __future__ import annotations
@@ -105,11 +110,15 @@ def mhc_coefficients(
     backend: str = "torch",
     deterministic: bool = False,
     sinkhorn_backward: str = "unrolled",
+    chain: bool = False,
 ):
     if sinkhorn_backward not in SINKHORN_BACKWARDS:
         raise ValueError(f"connection.sinkhorn_backward must be one of {SINKHORN_BACKWARDS}, got {sinkhorn_backward!r}")
     with coefficient_region(x):
-        return _mhc_coefficients(x, phi, alpha, bias, iters, eps, backend, deterministic, sinkhorn_backward)
+        out = _mhc_coefficients(x, phi, alpha, bias, iters, eps, backend, deterministic, sinkhorn_backward)
+    if chain:  # (h_pre, h_post, h_res, x_chained): see the module docstring
+        return out if len(out) == 4 else (*out, x)
+    return out[:3]
 
 
 def _mhc_coefficients(x, phi, alpha, bias, iters, eps, backend, deterministic, sinkhorn_backward):
@@ -129,14 +138,16 @@ def _mhc_coefficients(x, phi, alpha, bias, iters, eps, backend, deterministic, s
             sinkhorn=sinkhorn,
             projection=lambda v, p, e: k.mhc_projection(v.contiguous(), p, e, deterministic),
         )
-    h = k.mhc_projection(x.contiguous(), phi, eps, deterministic)  # [..., K] fp32, reordered norm (kernel 1)
-    return k.mhc_gates_sinkhorn(h, alpha.float().contiguous(), bias.float().contiguous(), x.shape[-2], iters)
+    # kernel 1: [..., K] fp32, reordered norm; x_chained carries the site's other dx contributions into its backward
+    h, x_chained = k.mhc_projection(x.contiguous(), phi, eps, deterministic, chain=True)
+    coefficients = k.mhc_gates_sinkhorn(h, alpha.float().contiguous(), bias.float().contiguous(), x.shape[-2], iters)
+    return (*coefficients, x_chained)
 
 
-def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor, backend: str = "torch", chain: bool = False):
     if resolve_backend(backend, x.device) == "triton" and _kernel_takes("mhc_pre", x.shape[-2]):
-        return _kernels().mhc_pre(x.contiguous(), h_pre.float().contiguous())
-    return mhc_pre_ref(x, h_pre)
+        return _kernels().mhc_pre(x.contiguous(), h_pre.float().contiguous(), chain=chain)
+    return (mhc_pre_ref(x, h_pre), x) if chain else mhc_pre_ref(x, h_pre)
 
 
 def mhc_post_res(

@@ -76,12 +76,14 @@ def site_launches(
     sinkhorn_backward: str = "unrolled",
     t_max: int = 20,
     torch_ops: bool = False,
+    chain: bool = True,
 ):
     """(forward launches, backward launches) of one site with F = identity, through `mhc_train.ops` (backend triton).
 
     `arm`: mhc (projection, gates + Sinkhorn, pre, post_res), mhc_identity (no H_res), hc (pre and post_res: HC's
     coefficients are torch ops), sinkhorn (the standalone Sinkhorn op). `torch_ops=True` also records every aten op
-    that moves data (as `TorchOp`s, in order with the launches): what the traffic audit counts.
+    that moves data (as `TorchOp`s, in order with the launches): what the traffic audit counts. `chain=True` passes x
+    on through the ops as a model site does (one dx per site); False is the unchained use (selective recomputation).
     """
     meta = dict(device="meta")
 
@@ -94,6 +96,7 @@ def site_launches(
             out = ops.sinkhorn_knopp(inputs[0], t_max, backend="triton")
         else:
             x = leaf(tokens, n, C, dtype=stream_dtype)
+            x_site = x  # what the stream ops read: x passed on from op to op when chained
             if arm == "hc":
                 h_pre, h_post, h_res = leaf(tokens, n), leaf(tokens, n), leaf(tokens, n, n)
                 inputs = [x, h_pre, h_post, h_res]
@@ -101,7 +104,7 @@ def site_launches(
                 k = 2 * n if arm == "mhc_identity" else n * n + 2 * n
                 phi, alpha, bias = leaf(n * C, k), leaf(2 if arm == "mhc_identity" else 3), leaf(k)
                 inputs = [x, phi, alpha, bias]
-                h_pre, h_post, h_res = ops.mhc_coefficients(
+                h_pre, h_post, h_res, xc = ops.mhc_coefficients(
                     x,
                     phi,
                     alpha,
@@ -110,9 +113,11 @@ def site_launches(
                     backend="triton",
                     deterministic=deterministic,
                     sinkhorn_backward=sinkhorn_backward,
+                    chain=True,
                 )
-            y = ops.mhc_pre(x, h_pre, backend="triton")  # F = identity: y = F(F_in)
-            out = ops.mhc_post_res(x, y, h_post, h_res, backend="triton")
+                x_site = xc if chain else x
+            y, xc = ops.mhc_pre(x_site, h_pre, backend="triton", chain=True)  # F = identity: y = F(F_in)
+            out = ops.mhc_post_res(xc if chain else x, y, h_post, h_res, backend="triton")
     upstream = torch.empty_like(out)
     with record(torch_ops) as bwd:
         torch.autograd.grad(out, inputs, upstream)
