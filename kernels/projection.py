@@ -207,6 +207,7 @@ class ProjectionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, v, phi, eps):
+        ctx.set_materialize_grads(False)  # an unused v alias gives None, not a zero tensor to read
         h, r = projection_fwd(v, phi, eps)
         ctx.save_for_backward(v, phi, h, r)
         return h, v

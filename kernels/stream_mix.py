@@ -318,6 +318,7 @@ class MhcPreFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h_pre):
+        ctx.set_materialize_grads(False)  # an unused x alias gives None, not a zero tensor to read
         ctx.save_for_backward(x, h_pre)
         return mhc_pre_fwd(x, h_pre), x
 
@@ -359,11 +360,11 @@ def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor, chain: bool = False):
 
 
 def mhc_post_res(x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor | None) -> torch.Tensor:
-    """x [..., n, C], y [..., C] (x's dtype), h_post [..., n], h_res [..., n, n] fp32 or None -> [..., n, C]."""
+    """x [..., n, C], y [..., C], h_post [..., n], h_res [..., n, n] fp32 or None -> [..., n, C] in x's dtype.
+    y may be in another stream dtype than x (F's bf16 output onto fp32 streams): it is widened in the kernel, not by
+    a copy; its gradient comes back in y's dtype."""
     lead, (n, C) = x.shape[:-2], x.shape[-2:]
     _check(n, x=x, y=y, h_post=h_post, h_res=h_res)
-    if y.dtype != x.dtype:
-        raise ValueError(f"y: dtype {y.dtype} differs from the streams' {x.dtype}")
     out = MhcPostResFunction.apply(
         x.reshape(-1, n, C), y.reshape(-1, C), h_post.reshape(-1, n), None if h_res is None else h_res.reshape(-1, n, n)
     )

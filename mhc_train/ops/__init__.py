@@ -155,7 +155,7 @@ def mhc_post_res(
 ) -> torch.Tensor:
     if resolve_backend(backend, x.device) == "triton" and _kernel_takes("mhc_post_res", x.shape[-2]):
         h_res = None if h_res is None else h_res.float().contiguous()
-        return _kernels().mhc_post_res(x.contiguous(), y.to(x.dtype).contiguous(), h_post.float().contiguous(), h_res)
+        return _kernels().mhc_post_res(x.contiguous(), y.contiguous(), h_post.float().contiguous(), h_res)
     return mhc_post_res_ref(x, y, h_post, h_res)
 
 

@@ -237,3 +237,16 @@ def test_chained_site_writes_one_dx_that_matches_the_reference(shape, dtype):
     tol = {"x": 2e-3 if dt == torch.float32 else rtol}  # x's gradient sums three terms of different scales
     for name, a, b in zip(("x", "phi", "h_pre", "h_post", "h_res", "y"), g_got, g_want):
         _check(f"grad {name}", a, b, tol.get(name, rtol if dt != torch.float32 else 1e-4))
+
+
+def test_post_res_takes_a_bf16_sublayer_output_onto_fp32_streams_without_a_copy():
+    """F's output may be bf16 (autocast) while the streams are fp32: the kernel widens y itself; dy comes back bf16."""
+    T, n, C = 5, 4, 37
+    x, y = _rand(T, n, C), _rand(T, C, dtype=torch.bfloat16)
+    h_post, h_res = _rand(T, n).detach().sigmoid().requires_grad_(), _rand(T, n, n).detach().softmax(-1)
+    _compare(
+        K.mhc_post_res, mhc_post_res_ref, [x, y, h_post, h_res.requires_grad_()], 2e-2, ["x", "y", "h_post", "h_res"]
+    )
+    out = K.mhc_post_res(x, y, h_post, h_res)
+    assert out.dtype == torch.float32
+    assert torch.autograd.grad(out, y, torch.randn_like(out))[0].dtype == torch.bfloat16
