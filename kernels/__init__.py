@@ -13,5 +13,6 @@ from .gates import mhc_gates_sinkhorn
 from .projection import mhc_projection
 from .sinkhorn import sinkhorn_knopp
 from .stream_mix import mhc_post_res, mhc_pre
+from .utils import MAX_STREAMS
 
-__all__ = ["mhc_gates_sinkhorn", "mhc_post_res", "mhc_pre", "mhc_projection", "sinkhorn_knopp"]
+__all__ = ["MAX_STREAMS", "mhc_gates_sinkhorn", "mhc_post_res", "mhc_pre", "mhc_projection", "sinkhorn_knopp"]

@@ -6,7 +6,7 @@ K = 2n for the identity-H_res arm. Per token:
     h_pre = sigmoid(a_pre * h[:n] + b_pre)      h_post = 2 sigmoid(a_post * h[n:2n] + b_post)
     h_res = SinkhornKnopp(a_res * h[2n:] (row-major n x n) + b_res)
 Backward (u = gate pre-activation, s = sigmoid(u)): du_pre = dh_pre s (1 - s); du_post = 2 dh_post s (1 - s);
-du_res = the Sinkhorn adjoint (iterates recomputed on chip, see sinkhorn.py). Then dh = a du, da = sum_t,k du h,
+du_res = the Sinkhorn adjoint (O(t_max), iterates recomputed on chip, see sinkhorn.py). Then dh = a du, da = sum_t,k du h,
 db = sum_t du. The token reductions for a and b are written as per-program partials and summed in a fixed order
 (deterministic, no atomics). Why one kernel after the projection and not one overall: the projection is a
 tensor-core matmul over the nC-wide stream, this tail is K-wide elementwise work per token; fusing them would make
@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .sinkhorn import _block_t, _sinkhorn_bwd_core, _sinkhorn_fwd_core
-from .utils import MAX_STREAMS, check_tensor, next_pow2
+from .sinkhorn import _block_t, _block_t_bwd, _iters_pad, _sinkhorn_bwd_core, _sinkhorn_fwd_core
+from .utils import MAX_STREAMS, check_tensor, launch, next_pow2
 
 
 @triton.jit(do_not_specialize=["n_tokens", "iters"])
@@ -81,6 +81,7 @@ def _gates_bwd_kernel(
     N_PAD: tl.constexpr,
     HAS_RES: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    ITERS_PAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_t = (pid * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -110,7 +111,7 @@ def _gates_bwd_kernel(
         br = tl.load(b_ptr + 2 * N + ij, mask=valid_nn, other=0.0)
         a_res = tl.load(a_ptr + 2)
         g = tl.load(dres_ptr + offs_t[:, None, None] * (N * N) + ij, mask=m3, other=0.0)
-        dz = _sinkhorn_bwd_core(a_res * hr + br, g, iters, valid_nn, mn[None, :], mn[None, :])
+        dz = _sinkhorn_bwd_core(a_res * hr + br, g, iters, valid_nn, mn[None, :], mn[None, :], ITERS_PAD)
         dz = tl.where(m3, dz, 0.0)
         tl.store(dh_ptr + offs_t[:, None, None] * K + 2 * N + ij, a_res * dz, mask=m3)
         tl.store(da_ptr + pid * 3 + 2, tl.sum(tl.sum(tl.sum(dz * hr, axis=2), axis=1), axis=0))
@@ -128,7 +129,24 @@ class GatesSinkhornFunction(torch.autograd.Function):
         pre = torch.empty(T, n, device=h.device, dtype=torch.float32)
         post = torch.empty_like(pre)
         res = torch.empty(T, n, n, device=h.device, dtype=torch.float32) if has_res else pre
-        _gates_fwd_kernel[(triton.cdiv(T, bt),)](h, alpha, bias, pre, post, res, T, iters, K, n, n_pad, has_res, bt)
+        launch(
+            _gates_fwd_kernel,
+            (triton.cdiv(T, bt),),
+            writes=("pre_ptr", "post_ptr", "res_ptr"),
+            h_ptr=h,
+            a_ptr=alpha,
+            b_ptr=bias,
+            pre_ptr=pre,
+            post_ptr=post,
+            res_ptr=res,
+            n_tokens=T,
+            iters=iters,
+            K=K,
+            N=n,
+            N_PAD=n_pad,
+            HAS_RES=has_res,
+            BLOCK_T=bt,
+        )
         ctx.n, ctx.iters, ctx.has_res = n, iters, has_res
         ctx.save_for_backward(h, alpha, bias, pre, post)
         return pre, post, (res if has_res else None)
@@ -138,7 +156,8 @@ class GatesSinkhornFunction(torch.autograd.Function):
         h, alpha, bias, pre, post = ctx.saved_tensors
         T, K = h.shape
         n = ctx.n
-        n_pad, bt = next_pow2(n), _block_t(next_pow2(n))
+        n_pad = next_pow2(n)
+        bt = _block_t_bwd(n_pad, ctx.iters) if ctx.has_res else _block_t(n_pad)
         blocks = triton.cdiv(T, bt)
         zeros = torch.zeros(T, n, device=h.device)
         d_pre = zeros if d_pre is None else d_pre.contiguous().float()
@@ -148,25 +167,29 @@ class GatesSinkhornFunction(torch.autograd.Function):
         dh = torch.empty_like(h)
         da = torch.zeros(blocks, 3, device=h.device)
         db = torch.zeros(blocks, K, device=h.device)
-        _gates_bwd_kernel[(blocks,)](
-            h,
-            alpha,
-            bias,
-            pre,
-            post,
-            d_pre,
-            d_post,
-            d_res if ctx.has_res else d_pre,
-            dh,
-            da,
-            db,
-            T,
-            ctx.iters,
-            K,
-            n,
-            n_pad,
-            ctx.has_res,
-            bt,
+        launch(
+            _gates_bwd_kernel,
+            (blocks,),
+            writes=("dh_ptr", "da_ptr", "db_ptr"),
+            h_ptr=h,
+            a_ptr=alpha,
+            b_ptr=bias,
+            pre_ptr=pre,
+            post_ptr=post,
+            dpre_ptr=d_pre,
+            dpost_ptr=d_post,
+            dres_ptr=d_res if ctx.has_res else d_pre,
+            dh_ptr=dh,
+            da_ptr=da,
+            db_ptr=db,
+            n_tokens=T,
+            iters=ctx.iters,
+            K=K,
+            N=n,
+            N_PAD=n_pad,
+            HAS_RES=ctx.has_res,
+            BLOCK_T=bt,
+            ITERS_PAD=_iters_pad(ctx.iters),
         )
         da = da.sum(0)[: alpha.numel()].clone()  # not a view: split-backward schedules detach_ parameter grads
         need = ctx.needs_input_grad

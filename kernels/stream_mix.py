@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import MAX_STREAMS, STREAM_DTYPES, check_tensor, next_pow2
+from .utils import MAX_STREAMS, STREAM_DTYPES, check_tensor, launch, next_pow2
 
 
 @triton.jit(do_not_specialize=["n_tokens"])
@@ -58,6 +58,7 @@ def _mhc_pre_bwd_kernel(
     x_ptr,
     h_ptr,
     g_ptr,
+    dxin_ptr,
     dx_ptr,
     dh_ptr,
     n_tokens,
@@ -66,7 +67,10 @@ def _mhc_pre_bwd_kernel(
     N_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    ACC_DX: tl.constexpr,
 ):
+    # ACC_DX: dx = dxin + h_pre g, where dxin is the gradient of the stream alias mhc_pre(..., chain=True) returned
+    # (the post_res backward's dx): one dx written per site instead of two that autograd then adds.
     offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     offs_n = tl.arange(0, N_PAD)
     mt, mn = offs_t < n_tokens, offs_n < N
@@ -80,7 +84,10 @@ def _mhc_pre_bwd_kernel(
         x = tl.load(x_ptr + p3, mask=m3, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mt[:, None] & mc[None, :], other=0.0)
         g = g.to(tl.float32)
-        tl.store(dx_ptr + p3, (h[:, :, None] * g[:, None, :]).to(dx_ptr.dtype.element_ty), mask=m3)
+        dx = h[:, :, None] * g[:, None, :]
+        if ACC_DX:
+            dx += tl.load(dxin_ptr + p3, mask=m3, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + p3, dx.to(dx_ptr.dtype.element_ty), mask=m3)
         dh += tl.sum(x * g[:, None, :], axis=2)
     tl.store(dh_ptr + offs_t[:, None] * N + offs_n[None, :], dh, mask=mt[:, None] & mn[None, :])
 
@@ -100,26 +107,27 @@ def _mhc_post_res_fwd_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    # HAS_RES=False compiles the identity-H_res arm (x' = x + h_post y) without the mixing.
+    # HAS_RES=False compiles the identity-H_res arm (x' = x + h_post y) without the mixing. The mixing is n rank-1
+    # updates out[:, i, :] += H[i, j] x[j, :] (one input stream at a time): no [T, n, n, C] product in registers.
     offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_n = tl.arange(0, N_PAD)
     mt, mn, mc = offs_t < n_tokens, offs_n < N, offs_c < C
+    m_tc = mt[:, None] & mc[None, :]
     m3 = mt[:, None, None] & mn[None, :, None] & mc[None, None, :]
     p3 = offs_t[:, None, None] * (N * C) + offs_n[None, :, None] * C + offs_c[None, None, :]
-    x = tl.load(x_ptr + p3, mask=m3, other=0.0).to(tl.float32)  # [T, j, c]
-    y = tl.load(y_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mt[:, None] & mc[None, :], other=0.0)
+    y = tl.load(y_ptr + offs_t[:, None] * C + offs_c[None, :], mask=m_tc, other=0.0)
     hp = tl.load(hp_ptr + offs_t[:, None] * N + offs_n[None, :], mask=mt[:, None] & mn[None, :], other=0.0)
     out = hp.to(tl.float32)[:, :, None] * y.to(tl.float32)[:, None, :]  # [T, i, c]
     if HAS_RES:
-        hr = tl.load(
-            hr_ptr + offs_t[:, None, None] * (N * N) + offs_n[None, :, None] * N + offs_n[None, None, :],
-            mask=mt[:, None, None] & mn[None, :, None] & mn[None, None, :],
-            other=0.0,
-        )  # [T, i, j]
-        out += tl.sum(hr.to(tl.float32)[:, :, :, None] * x[:, None, :, :], axis=2)
+        for j in range(0, N):  # a loop, not unrolled: 16 unrolled loads spilled at n = 16
+            xj = tl.load(x_ptr + offs_t[:, None] * (N * C) + j * C + offs_c[None, :], mask=m_tc, other=0.0)
+            hj = tl.load(
+                hr_ptr + offs_t[:, None] * (N * N) + offs_n[None, :] * N + j, mask=mt[:, None] & mn[None, :], other=0.0
+            )  # column j of H_res: [T, i]
+            out += hj[:, :, None] * xj.to(tl.float32)[:, None, :]
     else:
-        out += x
+        out += tl.load(x_ptr + p3, mask=m3, other=0.0).to(tl.float32)
     tl.store(out_ptr + p3, out.to(out_ptr.dtype.element_ty), mask=m3)
 
 
@@ -142,48 +150,54 @@ def _mhc_post_res_bwd_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    # One output stream i at a time (g_i = g[:, i, :]): dy += h_post[i] g_i, dx[j] += H[i, j] g_i, and the reductions
+    # over C dh_post[i] = <g_i, y>, dH[i, :] = <g_i, x[j]>. Registers hold [T, n, C] tiles only.
     offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     offs_n = tl.arange(0, N_PAD)
     mt, mn = offs_t < n_tokens, offs_n < N
-    hp = tl.load(hp_ptr + offs_t[:, None] * N + offs_n[None, :], mask=mt[:, None] & mn[None, :], other=0.0)
-    hp = hp.to(tl.float32)
-    m_nn = mt[:, None, None] & mn[None, :, None] & mn[None, None, :]
-    p_nn = offs_t[:, None, None] * (N * N) + offs_n[None, :, None] * N + offs_n[None, None, :]
-    if HAS_RES:
-        hr = tl.load(hr_ptr + p_nn, mask=m_nn, other=0.0).to(tl.float32)  # [T, i, j]
+    m_tn = mt[:, None] & mn[None, :]
+    sel = offs_n[None, :, None]  # row index i of the [T, i, j] coefficient gradient
     dhr = tl.zeros([BLOCK_T, N_PAD, N_PAD], dtype=tl.float32)
     dhp = tl.zeros([BLOCK_T, N_PAD], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mc = offs_c < C
+        m_tc = mt[:, None] & mc[None, :]
         m3 = mt[:, None, None] & mn[None, :, None] & mc[None, None, :]
         p3 = offs_t[:, None, None] * (N * C) + offs_n[None, :, None] * C + offs_c[None, None, :]
-        g = tl.load(g_ptr + p3, mask=m3, other=0.0).to(tl.float32)  # [T, i, c]
-        y = tl.load(y_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mt[:, None] & mc[None, :], other=0.0)
-        y = y.to(tl.float32)
-        tl.store(
-            dy_ptr + offs_t[:, None] * C + offs_c[None, :],
-            tl.sum(hp[:, :, None] * g, axis=1).to(dy_ptr.dtype.element_ty),
-            mask=mt[:, None] & mc[None, :],
-        )
-        dhp += tl.sum(g * y[:, None, :], axis=2)
+        y = tl.load(y_ptr + offs_t[:, None] * C + offs_c[None, :], mask=m_tc, other=0.0).to(tl.float32)
         if HAS_RES:
             x = tl.load(x_ptr + p3, mask=m3, other=0.0).to(tl.float32)  # [T, j, c]
-            dx = tl.sum(hr[:, :, :, None] * g[:, :, None, :], axis=1)  # sum over i -> [T, j, c]
-            dhr += tl.sum(g[:, :, None, :] * x[:, None, :, :], axis=3)  # [T, i, j]
+            dx = tl.zeros([BLOCK_T, N_PAD, BLOCK_C], dtype=tl.float32)
         else:
-            dx = g
+            dx = tl.load(g_ptr + p3, mask=m3, other=0.0).to(tl.float32)  # identity H_res: dx = g
+        dy = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+        for i in range(0, N):  # a loop, not unrolled: 16 unrolled loads spilled at n = 16
+            gi = tl.load(g_ptr + offs_t[:, None] * (N * C) + i * C + offs_c[None, :], mask=m_tc, other=0.0)
+            gi = gi.to(tl.float32)
+            hpi = tl.load(hp_ptr + offs_t * N + i, mask=mt, other=0.0)
+            dy += hpi[:, None] * gi
+            dhp += tl.where(offs_n[None, :] == i, tl.sum(gi * y, axis=1)[:, None], 0.0)
+            if HAS_RES:
+                hri = tl.load(hr_ptr + offs_t[:, None] * (N * N) + i * N + offs_n[None, :], mask=m_tn, other=0.0)
+                dx += hri[:, :, None] * gi[:, None, :]  # row i of H_res: [T, j]
+                dhr += tl.where(sel == i, tl.sum(x * gi[:, None, :], axis=2)[:, None, :], 0.0)
+        tl.store(dy_ptr + offs_t[:, None] * C + offs_c[None, :], dy.to(dy_ptr.dtype.element_ty), mask=m_tc)
         tl.store(dx_ptr + p3, dx.to(dx_ptr.dtype.element_ty), mask=m3)
-    tl.store(dhp_ptr + offs_t[:, None] * N + offs_n[None, :], dhp, mask=mt[:, None] & mn[None, :])
+    tl.store(dhp_ptr + offs_t[:, None] * N + offs_n[None, :], dhp, mask=m_tn)
     if HAS_RES:
+        m_nn = mt[:, None, None] & mn[None, :, None] & mn[None, None, :]
+        p_nn = offs_t[:, None, None] * (N * N) + offs_n[None, :, None] * N + offs_n[None, None, :]
         tl.store(dhr_ptr + p_nn, dhr, mask=m_nn)
 
 
 def _blocks(n: int, C: int) -> tuple[int, int, int]:
-    """(N_PAD, BLOCK_T, BLOCK_C): keep the [T, n, n, C] product tile within ~8k fp32 values per program."""
+    """(N_PAD, BLOCK_T, BLOCK_C): a [T, n, C] tile of ~1k values per program (8 per thread at 4 warps: every tile
+    holds 64-bit pointers, so more values per thread push the backward past 255 registers and spill; n = 16 with an
+    unaligned C at 2k values per program did, in the compile gate)."""
     n_pad = next_pow2(n)
-    block_c = min(128, next_pow2(C))
-    block_t = max(1, min(16, 8192 // (n_pad * n_pad * block_c)))
+    block_c = min(128, next_pow2(C), max(16, 1024 // n_pad))
+    block_t = max(1, min(16, 1024 // (n_pad * block_c)))
     return n_pad, block_t, block_c
 
 
@@ -199,15 +213,46 @@ def mhc_pre_fwd(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     T, n, C = x.shape
     n_pad, bt, bc = _blocks(n, C)
     out = torch.empty(T, C, device=x.device, dtype=x.dtype)
-    _mhc_pre_fwd_kernel[(triton.cdiv(T, bt), triton.cdiv(C, bc))](x, h_pre, out, T, C, n, n_pad, bt, bc)
+    launch(
+        _mhc_pre_fwd_kernel,
+        (triton.cdiv(T, bt), triton.cdiv(C, bc)),
+        writes=("out_ptr",),
+        x_ptr=x,
+        h_ptr=h_pre,
+        out_ptr=out,
+        n_tokens=T,
+        C=C,
+        N=n,
+        N_PAD=n_pad,
+        BLOCK_T=bt,
+        BLOCK_C=bc,
+    )
     return out
 
 
-def mhc_pre_bwd(x, h_pre, g):
+def mhc_pre_bwd(x, h_pre, g, dx_in=None):
+    """dx (plus dx_in when given: the gradient of the chained stream alias) and dh_pre."""
     T, n, C = x.shape
     n_pad, bt, bc = _blocks(n, C)
     dx, dh = torch.empty_like(x), torch.empty_like(h_pre)
-    _mhc_pre_bwd_kernel[(triton.cdiv(T, bt),)](x, h_pre, g, dx, dh, T, C, n, n_pad, bt, bc)
+    launch(
+        _mhc_pre_bwd_kernel,
+        (triton.cdiv(T, bt),),
+        writes=("dx_ptr", "dh_ptr"),
+        x_ptr=x,
+        h_ptr=h_pre,
+        g_ptr=g,
+        dxin_ptr=dx if dx_in is None else dx_in,
+        ACC_DX=dx_in is not None,
+        dx_ptr=dx,
+        dh_ptr=dh,
+        n_tokens=T,
+        C=C,
+        N=n,
+        N_PAD=n_pad,
+        BLOCK_T=bt,
+        BLOCK_C=bc,
+    )
     return dx, dh
 
 
@@ -216,8 +261,22 @@ def mhc_post_res_fwd(x, y, h_post, h_res):
     n_pad, bt, bc = _blocks(n, C)
     out = torch.empty_like(x)
     has_res = h_res is not None
-    _mhc_post_res_fwd_kernel[(triton.cdiv(T, bt), triton.cdiv(C, bc))](
-        x, y, h_post, h_res if has_res else h_post, out, T, C, n, n_pad, has_res, bt, bc
+    launch(
+        _mhc_post_res_fwd_kernel,
+        (triton.cdiv(T, bt), triton.cdiv(C, bc)),
+        writes=("out_ptr",),
+        x_ptr=x,
+        y_ptr=y,
+        hp_ptr=h_post,
+        hr_ptr=h_res if has_res else h_post,
+        out_ptr=out,
+        n_tokens=T,
+        C=C,
+        N=n,
+        N_PAD=n_pad,
+        HAS_RES=has_res,
+        BLOCK_T=bt,
+        BLOCK_C=bc,
     )
     return out
 
@@ -228,39 +287,47 @@ def mhc_post_res_bwd(x, y, h_post, h_res, g):
     has_res = h_res is not None
     dx, dy, dhp = torch.empty_like(x), torch.empty_like(y), torch.empty_like(h_post)
     dhr = torch.empty_like(h_res) if has_res else None
-    _mhc_post_res_bwd_kernel[(triton.cdiv(T, bt),)](
-        x,
-        y,
-        h_post,
-        h_res if has_res else h_post,
-        g,
-        dx,
-        dy,
-        dhp,
-        dhr if has_res else dhp,
-        T,
-        C,
-        n,
-        n_pad,
-        has_res,
-        bt,
-        bc,
+    launch(
+        _mhc_post_res_bwd_kernel,
+        (triton.cdiv(T, bt),),
+        writes=("dx_ptr", "dy_ptr", "dhp_ptr", "dhr_ptr"),
+        x_ptr=x,
+        y_ptr=y,
+        hp_ptr=h_post,
+        hr_ptr=h_res if has_res else h_post,
+        g_ptr=g,
+        dx_ptr=dx,
+        dy_ptr=dy,
+        dhp_ptr=dhp,
+        dhr_ptr=dhr if has_res else dhp,
+        n_tokens=T,
+        C=C,
+        N=n,
+        N_PAD=n_pad,
+        HAS_RES=has_res,
+        BLOCK_T=bt,
+        BLOCK_C=bc,
     )
     return dx, dy, dhp, dhr
 
 
 class MhcPreFunction(torch.autograd.Function):
-    """Saves x and h_pre (the inputs; no intermediates)."""
+    """Saves x and h_pre (the inputs; no intermediates). Returns (F_in, x): the second output is x itself, for the
+    consumer downstream (post_res) to read, so that its gradient comes back here and is summed into this backward's
+    dx by the kernel rather than by autograd."""
 
     @staticmethod
     def forward(ctx, x, h_pre):
+        ctx.set_materialize_grads(False)  # an unused x alias gives None, not a zero tensor to read
         ctx.save_for_backward(x, h_pre)
-        return mhc_pre_fwd(x, h_pre)
+        return mhc_pre_fwd(x, h_pre), x
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, g_x):
         x, h_pre = ctx.saved_tensors
-        dx, dh = mhc_pre_bwd(x, h_pre, g.contiguous())
+        dx_in = None if g_x is None else g_x.to(x.dtype).contiguous()
+        g = x.new_zeros(x.shape[0], x.shape[2]) if g is None else g.contiguous()
+        dx, dh = mhc_pre_bwd(x, h_pre, g, dx_in)
         return (dx if ctx.needs_input_grad[0] else None), (dh if ctx.needs_input_grad[1] else None)
 
 
@@ -280,19 +347,24 @@ class MhcPostResFunction(torch.autograd.Function):
         return (dx if need[0] else None, dy if need[1] else None, dhp if need[2] else None, dhr if need[3] else None)
 
 
-def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
-    """x [..., n, C] (fp32/bf16/fp16, contiguous), h_pre [..., n] fp32 -> [..., C] in x's dtype. n <= 16."""
+def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor, chain: bool = False):
+    """x [..., n, C] (fp32/bf16/fp16, contiguous), h_pre [..., n] fp32 -> [..., C] in x's dtype. n <= 16.
+
+    `chain=True` returns (F_in, x_chained): x_chained equals x; use it in place of x downstream (mhc_post_res) and its
+    gradient is added to dx inside this op's backward kernel (one dx write instead of two plus autograd's sum)."""
     lead, (n, C) = x.shape[:-2], x.shape[-2:]
     _check(n, x=x, h_pre=h_pre)
-    return MhcPreFunction.apply(x.reshape(-1, n, C), h_pre.reshape(-1, n)).reshape(*lead, C)
+    out, x_chained = MhcPreFunction.apply(x.reshape(-1, n, C), h_pre.reshape(-1, n))
+    out = out.reshape(*lead, C)
+    return (out, x_chained.reshape(x.shape)) if chain else out
 
 
 def mhc_post_res(x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor | None) -> torch.Tensor:
-    """x [..., n, C], y [..., C] (x's dtype), h_post [..., n], h_res [..., n, n] fp32 or None -> [..., n, C]."""
+    """x [..., n, C], y [..., C], h_post [..., n], h_res [..., n, n] fp32 or None -> [..., n, C] in x's dtype.
+    y may be in another stream dtype than x (F's bf16 output onto fp32 streams): it is widened in the kernel, not by
+    a copy; its gradient comes back in y's dtype."""
     lead, (n, C) = x.shape[:-2], x.shape[-2:]
     _check(n, x=x, y=y, h_post=h_post, h_res=h_res)
-    if y.dtype != x.dtype:
-        raise ValueError(f"y: dtype {y.dtype} differs from the streams' {x.dtype}")
     out = MhcPostResFunction.apply(
         x.reshape(-1, n, C), y.reshape(-1, C), h_post.reshape(-1, n), None if h_res is None else h_res.reshape(-1, n, n)
     )

@@ -1,8 +1,18 @@
-"""Shared launch helpers for the mHC Triton kernels."""
+"""Shared launch helpers for the mHC Triton kernels: input checks, block sizes, and one `launch` every launcher uses.
+
+- `launch(kernel, grid, writes=..., num_warps=..., num_stages=..., **args)` runs a kernel; inside `capture()` it also
+  records the launch (kernel, grid, arguments, launch options, which tensors it writes), and skips running it when
+  the tensors live on the `meta` device. The compile gate (`kernels/aot.py`, `scripts/check_kernels.py`) compiles
+  exactly the recorded specializations ahead of time; the traffic audit (`scripts/bench_kernels.py`) counts bytes
+  from the recorded tensor arguments. One code path, so the gate and the audit see what users run.
+- Launch options (num_warps, num_stages) are chosen per shape by each launcher; the interpreter ignores them.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,17 +26,87 @@ def next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+def sm_count() -> int:
+    """Streaming multiprocessors of the current GPU (132 on an H100 SXM when there is none: launch sizing only)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return 132
+
+
+MAX_STREAMS = 16  # n above this is refused here (the ops layer then takes the torch path); tested for n in 1..16
+STREAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class Launch:
+    """One recorded kernel launch: enough to compile it ahead of time and to count its memory traffic."""
+
+    kernel: object  # the @triton.jit function (a JITFunction, or an InterpretedFunction under TRITON_INTERPRET=1)
+    grid: tuple[int, ...]
+    args: dict  # parameter name -> value (tensors, ints, floats, constexprs)
+    writes: tuple[str, ...]  # names of the tensor arguments the kernel writes (the others are read)
+    options: dict = field(default_factory=dict)  # num_warps, num_stages
+
+    @property
+    def name(self) -> str:
+        fn = getattr(self.kernel, "fn", self.kernel)
+        return getattr(fn, "__name__", str(fn))
+
+    def bytes_moved(self) -> tuple[int, int]:
+        """(read, written) bytes: every tensor argument once, as a kernel that streams its operands would move them.
+        Re-reads that a cache absorbs (phi, coefficient rows) are not counted twice; atomics count as writes."""
+        read = written = 0
+        for name, value in self.args.items():
+            if isinstance(value, torch.Tensor):
+                size = value.numel() * value.element_size()
+                if name in self.writes:
+                    written += size
+                else:
+                    read += size
+        return read, written
+
+
+_captured: list[Launch] | None = None
+
+
+@contextlib.contextmanager
+def capture():
+    """Record every `launch` inside the block: `with capture() as launches: op(x_meta, ...)`. On `meta` tensors nothing
+    runs (outputs stay uninitialised), so any shape can be captured on a machine without a GPU."""
+    global _captured
+    previous, _captured = _captured, []
+    try:
+        yield _captured
+    finally:
+        _captured = previous
+
+
+def capturing() -> bool:
+    return _captured is not None
+
+
+def launch(kernel, grid, *, writes: tuple[str, ...], num_warps: int = 4, num_stages: int = 2, **args) -> None:
+    """Run `kernel[grid](**args)` with the given launch options (recorded too inside `capture()`)."""
+    grid = tuple(int(g) for g in grid)
+    if _captured is not None:
+        _captured.append(
+            Launch(kernel, grid, dict(args), tuple(writes), dict(num_warps=num_warps, num_stages=num_stages))
+        )
+        if any(isinstance(v, torch.Tensor) and v.device.type == "meta" for v in args.values()):
+            return
+    if interpreting():
+        kernel[grid](**args)
+    else:
+        kernel[grid](**args, num_warps=num_warps, num_stages=num_stages)
+
+
 def check_tensor(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...], shape_tail: tuple | None = None) -> None:
     """Raise a ValueError that says what is wrong; kernels never run on inputs they were not written for."""
     if t.dtype not in dtypes:
         raise ValueError(f"{name}: dtype {t.dtype} is not supported by the Triton kernel (supported: {dtypes})")
     if not t.is_contiguous():
         raise ValueError(f"{name}: the Triton kernel needs a contiguous tensor (got strides {t.stride()})")
-    if not interpreting() and t.device.type != "cuda":
+    if not interpreting() and t.device.type not in ("cuda", "meta"):
         raise ValueError(f"{name}: on {t.device} the Triton kernels need TRITON_INTERPRET=1 (set before import triton)")
     if shape_tail is not None and tuple(t.shape[-len(shape_tail) :]) != tuple(shape_tail):
         raise ValueError(f"{name}: expected trailing shape {tuple(shape_tail)}, got {tuple(t.shape)}")
-
-
-MAX_STREAMS = 16  # n above this is refused (register tiles are n x n per token); tested for n in 1, 2, 4, 8
-STREAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

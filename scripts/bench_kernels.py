@@ -3,6 +3,16 @@ of it, and the `hyper-connections` package's mHC module (a public peer).
 
     .venv/bin/python scripts/bench_kernels.py                          # CPU: demo shape, torch reference + peer
     python scripts/bench_kernels.py --shapes 4x4096x4096 demo 1.3b      # GPU: everything, plus per-kernel bandwidth
+    .venv/bin/python scripts/bench_kernels.py --audit                  # any machine: memory-traffic audit only
+
+Traffic audit (`--audit`, no GPU needed): one mHC site and one HC site (backend triton, F = identity, n = 4,
+C = 4096, bf16 streams) are run on `meta` tensors; every Triton launch (its tensor arguments, as the compile gate
+records them) and every aten op that moves data (autograd's gradient sums, dtype conversions, partial sums) is
+listed with its bytes read and written per token, forward and backward, next to the minimum: spec section 6,
+(3n+1)C read and (n+1)C written forward in the stream dtype; backward [ours] (4n+2)C read and (n+1)C written (one
+kernel reads g, x, y and writes dy; one after F's backward reads dF_in, g, x and writes the single dx). Goal:
+<= 1.25x. Counted from arguments: a tile a kernel re-reads from L2 counts once. JSON:
+benchmarks/results/traffic_audit.json.
 
 Per kernel (GPU only): time and effective bandwidth = minimal bytes read + written / time, as a fraction of the copy
 bandwidth measured in the same run. Full site = coefficients + Sinkhorn + pre + post_res with F = identity, fwd+bwd.
@@ -15,15 +25,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("TRITON_INTERPRET", "0")  # the audit records the GPU launch configs; set before triton loads
 
-from mhc_train.config import ConnectionConfig
-from mhc_train.model.connections import MHCSite
+import torch  # noqa: E402
+
+from mhc_train.config import ConnectionConfig  # noqa: E402
+from mhc_train.model.connections import HCSite, MHCSite  # noqa: E402
 
 SHAPES = {"demo": (16, 128, 192), "1.3b": (1, 4096, 2048), "4x4096x4096": (4, 4096, 4096)}  # (batch, seq, C)
 
@@ -103,7 +116,7 @@ def kernel_rows(B, T, C, n, device, bw, dtype) -> dict:
             tok * (n * C * es + (K_ + 1) * 4),
         ),
         "projection_bwd": (
-            lambda: projection.projection_bwd(x.view(tok, -1), phi, h, r, gh, False),
+            lambda: projection.projection_bwd(x.view(tok, -1), phi, h, r, gh),
             tok * (2 * n * C * es + (2 * K_ + 1) * 4),
         ),
         "sinkhorn_fwd": (lambda: sinkhorn.sinkhorn_fwd(hr, 20), tok * 2 * n * n * 4),
@@ -117,6 +130,64 @@ def kernel_rows(B, T, C, n, device, bw, dtype) -> dict:
     return out
 
 
+def traffic_audit(arm: str, n: int = 4, C: int = 4096, dtype=torch.bfloat16, tokens: int = 4096) -> dict:
+    """Bytes per token of every launched kernel and data-moving torch op of one site, forward and backward."""
+    from mhc_train.ops.audit import record
+
+    site = (MHCSite if arm == "mhc" else HCSite)(C, n, 0, ConnectionConfig(type=arm, n_streams=n, backend="triton"))
+    site = site.to("meta")
+    x = torch.empty(1, tokens, n, C, device="meta", dtype=dtype, requires_grad=True)
+    with record(torch_ops=True) as fwd:
+        out = site(x, lambda h: h)
+    upstream = torch.empty_like(out)
+    with record(torch_ops=True) as bwd:
+        torch.autograd.grad(out, [x, *site.parameters()], upstream)
+    es = torch.finfo(dtype).bits // 8
+    minimum = {
+        "forward": ((3 * n + 1) * C * es, (n + 1) * C * es),
+        "backward": ((4 * n + 2) * C * es, (n + 1) * C * es),
+    }
+    result = {"arm": arm, "n": n, "C": C, "stream_dtype": str(dtype), "tokens": tokens}
+    for phase, launches in (("forward", fwd), ("backward", bwd)):
+        rows = []
+        for launch in launches:
+            r, w = launch.bytes_moved()
+            rows.append({"kernel": launch.name, "read_B_per_token": r / tokens, "written_B_per_token": w / tokens})
+        read = sum(row["read_B_per_token"] for row in rows)
+        written = sum(row["written_B_per_token"] for row in rows)
+        min_r, min_w = minimum[phase]
+        result[phase] = {
+            "kernels": rows,
+            "launches": len(rows),
+            "read_B_per_token": read,
+            "written_B_per_token": written,
+            "minimum_read_B_per_token": min_r,
+            "minimum_written_B_per_token": min_w,
+            "ratio_to_minimum": (read + written) / (min_r + min_w),
+        }
+    return result
+
+
+def run_audit(out: Path) -> None:
+    report = {"goal_ratio": 1.25, "sites": [traffic_audit("mhc"), traffic_audit("hc")]}
+    for site in report["sites"]:
+        for phase in ("forward", "backward"):
+            ph = site[phase]
+            print(
+                f"{site['arm']:3s} {phase:8s} n{site['n']} C{site['C']} {site['stream_dtype']}: "
+                f"{ph['read_B_per_token']:.0f} B read + {ph['written_B_per_token']:.0f} B written per token over "
+                f"{ph['launches']} launches; minimum {ph['minimum_read_B_per_token']} + "
+                f"{ph['minimum_written_B_per_token']}: {ph['ratio_to_minimum']:.2f}x (goal <= 1.25x)"
+            )
+            for row in ph["kernels"]:
+                print(
+                    f"      {row['kernel']:28s} {row['read_B_per_token']:10.1f} R {row['written_B_per_token']:10.1f} W"
+                )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=None, help=f"from {list(SHAPES)}")
@@ -124,7 +195,10 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--out", default="")
+    p.add_argument("--audit", action="store_true", help="memory-traffic audit only (no timing; no GPU needed)")
     args = p.parse_args()
+    if args.audit:
+        return run_audit(Path(args.out or "benchmarks/results/traffic_audit.json"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.dtype == "bf16" and device == "cuda" else torch.float32
     shapes = args.shapes or (list(SHAPES) if device == "cuda" else ["demo"])

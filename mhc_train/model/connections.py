@@ -54,9 +54,15 @@ class Site(nn.Module):
     def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
 
+    def coefficients_chained(self, x: torch.Tensor):
+        """(h_pre, h_post, h_res, x_chained): x_chained equals x (see `mhc_train.ops`: one dx per site)."""
+        return (*self.coefficients(x), x)
+
     def forward(self, x: torch.Tensor, sublayer: SubLayer) -> torch.Tensor:
-        h_pre, h_post, h_res = self.coefficients(x)  # [B,T,n], [B,T,n], [B,T,n,n] | None
-        y = sublayer(ops.mhc_pre(x, h_pre, backend=self.backend))  # [B, T, C]
+        # x is passed on through each op (chain=True) so the backward writes one dx per site (mhc_train.ops)
+        h_pre, h_post, h_res, x = self.coefficients_chained(x)  # [B,T,n], [B,T,n], [B,T,n,n] | None
+        f_in, x = ops.mhc_pre(x, h_pre, backend=self.backend, chain=True)
+        y = sublayer(f_in)  # [B, T, C]
         return self.post_res(x, y, h_post, h_res)  # [B, T, n, C]
 
     def initial_values(self, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -172,6 +178,9 @@ class MHCSite(Site):
         return {"phi": phi, "alpha": torch.full(self.alpha.shape, c.alpha_init, device=dev), "bias": bias}
 
     def coefficients(self, x):
+        return self.coefficients_chained(x)[:3]
+
+    def coefficients_chained(self, x):
         c = self.cfg
         return ops.mhc_coefficients(
             x,
@@ -183,6 +192,7 @@ class MHCSite(Site):
             backend=self.backend,
             deterministic=c.deterministic,
             sinkhorn_backward=c.sinkhorn_backward,
+            chain=True,
         )
 
 

@@ -12,9 +12,17 @@ This is the seam the Triton kernels of `mhc_kernels` (folder `kernels/`) plug in
 - `mhc_coefficients(x, phi, alpha, bias, iters=20, eps=1e-6)`: x [..., n, C] -> (h_pre, h_post, h_res)
 - `mhc_pre(x, h_pre)`: [..., n, C] -> [..., C]
 - `mhc_post_res(x, y, h_post, h_res)`: -> [..., n, C]; H_res left-multiplied, None = identity
+
+One dx per site (`chain=True` on `mhc_coefficients` and `mhc_pre`): each also returns `x_chained`, equal to its x.
+A site passes it on (coefficients -> pre -> post_res) in place of x, so the backward runs as a chain: post_res's dx
+is added inside pre's backward kernel, that sum inside the projection's backward kernel, and x receives one dx
+instead of three that autograd adds (two passes over [T, n, C] fewer each way). The torch path returns x itself.
 """
 
 from __future__ import annotations
+
+import contextlib
+import warnings
 
 import torch
 
@@ -56,11 +64,29 @@ def _kernels():
     return mhc_kernels
 
 
+_noticed: set = set()
+
+
+def _kernel_takes(op: str, n: int) -> bool:
+    """Whether the Triton kernels handle n streams; above their limit the torch path runs, with a one-time notice."""
+    limit = _kernels().MAX_STREAMS
+    if n <= limit:
+        return True
+    if (op, n) not in _noticed:
+        _noticed.add((op, n))
+        warnings.warn(
+            f"{op}: n = {n} streams is above the Triton kernels' limit of {limit}; running the torch path for it "
+            "(set connection.backend=torch to silence this)",
+            stacklevel=3,
+        )
+    return False
+
+
 def sinkhorn_knopp(logits: torch.Tensor, iters: int = 20, backend: str = "torch", implicit: bool = False):
     """`implicit=True`: backward by implicit differentiation of the fixed point (torch, any backend)."""
     if implicit:
         return sinkhorn_knopp_implicit(logits, iters)
-    if resolve_backend(backend, logits.device) == "triton":
+    if resolve_backend(backend, logits.device) == "triton" and _kernel_takes("sinkhorn_knopp", logits.shape[-1]):
         return _kernels().sinkhorn_knopp(logits.float().contiguous(), iters)
     return sinkhorn_knopp_torch(logits, iters)
 
@@ -69,6 +95,8 @@ def coefficient_region(x: torch.Tensor):
     """Autocast off for the coefficient path (projection, gates, Sinkhorn): it runs in fp32 whatever precision the
     engine runs the rest in (the mHC paper keeps it fp32; a bf16 projection of the nC stream loses the small
     coefficient differences the gates learn)."""
+    if x.device.type == "meta":  # launches recorded on meta tensors (mhc_train.ops.audit): no autocast there
+        return contextlib.nullcontext()
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
@@ -82,17 +110,21 @@ def mhc_coefficients(
     backend: str = "torch",
     deterministic: bool = False,
     sinkhorn_backward: str = "unrolled",
+    chain: bool = False,
 ):
     if sinkhorn_backward not in SINKHORN_BACKWARDS:
         raise ValueError(f"connection.sinkhorn_backward must be one of {SINKHORN_BACKWARDS}, got {sinkhorn_backward!r}")
     with coefficient_region(x):
-        return _mhc_coefficients(x, phi, alpha, bias, iters, eps, backend, deterministic, sinkhorn_backward)
+        out = _mhc_coefficients(x, phi, alpha, bias, iters, eps, backend, deterministic, sinkhorn_backward)
+    if chain:  # (h_pre, h_post, h_res, x_chained): see the module docstring
+        return out if len(out) == 4 else (*out, x)
+    return out[:3]
 
 
 def _mhc_coefficients(x, phi, alpha, bias, iters, eps, backend, deterministic, sinkhorn_backward):
     implicit = sinkhorn_backward == "implicit"
     sinkhorn = sinkhorn_knopp_implicit if implicit else sinkhorn_knopp_torch
-    if resolve_backend(backend, x.device) != "triton":
+    if resolve_backend(backend, x.device) != "triton" or not _kernel_takes("mhc_coefficients", x.shape[-2]):
         return mhc_coefficients_ref(x, phi, alpha, bias, iters, eps, sinkhorn=sinkhorn)
     k = _kernels()
     if implicit:  # kernel 1, then the torch tail with the implicit Sinkhorn backward
@@ -106,23 +138,26 @@ def _mhc_coefficients(x, phi, alpha, bias, iters, eps, backend, deterministic, s
             sinkhorn=sinkhorn,
             projection=lambda v, p, e: k.mhc_projection(v.contiguous(), p, e, deterministic),
         )
-    h = k.mhc_projection(x.contiguous(), phi, eps, deterministic)  # [..., K] fp32, reordered norm (kernel 1)
-    return k.mhc_gates_sinkhorn(h, alpha.float().contiguous(), bias.float().contiguous(), x.shape[-2], iters)
+    # kernel 1: [..., K] fp32, reordered norm; x_chained carries the site's other dx contributions into its backward
+    h, x_chained = k.mhc_projection(x.contiguous(), phi, eps, deterministic, chain=True)
+    coefficients = k.mhc_gates_sinkhorn(h, alpha.float().contiguous(), bias.float().contiguous(), x.shape[-2], iters)
+    return (*coefficients, x_chained)
 
 
-def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor, backend: str = "torch") -> torch.Tensor:
-    if resolve_backend(backend, x.device) == "triton":
-        return _kernels().mhc_pre(x.contiguous(), h_pre.float().contiguous())
+def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor, backend: str = "torch", chain: bool = False):
+    if resolve_backend(backend, x.device) == "triton" and _kernel_takes("mhc_pre", x.shape[-2]):
+        return _kernels().mhc_pre(x.contiguous(), h_pre.float().contiguous(), chain=chain)
     with coefficient_region(x):  # the stream math in fp32 as in the kernels (autocast would run these @ in bf16)
-        return mhc_pre_ref(x, h_pre)
+        y = mhc_pre_ref(x, h_pre)
+    return (y, x) if chain else y
 
 
 def mhc_post_res(
     x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor | None, backend: str = "torch"
 ) -> torch.Tensor:
-    if resolve_backend(backend, x.device) == "triton":
+    if resolve_backend(backend, x.device) == "triton" and _kernel_takes("mhc_post_res", x.shape[-2]):
         h_res = None if h_res is None else h_res.float().contiguous()
-        return _kernels().mhc_post_res(x.contiguous(), y.to(x.dtype).contiguous(), h_post.float().contiguous(), h_res)
+        return _kernels().mhc_post_res(x.contiguous(), y.contiguous(), h_post.float().contiguous(), h_res)
     with coefficient_region(x):
         return mhc_post_res_ref(x, y, h_post, h_res)
 

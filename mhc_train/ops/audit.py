@@ -1,0 +1,133 @@
+"""Record the kernel launches of one connection site on `meta` tensors: what the compile gate compiles and what the
+traffic audit counts (scripts/check_kernels.py, scripts/bench_kernels.py). Nothing runs and nothing is allocated, so
+any shape can be recorded on a machine without a GPU.
+
+Axis legend: T tokens, n streams, C channels, K coefficient columns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from mhc_train import ops
+
+ARMS = ("mhc", "mhc_identity", "hc", "sinkhorn")
+
+
+_ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh"}
+
+
+class TorchOp:
+    """One aten op run outside the Triton kernels (autograd's gradient sums, dtype conversions, reductions of
+    partials), with the bytes of its tensor arguments (read) and results (written): the audit counts these too."""
+
+    def __init__(self, name: str, read: int, written: int):
+        self.name, self._bytes = name, (read, written)
+
+    def bytes_moved(self) -> tuple[int, int]:
+        return self._bytes
+
+
+class _RecordTorchOps(TorchDispatchMode):
+    """Appends a TorchOp for every aten op that moves data; views and bare allocations move none."""
+
+    def __init__(self, into: list):
+        super().__init__()
+        self.into = into
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        returns = func._schema.returns
+        is_view = any(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+        if name not in _ALLOCATIONS and not is_view:
+
+            def size(tree):
+                return sum(t.numel() * t.element_size() for t in tree_leaves(tree) if isinstance(t, torch.Tensor))
+
+            self.into.append(TorchOp(f"aten.{name}", size((args, kwargs or {})), size(out)))
+        return out
+
+
+@contextlib.contextmanager
+def record(torch_ops: bool):
+    """Triton launches (kernels.utils.capture), plus the torch ops around them when `torch_ops`."""
+    from mhc_kernels.utils import capture
+
+    with capture() as launches:
+        if torch_ops:
+            with _RecordTorchOps(launches):
+                yield launches
+        else:
+            yield launches
+
+
+def site_launches(
+    arm: str,
+    n: int,
+    C: int,
+    stream_dtype: torch.dtype = torch.bfloat16,
+    tokens: int = 4096,
+    deterministic: bool = False,
+    sinkhorn_backward: str = "unrolled",
+    t_max: int = 20,
+    torch_ops: bool = False,
+    chain: bool = True,
+):
+    """(forward launches, backward launches) of one site with F = identity, through `mhc_train.ops` (backend triton).
+
+    `arm`: mhc (projection, gates + Sinkhorn, pre, post_res), mhc_identity (no H_res), hc (pre and post_res: HC's
+    coefficients are torch ops), sinkhorn (the standalone Sinkhorn op). `torch_ops=True` also records every aten op
+    that moves data (as `TorchOp`s, in order with the launches): what the traffic audit counts. `chain=True` passes x
+    on through the ops as a model site does (one dx per site); False is the unchained use (selective recomputation).
+    """
+    meta = dict(device="meta")
+
+    def leaf(*shape, dtype=torch.float32):
+        return torch.empty(*shape, dtype=dtype, **meta).requires_grad_()
+
+    with record(torch_ops) as fwd:
+        if arm == "sinkhorn":
+            inputs = [leaf(tokens, n, n)]
+            out = ops.sinkhorn_knopp(inputs[0], t_max, backend="triton")
+        else:
+            x = leaf(tokens, n, C, dtype=stream_dtype)
+            x_site = x  # what the stream ops read: x passed on from op to op when chained
+            if arm == "hc":
+                h_pre, h_post, h_res = leaf(tokens, n), leaf(tokens, n), leaf(tokens, n, n)
+                inputs = [x, h_pre, h_post, h_res]
+            else:
+                k = 2 * n if arm == "mhc_identity" else n * n + 2 * n
+                phi, alpha, bias = leaf(n * C, k), leaf(2 if arm == "mhc_identity" else 3), leaf(k)
+                inputs = [x, phi, alpha, bias]
+                h_pre, h_post, h_res, xc = ops.mhc_coefficients(
+                    x,
+                    phi,
+                    alpha,
+                    bias,
+                    iters=t_max,
+                    backend="triton",
+                    deterministic=deterministic,
+                    sinkhorn_backward=sinkhorn_backward,
+                    chain=True,
+                )
+                x_site = xc if chain else x
+            y, xc = ops.mhc_pre(x_site, h_pre, backend="triton", chain=True)  # F = identity: y = F(F_in)
+            out = ops.mhc_post_res(xc if chain else x, y, h_post, h_res, backend="triton")
+    upstream = torch.empty_like(out)
+    with record(torch_ops) as bwd:
+        torch.autograd.grad(out, inputs, upstream)
+    return fwd, bwd
+
+
+def traffic(launches) -> tuple[int, int]:
+    """(read, written) bytes summed over launches, each tensor argument counted once per launch."""
+    read = written = 0
+    for launch in launches:
+        r, w = launch.bytes_moved()
+        read, written = read + r, written + w
+    return read, written
