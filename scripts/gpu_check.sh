@@ -11,7 +11,7 @@
 #                             omegaconf are installed; otherwise the reason it was skipped)
 #   steps                     per step: rc, seconds, time limit and the tail of its output
 # Needs only torch, triton, numpy and pytest (no hydra, datasets or deepspeed): the package is not installed, so
-# PYTHONPATH is the repository and `mhc_kernels` a symlink to kernels/ (removed again at the end). Each step runs
+# PYTHONPATH is the repository (mhc_train and mhc_kernels import from it). Each step runs
 # under its own time limit, capped by what is left of a total budget, GPU_CHECK_BUDGET_S (default 440 s: the whole
 # script ends within 8 minutes); a step that fails or times out does not stop the others. Exit status 0 when every
 # step passed, 1 otherwise. Without CUDA (torch.cuda.is_available() false) it says so, writes a JSON with
@@ -30,9 +30,7 @@ unset TRITON_INTERPRET # kernels compile for real (tests/conftest.py sets it aga
 START=$(date +%s)
 DEADLINE=$((START + ${GPU_CHECK_BUDGET_S:-440}))
 WORK="$(mktemp -d)"
-MADE_LINK=0
 cleanup() {
-  if [ "$MADE_LINK" = 1 ]; then rm -f "$REPO/mhc_kernels"; fi
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -247,11 +245,6 @@ OVERLAP_ARGS="--model 125m --seq 2048 --micro-batch 2 --microbatches 8 --steps 1
 if [ "$CUDA" != "True" ]; then
   SINKHORN_TOKENS=2048
   OVERLAP_ARGS=""
-fi
-
-# the package is not installed on the device: map the import name mhc_kernels onto kernels/
-if [ ! -e "$REPO/mhc_kernels" ]; then
-  ln -s kernels "$REPO/mhc_kernels" && MADE_LINK=1
 fi
 
 # 2. the kernels and their references, compiled for real

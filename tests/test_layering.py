@@ -1,6 +1,6 @@
 """The package's layering, read from the source (every import statement, function-local ones included):
 
-    rank 0  mhc_kernels (folder kernels/), mhc_train.config, mhc_train.rundir   import nothing of mhc_train
+    rank 0  mhc_kernels, mhc_train.config, mhc_train.rundir   import nothing of mhc_train
     rank 1  mhc_train.ops
     rank 2  mhc_train.model, mhc_train.data
     rank 3  mhc_train.optim
@@ -39,7 +39,7 @@ RANKS = {
 
 def _modules() -> dict[str, Path]:
     mods = {}
-    for root, name in ((REPO / "mhc_train", "mhc_train"), (REPO / "kernels", "mhc_kernels")):
+    for root, name in ((REPO / "mhc_train", "mhc_train"), (REPO / "mhc_kernels", "mhc_kernels")):
         for path in root.rglob("*.py"):
             parts = [name, *path.relative_to(root).with_suffix("").parts]
             if parts[-1] == "__init__":

@@ -89,10 +89,10 @@ def test_wheel_contents_and_installed_cli(tmp_path):
     pytest.importorskip("setuptools", minversion="77")  # the build backend pyproject names (make venv upgrades it)
     wheel = build_wheel(copy_sources(tmp_path / "src"), tmp_path / "dist")
 
-    # Every module of mhc_train/ and kernels/, every YAML of configs/; nothing of tools/ or tests/.
+    # Every module of mhc_train/ and mhc_kernels/, every YAML of configs/; nothing of tools/ or tests/.
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {f"mhc_train/{p.relative_to(REPO / 'mhc_train')}" for p in (REPO / "mhc_train").rglob("*.py")}
-    expected |= {f"mhc_kernels/{p.relative_to(REPO / 'kernels')}" for p in (REPO / "kernels").rglob("*.py")}
+    expected |= {f"mhc_kernels/{p.relative_to(REPO / 'mhc_kernels')}" for p in (REPO / "mhc_kernels").rglob("*.py")}
     expected |= {f"mhc_train/configs/{p.relative_to(REPO / 'configs')}" for p in (REPO / "configs").rglob("*.yaml")}
     tasks = REPO / "mhc_train" / "infer" / "tasks"  # the bundled offline lm-eval tasks and their data files
     expected |= {f"mhc_train/{p.relative_to(REPO / 'mhc_train')}" for p in tasks.iterdir() if p.is_file()}

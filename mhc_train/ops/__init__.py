@@ -1,6 +1,6 @@
 """The connection math as plain functions: tensors in, tensors out; no modules, no configs.
 
-This is the seam the Triton kernels of `mhc_kernels` (folder `kernels/`) plug into. Every function takes
+This is the seam the Triton kernels of `mhc_kernels` plug into. Every function takes
 `backend`, resolved here and only here:
 - `torch`: the PyTorch path: the plain reference of `reference.py`, except Sinkhorn, which uses the hand-written,
   iterate-recomputing backward of `sinkhorn.py` (4x faster on CPU; tested against the reference);

@@ -1,5 +1,6 @@
-"""Fused Triton kernels for the mHC/HC connection math; import name `mhc_kernels` (a bare `kernels` collides with a
-PyPI package that transformers probes for). Reached only through `mhc_train.ops` (backend triton | auto).
+"""Fused Triton kernels for the mHC/HC connection math, reached only through `mhc_train.ops` (backend triton | auto).
+Not named `kernels`: that is a PyPI package transformers imports, and a top-level folder of that name shadowed it
+whenever the repository root was on sys.path.
 
 - `projection.py`  kernel 1: v @ phi and sum(v^2) in one pass, reordered RMSNorm; fused dv + dphi backward
 - `gates.py`       kernel 2: gates, biases, sigmoid, 2*sigmoid and all Sinkhorn iterations in one kernel

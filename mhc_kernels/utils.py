@@ -2,7 +2,7 @@
 
 - `launch(kernel, grid, writes=..., num_warps=..., num_stages=..., **args)` runs a kernel; inside `capture()` it also
   records the launch (kernel, grid, arguments, launch options, which tensors it writes), and skips running it when
-  the tensors live on the `meta` device. The compile gate (`kernels/aot.py`, `scripts/check_kernels.py`) compiles
+  the tensors live on the `meta` device. The compile gate (`mhc_kernels/aot.py`, `scripts/check_kernels.py`) compiles
   exactly the recorded specializations ahead of time; the traffic audit (`scripts/bench_kernels.py`) counts bytes
   from the recorded tensor arguments. One code path, so the gate and the audit see what users run.
 - Launch options (num_warps, num_stages) are chosen per shape by each launcher; the interpreter ignores them.
