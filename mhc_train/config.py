@@ -59,7 +59,7 @@ class ConnectionConfig:
     type: str = "mhc"  # residual | hc | mhc
     n_streams: int = 4  # n, the expansion rate; residual forces 1
     backend: str = "auto"  # torch | triton | auto (triton for CUDA tensors, torch elsewhere)
-    deterministic: bool = False  # triton: reproducible phi gradient (no float atomics; a scratch buffer instead)
+    deterministic: bool = False  # kept for old configs: the triton phi gradient is always bit-reproducible now
     # --- HC (Zhu et al.) ---
     hc_dynamic: bool = True  # DHC (the paper's default) adds input-dependent terms to the static B, A_m, A_r
     hc_dynamic_scale_init: float = 0.01  # s_alpha and s_beta at init
