@@ -6,10 +6,10 @@ imported), so shapes and grids are small; on a GPU the same tests compile the ke
 
 import warnings
 
-import mhc_kernels as K
 import pytest
 import torch
 
+import mhc_kernels as K
 from mhc_train import ops
 from mhc_train.ops.reference import mhc_post_res_ref, mhc_pre_ref, mhc_projection_ref, sinkhorn_knopp_ref
 from tests.conftest import assert_close
