@@ -132,7 +132,31 @@ def cmd_demo(args) -> None:
         "unigram_entropy": result["rows"][0]["unigram_entropy"],
     }
     atomic_write_text(out / "bench.json", json.dumps(bench, indent=2, default=str))
-    print(Path(result["md"]).read_text())
+    t = cfg.train
+    if len(lrs) == 1:
+        why = (
+            f"every arm at the same peak LR {lrs[0]:g} (optim.lr of experiment={args.experiment}): one shared LR, "
+            "not each arm's best; `--lrs a,b,c` sweeps it and the tables then show each arm at its own best LR"
+        )
+    else:
+        why = (
+            f"swept per arm over {', '.join(f'{lr:g}' for lr in lrs)}: each arm at its own best LR and at a shared one"
+        )
+    setup = [
+        "## Setup",
+        "",
+        f"- experiment={args.experiment}: arms {', '.join(args.arms)}; seeds {seeds} (seed k: the same init seed "
+        "and data order in every arm)",
+        f"- {t.max_steps} steps of {t.batch_size} x {t.seq_len} tokens per run, {cfg.schedule.name} schedule, "
+        f"grad clip {cfg.optim.grad_clip:g}",
+        f"- LR: {why}",
+        f"- wall time {bench['total_wall_s']:.0f} s for {len(run_dirs)} runs, one after another",
+        "",
+    ]
+    md_path = Path(result["md"])
+    title, rest = md_path.read_text().split("\n", 1)
+    atomic_write_text(md_path, "\n".join([title, "", *setup]) + rest)
+    print(md_path.read_text())
     print(f"plot: {result['png']}\nbenchmark: {out / 'bench.json'}\ntotal: {bench['total_wall_s']:.0f} s")
 
 

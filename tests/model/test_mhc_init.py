@@ -95,3 +95,19 @@ def test_diagnostics_say_n_a_where_a_quantity_has_no_meaning():
     assert ident["sinkhorn_col_err_max"] is None and ident["h_res_dist_identity_mean"] == 0.0
     mhc = connection_diagnostics(build_model(tiny_model_cfg(), conn_cfg("mhc")), tokens)
     assert mhc["sinkhorn_col_err_max"] is not None and mhc["h_res_dist_uniform_mean"] < 0.05
+
+
+def test_connection_lr_mult_and_weight_decay_groups():
+    model = build_model(tiny_model_cfg(), conn_cfg("mhc"), seed=0)
+    groups = {g["name"]: g for g in build_optimizer(model, OptimConfig(lr=1e-2)).param_groups}
+    assert set(groups) == {"decay", "no_decay"}  # the default layout is unchanged
+    opt = build_optimizer(model, OptimConfig(lr=1e-2, connection_lr_mult=0.0, connection_weight_decay=False))
+    groups = {g["name"]: g for g in opt.param_groups}
+    phi = model.sites()[0][1].phi
+    assert any(p is phi for p in groups["conn_decay"]["params"]) and groups["conn_decay"]["weight_decay"] == 0.0
+    assert groups["conn_no_decay"]["lr"] == 0.0 and groups["decay"]["lr"] == 1e-2
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "_conn." in n}
+    tokens = torch.randint(0, 256, (2, 9))
+    torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    opt.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if "_conn." in n)  # frozen
