@@ -79,6 +79,22 @@ def _float_list(text: str) -> list[float]:
     return [float(v) for v in text.split(",")]
 
 
+def _stability_record(run_dir: Path) -> dict:
+    """What the stability experiment reports per run: composite Amax gains over steps, and how often clipping acted."""
+    from mhc_train.train.metrics import read_metrics
+
+    recs = read_metrics(run_dir)
+    train = recs.get("train", [])
+    return {
+        "composite_gain_over_steps": [
+            {"step": d["step"], "fwd": d.get("composite_fwd_gain_max"), "bwd": d.get("composite_bwd_gain_max")}
+            for d in recs.get("diag", [])
+        ],
+        "clipped_fraction_of_logged_steps": sum(bool(r.get("clipped")) for r in train) / len(train) if train else None,
+        "grad_norm_max": max((r["grad_norm"] for r in train if "grad_norm" in r), default=None),
+    }
+
+
 def _lr_tag(lr: float) -> str:
     return f"lr{lr:g}"
 
@@ -123,8 +139,11 @@ def cmd_demo(args) -> None:
         "seeds": seeds,
         "lrs": lrs,
         "runs": {
-            r["run"]: {k: r[k] for k in ("final_val_loss", "tokens_per_s", "peak_mem_mb", "step_time_vs_residual")}
-            for r in result["rows"]
+            r["run"]: {
+                **{k: r[k] for k in ("final_val_loss", "tokens_per_s", "peak_mem_mb", "step_time_vs_residual")},
+                **_stability_record(run),
+            }
+            for r, run in zip(result["rows"], run_dirs)
         },
         "seed_statistics": result["stats"],
         "wall_s": timings,
