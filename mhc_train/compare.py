@@ -72,24 +72,32 @@ def verdict(name: str, diff: dict, base: str = "residual") -> str:
 # ---- runs ---------------------------------------------------------------------------------------------------------
 def arm_name(cfg: dict) -> str:
     """The arm a run belongs to, from its resolved config: residual, hc, hc_static, mhc (symmetric init),
-    mhc_hclike (one-hot read, near-identity H_res), mhc_onehot / mhc_idres (one of the two), mhc_identity."""
+    mhc_hclike (one-hot read, near-identity H_res), mhc_onehot / mhc_idres (one of the two), mhc_identity; with
+    `+clr<m>` for optim.connection_lr_mult != 1 and `+nowd` for optim.connection_weight_decay=false."""
     c = cfg.get("connection", {})
     kind = c.get("type", "?")
     if kind == "hc":
-        return "hc" if c.get("hc_dynamic", True) else "hc_static"
-    if kind != "mhc":
-        return kind
-    if c.get("h_res") == "identity":
-        return "mhc_identity"
-    one_hot, id_res = c.get("read_init") == "one_hot", c.get("b_res_init") == "identity"
-    return {(True, True): "mhc_hclike", (True, False): "mhc_onehot", (False, True): "mhc_idres"}.get(
-        (one_hot, id_res), "mhc"
-    )
+        name = "hc" if c.get("hc_dynamic", True) else "hc_static"
+    elif kind != "mhc":
+        name = kind
+    elif c.get("h_res") == "identity":
+        name = "mhc_identity"
+    else:
+        one_hot, id_res = c.get("read_init") == "one_hot", c.get("b_res_init") == "identity"
+        name = {(True, True): "mhc_hclike", (True, False): "mhc_onehot", (False, True): "mhc_idres"}.get(
+            (one_hot, id_res), "mhc"
+        )
+    o = cfg.get("optim", {})
+    if o.get("connection_lr_mult", 1.0) != 1.0:
+        name += f"+clr{o['connection_lr_mult']:g}"
+    if o.get("connection_weight_decay", True) is False:
+        name += "+nowd"
+    return name
 
 
 # columns that have no meaning for some arms: shown as n/a there (not "-", which means "not logged")
 NOT_APPLICABLE = {
-    "sinkhorn_col_err_max": lambda arm: not arm.startswith("mhc") or arm == "mhc_identity",  # never projected
+    "sinkhorn_col_err_max": lambda arm: not arm.startswith("mhc") or arm.startswith("mhc_identity"),  # no projection
     "h_res_dist_uniform": lambda arm: arm == "residual",  # n = 1: J/n = I = 1
     "h_res_dist_identity": lambda arm: arm == "residual",
 }
@@ -451,8 +459,10 @@ def plot(runs: list[dict], out_png: Path, stats: dict | None = None) -> None:
         ax.set_ylabel(yl)
         if ax not in (ax_tps, ax_mem) and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    for ax in (ax_gn, ax_amax, ax_comp):
-        ax.set_yscale("log")
+    for ax in (ax_gn, ax_amax, ax_comp):  # log only where the values span a decade (gains of ~1 read badly)
+        lo, hi = ax.get_ylim()
+        if lo > 0 and hi / lo > 10:
+            ax.set_yscale("log")
     ax_sweep.set_xscale("log")
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
