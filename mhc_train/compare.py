@@ -214,7 +214,7 @@ def summary_rows(runs: list[dict], step: int | None = None) -> list[dict]:
             **{col: r.get("eval", {}).get(col) for col in eval_cols},  # downstream scores (mhc-train eval)
         }
         for col, na in NOT_APPLICABLE.items():
-            if last and na(arm):
+            if na(arm):
                 row[col] = "n/a"
         rows.append(row)
     return rows

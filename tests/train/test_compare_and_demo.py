@@ -23,6 +23,8 @@ def test_demo_runs_arms_over_seeds_and_reports_paired_intervals(prepared_data, t
         "model=test",
         "train=test",
         "train.max_steps=4",
+        "train.eval_every=2",
+        "train.diag_every=2",
         f"data.out_dir={prepared_data}",
         "logging.wandb=false",
     ]
@@ -41,7 +43,7 @@ def test_demo_runs_arms_over_seeds_and_reports_paired_intervals(prepared_data, t
         assert d["n"] == 2 and d["ci_low"] < d["mean"] < d["ci_high"]
         assert f"- {arm} (lr 0.003, its best): " in md and "95% CI [" in md
     hc_row = next(line for line in md.splitlines() if line.startswith("| hc/lr0.003/seed0 | hc |"))
-    assert "| n/a |" in hc_row  # HC's H_res is never Sinkhorn-projected
+    assert "| n/a |" in hc_row and "| - |" not in hc_row  # HC's H_res is never Sinkhorn-projected; all else logged
     bench = json.loads((out / "bench.json").read_text())
     assert bench["seeds"] == [0, 1] and len(bench["runs"]) == 6
     assert all(a["tokens_per_s"] > 0 and a["peak_mem_mb"] > 0 for a in bench["runs"].values())

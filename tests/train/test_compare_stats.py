@@ -88,3 +88,5 @@ def test_columns_without_meaning_say_n_a():
     assert res["sinkhorn_col_err_max"] == res["h_res_dist_uniform"] == "n/a"
     assert hc["sinkhorn_col_err_max"] == "n/a" and ident["sinkhorn_col_err_max"] == "n/a"
     assert mhc["sinkhorn_col_err_max"] == 1e-7 and hc["h_res_dist_uniform"] is None  # not logged: "-"
+    (no_diag,) = summary_rows([_run("hc", 0, 1e-3, [(10, 5.0)])])
+    assert no_diag["sinkhorn_col_err_max"] == "n/a" and no_diag["composite_bwd_gain_max"] is None
