@@ -180,11 +180,10 @@ def summary_rows(runs: list[dict], step: int | None = None) -> list[dict]:
         return (same or residuals or [None])[0]
 
     eval_cols = sorted({k for r in runs for k in r.get("eval", {})})
-    root = Path(os.path.commonpath([r["dir"].resolve() for r in runs])) if len(runs) > 1 else None
+    names = _run_names(runs)
     rows = []
     for r in runs:
         base = base_of(r)
-        name = str(r["dir"].resolve().relative_to(root)) if root is not None else r["dir"].name
         val = _val_at(r, step)
         base_val = _val_at(base, step) if base else None
         _, train = _series(r["recs"], "train", "loss")
@@ -194,7 +193,7 @@ def summary_rows(runs: list[dict], step: int | None = None) -> list[dict]:
         base_tps = base["summary"].get("tokens_per_s") if base else None
         arm = r.get("arm") or r["connection"]
         row = {
-            "run": name or r["dir"].name,
+            "run": names[id(r)],
             "arm": arm,
             "connection": r["connection"],
             "seed": r.get("seed"),
@@ -214,7 +213,7 @@ def summary_rows(runs: list[dict], step: int | None = None) -> list[dict]:
             **{col: r.get("eval", {}).get(col) for col in eval_cols},  # downstream scores (mhc-train eval)
         }
         for col, na in NOT_APPLICABLE.items():
-            if na(arm):
+            if na(arm.split(":")[0]):  # "arm:run" when runs of one arm differ otherwise (`_disambiguate`)
                 row[col] = "n/a"
         rows.append(row)
     return rows
@@ -255,6 +254,32 @@ def grouped(runs: list[dict], step: int | None) -> dict:
         groups[key][seed] = val
         where[key + (seed,)] = r["dir"]
     return groups
+
+
+def _disambiguate(runs: list[dict]) -> list[str]:
+    """Runs that share arm, LR and seed but differ otherwise (another model, schedule, ...) are not seeds of one arm:
+    each becomes an arm of its own, named after its directory."""
+    seen: dict = {}
+    for r in runs:
+        seen.setdefault((r.get("arm") or r["connection"], r.get("lr"), r.get("seed")), []).append(r)
+    notes, names = [], _run_names(runs)
+    for (arm, lr, seed), same in seen.items():
+        if len(same) > 1:
+            for r in same:
+                r["arm"] = f"{arm}:{names[id(r)]}"
+            notes.append(
+                f"{len(same)} runs of arm {arm} at lr {_lr_str(lr)} with seed {seed} "
+                f"({', '.join(names[id(r)] for r in same)}): compared as separate arms"
+            )
+    return notes
+
+
+def _run_names(runs: list[dict]) -> dict:
+    """{id(run): its directory relative to the runs' common parent} (the directory name for a single run)."""
+    if len(runs) < 2:
+        return {id(r): r["dir"].name for r in runs}
+    root = Path(os.path.commonpath([r["dir"].resolve() for r in runs]))
+    return {id(r): str(r["dir"].resolve().relative_to(root)) or r["dir"].name for r in runs}
 
 
 def seed_statistics(runs: list[dict]) -> dict:
@@ -473,10 +498,16 @@ def plot(runs: list[dict], out_png: Path, stats: dict | None = None) -> None:
 def compare(run_dirs: list[str | Path], out_dir: str | Path) -> dict:
     """Write `compare.png`, `summary.md` and `summary.json` into out_dir; returns the per-run rows, the seed/LR
     statistics and the paths."""
+    dirs = [Path(d).resolve() for d in run_dirs]
+    if len(set(dirs)) < len(dirs):
+        twice = sorted({str(d) for d in dirs if dirs.count(d) > 1})
+        raise CompareError(f"run directory given twice: {', '.join(twice)}; pass each run once")
     runs = [load_run(d) for d in run_dirs]
+    notes = _disambiguate(runs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stats = seed_statistics(runs)
+    stats["notes"] = notes + stats["notes"]
     plot(runs, out / "compare.png", stats)
     rows = summary_rows(runs, stats["step"])
     md = ["# Run comparison", "", *stats_markdown(stats), "## Per run", "", markdown_table(rows), ""]

@@ -7,6 +7,7 @@ import pytest
 
 from mhc_train.compare import (
     CompareError,
+    _disambiguate,
     mean_std,
     paired_difference,
     seed_statistics,
@@ -90,3 +91,11 @@ def test_columns_without_meaning_say_n_a():
     assert mhc["sinkhorn_col_err_max"] == 1e-7 and hc["h_res_dist_uniform"] is None  # not logged: "-"
     (no_diag,) = summary_rows([_run("hc", 0, 1e-3, [(10, 5.0)])])
     assert no_diag["sinkhorn_col_err_max"] == "n/a" and no_diag["composite_bwd_gain_max"] is None
+
+
+def test_runs_of_one_arm_and_seed_that_differ_otherwise_become_separate_arms():
+    runs = [_run("mhc", 0, 1e-3, [(10, 5.0)]), _run("mhc", 0, 1e-3, [(10, 4.0)])]
+    runs[1]["dir"] = Path("/r/other/0")
+    (note,) = _disambiguate(runs)
+    assert [r["arm"] for r in runs] == ["mhc:mhc/0", "mhc:other/0"] and "compared as separate arms" in note
+    assert len(seed_statistics(runs)["per_lr"]) == 2
