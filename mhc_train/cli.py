@@ -169,7 +169,8 @@ def cmd_demo(args) -> None:
         f"- {t.max_steps} steps of {t.batch_size} x {t.seq_len} tokens per run, {cfg.schedule.name} schedule, "
         f"grad clip {cfg.optim.grad_clip:g}",
         f"- LR: {why}",
-        f"- wall time {bench['total_wall_s']:.0f} s for {len(run_dirs)} runs, one after another",
+        f"- wall time of this invocation {bench['total_wall_s']:.0f} s for {len(run_dirs)} runs, one after another "
+        "(a run that was already finished counts only its resume check)",
         "",
     ]
     md_path = Path(result["md"])
