@@ -376,10 +376,11 @@ def stats_markdown(stats: dict) -> list[str]:
         md += [_stat_table(stats["shared"]), ""]
     md += ["### Verdicts", ""]
     base_lr = next((r["lr"] for r in stats["best_lr"] if r["arm"] == "residual"), None)
+    best = ", its best" if len({r["lr"] for r in stats["per_lr"]}) > 1 else ""
     for r in stats["best_lr"]:
         if r["vs_residual"] is not None:
-            name = f"{r['arm']} (lr {_lr_str(r['lr'])}, its best)"
-            md.append("- " + verdict(name, r["vs_residual"], f"residual (lr {_lr_str(base_lr)}, its best)"))
+            name = f"{r['arm']} (lr {_lr_str(r['lr'])}{best})"
+            md.append("- " + verdict(name, r["vs_residual"], f"residual (lr {_lr_str(base_lr)}{best})"))
     if len({r["lr"] for r in stats["per_lr"]}) > 1:
         for r in stats["shared"]:
             if r["vs_residual"] is not None:

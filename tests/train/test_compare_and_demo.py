@@ -41,7 +41,7 @@ def test_demo_runs_arms_over_seeds_and_reports_paired_intervals(prepared_data, t
     for arm in ("hc", "mhc"):
         d = per_arm[arm]["vs_residual"]
         assert d["n"] == 2 and d["ci_low"] < d["mean"] < d["ci_high"]
-        assert f"- {arm} (lr 0.003, its best): " in md and "95% CI [" in md
+        assert f"- {arm} (lr 0.003): " in md and "95% CI [" in md
     hc_row = next(line for line in md.splitlines() if line.startswith("| hc/lr0.003/seed0 | hc |"))
     assert "| n/a |" in hc_row and "| - |" not in hc_row  # HC's H_res is never Sinkhorn-projected; all else logged
     bench = json.loads((out / "bench.json").read_text())
