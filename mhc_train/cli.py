@@ -3,7 +3,7 @@
 mhc-train prepare [hydra overrides]           text -> tokenizer + token shards (data.* keys)
 mhc-train train [--config FILE] [overrides]   one run; e.g. connection=hc model=125m train.max_steps=1000
 mhc-train compare RUN_DIR... --out DIR        plots + markdown table of several runs
-mhc-train demo [overrides]                    the three arms on the bundled corpus, then the comparison
+mhc-train demo [--seeds 0,1 --lrs ..] [ovr]  arms x LRs x seeds of an experiment, then the comparison
 mhc-train generate CKPT --prompt TEXT         sample from a checkpoint (run dir or step file; KV-cache decode)
 mhc-train export CKPT --out DIR               a Hugging Face directory (AutoModelForCausalLM, trust_remote_code)
 mhc-train eval CKPT_OR_EXPORT --tasks T...    lm-evaluation-harness; scores into <run_dir>/eval.json
@@ -61,47 +61,123 @@ def shutdown_distributed() -> None:
 
 
 def cmd_compare(args) -> None:
-    from mhc_train.compare import compare
+    from mhc_train.compare import CompareError, compare
 
-    result = compare(args.run_dirs, args.out)
+    try:
+        result = compare(args.run_dirs, args.out)
+    except CompareError as e:
+        _die(str(e))
     print(Path(result["md"]).read_text())
     print(f"plot: {result['png']}")
 
 
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
+def _float_list(text: str) -> list[float]:
+    return [float(v) for v in text.split(",")]
+
+
+def _stability_record(run_dir: Path) -> dict:
+    """What the stability experiment reports per run: composite Amax gains over steps, and how often clipping acted."""
+    from mhc_train.train.metrics import read_metrics
+
+    recs = read_metrics(run_dir)
+    train = recs.get("train", [])
+    return {
+        "composite_gain_over_steps": [
+            {"step": d["step"], "fwd": d.get("composite_fwd_gain_max"), "bwd": d.get("composite_bwd_gain_max")}
+            for d in recs.get("diag", [])
+        ],
+        "clipped_fraction_of_logged_steps": sum(bool(r.get("clipped")) for r in train) / len(train) if train else None,
+        "grad_norm_max": max((r["grad_norm"] for r in train if "grad_norm" in r), default=None),
+    }
+
+
+def _lr_tag(lr: float) -> str:
+    return f"lr{lr:g}"
+
+
 def cmd_demo(args) -> None:
-    """Each arm in its own process (fair peak-RSS numbers), same data order, seed, schedule and token budget."""
+    """Every arm x LR x seed in its own process (fair peak-RSS numbers), then the comparison. Seed k of every arm has
+    the same init seed and data order (train.seed); all runs share the schedule and token budget."""
     from mhc_train.compare import compare
     from mhc_train.config import load_config
     from mhc_train.data import prepare
     from mhc_train.data.prepare import atomic_write_text
 
     out = Path(args.out)
-    base = ["+experiment=demo", *args.overrides]
-    prepare(load_config(base).data)  # once, before the arms
-    run_dirs, timings = [], {}
-    for arm in args.arms:
-        overrides = [*base, f"connection={arm}", f"run_name={out.name}/{arm}", f"run_dir={out / arm}"]
-        t0 = time.time()
-        proc = subprocess.run([sys.executable, "-m", "mhc_train.cli", "train", *overrides], env=os.environ.copy())
-        if proc.returncode != 0:
-            _die(
-                f"the {arm} arm failed (exit {proc.returncode}); its run directory is {out / arm}. Re-running "
-                "`make demo` resumes every arm from its last checkpoint"
-            )
-        timings[arm] = time.time() - t0
-        run_dirs.append(out / arm)
+    base = [f"+experiment={args.experiment}", *args.overrides]
+    cfg = load_config(base)  # fails here, before any run, on a bad override
+    prepare(cfg.data)  # once, before the arms
+    seeds = args.seeds if args.seeds is not None else list(range(args.n_seeds))
+    lrs = args.lrs or [cfg.optim.lr]
+    run_dirs, timings, t_start = [], {}, time.time()
+    for lr in lrs:
+        for arm in args.arms:
+            for seed in seeds:
+                run = out / arm / _lr_tag(lr) / f"seed{seed}"
+                overrides = [*base, f"connection={arm}", f"optim.lr={lr}", f"train.seed={seed}"]
+                overrides += [f"run_name={out.name}/{arm}/{_lr_tag(lr)}/seed{seed}", f"run_dir={run}"]
+                print(f"== {arm} lr={lr:g} seed={seed} -> {run}", flush=True)
+                t0 = time.time()
+                cmd = [sys.executable, "-m", "mhc_train.cli", "train", *overrides]
+                proc = subprocess.run(cmd, env=os.environ.copy())
+                if proc.returncode != 0:
+                    _die(
+                        f"the {arm} arm (lr {lr:g}, seed {seed}) failed (exit {proc.returncode}); its run directory "
+                        f"is {run}. Re-running the same command resumes every run from its last checkpoint"
+                    )
+                timings[f"{arm}/{_lr_tag(lr)}/seed{seed}"] = time.time() - t0
+                run_dirs.append(run)
     result = compare(run_dirs, out)
     bench = {
-        "arms": {
-            r["run"]: {k: r[k] for k in ("final_val_loss", "tokens_per_s", "peak_mem_mb", "step_time_vs_residual")}
-            for r in result["rows"]
+        "experiment": args.experiment,
+        "command": " ".join(["mhc-train", "demo", *sys.argv[2:]]),
+        "arms": args.arms,
+        "seeds": seeds,
+        "lrs": lrs,
+        "runs": {
+            r["run"]: {
+                **{k: r[k] for k in ("final_val_loss", "tokens_per_s", "peak_mem_mb", "step_time_vs_residual")},
+                **_stability_record(run),
+            }
+            for r, run in zip(result["rows"], run_dirs)
         },
+        "seed_statistics": result["stats"],
         "wall_s": timings,
+        "total_wall_s": time.time() - t_start,
         "unigram_entropy": result["rows"][0]["unigram_entropy"],
     }
-    atomic_write_text(out / "bench.json", json.dumps(bench, indent=2))
-    print(Path(result["md"]).read_text())
-    print(f"plot: {result['png']}\nbenchmark: {out / 'bench.json'}")
+    atomic_write_text(out / "bench.json", json.dumps(bench, indent=2, default=str))
+    t = cfg.train
+    if len(lrs) == 1:
+        why = (
+            f"every arm at the same peak LR {lrs[0]:g} (optim.lr of experiment={args.experiment}): one shared LR, "
+            "not each arm's best; `--lrs a,b,c` sweeps it and the tables then show each arm at its own best LR"
+        )
+    else:
+        why = (
+            f"swept per arm over {', '.join(f'{lr:g}' for lr in lrs)}: each arm at its own best LR and at a shared one"
+        )
+    setup = [
+        "## Setup",
+        "",
+        f"- experiment={args.experiment}: arms {', '.join(args.arms)}; seeds {seeds} (seed k: the same init seed "
+        "and data order in every arm)",
+        f"- {t.max_steps} steps of {t.batch_size} x {t.seq_len} tokens per run, {cfg.schedule.name} schedule, "
+        f"grad clip {cfg.optim.grad_clip:g}",
+        f"- LR: {why}",
+        f"- wall time of this invocation {bench['total_wall_s']:.0f} s for {len(run_dirs)} runs, one after another "
+        "(a run that was already finished counts only its resume check)",
+        "",
+    ]
+    md_path = Path(result["md"])
+    title, rest = md_path.read_text().split("\n", 1)
+    atomic_write_text(md_path, "\n".join([title, "", *setup]) + rest)
+    print(md_path.read_text())
+    print(f"plot: {result['png']}\nbenchmark: {out / 'bench.json'}\ntotal: {bench['total_wall_s']:.0f} s")
 
 
 def cmd_generate(args) -> None:
@@ -175,9 +251,13 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("run_dirs", nargs="+")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_compare)
-    s = sub.add_parser("demo")
+    s = sub.add_parser("demo", help="every arm x LR x seed of an experiment, then the comparison")
     s.add_argument("--out", default="runs/demo")
-    s.add_argument("--arms", nargs="+", default=list(DEMO_ARMS))
+    s.add_argument("--experiment", default="demo", help="configs/experiment/NAME.yaml: demo | stability | ...")
+    s.add_argument("--arms", nargs="+", default=list(DEMO_ARMS), help="configs/connection names")
+    s.add_argument("--n-seeds", type=int, default=3, help="seeds 0..K-1 per arm and LR (default 3)")
+    s.add_argument("--seeds", type=_int_list, help="explicit seeds instead of --n-seeds, e.g. 0,1,2")
+    s.add_argument("--lrs", type=_float_list, help="peak LRs to sweep, e.g. 1e-3,2e-3 (default: optim.lr)")
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=cmd_demo)
     s = sub.add_parser("generate", help="sample from a checkpoint")

@@ -14,6 +14,7 @@ from typing import Any
 CONNECTION_TYPES = ("residual", "hc", "mhc")
 H_RES_MODES = ("sinkhorn", "identity")
 B_RES_INITS = ("uniform", "identity")
+READ_INITS = ("uniform", "one_hot")
 OUT_PROJ_INITS = ("none", "mul_sqrt_n", "div_sqrt_n")
 BACKENDS = ("torch", "triton", "auto")
 SINKHORN_BACKWARDS = ("unrolled", "implicit")
@@ -70,7 +71,9 @@ class ConnectionConfig:
     sinkhorn_backward: str = "unrolled"  # unrolled (exact for t_max steps, the paper's) | implicit (fixed point)
     alpha_init: float = 0.01  # the three gates alpha_pre, alpha_post, alpha_res (paper: 0.01)
     phi_init_std: float = 0.02  # std of phi's normal init; 0 keeps streams identical forever (symmetry)
-    b_pre_init: float = 0.0  # logit of H_pre; 0 gives a uniform read of 0.5 per stream
+    b_pre_init: float = 0.0  # logit of H_pre (read_init=uniform); 0 gives a uniform read of 0.5 per stream
+    read_init: str = "uniform"  # uniform (b_pre_init on every stream) | one_hot (site k reads stream k mod n, as HC)
+    read_logit: float = 4.0  # read_init=one_hot: b_pre = +read_logit on stream k mod n, -read_logit elsewhere
     b_post_init: float = 0.0  # logit of H_post; 0 gives 2*sigmoid(0) = 1, as in HC
     b_res_init: str = "uniform"  # uniform (H_res = J/n) | identity (diagonal logit b_res_diag, 0 elsewhere)
     b_res_diag: float = 2.0  # diagonal logit for b_res_init=identity (2 -> ~0.71 on the diagonal at n=4)
@@ -106,6 +109,9 @@ class OptimConfig:
     beta2: float = 0.95  # mHC paper, Table 5
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
+    # Connection parameters (mHC phi / alpha / bias, HC static and dynamic parts), for ablations (issue 15):
+    connection_lr_mult: float = 1.0  # their LR = lr * this; 0 freezes them at their init
+    connection_weight_decay: bool = True  # decay their matrices (mHC phi, HC dyn_proj); gates and biases never
 
 
 @dataclass
@@ -242,6 +248,7 @@ def validate_connection(c: ConnectionConfig, prefix: str = "connection") -> None
     choice(f"{prefix}.hc_out_proj_init", c.hc_out_proj_init, OUT_PROJ_INITS)
     choice(f"{prefix}.h_res", c.h_res, H_RES_MODES)
     choice(f"{prefix}.b_res_init", c.b_res_init, B_RES_INITS)
+    choice(f"{prefix}.read_init", c.read_init, READ_INITS)
     choice(f"{prefix}.sinkhorn_backward", c.sinkhorn_backward, SINKHORN_BACKWARDS)
     at_least(f"{prefix}.t_max", c.t_max, 1)
     if not c.eps > 0:
@@ -289,6 +296,8 @@ def validate(cfg: Config) -> None:
         fail("optim.lr", o.lr, "must be > 0")
     if o.weight_decay < 0 or o.grad_clip < 0:
         fail("optim.weight_decay/grad_clip", (o.weight_decay, o.grad_clip), "must be >= 0")
+    if o.connection_lr_mult < 0:
+        fail("optim.connection_lr_mult", o.connection_lr_mult, "must be >= 0 (0 freezes the connection parameters)")
     choice("schedule.name", s.name, LR_SCHEDULES)
     at_least("schedule.warmup_steps", s.warmup_steps, 0)
     if len(s.step_milestones) != len(s.step_factors):

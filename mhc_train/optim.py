@@ -11,15 +11,28 @@ from mhc_train.model import no_weight_decay
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """Two groups: matrices decay; norms, biases, gates, scalars and HC static parts (`no_weight_decay`) do not."""
-    decay, no_decay = [], []
+    """Two groups: matrices decay; norms, biases, gates, scalars and HC static parts (`no_weight_decay`) do not.
+
+    With `connection_lr_mult != 1` or `connection_weight_decay: false`, the connection parameters (every name with
+    `_conn.`: mHC phi / alpha / bias, HC static and dynamic parts) get groups of their own, `conn_decay` and
+    `conn_no_decay`, at `lr * connection_lr_mult` (0 freezes them)."""
+    own_groups = cfg.connection_lr_mult != 1.0 or not cfg.connection_weight_decay
+    buckets: dict[str, list] = {"decay": [], "no_decay": [], "conn_decay": [], "conn_no_decay": []}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if no_weight_decay(name, p) else decay).append(p)
+            kind = "no_decay" if no_weight_decay(name, p) else "decay"
+            buckets[f"conn_{kind}" if own_groups and "_conn." in name else kind].append(p)
+    conn_wd = cfg.weight_decay if cfg.connection_weight_decay else 0.0
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+        {"params": buckets["decay"], "weight_decay": cfg.weight_decay, "name": "decay"},
+        {"params": buckets["no_decay"], "weight_decay": 0.0, "name": "no_decay"},
     ]
+    if own_groups:
+        conn_lr = cfg.lr * cfg.connection_lr_mult
+        groups += [
+            {"params": buckets["conn_decay"], "weight_decay": conn_wd, "lr": conn_lr, "name": "conn_decay"},
+            {"params": buckets["conn_no_decay"], "weight_decay": 0.0, "lr": conn_lr, "name": "conn_no_decay"},
+        ]
     # CPU: foreach=False keeps results bit-identical between a run and its resumed twin whatever the grouping.
     # CUDA: the fused kernel (one launch for every tensor) where the parameters are plain tensors; foreach (a few
     # launches per group) for DTensor shards (FSDP2).

@@ -35,6 +35,7 @@ class Site(nn.Module):
     """One connection site: `x_{l+1} = H_res x_l + H_post^T F(H_pre x_l)` from the coefficients of `x_l`."""
 
     backend: str = "torch"  # which implementation of mhc_train.ops runs (config connection.backend)
+    projects_h_res: bool = False  # H_res is Sinkhorn-projected (mHC); the diagnostics' column error applies
     _post_res_runner: Callable | None = None  # see `run_post_res_through`
 
     def run_post_res_through(self, runner: Callable | None) -> None:
@@ -150,15 +151,25 @@ class HCSite(Site):
 class MHCSite(Site):
     """mHC (DeepSeek, 2512.24880, Eqs. 7-9): coefficients from the flattened, RMS-normalised nC stream state.
 
-    phi [nC, n^2+2n] (RMSNorm gain folded in) ~ N(0, phi_init_std); alpha (pre, post, res) = alpha_init;
-    bias [pre | post | res] with b_pre, b_post and a uniform or identity-like b_res. `h_res: identity` drops the
-    res columns and the res gate and fixes H_res = I (the ablation arm of spec section 5).
+    phi [nC, n^2+2n] (RMSNorm gain folded in) ~ N(0, phi_init_std); alpha (pre, post, res) = alpha_init (the gate
+    scale: how strongly the input-dependent part moves the coefficients); bias [pre | post | res]. `h_res: identity`
+    drops the res columns and the res gate and fixes H_res = I (the ablation arm of spec section 5).
+
+    Init (config `connection.*`; the paper gives only alpha = 0.01):
+    - symmetric (`read_init: uniform`, `b_res_init: uniform`, configs/connection/mhc.yaml): H_pre = sigmoid(b_pre_init)
+      on every stream, H_post = 2 sigmoid(b_post_init) = 1, H_res = J/n. With replicated streams every stream gets
+      the same gradient, and Sinkhorn is blind to a gradient constant along rows, so only phi's random init breaks
+      the symmetry (at phi_init_std = 0 the streams stay identical and H_res stays J/n forever).
+    - HC-like (`read_init: one_hot`, `b_res_init: identity`, configs/connection/mhc_hclike.yaml): site k reads stream
+      k mod n (b_pre = +read_logit there, -read_logit elsewhere) and H_res starts near I (diagonal logit
+      b_res_diag). The streams' gradients differ from step 0, so H_post, the streams and H_res move, as in HC.
     """
 
     def __init__(self, dim: int, n: int, index: int, cfg: ConnectionConfig):
         super().__init__()
-        self.n, self.cfg, self.backend = n, cfg, cfg.backend
+        self.n, self.index, self.cfg, self.backend = n, index, cfg, cfg.backend
         self.identity_res = cfg.h_res == "identity"
+        self.projects_h_res = not self.identity_res
         k = 2 * n if self.identity_res else n * n + 2 * n
         self.phi = nn.Parameter(torch.empty(n * dim, k))
         self.alpha = nn.Parameter(torch.empty(2 if self.identity_res else 3))
@@ -170,7 +181,11 @@ class MHCSite(Site):
         if c.phi_init_std:
             phi.normal_(0.0, c.phi_init_std, generator=generator)
         bias = torch.empty(self.bias.shape, device=dev)
-        bias[:n] = c.b_pre_init
+        if c.read_init == "one_hot":
+            bias[:n] = -c.read_logit
+            bias[self.index % n] = c.read_logit
+        else:
+            bias[:n] = c.b_pre_init
         bias[n : 2 * n] = c.b_post_init
         if not self.identity_res:
             diag = c.b_res_diag if c.b_res_init == "identity" else 0.0

@@ -5,6 +5,10 @@ max absolute column sum, each averaged over the tokens of a fixed batch. Composi
 `H_l ... H_1`; backward from site l to the output is `H_L ... H_l`. The minimum column sum is logged too, since
 attenuation is invisible to a max. HC reports its H_res equivalent (A_r^T); identity H_res and the residual baseline
 report exact 1s.
+
+Whether H_res moves at all (issue 15): each site's mean Frobenius distance of H_res from J/n (the symmetric init) and
+from I (the HC-like init). Values that have no meaning are None: the distances for n = 1 (the residual baseline), the
+Sinkhorn column error for a site whose H_res is never projected (HC, mHC with `h_res: identity`).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def connection_diagnostics(model, tokens: torch.Tensor) -> dict:
         for h in handles:
             h.remove()
     sites, fwd, bwd_chain = {}, None, []
-    for name, _ in model.sites():
+    for name, site in model.sites():
         h_pre, h_post, h_res, n = coeffs[name]
         if h_res is None:
             h_res = torch.eye(n).expand(*h_pre.shape[:-1], n, n)
@@ -51,11 +55,14 @@ def connection_diagnostics(model, tokens: torch.Tensor) -> dict:
         fwd = h_res if fwd is None else h_res @ fwd  # H_l ... H_1
         cf, cb = amax_gains(fwd)
         bwd_chain.append(h_res)
+        eye = torch.eye(n, dtype=h_res.dtype)
         sites[name] = {
             "fwd_gain": f_gain,
             "bwd_gain": b_gain,
             "min_col_sum": col.min().item(),
-            "sinkhorn_col_err": (col - 1).abs().max().item(),
+            "sinkhorn_col_err": (col - 1).abs().max().item() if getattr(site, "projects_h_res", False) else None,
+            "h_res_dist_uniform": _frobenius(h_res - 1.0 / n) if n > 1 else None,
+            "h_res_dist_identity": _frobenius(h_res - eye) if n > 1 else None,
             "composite_fwd_gain": cf,
             "composite_fwd_bwd_gain": cb,
             "h_pre_min": h_pre.min().item(),
@@ -76,8 +83,25 @@ def connection_diagnostics(model, tokens: torch.Tensor) -> dict:
         "composite_bwd_gain_max": max(v["composite_bwd_gain"] for v in vals),
         "single_bwd_gain_max": max(v["bwd_gain"] for v in vals),
         "min_col_sum": min(v["min_col_sum"] for v in vals),
-        "sinkhorn_col_err_max": max(v["sinkhorn_col_err"] for v in vals),
+        "sinkhorn_col_err_max": _max_or_none(v["sinkhorn_col_err"] for v in vals),
+        "h_res_dist_uniform_mean": _mean_or_none(v["h_res_dist_uniform"] for v in vals),
+        "h_res_dist_identity_mean": _mean_or_none(v["h_res_dist_identity"] for v in vals),
     }
+
+
+def _frobenius(d: torch.Tensor) -> float:
+    """Mean over the tokens of the Frobenius norm of d [..., n, n]."""
+    return d.square().sum((-2, -1)).sqrt().mean().item()
+
+
+def _max_or_none(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return max(vals) if vals else None
+
+
+def _mean_or_none(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
 
 
 def grad_norms(named_grads) -> dict:
