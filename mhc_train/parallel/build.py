@@ -64,9 +64,9 @@ def build_pipeline(model: torch.nn.Module, cfg: Config, dist: DistInfo, pp: int 
     stages = [cut_stage(source, s, n_stages) for s in ids]  # 1. cut
     for stage in stages:  # 2. recompute: blocks never cross a stage, each stage is planned on its own sites
         apply_recompute(stage, p.recompute, p.recompute_block)
+    amp = autocast_dtype(cfg.train.precision, dist.device)
     if mesh.dp > 1:  # 3. shard each stage over its data-parallel group
         per_block = p.pp_schedule in PER_BLOCK_FSDP_SCHEDULES
-        amp = autocast_dtype(cfg.train.precision, dist.device)
         stages = [shard(stage, mesh.dp_mesh, per_block, compute_dtype=amp) for stage in stages]
         release_eval_copy(model, dist)
     return PipelineEngine(  # 4. schedule
@@ -83,7 +83,7 @@ def build_pipeline(model: torch.nn.Module, cfg: Config, dist: DistInfo, pp: int 
         cfg.optim.grad_clip,
         csv_path=p.pp_schedule_csv,
         overlap=p.pp_overlap,
-        autocast_dtype=autocast_dtype(cfg.train.precision, dist.device),
+        autocast_dtype=amp,
         layout=layout,
     )
 
@@ -95,7 +95,8 @@ def build_engine(model: torch.nn.Module, cfg: Config, dist: DistInfo, weights: d
     plain full view for rank 0 (diagnostics, checkpoint files; for sharded engines on `meta` until needed)."""
     p, t = cfg.parallel, cfg.train
     use_fast_fp32_matmul(dist.device)
-    if cfg.model.stream_dtype == "bf16" and autocast_dtype(t.precision, dist.device) is None:
+    amp = autocast_dtype(t.precision, dist.device)
+    if cfg.model.stream_dtype == "bf16" and amp is None:
         raise ConfigError(
             f"model.stream_dtype='bf16' needs bf16 compute, but train.precision={t.precision!r} runs fp32 on "
             f"{dist.device.type}: set train.precision=bf16, or model.stream_dtype=fp32"
@@ -106,7 +107,6 @@ def build_engine(model: torch.nn.Module, cfg: Config, dist: DistInfo, weights: d
         return build_pipeline(model, cfg, dist)
     make_optimizer = partial(build_optimizer, cfg=cfg.optim)  # engines build them on the modules they train
     make_scheduler = partial(build_scheduler, total=t.max_steps, cfg=cfg.schedule)
-    amp = autocast_dtype(t.precision, dist.device)
     apply_recompute(model, p.recompute, p.recompute_block)
     common = dict(dist=dist, device=dist.device, grad_clip=cfg.optim.grad_clip, autocast_dtype=amp,
                   grad_accum=t.grad_accum)  # fmt: skip

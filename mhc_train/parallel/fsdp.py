@@ -58,7 +58,7 @@ def shard(module: torch.nn.Module, mesh, per_block: bool = False, compute_dtype=
     for layer in module.layers.values():
         if compute_dtype is not None:
             for site in layer.modules():
-                if isinstance(site, Site) and any(True for _ in site.parameters()):
+                if isinstance(site, Site) and next(site.parameters(), None) is not None:
                     fully_shard(site, mesh=mesh, mp_policy=fp32)
         fully_shard(layer, mesh=mesh, mp_policy=low)
     return fully_shard(module, mesh=mesh, mp_policy=low)

@@ -340,9 +340,10 @@ class Trainer:
                     self.log(f"rank 0, step 1: {line}")
                 self.tokens_seen += tokens_per_step
                 self.train_time += dt
-                if self.step % t.log_every == 0 or self.step == t.max_steps or diag_step:
+                log_step = self.step % t.log_every == 0 or self.step == t.max_steps
+                if log_step or diag_step:
                     grad_norm = read_scalars(grad_norm)[0]  # a host read on log steps only
-                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                if log_step:
                     metrics.log(
                         "train",
                         self.step,
