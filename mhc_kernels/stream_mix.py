@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .link import SiteLink
 from .utils import MAX_STREAMS, STREAM_DTYPES, check_tensor, launch, next_pow2
 
 
@@ -58,7 +59,6 @@ def _mhc_pre_bwd_kernel(
     x_ptr,
     h_ptr,
     g_ptr,
-    dxin_ptr,
     dx_ptr,
     dh_ptr,
     n_tokens,
@@ -67,10 +67,10 @@ def _mhc_pre_bwd_kernel(
     N_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    ACC_DX: tl.constexpr,
+    WRITE_DX: tl.constexpr,
 ):
-    # ACC_DX: dx = dxin + h_pre g, where dxin is the gradient of the stream alias mhc_pre(..., chain=True) returned
-    # (the post_res backward's dx): one dx written per site instead of two that autograd then adds.
+    # WRITE_DX=False (the op is linked to its site's projection, mhc_kernels/link.py): dh_pre only; the projection's
+    # backward adds h_pre g to the site's one dx.
     offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     offs_n = tl.arange(0, N_PAD)
     mt, mn = offs_t < n_tokens, offs_n < N
@@ -84,10 +84,9 @@ def _mhc_pre_bwd_kernel(
         x = tl.load(x_ptr + p3, mask=m3, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mt[:, None] & mc[None, :], other=0.0)
         g = g.to(tl.float32)
-        dx = h[:, :, None] * g[:, None, :]
-        if ACC_DX:
-            dx += tl.load(dxin_ptr + p3, mask=m3, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + p3, dx.to(dx_ptr.dtype.element_ty), mask=m3)
+        if WRITE_DX:
+            dx = h[:, :, None] * g[:, None, :]
+            tl.store(dx_ptr + p3, dx.to(dx_ptr.dtype.element_ty), mask=m3)
         dh += tl.sum(x * g[:, None, :], axis=2)
     tl.store(dh_ptr + offs_t[:, None] * N + offs_n[None, :], dh, mask=mt[:, None] & mn[None, :])
 
@@ -147,9 +146,11 @@ def _mhc_post_res_bwd_kernel(
     N: tl.constexpr,
     N_PAD: tl.constexpr,
     HAS_RES: tl.constexpr,
+    WRITE_DX: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    # WRITE_DX=False (linked, mhc_kernels/link.py): no dx; the site's projection backward adds H_res^T g.
     # One output stream i at a time (g_i = g[:, i, :]): dy += h_post[i] g_i, dx[j] += H[i, j] g_i, and the reductions
     # over C dh_post[i] = <g_i, y>, dH[i, :] = <g_i, x[j]>. Registers hold [T, n, C] tiles only.
     offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -169,7 +170,7 @@ def _mhc_post_res_bwd_kernel(
         if HAS_RES:
             x = tl.load(x_ptr + p3, mask=m3, other=0.0).to(tl.float32)  # [T, j, c]
             dx = tl.zeros([BLOCK_T, N_PAD, BLOCK_C], dtype=tl.float32)
-        else:
+        elif WRITE_DX:
             dx = tl.load(g_ptr + p3, mask=m3, other=0.0).to(tl.float32)  # identity H_res: dx = g
         dy = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
         for i in range(0, N):  # a loop, not unrolled: 16 unrolled loads spilled at n = 16
@@ -179,11 +180,13 @@ def _mhc_post_res_bwd_kernel(
             dy += hpi[:, None] * gi
             dhp += tl.where(offs_n[None, :] == i, tl.sum(gi * y, axis=1)[:, None], 0.0)
             if HAS_RES:
-                hri = tl.load(hr_ptr + offs_t[:, None] * (N * N) + i * N + offs_n[None, :], mask=m_tn, other=0.0)
-                dx += hri[:, :, None] * gi[:, None, :]  # row i of H_res: [T, j]
+                if WRITE_DX:
+                    hri = tl.load(hr_ptr + offs_t[:, None] * (N * N) + i * N + offs_n[None, :], mask=m_tn, other=0.0)
+                    dx += hri[:, :, None] * gi[:, None, :]  # row i of H_res: [T, j]
                 dhr += tl.where(sel == i, tl.sum(x * gi[:, None, :], axis=2)[:, None, :], 0.0)
         tl.store(dy_ptr + offs_t[:, None] * C + offs_c[None, :], dy.to(dy_ptr.dtype.element_ty), mask=m_tc)
-        tl.store(dx_ptr + p3, dx.to(dx_ptr.dtype.element_ty), mask=m3)
+        if WRITE_DX:
+            tl.store(dx_ptr + p3, dx.to(dx_ptr.dtype.element_ty), mask=m3)
     tl.store(dhp_ptr + offs_t[:, None] * N + offs_n[None, :], dhp, mask=m_tn)
     if HAS_RES:
         m_nn = mt[:, None, None] & mn[None, :, None] & mn[None, None, :]
@@ -230,11 +233,11 @@ def mhc_pre_fwd(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def mhc_pre_bwd(x, h_pre, g, dx_in=None):
-    """dx (plus dx_in when given: the gradient of the chained stream alias) and dh_pre."""
+def mhc_pre_bwd(x, h_pre, g, write_dx=True):
+    """(dx or None, dh_pre); write_dx=False when the site's projection writes dx (a link)."""
     T, n, C = x.shape
     n_pad, bt, bc = _blocks(n, C)
-    dx, dh = torch.empty_like(x), torch.empty_like(h_pre)
+    dx, dh = (torch.empty_like(x) if write_dx else None), torch.empty_like(h_pre)
     launch(
         _mhc_pre_bwd_kernel,
         (triton.cdiv(T, bt),),
@@ -242,9 +245,7 @@ def mhc_pre_bwd(x, h_pre, g, dx_in=None):
         x_ptr=x,
         h_ptr=h_pre,
         g_ptr=g,
-        dxin_ptr=dx if dx_in is None else dx_in,
-        ACC_DX=dx_in is not None,
-        dx_ptr=dx,
+        dx_ptr=dx if write_dx else h_pre,  # an unwritten placeholder without dx (WRITE_DX is compile-time)
         dh_ptr=dh,
         n_tokens=T,
         C=C,
@@ -252,6 +253,7 @@ def mhc_pre_bwd(x, h_pre, g, dx_in=None):
         N_PAD=n_pad,
         BLOCK_T=bt,
         BLOCK_C=bc,
+        WRITE_DX=write_dx,
     )
     return dx, dh
 
@@ -281,11 +283,15 @@ def mhc_post_res_fwd(x, y, h_post, h_res):
     return out
 
 
-def mhc_post_res_bwd(x, y, h_post, h_res, g):
+def mhc_post_res_bwd(x, y, h_post, h_res, g, write_dx=True):
+    """(dx or None, dy, dh_post, dh_res or None); write_dx=False when the site's projection writes dx (a link)."""
     T, n, C = x.shape
     n_pad, bt, bc = _blocks(n, C)
+    if not write_dx and bt == 1:  # n = 16 without the dx tile: twice the channels (the compile gate: fp32 streams
+        bc = min(2 * bc, next_pow2(C))  # spilled 12 B at 48 registers with 64 on sm_90; n <= 2 spilled with 2x)
     has_res = h_res is not None
-    dx, dy, dhp = torch.empty_like(x), torch.empty_like(y), torch.empty_like(h_post)
+    dx = torch.empty_like(x) if write_dx else None
+    dy, dhp = torch.empty_like(y), torch.empty_like(h_post)
     dhr = torch.empty_like(h_res) if has_res else None
     launch(
         _mhc_post_res_bwd_kernel,
@@ -296,7 +302,7 @@ def mhc_post_res_bwd(x, y, h_post, h_res, g):
         hp_ptr=h_post,
         hr_ptr=h_res if has_res else h_post,
         g_ptr=g,
-        dx_ptr=dx,
+        dx_ptr=dx if write_dx else dy,  # an unwritten placeholder without dx (WRITE_DX is compile-time)
         dy_ptr=dy,
         dhp_ptr=dhp,
         dhr_ptr=dhr if has_res else dhp,
@@ -305,6 +311,7 @@ def mhc_post_res_bwd(x, y, h_post, h_res, g):
         N=n,
         N_PAD=n_pad,
         HAS_RES=has_res,
+        WRITE_DX=write_dx,
         BLOCK_T=bt,
         BLOCK_C=bc,
     )
@@ -312,60 +319,81 @@ def mhc_post_res_bwd(x, y, h_post, h_res, g):
 
 
 class MhcPreFunction(torch.autograd.Function):
-    """Saves x and h_pre (the inputs; no intermediates). Returns (F_in, x): the second output is x itself, for the
-    consumer downstream (post_res) to read, so that its gradient comes back here and is summed into this backward's
-    dx by the kernel rather than by autograd."""
+    """Saves x and h_pre (the inputs; no intermediates). With a link (mhc_kernels/link.py) the backward writes no dx:
+    it hands (dF_in, h_pre) to the site's projection, whose backward writes the site's one dx."""
 
     @staticmethod
-    def forward(ctx, x, h_pre):
-        ctx.set_materialize_grads(False)  # an unused x alias gives None, not a zero tensor to read
+    def forward(ctx, x, h_pre, link):
+        ctx.link = link
         ctx.save_for_backward(x, h_pre)
-        return mhc_pre_fwd(x, h_pre), x
+        return mhc_pre_fwd(x, h_pre)
 
     @staticmethod
-    def backward(ctx, g, g_x):
+    def backward(ctx, g):
         x, h_pre = ctx.saved_tensors
-        dx_in = None if g_x is None else g_x.to(x.dtype).contiguous()
-        g = x.new_zeros(x.shape[0], x.shape[2]) if g is None else g.contiguous()
-        dx, dh = mhc_pre_bwd(x, h_pre, g, dx_in)
-        return (dx if ctx.needs_input_grad[0] else None), (dh if ctx.needs_input_grad[1] else None)
+        g = g.contiguous()
+        linked = ctx.link is not None
+        dx, dh = mhc_pre_bwd(x, h_pre, g, write_dx=ctx.needs_input_grad[0] and not linked)
+        if linked:
+            ctx.link.give("pre", g, h_pre)
+        return dx, (dh if ctx.needs_input_grad[1] else None), None
 
 
 class MhcPostResFunction(torch.autograd.Function):
-    """Saves x, y, h_post, h_res (the inputs; no intermediates)."""
+    """Saves x, y, h_post, h_res (the inputs; no intermediates). With a link the backward writes no dx: it hands
+    (g, h_res) to the site's projection."""
 
     @staticmethod
-    def forward(ctx, x, y, h_post, h_res):
+    def forward(ctx, x, y, h_post, h_res, link):
+        ctx.link = link
         ctx.save_for_backward(x, y, h_post, h_res)
         return mhc_post_res_fwd(x, y, h_post, h_res)
 
     @staticmethod
     def backward(ctx, g):
         x, y, h_post, h_res = ctx.saved_tensors
-        dx, dy, dhp, dhr = mhc_post_res_bwd(x, y, h_post, h_res, g.contiguous())
-        need = ctx.needs_input_grad
-        return (dx if need[0] else None, dy if need[1] else None, dhp if need[2] else None, dhr if need[3] else None)
+        g = g.contiguous()
+        need, linked = ctx.needs_input_grad, ctx.link is not None
+        dx, dy, dhp, dhr = mhc_post_res_bwd(x, y, h_post, h_res, g, write_dx=need[0] and not linked)
+        if linked:
+            ctx.link.give("post_res", g, h_res)
+        return (dx, dy if need[1] else None, dhp if need[2] else None, dhr if need[3] else None, None)
 
 
-def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor, chain: bool = False):
+def _join(link: SiteLink | None, op: str) -> SiteLink | None:
+    if link is not None:
+        link.join(op)
+    return link
+
+
+def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor, link: SiteLink | None = None) -> torch.Tensor:
     """x [..., n, C] (fp32/bf16/fp16, contiguous), h_pre [..., n] fp32 -> [..., C] in x's dtype. n <= 16.
 
-    `chain=True` returns (F_in, x_chained): x_chained equals x; use it in place of x downstream (mhc_post_res) and its
-    gradient is added to dx inside this op's backward kernel (one dx write instead of two plus autograd's sum)."""
+    `link`: the site's `SiteLink` (mhc_kernels/link.py): x's gradient from this op is added by the site's projection
+    backward instead of written here."""
     lead, (n, C) = x.shape[:-2], x.shape[-2:]
     _check(n, x=x, h_pre=h_pre)
-    out, x_chained = MhcPreFunction.apply(x.reshape(-1, n, C), h_pre.reshape(-1, n))
-    out = out.reshape(*lead, C)
-    return (out, x_chained.reshape(x.shape)) if chain else out
+    out = MhcPreFunction.apply(x.reshape(-1, n, C), h_pre.reshape(-1, n), _join(link, "pre"))
+    return out.reshape(*lead, C)
 
 
-def mhc_post_res(x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor | None) -> torch.Tensor:
+def mhc_post_res(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    h_post: torch.Tensor,
+    h_res: torch.Tensor | None,
+    link: SiteLink | None = None,
+) -> torch.Tensor:
     """x [..., n, C], y [..., C], h_post [..., n], h_res [..., n, n] fp32 or None -> [..., n, C] in x's dtype.
     y may be in another stream dtype than x (F's bf16 output onto fp32 streams): it is widened in the kernel, not by
-    a copy; its gradient comes back in y's dtype."""
+    a copy; its gradient comes back in y's dtype. `link`: as in `mhc_pre`."""
     lead, (n, C) = x.shape[:-2], x.shape[-2:]
     _check(n, x=x, y=y, h_post=h_post, h_res=h_res)
     out = MhcPostResFunction.apply(
-        x.reshape(-1, n, C), y.reshape(-1, C), h_post.reshape(-1, n), None if h_res is None else h_res.reshape(-1, n, n)
+        x.reshape(-1, n, C),
+        y.reshape(-1, C),
+        h_post.reshape(-1, n),
+        None if h_res is None else h_res.reshape(-1, n, n),
+        _join(link, "post_res"),
     )
     return out.reshape(*lead, n, C)

@@ -54,10 +54,14 @@ class Launch:
 
     def bytes_moved(self) -> tuple[int, int]:
         """(read, written) bytes: every tensor argument once, as a kernel that streams its operands would move them.
-        Re-reads that a cache absorbs (phi, coefficient rows) are not counted twice; atomics count as writes."""
+        Re-reads that a cache absorbs (phi, coefficient rows) are not counted twice; atomics count as writes. A tensor
+        passed twice (an unused pointer filled with another argument, its use switched off at compile time) counts
+        once, under its first name."""
         read = written = 0
+        seen: set[int] = set()
         for name, value in self.args.items():
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and id(value) not in seen:
+                seen.add(id(value))
                 size = value.numel() * value.element_size()
                 if name in self.writes:
                     written += size

@@ -114,8 +114,8 @@ class HCDecodeSite(DecodeSite):
         self.static = torch.cat([t.detach().float() for t in static], dim=1)  # [n, n+2]
         self.dynamic, self.eps = site.dynamic, site.eps
         if self.dynamic:
-            self.norm_weight = site.norm_weight.detach().float()  # [C]
-            self.proj = site.dyn_proj.detach().float()  # [C, n+2], columns [W_m | W_b | W_r]
+            # [C, n+2], columns [W_m | W_b | W_r], the norm's gain folded in as HCSite does
+            self.proj = site.norm_weight.detach().float()[:, None] * site.dyn_proj.detach().float()
             s_alpha, s_beta = site.dyn_scale.detach().float().unbind()
             self.scale = torch.cat([s_alpha[None], s_beta[None], s_alpha.expand(n)])  # [n+2]
         else:  # static HC: the coefficients do not depend on the token
@@ -130,8 +130,7 @@ class HCDecodeSite(DecodeSite):
             h_pre, h_post, h_res = self.fixed
             N = xs.shape[0]
             return h_pre.expand(N, -1), h_post.expand(N, -1), h_res.expand(N, -1, -1)
-        xn = xs * torch.rsqrt(xs.square().mean(-1, keepdim=True) + self.eps) * self.norm_weight  # each stream
-        d = torch.tanh(xn @ self.proj)  # [N, n, n+2]
+        d = torch.tanh((xs @ self.proj) * torch.rsqrt(xs.square().mean(-1, keepdim=True) + self.eps))  # [N, n, n+2]
         return self._split(d.mul_(self.scale).add_(self.static))
 
 

@@ -48,23 +48,22 @@ class Site(nn.Module):
         runner = self._post_res_runner
         return fn(*args, **kwargs) if runner is None else runner(fn, *args, **kwargs)
 
-    def post_res(self, x, y, h_post, h_res) -> torch.Tensor:
+    def post_res(self, x, y, h_post, h_res, link=None) -> torch.Tensor:
         """`H_res x + H_post^T y`."""
-        return self._run(ops.mhc_post_res, x, y, h_post, h_res, backend=self.backend)
+        return self._run(ops.mhc_post_res, x, y, h_post, h_res, backend=self.backend, link=link)
 
     def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
 
-    def coefficients_chained(self, x: torch.Tensor):
-        """(h_pre, h_post, h_res, x_chained): x_chained equals x (see `mhc_train.ops`: one dx per site)."""
-        return (*self.coefficients(x), x)
+    def coefficients_linked(self, x: torch.Tensor):
+        """(h_pre, h_post, h_res, link): the link (or None) ties the site's ops into one dx (`mhc_train.ops`)."""
+        return (*self.coefficients(x), None)
 
     def forward(self, x: torch.Tensor, sublayer: SubLayer) -> torch.Tensor:
-        # x is passed on through each op (chain=True) so the backward writes one dx per site (mhc_train.ops)
-        h_pre, h_post, h_res, x = self.coefficients_chained(x)  # [B,T,n], [B,T,n], [B,T,n,n] | None
-        f_in, x = ops.mhc_pre(x, h_pre, backend=self.backend, chain=True)
+        h_pre, h_post, h_res, link = self.coefficients_linked(x)  # [B,T,n], [B,T,n], [B,T,n,n] | None
+        f_in = ops.mhc_pre(x, h_pre, backend=self.backend, link=link)
         y = sublayer(f_in)  # [B, T, C]
-        return self.post_res(x, y, h_post, h_res)  # [B, T, n, C]
+        return self.post_res(x, y, h_post, h_res, link)  # [B, T, n, C]
 
     def initial_values(self, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """{parameter name: its full initial value}, drawn from `generator` (on the generator's device)."""
@@ -84,7 +83,7 @@ class ResidualSite(Site):
         ones = x.new_ones(x.shape[:-1], dtype=torch.float32)  # [B, T, 1]
         return ones, ones, ones.unsqueeze(-1)
 
-    def post_res(self, x, y, h_post=None, h_res=None) -> torch.Tensor:
+    def post_res(self, x, y, h_post=None, h_res=None, link=None) -> torch.Tensor:
         return self._run(torch.add, x, y.unsqueeze(-2))
 
     def forward(self, x: torch.Tensor, sublayer: SubLayer) -> torch.Tensor:
@@ -129,23 +128,26 @@ class HCSite(Site):
         return values
 
     def coefficients(self, x):
+        return self.coefficients_linked(x)[:3]
+
+    def coefficients_linked(self, x):
         with ops.coefficient_region(x):  # fp32 whatever the engine's precision
             return self._coefficients(x)
 
     def _coefficients(self, x):
-        n = self.n
-        a_m, beta, a_r = self.static_alpha_m.float(), self.static_beta.float(), self.static_alpha_r.float()
-        lead = x.shape[:-2]
-        a_m, beta, a_r = a_m.expand(*lead, n), beta.expand(*lead, n), a_r.expand(*lead, n, n)
+        n, lead = self.n, x.shape[:-2]
+        # row j of the [n, n+2] block: (A_m[j], B[j], A_r[j, :]); h_pre = A_m, h_post = B, h_res = A_r^T
+        static = torch.cat([self.static_alpha_m[:, None], self.static_beta[:, None], self.static_alpha_r], 1).float()
+        link = None
         if self.dynamic:
-            xf = x.float()
-            xn = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps) * self.norm_weight.float()
-            d = torch.tanh(xn @ self.dyn_proj.float())  # [B, T, n, n+2]
+            weight = self.norm_weight.float()[:, None] * self.dyn_proj.float()  # [C, n+2], the norm's gain folded in
+            h, link = ops.hc_projection(x, weight, self.eps, backend=self.backend, chain=True)  # RMSNorm(x_j) @ W
             s_alpha, s_beta = self.dyn_scale.float().unbind()
-            a_m = a_m + s_alpha * d[..., 0]
-            beta = beta + s_beta * d[..., 1]
-            a_r = a_r + s_alpha * d[..., 2:]  # row j from stream j
-        return a_m, beta, a_r.transpose(-1, -2)
+            scale = torch.cat([s_alpha[None], s_beta[None], s_alpha.expand(n)])  # [n+2]
+            block = torch.tanh(h) * scale + static  # [B, T, n, n+2]
+        else:
+            block = static.expand(*lead, n, n + 2)
+        return block[..., 0], block[..., 1], block[..., 2:].transpose(-1, -2), link
 
 
 class MHCSite(Site):
@@ -193,9 +195,9 @@ class MHCSite(Site):
         return {"phi": phi, "alpha": torch.full(self.alpha.shape, c.alpha_init, device=dev), "bias": bias}
 
     def coefficients(self, x):
-        return self.coefficients_chained(x)[:3]
+        return self.coefficients_linked(x)[:3]
 
-    def coefficients_chained(self, x):
+    def coefficients_linked(self, x):
         c = self.cfg
         return ops.mhc_coefficients(
             x,

@@ -12,11 +12,14 @@ This is the seam the Triton kernels of `mhc_kernels` plug into. Every function t
 - `mhc_coefficients(x, phi, alpha, bias, iters=20, eps=1e-6)`: x [..., n, C] -> (h_pre, h_post, h_res)
 - `mhc_pre(x, h_pre)`: [..., n, C] -> [..., C]
 - `mhc_post_res(x, y, h_post, h_res)`: -> [..., n, C]; H_res left-multiplied, None = identity
+- `hc_projection(x, weight, eps=1e-6)`: HC's dynamic projection, RMSNorm per stream then @ weight: [..., n, C] ->
+  [..., n, K_s] (weight [C, K_s], the norm gain folded in)
 
-One dx per site (`chain=True` on `mhc_coefficients` and `mhc_pre`): each also returns `x_chained`, equal to its x.
-A site passes it on (coefficients -> pre -> post_res) in place of x, so the backward runs as a chain: post_res's dx
-is added inside pre's backward kernel, that sum inside the projection's backward kernel, and x receives one dx
-instead of three that autograd adds (two passes over [T, n, C] fewer each way). The torch path returns x itself.
+One dx per site (`chain=True` on `mhc_coefficients` / `hc_projection`): each also returns a `link` (a
+`mhc_kernels.SiteLink`, or None on the torch path), to pass to the site's `mhc_pre` and `mhc_post_res`. Their
+backwards then write no dx: they hand their terms to the projection's backward kernel, which writes x's one
+gradient (`dx = proj term + h_pre (x) dF_in + H_res^T g`) instead of three that autograd adds: three passes over
+[T, n, C] fewer in the backward. See `mhc_kernels/link.py`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from mhc_train.config import BACKENDS, SINKHORN_BACKWARDS
 
 from .reference import (
     coefficient_dtype,
+    hc_projection_ref,
     mhc_coefficients_ref,
     mhc_post_res_ref,
     mhc_pre_ref,
@@ -114,14 +118,20 @@ def mhc_coefficients(
 ):
     if sinkhorn_backward not in SINKHORN_BACKWARDS:
         raise ValueError(f"connection.sinkhorn_backward must be one of {SINKHORN_BACKWARDS}, got {sinkhorn_backward!r}")
+    link = _new_link(backend, x) if chain else None
     with coefficient_region(x):
-        out = _mhc_coefficients(x, phi, alpha, bias, iters, eps, backend, deterministic, sinkhorn_backward)
-    if chain:  # (h_pre, h_post, h_res, x_chained): see the module docstring
-        return out if len(out) == 4 else (*out, x)
-    return out[:3]
+        out = _mhc_coefficients(x, phi, alpha, bias, iters, eps, backend, deterministic, sinkhorn_backward, link)
+    return (*out, link) if chain else out  # chain: (h_pre, h_post, h_res, link), see the module docstring
 
 
-def _mhc_coefficients(x, phi, alpha, bias, iters, eps, backend, deterministic, sinkhorn_backward):
+def _new_link(backend: str, x: torch.Tensor):
+    """A SiteLink when the site's ops run on the kernels, else None (the torch path: autograd sums dx)."""
+    if resolve_backend(backend, x.device) == "triton" and x.shape[-2] <= _kernels().MAX_STREAMS:
+        return _kernels().SiteLink()
+    return None
+
+
+def _mhc_coefficients(x, phi, alpha, bias, iters, eps, backend, deterministic, sinkhorn_backward, link):
     implicit = sinkhorn_backward == "implicit"
     sinkhorn = sinkhorn_knopp_implicit if implicit else sinkhorn_knopp_torch
     if resolve_backend(backend, x.device) != "triton" or not _kernel_takes("mhc_coefficients", x.shape[-2]):
@@ -136,41 +146,62 @@ def _mhc_coefficients(x, phi, alpha, bias, iters, eps, backend, deterministic, s
             iters,
             eps,
             sinkhorn=sinkhorn,
-            projection=lambda v, p, e: k.mhc_projection(v.contiguous(), p, e, deterministic),
+            projection=lambda v, p, e: k.mhc_projection(v.contiguous(), p, e, deterministic, link=link),
         )
-    # kernel 1: [..., K] fp32, reordered norm; x_chained carries the site's other dx contributions into its backward
-    h, x_chained = k.mhc_projection(x.contiguous(), phi, eps, deterministic, chain=True)
-    coefficients = k.mhc_gates_sinkhorn(h, alpha.float().contiguous(), bias.float().contiguous(), x.shape[-2], iters)
-    return (*coefficients, x_chained)
+    h = k.mhc_projection(x.contiguous(), phi, eps, deterministic, link=link)  # kernel 1: [..., K] fp32
+    return k.mhc_gates_sinkhorn(h, alpha.float().contiguous(), bias.float().contiguous(), x.shape[-2], iters)
 
 
-def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor, backend: str = "torch", chain: bool = False):
+def hc_projection(x, weight, eps: float = 1e-6, backend: str = "torch", chain: bool = False):
+    """HC's dynamic projection: each stream RMS-normalised on its own, then @ weight [C, K_s] (gain folded in):
+    x [..., n, C] -> [..., n, K_s] fp32. The kernel runs it as one pass over x with a block-diagonal weight."""
+    n = x.shape[-2]
+    link = _new_link(backend, x) if chain else None
+    with coefficient_region(x):
+        if resolve_backend(backend, x.device) == "triton" and _kernel_takes("hc_projection", n):
+            k_s = weight.shape[-1]
+            block = torch.block_diag(*[weight.float()] * n)  # [nC, n K_s]: stream j's weight in block j
+            h = _kernels().mhc_projection(x.contiguous(), block, eps, link=link, per_stream=k_s)
+            h = h.unflatten(-1, (n, k_s))
+        else:
+            h = hc_projection_ref(x, weight, eps)
+    return (h, link) if chain else h
+
+
+def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor, backend: str = "torch", link=None) -> torch.Tensor:
+    """`link`: the site's link from `mhc_coefficients(..., chain=True)` (see the module docstring)."""
     if resolve_backend(backend, x.device) == "triton" and _kernel_takes("mhc_pre", x.shape[-2]):
-        return _kernels().mhc_pre(x.contiguous(), h_pre.float().contiguous(), chain=chain)
+        return _kernels().mhc_pre(x.contiguous(), h_pre.float().contiguous(), link=link)
     with coefficient_region(x):  # the stream math in fp32 as in the kernels (autocast would run these @ in bf16)
-        y = mhc_pre_ref(x, h_pre)
-    return (y, x) if chain else y
+        return mhc_pre_ref(x, h_pre)
 
 
 def mhc_post_res(
-    x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor | None, backend: str = "torch"
+    x: torch.Tensor,
+    y: torch.Tensor,
+    h_post: torch.Tensor,
+    h_res: torch.Tensor | None,
+    backend: str = "torch",
+    link=None,
 ) -> torch.Tensor:
     if resolve_backend(backend, x.device) == "triton" and _kernel_takes("mhc_post_res", x.shape[-2]):
         h_res = None if h_res is None else h_res.float().contiguous()
-        return _kernels().mhc_post_res(x.contiguous(), y.contiguous(), h_post.float().contiguous(), h_res)
+        return _kernels().mhc_post_res(x.contiguous(), y.contiguous(), h_post.float().contiguous(), h_res, link=link)
     with coefficient_region(x):
         return mhc_post_res_ref(x, y, h_post, h_res)
 
 
 sinkhorn_knopp.__doc__ = sinkhorn_knopp_ref.__doc__
 mhc_coefficients.__doc__ = mhc_coefficients_ref.__doc__
-mhc_pre.__doc__ = mhc_pre_ref.__doc__
+mhc_pre.__doc__ = f"{mhc_pre_ref.__doc__}\n\n{mhc_pre.__doc__}"
 mhc_post_res.__doc__ = mhc_post_res_ref.__doc__
 
 __all__ = [
     "BACKENDS",
     "coefficient_region",
     "coefficient_dtype",
+    "hc_projection",
+    "hc_projection_ref",
     "mhc_coefficients",
     "mhc_post_res",
     "mhc_pre",

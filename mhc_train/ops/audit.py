@@ -80,10 +80,10 @@ def site_launches(
 ):
     """(forward launches, backward launches) of one site with F = identity, through `mhc_train.ops` (backend triton).
 
-    `arm`: mhc (projection, gates + Sinkhorn, pre, post_res), mhc_identity (no H_res), hc (pre and post_res: HC's
-    coefficients are torch ops), sinkhorn (the standalone Sinkhorn op). `torch_ops=True` also records every aten op
-    that moves data (as `TorchOp`s, in order with the launches): what the traffic audit counts. `chain=True` passes x
-    on through the ops as a model site does (one dx per site); False is the unchained use (selective recomputation).
+    `arm`: mhc (projection, gates + Sinkhorn, pre, post_res), mhc_identity (no H_res), hc (dynamic HC: the per-stream
+    projection, pre and post_res; HC's tanh gates are torch ops), sinkhorn (the standalone Sinkhorn op). `torch_ops=True` also records every aten op
+    that moves data (as `TorchOp`s, in order with the launches): what the traffic audit counts. `chain=True` links the site's
+    ops as a model site does (one dx per site); False is the unlinked use (selective recomputation).
     """
     meta = dict(device="meta")
 
@@ -96,15 +96,17 @@ def site_launches(
             out = ops.sinkhorn_knopp(inputs[0], t_max, backend="triton")
         else:
             x = leaf(tokens, n, C, dtype=stream_dtype)
-            x_site = x  # what the stream ops read: x passed on from op to op when chained
-            if arm == "hc":
-                h_pre, h_post, h_res = leaf(tokens, n), leaf(tokens, n), leaf(tokens, n, n)
-                inputs = [x, h_pre, h_post, h_res]
+            if arm == "hc":  # dynamic HC: the per-stream projection, then HC's gates as torch ops
+                weight = leaf(C, n + 2)
+                h, link = ops.hc_projection(x, weight, backend="triton", chain=True)
+                d = torch.tanh(h)
+                h_pre, h_post, h_res = d[..., 0], d[..., 1], d[..., 2:].transpose(-1, -2)
+                inputs = [x, weight]
             else:
                 k = 2 * n if arm == "mhc_identity" else n * n + 2 * n
                 phi, alpha, bias = leaf(n * C, k), leaf(2 if arm == "mhc_identity" else 3), leaf(k)
                 inputs = [x, phi, alpha, bias]
-                h_pre, h_post, h_res, xc = ops.mhc_coefficients(
+                h_pre, h_post, h_res, link = ops.mhc_coefficients(
                     x,
                     phi,
                     alpha,
@@ -115,9 +117,9 @@ def site_launches(
                     sinkhorn_backward=sinkhorn_backward,
                     chain=True,
                 )
-                x_site = xc if chain else x
-            y, xc = ops.mhc_pre(x_site, h_pre, backend="triton", chain=True)  # F = identity: y = F(F_in)
-            out = ops.mhc_post_res(xc if chain else x, y, h_post, h_res, backend="triton")
+            link = link if chain else None
+            y = ops.mhc_pre(x, h_pre, backend="triton", link=link)  # F = identity: y = F(F_in)
+            out = ops.mhc_post_res(x, y, h_post, h_res, backend="triton", link=link)
     upstream = torch.empty_like(out)
     with record(torch_ops) as bwd:
         torch.autograd.grad(out, inputs, upstream)

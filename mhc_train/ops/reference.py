@@ -17,7 +17,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["sinkhorn_knopp_ref", "mhc_coefficients_ref", "mhc_pre_ref", "mhc_post_res_ref", "coefficient_dtype"]
+__all__ = [
+    "sinkhorn_knopp_ref",
+    "mhc_coefficients_ref",
+    "mhc_pre_ref",
+    "mhc_post_res_ref",
+    "hc_projection_ref",
+    "coefficient_dtype",
+]
 
 
 def coefficient_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -60,6 +67,19 @@ def mhc_projection_ref(x: torch.Tensor, phi: torch.Tensor, eps: float = 1e-6) ->
     proj = v @ phi.to(ct)  # [..., K]
     ms = torch.linalg.vector_norm(v, dim=-1, keepdim=True).square() / v.shape[-1]  # mean square, one pass
     return proj / torch.sqrt(ms + eps)
+
+
+def hc_projection_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """HC's dynamic projection: every stream RMS-normalised on its own, then `@ weight`.
+
+    Args:
+        x: [..., n, C] streams. weight: [C, K_s] with the RMSNorm gain folded in (gain[:, None] * W).
+    Returns:
+        [..., n, K_s] in the coefficient dtype.
+    """
+    ct = coefficient_dtype(x.dtype)
+    xf = x.to(ct)
+    return (xf @ weight.to(ct)) * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
 
 
 def mhc_coefficients_ref(

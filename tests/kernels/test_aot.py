@@ -18,7 +18,7 @@ from mhc_kernels.aot import compile_launch
 from mhc_kernels.utils import capture
 config = %r  # the block config under test, in place of the shipped one (None: the shipped one)
 if config:
-    projection._fwd_config = lambda K: config
+    projection._fwd_config = lambda *shape: config
 x = torch.empty(512, 4, 1024, device="meta", dtype=torch.bfloat16)
 phi = torch.empty(4 * 1024, 24, device="meta")
 with capture() as launches:
@@ -36,15 +36,13 @@ def _gate(config: dict | None) -> dict:
 
 def test_gate_reports_an_oversized_block_config_as_failing():
     # 4 pipeline stages of a [512, 64] fp32 phi tile: 128 KB each, far over the 227 KB limit
-    report = _gate(dict(BLOCK_T=16, BLOCK_D=512, BLOCK_K=64, num_warps=4, num_stages=4))
+    report = _gate(dict(BLOCK_T=16, BLOCK_C=512, BLOCK_K=64, num_warps=4, num_stages=4))
     print(report)
     assert not report["ok"], report
     assert "shared memory" in report["why"] or "compile error" in report["why"], report
 
 
 def test_gate_passes_the_shipped_projection_config():
-    report = _gate(
-        None
-    )  # None: keep the shipped config (the control: the failure above is the block size, not the gate)
+    report = _gate(None)  # the shipped config: the control (the failure above is the block size, not the gate)
     assert report["ok"], report
     assert report["spill_bytes"] == 0 and report["registers"] <= 255, report

@@ -11,7 +11,13 @@ import torch
 
 import mhc_kernels as K
 from mhc_train import ops
-from mhc_train.ops.reference import mhc_post_res_ref, mhc_pre_ref, mhc_projection_ref, sinkhorn_knopp_ref
+from mhc_train.ops.reference import (
+    hc_projection_ref,
+    mhc_post_res_ref,
+    mhc_pre_ref,
+    mhc_projection_ref,
+    sinkhorn_knopp_ref,
+)
 from tests.conftest import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -122,6 +128,68 @@ def test_projection_matches_reference_within_the_tf32_bound(shape, dtype):
             allowed = allowed + 2e-2 * want.detach().abs().max() * (name == "grad x")  # dx is stored in bf16
         worst = (err / allowed).max().item()
         assert worst <= 1.0, f"{name}: error {err.max().item():.3e} exceeds the TF32 bound ({worst:.2f}x)"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=list(DTYPES))
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_hc_projection_matches_reference(shape, dtype):
+    """HC's dynamic projection through the kernel (per-stream norm, block-diagonal weight): forward and the x and
+    weight gradients against fp64 (the weight's gradient sums the n diagonal blocks of the kernel's dphi)."""
+    T, n, C = shape
+    dt, rtol = DTYPES[dtype]
+    x, w = _rand(T + 11, n, C, dtype=dt), _rand(C, n + 2, scale=0.1)
+    _compare(
+        lambda x, w: ops.hc_projection(x, w, 1e-6, backend="triton"),
+        lambda x, w: hc_projection_ref(x, w, 1e-6),
+        [x, w],
+        max(rtol, 1e-4),
+        ["x", "weight"],
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=list(DTYPES))
+@pytest.mark.parametrize("shape", [(9, 4, 67), (2, 16, 19), (5, 3, 33)], ids=["T9-n4-C67", "T2-n16-C19", "T5-n3-C33"])
+def test_linked_hc_site_matches_the_torch_site(shape, dtype):
+    """A dynamic HC site on the kernels (per-stream projection, pre and post_res linked, one dx) against the same site
+    on the torch backend: output and every gradient (x and all six parameters), random upstream."""
+    from mhc_train.config import ConnectionConfig
+    from mhc_train.model.connections import HCSite
+
+    T, n, C = shape
+    dt, rtol = DTYPES[dtype]
+    sites = {}
+    for backend in ("triton", "torch"):
+        site = HCSite(C, n, 1, ConnectionConfig(type="hc", n_streams=n, backend=backend)).to(DEVICE)
+        torch.manual_seed(0)
+        with torch.no_grad():  # a trained-looking site: every coefficient depends on x
+            for p in site.parameters():
+                p.copy_(torch.randn_like(p) * 0.3)
+        sites[backend] = site
+    x = _rand(2, T, n, C, dtype=dt)
+    lin = torch.randn(C, C, device=DEVICE, dtype=torch.float64) / C**0.5
+    outs, grads = {}, {}
+    for backend, site in sites.items():
+        xb = x.detach().clone().requires_grad_()
+        out = site(xb, lambda f: (f.double() @ lin).to(f.dtype))
+        up = torch.randn(out.shape, generator=torch.Generator(DEVICE).manual_seed(1), device=DEVICE).to(out.dtype)
+        params = [xb, *site.parameters()]
+        outs[backend], grads[backend] = out, torch.autograd.grad(out, params, up)
+    _check("forward", outs["triton"], outs["torch"], rtol)
+    names = ["x", *(name for name, _ in sites["torch"].named_parameters())]
+    for name, a, b in zip(names, grads["triton"], grads["torch"]):
+        _check(f"grad {name}", a, b, max(rtol, 1e-4))
+
+
+def test_a_link_refuses_to_hand_over_what_was_never_given():
+    """The projection's backward reads what pre and post_res handed over; if one joined the site but its backward has
+    not run (a detached coefficient broke the ordering), the owner fails loudly instead of dropping a dx term."""
+    link = K.SiteLink()
+    link.join("pre")
+    assert link.take("post_res") == (None, None)  # never joined: no term
+    with pytest.raises(RuntimeError, match="pre's backward has not run"):
+        link.take("pre")
+    with pytest.raises(RuntimeError, match="joined twice"):
+        link.join("pre")
 
 
 def test_phi_gradient_is_bit_reproducible():
@@ -239,9 +307,9 @@ def test_gates_sinkhorn_matches_reference(n, identity):
 @pytest.mark.parametrize("dtype", DTYPES, ids=list(DTYPES))
 @pytest.mark.parametrize("shape", [(9, 4, 67), (2, 16, 19)], ids=["T9-n4-C67", "T2-n16-C19"])
 def test_chained_site_writes_one_dx_that_matches_the_reference(shape, dtype):
-    """chain=True (what a model site does): x passes projection -> pre -> post_res, and x's gradient is the sum of
-    the three ops' contributions, added inside the pre and projection backward kernels. Checked against fp64 autograd
-    through the unchained reference site, random upstream gradients."""
+    """A linked site (what a model site does): pre and post_res hand their x-gradient terms to the projection, whose
+    backward kernel writes x's one gradient, the sum of the three ops' contributions. Checked against fp64 autograd
+    through the unlinked reference site, random upstream gradients."""
     T, n, C = shape
     dt, rtol = DTYPES[dtype]
     x, phi = _rand(T, n, C, dtype=dt), _rand(n * C, n * n + 2 * n, scale=0.1)
@@ -250,9 +318,10 @@ def test_chained_site_writes_one_dx_that_matches_the_reference(shape, dtype):
 
     def site(x, phi, h_pre, h_post, h_res, y, chained):
         if chained:
-            h, xc = K.mhc_projection(x, phi, 1e-6, chain=True)
-            f_in, xc = K.mhc_pre(xc, h_pre, chain=True)
-            return h, f_in, K.mhc_post_res(xc, y, h_post, h_res)
+            link = K.SiteLink()
+            h = K.mhc_projection(x, phi, 1e-6, link=link)
+            f_in = K.mhc_pre(x, h_pre, link=link)
+            return h, f_in, K.mhc_post_res(x, y, h_post, h_res, link=link)
         return mhc_projection_ref(x, phi), mhc_pre_ref(x, h_pre), mhc_post_res_ref(x, y, h_post, h_res)
 
     inputs = [x, phi, h_pre, h_post, h_res, y]
