@@ -159,14 +159,13 @@ class GatesSinkhornFunction(torch.autograd.Function):
         n_pad = next_pow2(n)
         bt = _block_t_bwd(n_pad, ctx.iters) if ctx.has_res else _block_t(n_pad)
         blocks = triton.cdiv(T, bt)
-        zeros = torch.zeros(T, n, device=h.device)
-        d_pre = zeros if d_pre is None else d_pre.contiguous().float()
-        d_post = zeros if d_post is None else d_post.contiguous().float()
+        d_pre = torch.zeros(T, n, device=h.device) if d_pre is None else d_pre.contiguous().float()
+        d_post = torch.zeros(T, n, device=h.device) if d_post is None else d_post.contiguous().float()
         if ctx.has_res:
             d_res = torch.zeros(T, n, n, device=h.device) if d_res is None else d_res.contiguous().float()
         dh = torch.empty_like(h)
-        da = torch.zeros(blocks, 3, device=h.device)
-        db = torch.zeros(blocks, K, device=h.device)
+        da = torch.empty(blocks, 3, device=h.device)  # per-program partials, every used entry written
+        db = torch.empty(blocks, K, device=h.device)
         launch(
             _gates_bwd_kernel,
             (blocks,),
@@ -191,7 +190,7 @@ class GatesSinkhornFunction(torch.autograd.Function):
             BLOCK_T=bt,
             ITERS_PAD=_iters_pad(ctx.iters),
         )
-        da = da.sum(0)[: alpha.numel()].clone()  # not a view: split-backward schedules detach_ parameter grads
+        da = da[:, : alpha.numel()].sum(0)  # (column 2 is unwritten without H_res)
         need = ctx.needs_input_grad
         return (dh if need[0] else None, da if need[1] else None, db.sum(0) if need[2] else None, None, None)
 

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .link import SiteLink
-from .utils import MAX_STREAMS, STREAM_DTYPES, check_tensor, interpreting, launch, next_pow2, sm_count
+from .utils import MAX_STREAMS, STREAM_DTYPES, check_tensor, interpreting, launch, launch_tuned, next_pow2, sm_count
 
 
 @triton.jit(do_not_specialize=["n_tokens"])
@@ -93,6 +93,37 @@ def _projection_fwd_kernel(
         if pid_k == 0:
             tl.store(r_ptr + offs_t, r, mask=mt)
     tl.store(h_ptr + offs_t[:, None] * K + offs_k[None, :], acc, mask=mt[:, None] & mk[None, :])
+
+
+@triton.jit(do_not_specialize=["n_tokens"])
+def _projection_bwd_prep_kernel(
+    gh_ptr,
+    h_ptr,
+    r_ptr,
+    dproj_ptr,
+    s_ptr,
+    n_tokens,
+    K,
+    K_S,
+    width,
+    GROUPS: tl.constexpr,
+    G_PAD: tl.constexpr,
+    KS_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    # Per token, per norm group g (1 group of K columns, or n groups of K_S with per_stream): dproj = gh / r_g and
+    # s_g = -sum_k(gh h) / r_g^2 / width, the coefficients the backward kernel reads instead of r and h.
+    offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    offs_g, offs_k = tl.arange(0, G_PAD), tl.arange(0, KS_PAD)
+    m_tg = (offs_t < n_tokens)[:, None] & (offs_g < GROUPS)[None, :]
+    m = m_tg[:, :, None] & (offs_k < K_S)[None, None, :]
+    p = offs_t[:, None, None] * K + offs_g[None, :, None] * K_S + offs_k[None, None, :]
+    gh = tl.load(gh_ptr + p, mask=m, other=0.0)
+    h = tl.load(h_ptr + p, mask=m, other=0.0)
+    r = tl.load(r_ptr + offs_t[:, None] * GROUPS + offs_g[None, :], mask=m_tg, other=1.0)
+    tl.store(dproj_ptr + p, gh / r[:, :, None], mask=m)
+    s = -tl.sum(gh * h, axis=2) / (r * r) / width
+    tl.store(s_ptr + offs_t[:, None] * GROUPS + offs_g[None, :], s, mask=m_tg)
 
 
 @triton.jit(do_not_specialize=["n_tokens", "tokens_per_split"])
@@ -187,15 +218,19 @@ def _projection_bwd_kernel(
     tl.store(dphi, acc, mask=mr[:, None] & mk[None, :])
 
 
-def _fwd_config(n: int, C: int, K: int, per_stream: bool) -> dict:
-    """Launch parameters; tl.dot needs every tile side >= 16. The interpreter gets a small fixed config. The
-    per-stream (HC) loop carries a second accumulator, so it takes half the tokens (the compile gate: 64 spilled at
-    n >= 8)."""
+def _fwd_configs(n: int, C: int, K: int, per_stream: bool) -> list[dict]:
+    """Launch parameters (an autotune set on GPU, see `utils.launch_tuned`); tl.dot needs every tile side >= 16. The
+    interpreter gets one small fixed config. The per-stream (HC) loop carries a second accumulator, so it takes half
+    the tokens (the compile gate: 64 spilled at n >= 8); the second candidate halves the tokens again at 4 warps."""
     block_c = max(16, min(64, next_pow2(C)))
     block_k = min(32 if interpreting() else 128, max(16, next_pow2(K)))
     if interpreting():
-        return dict(BLOCK_T=16, BLOCK_C=min(block_c, 32), BLOCK_K=block_k, num_warps=4, num_stages=1)
-    return dict(BLOCK_T=32 if per_stream else 64, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=8, num_stages=3)
+        return [dict(BLOCK_T=16, BLOCK_C=min(block_c, 32), BLOCK_K=block_k, num_warps=4, num_stages=1)]
+    bt = 32 if per_stream else 64
+    return [
+        dict(BLOCK_T=bt, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=8, num_stages=3),
+        dict(BLOCK_T=bt // 2, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=4, num_stages=3),
+    ]
 
 
 def _bwd_config(n: int, C: int, K: int) -> dict:
@@ -214,11 +249,11 @@ def projection_fwd(v: torch.Tensor, phi: torch.Tensor, eps: float, per_stream_k:
     K = phi.shape[1]
     h = torch.empty(T, K, device=v.device, dtype=torch.float32)
     r = torch.empty((T, n) if per_stream_k else (T,), device=v.device, dtype=torch.float32)
-    cfg = _fwd_config(n, C, K, bool(per_stream_k))
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(K, cfg["BLOCK_K"]))
-    launch(
+    launch_tuned(
         _projection_fwd_kernel,
-        grid,
+        lambda cfg: (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(K, cfg["BLOCK_K"])),
+        _fwd_configs(n, C, K, bool(per_stream_k)),
+        key=(next_pow2(T), n, C, K, v.dtype, per_stream_k),
         writes=("h_ptr", "r_ptr"),
         v_ptr=v,
         phi_ptr=phi,
@@ -230,7 +265,6 @@ def projection_fwd(v: torch.Tensor, phi: torch.Tensor, eps: float, per_stream_k:
         eps=eps,
         N=n,
         PER_STREAM=bool(per_stream_k),
-        **cfg,
     )
     return h, r
 
@@ -246,19 +280,40 @@ def _splits(T: int, c_blocks: int, k_tiles: int, block_t: int) -> int:
     return max(1, min(16, want, triton.cdiv(T, block_t)))
 
 
+def _bwd_prep(gh, h, r, n: int, C: int, per_stream_k: int):
+    """(dproj [T, K], s [T] or [T, n]): the per-token coefficients of the backward, one small launch."""
+    T, K = gh.shape
+    groups, k_s = (n, per_stream_k) if per_stream_k else (1, K)
+    g_pad, ks_pad = next_pow2(groups), next_pow2(k_s)
+    dproj, s = torch.empty_like(gh), torch.empty_like(r)
+    bt = max(1, min(64, 2048 // (g_pad * ks_pad)))
+    launch(
+        _projection_bwd_prep_kernel,
+        (triton.cdiv(T, bt),),
+        writes=("dproj_ptr", "s_ptr"),
+        gh_ptr=gh,
+        h_ptr=h,
+        r_ptr=r,
+        dproj_ptr=dproj,
+        s_ptr=s,
+        n_tokens=T,
+        K=K,
+        K_S=k_s,
+        width=C if per_stream_k else n * C,
+        GROUPS=groups,
+        G_PAD=g_pad,
+        KS_PAD=ks_pad,
+        BLOCK_T=bt,
+    )
+    return dproj, s
+
+
 def projection_bwd(v, phi, h, r, gh, per_stream_k=0, write_dv=True, g=None, h_res=None, f_grad=None, h_pre=None):
     """(dv or None, dphi). With a link's tensors, dv also holds H_res^T g (g alone when h_res is None) and
     h_pre (x) f_grad."""
     T, n, C = v.shape
     K = phi.shape[1]
-    # the per-token coefficients of the backward, K + 1 (or K + n) values per token: dproj = gh / r of each column's
-    # norm, and the norm's term s = -sum_k(gh h) / r^2 / width, summed over each norm's columns
-    if per_stream_k:
-        dproj = gh / r.repeat_interleave(per_stream_k, dim=1)
-        s = (gh * h).view(T, n, per_stream_k).sum(-1) / (r * r) / -C
-    else:
-        dproj = gh / r[:, None]
-        s = (gh * h).sum(-1) / (r * r) / -(n * C)
+    dproj, s = _bwd_prep(gh, h, r, n, C, per_stream_k)
     cfg = _bwd_config(n, C, K)
     c_blocks, k_tiles = triton.cdiv(C, cfg["BLOCK_C"]), triton.cdiv(K, cfg["BLOCK_K"])
     splits = _splits(T, c_blocks, k_tiles, cfg["BLOCK_T"])

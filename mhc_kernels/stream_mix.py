@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .link import SiteLink
-from .utils import MAX_STREAMS, STREAM_DTYPES, check_tensor, launch, next_pow2
+from .utils import MAX_STREAMS, STREAM_DTYPES, check_tensor, launch_tuned, next_pow2
 
 
 @triton.jit(do_not_specialize=["n_tokens"])
@@ -204,6 +204,18 @@ def _blocks(n: int, C: int) -> tuple[int, int, int]:
     return n_pad, block_t, block_c
 
 
+def _candidates(n: int, C: int, bt: int, bc: int) -> list[dict]:
+    """The autotune set: the rule's [bt, n, bc] tile at 4 warps, and the same values per thread over twice the tile at
+    8 warps (twice the channels while they fit C, else twice the tokens)."""
+    wide = dict(BLOCK_T=bt, BLOCK_C=2 * bc) if 2 * bc <= next_pow2(C) else dict(BLOCK_T=2 * bt, BLOCK_C=bc)
+    return [dict(BLOCK_T=bt, BLOCK_C=bc, num_warps=4), dict(**wide, num_warps=8)]
+
+
+def _key(x: torch.Tensor, *flags) -> tuple:
+    T, n, C = x.shape
+    return (next_pow2(T), n, C, x.dtype, *flags)
+
+
 def _check(n: int, **tensors) -> None:
     if n > MAX_STREAMS:
         raise ValueError(f"n = {n} streams is above the Triton kernels' limit of {MAX_STREAMS}; use backend=torch")
@@ -216,9 +228,11 @@ def mhc_pre_fwd(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     T, n, C = x.shape
     n_pad, bt, bc = _blocks(n, C)
     out = torch.empty(T, C, device=x.device, dtype=x.dtype)
-    launch(
+    launch_tuned(
         _mhc_pre_fwd_kernel,
-        (triton.cdiv(T, bt), triton.cdiv(C, bc)),
+        lambda cfg: (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(C, cfg["BLOCK_C"])),
+        _candidates(n, C, bt, bc),
+        key=_key(x),
         writes=("out_ptr",),
         x_ptr=x,
         h_ptr=h_pre,
@@ -227,8 +241,6 @@ def mhc_pre_fwd(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
         C=C,
         N=n,
         N_PAD=n_pad,
-        BLOCK_T=bt,
-        BLOCK_C=bc,
     )
     return out
 
@@ -238,9 +250,11 @@ def mhc_pre_bwd(x, h_pre, g, write_dx=True):
     T, n, C = x.shape
     n_pad, bt, bc = _blocks(n, C)
     dx, dh = (torch.empty_like(x) if write_dx else None), torch.empty_like(h_pre)
-    launch(
+    launch_tuned(
         _mhc_pre_bwd_kernel,
-        (triton.cdiv(T, bt),),
+        lambda cfg: (triton.cdiv(T, cfg["BLOCK_T"]),),
+        _candidates(n, C, bt, bc),
+        key=_key(x, g.dtype, write_dx),
         writes=("dx_ptr", "dh_ptr"),
         x_ptr=x,
         h_ptr=h_pre,
@@ -251,8 +265,6 @@ def mhc_pre_bwd(x, h_pre, g, write_dx=True):
         C=C,
         N=n,
         N_PAD=n_pad,
-        BLOCK_T=bt,
-        BLOCK_C=bc,
         WRITE_DX=write_dx,
     )
     return dx, dh
@@ -263,9 +275,11 @@ def mhc_post_res_fwd(x, y, h_post, h_res):
     n_pad, bt, bc = _blocks(n, C)
     out = torch.empty_like(x)
     has_res = h_res is not None
-    launch(
+    launch_tuned(
         _mhc_post_res_fwd_kernel,
-        (triton.cdiv(T, bt), triton.cdiv(C, bc)),
+        lambda cfg: (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(C, cfg["BLOCK_C"])),
+        _candidates(n, C, bt, bc),
+        key=_key(x, y.dtype, has_res),
         writes=("out_ptr",),
         x_ptr=x,
         y_ptr=y,
@@ -277,8 +291,6 @@ def mhc_post_res_fwd(x, y, h_post, h_res):
         N=n,
         N_PAD=n_pad,
         HAS_RES=has_res,
-        BLOCK_T=bt,
-        BLOCK_C=bc,
     )
     return out
 
@@ -293,9 +305,11 @@ def mhc_post_res_bwd(x, y, h_post, h_res, g, write_dx=True):
     dx = torch.empty_like(x) if write_dx else None
     dy, dhp = torch.empty_like(y), torch.empty_like(h_post)
     dhr = torch.empty_like(h_res) if has_res else None
-    launch(
+    launch_tuned(
         _mhc_post_res_bwd_kernel,
-        (triton.cdiv(T, bt),),
+        lambda cfg: (triton.cdiv(T, cfg["BLOCK_T"]),),
+        _candidates(n, C, bt, bc),
+        key=_key(x, y.dtype, has_res, write_dx),
         writes=("dx_ptr", "dy_ptr", "dhp_ptr", "dhr_ptr"),
         x_ptr=x,
         y_ptr=y,
@@ -312,8 +326,6 @@ def mhc_post_res_bwd(x, y, h_post, h_res, g, write_dx=True):
         N_PAD=n_pad,
         HAS_RES=has_res,
         WRITE_DX=write_dx,
-        BLOCK_T=bt,
-        BLOCK_C=bc,
     )
     return dx, dy, dhp, dhr
 

@@ -6,6 +6,11 @@
   exactly the recorded specializations ahead of time; the traffic audit (`scripts/bench_kernels.py`) counts bytes
   from the recorded tensor arguments. One code path, so the gate and the audit see what users run.
 - Launch options (num_warps, num_stages) are chosen per shape by each launcher; the interpreter ignores them.
+- `launch_tuned(kernel, grid_of, candidates, key=..., ...)`: a small autotune set. On CUDA the first call per key
+  times every candidate config (Triton's do_bench, median) and keeps the fastest for the process; the interpreter,
+  `meta` tensors and MHC_AUTOTUNE=0 take the first (the launcher's rule for that shape). The compile gate compiles
+  every candidate (`capture(alternates=True)`); the audit counts the bytes of the first only (every candidate moves
+  the same tensors).
 """
 
 from __future__ import annotations
@@ -71,18 +76,21 @@ class Launch:
 
 
 _captured: list[Launch] | None = None
+_alternates = False  # capture also the candidates launch_tuned did not pick (the compile gate wants them all)
 
 
 @contextlib.contextmanager
-def capture():
+def capture(alternates: bool = False):
     """Record every `launch` inside the block: `with capture() as launches: op(x_meta, ...)`. On `meta` tensors nothing
-    runs (outputs stay uninitialised), so any shape can be captured on a machine without a GPU."""
-    global _captured
-    previous, _captured = _captured, []
+    runs (outputs stay uninitialised), so any shape can be captured on a machine without a GPU. `alternates=True`
+    also records every other candidate config of a `launch_tuned` (recorded, never run)."""
+    global _captured, _alternates
+    previous, _captured = (_captured, _alternates), []
+    _alternates = alternates
     try:
         yield _captured
     finally:
-        _captured = previous
+        _captured, _alternates = previous
 
 
 def capturing() -> bool:
@@ -102,6 +110,56 @@ def launch(kernel, grid, *, writes: tuple[str, ...], num_warps: int = 4, num_sta
         kernel[grid](**args)
     else:
         kernel[grid](**args, num_warps=num_warps, num_stages=num_stages)
+
+
+_tuned: dict[tuple, int] = {}  # (kernel name, key) -> index of the fastest candidate, per process
+
+
+def autotuning() -> bool:
+    return os.environ.get("MHC_AUTOTUNE", "1") != "0"
+
+
+def launch_tuned(kernel, grid_of, candidates: list[dict], *, key: tuple, writes: tuple[str, ...], **args) -> None:
+    """`launch` with the fastest of `candidates` (dicts of constexprs plus num_warps / num_stages; `grid_of(config)`
+    gives each one's grid). Every candidate must compute the same outputs from the same inputs (tested under the
+    interpreter, each forced in turn: `force_candidate`). The first is the default."""
+
+    def run(cfg):
+        launch(kernel, grid_of(cfg), writes=writes, **args, **cfg)
+
+    name = getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel))
+    on_gpu = any(isinstance(v, torch.Tensor) and v.is_cuda for v in args.values())
+    choice = _forced if _forced is not None else 0
+    if _forced is None and on_gpu and not interpreting() and autotuning() and len(candidates) > 1:
+        tag = (name, key)
+        if tag not in _tuned:
+            from triton.testing import do_bench
+
+            times = [do_bench(lambda c=c: run(c), warmup=3, rep=15, return_mode="median") for c in candidates]
+            _tuned[tag] = min(range(len(candidates)), key=times.__getitem__)
+        choice = _tuned[tag]
+    choice = min(choice, len(candidates) - 1)
+    if _captured is not None and _alternates:
+        for i, cfg in enumerate(candidates):
+            if i != choice:
+                options = dict(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+                constexprs = {k: v for k, v in cfg.items() if k not in options}
+                _captured.append(Launch(kernel, grid_of(cfg), {**args, **constexprs}, tuple(writes), options))
+    run(candidates[choice])
+
+
+_forced: int | None = None
+
+
+@contextlib.contextmanager
+def force_candidate(index: int):
+    """Every `launch_tuned` inside the block uses candidate `index` (clamped to the last): tests run each in turn."""
+    global _forced
+    previous, _forced = _forced, index
+    try:
+        yield
+    finally:
+        _forced = previous
 
 
 def check_tensor(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...], shape_tail: tuple | None = None) -> None:

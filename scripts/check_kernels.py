@@ -4,7 +4,7 @@ B200 (sm_100) with Triton's bundled ptxas; no GPU, no driver. Run by `make test`
     .venv/bin/python scripts/check_kernels.py                 # the full matrix, JSON to benchmarks/results/
     .venv/bin/python scripts/check_kernels.py --n 4 --arch 90 # a subset
 
-The matrix: arms mhc, mhc_identity, hc and the standalone Sinkhorn op; n in 1, 2, 4, 8, 16; C in 4096, 1280, 192 and
+The matrix: arms mhc, mhc_identity, hc and the standalone Sinkhorn op, every autotune candidate of each launch; n in 1, 2, 4, 8, 16; C in 4096, 1280, 192 and
 an odd 67; fp32 and bf16 streams; deterministic on and off; both Sinkhorn backwards. Launches are recorded on `meta`
 tensors through `mhc_train.ops` (mhc_train/ops/audit.py), forward and backward, then deduplicated by what the
 compiler sees (C is a runtime argument, so most widths share a specialization). Fails (exit 1) on a compile error,
@@ -54,12 +54,11 @@ def matrix(ns, widths, dtypes):
 def unique_launches(cases, archs):
     """{specialization key (per arch): (launch, [case ids])}."""
     from mhc_kernels.aot import specialization_key
-
     from mhc_train.ops.audit import site_launches
 
     seen: dict = {}
     for case in cases:
-        fwd, bwd = site_launches(**case, tokens=4096)
+        fwd, bwd = site_launches(**case, tokens=4096, alternates=True)  # every autotune candidate
         cid = "{arm}-n{n}-C{C}".format(**case) + (
             f"-{str(case['stream_dtype']).split('.')[-1]}" if "stream_dtype" in case else ""
         )

@@ -54,11 +54,12 @@ class _RecordTorchOps(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def record(torch_ops: bool):
-    """Triton launches (kernels.utils.capture), plus the torch ops around them when `torch_ops`."""
+def record(torch_ops: bool, alternates: bool = False):
+    """Triton launches (kernels.utils.capture), plus the torch ops around them when `torch_ops`, plus the autotune
+    candidates not picked when `alternates` (the compile gate compiles them all; the audit counts what runs)."""
     from mhc_kernels.utils import capture
 
-    with capture() as launches:
+    with capture(alternates) as launches:
         if torch_ops:
             with _RecordTorchOps(launches):
                 yield launches
@@ -77,6 +78,7 @@ def site_launches(
     t_max: int = 20,
     torch_ops: bool = False,
     chain: bool = True,
+    alternates: bool = False,
 ):
     """(forward launches, backward launches) of one site with F = identity, through `mhc_train.ops` (backend triton).
 
@@ -90,7 +92,7 @@ def site_launches(
     def leaf(*shape, dtype=torch.float32):
         return torch.empty(*shape, dtype=dtype, **meta).requires_grad_()
 
-    with record(torch_ops) as fwd:
+    with record(torch_ops, alternates) as fwd:
         if arm == "sinkhorn":
             inputs = [leaf(tokens, n, n)]
             out = ops.sinkhorn_knopp(inputs[0], t_max, backend="triton")
@@ -121,7 +123,7 @@ def site_launches(
             y = ops.mhc_pre(x, h_pre, backend="triton", link=link)  # F = identity: y = F(F_in)
             out = ops.mhc_post_res(x, y, h_post, h_res, backend="triton", link=link)
     upstream = torch.empty_like(out)
-    with record(torch_ops) as bwd:
+    with record(torch_ops, alternates) as bwd:
         torch.autograd.grad(out, inputs, upstream)
     return fwd, bwd
 

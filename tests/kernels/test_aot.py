@@ -18,7 +18,7 @@ from mhc_kernels.aot import compile_launch
 from mhc_kernels.utils import capture
 config = %r  # the block config under test, in place of the shipped one (None: the shipped one)
 if config:
-    projection._fwd_config = lambda *shape: config
+    projection._fwd_configs = lambda *shape: [config]
 x = torch.empty(512, 4, 1024, device="meta", dtype=torch.bfloat16)
 phi = torch.empty(4 * 1024, 24, device="meta")
 with capture() as launches:

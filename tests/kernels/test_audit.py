@@ -31,3 +31,22 @@ def test_a_linked_site_writes_one_dx_and_no_torch_op_touches_the_streams():
         assert big_torch == [], (arm, big_torch)
         post_res = next(r for r in rows if r["kernel"] == "_mhc_post_res_bwd_kernel")
         assert post_res["written_B_per_token"] < n * C * 2 / 2 + 64, post_res  # dy (C) and the coefficient grads
+
+
+def test_the_gpu_benchmark_runs_every_kernel_of_a_linked_site():
+    """`bench_kernels.py` times each kernel alone on a GPU; run its rows here under the interpreter on a tiny shape, so
+    a launcher signature change cannot break the GPU benchmark unseen."""
+    from scripts.bench_kernels import kernel_rows
+
+    rows = kernel_rows(1, 16, 32, 4, "cpu", 1e9, torch.float32, iters=1)
+    assert set(rows) == {
+        "pre_fwd",
+        "pre_bwd",
+        "post_res_fwd",
+        "post_res_bwd",
+        "projection_fwd",
+        "projection_bwd",
+        "sinkhorn_fwd",
+        "sinkhorn_bwd",
+    }
+    assert all(row["ms"] > 0 and row["GB_s"] > 0 for row in rows.values()), rows
