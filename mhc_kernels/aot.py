@@ -53,12 +53,22 @@ def _bind(launch, backend):
 
 
 def specialization_key(launch, arch: int) -> str:
-    """A stable id of what the compiler sees: kernel source, signature, constants, attributes, options, target."""
+    """A stable id of what the compiler sees: kernel source, signature, constants, attributes, options, target, and
+    the Triton release (its code generator and bundled ptxas decide registers and spills; the kernel's own cache_key
+    hashes only the source, so without it a report cached under one Triton would pass the gate under another)."""
     from triton.compiler import make_backend
 
     signature, constexprs, attrs, options = _bind(launch, make_backend(GPUTarget("cuda", arch, 32)))
     text = json.dumps(
-        [launch.kernel.cache_key, signature, sorted(map(str, constexprs.items())), str(attrs), launch.options, arch],
+        [
+            triton.__version__,
+            launch.kernel.cache_key,
+            signature,
+            sorted(map(str, constexprs.items())),
+            str(attrs),
+            launch.options,
+            arch,
+        ],
         default=str,
     )
     return hashlib.sha256(text.encode()).hexdigest()[:20]
@@ -135,7 +145,7 @@ def compile_launch(launch, arch: int, use_cache: bool = True) -> dict:
         return json.loads(cached.read_text())
     target = GPUTarget("cuda", arch, 32)
     signature, constexprs, attrs, options = _bind(launch, make_backend(target))
-    report = {"kernel": launch.name, "arch": f"sm_{arch}", "key": key, **launch.options}
+    report = {"kernel": launch.name, "arch": f"sm_{arch}", "key": key, "triton": triton.__version__, **launch.options}
     report["constexprs"] = {launch.kernel.arg_names[p[0]]: v for p, v in constexprs.items() if len(p) == 1}
     log = io.StringIO()
     try:
