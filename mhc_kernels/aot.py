@@ -53,12 +53,24 @@ def _bind(launch, backend):
 
 
 def specialization_key(launch, arch: int) -> str:
-    """A stable id of what the compiler sees: kernel source, signature, constants, attributes, options, target."""
+    """A stable id of what the compiler sees: kernel source, signature, constants, attributes, options, target, and
+    the Triton release and the ptxas it runs (they decide registers and spills; the kernel's own cache_key hashes
+    only the source, so without them a report cached under one Triton would pass the gate under another)."""
     from triton.compiler import make_backend
 
-    signature, constexprs, attrs, options = _bind(launch, make_backend(GPUTarget("cuda", arch, 32)))
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    signature, constexprs, attrs, options = _bind(launch, backend)
     text = json.dumps(
-        [launch.kernel.cache_key, signature, sorted(map(str, constexprs.items())), str(attrs), launch.options, arch],
+        [
+            triton.__version__,
+            backend.hash(),  # "<ptxas --version>-<arch>": also changes with TRITON_PTXAS_PATH
+            launch.kernel.cache_key,
+            signature,
+            sorted(map(str, constexprs.items())),
+            str(attrs),
+            launch.options,
+            arch,
+        ],
         default=str,
     )
     return hashlib.sha256(text.encode()).hexdigest()[:20]
@@ -79,18 +91,28 @@ def _parse_usage(log: str) -> dict | None:
 @contextlib.contextmanager
 def _triton_ptxas_log(into: io.StringIO):
     """Triton runs ptxas with -v when it builds the cubin; its log is printed when knobs.nvidia.dump_ptxas_log is on.
-    Capturing it saves a second ptxas run per kernel (where the knob is missing, _ptxas_usage runs ptxas itself)."""
-    knobs = getattr(getattr(triton, "knobs", None), "nvidia", None)
+    Capturing it saves a second ptxas run per kernel (where the knob is missing, _ptxas_usage runs ptxas itself).
+    Triton's own cache is bypassed (knobs.compilation.always_compile): a hit there runs no ptxas, and the fallback's
+    flags are not every release's (Triton 3.9 adds --regAllocOptLevel=2, 3.6 does not), so the numbers would no
+    longer be the ones the installed Triton builds. The gate keeps its own cache (CACHE) instead."""
+    all_knobs = getattr(triton, "knobs", None)
+    knobs = getattr(all_knobs, "nvidia", None)
     if knobs is None or not hasattr(knobs, "dump_ptxas_log"):
         yield
         return
-    previous = knobs.dump_ptxas_log
+    compilation = getattr(all_knobs, "compilation", None)
+    always = hasattr(compilation, "always_compile")
+    previous = knobs.dump_ptxas_log, always and compilation.always_compile
     knobs.dump_ptxas_log = True
+    if always:
+        compilation.always_compile = True
     try:
         with contextlib.redirect_stdout(into):
             yield
     finally:
-        knobs.dump_ptxas_log = previous
+        knobs.dump_ptxas_log = previous[0]
+        if always:
+            compilation.always_compile = previous[1]
 
 
 def _ptxas_usage(ptx: str, arch: int) -> dict:
@@ -135,7 +157,7 @@ def compile_launch(launch, arch: int, use_cache: bool = True) -> dict:
         return json.loads(cached.read_text())
     target = GPUTarget("cuda", arch, 32)
     signature, constexprs, attrs, options = _bind(launch, make_backend(target))
-    report = {"kernel": launch.name, "arch": f"sm_{arch}", "key": key, **launch.options}
+    report = {"kernel": launch.name, "arch": f"sm_{arch}", "key": key, "triton": triton.__version__, **launch.options}
     report["constexprs"] = {launch.kernel.arg_names[p[0]]: v for p, v in constexprs.items() if len(p) == 1}
     log = io.StringIO()
     try:

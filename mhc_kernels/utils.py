@@ -27,6 +27,37 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _patch_interpreter_index() -> None:
+    """Triton 3.6's interpreter turns a scalar kernel argument used as a loop bound (`range(0, C, BLOCK_C)`) into a
+    Python int with `int(array)` on a 1-element array, which NumPy >= 2.4 rejects ("only 0-dimensional arrays can be
+    converted to Python scalars"): every kernel with such a loop failed under TRITON_INTERPRET=1. Later Triton (3.9)
+    squeezes the array first; this re-sets `__index__` that way after the interpreter's own patching, so the same
+    kernels run on both. A no-op where Triton already squeezes; left alone if the hook is not there."""
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_mhc_index_fix", False):
+        return
+
+    def index(self):
+        return int(self.handle.data.squeeze())
+
+    def patch_lang_tensor(tensor, *args, **kwargs):
+        original(tensor, *args, **kwargs)
+        scope = args[0] if args else kwargs.get("scope")
+        if scope is not None:  # restored with the interpreter's other patches after the launch
+            scope.set_attr(tensor, "__index__", index)
+        else:  # older Triton patches tl.tensor for good
+            tensor.__index__ = index
+
+    patch_lang_tensor._mhc_index_fix = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if interpreting():
+    _patch_interpreter_index()
+
+
 def next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
