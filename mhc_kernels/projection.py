@@ -221,15 +221,20 @@ def _projection_bwd_kernel(
 def _fwd_configs(n: int, C: int, K: int, per_stream: bool) -> list[dict]:
     """Launch parameters (an autotune set on GPU, see `utils.launch_tuned`); tl.dot needs every tile side >= 16. The
     interpreter gets one small fixed config. The per-stream (HC) loop carries a second accumulator, so it takes half
-    the tokens (the compile gate: 64 spilled at n >= 8); the second candidate halves the tokens again at 4 warps."""
+    the tokens (the compile gate: 64 spilled at n >= 8). Second candidates: half the tokens at 4 warps; per stream,
+    half the channel block (half the tokens at 4 warps spilled there)."""
     block_c = max(16, min(64, next_pow2(C)))
     block_k = min(32 if interpreting() else 128, max(16, next_pow2(K)))
     if interpreting():
         return [dict(BLOCK_T=16, BLOCK_C=min(block_c, 32), BLOCK_K=block_k, num_warps=4, num_stages=1)]
-    bt = 32 if per_stream else 64
+    if per_stream:
+        return [
+            dict(BLOCK_T=32, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=8, num_stages=3),
+            dict(BLOCK_T=32, BLOCK_C=max(16, block_c // 2), BLOCK_K=block_k, num_warps=8, num_stages=3),
+        ]
     return [
-        dict(BLOCK_T=bt, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=8, num_stages=3),
-        dict(BLOCK_T=bt // 2, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=4, num_stages=3),
+        dict(BLOCK_T=64, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=8, num_stages=3),
+        dict(BLOCK_T=32, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=4, num_stages=3),
     ]
 
 

@@ -204,11 +204,14 @@ def _blocks(n: int, C: int) -> tuple[int, int, int]:
     return n_pad, block_t, block_c
 
 
-def _candidates(n: int, C: int, bt: int, bc: int) -> list[dict]:
-    """The autotune set: the rule's [bt, n, bc] tile at 4 warps, and the same values per thread over twice the tile at
-    8 warps (twice the channels while they fit C, else twice the tokens)."""
-    wide = dict(BLOCK_T=bt, BLOCK_C=2 * bc) if 2 * bc <= next_pow2(C) else dict(BLOCK_T=2 * bt, BLOCK_C=bc)
-    return [dict(BLOCK_T=bt, BLOCK_C=bc, num_warps=4), dict(**wide, num_warps=8)]
+def _candidates(n: int, C: int, bt: int, bc: int, wide: bool = True) -> list[dict]:
+    """The autotune set: the rule's [bt, n, bc] tile at 4 warps, and at 8 warps either the same values per thread
+    over twice the tile (`wide`: twice the channels while they fit C, else twice the tokens) or the same tile (the
+    backward kernels, which hold more tiles: the compile gate spilled their doubled tile at n = 4)."""
+    if not wide:
+        return [dict(BLOCK_T=bt, BLOCK_C=bc, num_warps=4), dict(BLOCK_T=bt, BLOCK_C=bc, num_warps=8)]
+    tile = dict(BLOCK_T=bt, BLOCK_C=2 * bc) if 2 * bc <= next_pow2(C) else dict(BLOCK_T=2 * bt, BLOCK_C=bc)
+    return [dict(BLOCK_T=bt, BLOCK_C=bc, num_warps=4), dict(**tile, num_warps=8)]
 
 
 def _key(x: torch.Tensor, *flags) -> tuple:
@@ -253,7 +256,7 @@ def mhc_pre_bwd(x, h_pre, g, write_dx=True):
     launch_tuned(
         _mhc_pre_bwd_kernel,
         lambda cfg: (triton.cdiv(T, cfg["BLOCK_T"]),),
-        _candidates(n, C, bt, bc),
+        _candidates(n, C, bt, bc, wide=False),
         key=_key(x, g.dtype, write_dx),
         writes=("dx_ptr", "dh_ptr"),
         x_ptr=x,
@@ -308,7 +311,7 @@ def mhc_post_res_bwd(x, y, h_post, h_res, g, write_dx=True):
     launch_tuned(
         _mhc_post_res_bwd_kernel,
         lambda cfg: (triton.cdiv(T, cfg["BLOCK_T"]),),
-        _candidates(n, C, bt, bc),
+        _candidates(n, C, bt, bc)[:1],  # one: the gate spilled every 8-warp variant tried (n = 4, 8)
         key=_key(x, y.dtype, has_res, write_dx),
         writes=("dx_ptr", "dy_ptr", "dhp_ptr", "dhr_ptr"),
         x_ptr=x,

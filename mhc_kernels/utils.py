@@ -146,8 +146,17 @@ def launch(kernel, grid, *, writes: tuple[str, ...], num_warps: int = 4, num_sta
 _tuned: dict[tuple, int] = {}  # (kernel name, key) -> index of the fastest candidate, per process
 
 
-def autotuning() -> bool:
-    return os.environ.get("MHC_AUTOTUNE", "1") != "0"
+def _tunes(args: dict) -> bool:
+    """Tune on CUDA tensors with the real compiler, unless MHC_AUTOTUNE=0."""
+    on_gpu = any(isinstance(v, torch.Tensor) and v.is_cuda for v in args.values())
+    return on_gpu and not interpreting() and os.environ.get("MHC_AUTOTUNE", "1") != "0"
+
+
+def _bench(fn) -> float:
+    """Median milliseconds of fn() (Triton's do_bench: L2 flushed between runs)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=3, rep=15, return_mode="median")
 
 
 def launch_tuned(kernel, grid_of, candidates: list[dict], *, key: tuple, writes: tuple[str, ...], **args) -> None:
@@ -159,14 +168,11 @@ def launch_tuned(kernel, grid_of, candidates: list[dict], *, key: tuple, writes:
         launch(kernel, grid_of(cfg), writes=writes, **args, **cfg)
 
     name = getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel))
-    on_gpu = any(isinstance(v, torch.Tensor) and v.is_cuda for v in args.values())
     choice = _forced if _forced is not None else 0
-    if _forced is None and on_gpu and not interpreting() and autotuning() and len(candidates) > 1:
+    if _forced is None and len(candidates) > 1 and _tunes(args):
         tag = (name, key)
         if tag not in _tuned:
-            from triton.testing import do_bench
-
-            times = [do_bench(lambda c=c: run(c), warmup=3, rep=15, return_mode="median") for c in candidates]
+            times = [_bench(lambda c=c: run(c)) for c in candidates]
             _tuned[tag] = min(range(len(candidates)), key=times.__getitem__)
         choice = _tuned[tag]
     choice = min(choice, len(candidates) - 1)
