@@ -362,29 +362,43 @@ def projection_bwd(v, phi, h, r, gh, per_stream_k=0, write_dv=True, g=None, h_re
 
 class ProjectionFunction(torch.autograd.Function):
     """Saves v (the input), r (1 or n per token) and h (K per token). With a link, its backward also adds the site's
-    pre and post_res terms to dx (their backwards hand them over instead of writing a dx each)."""
+    pre and post_res terms to dx (their backwards hand them over instead of writing a dx each).
+
+    Split-backward schedules (ZBV, DualPipeV) run this backward twice: for input gradients, then again for weight
+    gradients (torch.distributed.pipelining's stage_backward_weight re-runs the nodes next to the weights with their
+    saved upstream gradients; pre and post_res do not run again). So the backward asks the engine which of its
+    inputs *this* call needs (v and phi come in as views, each with a node of its own): dx, and the link's terms
+    with it, only when v's gradient is wanted."""
 
     @staticmethod
     def forward(ctx, v, phi, eps, per_stream_k, link):
         h, r = projection_fwd(v, phi, eps, per_stream_k)
         ctx.per_stream_k, ctx.link = per_stream_k, link
+        ctx.nodes = [t.grad_fn if t.requires_grad else None for t in (v, phi)]
         ctx.save_for_backward(v, phi, h, r)
         return h
 
     @staticmethod
     def backward(ctx, gh):
         v, phi, h, r = ctx.saved_tensors
+        want_dv, want_dphi = (node is not None and torch._C._will_engine_execute_node(node) for node in ctx.nodes)
         g = h_res = f_grad = h_pre = None
-        if ctx.link is not None:
+        if ctx.link is not None and want_dv:
             g, h_res = ctx.link.take("post_res")
             f_grad, h_pre = ctx.link.take("pre")
             g = None if g is None else g.to(v.dtype).contiguous()
             f_grad = None if f_grad is None else f_grad.contiguous()
-        write_dv = ctx.needs_input_grad[0]
+        if not (want_dv or want_dphi):
+            return None, None, None, None, None
         dv, dphi = projection_bwd(
-            v, phi, h, r, gh.contiguous().float(), ctx.per_stream_k, write_dv, g, h_res, f_grad, h_pre
+            v, phi, h, r, gh.contiguous().float(), ctx.per_stream_k, want_dv, g, h_res, f_grad, h_pre
         )
-        return dv, (dphi if ctx.needs_input_grad[1] else None), None, None, None
+        return dv, (dphi if want_dphi else None), None, None, None
+
+
+def _own_node(t: torch.Tensor) -> torch.Tensor:
+    """t as a view with a grad_fn of its own (when it requires grad): the backward can ask whether it is wanted."""
+    return t.view_as(t) if t.requires_grad else t
 
 
 def mhc_projection(
@@ -414,5 +428,5 @@ def mhc_projection(
         raise ValueError(f"per_stream={per_stream}: phi must have n*{per_stream} columns, got {phi.shape[1]}")
     if link is not None:
         link.join("projection")
-    h = ProjectionFunction.apply(x.reshape(-1, n, C), phi, eps, per_stream, link)
+    h = ProjectionFunction.apply(_own_node(x.reshape(-1, n, C)), _own_node(phi), eps, per_stream, link)
     return h.reshape(*lead, phi.shape[1])

@@ -35,10 +35,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def matrix(ns, widths, dtypes):
-    """Every (arm, n, C, dtype, deterministic, sinkhorn_backward, chained or not) a config can reach: a model site
-    chains x through its ops (one dx per site); selective recomputation calls them unchained."""
+    """Every (arm, n, C, dtype, deterministic, sinkhorn_backward, chained or not, split backward or not) a config can
+    reach: a model site links its ops (one dx per site); selective recomputation calls them unlinked; the split-backward
+    pipeline schedules run a backward in two passes."""
     for arm, n, C, dt in itertools.product(("mhc", "mhc_identity", "hc"), ns, widths, dtypes):
         yield dict(arm=arm, n=n, C=C, stream_dtype=DTYPES[dt], chain=False)
+        yield dict(arm=arm, n=n, C=C, stream_dtype=DTYPES[dt], split_backward=True)  # ZBV / DualPipeV
         if arm == "mhc":
             for det, sb in itertools.product((False, True), ("unrolled", "implicit")):
                 yield dict(arm=arm, n=n, C=C, stream_dtype=DTYPES[dt], deterministic=det, sinkhorn_backward=sb)
@@ -68,6 +70,8 @@ def unique_launches(cases, archs):
             cid += "-implicit"
         if case.get("chain") is False:
             cid += "-unchained"
+        if case.get("split_backward"):
+            cid += "-split"
         for launch in fwd + bwd:
             for arch in archs:
                 key = specialization_key(launch, arch)

@@ -79,6 +79,7 @@ def site_launches(
     torch_ops: bool = False,
     chain: bool = True,
     alternates: bool = False,
+    split_backward: bool = False,
 ):
     """(forward launches, backward launches) of one site with F = identity, through `mhc_train.ops` (backend triton).
 
@@ -124,7 +125,11 @@ def site_launches(
             out = ops.mhc_post_res(x, y, h_post, h_res, backend="triton", link=link)
     upstream = torch.empty_like(out)
     with record(torch_ops, alternates) as bwd:
-        torch.autograd.grad(out, inputs, upstream)
+        if split_backward and arm != "sinkhorn":  # as ZBV / DualPipeV run it: input gradients, then weight gradients
+            torch.autograd.grad(out, inputs[:1], upstream, retain_graph=True)
+            torch.autograd.grad(out, inputs[1:], upstream)
+        else:
+            torch.autograd.grad(out, inputs, upstream)
     return fwd, bwd
 
 

@@ -384,3 +384,42 @@ def test_autotune_keeps_the_fastest_candidate_once_per_shape(monkeypatch):
     assert len(timed) == 2  # two candidates, timed on the first call only
     assert list(utils._tuned.values()) == [1]
     assert launches[-1].options["num_warps"] == 8  # the third call ran candidate 1 (8 warps) without timing
+
+
+@pytest.mark.parametrize("arm", ["mhc", "hc"])
+def test_linked_site_under_a_split_backward_matches_one_backward(arm):
+    """ZBV and DualPipeV split each backward in two: input gradients first, then weight gradients, which re-runs the
+    nodes next to the weights (the projection among them) but not pre or post_res. A linked site must give the same
+    gradients that way (torch.distributed.pipelining's own two functions) as in one backward."""
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+
+    from mhc_train.config import ConnectionConfig
+    from mhc_train.model.connections import HCSite, MHCSite
+
+    T, n, C = 6, 4, 33
+    site = (MHCSite if arm == "mhc" else HCSite)(C, n, 1, ConnectionConfig(type=arm, n_streams=n, backend="triton"))
+    site = site.to(DEVICE)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in site.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    lin = torch.randn(C, C, device=DEVICE) / C**0.5
+    x0 = torch.randn(2, T, n, C, device=DEVICE)
+    up = torch.randn(2, T, n, C, device=DEVICE)
+
+    def run():
+        x = x0.clone().requires_grad_()
+        return x, site(x, lambda f: f @ lin).clone()  # not a view: the input pass detaches its outputs in place
+
+    x, out = run()
+    want = torch.autograd.grad(out, [x, *site.parameters()], up)
+    x, out = run()
+    (dx,), groups = stage_backward_input([out], [up], [x], site.parameters())
+    for p in site.parameters():
+        p.grad = None
+    stage_backward_weight(site.parameters(), groups)
+    got = [dx, *(p.grad for p in site.parameters())]
+    names = ["x", *(name for name, _ in site.named_parameters())]
+    for name, a, b in zip(names, got, want):
+        assert a is not None, name
+        _check(f"grad {name}", a, b, 1e-5)

@@ -55,6 +55,8 @@ MATRIX = [
     ({**PP, "parallel.pp_schedule": "1f1b"}, "bf16s", "mhc", "torch", "mhc", 2),
     ({**PP, "parallel.pp_schedule": "dualpipev"}, "bf16", "full", "torch", "hc", 2),
     ({**PP, "parallel.pp_schedule": "zbv"}, "fp32", "mhc", "triton", "mhc", 2),
+    # the linked site (one dx, mhc_kernels/link.py) under a split backward and DualPipeV's overlapped F/B
+    ({**PP, "parallel.pp_schedule": "dualpipev"}, "fp32", "none", "triton", "mhc", 2),
     ({**PP, "parallel.engine": "fsdp", "parallel.pp_schedule": "1f1b"}, "bf16", "none", "torch", "mhc", 4),
 ]
 
