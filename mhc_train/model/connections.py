@@ -138,16 +138,14 @@ class HCSite(Site):
         n, lead = self.n, x.shape[:-2]
         # row j of the [n, n+2] block: (A_m[j], B[j], A_r[j, :]); h_pre = A_m, h_post = B, h_res = A_r^T
         static = torch.cat([self.static_alpha_m[:, None], self.static_beta[:, None], self.static_alpha_r], 1).float()
-        link = None
-        if self.dynamic:
-            weight = self.norm_weight.float()[:, None] * self.dyn_proj.float()  # [C, n+2], the norm's gain folded in
-            h, link = ops.hc_projection(x, weight, self.eps, backend=self.backend, chain=True)  # RMSNorm(x_j) @ W
-            s_alpha, s_beta = self.dyn_scale.float().unbind()
-            scale = torch.cat([s_alpha[None], s_beta[None], s_alpha.expand(n)])  # [n+2]
-            block = torch.tanh(h) * scale + static  # [B, T, n, n+2]
-        else:
+        if not self.dynamic:
             block = static.expand(*lead, n, n + 2)
-        return block[..., 0], block[..., 1], block[..., 2:].transpose(-1, -2), link
+            return block[..., 0], block[..., 1], block[..., 2:].transpose(-1, -2), None
+        weight = self.norm_weight.float()[:, None] * self.dyn_proj.float()  # [C, n+2], the norm's gain folded in
+        h, link = ops.hc_projection(x, weight, self.eps, backend=self.backend, chain=True)  # RMSNorm(x_j) @ W
+        s_alpha, s_beta = self.dyn_scale.float().unbind()
+        scale = torch.cat([s_alpha[None], s_beta[None], s_alpha.expand(n)])  # [n+2]
+        return (*ops.hc_gates(h, static, scale, backend=self.backend), link)  # tanh(h) * scale + static, split
 
 
 class MHCSite(Site):

@@ -14,6 +14,7 @@ This is the seam the Triton kernels of `mhc_kernels` plug into. Every function t
 - `mhc_post_res(x, y, h_post, h_res)`: -> [..., n, C]; H_res left-multiplied, None = identity
 - `hc_projection(x, weight, eps=1e-6)`: HC's dynamic projection, RMSNorm per stream then @ weight: [..., n, C] ->
   [..., n, K_s] (weight [C, K_s], the norm gain folded in)
+- `hc_gates(h, static, scale)`: HC's coefficients from it: tanh(h) * scale + static -> (h_pre, h_post, h_res)
 
 One dx per site (`chain=True` on `mhc_coefficients` / `hc_projection`): each also returns a `link` (a
 `mhc_kernels.SiteLink`, or None on the torch path), to pass to the site's `mhc_pre` and `mhc_post_res`. Their
@@ -33,6 +34,7 @@ from mhc_train.config import BACKENDS, SINKHORN_BACKWARDS
 
 from .reference import (
     coefficient_dtype,
+    hc_gates_ref,
     hc_projection_ref,
     mhc_coefficients_ref,
     mhc_post_res_ref,
@@ -168,6 +170,14 @@ def hc_projection(x, weight, eps: float = 1e-6, backend: str = "torch", chain: b
     return (h, link) if chain else h
 
 
+def hc_gates(h, static, scale, backend: str = "torch"):
+    """HC's dynamic coefficients from `hc_projection`'s output (see `hc_gates_ref`); one kernel each way on triton."""
+    with coefficient_region(h):
+        if resolve_backend(backend, h.device) == "triton" and _kernel_takes("hc_gates", h.shape[-2]):
+            return _kernels().hc_gates(h.contiguous(), static.float().contiguous(), scale.float().contiguous())
+        return hc_gates_ref(h, static, scale)
+
+
 def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor, backend: str = "torch", link=None) -> torch.Tensor:
     """`link`: the site's link from `mhc_coefficients(..., chain=True)` (see the module docstring)."""
     if resolve_backend(backend, x.device) == "triton" and _kernel_takes("mhc_pre", x.shape[-2]):
@@ -200,6 +210,8 @@ __all__ = [
     "BACKENDS",
     "coefficient_region",
     "coefficient_dtype",
+    "hc_gates",
+    "hc_gates_ref",
     "hc_projection",
     "hc_projection_ref",
     "mhc_coefficients",

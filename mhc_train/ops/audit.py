@@ -84,7 +84,7 @@ def site_launches(
     """(forward launches, backward launches) of one site with F = identity, through `mhc_train.ops` (backend triton).
 
     `arm`: mhc (projection, gates + Sinkhorn, pre, post_res), mhc_identity (no H_res), hc (dynamic HC: the per-stream
-    projection, pre and post_res; HC's tanh gates are torch ops), sinkhorn (the standalone Sinkhorn op). `torch_ops=True` also records every aten op
+    projection, HC's gates, pre and post_res), sinkhorn (the standalone Sinkhorn op). `torch_ops=True` also records every aten op
     that moves data (as `TorchOp`s, in order with the launches): what the traffic audit counts. `chain=True` links the site's
     ops as a model site does (one dx per site); False is the unlinked use (selective recomputation).
     """
@@ -99,12 +99,11 @@ def site_launches(
             out = ops.sinkhorn_knopp(inputs[0], t_max, backend="triton")
         else:
             x = leaf(tokens, n, C, dtype=stream_dtype)
-            if arm == "hc":  # dynamic HC: the per-stream projection, then HC's gates as torch ops
-                weight = leaf(C, n + 2)
+            if arm == "hc":  # dynamic HC: the per-stream projection, then HC's gates
+                weight, static, scale = leaf(C, n + 2), leaf(n, n + 2), leaf(n + 2)
                 h, link = ops.hc_projection(x, weight, backend="triton", chain=True)
-                d = torch.tanh(h)
-                h_pre, h_post, h_res = d[..., 0], d[..., 1], d[..., 2:].transpose(-1, -2)
-                inputs = [x, weight]
+                h_pre, h_post, h_res = ops.hc_gates(h, static, scale, backend="triton")
+                inputs = [x, weight, static, scale]
             else:
                 k = 2 * n if arm == "mhc_identity" else n * n + 2 * n
                 phi, alpha, bias = leaf(n * C, k), leaf(2 if arm == "mhc_identity" else 3), leaf(k)

@@ -23,6 +23,7 @@ __all__ = [
     "mhc_pre_ref",
     "mhc_post_res_ref",
     "hc_projection_ref",
+    "hc_gates_ref",
     "coefficient_dtype",
 ]
 
@@ -80,6 +81,19 @@ def hc_projection_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) 
     ct = coefficient_dtype(x.dtype)
     xf = x.to(ct)
     return (xf @ weight.to(ct)) * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+
+
+def hc_gates_ref(h: torch.Tensor, static: torch.Tensor, scale: torch.Tensor):
+    """HC's dynamic coefficients from the per-stream projection: `block = tanh(h) * scale + static`, row j of the
+    [n, n+2] block being (A_m[j], B[j], A_r[j, :]).
+
+    Args:
+        h: [..., n, n+2] (`hc_projection_ref`'s output). static: [n, n+2]. scale: [n+2] ([s_alpha, s_beta, s_alpha..]).
+    Returns:
+        h_pre = A_m [..., n], h_post = B [..., n], h_res = A_r^T [..., n, n] (this file's left-multiplied convention).
+    """
+    block = torch.tanh(h) * scale + static
+    return block[..., 0], block[..., 1], block[..., 2:].transpose(-1, -2)
 
 
 def mhc_coefficients_ref(

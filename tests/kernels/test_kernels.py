@@ -13,6 +13,7 @@ import mhc_kernels as K
 from mhc_kernels.utils import force_candidate
 from mhc_train import ops
 from mhc_train.ops.reference import (
+    hc_gates_ref,
     hc_projection_ref,
     mhc_post_res_ref,
     mhc_pre_ref,
@@ -153,6 +154,29 @@ def test_hc_projection_matches_reference(shape, dtype):
         max(rtol, 1e-4),
         ["x", "weight"],
     )
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8, 16])
+def test_hc_gates_match_reference(n):
+    """HC's coefficient tail in one kernel: every output and the gradients of h, the static part and the scales (the
+    latter two reduce over tokens in per-program partials), against fp64; h spans tanh's small-argument series and
+    its saturated range."""
+    T = 37
+    h = _rand(T, n, n + 2, scale=1.5)
+    with torch.no_grad():
+        h[0] = torch.linspace(-1e-3, 1e-3, n * (n + 2)).view(n, n + 2)  # the series branch, and 0 exactly
+    static, scale = _rand(n, n + 2), _rand(n + 2, scale=0.1)
+    inputs = [h, static, scale]
+    got = K.hc_gates(*inputs)
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    want = hc_gates_ref(*ref_inputs)
+    for name, a, b in zip(("h_pre", "h_post", "h_res"), got, want):
+        _check(name, a, b, 1e-6)
+    ups = [torch.randn(w.shape, dtype=torch.float64, device=DEVICE) for w in want]
+    g_got = torch.autograd.grad(got, inputs, [u.float() for u in ups])
+    g_want = torch.autograd.grad(want, ref_inputs, ups)
+    for name, a, b in zip(("h", "static", "scale"), g_got, g_want):
+        _check(f"grad {name}", a, b, 1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=list(DTYPES))
