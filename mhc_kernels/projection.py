@@ -146,6 +146,7 @@ def _projection_bwd_kernel(
     N_PAD: tl.constexpr,
     PER_STREAM: tl.constexpr,
     WRITE_DV: tl.constexpr,
+    WRITE_DPHI: tl.constexpr,
     LINK_RES: tl.constexpr,
     LINK_PRE: tl.constexpr,
     ONE_K_TILE: tl.constexpr,
@@ -177,7 +178,8 @@ def _projection_bwd_kernel(
         m_tr = mt[:, None] & mr[None, :]
         v = tl.load(v_ptr + offs_t[:, None] * D + offs_r[None, :], mask=m_tr, other=0.0).to(tl.float32)
         dp = tl.load(dproj_ptr + offs_t[:, None] * K + offs_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
-        acc = tl.dot(tl.trans(v), dp, acc, input_precision="tf32")
+        if WRITE_DPHI:
+            acc = tl.dot(tl.trans(v), dp, acc, input_precision="tf32")
         if WRITE_DV and pid_k == 0:  # dx for these rows: dproj @ phi^T over all K tiles, the norm's term, the link's
             if ONE_K_TILE:
                 dv = tl.dot(dp, tl.trans(p_own), tl.zeros([BLOCK_T, R], dtype=tl.float32), input_precision="tf32")
@@ -214,8 +216,9 @@ def _projection_bwd_kernel(
                 )
                 dv += tl.reshape(hp[:, :, None] * fg.to(tl.float32)[:, None, :], [BLOCK_T, R])
             tl.store(dv_ptr + offs_t[:, None] * D + offs_r[None, :], dv.to(dv_ptr.dtype.element_ty), mask=m_tr)
-    dphi = dphi_ptr + pid_s.to(tl.int64) * D * K + offs_r[:, None] * K + offs_k[None, :]
-    tl.store(dphi, acc, mask=mr[:, None] & mk[None, :])
+    if WRITE_DPHI:
+        dphi = dphi_ptr + pid_s.to(tl.int64) * D * K + offs_r[:, None] * K + offs_k[None, :]
+        tl.store(dphi, acc, mask=mr[:, None] & mk[None, :])
 
 
 def _fwd_configs(n: int, C: int, K: int, per_stream: bool) -> list[dict]:
@@ -313,9 +316,11 @@ def _bwd_prep(gh, h, r, n: int, C: int, per_stream_k: int):
     return dproj, s
 
 
-def projection_bwd(v, phi, h, r, gh, per_stream_k=0, write_dv=True, g=None, h_res=None, f_grad=None, h_pre=None):
-    """(dv or None, dphi). With a link's tensors, dv also holds H_res^T g (g alone when h_res is None) and
-    h_pre (x) f_grad."""
+def projection_bwd(
+    v, phi, h, r, gh, per_stream_k=0, write_dv=True, g=None, h_res=None, f_grad=None, h_pre=None, write_dphi=True
+):
+    """(dv or None, dphi or None). With a link's tensors, dv also holds H_res^T g (g alone when h_res is None) and
+    h_pre (x) f_grad. A split backward's input pass asks for no dphi, its weight pass for no dv."""
     T, n, C = v.shape
     K = phi.shape[1]
     dproj, s = _bwd_prep(gh, h, r, n, C, per_stream_k)
@@ -324,7 +329,7 @@ def projection_bwd(v, phi, h, r, gh, per_stream_k=0, write_dv=True, g=None, h_re
     splits = _splits(T, c_blocks, k_tiles, cfg["BLOCK_T"])
     per_split = triton.cdiv(triton.cdiv(T, splits), cfg["BLOCK_T"]) * cfg["BLOCK_T"]
     dv = torch.empty_like(v) if write_dv else None
-    dphi = torch.empty(splits, n * C, K, device=v.device, dtype=torch.float32)
+    dphi = torch.empty(splits, n * C, K, device=v.device, dtype=torch.float32) if write_dphi else None
     link_res = 0 if g is None else (1 if h_res is None else 2)
     link_pre = f_grad is not None
     # phi's rows stay in registers when K fits one tile (the compile gate: a 16-wide tile kept there spilled 12 B on
@@ -343,7 +348,7 @@ def projection_bwd(v, phi, h, r, gh, per_stream_k=0, write_dv=True, g=None, h_re
         fg_ptr=f_grad if link_pre else v,
         hpre_ptr=h_pre if link_pre else s,
         dv_ptr=dv if write_dv else v,
-        dphi_ptr=dphi,
+        dphi_ptr=dphi if write_dphi else v,
         n_tokens=T,
         tokens_per_split=per_split,
         C=C,
@@ -352,11 +357,14 @@ def projection_bwd(v, phi, h, r, gh, per_stream_k=0, write_dv=True, g=None, h_re
         N_PAD=next_pow2(n),
         PER_STREAM=bool(per_stream_k),
         WRITE_DV=write_dv,
+        WRITE_DPHI=write_dphi,
         LINK_RES=link_res,
         LINK_PRE=link_pre,
         ONE_K_TILE=one_k_tile,
         **cfg,
     )
+    if not write_dphi:
+        return dv, None
     return dv, dphi.sum(0) if splits > 1 else dphi[0]
 
 
@@ -388,12 +396,14 @@ class ProjectionFunction(torch.autograd.Function):
             f_grad, h_pre = ctx.link.take("pre")
             g = None if g is None else g.to(v.dtype).contiguous()
             f_grad = None if f_grad is None else f_grad.contiguous()
+        elif ctx.link is not None:
+            ctx.link.drop()
         if not (want_dv or want_dphi):
             return None, None, None, None, None
         dv, dphi = projection_bwd(
-            v, phi, h, r, gh.contiguous().float(), ctx.per_stream_k, want_dv, g, h_res, f_grad, h_pre
+            v, phi, h, r, gh.contiguous().float(), ctx.per_stream_k, want_dv, g, h_res, f_grad, h_pre, want_dphi
         )
-        return dv, (dphi if want_dphi else None), None, None, None
+        return dv, dphi, None, None, None
 
 
 def _own_node(t: torch.Tensor) -> torch.Tensor:
@@ -414,7 +424,8 @@ def mhc_projection(
     `deterministic` is accepted for the ops API: the backward is always bit-reproducible (two-stage dphi reduction).
     `link`: this op owns the site's single dx (see `mhc_kernels/link.py`); pass the same link to the site's mhc_pre
     and mhc_post_res. `per_stream=K_s` (HC): RMSNorm per stream and a block-diagonal phi [nC, n K_s], see the module
-    docstring; h[..., j K_s + k] is stream j's column k.
+    docstring; h[..., j K_s + k] is stream j's column k. phi must be block-diagonal (`ops.hc_projection` builds it):
+    the backward divides each column's terms by its own stream's norm, so off-diagonal blocks get wrong gradients.
     """
     del deterministic
     lead, (n, C) = x.shape[:-2], x.shape[-2:]

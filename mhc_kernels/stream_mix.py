@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .link import SiteLink
+from .link import SiteLink, check_linked
 from .utils import MAX_STREAMS, STREAM_DTYPES, check_tensor, launch_tuned, next_pow2
 
 
@@ -349,7 +349,7 @@ class MhcPreFunction(torch.autograd.Function):
         g = g.contiguous()
         linked = ctx.link is not None
         dx, dh = mhc_pre_bwd(x, h_pre, g, write_dx=ctx.needs_input_grad[0] and not linked)
-        if linked:
+        if linked and ctx.needs_input_grad[0]:
             ctx.link.give("pre", g, h_pre)
         return dx, (dh if ctx.needs_input_grad[1] else None), None
 
@@ -370,7 +370,7 @@ class MhcPostResFunction(torch.autograd.Function):
         g = g.contiguous()
         need, linked = ctx.needs_input_grad, ctx.link is not None
         dx, dy, dhp, dhr = mhc_post_res_bwd(x, y, h_post, h_res, g, write_dx=need[0] and not linked)
-        if linked:
+        if linked and need[0]:
             ctx.link.give("post_res", g, h_res)
         return (dx, dy if need[1] else None, dhp if need[2] else None, dhr if need[3] else None, None)
 
@@ -388,6 +388,7 @@ def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor, link: SiteLink | None = None) 
     backward instead of written here."""
     lead, (n, C) = x.shape[:-2], x.shape[-2:]
     _check(n, x=x, h_pre=h_pre)
+    check_linked(link, x, h_pre=h_pre)
     out = MhcPreFunction.apply(x.reshape(-1, n, C), h_pre.reshape(-1, n), _join(link, "pre"))
     return out.reshape(*lead, C)
 
@@ -404,6 +405,7 @@ def mhc_post_res(
     a copy; its gradient comes back in y's dtype. `link`: as in `mhc_pre`."""
     lead, (n, C) = x.shape[:-2], x.shape[-2:]
     _check(n, x=x, y=y, h_post=h_post, h_res=h_res)
+    check_linked(link, x, h_post=h_post, h_res=h_res)
     out = MhcPostResFunction.apply(
         x.reshape(-1, n, C),
         y.reshape(-1, C),

@@ -6,11 +6,14 @@
   exactly the recorded specializations ahead of time; the traffic audit (`scripts/bench_kernels.py`) counts bytes
   from the recorded tensor arguments. One code path, so the gate and the audit see what users run.
 - Launch options (num_warps, num_stages) are chosen per shape by each launcher; the interpreter ignores them.
-- `launch_tuned(kernel, grid_of, candidates, key=..., ...)`: a small autotune set. On CUDA the first call per key
-  times every candidate config (Triton's do_bench, median) and keeps the fastest for the process; the interpreter,
-  `meta` tensors and MHC_AUTOTUNE=0 take the first (the launcher's rule for that shape). The compile gate compiles
-  every candidate (`capture(alternates=True)`); the audit counts the bytes of the first only (every candidate moves
-  the same tensors).
+- `launch_tuned(kernel, grid_of, candidates, key=..., ...)`: a small autotune set, opt-in with MHC_AUTOTUNE=1. Then
+  on CUDA the first call per key times every candidate config (Triton's do_bench, median) and keeps the fastest
+  for the process. Off by default because the candidates round differently (another reduction order) and the
+  choice follows timing: two ranks or a restart could take different numeric paths, and do_bench synchronises the
+  device in the middle of a step (unsafe under pipeline schedules with point-to-point traffic in flight). Without
+  it, and in the interpreter and on `meta` tensors, the first candidate runs (the launcher's rule for that shape).
+  The compile gate compiles every candidate (`capture(alternates=True)`); the audit counts the bytes of the first
+  only (every candidate moves the same tensors).
 """
 
 from __future__ import annotations
@@ -147,9 +150,10 @@ _tuned: dict[tuple, int] = {}  # (kernel name, key) -> index of the fastest cand
 
 
 def _tunes(args: dict) -> bool:
-    """Tune on CUDA tensors with the real compiler, unless MHC_AUTOTUNE=0."""
+    """Tune on CUDA tensors with the real compiler, when MHC_AUTOTUNE=1 (see the module docstring for why not by
+    default: benchmarks and single-GPU exploration, not reproducible or pipelined training)."""
     on_gpu = any(isinstance(v, torch.Tensor) and v.is_cuda for v in args.values())
-    return on_gpu and not interpreting() and os.environ.get("MHC_AUTOTUNE", "1") != "0"
+    return on_gpu and not interpreting() and os.environ.get("MHC_AUTOTUNE", "0") == "1"
 
 
 def _bench(fn) -> float:

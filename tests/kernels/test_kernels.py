@@ -212,16 +212,20 @@ def test_linked_hc_site_matches_the_torch_site(shape, dtype):
         _check(f"grad {name}", a, b, max(rtol, 1e-4))
 
 
-def test_a_link_refuses_to_hand_over_what_was_never_given():
-    """The projection's backward reads what pre and post_res handed over; if one joined the site but its backward has
-    not run (a detached coefficient broke the ordering), the owner fails loudly instead of dropping a dx term."""
+def test_a_link_refuses_coefficients_that_cannot_order_its_backward():
+    """The hand-over relies on the projection's backward running after pre's and post_res's, which holds when their
+    coefficients come from x; a detached coefficient is refused at forward, a link serves one site, and a term
+    never handed over in this backward call is no term."""
+    x, phi = _rand(5, 4, 24), _rand(96, 24, scale=0.1)
     link = K.SiteLink()
-    link.join("pre")
-    assert link.take("post_res") == (None, None)  # never joined: no term
-    with pytest.raises(RuntimeError, match="pre's backward has not run"):
-        link.take("pre")
+    h = K.mhc_projection(x, phi, 1e-6, link=link)
+    h_pre = h[:, :4].sigmoid()
+    with pytest.raises(ValueError, match="h_pre do"):
+        K.mhc_pre(x, h_pre.detach(), link=link)
+    K.mhc_pre(x, h_pre, link=link)
     with pytest.raises(RuntimeError, match="joined twice"):
-        link.join("pre")
+        K.mhc_pre(x, h_pre, link=link)
+    assert link.take("post_res") == (None, None)
 
 
 def test_phi_gradient_is_bit_reproducible():
