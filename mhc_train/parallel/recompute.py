@@ -150,9 +150,10 @@ class _SitePre(torch.autograd.Function):
         with torch.enable_grad():
             xg = x.detach().requires_grad_(needed[0])
             params = list(ctx.norm.parameters()) + list(ctx.site.parameters())
-            h_pre, h_post, h_res = ctx.site.coefficients(xg)
-            z = ctx.norm(ops.mhc_pre(xg, h_pre, backend=ctx.site.backend))
-            out = ops.mhc_post_res(xg, y, h_post, h_res, backend=ctx.site.backend)
+            # linked as in the plain model's site (one dx per site on the kernels): the same sums, the same bits
+            h_pre, h_post, h_res, link = ctx.site.coefficients_linked(xg)
+            z = ctx.norm(ops.mhc_pre(xg, h_pre, backend=ctx.site.backend, link=link))
+            out = ops.mhc_post_res(xg, y, h_post, h_res, backend=ctx.site.backend, link=link)
             gx, *gp = _grads([z, out], [xg, *params], [g_z, g_out], needed)
         if not input_only:
             cache.done += 1
