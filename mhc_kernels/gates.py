@@ -159,10 +159,11 @@ class GatesSinkhornFunction(torch.autograd.Function):
         n_pad = next_pow2(n)
         bt = _block_t_bwd(n_pad, ctx.iters) if ctx.has_res else _block_t(n_pad)
         blocks = triton.cdiv(T, bt)
-        d_pre = torch.zeros(T, n, device=h.device) if d_pre is None else d_pre.contiguous().float()
-        d_post = torch.zeros(T, n, device=h.device) if d_post is None else d_post.contiguous().float()
+        # an unused output's gradient arrives as zeros (autograd materialises it), never None; d_res is None only
+        # without H_res (that output is None)
+        d_pre, d_post = d_pre.contiguous().float(), d_post.contiguous().float()
         if ctx.has_res:
-            d_res = torch.zeros(T, n, n, device=h.device) if d_res is None else d_res.contiguous().float()
+            d_res = d_res.contiguous().float()
         dh = torch.empty_like(h)
         da = torch.empty(blocks, 3, device=h.device)  # per-program partials, every used entry written
         db = torch.empty(blocks, K, device=h.device)

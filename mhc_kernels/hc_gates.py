@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import MAX_STREAMS, check_tensor, launch, next_pow2
+from .utils import MAX_STREAMS, check_tensor, launch, next_pow2, tokens_per_block
 
 
 @triton.jit
@@ -103,7 +103,7 @@ def _hc_gates_bwd_kernel(
 
 def _config(n: int) -> dict:
     n_pad, ks_pad = next_pow2(n), next_pow2(n + 2)
-    return dict(N=n, N_PAD=n_pad, KS_PAD=ks_pad, BLOCK_T=max(1, min(64, 2048 // (n_pad * ks_pad))))
+    return dict(N=n, N_PAD=n_pad, KS_PAD=ks_pad, BLOCK_T=tokens_per_block(n_pad * ks_pad))
 
 
 class HcGatesFunction(torch.autograd.Function):
@@ -138,9 +138,8 @@ class HcGatesFunction(torch.autograd.Function):
         T, n, k_s = h.shape
         cfg = _config(n)
         blocks = triton.cdiv(T, cfg["BLOCK_T"])
-        d_pre = torch.zeros(T, n, device=h.device) if d_pre is None else d_pre.contiguous().float()
-        d_post = torch.zeros(T, n, device=h.device) if d_post is None else d_post.contiguous().float()
-        d_res = torch.zeros(T, n, n, device=h.device) if d_res is None else d_res.contiguous().float()
+        # an unused output's gradient arrives as zeros (autograd materialises it), never None
+        d_pre, d_post, d_res = (d.contiguous().float() for d in (d_pre, d_post, d_res))
         dh = torch.empty_like(h)
         dscale = torch.empty(blocks, k_s, device=h.device)
         dstatic = torch.empty(blocks, n, k_s, device=h.device)

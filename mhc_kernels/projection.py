@@ -35,7 +35,17 @@ import triton
 import triton.language as tl
 
 from .link import SiteLink
-from .utils import MAX_STREAMS, STREAM_DTYPES, check_tensor, interpreting, launch, launch_tuned, next_pow2, sm_count
+from .utils import (
+    MAX_STREAMS,
+    STREAM_DTYPES,
+    check_tensor,
+    interpreting,
+    launch,
+    launch_tuned,
+    next_pow2,
+    sm_count,
+    tokens_per_block,
+)
 
 
 @triton.jit(do_not_specialize=["n_tokens"])
@@ -294,7 +304,7 @@ def _bwd_prep(gh, h, r, n: int, C: int, per_stream_k: int):
     groups, k_s = (n, per_stream_k) if per_stream_k else (1, K)
     g_pad, ks_pad = next_pow2(groups), next_pow2(k_s)
     dproj, s = torch.empty_like(gh), torch.empty_like(r)
-    bt = max(1, min(64, 2048 // (g_pad * ks_pad)))
+    bt = tokens_per_block(g_pad * ks_pad)
     launch(
         _projection_bwd_prep_kernel,
         (triton.cdiv(T, bt),),

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import MAX_STREAMS, check_tensor, interpreting, launch, next_pow2
+from .utils import MAX_STREAMS, check_tensor, interpreting, launch, next_pow2, tokens_per_block
 
 
 @triton.jit
@@ -113,7 +113,7 @@ def _sinkhorn_bwd_kernel(
 
 
 def _block_t(n_pad: int) -> int:
-    return max(1, min(64, 2048 // (n_pad * n_pad)))
+    return tokens_per_block(n_pad * n_pad)
 
 
 def _iters_pad(iters: int) -> int:

@@ -65,6 +65,11 @@ def next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+def tokens_per_block(values_per_token: int) -> int:
+    """Tokens per program for the per-token coefficient kernels: about 2k values per program, at most 64 tokens."""
+    return max(1, min(64, 2048 // values_per_token))
+
+
 def sm_count() -> int:
     """Streaming multiprocessors of the current GPU (132 on an H100 SXM when there is none: launch sizing only)."""
     if torch.cuda.is_available():

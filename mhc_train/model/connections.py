@@ -53,11 +53,11 @@ class Site(nn.Module):
         return self._run(ops.mhc_post_res, x, y, h_post, h_res, backend=self.backend, link=link)
 
     def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        raise NotImplementedError
+        return self.coefficients_linked(x)[:3]
 
     def coefficients_linked(self, x: torch.Tensor):
         """(h_pre, h_post, h_res, link): the link (or None) ties the site's ops into one dx (`mhc_train.ops`)."""
-        return (*self.coefficients(x), None)
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor, sublayer: SubLayer) -> torch.Tensor:
         h_pre, h_post, h_res, link = self.coefficients_linked(x)  # [B,T,n], [B,T,n], [B,T,n,n] | None
@@ -79,9 +79,9 @@ class Site(nn.Module):
 class ResidualSite(Site):
     """Pre-Norm residual, n = 1: `x + F(x)`. No parameters."""
 
-    def coefficients(self, x):
+    def coefficients_linked(self, x):
         ones = x.new_ones(x.shape[:-1], dtype=torch.float32)  # [B, T, 1]
-        return ones, ones, ones.unsqueeze(-1)
+        return ones, ones, ones.unsqueeze(-1), None
 
     def post_res(self, x, y, h_post=None, h_res=None, link=None) -> torch.Tensor:
         return self._run(torch.add, x, y.unsqueeze(-2))
@@ -126,9 +126,6 @@ class HCSite(Site):
             values["dyn_proj"] = torch.zeros(self.dyn_proj.shape, device=dev)
             values["dyn_scale"] = torch.full((2,), self.scale_init, device=dev)
         return values
-
-    def coefficients(self, x):
-        return self.coefficients_linked(x)[:3]
 
     def coefficients_linked(self, x):
         with ops.coefficient_region(x):  # fp32 whatever the engine's precision
@@ -191,9 +188,6 @@ class MHCSite(Site):
             diag = c.b_res_diag if c.b_res_init == "identity" else 0.0
             bias[2 * n :] = (torch.eye(n, device=dev) * diag).flatten()
         return {"phi": phi, "alpha": torch.full(self.alpha.shape, c.alpha_init, device=dev), "bias": bias}
-
-    def coefficients(self, x):
-        return self.coefficients_linked(x)[:3]
 
     def coefficients_linked(self, x):
         c = self.cfg
