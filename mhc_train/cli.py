@@ -41,7 +41,7 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from mhc_train.data.prepare import atomic_write_text
+    from mhc_train.io.files import atomic_write_text
     from mhc_train.rundir import RunDir
     from mhc_train.train.trainer import train
 
@@ -105,7 +105,7 @@ def cmd_demo(args) -> None:
     from mhc_train.compare import compare
     from mhc_train.config import load_config
     from mhc_train.data import prepare
-    from mhc_train.data.prepare import atomic_write_text
+    from mhc_train.io.files import atomic_write_text
 
     out = Path(args.out)
     base = [f"+experiment={args.experiment}", *args.overrides]

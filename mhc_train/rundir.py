@@ -13,20 +13,12 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
+from mhc_train.io.files import fsync_dir  # noqa: F401  (re-exported for callers of rundir)
+
 STEP_FILE = re.compile(r"^step_(\d{8})\.pt$")
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file inside `path` durable (the directory entry itself is fsynced)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class RunDir:

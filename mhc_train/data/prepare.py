@@ -47,7 +47,7 @@ from mhc_train.data.lock import PrepareLock
 from mhc_train.data.shards import ShardWriter, split_documents, verify_shards
 from mhc_train.data.sources import TextSource, resolve_source
 from mhc_train.data.tokenizer import file_sha256, is_tokenizer_json, load_tokenizer, sample_lines, train_tokenizer
-from mhc_train.rundir import fsync_dir
+from mhc_train.io.files import atomic_write_text, fsync_dir
 
 FORMAT_VERSION = 3  # bump when tokenizer training or shard layout changes: a new key, so a new directory
 MANIFEST = "manifest.json"
@@ -57,15 +57,6 @@ PROGRESS = "progress.json"  # a build's resume point
 LOCK = ".prepare.lock"
 BATCH_CHARS = 1 << 20  # characters of text per tokeniser task: large enough to amortise the transfer to a worker
 DIGEST_CACHE = ".source_digests.json"  # source fingerprint -> content digest, so a touched file is hashed once
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---- keys --------------------------------------------------------------------------------------------------------

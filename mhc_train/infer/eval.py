@@ -190,7 +190,7 @@ def run_eval(scorer: Scorer, tasks: list[str], include=(), batch_size=8, limit=N
 
 def write_scores(run_dir: Path, scores: dict, source: dict) -> Path:
     """Merge `scores` into `<run_dir>/eval.json` (a task evaluated again replaces its old entry)."""
-    from mhc_train.data.prepare import atomic_write_text
+    from mhc_train.io.files import atomic_write_text
 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     path = Path(run_dir) / EVAL_FILE

@@ -34,9 +34,10 @@ import numpy as np
 import torch
 
 from mhc_train.config import CheckpointConfig
+from mhc_train.io.files import fsync_dir
 from mhc_train.parallel import DistInfo, Engine, barrier
 from mhc_train.parallel.state import optimizer_groups_by_name
-from mhc_train.rundir import RunDir, fsync_dir
+from mhc_train.rundir import RunDir
 
 # Keys whose change makes a checkpoint unusable: they change parameter shapes or the meaning of the weights.
 FATAL_PREFIXES = ("model.", "connection.")

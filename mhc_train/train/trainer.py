@@ -144,7 +144,7 @@ class Trainer:
         """Rank 0: the resolved config, and a copy of the tokenizer, so the run directory is self-contained."""
         from omegaconf import OmegaConf
 
-        from mhc_train.data.prepare import atomic_write_text
+        from mhc_train.io.files import atomic_write_text
 
         atomic_write_text(self.run_dir.config, OmegaConf.to_yaml(OmegaConf.create(self.config_dict)))
         src, dst = Path(self.tokenizer_ref["path"]), self.run_dir.tokenizer

@@ -1,0 +1,91 @@
+"""One module logger for the whole package, and structured progress records.
+
+- Every module logs through `get_logger(__name__)`: children of the `mhc_train` logger, so one handler installed at
+  start-up (`setup_logging`) decides where lines go. Library users who never call it get Python's default behaviour.
+- On multi-rank runs `setup_logging(rank)` installs a `RankFilter`: rank 0 prints, other ranks print only records
+  logged with `extra={"all_ranks": True}` (a rank waiting on another, a rank's own failure).
+- Progress is a record, not a wording: `progress(logger, kind, message, **fields)` logs `message` and attaches
+  `record.progress = {"kind": kind, **fields}`, so a consumer (the trainer, a test) reads the fields instead of
+  parsing the text. Kinds in use are listed where they are emitted (e.g. `mhc_train.data`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+ROOT = "mhc_train"
+
+
+def get_logger(name: str | None = None) -> logging.Logger:
+    """The package logger, or its child for module `name` (`get_logger(__name__)`)."""
+    if not name or name == ROOT:
+        return logging.getLogger(ROOT)
+    return logging.getLogger(name if name.startswith(ROOT + ".") else f"{ROOT}.{name}")
+
+
+class RankFilter(logging.Filter):
+    """Pass every record on rank 0; on other ranks only those logged with `extra={"all_ranks": True}`."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.rank == 0 or bool(getattr(record, "all_ranks", False))
+
+
+_HANDLER_FLAG = "_mhc_train_handler"
+
+
+def setup_logging(rank: int = 0, stream=None, level: int = logging.INFO) -> logging.Handler:
+    """Install (or replace) the package's one console handler: plain message lines on `stream` (stdout by default),
+    filtered by rank (other ranks' lines start with `rank N: `). Idempotent: calling it again replaces the handler instead of adding a second."""
+    root = get_logger()
+    for h in list(root.handlers):
+        if getattr(h, _HANDLER_FLAG, False):
+            root.removeHandler(h)
+    handler = logging.StreamHandler(stream if stream is not None else sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"rank {rank}: %(message)s"))
+    handler.addFilter(RankFilter(rank))
+    setattr(handler, _HANDLER_FLAG, True)
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+    return handler
+
+
+def progress(logger: logging.Logger, kind: str, message: str, *, all_ranks: bool = False, **fields) -> None:
+    """Log `message` at INFO with a structured `record.progress = {"kind": kind, **fields}`."""
+    logger.info(message, extra={"progress": {"kind": kind, **fields}, "all_ranks": all_ranks})
+
+
+class ProgressCollector(logging.Handler):
+    """A handler that keeps the `progress` dicts (and messages) it sees: `with collect_progress() as c: ...`."""
+
+    def __init__(self):
+        super().__init__(level=logging.DEBUG)
+        self.records: list[dict] = []
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+        if hasattr(record, "progress"):
+            self.records.append(record.progress)
+
+
+class collect_progress:
+    """Context manager attaching a `ProgressCollector` to the package logger (level INFO while inside)."""
+
+    def __enter__(self) -> ProgressCollector:
+        self.root = get_logger()
+        self.collector = ProgressCollector()
+        self.level = self.root.level
+        if self.root.level == logging.NOTSET or self.root.level > logging.INFO:
+            self.root.setLevel(logging.INFO)
+        self.root.addHandler(self.collector)
+        return self.collector
+
+    def __exit__(self, *exc) -> None:
+        self.root.removeHandler(self.collector)
+        self.root.setLevel(self.level)
