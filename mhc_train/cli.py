@@ -42,10 +42,12 @@ def cmd_prepare(args) -> None:
 
 def cmd_train(args) -> None:
     from mhc_train.io.files import atomic_write_text
+    from mhc_train.io.log import setup_logging
     from mhc_train.rundir import RunDir
     from mhc_train.train.trainer import train
 
     cfg = _load(args)
+    setup_logging(int(os.environ.get("RANK", "0")))  # rank 0 prints; other ranks only what every rank must show
     summary = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # one writer under torchrun / deepspeed
         atomic_write_text(RunDir(cfg.run_dir).summary, json.dumps(summary, indent=2))
