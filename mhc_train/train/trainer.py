@@ -68,13 +68,13 @@ class StepResult:
     finite: bool = True  # False: a non-finite loss, the step was skipped
     lr: float = 0.0
     seconds: float = 0.0
-    _grad_norm: torch.Tensor | float = 0.0
+    raw_grad_norm: torch.Tensor | float = 0.0  # as the engine returned it
 
     @property
     def grad_norm(self) -> float:
-        if isinstance(self._grad_norm, torch.Tensor):
-            self._grad_norm = read_scalars(self._grad_norm)[0]
-        return self._grad_norm
+        if isinstance(self.raw_grad_norm, torch.Tensor):
+            self.raw_grad_norm = read_scalars(self.raw_grad_norm)[0]
+        return self.raw_grad_norm
 
 
 class Trainer:
@@ -201,7 +201,7 @@ class Trainer:
         if step == 1 and (line := engine.report()):
             logger.info(f"rank 0, step 1: {line}")
         self.metrics.count_step(dt)
-        return StepResult(loss, bool(stop), lr=lr, seconds=dt, _grad_norm=grad_norm)
+        return StepResult(loss, bool(stop), lr=lr, seconds=dt, raw_grad_norm=grad_norm)
 
     # ---- loop --------------------------------------------------------------------------------------------------
     def run(self) -> dict:
