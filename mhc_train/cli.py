@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--tokenizer")
     s.set_defaults(fn=cmd_eval)
     args = p.parse_args(argv)
+    from mhc_train.io.log import setup_logging
+
+    setup_logging(int(os.environ.get("RANK", "0")))  # the package's log lines (data preparation) to stdout, by rank
     from mhc_train.config import ConfigError
     from mhc_train.data.errors import DataError
     from mhc_train.infer.errors import InferenceError

@@ -96,7 +96,7 @@ class Trainer:
                 print(f"rank {rank}: {line}", flush=True)
 
         try:
-            manifest, error = prepare(self.cfg.data, log=log), ""
+            manifest, error = prepare(self.cfg.data), ""  # progress: "data.prepare" records (mhc_train.data)
             mine = json.dumps({"key": manifest["key"], "shards": _shards_digest(manifest)})
         except DataError as e:
             mine, error = json.dumps({"error": str(e)}), e
