@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mhc_train.config import Config, to_dict, validate, validate_world
+from mhc_train.config import Config, arm_name, to_dict, validate, validate_world
 from mhc_train.data import DataError, TokenData, prepare
 from mhc_train.data.loader import Prefetcher
 from mhc_train.model import build_model
@@ -96,7 +96,7 @@ class Trainer:
                 print(f"rank {rank}: {line}", flush=True)
 
         try:
-            manifest, error = prepare(self.cfg.data, log=log), ""
+            manifest, error = prepare(self.cfg.data), ""  # progress: "data.prepare" records (mhc_train.data)
             mine = json.dumps({"key": manifest["key"], "shards": _shards_digest(manifest)})
         except DataError as e:
             mine, error = json.dumps({"error": str(e)}), e
@@ -407,6 +407,7 @@ class Trainer:
         return {
             "run_name": self.cfg.run_name,
             "connection": self.cfg.connection.type,
+            "arm": arm_name(self.cfg),  # what `compare` groups runs by (mhc_train.config.arm)
             "steps": self.step,
             "skipped_steps": self.skipped,
             "final_val_loss": val[-1]["loss"] if val else None,
