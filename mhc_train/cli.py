@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-DEMO_ARMS = ("residual", "hc", "mhc")
+DEMO_ARMS = ("residual", "hc", "mhc")  # the arms `mhc-train demo` runs by default
 
 
 def _die(msg: str) -> None:
@@ -42,12 +41,10 @@ def cmd_prepare(args) -> None:
 
 def cmd_train(args) -> None:
     from mhc_train.io.files import atomic_write_text
-    from mhc_train.io.log import setup_logging
     from mhc_train.rundir import RunDir
     from mhc_train.train.trainer import train
 
     cfg = _load(args)
-    setup_logging(int(os.environ.get("RANK", "0")))  # rank 0 prints; other ranks only what every rank must show
     summary = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # one writer under torchrun / deepspeed
         atomic_write_text(RunDir(cfg.run_dir).summary, json.dumps(summary, indent=2))
@@ -63,7 +60,7 @@ def shutdown_distributed() -> None:
 
 
 def cmd_compare(args) -> None:
-    from mhc_train.compare import CompareError, compare
+    from mhc_train.analysis import CompareError, compare
 
     try:
         result = compare(args.run_dirs, args.out)
@@ -81,105 +78,18 @@ def _float_list(text: str) -> list[float]:
     return [float(v) for v in text.split(",")]
 
 
-def _stability_record(run_dir: Path) -> dict:
-    """What the stability experiment reports per run: composite Amax gains over steps, and how often clipping acted."""
-    from mhc_train.train.metrics import read_metrics
-
-    recs = read_metrics(run_dir)
-    train = recs.get("train", [])
-    return {
-        "composite_gain_over_steps": [
-            {"step": d["step"], "fwd": d.get("composite_fwd_gain_max"), "bwd": d.get("composite_bwd_gain_max")}
-            for d in recs.get("diag", [])
-        ],
-        "clipped_fraction_of_logged_steps": sum(bool(r.get("clipped")) for r in train) / len(train) if train else None,
-        "grad_norm_max": max((r["grad_norm"] for r in train if "grad_norm" in r), default=None),
-    }
-
-
-def _lr_tag(lr: float) -> str:
-    return f"lr{lr:g}"
-
-
 def cmd_demo(args) -> None:
-    """Every arm x LR x seed in its own process (fair peak-RSS numbers), then the comparison. Seed k of every arm has
-    the same init seed and data order (train.seed); all runs share the schedule and token budget."""
-    from mhc_train.compare import compare
-    from mhc_train.config import load_config
-    from mhc_train.data import prepare
-    from mhc_train.io.files import atomic_write_text
+    """Every arm x LR x seed of an experiment, then the comparison (mhc_train.analysis.experiment)."""
+    from mhc_train.analysis.experiment import ExperimentError, run_experiment
 
-    out = Path(args.out)
-    base = [f"+experiment={args.experiment}", *args.overrides]
-    cfg = load_config(base)  # fails here, before any run, on a bad override
-    prepare(cfg.data)  # once, before the arms
     seeds = args.seeds if args.seeds is not None else list(range(args.n_seeds))
-    lrs = args.lrs or [cfg.optim.lr]
-    run_dirs, timings, t_start = [], {}, time.time()
-    for lr in lrs:
-        for arm in args.arms:
-            for seed in seeds:
-                run = out / arm / _lr_tag(lr) / f"seed{seed}"
-                overrides = [*base, f"connection={arm}", f"optim.lr={lr}", f"train.seed={seed}"]
-                overrides += [f"run_name={out.name}/{arm}/{_lr_tag(lr)}/seed{seed}", f"run_dir={run}"]
-                print(f"== {arm} lr={lr:g} seed={seed} -> {run}", flush=True)
-                t0 = time.time()
-                cmd = [sys.executable, "-m", "mhc_train.cli", "train", *overrides]
-                proc = subprocess.run(cmd, env=os.environ.copy())
-                if proc.returncode != 0:
-                    _die(
-                        f"the {arm} arm (lr {lr:g}, seed {seed}) failed (exit {proc.returncode}); its run directory "
-                        f"is {run}. Re-running the same command resumes every run from its last checkpoint"
-                    )
-                timings[f"{arm}/{_lr_tag(lr)}/seed{seed}"] = time.time() - t0
-                run_dirs.append(run)
-    result = compare(run_dirs, out)
-    bench = {
-        "experiment": args.experiment,
-        "command": " ".join(["mhc-train", "demo", *sys.argv[2:]]),
-        "arms": args.arms,
-        "seeds": seeds,
-        "lrs": lrs,
-        "runs": {
-            r["run"]: {
-                **{k: r[k] for k in ("final_val_loss", "tokens_per_s", "peak_mem_mb", "step_time_vs_residual")},
-                **_stability_record(run),
-            }
-            for r, run in zip(result["rows"], run_dirs)
-        },
-        "seed_statistics": result["stats"],
-        "wall_s": timings,
-        "total_wall_s": time.time() - t_start,
-        "unigram_entropy": result["rows"][0]["unigram_entropy"],
-    }
-    atomic_write_text(out / "bench.json", json.dumps(bench, indent=2, default=str))
-    t = cfg.train
-    if len(lrs) == 1:
-        why = (
-            f"every arm at the same peak LR {lrs[0]:g} (optim.lr of experiment={args.experiment}): one shared LR, "
-            "not each arm's best; `--lrs a,b,c` sweeps it and the tables then show each arm at its own best LR"
-        )
-    else:
-        why = (
-            f"swept per arm over {', '.join(f'{lr:g}' for lr in lrs)}: each arm at its own best LR and at a shared one"
-        )
-    setup = [
-        "## Setup",
-        "",
-        f"- experiment={args.experiment}: arms {', '.join(args.arms)}; seeds {seeds} (seed k: the same init seed "
-        "and data order in every arm)",
-        f"- {t.max_steps} steps of {t.batch_size} x {t.seq_len} tokens per run, {cfg.schedule.name} schedule, "
-        f"grad clip {cfg.optim.grad_clip:g}",
-        f"- LR: {why}",
-        f"- wall time of this invocation {bench['total_wall_s']:.0f} s for {len(run_dirs)} runs, one after another "
-        "(a run that was already finished counts only its resume check)",
-        "",
-    ]
-    md_path = Path(result["md"])
-    title, rest = md_path.read_text().split("\n", 1)
-    atomic_write_text(md_path, "\n".join([title, "", *setup]) + rest)
-    print(md_path.read_text())
-    print(f"plot: {result['png']}\nbenchmark: {out / 'bench.json'}\ntotal: {bench['total_wall_s']:.0f} s")
+    command = " ".join(["mhc-train", "demo", *sys.argv[2:]])
+    try:
+        result = run_experiment(args.out, args.experiment, args.arms, seeds, args.lrs, args.overrides, command)
+    except ExperimentError as e:
+        _die(str(e))
+    print(Path(result["md"]).read_text())
+    print(f"plot: {result['png']}\nbenchmark: {result['bench_path']}\ntotal: {result['bench']['total_wall_s']:.0f} s")
 
 
 def cmd_generate(args) -> None:
@@ -291,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--tokenizer")
     s.set_defaults(fn=cmd_eval)
     args = p.parse_args(argv)
+    from mhc_train.io.log import setup_logging
+
+    setup_logging(int(os.environ.get("RANK", "0")))  # the package's log lines (data preparation) to stdout, by rank
     from mhc_train.config import ConfigError
     from mhc_train.data.errors import DataError
     from mhc_train.infer.errors import InferenceError

@@ -41,4 +41,4 @@ def prepared_data(tmp_path_factory):
     from mhc_train.data import prepare
 
     out = tmp_path_factory.mktemp("data") / "shakespeare_v512"
-    return Path(prepare(DataConfig(out_dir=str(out), vocab_size=512), log=lambda *a: None)["dir"])
+    return Path(prepare(DataConfig(out_dir=str(out), vocab_size=512))["dir"])

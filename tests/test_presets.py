@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-import mhc_train.parallel  # noqa: F401  (registers the pipeline / world rules with mhc_train.config)
 from mhc_train.config import ConfigError, ParallelConfig, load_config, validate_world
 
 REPO = Path(__file__).resolve().parents[1]

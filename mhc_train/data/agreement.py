@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from mhc_train.config import DataConfig
 from mhc_train.data.errors import DataError
-from mhc_train.data.prepare import prepare
+from mhc_train.data.build import prepare
 
 
 def shards_digest(manifest: dict) -> str:

@@ -23,8 +23,8 @@ import torch
 
 from mhc_train.config import DataConfig
 from mhc_train.data.errors import DataError
-from mhc_train.data.prepare import find_prepared, load_manifest
 from mhc_train.data.shards import split_shards, verify_shards
+from mhc_train.data.store import find_prepared, load_manifest
 
 
 class ShardedSplit:
@@ -73,9 +73,9 @@ class TokenData:
         self.splits = {name: ShardedSplit(self.dir, info, dtype) for name, info in self.manifest["splits"].items()}
 
     @classmethod
-    def for_config(cls, cfg: DataConfig, log=lambda *a: None) -> TokenData:
+    def for_config(cls, cfg: DataConfig) -> TokenData:
         """The data already prepared for `cfg` (nothing is built: DataError when `mhc-train prepare` has not run)."""
-        return cls(find_prepared(cfg, log=log)["dir"], verify=cfg.verify)
+        return cls(find_prepared(cfg)["dir"], verify=cfg.verify)
 
     @property
     def vocab_size(self) -> int:

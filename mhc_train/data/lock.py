@@ -15,6 +15,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from mhc_train.io.log import get_logger, progress
+
+logger = get_logger(__name__)
+
 
 def write_holder(fd: int, **extra) -> None:
     """Replace the holder record in an open lock file: pid, host, since, and `extra` (e.g. a build directory). The
@@ -34,15 +38,16 @@ def read_holder(fd: int) -> dict:
 
 
 class PrepareLock:
-    """`with PrepareLock(path, log, progress):` holds the lock on `path` (created when missing).
+    """`with PrepareLock(path, how_far):` holds the lock on `path` (created when missing). While waiting it logs a
+    "data.prepare" progress record, stage "waiting", on every rank.
 
     Args:
-        progress: called with the holder record while waiting; returns a short "how far" phrase ("" for unknown).
+        how_far: called with the holder record while waiting; returns a short "how far" phrase ("" for unknown).
     """
 
-    def __init__(self, path: Path, log: Callable[[str], None], progress: Callable[[dict], str] = lambda h: "",
+    def __init__(self, path: Path, how_far: Callable[[dict], str] = lambda h: "",
                  poll_s: float = 0.5, report_s: float = 30.0):  # fmt: skip
-        self.path, self.log, self.progress = Path(path), log, progress
+        self.path, self.how_far = Path(path), how_far
         self.poll_s, self.report_s = poll_s, report_s
         self._fd: int | None = None
 
@@ -60,11 +65,15 @@ class PrepareLock:
                 now = time.monotonic()
                 if last_report is None or now - last_report >= self.report_s:
                     holder = read_holder(fd)
-                    how_far = self.progress(holder)
-                    self.log(
+                    how_far = self.how_far(holder)
+                    progress(
+                        logger,
+                        "data.prepare",
                         f"prepare: waiting for PID {holder.get('pid', '?')} on {holder.get('host', '?')}, which "
                         f"is preparing data in {self.path.parent} (since {holder.get('since', '?')})"
-                        + (f": {how_far}" if how_far else "")
+                        + (f": {how_far}" if how_far else ""),
+                        stage="waiting",
+                        all_ranks=True,
                     )
                     last_report = now
                 time.sleep(self.poll_s)

@@ -199,7 +199,6 @@ class MHCSite(Site):
             iters=c.t_max,
             eps=c.eps,
             backend=self.backend,
-            deterministic=c.deterministic,
             sinkhorn_backward=c.sinkhorn_backward,
             chain=True,
         )

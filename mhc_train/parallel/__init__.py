@@ -1,10 +1,10 @@
 """Parallelism applied to a built model from outside; the model never imports this package.
 
 `build_engine(model, cfg, dist)` (build.py) is the entry point: it returns an `Engine` (engine.py), the one interface
-the trainer drives. Importing this package registers its config rules with `mhc_train.config` (rules.py).
+the trainer drives. Its config rules (pipeline, world size) live in `mhc_train.config.validate`, so importing this
+package changes no validation.
 """
 
-from mhc_train.parallel import rules  # noqa: F401  (registers the pipeline/world config rules)
 from mhc_train.parallel.build import build_engine, builds_on_meta
 from mhc_train.parallel.dist import (
     DistInfo,

@@ -1,41 +1,13 @@
-"""Pipeline schedules: stage layouts per schedule, CSV schedule files, and the torch.distributed.pipelining schedule
-objects. Needs no process group (config validation reads schedule files through `read_csv_schedule`)."""
+"""Pipeline schedules: stage layouts per schedule and the torch.distributed.pipelining schedule objects. Needs no
+process group. CSV schedule files are read by `mhc_train.config.pipeline.read_csv_schedule` (config validation uses
+the same reader), re-exported here."""
 
 from __future__ import annotations
 
 from mhc_train.config import PP_SCHEDULES, SPLIT_BACKWARD_SCHEDULES
+from mhc_train.config.pipeline import read_csv_schedule
 
-
-def read_csv_schedule(path: str, pp: int) -> tuple[int, dict[int, list[int]], int, bool]:
-    """A compute-only schedule file in torch's CSV format (one row per pipeline rank, actions such as `0F3`, `1B0`,
-    `2I1`, `2W1`): returns (stage count, {rank: its stage ids}, micro-batch count, whether it splits the backward).
-    Raises ValueError naming the problem; needs no process group."""
-    import csv
-
-    from torch.distributed.pipelining.schedules import _Action
-
-    try:
-        with open(path, newline="") as f:
-            rows = [[c.strip() for c in row if c.strip()] for row in csv.reader(f)]
-    except OSError as e:
-        raise ValueError(f"cannot read the schedule file {path!r} ({e.strerror})") from e
-    if len(rows) != pp:
-        raise ValueError(f"the schedule file {path!r} has {len(rows)} rows but parallel.pp={pp} (one row per rank)")
-    layout, mbs, split = {}, set(), False
-    for rank, row in enumerate(rows):
-        try:
-            actions = [_Action.from_str(c) for c in row]
-        except Exception as e:
-            raise ValueError(f"the schedule file {path!r}, row {rank}: {e}") from e
-        layout[rank] = sorted({a.stage_index for a in actions})
-        mbs |= {a.microbatch_index for a in actions if a.microbatch_index is not None}
-        split |= any(a.computation_type.value in ("I", "W") for a in actions)
-        if not layout[rank]:
-            raise ValueError(f"the schedule file {path!r}, row {rank}: rank {rank} runs no stage")
-    stages = sorted(s for ids in layout.values() for s in ids)
-    if stages != list(range(len(stages))):
-        raise ValueError(f"the schedule file {path!r} must place stages 0..N-1 once each on the ranks, got {layout}")
-    return len(stages), layout, len(mbs), split
+__all__ = ["build_schedule", "layer_ranges", "pipeline_layout", "read_csv_schedule"]
 
 
 def pipeline_layout(schedule: str, pp: int, stages_per_rank: int = 0, csv_path: str = ""):

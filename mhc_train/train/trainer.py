@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from mhc_train.config import Config, to_dict, validate, validate_world
+from mhc_train.config import Config, arm_name, to_dict, validate, validate_world
 from mhc_train.data import TokenData
 from mhc_train.data.agreement import prepare_agreed
 from mhc_train.data.loader import Prefetcher
@@ -249,6 +249,7 @@ class Trainer:
         return {
             "run_name": self.cfg.run_name,
             "connection": self.cfg.connection.type,
+            "arm": arm_name(self.cfg),  # what `compare` groups runs by (mhc_train.config.arm)
             "steps": self.step,
             "skipped_steps": self.nonfinite.skipped,
             "final_val_loss": val[-1]["loss"] if val else None,

@@ -34,7 +34,7 @@ def test_manifest_describes_shards(prepared_data):
 
 def test_prepare_reuses_unchanged_output(prepared_data, tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in prepared_data.iterdir()}
-    prepare(DataConfig(out_dir=str(prepared_data), vocab_size=512), log=lambda *a: None)
+    prepare(DataConfig(out_dir=str(prepared_data), vocab_size=512))
     assert {p.name: p.stat().st_mtime_ns for p in prepared_data.iterdir()} == before
 
 
@@ -42,17 +42,17 @@ def test_prepare_local_directory_and_errors(tmp_path):
     src = tmp_path / "corpus"
     src.mkdir()
     with pytest.raises(DataError, match=r"holds no \.txt, \.jsonl, .* files"):
-        prepare(DataConfig(source=str(src), out_dir=str(tmp_path / "o")), log=lambda *a: None)
+        prepare(DataConfig(source=str(src), out_dir=str(tmp_path / "o")))
     (src / "a.txt").write_text("")
     with pytest.raises(DataError, match="every input file is empty"):
-        prepare(DataConfig(source=str(src), out_dir=str(tmp_path / "o")), log=lambda *a: None)
+        prepare(DataConfig(source=str(src), out_dir=str(tmp_path / "o")))
     with pytest.raises(DataError, match="no such file or directory"):
-        prepare(DataConfig(source=str(tmp_path / "missing"), out_dir=str(tmp_path / "o")), log=lambda *a: None)
+        prepare(DataConfig(source=str(tmp_path / "missing"), out_dir=str(tmp_path / "o")))
     rng = np.random.default_rng(0)
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
     for i in range(4):
         (src / f"doc{i}.txt").write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(300)))
-    m = prepare(DataConfig(source=str(src), out_dir=str(tmp_path / "o"), vocab_size=300), log=lambda *a: None)
+    m = prepare(DataConfig(source=str(src), out_dir=str(tmp_path / "o"), vocab_size=300))
     assert m["vocab_size"] == 300 and m["splits"]["val"]["documents"] == 1
 
 
@@ -60,7 +60,7 @@ def test_hub_dataset_offline_fails_with_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DataError, match="hub datasets need a network"):
-        prepare(DataConfig(source="hf:nonexistent/dataset", out_dir=str(tmp_path / "o")), log=lambda *a: None)
+        prepare(DataConfig(source="hf:nonexistent/dataset", out_dir=str(tmp_path / "o")))
 
 
 def test_truncated_shard_and_missing_manifest_are_reported(prepared_data, tmp_path):

@@ -15,6 +15,7 @@ import pytest
 from mhc_train.config import DataConfig
 from mhc_train.data import TokenData, prepare
 from mhc_train.data.lock import PrepareLock
+from mhc_train.io.log import collect_progress
 from mhc_train.train.metrics import read_metrics
 from tests.data.test_prepare_streaming import make_documents, write_jsonl
 from tests.helpers import run_overrides
@@ -26,15 +27,17 @@ SLOW_PREPARE = """
 import importlib, json, sys, time
 from mhc_train.config import DataConfig
 from mhc_train.data.shards import ShardWriter
+from mhc_train.io.log import setup_logging
 
-prep = importlib.import_module("mhc_train.data.prepare")  # the package exports the function under the same name
+setup_logging(0)  # progress records to stdout, as the CLI prints them
+prep = importlib.import_module("mhc_train.data.build")
 prep.BATCH_CHARS = 1500
 write = ShardWriter.write
 def slow_write(self, *a):
     time.sleep(0.05)
     return write(self, *a)
 ShardWriter.write = slow_write
-m = prep.prepare(DataConfig(**json.loads(sys.argv[1])), log=lambda line: print(line, flush=True))
+m = prep.prepare(DataConfig(**json.loads(sys.argv[1])))
 print("DIR", m["dir"], flush=True)
 """
 
@@ -108,14 +111,15 @@ def test_a_killed_build_continues_from_its_last_complete_shard(tmp_path, corpus)
     (build,) = out.glob(".build-*")
     assert any(p.name.endswith(".partial") for p in build.iterdir()) and not list(out.glob("[!.]*"))
 
-    lines = []
-    resumed = prepare(DataConfig(**corpus, out_dir=str(out)), log=lines.append)
+    with collect_progress() as log:
+        resumed = prepare(DataConfig(**corpus, out_dir=str(out)))
+    lines = log.messages
     done = resumed["build"]["resumed_at_document"]
     assert 0 < done < resumed["splits"]["train"]["documents"], done
     assert any(f"continuing the build in {build} after {done:,} documents" in line for line in lines), lines
     assert not build.exists()
 
-    whole = prepare(DataConfig(**corpus, out_dir=str(tmp_path / "whole")), log=lambda *a: None)
+    whole = prepare(DataConfig(**corpus, out_dir=str(tmp_path / "whole")))
     assert whole["build"]["resumed_at_document"] == 0
     assert resumed["key"] == whole["key"] and resumed["splits"] == whole["splits"]
     assert _shard_bytes(resumed["dir"]) == _shard_bytes(whole["dir"])
@@ -168,7 +172,7 @@ def test_two_rank_train_on_unprepared_data_waits_on_the_lock_then_trains(tmp_pat
     )
     log_path = tmp_path / "torchrun.log"
     # this test holds the lock, as a `prepare` on another node of the same filesystem would
-    with PrepareLock(out / ".prepare.lock", log=lambda *a: None), open(log_path, "w") as log:
+    with PrepareLock(out / ".prepare.lock"), open(log_path, "w") as log:
         proc = subprocess.Popen(
             _torchrun_cmd(overrides),
             cwd=REPO,

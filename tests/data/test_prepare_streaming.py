@@ -4,7 +4,6 @@ holds a bounded window of documents whatever the corpus size."""
 
 import builtins
 import gzip
-import importlib
 import json
 import re
 from pathlib import Path
@@ -17,16 +16,13 @@ import zstandard
 
 from mhc_train.config import DataConfig
 from mhc_train.data import DataError, TokenData, prepare
+from mhc_train.data import build as prep  # the module that builds (its globals are patched)
 from mhc_train.data.shards import ShardWriter, split_documents
 from mhc_train.data.sources import TextSource
 from mhc_train.data.tokenizer import load_tokenizer
+from mhc_train.io.log import collect_progress
 
-prep = importlib.import_module("mhc_train.data.prepare")  # the module: the package exports the function
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "café", "naïve", "☃", "日本"]
-
-
-def quiet(*a):
-    pass
 
 
 def make_documents(n: int, seed: int = 0) -> list[str]:
@@ -49,7 +45,7 @@ def tokenizer(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tok")
     src = root / "corpus.txt"
     src.write_text("\n\n".join(make_documents(200, seed=99)))
-    m = prepare(DataConfig(source=str(src), out_dir=str(root / "out"), vocab_size=300), log=quiet)
+    m = prepare(DataConfig(source=str(src), out_dir=str(root / "out"), vocab_size=300))
     return Path(m["tokenizer"]["path"])
 
 
@@ -127,7 +123,7 @@ def test_each_format_round_trips(tmp_path, tokenizer, kind):
     else:
         src = write_jsonl(tmp_path / f"src.{kind}", docs, field="body")
         extra["text_field"] = "body"
-    assert_round_trip(prepare(cfg(src, tmp_path / "out", tokenizer, **extra), log=quiet), docs)
+    assert_round_trip(prepare(cfg(src, tmp_path / "out", tokenizer, **extra)), docs)
 
 
 def test_directories_and_globs_read_every_file_in_path_order(tmp_path, tokenizer):
@@ -137,17 +133,17 @@ def test_directories_and_globs_read_every_file_in_path_order(tmp_path, tokenizer
     write_parquet(root / "a" / "01.parquet", docs[50:90])
     write_jsonl(root / "b" / "02.jsonl.gz", docs[90:])
     (root / "b" / "notes.md").write_text("not an input: skipped")
-    assert_round_trip(prepare(cfg(root, tmp_path / "out", tokenizer), log=quiet), docs)
+    assert_round_trip(prepare(cfg(root, tmp_path / "out", tokenizer)), docs)
     # a recursive glob picks the same files; a narrower one only its matches
-    assert_round_trip(prepare(cfg(f"{root}/**/0*", tmp_path / "out", tokenizer), log=quiet), docs)
-    only = prepare(cfg(f"{root}/a/*.parquet", tmp_path / "out", tokenizer, shard_tokens=100_000), log=quiet)
+    assert_round_trip(prepare(cfg(f"{root}/**/0*", tmp_path / "out", tokenizer)), docs)
+    only = prepare(cfg(f"{root}/a/*.parquet", tmp_path / "out", tokenizer, shard_tokens=100_000))
     assert sum(len(v) for v in decoded_splits(only).values()) == sum(1 for d in docs[50:90] if d.strip())
 
 
 def test_a_trained_tokenizer_round_trips_too(tmp_path):
     docs = make_documents(150, seed=3)
     src = write_jsonl(tmp_path / "c.jsonl", docs)
-    m = prepare(DataConfig(source=str(src), out_dir=str(tmp_path / "o"), vocab_size=300, shard_tokens=1024), log=quiet)
+    m = prepare(DataConfig(source=str(src), out_dir=str(tmp_path / "o"), vocab_size=300, shard_tokens=1024))
     assert m["tokenizer"]["kind"] == "sentencepiece" and m["vocab_size"] == 300
     assert_round_trip(m, docs)
 
@@ -155,14 +151,14 @@ def test_a_trained_tokenizer_round_trips_too(tmp_path):
 def test_a_bad_field_or_line_is_named(tmp_path, tokenizer):
     src = write_jsonl(tmp_path / "c.jsonl", make_documents(20))
     with pytest.raises(DataError, match=re.escape(f"{src}:1 has no field 'content'") + ".*set data.text_field"):
-        prepare(cfg(src, tmp_path / "o", tokenizer, text_field="content"), log=quiet)
+        prepare(cfg(src, tmp_path / "o", tokenizer, text_field="content"))
     with open(src, "a") as f:
         f.write("{not json\n")
     with pytest.raises(DataError, match=re.escape(f"{src}:21 is not a JSON object")):
-        prepare(cfg(src, tmp_path / "o", tokenizer), log=quiet)
+        prepare(cfg(src, tmp_path / "o", tokenizer))
     pq_src = write_parquet(tmp_path / "c.parquet", ["a b c"] * 20)
     with pytest.raises(DataError, match=re.escape(f"{pq_src} has no column 'content'")):
-        prepare(cfg(pq_src, tmp_path / "o", tokenizer, text_field="content"), log=quiet)
+        prepare(cfg(pq_src, tmp_path / "o", tokenizer, text_field="content"))
 
 
 # ---- hf: with a config name, offline ------------------------------------------------------------------------------
@@ -185,16 +181,16 @@ def test_hf_source_with_a_config_name_offline(tmp_path, tokenizer, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     sample, other = make_documents(130, seed=1), make_documents(30, seed=2)
     ds = _hf_dataset(tmp_path / "fineweb", sample, other)
-    m = prepare(cfg(f"hf:{ds}", tmp_path / "out", tokenizer, hf_config="sample-10BT"), log=quiet)
+    m = prepare(cfg(f"hf:{ds}", tmp_path / "out", tokenizer, hf_config="sample-10BT"))
     assert m["source"] == f"hf:{ds}"
     assert_round_trip(m, sample)
-    default = prepare(cfg(f"hf:{ds}", tmp_path / "out", tokenizer, shard_tokens=100_000), log=quiet)
+    default = prepare(cfg(f"hf:{ds}", tmp_path / "out", tokenizer, shard_tokens=100_000))
     assert default["key"] != m["key"]
     assert sum(len(v) for v in decoded_splits(default).values()) == sum(1 for d in other if d.strip())
     with pytest.raises(DataError, match=r"data.hf_config='sample-100BT'.*could not be loaded.*sample-10BT"):
-        prepare(cfg(f"hf:{ds}", tmp_path / "out", tokenizer, hf_config="sample-100BT"), log=quiet)
+        prepare(cfg(f"hf:{ds}", tmp_path / "out", tokenizer, hf_config="sample-100BT"))
     with pytest.raises(DataError, match=r"data.text_field='content' is not a column .*\['id', 'text'\]"):
-        prepare(cfg(f"hf:{ds}", tmp_path / "out", tokenizer, hf_config="sample-10BT", text_field="content"), log=quiet)
+        prepare(cfg(f"hf:{ds}", tmp_path / "out", tokenizer, hf_config="sample-10BT", text_field="content"))
 
 
 def test_hf_source_saved_with_save_to_disk(tmp_path, tokenizer):
@@ -205,11 +201,11 @@ def test_hf_source_saved_with_save_to_disk(tmp_path, tokenizer):
     datasets.DatasetDict(
         {"train": datasets.Dataset.from_dict({"text": docs}), "test": datasets.Dataset.from_dict({"text": ["x"]})}
     ).save_to_disk(str(saved))
-    assert_round_trip(prepare(cfg(f"hf:{saved}", tmp_path / "out", tokenizer), log=quiet), docs)
+    assert_round_trip(prepare(cfg(f"hf:{saved}", tmp_path / "out", tokenizer)), docs)
     with pytest.raises(DataError, match=r"has no split 'validation' \(it has \['test', 'train'\]\)"):
-        prepare(cfg(f"hf:{saved}", tmp_path / "out", tokenizer, hf_split="validation"), log=quiet)
+        prepare(cfg(f"hf:{saved}", tmp_path / "out", tokenizer, hf_split="validation"))
     with pytest.raises(DataError, match="written by save_to_disk, which keeps no configs"):
-        prepare(cfg(f"hf:{saved}", tmp_path / "out", tokenizer, hf_config="sample-10BT"), log=quiet)
+        prepare(cfg(f"hf:{saved}", tmp_path / "out", tokenizer, hf_config="sample-10BT"))
 
 
 # ---- determinism across worker counts ------------------------------------------------------------------------------
@@ -217,7 +213,7 @@ def test_shards_are_byte_identical_for_one_and_two_workers(tmp_path, tokenizer, 
     monkeypatch.setattr(prep, "BATCH_CHARS", 2000)  # many small batches, several in flight at once
     docs = make_documents(400, seed=4)
     src = write_jsonl(tmp_path / "c.jsonl", docs)
-    manifests = [prepare(cfg(src, tmp_path / f"w{w}", tokenizer, num_workers=w), log=quiet) for w in (1, 2)]
+    manifests = [prepare(cfg(src, tmp_path / f"w{w}", tokenizer, num_workers=w)) for w in (1, 2)]
     one, two = (Path(m["dir"]) for m in manifests)
     assert manifests[0]["key"] == manifests[1]["key"]  # num_workers is not part of the key
     files = sorted(p.name for p in one.glob("*.bin"))
@@ -231,7 +227,7 @@ def test_shards_are_byte_identical_for_one_and_two_workers(tmp_path, tokenizer, 
 # ---- reuse without reading the text ------------------------------------------------------------------------------
 def test_unchanged_input_is_reused_without_reading_it(tmp_path, tokenizer, monkeypatch):
     src = write_parquet(tmp_path / "c.parquet", make_documents(100))
-    first = prepare(cfg(src, tmp_path / "out", tokenizer), log=quiet)
+    first = prepare(cfg(src, tmp_path / "out", tokenizer))
 
     def no_read(*a, **k):
         raise AssertionError("prepare read the text of an unchanged input")
@@ -241,16 +237,17 @@ def test_unchanged_input_is_reused_without_reading_it(tmp_path, tokenizer, monke
     monkeypatch.setattr(pq, "ParquetFile", no_read)
     opened, real_open = [], builtins.open
     monkeypatch.setattr(builtins, "open", lambda f, *a, **k: opened.append(Path(f).name) or real_open(f, *a, **k))
-    log = []
-    again = prepare(cfg(src, tmp_path / "out", tokenizer), log=log.append)
-    assert again["dir"] == first["dir"] and "is up to date" in log[0]
+    with collect_progress() as log:
+        again = prepare(cfg(src, tmp_path / "out", tokenizer))
+    assert again["dir"] == first["dir"] and "is up to date" in log.messages[0]
+    assert log.records[0] == {"kind": "data.prepare", "stage": "reusing"}
     assert src.name not in opened and not any(n.endswith(".bin") for n in opened), opened  # no text, no shard
 
 
 # ---- damaged shards are named ------------------------------------------------------------------------------------
 def test_corrupt_truncated_and_missing_shards_are_named(tmp_path, tokenizer):
     src = write_jsonl(tmp_path / "c.jsonl", make_documents(120))
-    m = prepare(cfg(src, tmp_path / "out", tokenizer), log=quiet)
+    m = prepare(cfg(src, tmp_path / "out", tokenizer))
     d = Path(m["dir"])
     shard = d / "train_00001.bin"
     raw = bytearray(shard.read_bytes())
@@ -266,10 +263,12 @@ def test_corrupt_truncated_and_missing_shards_are_named(tmp_path, tokenizer):
     with pytest.raises(DataError, match=re.escape(f"train shard {shard} is missing")):
         TokenData(d)
     # prepare does not reuse the damaged directory: it rebuilds and keeps the damaged copy aside
-    log = []
-    fixed = prepare(cfg(src, tmp_path / "out", tokenizer), log=log.append)
+    with collect_progress() as log:
+        fixed = prepare(cfg(src, tmp_path / "out", tokenizer))
     assert fixed["dir"] == str(d) and TokenData(d, verify="digest")
-    assert any(f"not reusing {d}" in line and "train_00001.bin is missing" in line for line in log)
+    assert any(f"not reusing {d}" in line and "train_00001.bin is missing" in line for line in log.messages)
+    stages = [r["stage"] for r in log.records]
+    assert stages[0] == "rebuilding" and stages[-2:] == ["moved", "wrote"] and "tokenising" in stages, stages
     assert any(p.name.startswith(f".damaged-{m['key']}") for p in (tmp_path / "out").iterdir())
 
 
@@ -298,7 +297,7 @@ def test_documents_stream_through_a_bounded_window(tmp_path, tokenizer, monkeypa
     for n in (1000, 4000):
         state.update(read=0, written=0, ahead=0)
         src = write_jsonl(tmp_path / f"c{n}.jsonl", make_documents(n, seed=n))
-        m = prepare(cfg(src, tmp_path / "out", tokenizer, num_workers=2, shard_tokens=4096), log=quiet)
+        m = prepare(cfg(src, tmp_path / "out", tokenizer, num_workers=2, shard_tokens=4096))
         blank = sum(1 for d in make_documents(n, seed=n) if not d.strip())
         assert state["written"] == m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"] == n - blank
         ahead[n] = state["ahead"]
@@ -318,11 +317,11 @@ def test_the_tokenizer_trains_on_a_bounded_seeded_sample(tmp_path, monkeypatch):
     monkeypatch.setattr(prep, "train_tokenizer", spy)
     src = write_jsonl(tmp_path / "c.jsonl", make_documents(300))
     kw = dict(source=str(src), vocab_size=300, tokenizer_sample_lines=250)
-    a = prepare(DataConfig(out_dir=str(tmp_path / "a"), **kw), log=quiet)
+    a = prepare(DataConfig(out_dir=str(tmp_path / "a"), **kw))
     first = seen["lines"]
-    b = prepare(DataConfig(out_dir=str(tmp_path / "b"), **kw), log=quiet)
+    b = prepare(DataConfig(out_dir=str(tmp_path / "b"), **kw))
     assert len(first) == 250 and seen["lines"] == first and a["tokenizer"]["sha256"] == b["tokenizer"]["sha256"]
-    prepare(DataConfig(out_dir=str(tmp_path / "c"), **{**kw, "seed": 5}), log=quiet)
+    prepare(DataConfig(out_dir=str(tmp_path / "c"), **{**kw, "seed": 5}))
     assert len(seen["lines"]) == 250 and seen["lines"] != first
 
 
@@ -351,11 +350,11 @@ def test_a_tokenizer_json_round_trips(tmp_path):
     docs = make_documents(150, seed=5)
     tok = byte_level_bpe(tmp_path / "tokenizer.json", docs, ["<|endoftext|>"])
     src = write_jsonl(tmp_path / "c.jsonl.zst", docs)
-    m = prepare(cfg(src, tmp_path / "out", tok, num_workers=2), log=quiet)
+    m = prepare(cfg(src, tmp_path / "out", tok, num_workers=2))
     assert m["tokenizer"]["kind"] == "tokenizers" and m["tokenizer"]["eos_id"] == 0
     assert m["vocab_size"] == Tokenizer.from_file(str(tok)).get_vocab_size() > 256
     assert Path(m["tokenizer"]["path"]).name == "tokenizer.json"
     assert_round_trip(m, docs)
     no_eos = byte_level_bpe(tmp_path / "no_eos.json", docs, ["<pad>"])
     with pytest.raises(DataError, match=re.escape(f"{no_eos} has no end-of-text token (looked for <|endoftext|>")):
-        prepare(cfg(src, tmp_path / "out", no_eos), log=quiet)
+        prepare(cfg(src, tmp_path / "out", no_eos))

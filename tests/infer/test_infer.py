@@ -161,7 +161,7 @@ def test_a_checkpoint_without_a_tokenizer_is_refused(pp_run, tmp_path):
 
 
 def test_eval_on_local_tasks_scores_the_model_and_feeds_compare(tokenizer, tmp_path):
-    from mhc_train.compare import load_run, summary_rows
+    from mhc_train.analysis import load_run, summary_rows
 
     tasks = ["mhc_local_mc", "mhc_local_ppl"]
     scores = []

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mhc_train.compare import compare
+from mhc_train.analysis import compare
 
 REPO = Path(__file__).resolve().parents[2]
 ARMS = ("residual", "hc", "mhc")

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from mhc_train.compare import (
+from mhc_train.analysis import (
     CompareError,
-    _disambiguate,
+    disambiguate,
     mean_std,
     paired_difference,
     seed_statistics,
@@ -96,6 +96,50 @@ def test_columns_without_meaning_say_n_a():
 def test_runs_of_one_arm_and_seed_that_differ_otherwise_become_separate_arms():
     runs = [_run("mhc", 0, 1e-3, [(10, 5.0)]), _run("mhc", 0, 1e-3, [(10, 4.0)])]
     runs[1]["dir"] = Path("/r/other/0")
-    (note,) = _disambiguate(runs)
+    (note,) = disambiguate(runs)
     assert [r["arm"] for r in runs] == ["mhc:mhc/0", "mhc:other/0"] and "compared as separate arms" in note
     assert len(seed_statistics(runs)["per_lr"]) == 2
+
+
+@pytest.mark.parametrize(
+    "overrides,arm",
+    [
+        ([], "mhc"),
+        (["connection=residual"], "residual"),
+        (["connection=hc"], "hc"),
+        (["connection=hc_static"], "hc_static"),
+        (["connection=hc", "connection.hc_dynamic=false"], "hc_static"),
+        (["connection=mhc_hclike"], "mhc_hclike"),
+        (["connection=mhc_identity"], "mhc_identity"),
+        (["connection.read_init=one_hot"], "mhc_onehot"),
+        (["connection.b_res_init=identity"], "mhc_idres"),
+        (["connection=mhc_hclike", "connection.b_res_init=uniform"], "mhc_onehot"),
+        (["optim.connection_lr_mult=0.1"], "mhc+clr0.1"),
+        (["connection=hc", "optim.connection_lr_mult=0", "optim.connection_weight_decay=false"], "hc+clr0+nowd"),
+        (["connection.name=mhc_v4"], "mhc_v4"),  # a new preset's name is used as it is
+        (["connection.name=mhc_v4", "optim.connection_weight_decay=false"], "mhc_v4+nowd"),
+    ],
+)
+def test_arm_name_is_the_preset_name_plus_override_suffixes(overrides, arm):
+    from mhc_train.config import arm_name, load_config, to_dict
+
+    cfg = load_config(overrides)
+    assert arm_name(cfg) == arm
+    old = to_dict(cfg)
+    del old["connection"]["name"]  # a config.yaml written before presets carried a name: the arm from its values
+    if not arm.startswith("mhc_v4"):
+        assert arm_name(old) == arm
+
+
+def test_the_recorded_arm_wins_over_the_config(tmp_path):
+    import json
+
+    from mhc_train.analysis import load_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("connection: {type: mhc}\ntrain: {seed: 1}\noptim: {lr: 0.01}\n")
+    (run / "metrics.jsonl").write_text("")
+    assert load_run(run)["arm"] == "mhc"  # nothing recorded (a run from before): computed from config.yaml
+    (run / "summary.json").write_text(json.dumps({"arm": "mhc_v4"}))
+    assert load_run(run)["arm"] == "mhc_v4"

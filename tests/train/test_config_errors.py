@@ -161,3 +161,32 @@ def test_config_dir_override_and_repo_default(monkeypatch, tmp_path):
     monkeypatch.setenv("MHC_TRAIN_CONFIG_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(ConfigError, match="MHC_TRAIN_CONFIG_DIR=.*nowhere.* is not a directory"):
         load_config([])
+
+
+def test_removed_deterministic_key_is_an_unknown_key():
+    """connection.deterministic was deleted (the phi gradient is always bit-reproducible): setting it names the key."""
+    msg = _error(["connection.deterministic=true"])
+    assert msg.startswith("unknown config key connection.deterministic; connection has no such key"), msg
+
+
+def test_pipeline_rules_run_whatever_was_imported():
+    """The pipeline rules are part of `validate` (no import-time registration): a fresh interpreter that imports
+    only mhc_train.config rejects a bad pipeline config, and has not imported mhc_train.parallel."""
+    code = (
+        "import sys\n"
+        "from mhc_train.config import ConfigError, load_config\n"
+        "try:\n"
+        "    load_config(['model=test', 'model.n_layer=3', 'train=test', 'parallel.pp=2'])\n"
+        "except ConfigError as e:\n"
+        "    print(e)\n"
+        "print('mhc_train.parallel' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "parallel.pp=2 is invalid: 1f1b needs model.n_layer=3 divisible by its 2 stages" in out, out
+    assert out.strip().endswith("False"), out
+
+
+def test_config_error_is_the_package_error_and_a_value_error():
+    from mhc_train.errors import MhcTrainError
+
+    assert issubclass(ConfigError, MhcTrainError) and issubclass(ConfigError, ValueError)

@@ -3,7 +3,7 @@ diagnostics every few steps, and the comparison plots the composite gain over st
 
 import json
 
-from mhc_train.compare import compare
+from mhc_train.analysis import compare
 from mhc_train.config import load_config
 from mhc_train.train.metrics import read_metrics
 from mhc_train.train.trainer import Trainer

@@ -1,0 +1,199 @@
+"""The config schema: every YAML under `configs/` is an instance of `Config`, and every list of allowed values is here.
+
+- Hydra merges YAML into these dataclasses, so an unknown key or a wrong type fails before any work starts
+  (mhc_train/config/load.py); the cross-field rules are in validate.py, and read the allowed values below.
+- Each field carries a one-line comment: its unit, what it means, and why the default.
+- `ConfigError` is the one error of this package: a user error (`MhcTrainError`) and a `ValueError`, as before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mhc_train.errors import MhcTrainError
+
+CONNECTION_TYPES = ("residual", "hc", "mhc")
+H_RES_MODES = ("sinkhorn", "identity")
+B_RES_INITS = ("uniform", "identity")
+READ_INITS = ("uniform", "one_hot")
+OUT_PROJ_INITS = ("none", "mul_sqrt_n", "div_sqrt_n")
+BACKENDS = ("torch", "triton", "auto")
+SINKHORN_BACKWARDS = ("unrolled", "implicit")
+LR_SCHEDULES = ("cosine", "step", "constant")
+PRECISIONS = ("fp32", "bf16", "auto")
+STREAM_DTYPES = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+ENGINES = ("none", "ddp", "fsdp", "deepspeed")  # data parallel across the launched ranks (parallel.engine)
+PP_SCHEDULES = ("1f1b", "interleaved1f1b", "zbv", "dualpipev", "csv")
+SPLIT_BACKWARD_SCHEDULES = ("zbv", "dualpipev")  # schedules that run input and weight gradients as separate actions
+RECOMPUTE_MODES = ("none", "mhc", "full")
+CHECKPOINT_FORMATS = ("auto", "file", "dcp")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+class ConfigError(MhcTrainError, ValueError):
+    """A config value is wrong; the message names the key, the value and what would work."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096  # tokens; must match the tokenizer (checked against the data manifest)
+    dim: int = 256  # C, hidden width
+    n_layer: int = 4  # transformer blocks; each has 2 connection sites (attention, FFN)
+    n_head: int = 4  # attention heads; must divide dim
+    n_kv_head: int = 0  # key/value heads for GQA; 0 = n_head (plain multi-head attention)
+    head_dim: int = 0  # per-head width; 0 = dim // n_head (the mHC paper's 3B shape uses 16 x 128 at dim 1280)
+    ffn_hidden_dim: int = 0  # SwiGLU hidden width; 0 = LLaMA's 2/3 * 4 * dim rounded up to multiple_of
+    multiple_of: int = 32  # rounding of the auto FFN width (tensor-core friendly)
+    max_seq_len: int = 256  # longest sequence RoPE is precomputed for
+    rope_theta: float = 10000.0  # RoPE base
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    tie_embeddings: bool = False  # share the token embedding and the LM head
+    init_std: float = 0.02  # std of the normal init of all linear weights (GPT-2 / LLaMA convention)
+    # Storage dtype of the [B, T, n, C] stream state between sites: fp32, or bf16 (the mHC paper's setting: half the
+    # stream's memory and traffic; the connection's coefficients stay fp32, the final stream sum accumulates in
+    # fp32). bf16 needs bf16 compute (train.precision=bf16, or auto on CUDA).
+    stream_dtype: str = "fp32"
+
+
+@dataclass
+class ConnectionConfig:
+    # The arm's name, recorded in each run's summary.json (see arm.py); every configs/connection/*.yaml sets it to
+    # its file name. "" (a config built in Python): derived from the values, as for runs written before names existed.
+    name: str = ""
+    type: str = "mhc"  # residual | hc | mhc
+    n_streams: int = 4  # n, the expansion rate; residual forces 1
+    backend: str = "auto"  # torch | triton | auto (triton for CUDA tensors, torch elsewhere)
+    # --- HC (Zhu et al.) ---
+    hc_dynamic: bool = True  # DHC (the paper's default) adds input-dependent terms to the static B, A_m, A_r
+    hc_dynamic_scale_init: float = 0.01  # s_alpha and s_beta at init
+    hc_out_proj_init: str = "none"  # none | mul_sqrt_n | div_sqrt_n: scale the output projections' init std
+    # --- mHC (DeepSeek) ---
+    h_res: str = "sinkhorn"  # sinkhorn | identity (ablation: fixed identity H_res, dynamic H_pre/H_post)
+    t_max: int = 20  # Sinkhorn iterations (paper: 20)
+    sinkhorn_backward: str = "unrolled"  # unrolled (exact for t_max steps, the paper's) | implicit (fixed point)
+    alpha_init: float = 0.01  # the three gates alpha_pre, alpha_post, alpha_res (paper: 0.01)
+    phi_init_std: float = 0.02  # std of phi's normal init; 0 keeps streams identical forever (symmetry)
+    b_pre_init: float = 0.0  # logit of H_pre (read_init=uniform); 0 gives a uniform read of 0.5 per stream
+    read_init: str = "uniform"  # uniform (b_pre_init on every stream) | one_hot (site k reads stream k mod n, as HC)
+    read_logit: float = 4.0  # read_init=one_hot: b_pre = +read_logit on stream k mod n, -read_logit elsewhere
+    b_post_init: float = 0.0  # logit of H_post; 0 gives 2*sigmoid(0) = 1, as in HC
+    b_res_init: str = "uniform"  # uniform (H_res = J/n) | identity (diagonal logit b_res_diag, 0 elsewhere)
+    b_res_diag: float = 2.0  # diagonal logit for b_res_init=identity (2 -> ~0.71 on the diagonal at n=4)
+    eps: float = 1e-6  # epsilon of the flattened nC RMSNorm
+
+
+@dataclass
+class DataConfig:
+    source: str = (
+        "shakespeare"  # shakespeare (bundled) | a file, directory or glob of txt/jsonl[.gz|.zst]/parquet | hf:<name>
+    )
+    hf_config: str = ""  # config (subset) of a Hugging Face dataset, e.g. sample-10BT for FineWeb; "" = its default
+    hf_split: str = "train"  # split of a Hugging Face dataset (read in streaming mode)
+    text_field: str = "text"  # the field (jsonl) or column (parquet, Hugging Face) holding the text
+    txt_per_line: bool = False  # .txt inputs: each non-blank line is a document (false: each file is one)
+    out_dir: str = "data_cache/shakespeare"  # root of the prepared directories (tokenizer, shards, manifest)
+    tokenizer_model: str = ""  # a sentencepiece .model or a Hugging Face tokenizer.json to use instead of training one
+    vocab_size: int = 4096  # BPE vocabulary trained by the prepare step
+    val_fraction: float = 0.05  # share of documents held out for validation (at least one)
+    num_workers: int = 1  # tokeniser processes for prepare; the shards are byte-identical for any count
+    seed: int = 1234  # the train/val split and the tokenizer's training sample
+    max_sentencepiece_chars: int = 20_000_000  # characters of the sample the tokenizer trains on (its time)
+    tokenizer_sample_lines: int = 1_000_000  # lines in the seeded reservoir sample the tokenizer trains on (its memory)
+    shard_tokens: int = 100_000_000  # tokens per shard file (200 MB at uint16): a 10B-token corpus is ~100 files
+    verify: str = "size"  # check of the shards before training: size (cheap) | digest (sha256 of every shard)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3  # peak learning rate
+    weight_decay: float = 0.1  # applied to matrices only (not norms, biases, gates, HC static parts)
+    beta1: float = 0.9  # AdamW first-moment decay (the usual default)
+    beta2: float = 0.95  # AdamW second-moment decay; mHC paper, Table 5
+    eps: float = 1e-8  # AdamW denominator epsilon (the usual default)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
+    # Connection parameters (mHC phi / alpha / bias, HC static and dynamic parts), for ablations (issue 15):
+    connection_lr_mult: float = 1.0  # their LR = lr * this; 0 freezes them at their init
+    connection_weight_decay: bool = True  # decay their matrices (mHC phi, HC dyn_proj); gates and biases never
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"  # cosine | step (mHC paper: 0.316x at 80%, 0.1x at 90%) | constant
+    warmup_steps: int = 20  # linear warm-up from 0
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of the peak
+    step_milestones: list[float] = field(default_factory=lambda: [0.8, 0.9])  # fractions of training
+    step_factors: list[float] = field(default_factory=lambda: [0.316, 0.1])  # LR multipliers at the milestones
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0  # seeds model init and the data order
+    max_steps: int = 200  # optimiser steps
+    batch_size: int = 16  # sequences per micro-batch
+    seq_len: int = 128  # tokens per sequence
+    grad_accum: int = 1  # micro-batches per optimiser step
+    precision: str = "auto"  # fp32 | bf16 | auto (bf16 autocast where the device supports it, CUDA)
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile the model
+    eval_every: int = 50  # steps between validation passes
+    eval_batches: int = 8  # batches of the fixed held-out slice per validation
+    diag_every: int = 50  # steps between stability diagnostics (spec section 7); 0 disables
+    log_every: int = 10  # steps between metric lines
+    skip_nonfinite: bool = False  # skip (and count) steps with a NaN/inf loss instead of stopping
+    max_skipped_steps: int = 10  # stop anyway after this many skipped steps
+    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    stop_at_step: int = 0  # exit cleanly (with a checkpoint) after this step, for time-sliced jobs; 0 = never
+    dump_grads_at: int = 0  # debug: save the reduced, pre-clip gradients of this step by name to run_dir (any engine)
+    progress: bool = True  # tqdm progress bar
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # steps between checkpoints; 0 = only at the end
+    keep_last: int = 2  # complete checkpoints kept (milestones are kept in addition)
+    milestones: list[int] = field(default_factory=list)  # steps whose checkpoints are never deleted
+    resume: str = "auto"  # auto (newest checkpoint in run_dir that verifies, if any) | never | a checkpoint path
+    verify: bool = True  # check checkpoint digests on load; false also loads files written before digests existed
+    overwrite: bool = False  # a fresh start in a run_dir holding another run moves that run aside (never deletes)
+    save_final: bool = True  # write a checkpoint at the last step
+    format: str = "auto"  # file (one self-contained file) | dcp (torch DCP shards, every rank) | auto (see below)
+    # auto: dcp for the sharded torch engines (pipeline, fsdp), file for one process and DDP; deepspeed: its own
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = True  # log to wandb too (the JSONL file is always written)
+    wandb_mode: str = "offline"  # offline (default, no account) | online | disabled
+    wandb_project: str = "mhc-train"  # wandb project the runs are grouped under
+    wandb_entity: str = ""  # wandb user or team; "" = the logged-in default
+
+
+@dataclass
+class ParallelConfig:
+    engine: str = "none"  # data parallel across the launched ranks: none (one process) | ddp | fsdp (FSDP2) | deepspeed
+    zero_stage: int = 1  # deepspeed ZeRO stage (1: optimizer states, 2: + gradients, 3: + parameters)
+    deepspeed_config: str = ""  # a DeepSpeed JSON whose keys override the ones built from this config
+    pp: int = 1  # pipeline-parallel ranks (torch.distributed.pipelining); world = pp x dp (dp > 1 needs engine=fsdp)
+    pp_schedule: str = "1f1b"  # 1f1b | interleaved1f1b | zbv | dualpipev (V: two stages per rank) | csv
+    pp_microbatches: int = 0  # micro-batches per optimiser step (split of train.batch_size); 0 = 2 * pp
+    pp_overlap: bool = True  # dualpipev: run OVERLAP_F_B with our overlapping function (false: torch's, in order)
+    pp_stages_per_rank: int = 0  # interleaved1f1b: stages per rank (0 = 2)
+    pp_schedule_csv: str = ""  # pp_schedule=csv: a compute-only schedule file in torch's CSV format (row = rank)
+    recompute: str = "none"  # none | mhc (drop and recompute connection intermediates; F kept) | full (F too)
+    recompute_block: str = "auto"  # L_r in sites | auto (Eq. 20 optimum per pipeline stage) | stage (the paper's)
+
+
+@dataclass
+class Config:
+    run_name: str = "run"  # a label for the run (metrics, wandb); also names the default run_dir
+    run_dir: str = "runs/${run_name}"  # everything a run writes: metrics, checkpoints, config
+    model: ModelConfig = field(default_factory=ModelConfig)  # the transformer's shape
+    connection: ConnectionConfig = field(default_factory=ConnectionConfig)  # the arm: residual, HC or mHC
+    data: DataConfig = field(default_factory=DataConfig)  # the text and its preparation
+    optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # the learning-rate schedule
+    train: TrainConfig = field(default_factory=TrainConfig)  # the loop: steps, batches, cadences
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # saving and resuming
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # wandb (the JSONL metrics are always written)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # data, pipeline and recompute parallelism
