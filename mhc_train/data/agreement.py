@@ -17,8 +17,8 @@ import json
 from collections.abc import Callable
 
 from mhc_train.config import DataConfig
-from mhc_train.data.errors import DataError
 from mhc_train.data.build import prepare
+from mhc_train.data.errors import DataError
 
 
 def shards_digest(manifest: dict) -> str:
