@@ -9,6 +9,10 @@ report exact 1s.
 Whether H_res moves at all (issue 15): each site's mean Frobenius distance of H_res from J/n (the symmetric init) and
 from I (the HC-like init). Values that have no meaning are None: the distances for n = 1 (the residual baseline), the
 Sinkhorn column error for a site whose H_res is never projected (HC, mHC with `h_res: identity`).
+
+`Diagnostics` is the loop's component that runs them: every `train.diag_every` steps a `diag` record (the statistics
+above on a fixed batch, and this rank's per-layer grad norms taken before the optimizer step), and the full gradient
+dump of `train.dump_grads_at`.
 """
 
 from __future__ import annotations
@@ -115,3 +119,37 @@ def grad_norms(named_grads) -> dict:
     out = {k: v**0.5 for k, v in sq.items()}
     out["global"] = sum(sq.values()) ** 0.5
     return out
+
+
+class Diagnostics:
+    """The loop's diagnostics on their own cadence. Per step: `dump_grads` after the backward, `collect` before the
+    optimizer step (the grads are gone after it), `log` after it. `batch` [B, T] is the fixed batch diagnosed."""
+
+    def __init__(self, every: int, dump_grads_at: int, batch: torch.Tensor, dist, grads_path):
+        self.every, self.dump_grads_at, self.batch, self.dist = every, dump_grads_at, batch, dist
+        self.grads_path = grads_path  # step -> the file of the gradient dump
+        self._norms: dict | None = None
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    def dump_grads(self, engine, step: int) -> None:
+        """At `train.dump_grads_at`: the full gradients, gathered (a collective: every rank calls it), saved by rank 0."""
+        if self.dump_grads_at == step:
+            grads = engine.gather_grads()
+            if self.dist.is_main:
+                torch.save(grads, self.grads_path(step))
+
+    def collect(self, engine, step: int) -> None:
+        """On diag steps, this rank's per-layer grad norms (None where the engine has no local grads)."""
+        grads = engine.local_named_grads() if self.due(step) else None
+        self._norms = grad_norms(grads) if grads is not None else None
+
+    def log(self, engine, step: int, result, metrics) -> None:
+        """The `diag` record of a diag step; `result.grad_norm` (the global norm) stands in for missing layer norms."""
+        if not self.due(step):
+            return
+        model = engine.full_model()  # a collective where the weights are sharded or cut
+        if self.dist.is_main:
+            diag = connection_diagnostics(model, self.batch.to(next(model.parameters()).device))
+            metrics.record("diag", step, grad_norms=self._norms or {"global": result.grad_norm}, **diag)

@@ -1,19 +1,30 @@
 """Graceful preemption: SIGTERM (what SLURM and Kubernetes send before they kill) and SIGINT (Ctrl-C) ask the run to
-finish its step, write a checkpoint and stop (the trainer's `_preempt`); a second signal exits at once.
+finish its step, write a checkpoint and stop (`Preemption.stop`); a second signal exits at once.
 
 Launchers often deliver one stop twice (the deepspeed launcher: the terminal's SIGINT, then its own SIGTERM; SLURM
 signals every process and torchrun forwards another): a repeat within REPEAT_GRACE_S is the same stop. Signals reach
 only the main thread, so elsewhere the handlers are left as they are.
+
+`Preemption` is the loop's policy: every step it reads whether any rank received a stop (one flag, read together
+with the loss), so every rank stops after the same step, and `stop` ends the run naming the checkpoint written.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+import torch
+
+from mhc_train.parallel import DistInfo, any_rank_flag
+from mhc_train.train.errors import Preempted
 
 REPEAT_GRACE_S = 3.0
 
@@ -48,3 +59,32 @@ class StopSignals:
         for s, h in self._old.items():
             signal.signal(s, h)
         self._old = {}
+
+
+class Preemption:
+    """`with Preemption(dist, current_step):` installs the stop handlers for the run; `flag()` is the step's
+    any-rank stop flag (a device scalar nobody has read yet: a collective), `stop` raises `Preempted`."""
+
+    def __init__(self, dist: DistInfo, current_step: Callable[[], int]):
+        self.dist, self.signals = dist, StopSignals(current_step)
+
+    def __enter__(self) -> Preemption:
+        self.signals.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.signals.__exit__(*exc)
+
+    def flag(self) -> torch.Tensor:
+        return any_rank_flag(self.signals.received is not None, self.dist)
+
+    def stop(self, step: int, checkpoint: Path) -> NoReturn:
+        """Every rank, after writing `checkpoint`: stop with the signal's exit code (128 + its number)."""
+        signum = self.signals.received or signal.SIGTERM
+        cmd = " ".join(shlex.quote(a) for a in ["python", "-m", "mhc_train.train", *sys.argv[1:]])
+        how = "the same torchrun command" if self.dist.world > 1 else cmd
+        raise Preempted(
+            f"{signal.Signals(signum).name} at step {step}: wrote checkpoint {checkpoint}. To resume, relaunch {how} "
+            "(checkpoint.resume=auto continues from it)",
+            128 + signum,
+        )

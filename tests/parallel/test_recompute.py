@@ -169,6 +169,6 @@ def test_trainer_with_recompute_gives_the_same_losses(prepared_data, tmp_path):
                 prepared_data, run, **{"train.max_steps": 4, "parallel.recompute": mode, "parallel.recompute_block": 3}
             )
         )
-        Trainer(cfg, log=lambda *a: None).run()
+        Trainer(cfg).run()
         losses[mode] = [r["loss"] for r in read_metrics(run)["train"]]
     assert losses["none"] == losses["mhc"] == losses["full"], losses

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from mhc_train.config import load_config
+from mhc_train.io.log import collect_progress
 from mhc_train.optim import lr_multiplier
 from mhc_train.train import checkpoint as ckpt_mod
 from mhc_train.train.checkpoint import CheckpointError, CheckpointManager, CorruptCheckpoint, read_model_state
@@ -31,11 +32,14 @@ _PORTS = itertools.count(31500 + os.getpid() % 1000)
 
 
 def _train(prepared_data, run, logs=None, **overrides) -> Trainer:
-    t = Trainer(
-        load_config(run_overrides(prepared_data, run, **overrides)),
-        log=(logs.append if logs is not None else lambda *a: None),
-    )
-    t.run()
+    """Train one run; the trainer's log lines are appended to `logs` (also when the run fails)."""
+    with collect_progress() as lines:
+        try:
+            t = Trainer(load_config(run_overrides(prepared_data, run, **overrides)))
+            t.run()
+        finally:
+            if logs is not None:
+                logs.extend(lines.messages)
     return t
 
 
@@ -118,7 +122,7 @@ def test_an_explicit_damaged_checkpoint_is_refused_not_replaced(prepared_data, t
     _damage(step4, 100)
     cfg = load_config(run_overrides(prepared_data, run, **{"train.max_steps": 6, "checkpoint.resume": str(step4)}))
     with pytest.raises(CorruptCheckpoint, match="step_00000004.pt is damaged"):
-        Trainer(cfg, log=lambda *a: None)
+        Trainer(cfg)
     assert step4.is_file()  # an explicit choice is not moved
 
 
@@ -146,7 +150,7 @@ def test_a_fresh_start_never_overwrites_another_run(prepared_data, tmp_path):
     before = (run / "metrics.jsonl").read_text()
     cfg = load_config(run_overrides(prepared_data, run, **{"train.max_steps": 2, "checkpoint.resume": "never"}))
     with pytest.raises(TrainingError, match=r"already holds a run .*another run_dir.*checkpoint.overwrite=true"):
-        Trainer(cfg, log=lambda *a: None)
+        Trainer(cfg)
     assert (run / "metrics.jsonl").read_text() == before and (run / "checkpoints/step_00000002.pt").is_file()
     logs = []
     _train(
@@ -209,12 +213,12 @@ def test_a_data_error_leaves_no_run_directory(prepared_data, tmp_path):
     run = tmp_path / "never_created"
     overrides = run_overrides(tmp_path / "no_data", run, **{"data.source": str(tmp_path / "missing.txt")})
     with pytest.raises(Exception, match="missing.txt"):
-        Trainer(load_config(overrides), log=lambda *a: None)
+        Trainer(load_config(overrides))
     assert not run.exists()
 
 
 def test_the_nonfinite_message_names_real_keys(prepared_data, tmp_path):
-    t = Trainer(load_config(run_overrides(prepared_data, tmp_path / "r", **QUIET)), log=lambda *a: None)
+    t = Trainer(load_config(run_overrides(prepared_data, tmp_path / "r", **QUIET)))
     t.engine.forward_backward = lambda batch: float("nan")
     with pytest.raises(TrainingError, match=r"schedule.warmup_steps") as e:
         t.run()
@@ -338,7 +342,7 @@ def test_a_checkpoint_without_a_digest_is_refused_not_moved_and_verify_false_loa
     step.write_bytes(step.read_bytes()[: -ckpt_mod.FOOTER])  # as written before digests existed
     overrides = {**QUIET, "train.max_steps": 3}
     with pytest.raises(ckpt_mod.UnverifiableCheckpoint, match="no integrity footer.*checkpoint.verify=false"):
-        Trainer(load_config(run_overrides(prepared_data, run, **overrides)), log=lambda *a: None)
+        Trainer(load_config(run_overrides(prepared_data, run, **overrides)))
     assert step.is_file()
     t = _train(prepared_data, run, **overrides, **{"checkpoint.verify": "false"})
     assert t.step == 3
@@ -359,10 +363,10 @@ def test_a_trainer_dropped_without_run_frees_its_run_dir(prepared_data, tmp_path
     import gc
 
     cfg = load_config(run_overrides(prepared_data, tmp_path / "r", **QUIET, **{"train.max_steps": 1}))
-    t = Trainer(cfg, log=lambda *a: None)
+    t = Trainer(cfg)
     del t
     gc.collect()
-    Trainer(cfg, log=lambda *a: None).run()  # no RunDirBusy naming our own PID
+    Trainer(cfg).run()  # no RunDirBusy naming our own PID
 
 
 def test_train_records_carry_throughput_and_a_step_time_breakdown(prepared_data, tmp_path):

@@ -37,7 +37,7 @@ def test_stability_runs_end_to_end_and_plots_gain_over_steps(prepared_data, tmp_
             "logging.wandb=false",
             f"run_dir={tmp_path / arm}",
         ]
-        Trainer(load_config(overrides), log=lambda *a: None).run()
+        Trainer(load_config(overrides)).run()
         recs = read_metrics(tmp_path / arm)
         assert [d["step"] for d in recs["diag"]] == [2, 4, 6]
         assert all(isinstance(r["clipped"], bool) and r["grad_norm"] > 0 for r in recs["train"])

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mhc_train.config import ConfigError, load_config
+from mhc_train.io.log import collect_progress
 from mhc_train.train.checkpoint import CheckpointError, CheckpointManager
 from mhc_train.train.metrics import read_metrics
 from mhc_train.train.trainer import Trainer, TrainingError
@@ -52,7 +53,7 @@ def test_tiny_run_learns(prepared_data, tmp_path):
             **{"train.max_steps": 40, "optim.lr": 1e-2, "train.eval_every": 20, "connection": "mhc"},
         )
     )
-    summary = Trainer(cfg, log=lambda *a: None).run()
+    summary = Trainer(cfg).run()
     val = [r["loss"] for r in read_metrics(tmp_path / "r")["val"]]
     print("val losses", val, "tokens/s", summary["tokens_per_s"])
     assert val[-1] < val[0] - 0.5  # from ~ln(512) = 6.2 down
@@ -103,12 +104,13 @@ def test_dcp_checkpoint_resumes_exactly_and_a_broken_one_is_named(prepared_data,
     step6 = tmp_path / "split/checkpoints/step_00000006.pt"
     explicit = {**common, "train.max_steps": 8, "checkpoint.resume": str(step6)}
     with pytest.raises(CheckpointError, match=r"shard .*dcp/step_00000006/.metadata is missing"):
-        Trainer(load_config(run_overrides(prepared_data, tmp_path / "split", **explicit)), log=lambda *a: None)
+        Trainer(load_config(run_overrides(prepared_data, tmp_path / "split", **explicit)))
     # auto: the incomplete checkpoint is moved aside (kept) and the run resumes from the previous one, naming both
-    logs = []
     cfg = load_config(run_overrides(prepared_data, tmp_path / "split", **{**common, "train.max_steps": 8}))
-    t = Trainer(cfg, log=logs.append)
+    with collect_progress() as lines:
+        t = Trainer(cfg)
     t.close()
+    logs = lines.messages
     assert t.step == 3, logs
     text = "\n".join(logs)
     assert "step_00000006/.metadata is missing" in text and "resuming from" in text and "step_00000003.pt" in text
@@ -148,15 +150,16 @@ def test_sigkill_mid_checkpoint_write_resumes_from_newest_complete(prepared_data
 
 def test_resume_with_a_changed_model_fails_listing_keys(prepared_data, tmp_path):
     run = tmp_path / "r"
-    Trainer(load_config(run_overrides(prepared_data, run, **{"train.max_steps": 2})), log=lambda *a: None).run()
+    Trainer(load_config(run_overrides(prepared_data, run, **{"train.max_steps": 2}))).run()
     bad = run_overrides(prepared_data, run, **{"train.max_steps": 4, "connection": "hc", "model.dim": 48})
     with pytest.raises(CheckpointError) as e:
-        Trainer(load_config(bad), log=lambda *a: None)
+        Trainer(load_config(bad))
     msg = str(e.value)
     assert "connection.type: 'mhc' -> 'hc'" in msg and "model.dim: 32 -> 48" in msg and "train.max_steps" not in msg
-    logs = []
     ok = run_overrides(prepared_data, run, **{"train.max_steps": 4, "optim.lr": 1e-3})
-    t = Trainer(load_config(ok), log=logs.append)
+    with collect_progress() as lines:
+        t = Trainer(load_config(ok))
+    logs = lines.messages
     assert t.step == 2
     assert any("optim.lr: 0.003 -> 0.001" in line for line in logs)
     assert any("train.max_steps: 2 -> 4" in line for line in logs)
@@ -164,16 +167,16 @@ def test_resume_with_a_changed_model_fails_listing_keys(prepared_data, tmp_path)
 
 def test_corrupt_checkpoint_is_reported(prepared_data, tmp_path):
     run = tmp_path / "r"
-    Trainer(load_config(run_overrides(prepared_data, run, **{"train.max_steps": 2})), log=lambda *a: None).run()
+    Trainer(load_config(run_overrides(prepared_data, run, **{"train.max_steps": 2}))).run()
     ckpt = run / "checkpoints" / "step_00000002.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match=r"step_00000002.pt has no integrity footer.*checkpoint.verify=false"):
-        Trainer(load_config(run_overrides(prepared_data, run, **{"train.max_steps": 4})), log=lambda *a: None)
+        Trainer(load_config(run_overrides(prepared_data, run, **{"train.max_steps": 4})))
 
 
 def test_nonfinite_loss_stops_naming_step_and_checkpoint(prepared_data, tmp_path):
     cfg = load_config(run_overrides(prepared_data, tmp_path / "r", **{"train.max_steps": 6, "checkpoint.every": 2}))
-    t = Trainer(cfg, log=lambda *a: None)
+    t = Trainer(cfg)
     orig = t.engine.forward_backward
 
     def poisoned(batch):
@@ -185,7 +188,7 @@ def test_nonfinite_loss_stops_naming_step_and_checkpoint(prepared_data, tmp_path
         t.run()
     cfg.train.skip_nonfinite = True
     cfg.run_dir = str(tmp_path / "skip")
-    t = Trainer(cfg, log=lambda *a: None)
+    t = Trainer(cfg)
     orig = t.engine.forward_backward
     t.engine.forward_backward = poisoned
     summary = t.run()
@@ -214,7 +217,7 @@ def test_config_typos_and_types_fail_naming_the_key(prepared_data, tmp_path):
 def test_wandb_offline_creates_run_directory(prepared_data, tmp_path):
     run = tmp_path / "r"
     cfg = load_config(run_overrides(prepared_data, run, **{"train.max_steps": 2, "logging.wandb": "true"}))
-    Trainer(cfg, log=lambda *a: None).run()
+    Trainer(cfg).run()
     offline = list((run / "wandb").glob("offline-run-*"))
     assert offline, list(run.rglob("*"))
     assert (run / "metrics.jsonl").is_file()
@@ -229,7 +232,7 @@ def test_checkpoint_retention_keeps_last_and_milestones(prepared_data, tmp_path)
             **{"train.max_steps": 6, "checkpoint.every": 1, "checkpoint.keep_last": 2, "checkpoint.milestones": "[2]"},
         )
     )
-    Trainer(cfg, log=lambda *a: None).run()
+    Trainer(cfg).run()
     assert [s for s, _ in CheckpointManager(run, cfg.checkpoint).complete()] == [2, 5, 6]
     state = CheckpointManager.load(run / "checkpoints" / "step_00000006.pt")
     assert {"model", "optimizer", "scheduler", "rng", "data", "config", "tokenizer"} <= set(state)
@@ -291,7 +294,7 @@ def _host_reads_in_run(prepared_data, run, steps: int, monkeypatch) -> int:
     """Tensor-to-host reads (item, tolist, float/int/bool of a tensor) outside torch.optim over a whole run of `steps` steps that logs,
     evaluates and checkpoints only at its start and end."""
     overrides = {"train.max_steps": steps, "train.log_every": 1000, "train.eval_every": 1000, "train.diag_every": 0}
-    t = Trainer(load_config(run_overrides(prepared_data, run, **overrides, **{"checkpoint.every": 0})), log=str)
+    t = Trainer(load_config(run_overrides(prepared_data, run, **overrides, **{"checkpoint.every": 0})))
     count = [0]
     for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
         original = getattr(torch.Tensor, name)
