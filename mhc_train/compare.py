@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from mhc_train.rundir import RunDir
+from mhc_train.errors import MhcTrainError
+from mhc_train.io.rundir import RunDir
 from mhc_train.train.metrics import read_metrics
 
 
-class CompareError(ValueError):
+class CompareError(MhcTrainError, ValueError):
     """The runs given cannot be compared as asked (the message names the runs and the fix)."""
 
 

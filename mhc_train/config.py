@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from mhc_train.errors import MhcTrainError
+
 CONNECTION_TYPES = ("residual", "hc", "mhc")
 H_RES_MODES = ("sinkhorn", "identity")
 B_RES_INITS = ("uniform", "identity")
@@ -30,7 +32,7 @@ CHECKPOINT_FORMATS = ("auto", "file", "dcp")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
-class ConfigError(ValueError):
+class ConfigError(MhcTrainError, ValueError):
     """A config value is wrong; the message names the key, the value and what would work."""
 
 

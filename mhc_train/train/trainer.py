@@ -27,9 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mhc_train.checkpoint import CheckpointError, CheckpointManager
 from mhc_train.config import Config, to_dict, validate, validate_world
 from mhc_train.data import DataError, TokenData, prepare
 from mhc_train.data.loader import Prefetcher
+from mhc_train.io.rundir import RunDir
 from mhc_train.model import build_model
 from mhc_train.parallel import (
     any_rank_flag,
@@ -40,8 +42,6 @@ from mhc_train.parallel import (
     init_distributed,
     read_scalars,
 )
-from mhc_train.rundir import RunDir
-from mhc_train.train.checkpoint import CheckpointError, CheckpointManager
 from mhc_train.train.diagnostics import connection_diagnostics, grad_norms
 from mhc_train.train.errors import Preempted, TrainingError
 from mhc_train.train.lock import claim_run_dir, holds_a_run
