@@ -41,7 +41,7 @@ def cmd_prepare(args) -> None:
 
 def cmd_train(args) -> None:
     from mhc_train.io.files import atomic_write_text
-    from mhc_train.rundir import RunDir
+    from mhc_train.io.rundir import RunDir
     from mhc_train.train.trainer import train
 
     cfg = _load(args)
@@ -204,11 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     from mhc_train.io.log import setup_logging
 
     setup_logging(int(os.environ.get("RANK", "0")))  # the package's log lines (data preparation) to stdout, by rank
-    from mhc_train.config import ConfigError
-    from mhc_train.data.errors import DataError
-    from mhc_train.infer.errors import InferenceError
-    from mhc_train.train.checkpoint import CheckpointError
-    from mhc_train.train.errors import Preempted, TrainingError
+    from mhc_train.errors import MhcTrainError
+    from mhc_train.train.errors import Preempted
 
     try:
         args.fn(args)
@@ -216,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"stopped: {e}", file=sys.stderr)
         shutdown_distributed()  # every rank stopped after the same step: a clean teardown, not an abort at exit
         sys.exit(e.exit_code)
-    except (ConfigError, DataError, CheckpointError, TrainingError, InferenceError) as e:
+    except MhcTrainError as e:  # a user error: its message names the problem and the fix; anything else is a bug
         _die(str(e))
 
 

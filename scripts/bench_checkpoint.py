@@ -24,11 +24,12 @@ from pathlib import Path
 
 import torch
 
+from mhc_train.checkpoint import CheckpointManager
+from mhc_train.checkpoint.integrity import verify_file
 from mhc_train.config import CheckpointConfig, ConnectionConfig, OptimConfig, load_config
 from mhc_train.model import build_model
 from mhc_train.optim import build_optimizer
 from mhc_train.parallel.state import load_optimizer_state_by_name, optimizer_state_by_name
-from mhc_train.train.checkpoint import CheckpointManager, verify_file
 
 
 def _state(model_cfg, conn: ConnectionConfig) -> dict:

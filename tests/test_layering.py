@@ -1,8 +1,8 @@
 """The package's layering, read from the source (every import statement, function-local ones included):
 
     rank 0  mhc_kernels, mhc_train.errors                      import nothing of mhc_train
-    rank 1  mhc_train.config, mhc_train.io                     (the error base only)
-    rank 2  mhc_train.ops, mhc_train.rundir (moves into io)
+    rank 1  mhc_train.config, mhc_train.io (atomic writes, locks, the run directory, the logger; the error base only)
+    rank 2  mhc_train.ops
     rank 3  mhc_train.model, mhc_train.data
     rank 4  mhc_train.optim
     rank 5  mhc_train.parallel
@@ -28,7 +28,6 @@ RANKS = {
     "mhc_train.errors": 0,
     "mhc_train.config": 1,
     "mhc_train.io": 1,
-    "mhc_train.rundir": 2,
     "mhc_train.ops": 2,
     "mhc_train.model": 3,
     "mhc_train.data": 3,

@@ -17,7 +17,7 @@ import yaml
 
 from mhc_train.config import arm_name
 from mhc_train.errors import MhcTrainError
-from mhc_train.rundir import RunDir
+from mhc_train.io.rundir import RunDir
 from mhc_train.train.metrics import read_metrics
 
 

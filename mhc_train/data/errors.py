@@ -1,4 +1,11 @@
-class DataError(RuntimeError):
+"""Errors of the data layer: missing or inconsistent input data, shards, manifests or tokenizers."""
+
+from __future__ import annotations
+
+from mhc_train.errors import MhcTrainError
+
+
+class DataError(MhcTrainError, RuntimeError):
     """Input data, shards, manifest or tokenizer are missing or inconsistent; the message names the fix."""
 
 

@@ -1,8 +1,10 @@
 """A checkpoint for inference: the plain model (fp32, eval mode, torch connection backend on CPU) and its tokenizer.
 
 - A path is a step file (`checkpoints/step_XXXXXXXX.pt`) or a run directory (its newest checkpoint).
-- Checkpoints are verified and read `weights_only` (`mhc_train.train.checkpoint`); DCP shards written under FSDP or a
+- Checkpoints are verified and read `weights_only` (`mhc_train.checkpoint`); DCP shards written under FSDP or a
   pipeline are read back into full tensors by parameter name, so every training layout loads the same way.
+- The saved config is read under today's schema (`mhc_train.checkpoint.compat`): keys added since take their
+  defaults, keys removed since are dropped with a one-line notice.
 - The tokenizer is the run directory's copy (`tokenizer.model`), else the path the checkpoint recorded, else the one
   given; its sha256 must match the one recorded at training time.
 """
@@ -14,12 +16,12 @@ from pathlib import Path
 
 import torch
 
+from mhc_train.checkpoint import CheckpointError, drop_removed, load_step_file, read_model_state
 from mhc_train.config import ConnectionConfig, ModelConfig
 from mhc_train.data.tokenizer import HFTokenizer, Tokenizer, file_sha256, load_tokenizer
 from mhc_train.infer.errors import InferenceError
+from mhc_train.io.rundir import RunDir
 from mhc_train.model.transformer import Transformer
-from mhc_train.rundir import RunDir
-from mhc_train.train.checkpoint import CheckpointError, CheckpointManager, read_model_state
 
 
 @dataclass
@@ -80,13 +82,14 @@ def load_checkpoint(path: str | Path, tokenizer: str | Path | None = None, devic
     """Verify and load a checkpoint (any format, any training layout) into a plain fp32 model in eval mode."""
     step_file = resolve_checkpoint(path)
     try:
-        state = CheckpointManager.load(step_file)
+        state = load_step_file(step_file)
         weights = state["model"] if not state.get("dcp") else read_model_state(step_file)
     except CheckpointError as e:
         raise InferenceError(str(e)) from e
     config = state.get("config") or {}
     if "model" not in config or "connection" not in config:
         raise InferenceError(f"checkpoint {step_file} records no model config; it was not written by mhc-train train")
+    config = drop_removed(config, f"checkpoint {step_file}")
     tok = load_tokenizer(find_tokenizer(step_file, state.get("tokenizer") or {}, tokenizer))
     model_cfg, conn_cfg = model_configs(config)
     if tok.vocab_size > model_cfg.vocab_size:

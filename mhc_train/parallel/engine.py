@@ -15,7 +15,7 @@ holds an `Engine`, calls the methods below in this order each step, and never as
 value on the host, so on CUDA the host runs ahead of the GPU and the trainer reads the step's scalars once, together
 (`dist.read_scalars`): one host sync per step.
 
-Checkpoints go through `mhc_train.train.checkpoint`, which owns all checkpoint state and uses the engine's
+Checkpoints go through `mhc_train.checkpoint`, which owns all checkpoint state and uses the engine's
 primitives: `checkpoint_formats`, `optimizer_state` / `load_optimizer_state` (by parameter name, full tensors),
 `live_state` (torch DCP, sharded as trained) and `save_native` / `load_native` (an engine's own format).
 
@@ -179,7 +179,7 @@ class Engine:
         """One line on what the engine did in the first step, logged after it ("" for nothing to say)."""
         return ""
 
-    # ---- checkpoint primitives (used by mhc_train.train.checkpoint) ---------------------------------------------
+    # ---- checkpoint primitives (used by mhc_train.checkpoint) ---------------------------------------------------
     def optimizer_state(self) -> dict:
         """Optimizer state by parameter name, full tensors, merged on rank 0 ({} elsewhere). A collective."""
         return state.optimizer_state_by_name(self.optimizer, self.param_names(), gather=True)

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mhc_train.checkpoint import CheckpointError, CheckpointManager
 from mhc_train.config import Config
 from mhc_train.io.log import get_logger
+from mhc_train.io.rundir import RunDir
 from mhc_train.parallel import DistInfo, broadcast_from_main
-from mhc_train.rundir import RunDir
-from mhc_train.train.checkpoint import CheckpointError, CheckpointManager
 from mhc_train.train.lock import holds_a_run
 
 logger = get_logger(__name__)

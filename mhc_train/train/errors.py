@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from mhc_train.errors import MhcTrainError
 
-class TrainingError(RuntimeError):
+
+class TrainingError(MhcTrainError, RuntimeError):
     """The run cannot go on (non-finite loss, a lost peer, ...); the message names the step, the last checkpoint and
     the fix."""
 

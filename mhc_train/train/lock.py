@@ -1,58 +1,48 @@
 """One owner per run directory: an advisory `flock` held for the life of a run by every rank that writes.
 
-The kernel drops a flock when its process dies, however it dies, so the lock of a killed run is simply free again:
-a new launch takes it over (and overwrites the holder record) without any staleness heuristic. A second live launch
+The lock is `mhc_train.io.lock.FileLock` (flock, or an O_EXCL marker where flock does not work): the lock of a
+killed run is free again, and a new launch takes it over (and overwrites the holder record). A second live launch
 fails at once, naming the PID and host in the holder record. `claim_run_dir` is the trainer's entry: it also
 refuses (or, asked to, moves aside) another run in the directory before a fresh start.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
-import weakref
 from pathlib import Path
 
 from mhc_train.config import CheckpointConfig
-from mhc_train.data.lock import read_holder, write_holder
+from mhc_train.io.lock import FileLock
+from mhc_train.io.rundir import RunDir
 from mhc_train.parallel import DistInfo, any_rank, broadcast_from_main
-from mhc_train.rundir import RunDir
 from mhc_train.train.errors import RunDirBusy, TrainingError
 
 
 class RunLock:
+    """One rank's lock on a run directory (`mhc_train.io.lock.FileLock`); a second live owner is refused."""
+
     def __init__(self, path: Path, run_dir: Path):
-        self.path, self.run_dir, self._fd = Path(path), Path(run_dir), None
-        self._finalizer = None
+        self.path, self.run_dir = Path(path), Path(run_dir)
+        self._lock = FileLock(self.path)
 
     @property
     def released(self) -> bool:
-        return self._fd is None
+        return not self._lock.held
 
     def acquire(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = read_holder(fd)
-            os.close(fd)
+        if not self._lock.try_acquire():
+            holder = self._lock.holder()
+            self._lock.release()
             raise RunDirBusy(
                 f"run_dir {self.run_dir} is in use by PID {holder.get('pid', '?')} on host {holder.get('host', '?')} "
                 f"(since {holder.get('since', '?')}, lock {self.path}); wait for that run to end or stop it, or "
                 "give this run another run_dir"
             ) from None
-        write_holder(fd)
-        self._fd = fd
-        self._finalizer = weakref.finalize(self, os.close, fd)  # a lock object dropped unreleased frees its flock
         return self
 
     def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            self._finalizer()  # closes the fd, once
-            self._fd = None
+        self._lock.release()
 
     def __enter__(self) -> RunLock:
         return self.acquire()

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from mhc_train.config import LoggingConfig
-from mhc_train.rundir import RunDir
+from mhc_train.io.rundir import RunDir
 
 
 def _clean(v):

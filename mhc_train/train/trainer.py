@@ -34,6 +34,7 @@ from mhc_train.data import TokenData
 from mhc_train.data.agreement import prepare_agreed
 from mhc_train.data.loader import Prefetcher
 from mhc_train.io.log import get_logger
+from mhc_train.io.rundir import RunDir
 from mhc_train.model import build_model
 from mhc_train.parallel import (
     build_engine,
@@ -42,7 +43,6 @@ from mhc_train.parallel import (
     init_distributed,
     read_scalars,
 )
-from mhc_train.rundir import RunDir
 from mhc_train.train.checkpointer import Checkpointer
 from mhc_train.train.diagnostics import Diagnostics
 from mhc_train.train.errors import Preempted, TrainingError

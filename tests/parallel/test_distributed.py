@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mhc_train.train.checkpoint import read_model_state
+from mhc_train.checkpoint import read_model_state
 from mhc_train.train.metrics import read_metrics
 from tests.helpers import run_overrides
 

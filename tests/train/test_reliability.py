@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from mhc_train.checkpoint import CheckpointError, CheckpointManager, CorruptCheckpoint, read_model_state
+from mhc_train.checkpoint import integrity as ckpt_integrity
+from mhc_train.checkpoint.errors import UnverifiableCheckpoint
 from mhc_train.config import load_config
 from mhc_train.io.log import collect_progress
 from mhc_train.optim import lr_multiplier
-from mhc_train.train import checkpoint as ckpt_mod
-from mhc_train.train.checkpoint import CheckpointError, CheckpointManager, CorruptCheckpoint, read_model_state
 from mhc_train.train.metrics import read_metrics
 from mhc_train.train.trainer import Trainer, TrainingError
 from tests.helpers import run_overrides
@@ -136,9 +137,9 @@ def test_retention_never_removes_the_newest_verified_checkpoint(prepared_data, t
 
     def bad_footer(path):  # the next write lands damaged on disk
         with open(path, "ab") as f:
-            f.write(ckpt_mod.MAGIC + b"\0" * 32 + (path.stat().st_size).to_bytes(8, "little"))
+            f.write(ckpt_integrity.MAGIC + b"\0" * 32 + (path.stat().st_size).to_bytes(8, "little"))
 
-    monkeypatch.setattr(ckpt_mod, "_append_footer", bad_footer)
+    monkeypatch.setattr(ckpt_integrity, "append_footer", bad_footer)
     with pytest.raises(CheckpointError, match="step_00000003.pt"):
         _train(prepared_data, run, **{**common, "train.max_steps": 3})
     assert (run / "checkpoints/step_00000002.pt").is_file()  # keep_last=1, yet the verified one survives
@@ -339,9 +340,9 @@ def test_a_checkpoint_without_a_digest_is_refused_not_moved_and_verify_false_loa
     run = tmp_path / "r"
     _train(prepared_data, run, **QUIET, **{"train.max_steps": 2})
     step = run / "checkpoints/step_00000002.pt"
-    step.write_bytes(step.read_bytes()[: -ckpt_mod.FOOTER])  # as written before digests existed
+    step.write_bytes(step.read_bytes()[: -ckpt_integrity.FOOTER])  # as written before digests existed
     overrides = {**QUIET, "train.max_steps": 3}
-    with pytest.raises(ckpt_mod.UnverifiableCheckpoint, match="no integrity footer.*checkpoint.verify=false"):
+    with pytest.raises(UnverifiableCheckpoint, match="no integrity footer.*checkpoint.verify=false"):
         Trainer(load_config(run_overrides(prepared_data, run, **overrides)))
     assert step.is_file()
     t = _train(prepared_data, run, **overrides, **{"checkpoint.verify": "false"})

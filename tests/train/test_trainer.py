@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from mhc_train.checkpoint import CheckpointError, CheckpointManager
 from mhc_train.config import ConfigError, load_config
 from mhc_train.io.log import collect_progress
-from mhc_train.train.checkpoint import CheckpointError, CheckpointManager
 from mhc_train.train.metrics import read_metrics
 from mhc_train.train.trainer import Trainer, TrainingError
 from tests.helpers import run_overrides
@@ -21,10 +21,10 @@ from tests.helpers import run_overrides
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _cli(overrides, env_extra=None, **kw):
+def _cli(overrides, env_extra=None, entry=("mhc_train.cli",), **kw):
     env = {**os.environ, "PYTHONHASHSEED": "0", **(env_extra or {})}
     return subprocess.Popen(
-        [sys.executable, "-m", "mhc_train.cli", "train", *overrides],
+        [sys.executable, "-m", *entry, "train", *overrides],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -85,7 +85,7 @@ def test_resume_is_bit_exact_across_a_process_restart(prepared_data, tmp_path):
 def test_dcp_checkpoint_resumes_exactly_and_a_broken_one_is_named(prepared_data, tmp_path):
     """checkpoint.format=dcp in one process: the step file holds no weights, the DCP directory does; resume is bit
     exact; an incomplete DCP directory stops the resume with a message naming it and the fix."""
-    from mhc_train.train.checkpoint import read_model_state
+    from mhc_train.checkpoint import read_model_state
 
     common = {"train.max_steps": 6, "checkpoint.every": 0, "connection": "hc", "checkpoint.format": "dcp"}
     _run_cli(run_overrides(prepared_data, tmp_path / "full", **common))
@@ -122,7 +122,7 @@ def test_sigkill_mid_checkpoint_write_resumes_from_newest_complete(prepared_data
     ref, victim = tmp_path / "ref", tmp_path / "victim"
     common = {"train.max_steps": 8, "checkpoint.every": 1, "checkpoint.keep_last": 3, "connection": "hc"}
     _run_cli(run_overrides(prepared_data, ref, **common))
-    p = _cli(run_overrides(prepared_data, victim, **common), env_extra={"MHC_TRAIN_TEST_SAVE_PAUSE": "1.5"})
+    p = _cli(run_overrides(prepared_data, victim, **common), entry=("tests.checkpoint.paused_save", "1.5"))
     ckpt_dir, deadline = victim / "checkpoints", time.time() + 180
     while time.time() < deadline:  # wait until the step-3 checkpoint is being written (temporary file on disk)
         if ckpt_dir.is_dir() and any(f.name.startswith(".step_00000003.pt.tmp") for f in ckpt_dir.iterdir()):

@@ -1,4 +1,4 @@
-"""The run directory: every path a run writes or reads, in one place.
+"""The run directory: every path a run writes or reads, in one place (`RunDir`).
 
 <run_dir>/
   config.yaml                     the resolved config of the latest launch
@@ -7,16 +7,17 @@
   grads_step_<N>.pt               debug: reduced, pre-clip gradients of step N (train.dump_grads_at)
   checkpoints/
     step_XXXXXXXX.pt              one complete checkpoint (written as a hidden temp file, then renamed)
+    damaged/, superseded/         checkpoints moved aside on resume (kept, never deleted)
     dcp/step_XXXXXXXX/            its torch DCP shards (checkpoint format dcp)
     deepspeed/step_XXXXXXXX/      its DeepSpeed shards (parallel.engine=deepspeed)
+  locks/rank<N>.lock              each rank's lock on the directory (`mhc_train.io.lock`), with its holder record
+  tokenizer.model                 the run's copy of the tokenizer it trained with
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-
-from mhc_train.io.files import fsync_dir  # noqa: F401  (re-exported for callers of rundir)
 
 STEP_FILE = re.compile(r"^step_(\d{8})\.pt$")
 

@@ -1,0 +1,166 @@
+"""The three forms a checkpoint's weights and optimizer state take (`checkpoint.format`), one class each.
+
+- `file`: in the step file itself, full tensors keyed by parameter name (rank 0 gathers them);
+- `dcp`: a torch.distributed.checkpoint directory `checkpoints/dcp/step_XXXXXXXX/` that every rank writes its own
+  shards into (DTensor shards stay sharded), keyed by parameter name, so it loads into any layout (one process, DDP,
+  FSDP at another size, any pipeline schedule), re-sharding on the fly;
+- `deepspeed`: DeepSpeed's own shards in `checkpoints/deepspeed/step_XXXXXXXX/` under `parallel.engine=deepspeed`.
+
+Each class has `save` (every rank: the engine's state out, returning what the step file records and the sharded
+directory, if any), `load` (every rank: the engine's state back in), `verify` (the step file's digest and every shard
+it lists), `weights` (full weights without a process group, for inference) and the keys its step file must hold. The
+manager picks the class once (`format_of`, `FORMATS`) and never branches on the format itself.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from mhc_train.checkpoint import integrity
+from mhc_train.checkpoint.errors import CheckpointError
+from mhc_train.io.rundir import RunDir
+from mhc_train.parallel import Engine
+from mhc_train.parallel.state import optimizer_groups_by_name
+
+COMMON = frozenset({"step", "rng", "config"})
+
+
+def groups(engine: Engine) -> dict:
+    """The optimizer's hyper-parameters by param-group name."""
+    return optimizer_groups_by_name(engine.optimizer)
+
+
+class Format:
+    name = ""
+    required: frozenset = COMMON
+
+    def save(self, engine: Engine, run: RunDir, tag: str) -> tuple[dict, Path | None]:
+        raise NotImplementedError
+
+    def load(self, engine: Engine, state: dict, path: Path) -> list[str]:
+        raise NotImplementedError
+
+    def verify(self, path: Path, state: dict) -> int:
+        """The step file's digest and every shard it lists; returns the bytes checked."""
+        total = integrity.verify_file(path)
+        shards = state.get("shards")
+        if shards:
+            total += integrity.verify_shards(path.parent / shards["dir"], shards["files"])
+        return total
+
+    def start_weights(self, state: dict) -> dict | None:
+        """The full weights the plain model starts from before the engine is built (None: `load` fills them)."""
+        return state["model"]
+
+    def weights(self, state: dict, path: Path) -> dict:
+        """The full weights ({name: tensor}), needing no process group."""
+        return state["model"]
+
+
+class FileFormat(Format):
+    name = "file"
+    required = COMMON | {"model", "optimizer", "scheduler"}
+
+    def save(self, engine: Engine, run: RunDir, tag: str) -> tuple[dict, Path | None]:
+        body = {"dcp": None, "deepspeed_tag": None}
+        body.update(optimizer=engine.optimizer_state(), scheduler=engine.scheduler.state_dict())
+        body["model"] = engine.full_model().state_dict()  # a collective where weights are sharded or cut
+        return body, None
+
+    def load(self, engine: Engine, state: dict, path: Path) -> list[str]:
+        notes = []
+        if not engine.load_optimizer_state(state["optimizer"]):
+            notes.append(f"{path} is a file checkpoint: {engine.name} takes its weights only (fresh optimizer)")
+        engine.scheduler.load_state_dict(state["scheduler"])
+        return notes
+
+
+class DcpFormat(Format):
+    name = "dcp"
+    required = COMMON | {"scheduler", "optimizer_groups"}
+
+    def save(self, engine: Engine, run: RunDir, tag: str) -> tuple[dict, Path | None]:
+        sharded = run.dcp_dir(tag)
+        save_dcp(engine.live_state(), sharded)
+        body = {"dcp": tag, "deepspeed_tag": None, "scheduler": engine.scheduler.state_dict()}
+        body["optimizer_groups"] = groups(engine)
+        return body, sharded
+
+    def load(self, engine: Engine, state: dict, path: Path) -> list[str]:
+        if "dcp" not in engine.checkpoint_formats:
+            raise CheckpointError(
+                f"{path} is a DCP checkpoint; parallel.engine={engine.name} cannot load it (use none, ddp, fsdp "
+                "or a pipeline)"
+            )
+        load_dcp(engine.live_state(), RunDir.of_step_file(path).dcp_dir(state["dcp"]))
+        engine.weights_loaded()  # rank 0's plain model gets the loaded weights at the next full_model()
+        engine.scheduler.load_state_dict(state["scheduler"])
+        return []
+
+    def start_weights(self, state: dict) -> dict | None:
+        return None  # loaded into the engine's own tensors by `load`
+
+    def weights(self, state: dict, path: Path) -> dict:
+        """The DCP shards read back into full tensors."""
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "full.pt"
+            dcp_to_torch_save(str(RunDir.of_step_file(path).dcp_dir(state["dcp"])), str(out))
+            return torch.load(out, map_location="cpu", weights_only=False)["model"]
+
+
+class DeepSpeedFormat(Format):
+    name = "deepspeed"
+    required = COMMON | {"model"}  # DeepSpeed keeps optimizer and scheduler in its own shards
+
+    def save(self, engine: Engine, run: RunDir, tag: str) -> tuple[dict, Path | None]:
+        engine.save_native(run.deepspeed_root, tag)  # every rank writes its shards
+        body = {"dcp": None, "deepspeed_tag": tag}
+        body["model"] = engine.full_model().state_dict()  # a collective where weights are sharded
+        return body, run.deepspeed_root / tag
+
+    def load(self, engine: Engine, state: dict, path: Path) -> list[str]:
+        try:
+            engine.load_native(RunDir.of_step_file(path).deepspeed_root, state["deepspeed_tag"])
+        except (FileNotFoundError, NotImplementedError) as e:
+            raise CheckpointError(f"cannot resume from {path}: {e}") from e
+        return []
+
+
+FORMATS: dict[str, Format] = {f.name: f for f in (FileFormat(), DcpFormat(), DeepSpeedFormat())}
+
+
+def format_of(state: dict) -> Format:
+    """The format a step file's state was written in."""
+    if state.get("deepspeed_tag"):
+        return FORMATS["deepspeed"]
+    return FORMATS["dcp"] if state.get("dcp") else FORMATS["file"]
+
+
+def save_dcp(state: dict, directory: Path) -> None:
+    """Every rank calls this: writes its shards and (the coordinator) the metadata, which comes last."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state, checkpoint_id=str(directory))
+
+
+def load_dcp(state: dict, directory: Path) -> None:
+    """Fill `state` (from `Engine.live_state`) in place from a DCP directory, re-sharding as needed (every rank)."""
+    import torch.distributed.checkpoint as dcp
+
+    if not (directory / ".metadata").is_file():
+        raise CheckpointError(
+            f"DCP checkpoint {directory} is missing or incomplete (no .metadata); delete the step file that points "
+            "at it to resume from the previous checkpoint"
+        )
+    try:
+        dcp.load(state, checkpoint_id=str(directory))
+    except Exception as e:
+        raise CheckpointError(
+            f"DCP checkpoint {directory} does not fit this model ({type(e).__name__}: {str(e)[:300]}); resume with "
+            "the config it was written with, or start a new run (checkpoint.resume=never)"
+        ) from e

@@ -1,0 +1,148 @@
+"""The checkpoints of one run directory: listing, saving in the engine's format, retention, moving damaged ones aside.
+
+The engine gives primitives (`mhc_train.parallel.Engine`: `checkpoint_formats`, by-name optimizer state, live DCP
+tensors, a native format), the run directory gives the paths (`mhc_train.io.rundir.RunDir`), the format classes
+(`formats.py`) move engine state in and out, and the manager decides what is written where and when old checkpoints
+go. Choosing the resume point and checking it against the run is `resume.py`; the manager's `choose` / `read` /
+`restore` are its entry points for the trainer. Saves are synchronous (every rank returns once the step file is
+durable and verified).
+
+A step file holds: step, RNG states (torch, CUDA, numpy, python), the data position (seed and next step: batches are
+a function of them), the resolved config, the tokenizer reference, the scheduler, and the weights and optimizer state
+in one of three formats (`checkpoint.format`). Sharded directories are complete before the step file that points at
+them is renamed into place. Leftover temporaries are removed on the next save.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from mhc_train.checkpoint import resume
+from mhc_train.checkpoint.formats import FORMATS, format_of, groups
+from mhc_train.checkpoint.integrity import shard_digests
+from mhc_train.checkpoint.rng import rng_state, set_rng_state
+from mhc_train.checkpoint.stepfile import load_step_file, write_step_file
+from mhc_train.config import CheckpointConfig
+from mhc_train.io.rundir import RunDir
+from mhc_train.parallel import DistInfo, Engine, barrier
+
+
+class CheckpointManager:
+    """The checkpoints of one run directory: listing, atomic writes, retention, and engine state in and out."""
+
+    def __init__(self, run_dir: str | Path | RunDir, cfg: CheckpointConfig, dist: DistInfo | None = None):
+        self.run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        self.dir = self.run.checkpoints
+        self.cfg = cfg
+        self.dist = dist or DistInfo()
+        self._chosen: tuple[Path, dict] | None = None  # the state `choose` verified and loaded (read uses it)
+
+    load = staticmethod(load_step_file)
+
+    def path_for(self, step: int) -> Path:
+        return self.run.step_file(step)
+
+    def complete(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints, oldest first (temporaries are never listed)."""
+        return self.run.step_files()
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1][1] if done else None
+
+    # ---- writing -----------------------------------------------------------------------------------------------
+    def format_for(self, engine: Engine) -> str:
+        """file | dcp | the engine's native format: checkpoint.format where the engine supports it, else (and for
+        auto) the engine's first format."""
+        fmt = self.cfg.format
+        return fmt if fmt in engine.checkpoint_formats else engine.checkpoint_formats[0]
+
+    def save(self, engine: Engine, step: int, meta: dict) -> Path:
+        """Every rank calls this. Sharded engine state first (all ranks), then rank 0's atomic step file holding
+        `meta` (counters, RNG, config, ...), what points at the shards and their digests."""
+        body, sharded = FORMATS[self.format_for(engine)].save(engine, self.run, self.run.tag(step))
+        barrier(self.dist)  # every shard is complete before the file that points at them exists
+        path = self.path_for(step)
+        if self.dist.is_main:
+            if sharded is not None:
+                body["shards"] = {"dir": str(sharded.relative_to(self.dir)), "files": shard_digests(sharded)}
+            self.write(step, {**body, **meta, "world_size": self.dist.world, "step": step, "rng": rng_state()})
+        barrier(self.dist)
+        return path
+
+    def write(self, step: int, state: dict) -> Path:
+        """Rank 0: the step file, written as a hidden temporary with its digest footer, fsynced and renamed; read
+        back and verified; then retention (which therefore never removes the newest verified checkpoint)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.run.temp_files():  # left by a run killed mid-write (the run directory's lock is ours)
+            stale.unlink(missing_ok=True)
+        final = write_step_file(self.run.temp_file(step, os.getpid()), self.path_for(step), state)
+        self.prune(keep=step)
+        return final
+
+    def prune(self, keep: int | None = None) -> None:
+        """Keep the newest `keep_last`, the milestones, and step `keep` (the one just written)."""
+        done = self.complete()
+        keep = {s for s, _ in done[-self.cfg.keep_last :]} | set(self.cfg.milestones) | {keep}
+        for step, path in done:
+            if step not in keep:
+                path.unlink(missing_ok=True)
+                for sharded in self.run.sharded_dirs(path.stem):  # its sharded engine state, if any
+                    shutil.rmtree(sharded, ignore_errors=True)
+
+    def move_aside(self, path: Path, why: str = "damaged") -> Path:
+        """A checkpoint, with its sharded directories, into checkpoints/<why>/ (kept; a name already taken there gets
+        a time suffix, so nothing moved aside earlier is overwritten)."""
+        root = self.dir / why
+        suffix = "" if not (root / path.name).exists() else time.strftime(".%Y%m%d-%H%M%S") + f".{os.getpid()}"
+        dest = root / (path.name + suffix)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, dest)
+        for sharded in self.run.sharded_dirs(path.stem):
+            if sharded.is_dir():
+                target = root / sharded.relative_to(self.dir)
+                target = target.with_name(target.name + suffix)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(sharded, target)
+        return dest
+
+    # ---- reading -----------------------------------------------------------------------------------------------
+    def verify(self, path: Path, state: dict) -> int:
+        """The step file's digest and every shard it lists; returns the bytes checked (CheckpointError if not)."""
+        return format_of(state).verify(path, state)
+
+    def choose(self, mode: str) -> tuple[Path | None, list[str]]:
+        """Rank 0: the checkpoint to resume from for `checkpoint.resume` (`resume.choose`), and log lines."""
+        path, state, notes = resume.choose(self, mode)
+        self._chosen = (path, state) if path is not None else None
+        return path, notes
+
+    def read(self, path: Path, config: dict, tokenizer: dict) -> tuple[dict, list[str]]:
+        """(state, allowed config changes) of the checkpoint at `path`, checked against this run's resolved config and
+        tokenizer reference (`resume.check`); raises CheckpointError naming the problem and the fix."""
+        chosen, self._chosen = self._chosen, None
+        if chosen and chosen[0] == path:
+            state = chosen[1]
+        else:
+            state = self.load(path, verify=False, trusted=not self.cfg.verify)
+        return state, resume.check(state, path, config, tokenizer)
+
+    @staticmethod
+    def weights_of(state: dict) -> dict | None:
+        """The full weights of a step file, for `build_engine` to start from (None for a DCP checkpoint: its
+        weights are loaded into the engine's own tensors by `restore`)."""
+        return format_of(state).start_weights(state)
+
+    def restore(self, engine: Engine, state: dict, path: Path) -> list[str]:
+        """Optimizer, scheduler (and DCP weights) into the built engine, and the RNG states; every rank calls it.
+        The optimizer's hyper-parameters stay the ones this run's config built it with (a changed optim.lr or
+        weight decay takes effect); only the schedule's position and the optimizer's moments come from the
+        checkpoint. Returns notes for the log."""
+        fresh = groups(engine)  # built from the current config
+        notes = format_of(state).load(engine, state, path)
+        resume.apply_hyperparameters(engine.optimizer, engine.scheduler, fresh)
+        set_rng_state(state["rng"])
+        return notes
