@@ -16,6 +16,10 @@ Notes:
 1. Parameters whose name contains `static_` are HC's static parts; the optimiser gives them no weight decay.
 2. Constructors allocate with `torch.empty` and draw nothing from the RNG; `initial_values(generator)` gives every
    parameter's full initial value (the model writes them, whole or as this rank's shard).
+3. A site holds parameters and its arm's coefficient math, nothing of how it runs: the connection builds one
+   `mhc_train.ops.SiteStep` per model from `connection.backend` and gives it to every site; the step runs the site
+   (coefficients, pre, F, post_res), resolves the backend once per device, and owns the kernels' one-dx chaining,
+   the fp32 coefficient region and the n > 16 fallback.
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ Note:
    block without gradient (its coefficients also give y's gradient) and recomputes each site once more with
    gradient: on CPU at demo size this costs what `scripts/bench_recompute.py` prints.
 4. Gradients are bit-identical to the plain model's (tested): `_SitePre` replays the whole site as one local graph,
-   so autograd sums each gradient in the order the plain graph does.
+   so autograd sums each gradient in the order the plain graph does. Every replay runs the site's own step in its
+   two halves (`Site.read`: coefficients and pre; `Site.write`: post_res), never a copy of the site.
 """
 
 from __future__ import annotations
