@@ -24,7 +24,8 @@ channels c: a [n * BLOCK_C, BLOCK_K] tile of dphi, accumulated in registers over
 K-tile-0 program of each C block also writes dx for those rows: it reads its tile of g once for all n output streams
 (H_res^T g), and phi's rows once per program when K fits one tile. dphi is a two-stage reduction: each split writes
 its partial to a [splits, D, K] buffer, summed in a fixed order afterwards. No atomics, so dphi is bit-reproducible
-whatever `deterministic` says, and the scratch is splits * D * K * 4 bytes (splits <= 16, chosen to fill the GPU once).
+(there is no other variant to choose), and the scratch is splits * D * K * 4 bytes (splits <= 16, chosen to fill the
+GPU once).
 Reference: `mhc_train/ops/reference.py::mhc_projection_ref` (and `hc_projection_ref`).
 """
 
@@ -425,19 +426,17 @@ def mhc_projection(
     x: torch.Tensor,
     phi: torch.Tensor,
     eps: float = 1e-6,
-    deterministic: bool = True,
     link: SiteLink | None = None,
     per_stream: int = 0,
 ):
     """RMSNorm(vec(x)) @ phi with the reordered norm. x [..., n, C] (fp32/bf16/fp16), phi [nC, K] fp32 -> [..., K].
 
-    `deterministic` is accepted for the ops API: the backward is always bit-reproducible (two-stage dphi reduction).
+    The backward is always bit-reproducible (two-stage dphi reduction, no atomics).
     `link`: this op owns the site's single dx (see `mhc_kernels/link.py`); pass the same link to the site's mhc_pre
     and mhc_post_res. `per_stream=K_s` (HC): RMSNorm per stream and a block-diagonal phi [nC, n K_s], see the module
     docstring; h[..., j K_s + k] is stream j's column k. phi must be block-diagonal (`ops.hc_projection` builds it):
     the backward divides each column's terms by its own stream's norm, so off-diagonal blocks get wrong gradients.
     """
-    del deterministic
     lead, (n, C) = x.shape[:-2], x.shape[-2:]
     check_tensor("x", x, STREAM_DTYPES)
     check_tensor("phi", phi, (torch.float32,))

@@ -5,7 +5,7 @@ B200 (sm_100) with Triton's bundled ptxas; no GPU, no driver. Run by `make test`
     .venv/bin/python scripts/check_kernels.py --n 4 --arch 90 # a subset
 
 The matrix: arms mhc, mhc_identity, hc and the standalone Sinkhorn op, every autotune candidate of each launch; n in 1, 2, 4, 8, 16; C in 4096, 1280, 192 and
-an odd 67; fp32 and bf16 streams; deterministic on and off; both Sinkhorn backwards. Launches are recorded on `meta`
+an odd 67; fp32 and bf16 streams; both Sinkhorn backwards. Launches are recorded on `meta`
 tensors through `mhc_train.ops` (mhc_train/ops/audit.py), forward and backward, then deduplicated by what the
 compiler sees (C is a runtime argument, so most widths share a specialization). Fails (exit 1) on a compile error,
 shared memory over the chip's limit, or any register spill; prints registers, spills, shared memory and occupancy
@@ -35,18 +35,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def matrix(ns, widths, dtypes):
-    """Every (arm, n, C, dtype, deterministic, sinkhorn_backward, chained or not, split backward or not) a config can
+    """Every (arm, n, C, dtype, sinkhorn_backward, chained or not, split backward or not) a config can
     reach: a model site links its ops (one dx per site); selective recomputation calls them unlinked; the split-backward
     pipeline schedules run a backward in two passes."""
     for arm, n, C, dt in itertools.product(("mhc", "mhc_identity", "hc"), ns, widths, dtypes):
         yield dict(arm=arm, n=n, C=C, stream_dtype=DTYPES[dt], chain=False)
         yield dict(arm=arm, n=n, C=C, stream_dtype=DTYPES[dt], split_backward=True)  # ZBV / DualPipeV
         if arm == "mhc":
-            for det, sb in itertools.product((False, True), ("unrolled", "implicit")):
-                yield dict(arm=arm, n=n, C=C, stream_dtype=DTYPES[dt], deterministic=det, sinkhorn_backward=sb)
-        elif arm == "mhc_identity":
-            for det in (False, True):
-                yield dict(arm=arm, n=n, C=C, stream_dtype=DTYPES[dt], deterministic=det)
+            for sb in ("unrolled", "implicit"):
+                yield dict(arm=arm, n=n, C=C, stream_dtype=DTYPES[dt], sinkhorn_backward=sb)
         else:
             yield dict(arm=arm, n=n, C=C, stream_dtype=DTYPES[dt])
     for n in ns:
@@ -64,8 +61,6 @@ def unique_launches(cases, archs):
         cid = "{arm}-n{n}-C{C}".format(**case) + (
             f"-{str(case['stream_dtype']).split('.')[-1]}" if "stream_dtype" in case else ""
         )
-        if case.get("deterministic"):
-            cid += "-det"
         if case.get("sinkhorn_backward") == "implicit":
             cid += "-implicit"
         if case.get("chain") is False:

@@ -11,8 +11,8 @@ exactly `sinkhorn_knopp_ref`'s arithmetic: subtract the max, exp, then per itera
 The source is compiled once per machine with the C compiler triton also uses (`$CC`, else `cc`, `gcc`, `clang`)
 into `$XDG_CACHE_HOME/mhc_train` (default `~/.cache/mhc_train`), named by a hash of the source, and loaded with
 ctypes. Without a compiler `native_sinkhorn()` returns None and says why once (a warning); decode then runs the torch
-loop (`sites.sinkhorn_`): the same result, slower. Training never uses this (no autograd; `mhc_train.ops` has the
-differentiable Sinkhorn and the fused triton kernel).
+backend's Sinkhorn forward in place (`ops.reference.sinkhorn_forward`): the same result, slower. Training never uses
+this (no autograd; `mhc_train.ops` has the differentiable Sinkhorn and the fused triton kernel).
 """
 
 from __future__ import annotations

@@ -10,13 +10,14 @@ autocast region, and `mhc_post_res`'s separate matmul, multiply and add. Here, p
 - mHC: one projection (`mhc_projection_ref`'s ops: the matmul, then the reordered RMSNorm in place), one
   multiply-add by the per-column gate and bias vectors (built once from alpha and the bias), one sigmoid scaled by
   (1, .., 1, 2, .., 2) for H_pre and H_post together, and Sinkhorn as one C call on CPU (`sinkhorn_cpu.py`: its
-  2 * t_max dependent normalisations are 80 dispatches in torch, which no regrouping shortens), else in place on
-  preallocated sums (`sinkhorn_`);
+  2 * t_max dependent normalisations are 80 dispatches in torch, which no regrouping shortens), else the torch
+  backend's one Sinkhorn forward in place (`mhc_train.ops.reference.sinkhorn_forward`);
 - HC: the per-stream RMSNorm, one projection and tanh, then one multiply-add by the (s_alpha, s_beta) column scale
   and the static (A_m | B | A_r) block; static HC has no token-dependent part at all, so its coefficients are
   computed once;
 - every arm: read `H_pre x` as one batched matmul, write `H_post^T y + H_res x` as one multiply and one in-place
-  `baddbmm_`.
+  `baddbmm_`: the `decode` backend of the connection's step (`DecodeBackend`); `mhc_train.ops.SiteStep` runs the
+  site (coefficients, pre, F, post_res) as it runs the training site.
 
 The arithmetic is the torch path's (`mhc_train/ops/reference.py`, `connections.HCSite`): the same operations in the
 same order, only regrouped over columns; tests/infer check decode against the model's full forward (1e-5, fp32).
@@ -32,50 +33,60 @@ A decode site reads the site's parameters when it is built: build a new `Decoder
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
 
 from mhc_train.infer.sinkhorn_cpu import native_sinkhorn
 from mhc_train.model.connections import HCSite, MHCSite, Site
-from mhc_train.ops import resolve_backend
+from mhc_train.ops import SiteStep, TorchBackend
+from mhc_train.ops.reference import sinkhorn_forward
 
 SubLayer = Callable[[torch.Tensor], torch.Tensor]
 Coefficients = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # h_pre [N, n], h_post [N, n], h_res [N, n, n]
 
 
-def sinkhorn_(m: torch.Tensor, iters: int) -> torch.Tensor:
-    """Sinkhorn-Knopp iterations on `m` [N, n, n] = exp(logits - max) in place (columns first, rows last); returns m.
+class DecodeBackend(TorchBackend):
+    """The `decode` backend of the site step: pre and post_res as batched matmuls over the N = B*T tokens (no autograd,
+    no autocast region: decode runs fp32 under no_grad)."""
 
-    The iterates of `sinkhorn_knopp_ref`, with the sums written into two preallocated buffers and the divisions done
-    in place: no tensor is allocated inside the loop.
-    """
-    cols, rows = m.new_empty(m.shape[0], 1, m.shape[2]), m.new_empty(m.shape[0], m.shape[1], 1)
-    for _ in range(iters):
-        m.div_(torch.sum(m, dim=-2, keepdim=True, out=cols))  # columns first
-        m.div_(torch.sum(m, dim=-1, keepdim=True, out=rows))  # rows last
-    return m
+    name = "decode"
 
+    def coefficient_region(self, x):
+        return contextlib.nullcontext()
 
-class DecodeSite:
-    """`site(x, sublayer)` for x [B, T, n, C] fp32: `H_res x + H_post^T F(H_pre x)` from `coefficients(x)`."""
+    def pre(self, x, h_pre, link=None):
+        B, T, n, C = x.shape
+        return torch.bmm(h_pre.unsqueeze(1), x.reshape(B * T, n, C)).view(B, T, C)  # F's input H_pre x: [B, T, C]
 
-    def coefficients(self, xs: torch.Tensor) -> Coefficients:
-        raise NotImplementedError
-
-    def __call__(self, x: torch.Tensor, sublayer: SubLayer) -> torch.Tensor:
+    def post_res(self, x, y, h_post, h_res, link=None):
         B, T, n, C = x.shape
         xs = x.reshape(B * T, n, C)  # [N, n, C]
-        h_pre, h_post, h_res = self.coefficients(xs)
-        y = sublayer(torch.bmm(h_pre.unsqueeze(1), xs).view(B, T, C))  # F(H_pre x): [B, T, C]
         out = h_post.unsqueeze(-1) * y.reshape(B * T, 1, C)  # H_post^T y: [N, n, C]
         out = out.add_(xs) if h_res is None else out.baddbmm_(h_res, xs)  # + H_res x (left-multiplied)
         return out.view(B, T, n, C)
 
 
+DECODE_STEP = SiteStep(DecodeBackend())
+
+
+class DecodeSite:
+    """`site(x, sublayer)` for x [B, T, n, C] fp32: `H_res x + H_post^T F(H_pre x)` from `coefficients(x)`, run by the
+    connection's step on the decode backend."""
+
+    def coefficients(self, x: torch.Tensor, kernels=None) -> Coefficients:
+        """x [B, T, n, C] -> h_pre [N, n], h_post [N, n], h_res [N, n, n] | None (the step's coefficient function)."""
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor, sublayer: SubLayer) -> torch.Tensor:
+        out, _ = DECODE_STEP(self.coefficients, x, sublayer)
+        return out
+
+
 class MHCDecodeSite(DecodeSite):
     """mHC (`MHCSite`): gates and biases as per-column vectors, H_pre and H_post from one sigmoid, Sinkhorn as the C
-    loop (`native`, on CPU) or in place (`sinkhorn_`)."""
+    loop (`native`, on CPU) or the torch backend's forward in place."""
 
     def __init__(self, site: MHCSite, native: bool = True):
         n, cfg = site.n, site.cfg
@@ -89,9 +100,9 @@ class MHCDecodeSite(DecodeSite):
         on_cpu = self.phi.device.type == "cpu"
         self.native_sinkhorn = native_sinkhorn() if native and on_cpu and not self.identity_res else None
 
-    def coefficients(self, xs):
+    def coefficients(self, x, kernels=None):
         n = self.n
-        v = xs.view(xs.shape[0], -1)  # [N, nC]
+        v = x.reshape(-1, n * x.shape[-1])  # [N, nC]
         h = torch.mm(v, self.phi)  # [N, K]; then the reordered RMSNorm of `mhc_projection_ref`, in place:
         h.div_(torch.linalg.vector_norm(v, dim=-1, keepdim=True).square_().div_(v.shape[1]).add_(self.eps).sqrt_())
         logits = h.mul_(self.gate).add_(self.bias)  # [N, K]
@@ -101,8 +112,7 @@ class MHCDecodeSite(DecodeSite):
         res = logits[:, 2 * n :].view(-1, n, n)  # [N, n, n], row-major
         if self.native_sinkhorn is not None:
             return gates[:, :n], gates[:, n:], self.native_sinkhorn(res, self.iters)
-        m = torch.exp(res - res.amax(dim=(-2, -1), keepdim=True))  # the shift is exact (Sinkhorn ignores scalings)
-        return gates[:, :n], gates[:, n:], sinkhorn_(m, self.iters)
+        return gates[:, :n], gates[:, n:], sinkhorn_forward(res, self.iters, inplace=True)
 
 
 class HCDecodeSite(DecodeSite):
@@ -125,11 +135,12 @@ class HCDecodeSite(DecodeSite):
     def _split(block: torch.Tensor) -> Coefficients:
         return block[..., 0], block[..., 1], block[..., 2:].transpose(-1, -2)  # h_res = A_r^T
 
-    def coefficients(self, xs):
+    def coefficients(self, x, kernels=None):
         if not self.dynamic:
             h_pre, h_post, h_res = self.fixed
-            N = xs.shape[0]
+            N = x.shape[0] * x.shape[1]
             return h_pre.expand(N, -1), h_post.expand(N, -1), h_res.expand(N, -1, -1)
+        xs = x.reshape(-1, *x.shape[-2:])  # [N, n, C]
         d = torch.tanh((xs @ self.proj) * torch.rsqrt(xs.square().mean(-1, keepdim=True) + self.eps))  # [N, n, n+2]
         return self._split(d.mul_(self.scale).add_(self.static))
 
@@ -139,7 +150,7 @@ def decode_site(site: Site, native: bool = True) -> Site | DecodeSite:
     residual site's `x + F(x)` is already minimal; the triton backend's kernels are fused). `native`: mHC's Sinkhorn
     as the C loop on CPU where it builds (False: torch ops only)."""
     params = list(site.parameters())
-    if not params or params[0].dtype != torch.float32 or resolve_backend(site.backend, params[0].device) != "torch":
+    if not params or params[0].dtype != torch.float32 or site.step.backend(params[0].device).name != "torch":
         return site
     with torch.no_grad():
         if isinstance(site, MHCSite):

@@ -16,6 +16,10 @@ Notes:
 1. Parameters whose name contains `static_` are HC's static parts; the optimiser gives them no weight decay.
 2. Constructors allocate with `torch.empty` and draw nothing from the RNG; `initial_values(generator)` gives every
    parameter's full initial value (the model writes them, whole or as this rank's shard).
+3. A site holds parameters and its arm's coefficient math, nothing of how it runs: the connection builds one
+   `mhc_train.ops.SiteStep` per model from `connection.backend` and gives it to every site; the step runs the site
+   (coefficients, pre, F, post_res), resolves the backend once per device, and owns the kernels' one-dx chaining,
+   the fp32 coefficient region and the n > 16 fallback.
 """
 
 from __future__ import annotations
@@ -26,17 +30,30 @@ import torch
 from torch import nn
 
 from mhc_train import ops
-from mhc_train.config import ConnectionConfig, validate_connection
+from mhc_train.config import ConnectionConfig
 
 SubLayer = Callable[[torch.Tensor], torch.Tensor]
 
 
 class Site(nn.Module):
-    """One connection site: `x_{l+1} = H_res x_l + H_post^T F(H_pre x_l)` from the coefficients of `x_l`."""
+    """One connection site: `x_{l+1} = H_res x_l + H_post^T F(H_pre x_l)` from the coefficients of `x_l`.
 
-    backend: str = "torch"  # which implementation of mhc_train.ops runs (config connection.backend)
+    A site owns its parameters and its arm's coefficient math (`_coefficients(x, kernels)`, written against the
+    backend's ops); `mhc_train.ops.SiteStep` runs the whole site (coefficients, pre, F, post_res) on the backend it
+    resolved once. The connection gives every site of a model the same step."""
+
+    step: ops.SiteStep = ops.SiteStep("torch")  # the connection's step (config connection.backend)
     projects_h_res: bool = False  # H_res is Sinkhorn-projected (mHC); the diagnostics' column error applies
     _post_res_runner: Callable | None = None  # see `run_post_res_through`
+
+    @property
+    def backend(self) -> str:
+        """The backend name (`connection.backend`); setting it gives the site a step of its own on that backend."""
+        return self.step.name
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self.step = ops.SiteStep(name)
 
     def run_post_res_through(self, runner: Callable | None) -> None:
         """Run the post_res merge as `runner(fn, *args, **kwargs)` (None: call it directly). Chosen once, when the
@@ -44,26 +61,25 @@ class Site(nn.Module):
         for, through a runner that puts it on a high-priority CUDA stream during an overlapped forward."""
         self._post_res_runner = runner
 
-    def _run(self, fn, *args, **kwargs) -> torch.Tensor:
-        runner = self._post_res_runner
-        return fn(*args, **kwargs) if runner is None else runner(fn, *args, **kwargs)
-
-    def post_res(self, x, y, h_post, h_res, link=None) -> torch.Tensor:
-        """`H_res x + H_post^T y`."""
-        return self._run(ops.mhc_post_res, x, y, h_post, h_res, backend=self.backend, link=link)
-
     def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        return self.coefficients_linked(x)[:3]
+        """(h_pre [B,T,n], h_post [B,T,n], h_res [B,T,n,n] | None), computed in fp32."""
+        return self.step.coefficients(self._coefficients, x)
 
-    def coefficients_linked(self, x: torch.Tensor):
-        """(h_pre, h_post, h_res, link): the link (or None) ties the site's ops into one dx (`mhc_train.ops`)."""
+    def _coefficients(self, x: torch.Tensor, kernels: ops.SiteKernels):
+        """The arm's coefficient math on `kernels` (the backend's ops for this site call)."""
         raise NotImplementedError
 
+    def read(self, x: torch.Tensor, pre: bool = True):
+        """The site's first half: (F's input [B, T, C], or None without `pre`; the `ops.SiteRead` `write` takes)."""
+        return self.step.read(self._coefficients, x, pre=pre)
+
+    def write(self, x: torch.Tensor, y: torch.Tensor, read) -> torch.Tensor:
+        """The site's second half: `H_res x + H_post^T y` [B, T, n, C], through the post_res runner if one is set."""
+        return self.step.write(x, y, read, self._post_res_runner)
+
     def forward(self, x: torch.Tensor, sublayer: SubLayer) -> torch.Tensor:
-        h_pre, h_post, h_res, link = self.coefficients_linked(x)  # [B,T,n], [B,T,n], [B,T,n,n] | None
-        f_in = ops.mhc_pre(x, h_pre, backend=self.backend, link=link)
-        y = sublayer(f_in)  # [B, T, C]
-        return self.post_res(x, y, h_post, h_res, link)  # [B, T, n, C]
+        out, _ = self.step(self._coefficients, x, sublayer, self._post_res_runner)  # [B, T, n, C]
+        return out
 
     def initial_values(self, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """{parameter name: its full initial value}, drawn from `generator` (on the generator's device)."""
@@ -77,17 +93,18 @@ class Site(nn.Module):
 
 
 class ResidualSite(Site):
-    """Pre-Norm residual, n = 1: `x + F(x)`. No parameters."""
+    """Pre-Norm residual, n = 1: `x + F(x)`. No parameters, no coefficients to compute: the add is the whole site."""
 
-    def coefficients_linked(self, x):
+    def _coefficients(self, x, kernels):
         ones = x.new_ones(x.shape[:-1], dtype=torch.float32)  # [B, T, 1]
-        return ones, ones, ones.unsqueeze(-1), None
+        return ones, ones, ones.unsqueeze(-1)
 
-    def post_res(self, x, y, h_post=None, h_res=None, link=None) -> torch.Tensor:
-        return self._run(torch.add, x, y.unsqueeze(-2))
+    def write(self, x, y, read=None) -> torch.Tensor:
+        runner = self._post_res_runner
+        return torch.add(x, y.unsqueeze(-2)) if runner is None else runner(torch.add, x, y.unsqueeze(-2))
 
     def forward(self, x: torch.Tensor, sublayer: SubLayer) -> torch.Tensor:
-        return self.post_res(x, sublayer(x.squeeze(-2)))
+        return self.write(x, sublayer(x.squeeze(-2)))
 
 
 class HCSite(Site):
@@ -99,10 +116,10 @@ class HCSite(Site):
     with W = 0 and s_alpha = s_beta = 0.01 at init. h_pre = A_m, h_post = B, h_res = A_r^T.
     """
 
-    def __init__(self, dim: int, n: int, index: int, cfg: ConnectionConfig):
+    def __init__(self, dim: int, n: int, index: int, cfg: ConnectionConfig, step: ops.SiteStep | None = None):
         super().__init__()
         self.n, self.index, self.dynamic, self.scale_init = n, index, cfg.hc_dynamic, cfg.hc_dynamic_scale_init
-        self.backend = cfg.backend
+        self.step = step or ops.SiteStep(cfg.backend)
         self.static_beta = nn.Parameter(torch.empty(n))
         self.static_alpha_m = nn.Parameter(torch.empty(n))
         self.static_alpha_r = nn.Parameter(torch.empty(n, n))
@@ -127,22 +144,18 @@ class HCSite(Site):
             values["dyn_scale"] = torch.full((2,), self.scale_init, device=dev)
         return values
 
-    def coefficients_linked(self, x):
-        with ops.coefficient_region(x):  # fp32 whatever the engine's precision
-            return self._coefficients(x)
-
-    def _coefficients(self, x):
+    def _coefficients(self, x, kernels):
         n, lead = self.n, x.shape[:-2]
         # row j of the [n, n+2] block: (A_m[j], B[j], A_r[j, :]); h_pre = A_m, h_post = B, h_res = A_r^T
         static = torch.cat([self.static_alpha_m[:, None], self.static_beta[:, None], self.static_alpha_r], 1).float()
         if not self.dynamic:
             block = static.expand(*lead, n, n + 2)
-            return block[..., 0], block[..., 1], block[..., 2:].transpose(-1, -2), None
+            return block[..., 0], block[..., 1], block[..., 2:].transpose(-1, -2)
         weight = self.norm_weight.float()[:, None] * self.dyn_proj.float()  # [C, n+2], the norm's gain folded in
-        h, link = ops.hc_projection(x, weight, self.eps, backend=self.backend, chain=True)  # RMSNorm(x_j) @ W
+        h = kernels.hc_projection(x, weight, self.eps)  # RMSNorm(x_j) @ W: [B, T, n, n+2]
         s_alpha, s_beta = self.dyn_scale.float().unbind()
         scale = torch.cat([s_alpha[None], s_beta[None], s_alpha.expand(n)])  # [n+2]
-        return (*ops.hc_gates(h, static, scale, backend=self.backend), link)  # tanh(h) * scale + static, split
+        return kernels.hc_gates(h, static, scale)  # tanh(h) * scale + static, split
 
 
 class MHCSite(Site):
@@ -162,9 +175,10 @@ class MHCSite(Site):
       b_res_diag). The streams' gradients differ from step 0, so H_post, the streams and H_res move, as in HC.
     """
 
-    def __init__(self, dim: int, n: int, index: int, cfg: ConnectionConfig):
+    def __init__(self, dim: int, n: int, index: int, cfg: ConnectionConfig, step: ops.SiteStep | None = None):
         super().__init__()
-        self.n, self.index, self.cfg, self.backend = n, index, cfg, cfg.backend
+        self.n, self.index, self.cfg = n, index, cfg
+        self.step = step or ops.SiteStep(cfg.backend)
         self.identity_res = cfg.h_res == "identity"
         self.projects_h_res = not self.identity_res
         k = 2 * n if self.identity_res else n * n + 2 * n
@@ -189,19 +203,9 @@ class MHCSite(Site):
             bias[2 * n :] = (torch.eye(n, device=dev) * diag).flatten()
         return {"phi": phi, "alpha": torch.full(self.alpha.shape, c.alpha_init, device=dev), "bias": bias}
 
-    def coefficients_linked(self, x):
+    def _coefficients(self, x, kernels):
         c = self.cfg
-        return ops.mhc_coefficients(
-            x,
-            self.phi,
-            self.alpha,
-            self.bias,
-            iters=c.t_max,
-            eps=c.eps,
-            backend=self.backend,
-            sinkhorn_backward=c.sinkhorn_backward,
-            chain=True,
-        )
+        return kernels.mhc_coefficients(x, self.phi, self.alpha, self.bias, c.t_max, c.eps, c.sinkhorn_backward)
 
 
 class Connection:
@@ -210,9 +214,9 @@ class Connection:
     site_cls: type[Site] = ResidualSite
 
     def __init__(self, cfg: ConnectionConfig):
-        validate_connection(cfg)
-        self.cfg = cfg
+        self.cfg = cfg  # validated by build_model (or load_config)
         self.n_streams = cfg.n_streams
+        self.step = ops.SiteStep(cfg.backend)  # one per model: `connection.backend` resolved once per device
 
     def expand(self, h: torch.Tensor) -> torch.Tensor:
         return h.unsqueeze(-2).expand(*h.shape[:-1], self.n_streams, h.shape[-1]).contiguous()  # [B, T, n, C]
@@ -221,7 +225,7 @@ class Connection:
         return x.sum(dim=-2, dtype=torch.promote_types(x.dtype, torch.float32))  # [B, T, C], accumulated in >= fp32
 
     def site(self, dim: int, index: int) -> Site:
-        return self.site_cls(dim, self.n_streams, index, self.cfg)
+        return self.site_cls(dim, self.n_streams, index, self.cfg, self.step)
 
     @property
     def out_proj_std_factor(self) -> float:
@@ -251,5 +255,4 @@ CONNECTIONS: dict[str, type[Connection]] = {"residual": Residual, "hc": HC, "mhc
 
 
 def build_connection(cfg: ConnectionConfig) -> Connection:
-    validate_connection(cfg)
-    return CONNECTIONS[cfg.type](cfg)
+    return CONNECTIONS[cfg.type](cfg)  # the connection validates cfg

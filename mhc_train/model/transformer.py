@@ -79,8 +79,6 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, conn_cfg: ConnectionConfig):
         super().__init__()
-        validate_model(cfg)
-        validate_connection(conn_cfg)
         self.cfg, self.conn_cfg = cfg, conn_cfg
         self.conn = build_connection(conn_cfg)
         # bf16 streams: stored in bf16 from the expand on (every site returns its stream dtype); None: the embedding's
@@ -209,7 +207,10 @@ def module_seed(seed: int, name: str) -> int:
 
 
 def build_model(cfg: ModelConfig, conn_cfg: ConnectionConfig, seed: int = 0, device: str | torch.device = "cpu"):
-    """Validate the configs, build on `device` and initialise from `seed`."""
+    """Validate the configs, build on `device` and initialise from `seed`: the Python users' entry point, and with
+    `mhc_train.config.load_config` one of the two places a config is validated (the constructors trust it)."""
+    validate_model(cfg)
+    validate_connection(conn_cfg)
     with torch.device(device):
         model = Transformer(cfg, conn_cfg)
     if str(device) != "meta":

@@ -73,7 +73,6 @@ def site_launches(
     C: int,
     stream_dtype: torch.dtype = torch.bfloat16,
     tokens: int = 4096,
-    deterministic: bool = False,
     sinkhorn_backward: str = "unrolled",
     t_max: int = 20,
     torch_ops: bool = False,
@@ -81,12 +80,12 @@ def site_launches(
     alternates: bool = False,
     split_backward: bool = False,
 ):
-    """(forward launches, backward launches) of one site with F = identity, through `mhc_train.ops` (backend triton).
+    """(forward launches, backward launches) of one site with F = identity, run by the site step on the triton backend.
 
     `arm`: mhc (projection, gates + Sinkhorn, pre, post_res), mhc_identity (no H_res), hc (dynamic HC: the per-stream
-    projection, HC's gates, pre and post_res), sinkhorn (the standalone Sinkhorn op). `torch_ops=True` also records every aten op
-    that moves data (as `TorchOp`s, in order with the launches): what the traffic audit counts. `chain=True` links the site's
-    ops as a model site does (one dx per site); False is the unlinked use (selective recomputation).
+    projection, HC's gates, pre and post_res), sinkhorn (the standalone Sinkhorn op). `torch_ops=True` also records
+    every aten op that moves data (as `TorchOp`s, in order with the launches): what the traffic audit counts.
+    `chain=True` links the site's ops as a model site does (one dx per site); False runs each op unlinked.
     """
     meta = dict(device="meta")
 
@@ -101,27 +100,19 @@ def site_launches(
             x = leaf(tokens, n, C, dtype=stream_dtype)
             if arm == "hc":  # dynamic HC: the per-stream projection, then HC's gates
                 weight, static, scale = leaf(C, n + 2), leaf(n, n + 2), leaf(n + 2)
-                h, link = ops.hc_projection(x, weight, backend="triton", chain=True)
-                h_pre, h_post, h_res = ops.hc_gates(h, static, scale, backend="triton")
                 inputs = [x, weight, static, scale]
+
+                def coefficients(x, k):
+                    return k.hc_gates(k.hc_projection(x, weight), static, scale)
             else:
                 k = 2 * n if arm == "mhc_identity" else n * n + 2 * n
                 phi, alpha, bias = leaf(n * C, k), leaf(2 if arm == "mhc_identity" else 3), leaf(k)
                 inputs = [x, phi, alpha, bias]
-                h_pre, h_post, h_res, link = ops.mhc_coefficients(
-                    x,
-                    phi,
-                    alpha,
-                    bias,
-                    iters=t_max,
-                    backend="triton",
-                    deterministic=deterministic,
-                    sinkhorn_backward=sinkhorn_backward,
-                    chain=True,
-                )
-            link = link if chain else None
-            y = ops.mhc_pre(x, h_pre, backend="triton", link=link)  # F = identity: y = F(F_in)
-            out = ops.mhc_post_res(x, y, h_post, h_res, backend="triton", link=link)
+
+                def coefficients(x, k):
+                    return k.mhc_coefficients(x, phi, alpha, bias, t_max, sinkhorn_backward=sinkhorn_backward)
+
+            out, _ = ops.SiteStep("triton")(coefficients, x, lambda f_in: f_in, linked=chain)  # F = identity
     upstream = torch.empty_like(out)
     with record(torch_ops, alternates) as bwd:
         if split_backward and arm != "sinkhorn":  # as ZBV / DualPipeV run it: input gradients, then weight gradients

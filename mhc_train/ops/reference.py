@@ -19,6 +19,7 @@ import torch
 
 __all__ = [
     "sinkhorn_knopp_ref",
+    "sinkhorn_forward",
     "mhc_coefficients_ref",
     "mhc_pre_ref",
     "mhc_post_res_ref",
@@ -46,12 +47,28 @@ def sinkhorn_knopp_ref(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
         raise ValueError(f"sinkhorn_knopp expects square [..., n, n] logits, got shape {tuple(logits.shape)}")
     if iters < 1:
         raise ValueError(f"sinkhorn_knopp needs iters >= 1, got {iters}")
-    z = logits.to(coefficient_dtype(logits.dtype))
+    return sinkhorn_forward(logits.to(coefficient_dtype(logits.dtype)), iters)
+
+
+def sinkhorn_forward(z, iters: int, dims: tuple[int, int] = (-2, -1), saved: list | None = None, inplace=False):
+    """The torch backend's one Sinkhorn forward (Eq. 9): `exp(z - max)`, then `iters` (column, row) normalisations.
+
+    Args:
+        z: logits whose matrix axes (i, j) are `dims`: (-2, -1) token-first (the reference), (0, 1) token-last
+            (`ops/sinkhorn.py`, whose backward recomputes the iterates). Columns (sums over i) first, rows last.
+        saved: a list that receives M_0, then every (iterate, sums) pair in order (the recomputing backward).
+        inplace: divide in place (decode's fallback, no autograd: no tensor allocated per step but the sums).
+    """
     # The shift is exact: Sinkhorn ignores row and column scalings, and exp never overflows after it.
-    m = torch.exp(z - z.amax(dim=(-2, -1), keepdim=True).detach())
+    m = torch.exp(z - z.amax(dim=dims, keepdim=True).detach())
+    if saved is not None:
+        saved.append(m)
     for _ in range(iters):
-        m = m / m.sum(dim=-2, keepdim=True)  # columns first
-        m = m / m.sum(dim=-1, keepdim=True)  # rows last
+        for axis in dims:  # columns first (each column summed over i), rows last
+            s = m.sum(dim=axis, keepdim=True)
+            m = m.div_(s) if inplace else m / s
+            if saved is not None:
+                saved.append((m, s))
     return m
 
 

@@ -13,23 +13,13 @@ from __future__ import annotations
 
 import torch
 
-from mhc_train.ops.reference import coefficient_dtype
+from mhc_train.ops.reference import coefficient_dtype, sinkhorn_forward
 
 
 def _forward(z: torch.Tensor, iters: int, keep: bool):
-    """z [n, n, T] (token-last). Returns the result and, if keep, every (y, s) pair in order."""
-    m = torch.exp(z - z.amax(dim=(0, 1), keepdim=True))
-    saved = [m] if keep else None
-    for _ in range(iters):
-        s = m.sum(dim=0, keepdim=True)  # column sums [1, n, T]
-        m = m / s
-        if keep:
-            saved.append((m, s))
-        s = m.sum(dim=1, keepdim=True)  # row sums [n, 1, T]
-        m = m / s
-        if keep:
-            saved.append((m, s))
-    return m, saved
+    """z [n, n, T] (token-last). Returns the result and, if keep, M_0 then every (y, s) pair in order."""
+    saved = [] if keep else None
+    return sinkhorn_forward(z, iters, dims=(0, 1), saved=saved), saved
 
 
 class SinkhornFunction(torch.autograd.Function):

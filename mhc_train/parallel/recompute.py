@@ -29,7 +29,8 @@ Note:
    block without gradient (its coefficients also give y's gradient) and recomputes each site once more with
    gradient: on CPU at demo size this costs what `scripts/bench_recompute.py` prints.
 4. Gradients are bit-identical to the plain model's (tested): `_SitePre` replays the whole site as one local graph,
-   so autograd sums each gradient in the order the plain graph does.
+   so autograd sums each gradient in the order the plain graph does. Every replay runs the site's own step in its
+   two halves (`Site.read`: coefficients and pre; `Site.write`: post_res), never a copy of the site.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ import math
 
 import torch
 
-from mhc_train import ops
 from mhc_train.config import RECOMPUTE_MODES as MODES
 
 
@@ -69,8 +69,8 @@ class _BlockCache:
     def __init__(self, sites):
         self.sites = sites
         self.xs: list[torch.Tensor] | None = None
-        self.replayed: list[tuple] = []  # (h_post, h_res) per replayed site, no gradient
-        self.coeffs = None  # forward: _SitePre -> _SitePost of the same site
+        self.replayed: list = []  # the read half (`ops.SiteRead`) of each replayed site, no gradient
+        self.coeffs = None  # forward: _SitePre -> _SitePost of the same site (its read half)
         self.grad_out: dict[int, tuple] = {}  # backward: _SitePost -> _SitePre, (y_l, grad of x_{l+1})
         self.done = 0  # sites whose parameter gradients are computed (the block's states are released after all)
 
@@ -80,18 +80,18 @@ class _BlockCache:
             with torch.no_grad():
                 xs, self.replayed = [x0], []
                 for site, y in zip(self.sites[:i], ys):
-                    _, h_post, h_res = site.coefficients(xs[-1])
-                    self.replayed.append((h_post, h_res))
-                    xs.append(ops.mhc_post_res(xs[-1], y, h_post, h_res, backend=site.backend))
+                    _, read = site.read(xs[-1], pre=False)
+                    self.replayed.append(read)
+                    xs.append(site.step.write(xs[-1], y, read))
             self.xs = xs
         return self.xs[i]
 
-    def mixing(self, i: int, x: torch.Tensor) -> tuple:
-        """(h_post, h_res) of site i without gradient: from the replay when it covered site i."""
+    def mixing(self, i: int, x: torch.Tensor):
+        """Site i's read half (its h_post, h_res) without gradient: from the replay when it covered site i."""
         if i < len(self.replayed):
             return self.replayed[i]
         with torch.no_grad():
-            return self.sites[i].coefficients(x)[1:]
+            return self.sites[i].read(x, pre=False)[1]
 
     def release(self) -> None:
         self.xs, self.replayed, self.done = None, [], 0
@@ -129,9 +129,9 @@ class _SitePre(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x0, ys, site, norm, cache, i, *params):
         with torch.no_grad():
-            h_pre, h_post, h_res = site.coefficients(x)
-            z = norm(ops.mhc_pre(x, h_pre, backend=site.backend))  # [B, T, C]
-        cache.coeffs = (h_post, h_res)
+            f_in, read = site.read(x)
+            z = norm(f_in)  # [B, T, C]
+        cache.coeffs = read
         ctx.site, ctx.norm, ctx.cache, ctx.i = site, norm, cache, i
         _remember_nodes(ctx, (x, *params))
         ctx.save_for_backward(x0.detach(), *(y.detach() for y in ys))
@@ -150,10 +150,11 @@ class _SitePre(torch.autograd.Function):
         with torch.enable_grad():
             xg = x.detach().requires_grad_(needed[0])
             params = list(ctx.norm.parameters()) + list(ctx.site.parameters())
-            # linked as in the plain model's site (one dx per site on the kernels): the same sums, the same bits
-            h_pre, h_post, h_res, link = ctx.site.coefficients_linked(xg)
-            z = ctx.norm(ops.mhc_pre(xg, h_pre, backend=ctx.site.backend, link=link))
-            out = ops.mhc_post_res(xg, y, h_post, h_res, backend=ctx.site.backend, link=link)
+            # the plain model's site step, F replaced by its known output y (one dx per site on the kernels, as
+            # there): the same sums, the same bits
+            f_in, read = ctx.site.read(xg)
+            z = ctx.norm(f_in)
+            out = ctx.site.step.write(xg, y, read)
             gx, *gp = _grads([z, out], [xg, *params], [g_z, g_out], needed)
         if not input_only:
             cache.done += 1
@@ -168,10 +169,9 @@ class _SitePost(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, x0, ys, site, cache, i):
-        h_post, h_res = cache.coeffs
-        cache.coeffs = None
+        read, cache.coeffs = cache.coeffs, None
         with torch.no_grad():
-            out = site.post_res(x, y, h_post, h_res)
+            out = site.write(x, y, read)  # through the site's post_res runner, as in the plain model
         ctx.site, ctx.cache, ctx.i = site, cache, i
         ctx.save_for_backward(x0.detach(), *(t.detach() for t in ys), y.detach())
         return out
@@ -184,10 +184,10 @@ class _SitePost(torch.autograd.Function):
         gy = None
         if ctx.needs_input_grad[1]:
             x = ctx.cache.state(ctx.i, x0, tuple(ys))
-            h_post, h_res = ctx.cache.mixing(ctx.i, x)
+            read = ctx.cache.mixing(ctx.i, x)
             with torch.enable_grad():
                 yg = y.detach().requires_grad_()
-                (gy,) = torch.autograd.grad(ops.mhc_post_res(x, yg, h_post, h_res, backend=ctx.site.backend), yg, g)
+                (gy,) = torch.autograd.grad(ctx.site.step.write(x, yg, read), yg, g)
         return None, gy, None, None, None, None, None
 
 

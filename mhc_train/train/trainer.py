@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from mhc_train.config import Config, arm_name, to_dict, validate, validate_world
+from mhc_train.config import Config, arm_name, to_dict, validate_world
 from mhc_train.data import TokenData
 from mhc_train.data.agreement import prepare_agreed
 from mhc_train.data.loader import Prefetcher
@@ -79,7 +79,8 @@ class StepResult:
 
 class Trainer:
     def __init__(self, cfg: Config):
-        validate(cfg)
+        # `cfg` was validated where it was made (load_config); the model's part again by build_model. What needs the
+        # launch is checked here, before any process group starts.
         validate_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process group starts
         t = cfg.train
         if t.threads:

@@ -247,7 +247,7 @@ def test_unsupported_inputs_raise_with_the_reason():
     with pytest.raises(ValueError, match="n = 17 is above"):
         K.sinkhorn_knopp(torch.randn(2, 17, 17, device=DEVICE))
     # above the kernels' limit the ops layer takes the torch path, with one notice per op and n (never OutOfResources)
-    ops._noticed.clear()
+    ops.backends._noticed.clear()
     x17, h17 = torch.randn(2, 17, 8, device=DEVICE), torch.rand(2, 17, device=DEVICE)
     with pytest.warns(UserWarning, match="n = 17 streams is above the Triton kernels' limit of 16"):
         out = ops.mhc_pre(x17, h17, backend="triton")
