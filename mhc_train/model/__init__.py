@@ -1,3 +1,11 @@
+"""The model: a plain decoder-only transformer whose residual stream is a `Connection` (residual, HC or mHC behind
+one interface). It knows nothing of parallelism; `mhc_train.parallel` wraps it from outside.
+
+- `transformer.py`: `Transformer`, `build_model` (validates the configs, builds, initialises), `lm_loss`;
+- `connections.py`: the connections and their sites (parameters and coefficient math; `mhc_train.ops` runs the site);
+- `layers.py`: RMSNorm, attention, FFN, RoPE.
+"""
+
 from mhc_train.model.connections import Connection, build_connection
 from mhc_train.model.transformer import BlockRunner, SitePart, Transformer, build_model, lm_loss, no_weight_decay
 
