@@ -1,0 +1,3 @@
+"""Shared test support (no tests here): launchers for subprocess and torchrun runs (`launch`), readers of a run's
+records (`runs`), numeric asserts (`numerics`), tiny configs and text (`configs`), and the golden per-step loss file
+of the demo model (`golden`). Test modules import from here, never from each other or from conftest."""
