@@ -5,7 +5,7 @@ import torch
 
 from mhc_train.model import build_model
 from mhc_train.parallel import apply_recompute, optimal_block, plan_blocks
-from tests.helpers import conn_cfg, tiny_model_cfg
+from tests.support.configs import conn_cfg, tiny_model_cfg
 from tools.measure import next_token_loss, saved_bytes_for_backward
 from tools.memory_model import component_bytes, predict_bytes_per_token
 
@@ -159,7 +159,7 @@ def test_trainer_with_recompute_gives_the_same_losses(prepared_data, tmp_path):
     from mhc_train.config import load_config
     from mhc_train.train.metrics import read_metrics
     from mhc_train.train.trainer import Trainer
-    from tests.helpers import run_overrides
+    from tests.support.configs import run_overrides
 
     losses = {}
     for mode in ("none", "mhc", "full"):

@@ -47,7 +47,7 @@ def prepare_data(out_dir: Path) -> Path:
     from mhc_train.config import DataConfig
     from mhc_train.data import prepare
 
-    return Path(prepare(DataConfig(out_dir=str(out_dir), vocab_size=VOCAB), log=lambda *a: None)["dir"])
+    return Path(prepare(DataConfig(out_dir=str(out_dir), vocab_size=VOCAB))["dir"])
 
 
 def run_arm(arm: str, data_dir: Path, run_dir: Path) -> list[float]:
@@ -60,7 +60,7 @@ def run_arm(arm: str, data_dir: Path, run_dir: Path) -> list[float]:
 
     threads = torch.get_num_threads()
     try:
-        train(load_config(overrides(arm, data_dir, run_dir)), log=lambda *a: None)
+        train(load_config(overrides(arm, data_dir, run_dir)))  # its lines go to captured stdout
     finally:
         torch.set_num_threads(threads)  # the run sets one thread; leave the process as it was
     records = read_metrics(run_dir)["train"]

@@ -3,10 +3,8 @@
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,22 +13,13 @@ from mhc_train.config import ConfigError, load_config
 from mhc_train.train.checkpoint import CheckpointError, CheckpointManager
 from mhc_train.train.metrics import read_metrics
 from mhc_train.train.trainer import Trainer, TrainingError
-from tests.helpers import run_overrides
+from tests.support import launch
+from tests.support.configs import run_overrides
+from tests.support.runs import losses_by_step as _train_losses
 
-REPO = Path(__file__).resolve().parents[2]
 
-
-def _cli(overrides, env_extra=None, **kw):
-    env = {**os.environ, "PYTHONHASHSEED": "0", **(env_extra or {})}
-    return subprocess.Popen(
-        [sys.executable, "-m", "mhc_train.cli", "train", *overrides],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **kw,
-    )
+def _cli(overrides, env_extra=None):
+    return launch.launch(launch.cli_cmd("train", *overrides), **(env_extra or {}))
 
 
 def _run_cli(overrides, timeout=240):
@@ -38,10 +27,6 @@ def _run_cli(overrides, timeout=240):
     out, _ = p.communicate(timeout=timeout)
     assert p.returncode == 0, out
     return out
-
-
-def _train_losses(run_dir):
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir)["train"]}
 
 
 def test_tiny_run_learns(prepared_data, tmp_path):
