@@ -20,6 +20,8 @@ from tests.support import launch
 from tests.support.configs import run_overrides
 from tests.support.corpora import make_documents, write_jsonl
 
+pytestmark = pytest.mark.slow  # every test runs child processes (prepare, torchrun)
+
 # A `prepare` in a child process, slowed down (a sleep before each batch is written, small batches) so that a test
 # can catch it in the middle of a build. Argument: the DataConfig's fields as JSON.
 SLOW_PREPARE = """

@@ -15,6 +15,8 @@ from tests.support import launch, runs
 from tests.support.configs import run_overrides
 from tests.support.numerics import assert_close_runs
 
+pytestmark = pytest.mark.slow  # every test launches torchrun (2 or 4 gloo ranks)
+
 COMMON = {
     "train.max_steps": 3,
     "train.batch_size": 4,

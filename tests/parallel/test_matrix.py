@@ -148,6 +148,7 @@ def test_zero3_with_recompute_is_refused_with_the_way_out(mode):
     load_config(["model=test", "train=test", "parallel.engine=fsdp", f"parallel.recompute={mode}"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_gradient_accumulation_reduces_once_and_equals_one_process(prepared_data, reference_runs, tmp_path, engine):
     """grad_accum=2: the micro-batches before the last skip the reduction (DDP no_sync, FSDP2

@@ -12,6 +12,8 @@ import pytest
 
 from tests.support import launch
 
+pytestmark = pytest.mark.slow  # torchrun
+
 # ~29M parameters (117 MB fp32): large enough that a whole copy stands far above allocator and library noise.
 BIG = {
     "model": "test",

@@ -219,6 +219,7 @@ def test_the_nonfinite_message_names_real_keys(prepared_data, tmp_path):
 LONG = {**QUIET, "train.max_steps": 100000, "checkpoint.every": 0, "checkpoint.save_final": "true"}
 
 
+@pytest.mark.slow
 def test_one_owner_per_run_dir_and_a_killed_owner_is_taken_over(prepared_data, tmp_path):
     run = tmp_path / "r"
     first = launch.launch(launch.cli_cmd("train", *run_overrides(prepared_data, run, **LONG)))
@@ -239,6 +240,7 @@ def test_one_owner_per_run_dir_and_a_killed_owner_is_taken_over(prepared_data, t
     assert third.returncode == 0, third.stdout + third.stderr  # the dead owner's lock is free: taken over
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(prepared_data, tmp_path, sig, code):
     run = tmp_path / "r"
@@ -262,6 +264,7 @@ def test_a_signal_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(p
     assert resumed.returncode == 0 and f"resumed from {m.group(2)} at step {step}" in resumed.stdout + resumed.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_under_torchrun_checkpoints_every_rank(prepared_data, tmp_path):
     run = tmp_path / "r"
     overrides = run_overrides(prepared_data, run, **{**LONG, "parallel.engine": "ddp", "checkpoint.format": "dcp"})

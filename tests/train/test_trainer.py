@@ -48,6 +48,7 @@ def test_tiny_run_learns(prepared_data, tmp_path):
     assert all("clipped" in r and "grad_norm" in r for r in recs["train"])
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact_across_a_process_restart(prepared_data, tmp_path):
     """2k steps in one process == k steps, a new process, k more steps: loss for loss, bit for bit, and weights."""
     common = {"train.max_steps": 8, "checkpoint.every": 0, "connection": "mhc"}
@@ -66,6 +67,7 @@ def test_resume_is_bit_exact_across_a_process_restart(prepared_data, tmp_path):
         assert torch.equal(a[k], b[k]), f"weights differ at {k}"
 
 
+@pytest.mark.slow
 def test_dcp_checkpoint_resumes_exactly_and_a_broken_one_is_named(prepared_data, tmp_path):
     """checkpoint.format=dcp in one process: the step file holds no weights, the DCP directory does; resume is bit
     exact; an incomplete DCP directory stops the resume with a message naming it and the fix."""
@@ -101,6 +103,7 @@ def test_dcp_checkpoint_resumes_exactly_and_a_broken_one_is_named(prepared_data,
     assert (tmp_path / "split/checkpoints/damaged/dcp/step_00000006").is_dir()
 
 
+@pytest.mark.slow
 def test_sigkill_mid_checkpoint_write_resumes_from_newest_complete(prepared_data, tmp_path):
     ref, victim = tmp_path / "ref", tmp_path / "victim"
     common = {"train.max_steps": 8, "checkpoint.every": 1, "checkpoint.keep_last": 3, "connection": "hc"}
