@@ -13,9 +13,8 @@ from mhc_train.config import ConfigError, load_config
 from mhc_train.train.checkpoint import CheckpointError, CheckpointManager
 from mhc_train.train.metrics import read_metrics
 from mhc_train.train.trainer import Trainer, TrainingError
-from tests.support import launch
+from tests.support import launch, runs
 from tests.support.configs import run_overrides
-from tests.support.runs import losses_by_step as _train_losses
 
 
 def _cli(overrides, env_extra=None):
@@ -54,10 +53,10 @@ def test_resume_is_bit_exact_across_a_process_restart(prepared_data, tmp_path):
     common = {"train.max_steps": 8, "checkpoint.every": 0, "connection": "mhc"}
     _run_cli(run_overrides(prepared_data, tmp_path / "full", **common))
     _run_cli(run_overrides(prepared_data, tmp_path / "split", **common, **{"train.stop_at_step": 4}))
-    assert max(_train_losses(tmp_path / "split")) == 4
+    assert max(runs.losses_by_step(tmp_path / "split")) == 4
     out = _run_cli(run_overrides(prepared_data, tmp_path / "split", **common))
     assert "resumed from" in out and "step_00000004.pt" in out
-    full, split = _train_losses(tmp_path / "full"), _train_losses(tmp_path / "split")
+    full, split = runs.losses_by_step(tmp_path / "full"), runs.losses_by_step(tmp_path / "split")
     assert full.keys() == split.keys() == set(range(1, 9))
     for step in full:
         assert full[step] == split[step], f"step {step}: {full[step]!r} != {split[step]!r}"
@@ -81,7 +80,7 @@ def test_dcp_checkpoint_resumes_exactly_and_a_broken_one_is_named(prepared_data,
     assert (tmp_path / "split/checkpoints/dcp/step_00000003/.metadata").is_file()
     out = _run_cli(run_overrides(prepared_data, tmp_path / "split", **common))
     assert "resumed from" in out
-    assert _train_losses(tmp_path / "full") == _train_losses(tmp_path / "split")
+    assert runs.losses_by_step(tmp_path / "full") == runs.losses_by_step(tmp_path / "split")
     a = read_model_state(tmp_path / "full/checkpoints/step_00000006.pt")
     b = read_model_state(tmp_path / "split/checkpoints/step_00000006.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -130,7 +129,7 @@ def test_sigkill_mid_checkpoint_write_resumes_from_newest_complete(prepared_data
     out = _run_cli(run_overrides(prepared_data, victim, **common))
     assert "resumed from" in out and "step_00000002.pt" in out
     assert not any(f.name.startswith(".") for f in ckpt_dir.iterdir()), "stale temporary left behind"
-    ref_l, vic_l = _train_losses(ref), _train_losses(victim)
+    ref_l, vic_l = runs.losses_by_step(ref), runs.losses_by_step(victim)
     assert all(ref_l[s] == vic_l[s] for s in ref_l), (ref_l, vic_l)
 
 
