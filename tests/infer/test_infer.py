@@ -146,6 +146,7 @@ def test_a_checkpoint_without_a_tokenizer_is_refused(pp_run, tmp_path):
         find_tokenizer(step, {"sha256": "0" * 64}, given=pp_run / "tokenizer.model")
 
 
+@pytest.mark.slow  # lm-evaluation-harness end to end (its import alone is ~10 s)
 def test_eval_on_local_tasks_scores_the_model_and_feeds_compare(tokenizer, tmp_path):
     from mhc_train.compare import load_run, summary_rows
 
@@ -172,6 +173,7 @@ def test_eval_on_local_tasks_scores_the_model_and_feeds_compare(tokenizer, tmp_p
     assert row["mhc_local_ppl/word_perplexity"] == a["mhc_local_ppl"]["word_perplexity"]
 
 
+@pytest.mark.slow  # lm-evaluation-harness end to end (its import alone is ~10 s)
 def test_an_unknown_task_is_refused(tokenizer, tmp_path):
     scorer = checkpoint_scorer(Loaded(decode_model("residual", vocab_size=512), tokenizer, {}, tmp_path / "s.pt", 0))
     with pytest.raises(InferenceError, match=r"unknown lm-eval task\(s\): no_such_task.*mhc_local_mc"):

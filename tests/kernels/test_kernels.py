@@ -263,6 +263,7 @@ def test_unsupported_inputs_raise_with_the_reason():
         ops.mhc_post_res(x, torch.randn(4, 10, dtype=torch.float64), torch.rand(4, 4), None, backend="triton")
 
 
+@pytest.mark.slow  # trains a model under the Triton interpreter: 15-25 s per case on 2 cores
 @pytest.mark.parametrize("arm", ["hc", "mhc", "mhc_identity"])
 def test_model_trained_with_triton_matches_torch_loss_for_loss(arm):
     from mhc_train.model import build_model
@@ -285,6 +286,7 @@ def test_model_trained_with_triton_matches_torch_loss_for_loss(arm):
     assert losses["torch"] == pytest.approx(losses["triton"], rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.slow  # trains a model under the Triton interpreter: 15-25 s per case on 2 cores
 @pytest.mark.parametrize("arm", ["hc", "mhc"])
 def test_model_trained_with_bf16_streams_triton_matches_torch(arm):
     """bf16 stream storage (model.stream_dtype, the paper's setting) under bf16 autocast: the kernels keep the
