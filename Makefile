@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test demo train clean-venv lint
+.PHONY: venv test test-fast test-matrix demo train clean-venv lint
 
 venv: $(STAMP)
 
@@ -35,6 +35,14 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) scripts/check_kernels.py --out build/check_kernels.json
 	$(PY) -m pytest -q tests
+
+# The inner loop: no compile gate, no slow tests (subprocesses, torchrun, multi-rank runs); under 3 minutes on 2 cores.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+# The whole engine x precision x recompute x backend matrix: `make test` runs one case per row of it, this all of them.
+test-matrix: $(STAMP)
+	MHC_TRAIN_MATRIX_FULL=1 $(PY) -m pytest -q tests/parallel/test_matrix.py
 
 demo: $(STAMP)
 	$(PY) -m mhc_train.cli demo

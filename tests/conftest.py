@@ -1,34 +1,35 @@
-import os
+"""Pytest's fixtures and hooks only (helpers live in tests/support/, which no test reaches through here):
+the test environment applied before anything imports triton, a fixed seed per test, the prepared Shakespeare data
+and the shared one-process reference runs (one per session each), and the `matrix_full` gate.
 
-# Offline everywhere: a hub name otherwise hangs ~23 s without internet; wandb needs no account offline.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("WANDB_SILENT", "true")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Triton kernels run through the interpreter on CPU; it must be chosen before anything imports triton.
-if os.environ.get("CUDA_VISIBLE_DEVICES", "") != "" or os.path.exists("/dev/nvidia0"):
-    pass  # a GPU machine: kernels compile for real
-else:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+`make test-fast` deselects `slow` (subprocess and multi-rank tests); `matrix_full` cases (the rest of the
+multi-rank matrix beyond one representative per row) run only with MHC_TRAIN_MATRIX_FULL=1 (`make test-matrix`)."""
+
+from tests.support import environment
+
+environment.apply()  # before pytest imports any test module (and with it torch and triton)
+
+import os  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+MATRIX_FULL_ENV = "MHC_TRAIN_MATRIX_FULL"
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get(MATRIX_FULL_ENV, "") not in ("", "0"):
+        return
+    skip = pytest.mark.skip(reason=f"the full matrix: `make test-matrix` (or {MATRIX_FULL_ENV}=1) runs it")
+    for item in items:
+        if "matrix_full" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
     yield
-
-
-def assert_close(actual, expected, atol, rtol=0.0, what=""):
-    """Compare and print max abs diff and relative error on failure."""
-    actual, expected = actual.detach().double(), expected.detach().double()
-    diff = (actual - expected).abs()
-    max_abs = diff.max().item() if diff.numel() else 0.0
-    rel = max_abs / max(expected.abs().max().item(), 1e-30)
-    assert torch.allclose(actual, expected, atol=atol, rtol=rtol), f"{what}: max abs diff {max_abs:.3e}, rel {rel:.3e}"
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +43,12 @@ def prepared_data(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("data") / "shakespeare_v512"
     return Path(prepare(DataConfig(out_dir=str(out), vocab_size=512))["dir"])
+
+
+@pytest.fixture(scope="session")
+def reference_runs(prepared_data, tmp_path_factory):
+    """`reference_runs(**overrides)`: the run directory of one process trained on `prepared_data` with the test model
+    and `overrides`, trained the first time a test asks for those settings and shared after that."""
+    from tests.support.launch import ReferenceRuns
+
+    return ReferenceRuns(prepared_data, tmp_path_factory.mktemp)

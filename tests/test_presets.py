@@ -80,6 +80,7 @@ def test_presets_refuse_a_wrong_world():
         load_config([*BASE, "parallel=pp_dualpipev"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
 def test_gpu_check_script_parses():
     script = REPO / "scripts" / "gpu_check.sh"

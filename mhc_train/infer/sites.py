@@ -26,7 +26,7 @@ models keep the model's own `Site.forward`.
 
 Measured per site (demo size, batch 1, process CPU time on a shared 2-core machine): mHC 285 us as the training
 site, 42 us here (140 us with the torch Sinkhorn loop), HC 37 us, the residual add 4 us. Counted over the residual's
-ops (tests/infer/test_decode_sites.py): ~130 torch ops per training mHC site, 24 here (108 with the torch loop).
+ops (tests/infer/test_sites.py): ~130 torch ops per training mHC site, 24 here (108 with the torch loop).
 
 A decode site reads the site's parameters when it is built: build a new `Decoder` after changing the weights.
 """

@@ -23,7 +23,7 @@ from mhc_train.infer.load import load_checkpoint
 from mhc_train.io.log import collect_progress
 from mhc_train.train.metrics import read_metrics
 from mhc_train.train.trainer import Trainer
-from tests.helpers import run_overrides
+from tests.support.configs import run_overrides
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "ckpt_v0"
 STEP = "checkpoints/step_00000002.pt"

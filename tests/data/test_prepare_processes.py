@@ -17,9 +17,11 @@ from mhc_train.data import TokenData, prepare
 from mhc_train.data.lock import PrepareLock
 from mhc_train.io.log import collect_progress
 from mhc_train.train.metrics import read_metrics
-from tests.data.test_prepare_streaming import make_documents, write_jsonl
-from tests.helpers import run_overrides
-from tests.parallel.test_distributed import REPO, _env, _torchrun_cmd
+from tests.support import launch
+from tests.support.configs import run_overrides
+from tests.support.corpora import make_documents, write_jsonl
+
+pytestmark = pytest.mark.slow  # every test runs child processes (prepare, torchrun)
 
 # A `prepare` in a child process, slowed down (a sleep before each batch is written, small batches) so that a test
 # can catch it in the middle of a build. Argument: the DataConfig's fields as JSON.
@@ -44,8 +46,8 @@ print("DIR", m["dir"], flush=True)
 
 def _slow_prepare(fields: dict, stdout) -> subprocess.Popen:
     cmd = [sys.executable, "-c", SLOW_PREPARE, json.dumps(fields)]
-    env = {**_env(), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=stdout, stderr=subprocess.STDOUT, text=True)
+    env = {**launch.env(), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=launch.REPO, env=env, stdout=stdout, stderr=subprocess.STDOUT, text=True)
     proc.args_log = stdout.name  # for _wait_for's message
     return proc
 
@@ -138,7 +140,7 @@ def test_a_second_prepare_waits_on_the_lock_then_reuses(tmp_path, corpus):
                 overrides = [f"data.{k}={v}" for k, v in {**corpus, "out_dir": out}.items()]
                 second = subprocess.Popen(
                     [sys.executable, "-m", "mhc_train.cli", "prepare", *overrides],
-                    cwd=REPO, env={**_env(), "PYTHONUNBUFFERED": "1"}, stdout=f2, stderr=subprocess.STDOUT, text=True,
+                    cwd=launch.REPO, env={**launch.env(), "PYTHONUNBUFFERED": "1"}, stdout=f2, stderr=subprocess.STDOUT, text=True,
                 )  # fmt: skip
                 second.args_log = str(logs[1])
                 _wait_for(lambda: f"waiting for PID {first.pid}" in logs[1].read_text(), second, "the second to wait")
@@ -174,9 +176,9 @@ def test_two_rank_train_on_unprepared_data_waits_on_the_lock_then_trains(tmp_pat
     # this test holds the lock, as a `prepare` on another node of the same filesystem would
     with PrepareLock(out / ".prepare.lock"), open(log_path, "w") as log:
         proc = subprocess.Popen(
-            _torchrun_cmd(overrides),
-            cwd=REPO,
-            env={**_env(), "PYTHONUNBUFFERED": "1"},
+            launch.torchrun_cmd(overrides),
+            cwd=launch.REPO,
+            env={**launch.env(), "PYTHONUNBUFFERED": "1"},
             stdout=log,
             stderr=subprocess.STDOUT,
             text=True,
@@ -214,7 +216,9 @@ def test_ranks_with_different_data_stop_the_job(tmp_path, prepared_data):
     overrides = run_overrides(
         f"{tmp_path}/out${{oc.env:RANK}}", tmp_path / "run", **per_rank, **{"parallel.engine": "ddp"}
     )
-    proc = subprocess.run(_torchrun_cmd(overrides), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        launch.torchrun_cmd(overrides), cwd=launch.REPO, env=launch.env(), capture_output=True, text=True, timeout=240
+    )
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0, text[-4000:]
     assert "rank(s) [1] prepared other data than rank 0" in text and "run `mhc-train prepare` once on each" in text

@@ -3,8 +3,6 @@ the worker count, unchanged input is reused without reading its text, damaged sh
 holds a bounded window of documents whatever the corpus size."""
 
 import builtins
-import gzip
-import json
 import re
 from pathlib import Path
 
@@ -12,7 +10,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import zstandard
 
 from mhc_train.config import DataConfig
 from mhc_train.data import DataError, TokenData, prepare
@@ -21,22 +18,7 @@ from mhc_train.data.shards import ShardWriter, split_documents
 from mhc_train.data.sources import TextSource
 from mhc_train.data.tokenizer import load_tokenizer
 from mhc_train.io.log import collect_progress
-
-WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "café", "naïve", "☃", "日本"]
-
-
-def make_documents(n: int, seed: int = 0) -> list[str]:
-    """`n` varied documents: several lines, inner blank lines, odd spacing, non-ASCII; every 17th is blank (skipped
-    by prepare)."""
-    rng = np.random.default_rng(seed)
-    docs = []
-    for i in range(n):
-        if i % 17 == 5:
-            docs.append("   \n")
-            continue
-        lines = [" ".join(rng.choice(WORDS, rng.integers(1, 14))) for _ in range(rng.integers(1, 6))]
-        docs.append(("  " if i % 3 == 0 else "") + "\n".join(lines) + ("\n\n" if i % 4 == 0 else ""))
-    return docs
+from tests.support.corpora import make_documents, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -85,18 +67,6 @@ def write_txt_files(root: Path, docs: list[str]) -> Path:
     for i, d in enumerate(docs):
         (root / f"doc{i:04d}.txt").write_text(d)
     return root
-
-
-def write_jsonl(path: Path, docs: list[str], field: str = "text") -> Path:
-    lines = "".join(json.dumps({"id": i, field: d}, ensure_ascii=False) + "\n" for i, d in enumerate(docs))
-    raw = lines.encode()
-    if path.name.endswith(".gz"):
-        raw = gzip.compress(raw)
-    elif path.name.endswith(".zst"):
-        raw = zstandard.ZstdCompressor().compress(raw)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(raw)
-    return path
 
 
 def write_parquet(path: Path, docs: list[str], field: str = "text") -> Path:

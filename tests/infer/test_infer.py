@@ -17,32 +17,16 @@ from mhc_train.infer.eval import checkpoint_scorer, export_scorer, run_eval, wri
 from mhc_train.infer.export import export
 from mhc_train.infer.generate import Decoder, SamplingConfig, generate
 from mhc_train.infer.load import Loaded, find_tokenizer, load_checkpoint
-from mhc_train.model.transformer import build_model
-from tests.conftest import assert_close
-from tests.helpers import ARMS, conn_cfg, run_overrides, tiny_model_cfg
+from tests.support import launch
+from tests.support.configs import ALL_ARMS, decode_model, run_overrides
+from tests.support.numerics import assert_close
 
-REPO = Path(__file__).resolve().parents[2]
-ALL_ARMS = {**ARMS, "hc_static": dict(type="hc", n_streams=4, hc_dynamic=False)}
 GREEDY = SamplingConfig(max_new_tokens=8, stop_at_eos=False)
-
-
-def _model(arm, seed=1, **kw):
-    cfg = conn_cfg("hc", hc_dynamic=False) if arm == "hc_static" else conn_cfg(arm)
-    if arm in ("mhc", "hc"):  # move off the init (where HC/mHC equal the residual) so the arms' math is exercised
-        cfg.phi_init_std = 0.5
-        cfg.hc_dynamic_scale_init = 0.5
-    model = build_model(tiny_model_cfg(**kw), cfg, seed=seed).eval()
-    with torch.no_grad():  # non-trivial dynamic parts and biases
-        g = torch.Generator().manual_seed(seed)
-        for name, p in model.named_parameters():
-            if any(s in name for s in ("dyn_proj", "bias", "static_alpha")):
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-    return model
 
 
 @pytest.mark.parametrize("arm, native", [(arm, True) for arm in ALL_ARMS] + [("mhc", False)])
 def test_kv_cache_decode_equals_full_recompute(arm, native):
-    model = _model(arm)
+    model = decode_model(arm)
     tokens = torch.randint(0, 256, (2, 21))
     with torch.no_grad():
         full = model(tokens)  # [B, T, V]
@@ -55,14 +39,14 @@ def test_kv_cache_decode_equals_full_recompute(arm, native):
 
 @pytest.mark.parametrize("arm", ["residual", "mhc"])
 def test_batched_prompts_of_different_lengths_equal_one_at_a_time(arm):
-    model = _model(arm)
+    model = decode_model(arm)
     prompts = [list(range(3, 15)), [7, 9, 11], list(range(40, 47))]
     batched = generate(model, prompts, GREEDY)
     assert batched == [generate(model, [p], GREEDY)[0] for p in prompts]
 
 
 def test_sampling_is_reproducible_from_a_seed():
-    model = _model("mhc")
+    model = decode_model("mhc")
     prompts = [[5, 6, 7], [1, 2]]
     cfg = dict(max_new_tokens=12, temperature=1.5, top_k=50, top_p=0.95, stop_at_eos=False)
     a = generate(model, prompts, SamplingConfig(**cfg, seed=3))
@@ -72,7 +56,7 @@ def test_sampling_is_reproducible_from_a_seed():
 
 
 def test_a_prompt_longer_than_the_context_is_refused():
-    model = _model("mhc")  # max_seq_len 64
+    model = decode_model("mhc")  # max_seq_len 64
     with pytest.raises(InferenceError, match=r"exceeds the model's context of 64 tokens.*at most 56"):
         generate(model, [list(range(60))], GREEDY)
 
@@ -101,14 +85,14 @@ def _roundtrip(loaded: Loaded, out: Path):
 
 @pytest.mark.parametrize("arm", list(ALL_ARMS))
 def test_export_round_trip_logits_and_greedy_tokens(arm, tokenizer, tmp_path):
-    model = _model(arm, vocab_size=512, tie_embeddings=arm == "residual")
+    model = decode_model(arm, vocab_size=512, tie_embeddings=arm == "residual")
     _roundtrip(Loaded(model, tokenizer, {}, tmp_path / "step.pt", 0), tmp_path / "hf")
 
 
 def test_autotokenizer_from_the_export_encodes_like_ours(tokenizer, tmp_path):
     from transformers import AutoTokenizer
 
-    d = export(Loaded(_model("residual", vocab_size=512), tokenizer, {}, tmp_path / "s.pt", 0), tmp_path / "hf")
+    d = export(Loaded(decode_model("residual", vocab_size=512), tokenizer, {}, tmp_path / "s.pt", 0), tmp_path / "hf")
     hf_tok = AutoTokenizer.from_pretrained(d, trust_remote_code=True)
     text = "KING LEAR.\n  Nothing will come of nothing: speak again.\tcafé — naïve ✓ 1234"
     ids = tokenizer.encode(text)
@@ -120,18 +104,19 @@ def test_autotokenizer_from_the_export_encodes_like_ours(tokenizer, tmp_path):
 @pytest.fixture(scope="module")
 def pp_run(prepared_data, tmp_path_factory):
     """A 2-step mHC run under PP=2 (1F1B, 2 gloo ranks): its checkpoint is DCP shards of two stages."""
-    from tests.parallel.test_distributed import _env, _torchrun_cmd
-
     run = tmp_path_factory.mktemp("pp") / "mhc_pp2"
     over = run_overrides(
         prepared_data, run, connection="mhc", **{"model.n_layer": 4, "train.max_steps": 2, "train.batch_size": 8}
     )
     over += ["parallel.pp=2", "parallel.pp_schedule=1f1b", "checkpoint.every=0", "train.threads=1"]
-    proc = subprocess.run(_torchrun_cmd(over), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        launch.torchrun_cmd(over), cwd=launch.REPO, env=launch.env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run
 
 
+@pytest.mark.slow
 def test_pp2_checkpoint_loads_exports_and_generates(pp_run, tmp_path):
     loaded = load_checkpoint(pp_run)
     assert loaded.step == 2 and loaded.config["parallel"]["pp"] == 2
@@ -140,7 +125,7 @@ def test_pp2_checkpoint_loads_exports_and_generates(pp_run, tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "mhc_train.cli", "generate", str(pp_run), "--prompt", "To be", "--max-new-tokens", "5"]
         + ["--json"],
-        cwd=REPO,
+        cwd=launch.REPO,
         capture_output=True,
         text=True,
         timeout=120,
@@ -150,6 +135,7 @@ def test_pp2_checkpoint_loads_exports_and_generates(pp_run, tmp_path):
     assert rec["tokens"] == generate(loaded.model, [loaded.tokenizer.encode("To be")], SamplingConfig(5))[0]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_a_tokenizer_is_refused(pp_run, tmp_path):
     run = tmp_path / "copied"
     shutil.copytree(pp_run / "checkpoints", run / "checkpoints")  # no tokenizer.model in the copy
@@ -160,20 +146,21 @@ def test_a_checkpoint_without_a_tokenizer_is_refused(pp_run, tmp_path):
         find_tokenizer(step, {"sha256": "0" * 64}, given=pp_run / "tokenizer.model")
 
 
+@pytest.mark.slow  # lm-evaluation-harness end to end (its import alone is ~10 s)
 def test_eval_on_local_tasks_scores_the_model_and_feeds_compare(tokenizer, tmp_path):
     from mhc_train.analysis import load_run, summary_rows
 
     tasks = ["mhc_local_mc", "mhc_local_ppl"]
     scores = []
     for seed in (1, 2):
-        model = _model("mhc", seed=seed, vocab_size=512)
+        model = decode_model("mhc", seed=seed, vocab_size=512)
         scores.append(run_eval(checkpoint_scorer(Loaded(model, tokenizer, {}, tmp_path / "s.pt", 0)), tasks))
     a, b = scores
     assert 0.0 <= a["mhc_local_mc"]["acc"] <= 1.0
     assert a["mhc_local_ppl"]["word_perplexity"] > 1.0
     assert a["mhc_local_ppl"]["word_perplexity"] != b["mhc_local_ppl"]["word_perplexity"]  # not a constant
     # an export scores the same as its checkpoint
-    loaded = Loaded(_model("mhc", seed=1, vocab_size=512), tokenizer, {}, tmp_path / "s.pt", 0)
+    loaded = Loaded(decode_model("mhc", seed=1, vocab_size=512), tokenizer, {}, tmp_path / "s.pt", 0)
     via_export = run_eval(export_scorer(export(loaded, tmp_path / "hf")), tasks)
     for task in tasks:
         for metric, value in a[task].items():
@@ -186,7 +173,8 @@ def test_eval_on_local_tasks_scores_the_model_and_feeds_compare(tokenizer, tmp_p
     assert row["mhc_local_ppl/word_perplexity"] == a["mhc_local_ppl"]["word_perplexity"]
 
 
+@pytest.mark.slow  # lm-evaluation-harness end to end (its import alone is ~10 s)
 def test_an_unknown_task_is_refused(tokenizer, tmp_path):
-    scorer = checkpoint_scorer(Loaded(_model("residual", vocab_size=512), tokenizer, {}, tmp_path / "s.pt", 0))
+    scorer = checkpoint_scorer(Loaded(decode_model("residual", vocab_size=512), tokenizer, {}, tmp_path / "s.pt", 0))
     with pytest.raises(InferenceError, match=r"unknown lm-eval task\(s\): no_such_task.*mhc_local_mc"):
         run_eval(scorer, ["no_such_task"])

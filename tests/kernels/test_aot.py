@@ -9,7 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow  # a subprocess (real compilation, no interpreter)
 
 SCRIPT = r"""
 import json, torch

@@ -20,7 +20,7 @@ from mhc_train.ops.reference import (
     mhc_projection_ref,
     sinkhorn_knopp_ref,
 )
-from tests.conftest import assert_close
+from tests.support.numerics import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(5, 1, 13), (7, 2, 37), (9, 4, 67), (3, 8, 33), (2, 16, 19)]  # (tokens, n, C): n in 1..16, odd C
@@ -263,10 +263,11 @@ def test_unsupported_inputs_raise_with_the_reason():
         ops.mhc_post_res(x, torch.randn(4, 10, dtype=torch.float64), torch.rand(4, 4), None, backend="triton")
 
 
+@pytest.mark.slow  # trains a model under the Triton interpreter: 15-25 s per case on 2 cores
 @pytest.mark.parametrize("arm", ["hc", "mhc", "mhc_identity"])
 def test_model_trained_with_triton_matches_torch_loss_for_loss(arm):
     from mhc_train.model import build_model
-    from tests.helpers import conn_cfg, tiny_model_cfg
+    from tests.support.configs import conn_cfg, tiny_model_cfg
     from tools.measure import next_token_loss
 
     tokens = torch.randint(0, 256, (4, 25), generator=torch.Generator().manual_seed(0)).to(DEVICE)
@@ -285,6 +286,7 @@ def test_model_trained_with_triton_matches_torch_loss_for_loss(arm):
     assert losses["torch"] == pytest.approx(losses["triton"], rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.slow  # trains a model under the Triton interpreter: 15-25 s per case on 2 cores
 @pytest.mark.parametrize("arm", ["hc", "mhc"])
 def test_model_trained_with_bf16_streams_triton_matches_torch(arm):
     """bf16 stream storage (model.stream_dtype, the paper's setting) under bf16 autocast: the kernels keep the
@@ -292,7 +294,7 @@ def test_model_trained_with_bf16_streams_triton_matches_torch(arm):
     import dataclasses
 
     from mhc_train.model import build_model
-    from tests.helpers import conn_cfg, tiny_model_cfg
+    from tests.support.configs import conn_cfg, tiny_model_cfg
     from tools.measure import next_token_loss
 
     tokens = torch.randint(0, 256, (4, 25), generator=torch.Generator().manual_seed(0)).to(DEVICE)

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from mhc_train.config import ConfigError, ConnectionConfig, ModelConfig
 from mhc_train.model import build_model, no_weight_decay
-from tests.conftest import assert_close
-from tests.helpers import conn_cfg, shakespeare_bytes, tiny_model_cfg
+from tests.support.configs import conn_cfg, shakespeare_bytes, tiny_model_cfg
+from tests.support.numerics import assert_close
 
 
 def _copy_shared_weights(src, dst):

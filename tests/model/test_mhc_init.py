@@ -7,7 +7,7 @@ from mhc_train.config import ConnectionConfig, OptimConfig
 from mhc_train.model import build_model
 from mhc_train.optim import build_optimizer
 from mhc_train.train.diagnostics import connection_diagnostics
-from tests.helpers import conn_cfg, tiny_model_cfg
+from tests.support.configs import conn_cfg, tiny_model_cfg
 
 HC_LIKE = dict(read_init="one_hot", read_logit=4.0, b_res_init="identity", b_res_diag=4.0)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mhc_train import ops
-from tests.conftest import assert_close
+from tests.support.numerics import assert_close
 
 SHAPES = [(3, 1, 5), (2, 2, 7), (4, 4, 13), (2, 8, 9)]  # (tokens, n, C): odd C, n in {1, 2, 4, 8}
 IDS = [f"T{t}-n{n}-C{c}" for t, n, c in SHAPES]

@@ -10,8 +10,8 @@ from mhc_train.model.connections import build_connection
 from mhc_train.model.transformer import build_model
 from mhc_train.ops import backends
 from mhc_train.ops.reference import mhc_coefficients_ref, mhc_post_res_ref, mhc_pre_ref
-from tests.conftest import assert_close
-from tests.helpers import conn_cfg, tiny_model_cfg
+from tests.support.configs import conn_cfg, tiny_model_cfg
+from tests.support.numerics import assert_close
 
 B, T, N, C = 2, 5, 4, 12
 

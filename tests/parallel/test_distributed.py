@@ -2,97 +2,20 @@
 process on the same global batch; DP checkpoints resume under DP=2 and in one process; a killed rank takes the job
 down with a message and a relaunch continues. Serial, each with a timeout and its own port."""
 
-import itertools
 import json
-import os
 import re
-import shutil
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
-import torch
 
-from mhc_train.checkpoint import read_model_state
 from mhc_train.train.metrics import read_metrics
-from tests.helpers import run_overrides
+from tests.support import launch, runs
+from tests.support.configs import run_overrides
+from tests.support.numerics import assert_close_runs
 
-REPO = Path(__file__).resolve().parents[2]
-_PORTS = itertools.count(29500 + os.getpid() % 1000)
-
-
-def _env():
-    return {
-        **os.environ,
-        "PYTHONHASHSEED": "0",
-        "OMP_NUM_THREADS": "1",
-        "TORCH_EXTENSIONS_DIR": str(REPO / ".venv" / "torch_extensions"),
-    }
-
-
-def _torchrun_cmd(overrides, nproc=2):
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        f"--master_port={next(_PORTS)}",
-        "-m",
-        "mhc_train.train",
-        *overrides,
-    ]
-
-
-def _run(cmd, timeout=300):
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc.stdout + proc.stderr
-
-
-def _single(overrides):
-    return _run([sys.executable, "-m", "mhc_train.train", *overrides])
-
-
-def _losses(run_dir):
-    return [r["loss"] for r in read_metrics(run_dir)["train"]]
-
-
-def _weights(run_dir, step):
-    return read_model_state(Path(run_dir) / "checkpoints" / f"step_{step:08d}.pt")
-
-
-def _copy_checkpoint(src_run: Path, dst_run: Path, step: int) -> None:
-    """A checkpoint file and the sharded directory it points at (DCP or DeepSpeed), into another run directory."""
-    name = f"step_{step:08d}"
-    (dst_run / "checkpoints").mkdir(parents=True, exist_ok=True)
-    shutil.copy(src_run / "checkpoints" / f"{name}.pt", dst_run / "checkpoints" / f"{name}.pt")
-    for sharded in ("dcp", "deepspeed"):
-        if (src_run / "checkpoints" / sharded / name).is_dir():
-            shutil.copytree(src_run / "checkpoints" / sharded / name, dst_run / "checkpoints" / sharded / name)
-
-
-def _assert_close_runs(a, b, step, rtol=1e-5, grads=True):
-    """Loss for loss; every gradient of step 1 (reduced over ranks); weights after `step` Adam steps (Adam turns
-    float-order noise on near-zero gradients into updates of up to lr, so weights get an lr-sized tolerance)."""
-    la, lb = _losses(a), _losses(b)
-    assert len(la) == len(lb) and all(abs(x - y) <= rtol * abs(y) for x, y in zip(la, lb)), (la, lb)
-    va, vb = ([r["loss"] for r in read_metrics(d)["val"]] for d in (a, b))  # evaluated by every engine its own way
-    assert va and len(va) == len(vb) and all(abs(x - y) <= rtol * abs(y) for x, y in zip(va, vb)), (va, vb)
-    if grads:
-        ga, gb = (torch.load(Path(d) / "grads_step_1.pt") for d in (a, b))
-        assert ga.keys() == gb.keys()
-        for k in ga:
-            scale = gb[k].abs().max().item()
-            assert torch.allclose(ga[k], gb[k], atol=1e-5 * scale + 1e-9), (
-                f"grad {k}: {(ga[k] - gb[k]).abs().max():.2e}"
-            )
-    wa, wb = _weights(a, step), _weights(b, step)
-    for k in wa:
-        assert torch.allclose(wa[k], wb[k], atol=1e-4), f"{k}: max diff {(wa[k] - wb[k]).abs().max():.2e}"
-
+pytestmark = pytest.mark.slow  # every test launches torchrun (2 or 4 gloo ranks)
 
 COMMON = {
     "train.max_steps": 3,
@@ -104,20 +27,20 @@ COMMON = {
 
 
 @pytest.mark.parametrize("arm", ["residual", "hc", "mhc"])
-def test_ddp_matches_single_process(prepared_data, tmp_path, arm):
-    ref, dp = tmp_path / "single", tmp_path / "ddp"
-    _single(run_overrides(prepared_data, ref, connection=arm, **COMMON))
-    _run(_torchrun_cmd(run_overrides(prepared_data, dp, connection=arm, **{**COMMON, "parallel.engine": "ddp"})))
-    _assert_close_runs(dp, ref, 3)
+def test_ddp_matches_single_process(prepared_data, reference_runs, tmp_path, arm):
+    ref, dp = reference_runs(connection=arm, **COMMON), tmp_path / "ddp"
+    launch.run(
+        launch.torchrun_cmd(run_overrides(prepared_data, dp, connection=arm, **{**COMMON, "parallel.engine": "ddp"}))
+    )
+    assert_close_runs(dp, ref, 3)
 
 
 @pytest.mark.parametrize("arm,stage", [("mhc", 1), ("mhc", 2), ("mhc", 3), ("residual", 2), ("hc", 2)])
-def test_deepspeed_zero_matches_single_process(prepared_data, tmp_path, arm, stage):
+def test_deepspeed_zero_matches_single_process(prepared_data, reference_runs, tmp_path, arm, stage):
     """ZeRO-1/2/3 == one process: losses, every gradient of step 1 (assembled from DeepSpeed's partitions), weights."""
-    ref, ds = tmp_path / "single", tmp_path / "ds"
-    _single(run_overrides(prepared_data, ref, connection=arm, **COMMON))
-    _run(
-        _torchrun_cmd(
+    ref, ds = reference_runs(connection=arm, **COMMON), tmp_path / "ds"
+    launch.run(
+        launch.torchrun_cmd(
             run_overrides(
                 prepared_data,
                 ds,
@@ -127,22 +50,22 @@ def test_deepspeed_zero_matches_single_process(prepared_data, tmp_path, arm, sta
         ),
         timeout=600,
     )
-    _assert_close_runs(ds, ref, 3)
+    assert_close_runs(ds, ref, 3)
 
 
 def test_dp_checkpoint_resumes_under_dp2_and_in_one_process(prepared_data, tmp_path):
     common = {**COMMON, "train.max_steps": 4, "parallel.engine": "ddp", "connection": "mhc"}
     full, split, single = tmp_path / "full", tmp_path / "split", tmp_path / "single"
-    _run(_torchrun_cmd(run_overrides(prepared_data, full, **common)))
-    _run(_torchrun_cmd(run_overrides(prepared_data, split, **common, **{"train.stop_at_step": 2})))
-    out = _run(_torchrun_cmd(run_overrides(prepared_data, split, **common)))
+    launch.run(launch.torchrun_cmd(run_overrides(prepared_data, full, **common)))
+    launch.run(launch.torchrun_cmd(run_overrides(prepared_data, split, **common, **{"train.stop_at_step": 2})))
+    out = launch.run(launch.torchrun_cmd(run_overrides(prepared_data, split, **common)))
     assert "resumed from" in out
-    assert _losses(full) == _losses(split)  # DP=2 resume is exact
+    assert runs.losses(full) == runs.losses(split)  # DP=2 resume is exact
     # the DP=2 checkpoint of step 2 continues in a single process (same global batch) to the same result
-    _copy_checkpoint(split, single, 2)
-    out = _single(run_overrides(prepared_data, single, **{**common, "parallel.engine": "none"}))
+    runs.copy_checkpoint(split, single, 2)
+    out = launch.single(run_overrides(prepared_data, single, **{**common, "parallel.engine": "none"}))
     assert "resumed from" in out and "parallel.engine: 'ddp' -> 'none'" in out
-    tail_full, tail_single = _losses(full)[2:], _losses(single)
+    tail_full, tail_single = runs.losses(full)[2:], runs.losses(single)
     assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(tail_full, tail_single)), (tail_full, tail_single)
 
 
@@ -152,9 +75,9 @@ def test_killed_rank_stops_the_job_and_resume_continues(prepared_data, tmp_path)
     run = tmp_path / "r"
     common = {**COMMON, "train.max_steps": 60, "checkpoint.every": 1, "parallel.engine": "ddp", "connection": "hc"}
     proc = subprocess.Popen(
-        _torchrun_cmd(run_overrides(prepared_data, run, **common)),
-        cwd=REPO,
-        env=_env(),
+        launch.torchrun_cmd(run_overrides(prepared_data, run, **common)),
+        cwd=launch.REPO,
+        env=launch.env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -174,7 +97,7 @@ def test_killed_rank_stops_the_job_and_resume_continues(prepared_data, tmp_path)
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode != 0
     assert "exitcode  : -9" in out or "Signal 9" in out or "SIGKILL" in out, out[-3000:]
-    resumed = _run(_torchrun_cmd(run_overrides(prepared_data, run, **common)))
+    resumed = launch.run(launch.torchrun_cmd(run_overrides(prepared_data, run, **common)))
     assert "resumed from" in resumed
     assert read_metrics(run)["train"][-1]["step"] == 60
 
@@ -188,26 +111,20 @@ def test_deepspeed_checkpoint_resumes_exactly(prepared_data, tmp_path):
         "connection": "mhc",
     }
     full, split = tmp_path / "full", tmp_path / "split"
-    _run(_torchrun_cmd(run_overrides(prepared_data, full, **common)), timeout=600)
-    _run(_torchrun_cmd(run_overrides(prepared_data, split, **common, **{"train.stop_at_step": 2})), timeout=600)
+    launch.run(launch.torchrun_cmd(run_overrides(prepared_data, full, **common)), timeout=600)
+    launch.run(
+        launch.torchrun_cmd(run_overrides(prepared_data, split, **common, **{"train.stop_at_step": 2})), timeout=600
+    )
     assert (split / "checkpoints" / "deepspeed" / "step_00000002").is_dir()
-    out = _run(_torchrun_cmd(run_overrides(prepared_data, split, **common)), timeout=600)
+    out = launch.run(launch.torchrun_cmd(run_overrides(prepared_data, split, **common)), timeout=600)
     assert "resumed from" in out
-    assert _losses(full) == _losses(split)
+    assert runs.losses(full) == runs.losses(split)
 
 
 @pytest.fixture(scope="module")
-def single_reference(prepared_data, tmp_path_factory):
-    """One-process reference runs of the pipeline tests' model, one per connection type (run once, shared)."""
-    runs = {}
-
-    def get(arm):
-        if arm not in runs:
-            runs[arm] = tmp_path_factory.mktemp(f"single_{arm}")
-            _single(run_overrides(prepared_data, runs[arm], **PIPE_COMMON, connection=arm))
-        return runs[arm]
-
-    return get
+def single_reference(reference_runs):
+    """One-process reference runs of the pipeline tests' model, one per connection type (run once per session)."""
+    return lambda arm: reference_runs(**PIPE_COMMON, connection=arm)
 
 
 PIPE_COMMON = {**COMMON, "model.n_layer": 4, "train.batch_size": 8}
@@ -245,8 +162,8 @@ def test_pipeline_matches_single_process(prepared_data, single_reference, tmp_pa
         rank1 = [a for i in range(4) for a in (f"1F{i}", f"1I{i}", f"1W{i}")]
         (tmp_path / "zb.csv").write_text(",".join(rank0) + "\n" + ",".join(rank1) + "\n")
         overrides["parallel.pp_schedule_csv"] = str(tmp_path / "zb.csv")
-    out = _run(_torchrun_cmd(run_overrides(prepared_data, pp, **PIPE_COMMON, connection=arm, **overrides)))
-    _assert_close_runs(pp, ref, 3)
+    out = launch.run(launch.torchrun_cmd(run_overrides(prepared_data, pp, **PIPE_COMMON, connection=arm, **overrides)))
+    assert_close_runs(pp, ref, 3)
     if schedule == "dualpipev":  # 4 stages of 1 layer: one FFN site per overlapped forward
         m = re.search(r"OVERLAP_F_B: (\d+) overlapped F/B pairs, (\d+) FFN post_res", out)
         assert m and int(m.group(1)) > 0 and int(m.group(2)) == int(m.group(1)), out[-2000:]
@@ -266,10 +183,12 @@ def test_pipeline_matches_single_process(prepared_data, single_reference, tmp_pa
 def test_fsdp_matches_single_process(prepared_data, single_reference, tmp_path, arm):
     """FSDP2 data parallel (parameters, gradients and optimizer states sharded over 2 ranks) equals one process."""
     run = tmp_path / "fsdp"
-    out = _run(
-        _torchrun_cmd(run_overrides(prepared_data, run, **PIPE_COMMON, connection=arm, **{"parallel.engine": "fsdp"}))
+    out = launch.run(
+        launch.torchrun_cmd(
+            run_overrides(prepared_data, run, **PIPE_COMMON, connection=arm, **{"parallel.engine": "fsdp"})
+        )
     )
-    _assert_close_runs(run, single_reference(arm), 3)
+    assert_close_runs(run, single_reference(arm), 3)
     held, total = (int(v.replace(",", "")) for v in re.search(r"holds ([\d,]+) of ([\d,]+) param", out).groups())
     assert held <= total // 2 + 64, out[-2000:]  # rank 0 holds about half: sharded, not replicated
 
@@ -288,9 +207,9 @@ def test_pipeline_x_fsdp_matches_single_process(prepared_data, single_reference,
         "parallel.pp_schedule": schedule,
         "parallel.recompute": recompute,
     }
-    cmd = _torchrun_cmd(run_overrides(prepared_data, run, **PIPE_COMMON, connection=arm, **overrides), nproc=4)
-    out = _run(cmd, timeout=600)
-    _assert_close_runs(run, single_reference(arm), 3)
+    cmd = launch.torchrun_cmd(run_overrides(prepared_data, run, **PIPE_COMMON, connection=arm, **overrides), nproc=4)
+    out = launch.run(cmd, timeout=600)
+    assert_close_runs(run, single_reference(arm), 3)
     held, total = (int(v.replace(",", "")) for v in re.search(r"holds ([\d,]+) of ([\d,]+) param", out).groups())
     assert "pp=2 x dp=2 (FSDP2 per stage)" in out and held < total // 2, out[-2000:]  # half the stages, sharded
 
@@ -307,18 +226,19 @@ def test_pipeline_x_fsdp_checkpoint_resumes_exactly_and_into_fsdp_alone(prepared
         "parallel.pp_schedule": "dualpipev",
     }
     full, split = tmp_path / "full", tmp_path / "split"
-    _run(_torchrun_cmd(run_overrides(prepared_data, full, **common), nproc=4), timeout=600)
-    _run(
-        _torchrun_cmd(run_overrides(prepared_data, split, **common, **{"train.stop_at_step": 2}), nproc=4), timeout=600
+    launch.run(launch.torchrun_cmd(run_overrides(prepared_data, full, **common), nproc=4), timeout=600)
+    launch.run(
+        launch.torchrun_cmd(run_overrides(prepared_data, split, **common, **{"train.stop_at_step": 2}), nproc=4),
+        timeout=600,
     )
-    out = _run(_torchrun_cmd(run_overrides(prepared_data, split, **common), nproc=4), timeout=600)
+    out = launch.run(launch.torchrun_cmd(run_overrides(prepared_data, split, **common), nproc=4), timeout=600)
     assert "resumed from" in out
-    assert _losses(full) == _losses(split)
+    assert runs.losses(full) == runs.losses(split)
     run = tmp_path / "fsdp"
-    _copy_checkpoint(split, run, 2)
-    out = _run(_torchrun_cmd(run_overrides(prepared_data, run, **{**common, "parallel.pp": 1})))
+    runs.copy_checkpoint(split, run, 2)
+    out = launch.run(launch.torchrun_cmd(run_overrides(prepared_data, run, **{**common, "parallel.pp": 1})))
     assert "resumed from" in out
-    tail_full, tail = _losses(full)[2:], _losses(run)
+    tail_full, tail = runs.losses(full)[2:], runs.losses(run)
     assert len(tail) == 2 and all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(tail_full, tail)), (tail_full, tail)
 
 
@@ -328,13 +248,13 @@ def test_deepspeed_pipeline_engine_is_an_independent_oracle(prepared_data, tmp_p
     and schedule reaches the same losses as our torch.distributed.pipelining run."""
     common = {**PIPE_COMMON, "connection": arm, "parallel.pp": 2, "parallel.pp_schedule": "1f1b"}
     ours, oracle = tmp_path / "ours", tmp_path / "oracle.json"
-    _run(_torchrun_cmd(run_overrides(prepared_data, ours, **common)))
+    launch.run(launch.torchrun_cmd(run_overrides(prepared_data, ours, **common)))
     overrides = run_overrides(prepared_data, tmp_path / "ds", **common)
-    cmd = _torchrun_cmd([*overrides, "--out", str(oracle)])
-    cmd[cmd.index("-m", 3) : cmd.index("-m", 3) + 2] = [str(REPO / "scripts" / "deepspeed_pipeline_oracle.py")]
-    _run(cmd, timeout=600)
+    cmd = launch.torchrun_cmd([*overrides, "--out", str(oracle)])
+    cmd[cmd.index("-m", 3) : cmd.index("-m", 3) + 2] = [str(launch.REPO / "scripts" / "deepspeed_pipeline_oracle.py")]
+    launch.run(cmd, timeout=600)
     got = json.loads(oracle.read_text())
-    theirs, mine = got["losses"], _losses(ours)
+    theirs, mine = got["losses"], runs.losses(ours)
     assert len(theirs) == len(mine) == 3
     assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(theirs, mine)), (theirs, mine)
     # the gradient norm catches what Adam's scale invariance would hide from the losses (a wrong 1/M, say)
@@ -352,11 +272,11 @@ def test_pipeline_checkpoint_resumes_exactly(prepared_data, tmp_path):
         "parallel.pp_schedule": "dualpipev",
     }
     full, split = tmp_path / "full", tmp_path / "split"
-    _run(_torchrun_cmd(run_overrides(prepared_data, full, **common)))
-    _run(_torchrun_cmd(run_overrides(prepared_data, split, **common, **{"train.stop_at_step": 2})))
-    out = _run(_torchrun_cmd(run_overrides(prepared_data, split, **common)))
+    launch.run(launch.torchrun_cmd(run_overrides(prepared_data, full, **common)))
+    launch.run(launch.torchrun_cmd(run_overrides(prepared_data, split, **common, **{"train.stop_at_step": 2})))
+    out = launch.run(launch.torchrun_cmd(run_overrides(prepared_data, split, **common)))
     assert "resumed from" in out
-    assert _losses(full) == _losses(split)
+    assert runs.losses(full) == runs.losses(split)
 
 
 def test_pipeline_checkpoint_resumes_in_one_process_and_under_ddp(prepared_data, tmp_path):
@@ -364,13 +284,13 @@ def test_pipeline_checkpoint_resumes_in_one_process_and_under_ddp(prepared_data,
     common = {**COMMON, "train.max_steps": 4, "connection": "mhc", "model.n_layer": 4}
     pp = {"parallel.pp": 2, "parallel.pp_schedule": "1f1b"}
     full, split = tmp_path / "full", tmp_path / "pp"
-    _single(run_overrides(prepared_data, full, **common))
-    _run(_torchrun_cmd(run_overrides(prepared_data, split, **common, **pp, **{"train.stop_at_step": 2})))
-    for target, cmd in (("single", _single), ("ddp", None)):
+    launch.single(run_overrides(prepared_data, full, **common))
+    launch.run(launch.torchrun_cmd(run_overrides(prepared_data, split, **common, **pp, **{"train.stop_at_step": 2})))
+    for target, cmd in (("single", launch.single), ("ddp", None)):
         run = tmp_path / target
-        _copy_checkpoint(split, run, 2)
+        runs.copy_checkpoint(split, run, 2)
         overrides = run_overrides(prepared_data, run, **common)
-        out = _single(overrides) if cmd else _run(_torchrun_cmd([*overrides, "parallel.engine=ddp"]))
+        out = launch.single(overrides) if cmd else launch.run(launch.torchrun_cmd([*overrides, "parallel.engine=ddp"]))
         assert "resumed from" in out
-        tail_full, tail = _losses(full)[2:], _losses(run)
+        tail_full, tail = runs.losses(full)[2:], runs.losses(run)
         assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(tail_full, tail)), (target, tail_full, tail)

@@ -7,6 +7,10 @@ ranks, against one process at the same precision and backend; the one combinatio
 What it guards (each failed before): DeepSpeed's own bf16 mode cast phi to bf16 (the Triton projection refused it),
 a pipeline never entered autocast (its bf16 loss was the fp32 one bit for bit), and ZeRO-3 with recompute=mhc failed
 on the first backward.
+
+`make test` runs one representative case per row (the first of each engine family and backend); the rest of the
+matrix is marked `matrix_full` and runs under `make test-matrix` (MHC_TRAIN_MATRIX_FULL=1), which runs all of it.
+The one-process references come from the session's shared `reference_runs`.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from __future__ import annotations
 import pytest
 
 from mhc_train.config import ConfigError, load_config
-from tests.helpers import run_overrides
-from tests.parallel.test_distributed import _losses, _run, _single, _torchrun_cmd, _weights
+from tests.support import launch, runs
+from tests.support.configs import run_overrides
+from tests.support.numerics import assert_close_runs
 
 BASE = {
     "train.max_steps": 2,
@@ -71,22 +76,36 @@ def _id(case):
 
 
 @pytest.fixture(scope="module")
-def reference(prepared_data, tmp_path_factory):
-    """One process, recompute none (recompute changes no bit), per (precision, backend, arm); run once each."""
-    runs = {}
+def reference(reference_runs):
+    """One process, recompute none (recompute changes no bit), per (precision, backend, arm); run once per session."""
 
     def get(precision, backend, arm):
-        key = (precision, backend, arm)
-        if key not in runs:
-            runs[key] = tmp_path_factory.mktemp(f"ref_{precision}_{backend}_{arm}")
-            extra = {**PRECISION[precision], "connection.backend": backend, "connection": arm, **SHORT[backend]}
-            _single(run_overrides(prepared_data, runs[key], **BASE, **extra))
-        return runs[key]
+        extra = {**PRECISION[precision], "connection.backend": backend, "connection": arm, **SHORT[backend]}
+        return reference_runs(**BASE, **extra)
 
     return get
 
 
-@pytest.mark.parametrize("case", MATRIX, ids=[_id(c) for c in MATRIX])
+def _row(case):
+    """A case's row: its engine family (ddp, fsdp, deepspeed, pipeline, pipeline x fsdp) and its backend."""
+    engine, backend = case[0], case[3]
+    family = (
+        ("pp_fsdp" if "parallel.engine" in engine else "pp") if "parallel.pp" in engine else engine["parallel.engine"]
+    )
+    return family, backend
+
+
+def _cases():
+    """`make test` runs the first case of each row; the others are `matrix_full` (`make test-matrix` runs all)."""
+    rows = set()
+    for case in MATRIX:
+        marks = () if _row(case) not in rows else (pytest.mark.matrix_full,)
+        rows.add(_row(case))
+        yield pytest.param(case, id=_id(case), marks=marks)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(_cases()))
 def test_every_accepted_combination_trains_like_one_process(prepared_data, reference, tmp_path, case):
     engine, precision, recompute, backend, arm, nproc = case
     run = tmp_path / "run"
@@ -94,8 +113,8 @@ def test_every_accepted_combination_trains_like_one_process(prepared_data, refer
     if "parallel.pp" in engine:
         extra["parallel.recompute_block"] = "stage"
     overrides = run_overrides(prepared_data, run, **BASE, **engine, **extra, **SHORT[backend], connection=arm)
-    _run(_torchrun_cmd(overrides, nproc=nproc), timeout=600)
-    got, ref = _losses(run), _losses(reference(precision, backend, arm))
+    launch.run(launch.torchrun_cmd(overrides, nproc=nproc), timeout=600)
+    got, ref = runs.losses(run), runs.losses(reference(precision, backend, arm))
     tol = 1e-5 if precision == "fp32" else 2e-2  # bf16: another split of the batch rounds differently
     assert len(got) == len(ref) == 2 and all(abs(a - b) <= tol * abs(b) for a, b in zip(got, ref)), (got, ref)
     # FSDP with one unit per block gathers the weights in bf16 (fsdp.py note 3): the embedding and the norms are then
@@ -103,12 +122,12 @@ def test_every_accepted_combination_trains_like_one_process(prepared_data, refer
     bf16_gathers = engine.get("parallel.engine") == "fsdp" and recompute == "none"
     bf16_gathers &= engine.get("parallel.pp_schedule", "1f1b") in ("1f1b", "interleaved1f1b")
     if precision != "fp32":  # it really ran in bf16: not the fp32 numbers, and closer to bf16's than to fp32's
-        fp32 = _losses(reference("fp32", backend, arm))
+        fp32 = runs.losses(reference("fp32", backend, arm))
         assert got[0] != fp32[0], (got, fp32)
         assert bf16_gathers or abs(got[0] - ref[0]) < abs(got[0] - fp32[0]), (got, ref, fp32)
     if precision == "bf16s":  # and its streams were stored in bf16: not the fp32-stream bf16 numbers
-        assert got[0] != _losses(reference("bf16", backend, arm))[0], got
-    weights = _weights(run, 2)
+        assert got[0] != runs.losses(reference("bf16", backend, arm))[0], got
+    weights = runs.weights(run, 2)
     assert all(w.dtype == weights["tok_embeddings.weight"].dtype == torch_float32() for w in weights.values()), {
         k: w.dtype for k, w in weights.items() if w.dtype != torch_float32()
     }  # fp32 master weights whatever the engine (phi, gates and biases included)
@@ -129,17 +148,17 @@ def test_zero3_with_recompute_is_refused_with_the_way_out(mode):
     load_config(["model=test", "train=test", "parallel.engine=fsdp", f"parallel.recompute={mode}"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
-def test_gradient_accumulation_reduces_once_and_equals_one_process(prepared_data, tmp_path, engine):
+def test_gradient_accumulation_reduces_once_and_equals_one_process(prepared_data, reference_runs, tmp_path, engine):
     """grad_accum=2: the micro-batches before the last skip the reduction (DDP no_sync, FSDP2
     set_requires_gradient_sync(False)); the step's gradient still equals one process's on every parameter."""
-    from tests.parallel.test_distributed import _assert_close_runs
-
     common = {**BASE, "train.grad_accum": 2, "train.dump_grads_at": 1, "connection": "mhc"}
-    ref, dp = tmp_path / "single", tmp_path / engine
-    _single(run_overrides(prepared_data, ref, **common))
-    _run(_torchrun_cmd(run_overrides(prepared_data, dp, **common, **{"parallel.engine": engine})), timeout=600)
-    _assert_close_runs(dp, ref, 2)
+    ref, dp = reference_runs(**common), tmp_path / engine  # one reference for both engines
+    launch.run(
+        launch.torchrun_cmd(run_overrides(prepared_data, dp, **common, **{"parallel.engine": engine})), timeout=600
+    )
+    assert_close_runs(dp, ref, 2)
 
 
 def test_sharded_engines_build_from_the_meta_device():

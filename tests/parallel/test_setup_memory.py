@@ -10,7 +10,9 @@ import subprocess
 
 import pytest
 
-from tests.parallel.test_distributed import REPO, _env, _torchrun_cmd
+from tests.support import launch
+
+pytestmark = pytest.mark.slow  # torchrun
 
 # ~29M parameters (117 MB fp32): large enough that a whole copy stands far above allocator and library noise.
 BIG = {
@@ -32,11 +34,10 @@ COPIES = {"fsdp": 1, "deepspeed": 3}
 
 def _probe(out_dir, **engine) -> list[dict]:
     overrides = [f"{k}={v}" for k, v in {**BIG, **engine}.items()]
-    cmd = _torchrun_cmd(overrides)
-    cmd[cmd.index("mhc_train.train")] = "tests.parallel.setup_memory_probe"
+    cmd = launch.torchrun_cmd(overrides, module="tests.parallel.setup_memory_probe")
     # a fixed mmap threshold: freed tensors leave RSS (see the probe)
-    env = {**_env(), "MALLOC_MMAP_THRESHOLD_": str(1 << 16), "PROBE_OUT": str(out_dir)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    env = launch.env(MALLOC_MMAP_THRESHOLD_=str(1 << 16), PROBE_OUT=str(out_dir))
+    proc = subprocess.run(cmd, cwd=launch.REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return [json.loads(p.read_text()) for p in sorted(out_dir.glob("rank*.json"))]
 

@@ -5,7 +5,7 @@ from mhc_train.config import ScheduleConfig
 from mhc_train.model import build_model
 from mhc_train.optim import lr_multiplier
 from mhc_train.train.diagnostics import amax_gains, connection_diagnostics
-from tests.helpers import conn_cfg, tiny_model_cfg
+from tests.support.configs import conn_cfg, tiny_model_cfg
 
 
 def test_amax_gain_of_identity_is_one():

@@ -3,15 +3,11 @@ preemption, honest resume, self-contained run directories. Real subprocesses whe
 
 from __future__ import annotations
 
-import itertools
-import os
 import random
 import re
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,11 +21,10 @@ from mhc_train.io.log import collect_progress
 from mhc_train.optim import lr_multiplier
 from mhc_train.train.metrics import read_metrics
 from mhc_train.train.trainer import Trainer, TrainingError
-from tests.helpers import run_overrides
+from tests.support import launch, runs
+from tests.support.configs import run_overrides
 
-REPO = Path(__file__).resolve().parents[2]
 QUIET = {"train.eval_every": 1000, "train.diag_every": 0}
-_PORTS = itertools.count(31500 + os.getpid() % 1000)
 
 
 def _train(prepared_data, run, logs=None, **overrides) -> Trainer:
@@ -42,10 +37,6 @@ def _train(prepared_data, run, logs=None, **overrides) -> Trainer:
             if logs is not None:
                 logs.extend(lines.messages)
     return t
-
-
-def _losses(run):
-    return {r["step"]: r["loss"] for r in read_metrics(run)["train"]}
 
 
 def _damage(path: Path, offset: int, n: int = 16) -> bytes:
@@ -109,7 +100,7 @@ def test_auto_resume_moves_a_damaged_checkpoint_aside_and_continues_bit_exact(pr
     assert (split / "checkpoints/damaged/step_00000004.pt").is_file()  # kept, never deleted
     assert re.search(r"verified step_00000002.pt: [\d.,]+ MiB in [\d.]+ s \([\d,]+ MiB/s", text), text
     assert t.step == 6
-    full, resumed = _losses(tmp_path / "full"), _losses(split)
+    full, resumed = runs.losses_by_step(tmp_path / "full"), runs.losses_by_step(split)
     assert all(full[s] == resumed[s] for s in range(3, 7)), (full, resumed)
     a = read_model_state(tmp_path / "full/checkpoints/step_00000006.pt")
     b = read_model_state(split / "checkpoints/step_00000006.pt")
@@ -230,40 +221,17 @@ def test_the_nonfinite_message_names_real_keys(prepared_data, tmp_path):
 
 
 # ---- process boundaries -----------------------------------------------------------------------------------------
-def _env():
-    return {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
-
-
-def _launch(cmd):
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _train_cmd(overrides):
-    return [sys.executable, "-m", "mhc_train.cli", "train", *overrides]
-
-
-def _wait_for_step(proc, run: Path, step: int, timeout=180):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.stdout.read()
-        metrics = run / "metrics.jsonl"
-        if metrics.is_file() and f'"kind": "train", "step": {step},' in metrics.read_text():
-            return
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail(f"the run never reached step {step}")
-
-
 LONG = {**QUIET, "train.max_steps": 100000, "checkpoint.every": 0, "checkpoint.save_final": "true"}
 
 
+@pytest.mark.slow
 def test_one_owner_per_run_dir_and_a_killed_owner_is_taken_over(prepared_data, tmp_path):
     run = tmp_path / "r"
-    first = _launch(_train_cmd(run_overrides(prepared_data, run, **LONG)))
-    _wait_for_step(first, run, 1)
+    first = launch.launch(launch.cli_cmd("train", *run_overrides(prepared_data, run, **LONG)))
+    runs.wait_for_step(first, run, 1)
     second = subprocess.run(
-        _train_cmd(run_overrides(prepared_data, run, **{**LONG, "train.max_steps": 2})),
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120,
+        launch.cli_cmd("train", *run_overrides(prepared_data, run, **{**LONG, "train.max_steps": 2})),
+        cwd=launch.REPO, env=launch.env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert second.returncode == 2, second.stdout + second.stderr
     assert re.search(rf"run_dir {re.escape(str(run))} is in use by PID {first.pid} on host \S+", second.stderr)
@@ -271,17 +239,18 @@ def test_one_owner_per_run_dir_and_a_killed_owner_is_taken_over(prepared_data, t
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=30)
     third = subprocess.run(
-        _train_cmd(run_overrides(prepared_data, run, **{**QUIET, "train.max_steps": 2, "checkpoint.resume": "auto"})),
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120,
+        launch.cli_cmd("train", *run_overrides(prepared_data, run, **{**QUIET, "train.max_steps": 2, "checkpoint.resume": "auto"})),
+        cwd=launch.REPO, env=launch.env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert third.returncode == 0, third.stdout + third.stderr  # the dead owner's lock is free: taken over
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(prepared_data, tmp_path, sig, code):
     run = tmp_path / "r"
-    proc = _launch(_train_cmd(run_overrides(prepared_data, run, **LONG)))
-    _wait_for_step(proc, run, 2)
+    proc = launch.launch(launch.cli_cmd("train", *run_overrides(prepared_data, run, **LONG)))
+    runs.wait_for_step(proc, run, 2)
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == code, out
@@ -294,19 +263,18 @@ def test_a_signal_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(p
     CheckpointManager.load(m.group(2))  # complete and verified
     step = int(m.group(1))
     resumed = subprocess.run(
-        _train_cmd(run_overrides(prepared_data, run, **{**LONG, "train.max_steps": step + 1})),
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120,
+        launch.cli_cmd("train", *run_overrides(prepared_data, run, **{**LONG, "train.max_steps": step + 1})),
+        cwd=launch.REPO, env=launch.env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert resumed.returncode == 0 and f"resumed from {m.group(2)} at step {step}" in resumed.stdout + resumed.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_under_torchrun_checkpoints_every_rank(prepared_data, tmp_path):
     run = tmp_path / "r"
     overrides = run_overrides(prepared_data, run, **{**LONG, "parallel.engine": "ddp", "checkpoint.format": "dcp"})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={next(_PORTS)}",
-           "-m", "mhc_train.train", *overrides]  # fmt: skip
-    proc = _launch(cmd)
-    _wait_for_step(proc, run, 2, timeout=240)
+    proc = launch.launch(launch.torchrun_cmd(overrides))
+    runs.wait_for_step(proc, run, 2, timeout=240)
     proc.send_signal(signal.SIGTERM)  # what a scheduler sends torchrun; it forwards it to every worker
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0, out

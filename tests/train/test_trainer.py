@@ -3,10 +3,8 @@
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,22 +14,14 @@ from mhc_train.config import ConfigError, load_config
 from mhc_train.io.log import collect_progress
 from mhc_train.train.metrics import read_metrics
 from mhc_train.train.trainer import Trainer, TrainingError
-from tests.helpers import run_overrides
+from tests.support import launch, runs
+from tests.support.configs import run_overrides
 
-REPO = Path(__file__).resolve().parents[2]
 
-
-def _cli(overrides, env_extra=None, entry=("mhc_train.cli",), **kw):
-    env = {**os.environ, "PYTHONHASHSEED": "0", **(env_extra or {})}
-    return subprocess.Popen(
-        [sys.executable, "-m", *entry, "train", *overrides],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **kw,
-    )
+def _cli(overrides, env_extra=None, entry=None):
+    """`mhc-train train` (or `python -m <entry...> train`, e.g. a wrapper that patches the save) in the background."""
+    cmd = launch.cli_cmd("train", *overrides) if entry is None else [sys.executable, "-m", *entry, "train", *overrides]
+    return launch.launch(cmd, **(env_extra or {}))
 
 
 def _run_cli(overrides, timeout=240):
@@ -39,10 +29,6 @@ def _run_cli(overrides, timeout=240):
     out, _ = p.communicate(timeout=timeout)
     assert p.returncode == 0, out
     return out
-
-
-def _train_losses(run_dir):
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir)["train"]}
 
 
 def test_tiny_run_learns(prepared_data, tmp_path):
@@ -64,15 +50,16 @@ def test_tiny_run_learns(prepared_data, tmp_path):
     assert all("clipped" in r and "grad_norm" in r for r in recs["train"])
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact_across_a_process_restart(prepared_data, tmp_path):
     """2k steps in one process == k steps, a new process, k more steps: loss for loss, bit for bit, and weights."""
     common = {"train.max_steps": 8, "checkpoint.every": 0, "connection": "mhc"}
     _run_cli(run_overrides(prepared_data, tmp_path / "full", **common))
     _run_cli(run_overrides(prepared_data, tmp_path / "split", **common, **{"train.stop_at_step": 4}))
-    assert max(_train_losses(tmp_path / "split")) == 4
+    assert max(runs.losses_by_step(tmp_path / "split")) == 4
     out = _run_cli(run_overrides(prepared_data, tmp_path / "split", **common))
     assert "resumed from" in out and "step_00000004.pt" in out
-    full, split = _train_losses(tmp_path / "full"), _train_losses(tmp_path / "split")
+    full, split = runs.losses_by_step(tmp_path / "full"), runs.losses_by_step(tmp_path / "split")
     assert full.keys() == split.keys() == set(range(1, 9))
     for step in full:
         assert full[step] == split[step], f"step {step}: {full[step]!r} != {split[step]!r}"
@@ -82,6 +69,7 @@ def test_resume_is_bit_exact_across_a_process_restart(prepared_data, tmp_path):
         assert torch.equal(a[k], b[k]), f"weights differ at {k}"
 
 
+@pytest.mark.slow
 def test_dcp_checkpoint_resumes_exactly_and_a_broken_one_is_named(prepared_data, tmp_path):
     """checkpoint.format=dcp in one process: the step file holds no weights, the DCP directory does; resume is bit
     exact; an incomplete DCP directory stops the resume with a message naming it and the fix."""
@@ -95,7 +83,7 @@ def test_dcp_checkpoint_resumes_exactly_and_a_broken_one_is_named(prepared_data,
     assert (tmp_path / "split/checkpoints/dcp/step_00000003/.metadata").is_file()
     out = _run_cli(run_overrides(prepared_data, tmp_path / "split", **common))
     assert "resumed from" in out
-    assert _train_losses(tmp_path / "full") == _train_losses(tmp_path / "split")
+    assert runs.losses_by_step(tmp_path / "full") == runs.losses_by_step(tmp_path / "split")
     a = read_model_state(tmp_path / "full/checkpoints/step_00000006.pt")
     b = read_model_state(tmp_path / "split/checkpoints/step_00000006.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -118,6 +106,7 @@ def test_dcp_checkpoint_resumes_exactly_and_a_broken_one_is_named(prepared_data,
     assert (tmp_path / "split/checkpoints/damaged/dcp/step_00000006").is_dir()
 
 
+@pytest.mark.slow
 def test_sigkill_mid_checkpoint_write_resumes_from_newest_complete(prepared_data, tmp_path):
     ref, victim = tmp_path / "ref", tmp_path / "victim"
     common = {"train.max_steps": 8, "checkpoint.every": 1, "checkpoint.keep_last": 3, "connection": "hc"}
@@ -144,7 +133,7 @@ def test_sigkill_mid_checkpoint_write_resumes_from_newest_complete(prepared_data
     out = _run_cli(run_overrides(prepared_data, victim, **common))
     assert "resumed from" in out and "step_00000002.pt" in out
     assert not any(f.name.startswith(".") for f in ckpt_dir.iterdir()), "stale temporary left behind"
-    ref_l, vic_l = _train_losses(ref), _train_losses(victim)
+    ref_l, vic_l = runs.losses_by_step(ref), runs.losses_by_step(victim)
     assert all(ref_l[s] == vic_l[s] for s in ref_l), (ref_l, vic_l)
 
 

@@ -12,8 +12,8 @@ from mhc_train.infer.sinkhorn_cpu import c_compiler, native_sinkhorn
 from mhc_train.infer.sites import DecodeSite, HCDecodeSite, MHCDecodeSite, decode_site
 from mhc_train.ops import sinkhorn_knopp_ref
 from mhc_train.ops.reference import sinkhorn_forward
-from tests.conftest import assert_close
-from tests.infer.test_infer import ALL_ARMS, _model
+from tests.support.configs import ALL_ARMS, decode_model
+from tests.support.numerics import assert_close
 
 needs_cc = pytest.mark.skipif(c_compiler() is None, reason="no C compiler here: decode runs the torch Sinkhorn loop")
 
@@ -51,7 +51,7 @@ def test_without_a_c_compiler_decode_falls_back_to_torch_ops(cc, monkeypatch, tm
     try:
         with pytest.warns(UserWarning, match="Sinkhorn as torch ops.*the C loop is unavailable"):
             assert sinkhorn_cpu.native_sinkhorn() is None
-        site = decode_site(_model("mhc").layers["0"].attn_conn)
+        site = decode_site(decode_model("mhc").layers["0"].attn_conn)
         assert isinstance(site, MHCDecodeSite) and site.native_sinkhorn is None
     finally:
         native_sinkhorn.cache_clear()  # the next caller builds (or finds) the real one
@@ -60,7 +60,7 @@ def test_without_a_c_compiler_decode_falls_back_to_torch_ops(cc, monkeypatch, tm
 @pytest.mark.parametrize("arm, native", [(arm, True) for arm in ALL_ARMS] + [("mhc", False)])
 def test_decode_site_equals_the_training_site(arm, native):
     native = native and c_compiler() is not None  # without one, both cases test the torch loop
-    model = _model(arm)
+    model = decode_model(arm)
     g = torch.Generator().manual_seed(0)
     w = torch.randn(model.cfg.dim, model.cfg.dim, generator=g) / model.cfg.dim**0.5
     sublayer = lambda h: torch.tanh(h @ w)  # noqa: E731
@@ -91,18 +91,18 @@ def test_an_mhc_decode_step_costs_few_ops_per_site():
     """Decode is dispatch-bound: the op count is the cost. Per site over the residual's, the training sites spend ~130
     ops (mHC, 80 of them Sinkhorn) and ~40 (HC); the decode sites 24 (mHC with the C loop, 108 with torch's) and
     20 (HC)."""
-    base = _ops_per_step(_model("residual"))
-    sites = 2 * _model("residual").cfg.n_layer
-    extra = {arm: (_ops_per_step(_model(arm)) - base) / sites for arm in ("hc", "mhc", "mhc_identity")}
+    base = _ops_per_step(decode_model("residual"))
+    sites = 2 * decode_model("residual").cfg.n_layer
+    extra = {arm: (_ops_per_step(decode_model(arm)) - base) / sites for arm in ("hc", "mhc", "mhc_identity")}
     assert all(v <= 30 for v in extra.values()), extra
-    assert (_ops_per_step(_model("mhc"), native=False) - base) / sites >= 80 + extra["mhc"]  # the loop, as ops
-    assert isinstance(decode_site(_model("mhc").layers["0"].attn_conn), DecodeSite)
+    assert (_ops_per_step(decode_model("mhc"), native=False) - base) / sites >= 80 + extra["mhc"]  # the loop, as ops
+    assert isinstance(decode_site(decode_model("mhc").layers["0"].attn_conn), DecodeSite)
 
 
 def test_a_decode_step_computes_the_new_token_only():
     """The stream state and the coefficients are per token: after the prefill every site sees [B, 1, n, C], whatever
     the prefix length (nothing is recomputed over the prefix)."""
-    dec = Decoder(_model("mhc"))
+    dec = Decoder(decode_model("mhc"))
     seen = []
     dec.sites = [tuple(_Recorder(s, seen) for s in pair) for pair in dec.sites]
     cache = dec.new_cache(2, 20)

@@ -1,22 +1,23 @@
 """The demo path end to end on the test model (arms x seeds), and the comparison it writes."""
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-from mhc_train.analysis import compare
+import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from mhc_train.analysis import compare
+from tests.support import launch
+
 ARMS = ("residual", "hc", "mhc")
 
 
 def _demo(out, overrides, *args):
-    cmd = [sys.executable, "-m", "mhc_train.cli", "demo", "--out", str(out), *args, *overrides]
-    return subprocess.run(cmd, cwd=REPO, env=os.environ.copy(), capture_output=True, text=True, timeout=600)
+    cmd = launch.cli_cmd("demo", "--out", str(out), *args, *overrides)
+    return subprocess.run(cmd, cwd=launch.REPO, env=launch.env(), capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_demo_runs_arms_over_seeds_and_reports_paired_intervals(prepared_data, tmp_path):
     out = tmp_path / "demo"
     overrides = [

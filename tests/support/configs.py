@@ -1,4 +1,5 @@
-"""Shared test helpers: tiny configs and a small slice of real text (the bundled Shakespeare plays)."""
+"""Tiny configs for unit tests (a few-thousand-parameter model, the connection arms on the torch backend), the Hydra
+overrides of a seconds-long CPU run, and a small slice of real text (the bundled Shakespeare plays)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ ARMS = {
     "mhc": dict(type="mhc", n_streams=4),
     "mhc_identity": dict(type="mhc", n_streams=4, h_res="identity"),
 }
+
+
+# the inference tests' arms: the training arms plus HC without its dynamic part
+ALL_ARMS = {**ARMS, "hc_static": dict(type="hc", n_streams=4, hc_dynamic=False)}
 
 
 def tiny_model_cfg(**kw) -> ModelConfig:
@@ -44,3 +49,20 @@ def run_overrides(data_dir, run_dir, **extra) -> list[str]:
     }
     base.update({k: str(v) for k, v in extra.items()})
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def decode_model(arm, seed=1, **kw):
+    """A tiny model of `arm` (or "hc_static") in eval mode, moved off its init so every arm's math is exercised."""
+    from mhc_train.model.transformer import build_model
+
+    cfg = conn_cfg("hc", hc_dynamic=False) if arm == "hc_static" else conn_cfg(arm)
+    if arm in ("mhc", "hc"):  # move off the init (where HC/mHC equal the residual) so the arms' math is exercised
+        cfg.phi_init_std = 0.5
+        cfg.hc_dynamic_scale_init = 0.5
+    model = build_model(tiny_model_cfg(**kw), cfg, seed=seed).eval()
+    with torch.no_grad():  # non-trivial dynamic parts and biases
+        g = torch.Generator().manual_seed(seed)
+        for name, p in model.named_parameters():
+            if any(s in name for s in ("dyn_proj", "bias", "static_alpha")):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return model

@@ -86,6 +86,7 @@ def cli_runs(files):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["typo", "type", "bad_yaml", "directory", "missing"])
 def test_cli_prints_one_error_line_and_exits_2(cli_runs, files, name):
     rc, err = cli_runs[name]
