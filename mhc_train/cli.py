@@ -60,12 +60,9 @@ def shutdown_distributed() -> None:
 
 
 def cmd_compare(args) -> None:
-    from mhc_train.analysis import CompareError, compare
+    from mhc_train.analysis import compare
 
-    try:
-        result = compare(args.run_dirs, args.out)
-    except CompareError as e:
-        _die(str(e))
+    result = compare(args.run_dirs, args.out)
     print(Path(result["md"]).read_text())
     print(f"plot: {result['png']}")
 
@@ -80,14 +77,11 @@ def _float_list(text: str) -> list[float]:
 
 def cmd_demo(args) -> None:
     """Every arm x LR x seed of an experiment, then the comparison (mhc_train.analysis.experiment)."""
-    from mhc_train.analysis.experiment import ExperimentError, run_experiment
+    from mhc_train.analysis.experiment import run_experiment
 
     seeds = args.seeds if args.seeds is not None else list(range(args.n_seeds))
     command = " ".join(["mhc-train", "demo", *sys.argv[2:]])
-    try:
-        result = run_experiment(args.out, args.experiment, args.arms, seeds, args.lrs, args.overrides, command)
-    except ExperimentError as e:
-        _die(str(e))
+    result = run_experiment(args.out, args.experiment, args.arms, seeds, args.lrs, args.overrides, command)
     print(Path(result["md"]).read_text())
     print(f"plot: {result['png']}\nbenchmark: {result['bench_path']}\ntotal: {result['bench']['total_wall_s']:.0f} s")
 
@@ -203,7 +197,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     from mhc_train.io.log import setup_logging
 
-    setup_logging(int(os.environ.get("RANK", "0")))  # the package's log lines (data preparation) to stdout, by rank
+    # The package's log lines, by rank: on stdout for the commands that narrate (train, prepare, demo, compare); on
+    # stderr for those whose stdout is their product (generate --json, export, eval print results there).
+    narrate = args.cmd in ("train", "prepare", "demo", "compare")
+    setup_logging(int(os.environ.get("RANK", "0")), stream=None if narrate else sys.stderr)
     from mhc_train.errors import MhcTrainError
     from mhc_train.train.errors import Preempted
 

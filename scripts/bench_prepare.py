@@ -65,7 +65,7 @@ def cpu(who):
 
 cfg = DataConfig(**json.loads(sys.argv[1]))
 t0, c0 = time.perf_counter(), cpu(resource.RUSAGE_SELF)  # after the imports: prepare's own time
-m = prepare(cfg, log=lambda *a: None)
+m = prepare(cfg)
 wall, main_cpu = time.perf_counter() - t0, cpu(resource.RUSAGE_SELF) - c0
 tokens = m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"]
 print(json.dumps({"wall_s": wall, "tokens": tokens, "shards": len(m["splits"]["train"]["shards"]),
@@ -191,7 +191,7 @@ def encode_speed(tok_path: str, directory: Path, sample_bytes: int) -> dict:
     """The tokenizer alone: encode_batch over batches of BATCH_CHARS characters of the corpus's first documents."""
     import importlib
 
-    batch_chars = importlib.import_module("mhc_train.data.prepare").BATCH_CHARS
+    batch_chars = importlib.import_module("mhc_train.data.build").BATCH_CHARS
     tok = load_tokenizer(tok_path, threads=1)  # as in a tokeniser worker
     batches, batch, chars, total = [], [], 0, 0
     for path in sorted(directory.glob("*.jsonl")):
@@ -231,7 +231,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    tok = prepare(DataConfig(out_dir=str(work / "tokenizer"), vocab_size=4096), log=lambda *a: None)["tokenizer"]
+    tok = prepare(DataConfig(out_dir=str(work / "tokenizer"), vocab_size=4096))["tokenizer"]
     print(f"tokenizer: {tok['path']} ({tok['vocab_size']} pieces, {time.perf_counter() - t0:.0f} s)", flush=True)
 
     sizes = [int(s * args.scale * MB) for s in args.sizes_mb]

@@ -161,6 +161,17 @@ def test_only_the_cli_imports_infer():
     assert {a for a in importers if _group(a) != "mhc_train.infer"} == {"mhc_train.cli"}, importers
 
 
+def test_infer_never_imports_train_and_checkpoint_serves_both():
+    """Inference reads checkpoints through mhc_train.checkpoint, never through the training loop's package."""
+    edges = graph()
+    infer_to_train = {(a, b) for a, targets in edges.items() if _group(a) == "mhc_train.infer"
+                      for b in targets if _group(b) == "mhc_train.train"}  # fmt: skip
+    assert infer_to_train == set(), infer_to_train
+    assert any(_group(b) == "mhc_train.checkpoint" for b in edges["mhc_train.infer.load"])
+    assert not any(_group(b) in ("mhc_train.train", "mhc_train.infer") for a, t in edges.items()
+                   if _group(a) == "mhc_train.checkpoint" for b in t)  # fmt: skip
+
+
 COLLECTIVES = {
     "all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "reduce_scatter",
     "reduce_scatter_tensor", "broadcast", "broadcast_object_list", "gather", "gather_object", "scatter", "barrier",

@@ -166,22 +166,10 @@ def _batches(docs):
 
 
 def _build_into(cfg, source, build: Path, final: Path, settings, key, fp, digest) -> dict:
+    """Tokenise `source` into `build` (continuing a killed build where its progress record says), then write the
+    manifest there; `final` is where the directory will live once renamed."""
     t0 = time.perf_counter()
-    resume_at = _read_progress(build, key)
-    if resume_at is not None:
-        tok_path = build / resume_at["tokenizer_file"]
-        progress(
-            logger,
-            KIND,
-            f"prepare: continuing the build in {build} after {resume_at['documents']:,} documents "
-            f"({len(resume_at['splits']['train']['shards'])} complete train shard(s))",
-            stage="continuing",
-            all_ranks=True,
-        )
-    else:
-        for p in build.iterdir():  # a build killed before its first record: start it over
-            p.unlink() if p.is_file() else shutil.rmtree(p)
-        tok_path = _make_tokenizer(cfg, source, build)
+    resume_at, tok_path = _start_or_continue(cfg, source, build, key)
     tokenizer_s = time.perf_counter() - t0
     tok = load_tokenizer(tok_path)
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
@@ -195,6 +183,45 @@ def _build_into(cfg, source, build: Path, final: Path, settings, key, fp, digest
         (build / PROGRESS).unlink(missing_ok=True)
         return _build_into(cfg, source, build, final, settings, key, fp, digest)
     skip = resume_at["documents"] if resume_at else 0
+    t1 = time.perf_counter()
+    chars = _tokenise(cfg, source, build, key, tok_path, dtype, writers, skip)
+    splits = {s: w.finish() for s, w in writers.items()}
+    if not splits["train"]["tokens"] or not splits["val"]["tokens"]:
+        raise DataError("the input text is empty: every document is blank")
+    build_info = {  # how this build went (not part of the data: informational, for benchmarks)
+        "num_workers": cfg.num_workers,
+        "tokenizer_s": round(tokenizer_s, 3),
+        "tokenize_s": round(time.perf_counter() - t1, 3),
+        "chars_tokenised": chars,
+        "resumed_at_document": skip,
+    }
+    manifest = _manifest(cfg, source, final, settings, key, fp, digest, tok_path, tok, dtype, splits, build_info)
+    atomic_write_text(build / MANIFEST, json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _start_or_continue(cfg, source, build: Path, key: str) -> tuple[dict | None, Path]:
+    """(the progress record of a killed build to continue, or None, the tokenizer file): a build killed before its
+    first record is emptied and starts over with a new tokenizer."""
+    resume_at = _read_progress(build, key)
+    if resume_at is None:
+        for p in build.iterdir():
+            p.unlink() if p.is_file() else shutil.rmtree(p)
+        return None, _make_tokenizer(cfg, source, build)
+    progress(
+        logger,
+        KIND,
+        f"prepare: continuing the build in {build} after {resume_at['documents']:,} documents "
+        f"({len(resume_at['splits']['train']['shards'])} complete train shard(s))",
+        stage="continuing",
+        all_ranks=True,
+    )
+    return resume_at, build / resume_at["tokenizer_file"]
+
+
+def _tokenise(cfg, source, build: Path, key: str, tok_path: Path, dtype, writers: dict, skip: int) -> int:
+    """Encode every document after the first `skip` into `writers`, recording a resume point whenever both splits
+    are complete up to a document; returns the characters tokenised."""
     progress(
         logger,
         KIND,
@@ -202,7 +229,6 @@ def _build_into(cfg, source, build: Path, final: Path, settings, key, fp, digest
         stage="tokenising",
         all_ranks=True,
     )
-    t1 = time.perf_counter()
     chars = 0
     batches = _batches(_documents(cfg, source, skip))
     for (end, splits, texts), (tokens, lengths) in ordered_map(
@@ -216,10 +242,12 @@ def _build_into(cfg, source, build: Path, final: Path, settings, key, fp, digest
             record = {"key": key, "tokenizer_file": tok_path.name, "documents": end,
                       "splits": {s: w.state() for s, w in writers.items()}}  # fmt: skip
             atomic_write_text(build / PROGRESS, json.dumps(record))
-    splits = {s: w.finish() for s, w in writers.items()}
-    if not splits["train"]["tokens"] or not splits["val"]["tokens"]:
-        raise DataError("the input text is empty: every document is blank")
-    manifest = {
+    return chars
+
+
+def _manifest(cfg, source, final: Path, settings, key, fp, digest, tok_path: Path, tok, dtype, splits, build_info):
+    """The manifest of a finished build (what readers check the directory against)."""
+    return {
         "format_version": FORMAT_VERSION,
         "key": key,
         "settings": settings,
@@ -240,17 +268,8 @@ def _build_into(cfg, source, build: Path, final: Path, settings, key, fp, digest
         "dtype": dtype.name,
         "shard_tokens": cfg.shard_tokens,
         "splits": splits,
-        # how this build went (not part of the data: informational, for benchmarks)
-        "build": {
-            "num_workers": cfg.num_workers,
-            "tokenizer_s": round(tokenizer_s, 3),
-            "tokenize_s": round(time.perf_counter() - t1, 3),
-            "chars_tokenised": chars,
-            "resumed_at_document": skip,
-        },  # fmt: skip
+        "build": build_info,
     }
-    atomic_write_text(build / MANIFEST, json.dumps(manifest, indent=2))
-    return manifest
 
 
 def _write_batch(writers: dict, splits: list[str], tokens: np.ndarray, lengths: np.ndarray) -> bool:

@@ -49,7 +49,8 @@ class PrepareLock:
                     "data.prepare",
                     f"prepare: waiting for PID {holder.get('pid', '?')} on {holder.get('host', '?')}, which "
                     f"is preparing data in {self.path.parent} (since {holder.get('since', '?')})"
-                    + (f": {how_far}" if how_far else ""),
+                    + (f": {how_far}" if how_far else "")
+                    + (f" ({self._lock.describe()})" if self._lock.uses_marker else ""),
                     stage="waiting",
                     all_ranks=True,
                 )

@@ -109,6 +109,18 @@ class FileLock:
         self.record()
         return True
 
+    @property
+    def uses_marker(self) -> bool:
+        """Whether this lock is the O_EXCL marker (the filesystem refused flock)."""
+        return self._excl
+
+    def describe(self) -> str:
+        """Which file holds the lock, and, for a marker, how to clear one a dead run on another host left behind."""
+        if self._excl:
+            return (f"marker {self.marker}: this filesystem has no flock, so a run killed on another host leaves it "
+                    "behind; delete it once that run is gone")  # fmt: skip
+        return f"lock {self.path}"
+
     def holder(self) -> dict:
         """Who holds the lock ({} when unknown)."""
         if self._excl:

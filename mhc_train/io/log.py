@@ -1,12 +1,13 @@
 """One module logger for the whole package, and structured progress records.
 
 - Every module logs through `get_logger(__name__)`: children of the `mhc_train` logger, so one handler installed at
-  start-up (`setup_logging`) decides where lines go. Library users who never call it get Python's default behaviour.
+  start-up (`setup_logging`) decides where lines go. `ensure_logging(rank)` installs it only where nobody configured
+  the package logger (the Python entry `mhc_train.train.trainer.train` calls it, so a script sees what the CLI shows).
 - On multi-rank runs `setup_logging(rank)` installs a `RankFilter`: rank 0 prints, other ranks print only records
   logged with `extra={"all_ranks": True}` (a rank waiting on another, a rank's own failure).
 - Progress is a record, not a wording: `progress(logger, kind, message, **fields)` logs `message` and attaches
-  `record.progress = {"kind": kind, **fields}`, so a consumer (the trainer, a test) reads the fields instead of
-  parsing the text. Kinds in use are listed where they are emitted (e.g. `mhc_train.data`).
+  `record.progress = {"kind": kind, **fields}`, so a consumer (a monitoring handler, a test) reads the fields instead
+  of parsing the text; `all_ranks=True` is what makes a line show on every rank (no wording contract). Kinds in use are listed where they are emitted (e.g. `mhc_train.data`).
 """
 
 from __future__ import annotations
@@ -60,32 +61,7 @@ def progress(logger: logging.Logger, kind: str, message: str, *, all_ranks: bool
     logger.info(message, extra={"progress": {"kind": kind, **fields}, "all_ranks": all_ranks})
 
 
-class ProgressCollector(logging.Handler):
-    """A handler that keeps the `progress` dicts (and messages) it sees: `with collect_progress() as c: ...`."""
-
-    def __init__(self):
-        super().__init__(level=logging.DEBUG)
-        self.records: list[dict] = []
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-        if hasattr(record, "progress"):
-            self.records.append(record.progress)
-
-
-class collect_progress:
-    """Context manager attaching a `ProgressCollector` to the package logger (level INFO while inside)."""
-
-    def __enter__(self) -> ProgressCollector:
-        self.root = get_logger()
-        self.collector = ProgressCollector()
-        self.level = self.root.level
-        if self.root.level == logging.NOTSET or self.root.level > logging.INFO:
-            self.root.setLevel(logging.INFO)
-        self.root.addHandler(self.collector)
-        return self.collector
-
-    def __exit__(self, *exc) -> None:
-        self.root.removeHandler(self.collector)
-        self.root.setLevel(self.level)
+def ensure_logging(rank: int = 0) -> None:
+    """`setup_logging(rank)` unless the package logger already has a handler (the CLI's, or the user's own)."""
+    if not get_logger().handlers:
+        setup_logging(rank)

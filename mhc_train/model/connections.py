@@ -255,4 +255,4 @@ CONNECTIONS: dict[str, type[Connection]] = {"residual": Residual, "hc": HC, "mhc
 
 
 def build_connection(cfg: ConnectionConfig) -> Connection:
-    return CONNECTIONS[cfg.type](cfg)  # the connection validates cfg
+    return CONNECTIONS[cfg.type](cfg)  # cfg was validated by build_model or load_config

@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from mhc_train.io.log import get_logger
+
+logger = get_logger(__name__)
+
 
 @dataclass
 class DistInfo:
@@ -127,7 +131,7 @@ def broadcast_from_main(obj, info: DistInfo):
 _exchanges = itertools.count()  # every rank makes the same exchanges in the same order: equal tags
 
 
-def exchange_without_deadline(value: str, info: DistInfo, log=lambda *a: None, report_s: float = 60.0) -> list[str]:
+def exchange_without_deadline(value: str, info: DistInfo, report_s: float = 60.0) -> list[str]:
     """Every rank's string `value`, in rank order, through the process group's key-value store. Unlike a collective
     this has no timeout: a rank waits (polling, and logging every `report_s`) for as long as the slowest rank takes,
     e.g. one still preparing data for hours."""
@@ -143,7 +147,7 @@ def exchange_without_deadline(value: str, info: DistInfo, log=lambda *a: None, r
         if time.monotonic() - last >= report_s:
             last = time.monotonic()
             missing = [r for r, k in enumerate(keys) if not store.check([k])]
-            log(f"waiting for rank(s) {missing} ({last - t0:.0f} s so far)")
+            logger.info(f"waiting for rank(s) {missing} ({last - t0:.0f} s so far)")
     return [store.get(k).decode() for k in keys]
 
 

@@ -14,9 +14,12 @@ from pathlib import Path
 
 from mhc_train.config import CheckpointConfig
 from mhc_train.io.lock import FileLock
+from mhc_train.io.log import get_logger
 from mhc_train.io.rundir import RunDir
 from mhc_train.parallel import DistInfo, any_rank, broadcast_from_main
 from mhc_train.train.errors import RunDirBusy, TrainingError
+
+logger = get_logger(__name__)
 
 
 class RunLock:
@@ -36,7 +39,7 @@ class RunLock:
             self._lock.release()
             raise RunDirBusy(
                 f"run_dir {self.run_dir} is in use by PID {holder.get('pid', '?')} on host {holder.get('host', '?')} "
-                f"(since {holder.get('since', '?')}, lock {self.path}); wait for that run to end or stop it, or "
+                f"(since {holder.get('since', '?')}, {self._lock.describe()}); wait for that run to end or stop it, or "
                 "give this run another run_dir"
             ) from None
         return self
@@ -60,7 +63,7 @@ def holds_a_run(run_dir: RunDir) -> str:
     return f"{metrics} ({metrics.stat().st_size} bytes)" if metrics.is_file() and metrics.stat().st_size else ""
 
 
-def claim_run_dir(run_dir: RunDir, ck: CheckpointConfig, dist: DistInfo, log) -> RunLock:
+def claim_run_dir(run_dir: RunDir, ck: CheckpointConfig, dist: DistInfo) -> RunLock:
     """Create the run directory and take this rank's lock on it. A fresh start (checkpoint.resume=never) in a
     directory that holds another run refuses, or with checkpoint.overwrite=true moves that run aside. Rank 0
     decides and every rank follows; a rank that cannot take its lock stops every rank."""
@@ -80,7 +83,7 @@ def claim_run_dir(run_dir: RunDir, ck: CheckpointConfig, dist: DistInfo, log) ->
                 old = RunLock(run_dir.lock(0), root).acquire()  # refuses while that run is live
                 os.replace(root, aside)
                 old.release()
-                log(f"checkpoint.overwrite=true: moved the old run in {root} aside to {aside}")
+                logger.info(f"checkpoint.overwrite=true: moved the old run in {root} aside to {aside}")
         except Exception as e:
             error = e
     error = broadcast_from_main(error, dist)

@@ -33,7 +33,7 @@ from mhc_train.config import Config, arm_name, to_dict, validate_world
 from mhc_train.data import TokenData
 from mhc_train.data.agreement import prepare_agreed
 from mhc_train.data.loader import Prefetcher
-from mhc_train.io.log import get_logger
+from mhc_train.io.log import ensure_logging, get_logger
 from mhc_train.io.rundir import RunDir
 from mhc_train.model import build_model
 from mhc_train.parallel import (
@@ -91,14 +91,14 @@ class Trainer:
         self.run_dir = RunDir(cfg.run_dir)
 
         def exchange(value: str) -> list[str]:  # no deadline: another rank may still be building the data
-            return exchange_without_deadline(value, self.dist, log=logger.info)
+            return exchange_without_deadline(value, self.dist)
 
         manifest = prepare_agreed(cfg.data, self.dist.rank, exchange)
         self.data = TokenData(manifest["dir"], verify=cfg.data.verify)  # the directory prepare() made or reused
         self.data.check_compatible(cfg.model.vocab_size, t.seq_len)
         self.tokenizer_ref = {"path": manifest["tokenizer"]["path"], "sha256": manifest["tokenizer"]["sha256"]}
         # after the data: a data error leaves no run directory behind
-        self.lock = claim_run_dir(self.run_dir, cfg.checkpoint, self.dist, logger.info)
+        self.lock = claim_run_dir(self.run_dir, cfg.checkpoint, self.dist)
         try:
             self._build()
         except BaseException:
@@ -277,5 +277,7 @@ def _peer_lost(e: Exception, dist, step: int, last_ckpt: Path | None) -> Trainin
 
 
 def train(cfg: Config) -> dict:
-    """Train one run to its end; lines go to the `mhc_train` logger (see `mhc_train.io.log.setup_logging`)."""
+    """Train one run to its end. Lines go to the `mhc_train` logger; where nobody configured it, they print as the
+    CLI prints them (`mhc_train.io.log.ensure_logging`)."""
+    ensure_logging(int(os.environ.get("RANK", "0")))
     return Trainer(cfg).run()

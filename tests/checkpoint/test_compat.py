@@ -20,10 +20,10 @@ from mhc_train.config import Config, load_config, to_dict
 from mhc_train.infer.export import export
 from mhc_train.infer.generate import SamplingConfig, generate
 from mhc_train.infer.load import load_checkpoint
-from mhc_train.io.log import collect_progress
 from mhc_train.train.metrics import read_metrics
 from mhc_train.train.trainer import Trainer
 from tests.support.configs import run_overrides
+from tests.support.logs import collect_progress
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "ckpt_v0"
 STEP = "checkpoints/step_00000002.pt"
@@ -63,6 +63,12 @@ def test_the_rule_on_config_dicts():
     fatal, allowed = compare_configs(kept, changed)
     assert fatal == ["model.dim: 256 -> 48", "model.n_kv_head: None -> 2"], fatal
     assert len(allowed) == 1 and allowed[0].startswith("optim.lr:") and allowed[0].endswith("-> 0.0001"), allowed
+    named = copy.deepcopy(current)
+    named["connection"]["name"] = "mhc"  # the arm's label, which a checkpoint from before it lacks: no change at all
+    assert compare_configs(kept, named) == ([], [])
+    saved_named = copy.deepcopy(named)
+    saved_named["connection"]["name"] = "mhc_hclike"  # a recorded label that differs: reported, never fatal
+    assert compare_configs(saved_named, named)[0] == []
 
 
 def test_an_old_checkpoint_resumes_and_the_run_continues(prepared_data, v0):

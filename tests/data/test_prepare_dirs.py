@@ -15,7 +15,7 @@ from mhc_train.data import DataError, TokenData, find_prepared, prepare
 from mhc_train.data import build as prep  # the module that builds (its `_build` is patched)
 from mhc_train.data.sources import TextSource
 from mhc_train.data.tokenizer import file_sha256
-from mhc_train.io.log import collect_progress
+from tests.support.logs import collect_progress
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
 

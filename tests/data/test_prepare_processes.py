@@ -15,11 +15,11 @@ import pytest
 from mhc_train.config import DataConfig
 from mhc_train.data import TokenData, prepare
 from mhc_train.data.lock import PrepareLock
-from mhc_train.io.log import collect_progress
 from mhc_train.train.metrics import read_metrics
 from tests.support import launch
 from tests.support.configs import run_overrides
 from tests.support.corpora import make_documents, write_jsonl
+from tests.support.logs import collect_progress
 
 pytestmark = pytest.mark.slow  # every test runs child processes (prepare, torchrun)
 

@@ -17,8 +17,8 @@ from mhc_train.data import build as prep  # the module that builds (its globals 
 from mhc_train.data.shards import ShardWriter, split_documents
 from mhc_train.data.sources import TextSource
 from mhc_train.data.tokenizer import load_tokenizer
-from mhc_train.io.log import collect_progress
 from tests.support.corpora import make_documents, write_jsonl
+from tests.support.logs import collect_progress
 
 
 @pytest.fixture(scope="module")

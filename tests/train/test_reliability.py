@@ -17,12 +17,12 @@ from mhc_train.checkpoint import CheckpointError, CheckpointManager, CorruptChec
 from mhc_train.checkpoint import integrity as ckpt_integrity
 from mhc_train.checkpoint.errors import UnverifiableCheckpoint
 from mhc_train.config import load_config
-from mhc_train.io.log import collect_progress
 from mhc_train.optim import lr_multiplier
 from mhc_train.train.metrics import read_metrics
 from mhc_train.train.trainer import Trainer, TrainingError
 from tests.support import launch, runs
 from tests.support.configs import run_overrides
+from tests.support.logs import collect_progress
 
 QUIET = {"train.eval_every": 1000, "train.diag_every": 0}
 

@@ -11,11 +11,11 @@ import torch
 
 from mhc_train.checkpoint import CheckpointError, CheckpointManager
 from mhc_train.config import ConfigError, load_config
-from mhc_train.io.log import collect_progress
 from mhc_train.train.metrics import read_metrics
 from mhc_train.train.trainer import Trainer, TrainingError
 from tests.support import launch, runs
 from tests.support.configs import run_overrides
+from tests.support.logs import collect_progress
 
 
 def _cli(overrides, env_extra=None, entry=None):
