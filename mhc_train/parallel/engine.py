@@ -200,8 +200,10 @@ class Engine:
         """Copy the trained weights into rank 0's `self.model` (a collective where they are sharded or cut)."""
 
     def full_model(self) -> torch.nn.Module:
-        """The plain model holding the current weights on rank 0 (other ranks may hold a meta copy). A collective
-        where the weights are sharded or cut: every rank calls it; it syncs at most once per optimiser step."""
+        """The plain model holding the current weights on rank 0 (other ranks may hold a meta copy), for file
+        checkpoints and export only: a sharded engine gathers the whole model for it, so nothing on a training step
+        calls it (diagnostics: `site_statistics`). A collective where the weights are sharded or cut: every rank
+        calls it; it syncs at most once per optimiser step."""
         if self._synced != self._version:
             self._sync_full_model()
             self._synced = self._version
