@@ -182,6 +182,7 @@ class ParallelConfig:
     pp_schedule_csv: str = ""  # pp_schedule=csv: a compute-only schedule file in torch's CSV format (row = rank)
     recompute: str = "none"  # none | mhc (drop and recompute connection intermediates; F kept) | full (F too)
     recompute_block: str = "auto"  # L_r in sites | auto (Eq. 20 optimum per pipeline stage) | stage (the paper's)
+    timeout_s: int = 1800  # seconds a collective may wait before the process group aborts it (torch: 600)
 
 
 @dataclass

@@ -138,6 +138,7 @@ def validate(cfg: Config) -> None:
     choice("parallel.engine", cfg.parallel.engine, ENGINES)
     at_least("parallel.pp", cfg.parallel.pp, 1)
     choice("parallel.pp_schedule", cfg.parallel.pp_schedule, PP_SCHEDULES)
+    at_least("parallel.timeout_s", cfg.parallel.timeout_s, 1)
     if cfg.parallel.zero_stage not in (1, 2, 3):
         fail("parallel.zero_stage", cfg.parallel.zero_stage, "allowed values are 1, 2, 3")
     p = cfg.parallel

@@ -92,7 +92,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, dist: DistInfo, weights: d
     """Apply `cfg.parallel` to the plain `model`: built on the meta device where `builds_on_meta(cfg)` (the engine
     allocates and fills what each rank trains, from `cfg.train.seed` or from `weights`), else built and initialised.
     `weights`: a full state dict by name to start from (a file checkpoint on resume), or None. `model` stays the
-    plain full view for rank 0 (diagnostics, checkpoint files; for sharded engines on `meta` until needed)."""
+    plain full view for rank 0 (file checkpoints, export; for sharded engines on `meta` until needed)."""
     p, t = cfg.parallel, cfg.train
     use_fast_fp32_matmul(dist.device)
     amp = autocast_dtype(t.precision, dist.device)

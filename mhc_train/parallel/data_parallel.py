@@ -55,8 +55,8 @@ class DeepSpeedEngine(LocalEngine):
         # filled (seed or checkpoint weights) and partitioned one module at a time (`state.materialise_each`), so
         # no rank ever holds more than its partitions plus one module in full, on the host or the device. The
         # optimizer is built first, on the skeleton: its groups read each parameter's shape, which partitioning
-        # hides, and the parameter objects survive materialisation. Rank 0's plain view stays on `meta` until
-        # diagnostics or a file checkpoint need it (then in host memory, `_sync_full_model`).
+        # hides, and the parameter objects survive materialisation. Rank 0's plain view stays on `meta` until a file
+        # checkpoint needs it (then in host memory, `_sync_full_model`); diagnostics run through the engine.
         self.zero3 = int(config["zero_optimization"].get("stage", zero_stage)) == 3
         self.train_model = copy.deepcopy(model) if self.zero3 else model  # a copy of a meta skeleton is free
         built_on_meta = on_meta(self.train_model)
@@ -80,6 +80,11 @@ class DeepSpeedEngine(LocalEngine):
 
     def eval_forward(self):
         return self.ds  # under ZeRO-3 its hooks gather each layer's partitions
+
+    def diag_modules(self):
+        """ZeRO-3: every rank runs the diagnostics through the engine (its hooks gather each module's partitions, and
+        ours run after them); ZeRO-1/2 hold whole parameters: rank 0 diagnoses the plain model."""
+        return (self.train_model, self.ds) if self.zero3 else None
 
     def train_parameters(self):
         return self.train_model.parameters()

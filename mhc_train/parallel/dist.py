@@ -12,6 +12,7 @@ import itertools
 import os
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -45,9 +46,10 @@ def resolve_device_type(device: str) -> str:
     return device
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
+def init_distributed(device: str = "auto", timeout_s: float = 1800) -> DistInfo:
     """Join the process group torchrun / the deepspeed launcher describe in the environment (no-op alone), and pick
-    this rank's device (`train.device`; cuda:LOCAL_RANK on CUDA)."""
+    this rank's device (`train.device`; cuda:LOCAL_RANK on CUDA). `timeout_s` (`parallel.timeout_s`): how long a
+    collective may wait for the slowest rank before the group aborts it."""
     device_type = resolve_device_type(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0
@@ -58,7 +60,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(backend=process_group_backend(device_type))
+        dist.init_process_group(backend=process_group_backend(device_type), timeout=timedelta(seconds=timeout_s))
     return info
 
 

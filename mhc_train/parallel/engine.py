@@ -9,7 +9,9 @@ holds an `Engine`, calls the methods below in this order each step, and never as
     lr = engine.lr(); norm = engine.step()      # clip, optimizer and scheduler step; returns the pre-clip norm
     # or engine.skip() for a step with a non-finite loss
     val = engine.evaluate(batches)              # the mean loss over the full val batches, each rank its slice
+    sites = engine.site_statistics(tokens, SiteProbe)  # the diagnostics, where the weights live; a collective
     model = engine.full_model()                 # the plain model with the trained weights (rank 0); a collective
+                                                # (export and file checkpoints only: never on a training step)
 
 `loss` and `norm` are 0-dim tensors on the compute device that nothing has read yet: no method of a step reads a
 value on the host, so on CUDA the host runs ahead of the GPU and the trainer reads the step's scalars once, together
@@ -38,7 +40,7 @@ BatchFn = Callable[[int, int, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 def release_eval_copy(model: torch.nn.Module, info) -> None:
-    """Only rank 0 runs diagnostics and writes checkpoint files from the plain model; once an engine trains its own
+    """Only rank 0 writes checkpoint files from the plain model; once an engine trains its own
     copy, the other ranks move theirs to the meta device (shapes kept, storage freed: one whole model per rank)."""
     if not info.is_main:
         model.to(torch.device("meta"))
@@ -46,11 +48,23 @@ def release_eval_copy(model: torch.nn.Module, info) -> None:
 
 def materialise_on_host(model: torch.nn.Module, weights: dict) -> None:
     """Rank 0's plain view of a sharded engine: built on the meta device and kept there until something needs it
-    whole (diagnostics, a file checkpoint); then allocated in host memory, never on the accelerator, and filled."""
+    whole (a file checkpoint, an export); then allocated in host memory, never on the accelerator, and filled."""
     if state.on_meta(model):
         model.to_empty(device="cpu")
         model.init_buffers()
     model.load_state_dict(weights)
+
+
+@contextlib.contextmanager
+def plain_blocks(module: torch.nn.Module):
+    """`module`'s blocks as the plain loop for the duration (a recompute runner calls the sites without their forward,
+    so their hooks would not run); its runner restored after."""
+    runner = module.block_runner
+    module.use_block_runner(None)
+    try:
+        yield module
+    finally:
+        module.use_block_runner(runner)
 
 
 class Engine:
@@ -60,7 +74,7 @@ class Engine:
     checkpoint_formats: tuple[str, ...] = ("file", "dcp")  # what `save` can write; the first is checkpoint.format=auto
 
     def __init__(self, model, optimizer, scheduler, dist: DistInfo, device, grad_clip: float, autocast_dtype=None):
-        self.model = model  # the plain model: rank 0's full view for evaluation, diagnostics and checkpoint files
+        self.model = model  # the plain model: rank 0's full view for checkpoint files (and where whole, everything)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.dist, self.device, self.grad_clip = dist, torch.device(device), grad_clip
         self.autocast_dtype = autocast_dtype
@@ -139,6 +153,40 @@ class Engine:
         forward.train()
         return total
 
+    # ---- diagnostics -----------------------------------------------------------------------------------------
+    def diag_modules(self) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+        """(the module holding the sites, the module whose forward runs them) where the trained weights are sharded:
+        every rank then runs the diagnostics through it, its hooks gathering one unit at a time as for evaluation.
+        None: the weights are whole on rank 0, which diagnoses the plain model alone."""
+        return None
+
+    def after_diag(self) -> None:
+        """Undo what a forward without backward leaves behind (FSDP: unsharded root parameters)."""
+
+    def site_statistics(self, tokens: torch.Tensor, new_probe) -> dict | None:
+        """Every connection site's statistics on `tokens` [B, T] (the same batch on every rank), {name: stats} in
+        forward order on rank 0 (None elsewhere). `new_probe()` gives a `train.diagnostics.SiteProbe`. Computed on
+        the compute device where the weights live, never on a gathered whole model: a sharded engine runs the batch
+        through its own copy on every rank (no autocast where the weights are whole: the one-process numbers; the
+        engine's autocast where they are sharded, as for evaluation). A collective where the weights are sharded."""
+        sharded = self.diag_modules()
+        if sharded is None and not self.dist.is_main:
+            return None
+        probe, x = new_probe(), self.to_device(tokens)
+        if sharded is None:
+            with probe.capture(self.model):
+                self.model.run_blocks(self.model.embed(x), plain=True)  # the plain loop calls every site
+        else:
+            module, forward = sharded
+            try:
+                with probe.capture(module), plain_blocks(module), self.autocast():
+                    forward(x)
+            finally:
+                self.after_diag()
+        probe.forward(None)  # one run of sites: nothing before it, nothing after
+        probe.backward(None)
+        return probe.sites if self.dist.is_main else None
+
     # ---- views -------------------------------------------------------------------------------------------------
     def train_parameters(self) -> Iterable[torch.Tensor]:
         """The parameters this rank trains (shards or stages included)."""
@@ -152,8 +200,10 @@ class Engine:
         """Copy the trained weights into rank 0's `self.model` (a collective where they are sharded or cut)."""
 
     def full_model(self) -> torch.nn.Module:
-        """The plain model holding the current weights on rank 0 (other ranks may hold a meta copy). A collective
-        where the weights are sharded or cut: every rank calls it; it syncs at most once per optimiser step."""
+        """The plain model holding the current weights on rank 0 (other ranks may hold a meta copy), for file
+        checkpoints and export only: a sharded engine gathers the whole model for it, so nothing on a training step
+        calls it (diagnostics: `site_statistics`). A collective where the weights are sharded or cut: every rank
+        calls it; it syncs at most once per optimiser step."""
         if self._synced != self._version:
             self._sync_full_model()
             self._synced = self._version

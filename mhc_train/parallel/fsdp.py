@@ -16,9 +16,9 @@ Notes:
    `state.materialise` allocates this rank's shards on the device and fills them from the seed (each module's
    values drawn on the host, one module at a time, the shard sliced out locally) or from a file checkpoint's
    weights. No rank ever holds the whole model on the device, nor a second copy anywhere: the FSDP units' sharded
-   parameters are the only storage. Every rank evaluates its slice of the val batches on the sharded model; rank
-   0's plain view stays on `meta` until diagnostics or a file checkpoint need it whole (`Engine.full_model`
-   gathers one tensor at a time into host memory). A model handed over already built (a caller's own) is copied,
+   parameters are the only storage. Every rank evaluates its slice of the val batches on the sharded model, and runs
+   the diagnostics' batch through it (`Engine.site_statistics`); rank 0's plain view stays on `meta` until a file
+   checkpoint or an export needs it whole (`Engine.full_model` gathers one tensor at a time into host memory). A model handed over already built (a caller's own) is copied,
    sharded, and the other ranks free theirs.
    Checkpoints (DCP by default, or one file) are keyed by parameter name: they load into one process, DDP, any
    pipeline layout, or FSDP at another world size.
@@ -119,6 +119,12 @@ class FSDPEngine(LocalEngine):
             return super().evaluate(batches)
         finally:
             reshard_all([self.train_model])
+
+    def diag_modules(self):
+        return self.train_model, self.train_model  # not the compiled forward: the probe's hooks need eager sites
+
+    def after_diag(self) -> None:
+        reshard_all([self.train_model])
 
     def _sync_full_model(self) -> None:
         state = full_model_state([self.train_model], keep=self.dist.is_main)

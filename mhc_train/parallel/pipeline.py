@@ -22,7 +22,7 @@ import torch
 
 from mhc_train.model import lm_loss
 from mhc_train.parallel.dist import all_reduce_sum_, gather_dicts, recv_from, reduce_sum, send_to, sum_across_ranks
-from mhc_train.parallel.engine import Engine
+from mhc_train.parallel.engine import Engine, plain_blocks
 from mhc_train.parallel.fsdp import reshard_all
 from mhc_train.parallel.overlap import install_overlap, issue_order
 from mhc_train.parallel.schedules import build_schedule, layer_ranges
@@ -196,8 +196,46 @@ class PipelineEngine(Engine):
         reshard_all(self.modules)  # FSDP2 per stage (dp > 1): back to the shards the optimizer steps
         return sum_across_ranks(total, self.dist, self.device) / (self.mesh.dp * len(batches))
 
+    def site_statistics(self, tokens: torch.Tensor, new_probe) -> dict | None:
+        """The diagnostics through the stages where they live, like `evaluate`: every data-parallel replica takes the
+        whole batch (its FSDP2 hooks gather a stage's weights; a few rows do not split over the replicas) through its
+        pipeline, each stage's probe computing its own sites, the stream state and the forward composite
+        H_l ... H_1 [B, T, n, n] (float64) crossing each boundary forward, then the backward composite H_L ... H_l
+        crossing back. Only the per-site dicts travel to rank 0. A collective: every rank calls it."""
+        me, owner, last = self.mesh.pp_rank, self.stage_owner, self.n_stages - 1
+        module_of = dict(zip(self.stage_ids, self.modules))
+        stream_dtype = self.model.stream_dtype or torch.float32
+        x = self.to_device(tokens)
+        n = self.model.conn.n_streams
+        state_shape, comp_shape = (*x.shape, n, self.model.cfg.dim), (*x.shape, n, n)
+        probes, h, prefix = {}, x, None
+        try:
+            for s in [s for s in range(self.n_stages) if owner[s] == me]:
+                if s > 0 and owner[s - 1] != me:  # the previous stage lives on another rank
+                    h = recv_from(state_shape, stream_dtype, self.device, owner[s - 1], self.mesh.group)
+                    prefix = recv_from(comp_shape, torch.float64, self.device, owner[s - 1], self.mesh.group)
+                probes[s] = new_probe()
+                with probes[s].capture(module_of[s]), plain_blocks(module_of[s]), self.autocast():
+                    h = module_of[s](h)
+                prefix = probes[s].forward(prefix)
+                if s < last and owner[s + 1] != me:
+                    send_to(h.to(stream_dtype), owner[s + 1], self.mesh.group)
+                    send_to(prefix, owner[s + 1], self.mesh.group)
+        finally:
+            reshard_all(self.modules)
+        suffix = None
+        for s in sorted(probes, reverse=True):
+            if s < last and owner[s + 1] != me:
+                suffix = recv_from(comp_shape, torch.float64, self.device, owner[s + 1], self.mesh.group)
+            suffix = probes[s].backward(suffix)
+            if s > 0 and owner[s - 1] != me:
+                send_to(suffix, owner[s - 1], self.mesh.group)
+        mine = {name: stats for probe in probes.values() for name, stats in probe.sites.items()}
+        merged = gather_dicts(mine, self.dist)  # every replica computed the same values: any one's will do
+        return {name: merged[name] for name, _ in self.model.sites()} if self.dist.is_main else None
+
     def _sync_full_model(self) -> None:
-        """Rank 0's `model` gets every stage's current weights (for evaluation, diagnostics and checkpoints)."""
+        """Rank 0's `model` gets every stage's current weights (for file checkpoints and export)."""
         merged = gather_dicts(full_model_state(self.modules), self.dist)
         if self.dist.is_main:
             self.model.load_state_dict(merged, strict=False)

@@ -10,12 +10,20 @@ Whether H_res moves at all (issue 15): each site's mean Frobenius distance of H_
 from I (the HC-like init). Values that have no meaning are None: the distances for n = 1 (the residual baseline), the
 Sinkhorn column error for a site whose H_res is never projected (HC, mHC with `h_res: identity`).
 
+Where they run: `SiteProbe` computes the statistics of consecutive sites from their coefficients, captured by hooks
+during a forward, and composes across pipeline stages (the forward composite carried forward, the backward one back);
+the engine runs it where its weights live (`Engine.site_statistics`: the plain model on rank 0 where it is whole,
+the FSDP / ZeRO-3 sharded copy on every rank, each pipeline stage on its own rank), so no rank gathers the whole
+model for them. `connection_diagnostics(model, tokens)` is the same on a plain model in one process.
+
 `Diagnostics` is the loop's component that runs them: every `train.diag_every` steps a `diag` record (the statistics
 above on a fixed batch, and this rank's per-layer grad norms taken before the optimizer step), and the full gradient
 dump of `train.dump_grads_at`.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -29,57 +37,95 @@ def amax_gains(m: torch.Tensor) -> tuple[float, float]:
 
 @torch.no_grad()
 def connection_diagnostics(model, tokens: torch.Tensor) -> dict:
-    """Per-site and composite statistics of H_res, H_pre and H_post on `tokens` [B, T].
+    """Per-site and composite statistics of H_res, H_pre and H_post on `tokens` [B, T] (one process, the plain model).
 
     Memory: each site's coefficients are computed as the forward reaches it and only they are kept ([B, T, 2n + n^2]
     per site, against the [B, T, n, C] stream input: 1/300 of it at n = 4, C = 2048), so the diagnostics never hold
     more than one site's stream beyond what the forward itself does."""
-    coeffs: dict[str, tuple] = {}
-
-    def keep(name, site, x):
-        coeffs[name] = (*site.coefficients(x), x.shape[-2])
-
-    handles = [
-        site.register_forward_pre_hook(lambda mod, args, name=name: keep(name, mod, args[0]))
-        for name, site in model.sites()
-    ]
-    try:
+    probe = SiteProbe()
+    with probe.capture(model):
         model.run_blocks(model.embed(tokens), plain=True)  # the plain loop calls every site (recompute does not)
-    finally:
-        for h in handles:
-            h.remove()
-    sites, fwd, bwd_chain = {}, None, []
-    for name, site in model.sites():
-        h_pre, h_post, h_res, n = coeffs[name]
-        if h_res is None:
-            h_res = torch.eye(n).expand(*h_pre.shape[:-1], n, n)
-        h_res = h_res.double()
-        col = h_res.sum(-2)  # [B, T, n]
-        f_gain, b_gain = amax_gains(h_res)
-        fwd = h_res if fwd is None else h_res @ fwd  # H_l ... H_1
-        cf, cb = amax_gains(fwd)
-        bwd_chain.append(h_res)
-        eye = torch.eye(n, dtype=h_res.dtype)
-        sites[name] = {
-            "fwd_gain": f_gain,
-            "bwd_gain": b_gain,
-            "min_col_sum": col.min().item(),
-            "sinkhorn_col_err": (col - 1).abs().max().item() if getattr(site, "projects_h_res", False) else None,
-            "h_res_dist_uniform": _frobenius(h_res - 1.0 / n) if n > 1 else None,
-            "h_res_dist_identity": _frobenius(h_res - eye) if n > 1 else None,
-            "composite_fwd_gain": cf,
-            "composite_fwd_bwd_gain": cb,
-            "h_pre_min": h_pre.min().item(),
-            "h_pre_max": h_pre.max().item(),
-            "h_post_min": h_post.min().item(),
-            "h_post_max": h_post.max().item(),
-        }
-    # backward composites: H_L ... H_l for every l, built from the output end
-    prod = None
-    for (name, _), h_res in zip(reversed(model.sites()), reversed(bwd_chain)):
-        prod = h_res if prod is None else prod @ h_res
-        sites[name]["composite_bwd_gain"] = amax_gains(prod)[1]
-        sites[name]["composite_min_col_sum"] = prod.sum(-2).min().item()
+    probe.forward(None)  # one run of sites: nothing before it, nothing after
+    probe.backward(None)
+    return summarise(probe.sites)
+
+
+class SiteProbe:
+    """The statistics of a run of consecutive sites (a whole model, or one pipeline stage), on the device they live on.
+
+    `capture(module)` records each site's coefficients during a forward of `module` (its hooks run after any FSDP /
+    ZeRO-3 hook has gathered the site's weights); `forward(prefix)` computes the per-site statistics and the forward
+    composites continuing `prefix` (H_{l-1} ... H_1 of the earlier stages, None at the first) and returns the
+    prefix for the next stage; `backward(suffix)` adds the backward composites from `suffix` (H_L ... H_{l+1} of the
+    later stages, None at the last) and returns the one for the previous stage. `sites` is {name: statistics}."""
+
+    def __init__(self):
+        self.sites: dict[str, dict] = {}
+        self._coeffs: dict[str, tuple] = {}
+        self._h_res: list[tuple[str, torch.Tensor]] = []
+        self._order: list[tuple[str, torch.nn.Module]] = []
+
+    @contextlib.contextmanager
+    def capture(self, module):
+        self._order = list(module.sites())
+
+        def keep(name, site, x):
+            self._coeffs[name] = (*site.coefficients(x), x.shape[-2])
+
+        handles = [
+            site.register_forward_pre_hook(lambda mod, args, name=name: keep(name, mod, args[0]))
+            for name, site in self._order
+        ]
+        try:
+            with torch.no_grad():
+                yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    @torch.no_grad()
+    def forward(self, prefix: torch.Tensor | None) -> torch.Tensor | None:
+        fwd = prefix
+        for name, site in self._order:
+            h_pre, h_post, h_res, n = self._coeffs.pop(name)
+            if h_res is None:
+                h_res = torch.eye(n, device=h_pre.device).expand(*h_pre.shape[:-1], n, n)
+            h_res = h_res.double()
+            col = h_res.sum(-2)  # [B, T, n]
+            f_gain, b_gain = amax_gains(h_res)
+            fwd = h_res if fwd is None else h_res @ fwd  # H_l ... H_1
+            cf, cb = amax_gains(fwd)
+            self._h_res.append((name, h_res))
+            eye = torch.eye(n, dtype=h_res.dtype, device=h_res.device)
+            self.sites[name] = {
+                "fwd_gain": f_gain,
+                "bwd_gain": b_gain,
+                "min_col_sum": col.min().item(),
+                "sinkhorn_col_err": (col - 1).abs().max().item() if getattr(site, "projects_h_res", False) else None,
+                "h_res_dist_uniform": _frobenius(h_res - 1.0 / n) if n > 1 else None,
+                "h_res_dist_identity": _frobenius(h_res - eye) if n > 1 else None,
+                "composite_fwd_gain": cf,
+                "composite_fwd_bwd_gain": cb,
+                "h_pre_min": h_pre.min().item(),
+                "h_pre_max": h_pre.max().item(),
+                "h_post_min": h_post.min().item(),
+                "h_post_max": h_post.max().item(),
+            }
+        return fwd
+
+    @torch.no_grad()
+    def backward(self, suffix: torch.Tensor | None) -> torch.Tensor | None:
+        prod = suffix  # backward composites: H_L ... H_l for every l, built from the output end
+        for name, h_res in reversed(self._h_res):
+            prod = h_res if prod is None else prod @ h_res
+            self.sites[name]["composite_bwd_gain"] = amax_gains(prod)[1]
+            self.sites[name]["composite_min_col_sum"] = prod.sum(-2).min().item()
+        self._h_res = []
+        return prod
+
+
+def summarise(sites: dict[str, dict]) -> dict:
+    """The `diag` record's statistics from every site's (in forward order): the sites and the maxima / means."""
     vals = list(sites.values())
     return {
         "sites": sites,
@@ -146,10 +192,11 @@ class Diagnostics:
         self._norms = grad_norms(grads) if grads is not None else None
 
     def log(self, engine, step: int, result, metrics) -> None:
-        """The `diag` record of a diag step; `result.grad_norm` (the global norm) stands in for missing layer norms."""
+        """The `diag` record of a diag step; `result.grad_norm` (the global norm) stands in for missing layer norms.
+        A collective where the weights are sharded or cut: the engine runs the probes where its weights live."""
         if not self.due(step):
             return
-        model = engine.full_model()  # a collective where the weights are sharded or cut
+        sites = engine.site_statistics(self.batch, SiteProbe)
         if self.dist.is_main:
-            diag = connection_diagnostics(model, self.batch.to(next(model.parameters()).device))
+            diag = summarise(sites)
             metrics.record("diag", step, grad_norms=self._norms or {"global": result.grad_norm}, **diag)

@@ -86,7 +86,7 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         self.cfg, self.config_dict = cfg, to_dict(cfg)
-        self.dist = init_distributed(t.device)
+        self.dist = init_distributed(t.device, cfg.parallel.timeout_s)
         self.device = self.dist.device
         self.run_dir = RunDir(cfg.run_dir)
 
