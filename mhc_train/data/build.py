@@ -11,6 +11,8 @@ content-addressed directory that store.py names and finds.
 - One preparer per filesystem: `prepare` holds `<out_dir>/.prepare.lock` (flock) while it looks for and builds data;
   other processes (ranks of a `train` launch, a second `mhc-train prepare`) wait on it with a progress record, then
   find the finished directory.
+- The manifest carries the val split's unigram entropy (`splits.val.unigram_entropy`, stats.py), computed here once
+  from the finished shards: a launch reads that number instead of every rank reading the val split.
 - Progress is logged as records of kind "data.prepare" with a `stage`: waiting (lock.py), sampling, continuing,
   tokenising and wrote (every rank shows these: `all_ranks=True`), rebuilding and moved (rank 0 only).
 """
@@ -31,6 +33,7 @@ from mhc_train.data.errors import DataError
 from mhc_train.data.lock import PrepareLock
 from mhc_train.data.shards import ShardWriter, split_documents
 from mhc_train.data.sources import TextSource
+from mhc_train.data.stats import unigram_entropy
 from mhc_train.data.store import (
     FORMAT_VERSION,
     KIND,
@@ -188,6 +191,7 @@ def _build_into(cfg, source, build: Path, final: Path, settings, key, fp, digest
     splits = {s: w.finish() for s, w in writers.items()}
     if not splits["train"]["tokens"] or not splits["val"]["tokens"]:
         raise DataError("the input text is empty: every document is blank")
+    splits["val"]["unigram_entropy"] = _unigram_entropy(build, splits["val"], dtype, tok.vocab_size)
     build_info = {  # how this build went (not part of the data: informational, for benchmarks)
         "num_workers": cfg.num_workers,
         "tokenizer_s": round(tokenizer_s, 3),
@@ -270,6 +274,11 @@ def _manifest(cfg, source, final: Path, settings, key, fp, digest, tok_path: Pat
         "splits": splits,
         "build": build_info,
     }
+
+
+def _unigram_entropy(build: Path, info: dict, dtype, vocab_size: int) -> float:
+    """The split's unigram entropy, read back from the shards just written (once here, so no launch reads them)."""
+    return unigram_entropy((np.memmap(build / s["file"], dtype=dtype, mode="r") for s in info["shards"]), vocab_size)
 
 
 def _write_batch(writers: dict, splits: list[str], tokens: np.ndarray, lengths: np.ndarray) -> bool:

@@ -24,6 +24,7 @@ import torch
 from mhc_train.config import DataConfig
 from mhc_train.data.errors import DataError
 from mhc_train.data.shards import split_shards, verify_shards
+from mhc_train.data.stats import unigram_entropy
 from mhc_train.data.store import find_prepared, load_manifest
 
 
@@ -116,12 +117,13 @@ class TokenData:
         return block[:, :-1], block[:, 1:]
 
     def unigram_entropy(self, split: str = "val") -> float:
-        """Entropy (nats/token) of the split's unigram distribution: the loss of a model that ignores context."""
-        counts = np.zeros(self.vocab_size, dtype=np.float64)
-        for arr in self.splits[split].all_tokens():
-            counts += np.bincount(np.asarray(arr), minlength=self.vocab_size)[: self.vocab_size]
-        p = counts[counts > 0] / counts.sum()
-        return float(-(p * np.log(p)).sum())
+        """Entropy (nats/token) of the split's unigram distribution: the loss of a model that ignores context. Read
+        from the manifest (prepare stores it); a manifest written before that has it computed here, reading the split
+        (so call it on one rank)."""
+        stored = self.manifest["splits"][split].get("unigram_entropy")
+        if stored is not None:
+            return float(stored)
+        return unigram_entropy(self.splits[split].all_tokens(), self.vocab_size)
 
 
 class Prefetcher:

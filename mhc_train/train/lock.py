@@ -3,7 +3,8 @@
 The lock is `mhc_train.io.lock.FileLock` (flock, or an O_EXCL marker where flock does not work): the lock of a
 killed run is free again, and a new launch takes it over (and overwrites the holder record). A second live launch
 fails at once, naming the PID and host in the holder record. `claim_run_dir` is the trainer's entry: it also
-refuses (or, asked to, moves aside) another run in the directory before a fresh start.
+refuses (or, asked to, moves aside) another run in the directory before a fresh start, and refuses a directory that
+is not shared across nodes (shared_dir.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from mhc_train.io.log import get_logger
 from mhc_train.io.rundir import RunDir
 from mhc_train.parallel import DistInfo, any_rank, broadcast_from_main
 from mhc_train.train.errors import RunDirBusy, TrainingError
+from mhc_train.train.shared_dir import check_shared_run_dir
 
 logger = get_logger(__name__)
 
@@ -90,6 +92,7 @@ def claim_run_dir(run_dir: RunDir, ck: CheckpointConfig, dist: DistInfo) -> RunL
     if error is not None:
         raise error
     run_dir.create()
+    check_shared_run_dir(root, dist)  # every rank must see rank 0's files (resume opens its step file)
     lock, failed = RunLock(run_dir.lock(dist.rank), root), None
     try:
         lock.acquire()

@@ -219,7 +219,9 @@ class Trainer:
 
     def _loop(self) -> dict:
         t = self.cfg.train
-        self.metrics.open(self.step, self.n_params, self.model.n_streams, self.data.unigram_entropy("val"))
+        # from the manifest; one written before prepare stored it is read through on rank 0 alone (the one writer)
+        entropy = self.data.unigram_entropy("val") if self.dist.is_main else None
+        self.metrics.open(self.step, self.n_params, self.model.n_streams, entropy)
         try:
             self.evaluator.at_start(self.step)
             while self.step < t.max_steps:
