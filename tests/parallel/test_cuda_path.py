@@ -102,6 +102,7 @@ def test_the_cuda_path_joins_a_group_that_serves_both_devices(monkeypatch):
     for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
         monkeypatch.setenv(key, value)
     info = pdist.init_distributed("cuda")
+    assert calls.pop("timeout").total_seconds() == 1800, calls  # parallel.timeout_s's default (not torch's 10 min)
     assert calls == {"backend": "cuda:nccl,cpu:gloo", "device": 1}, calls
     assert info.device == torch.device("cuda", 1) and (info.rank, info.world) == (1, 2)
     assert pdist.process_group_backend("cpu") == "gloo"
