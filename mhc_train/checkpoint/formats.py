@@ -15,6 +15,8 @@ file must hold. The manager picks the class once (`format_of`, `FORMATS`) and ne
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import tempfile
 from pathlib import Path
@@ -125,14 +127,30 @@ class DcpFormat(Format):
 
 
 class DeepSpeedFormat(Format):
+    """DeepSpeed's shards hold everything: weights, optimizer, scheduler. The step file holds no weights of its own
+    (older ones did: `model`, still read): a second full copy cost rank 0 a gather and a write at every save, and
+    every rank a full read at resume. Export reads them back from DeepSpeed's shards (`weights`)."""
+
     name = "deepspeed"
-    required = COMMON | {"model"}  # DeepSpeed keeps optimizer and scheduler in its own shards
+    required = COMMON  # DeepSpeed keeps weights, optimizer and scheduler in its own shards
 
     def save(self, engine: Engine, run: RunDir, tag: str) -> tuple[dict, Path | None]:
         engine.save_native(run.deepspeed_root, tag)  # every rank writes its shards
-        body = {"dcp": None, "deepspeed_tag": tag}
-        body["model"] = engine.full_model().state_dict()  # a collective where weights are sharded
-        return body, run.deepspeed_root / tag
+        return {"dcp": None, "deepspeed_tag": tag}, run.deepspeed_root / tag
+
+    def start_weights(self, state: dict) -> dict | None:
+        return state.get("model")  # None: `load` puts DeepSpeed's own shards into the engine
+
+    def weights(self, state: dict, path: Path) -> dict:
+        """The full fp32 weights, assembled from DeepSpeed's partitions by its own `zero_to_fp32` (step files written
+        before this change hold them: `model`). Needs deepspeed installed, no process group."""
+        if "model" in state:
+            return state["model"]
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        root = RunDir.of_step_file(path).deepspeed_root
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints progress; export's stdout is the product
+            return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=state["deepspeed_tag"])
 
     def writer_of(self, rel: str) -> int:
         """DeepSpeed names data-parallel rank r's partitions `*zero_pp_rank_r_*` (the data-parallel rank is the rank:
