@@ -8,12 +8,16 @@
 
 Each class has `save` (every rank: the engine's state out, returning what the step file records and the sharded
 directory, if any), `load` (every rank: the engine's state back in), `verify` (the step file's digest and every shard
-it lists), `weights` (full weights without a process group, for inference) and the keys its step file must hold. The
-manager picks the class once (`format_of`, `FORMATS`) and never branches on the format itself.
+it lists), `weights` (full weights without a process group, for inference), `writer_of` (which rank wrote a file of
+its sharded directory: that rank digests it at save time, so no rank reads another's shards) and the keys its step
+file must hold. The manager picks the class once (`format_of`, `FORMATS`) and never branches on the format itself.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
 import tempfile
 from pathlib import Path
 
@@ -50,6 +54,10 @@ class Format:
         if shards:
             total += integrity.verify_shards(path.parent / shards["dir"], shards["files"])
         return total
+
+    def writer_of(self, rel: str) -> int:
+        """The rank that wrote the file `rel` of this format's sharded directory (0 where the name does not say)."""
+        return 0
 
     def start_weights(self, state: dict) -> dict | None:
         """The full weights the plain model starts from before the engine is built (None: `load` fills them)."""
@@ -89,6 +97,11 @@ class DcpFormat(Format):
         body["optimizer_groups"] = groups(engine)
         return body, sharded
 
+    def writer_of(self, rel: str) -> int:
+        """torch's FileSystemWriter names rank r's files `__r_<n>.distcp`; the coordinator writes `.metadata`."""
+        m = re.match(r"__(\d+)_", Path(rel).name)
+        return int(m.group(1)) if m else 0
+
     def load(self, engine: Engine, state: dict, path: Path) -> list[str]:
         if "dcp" not in engine.checkpoint_formats:
             raise CheckpointError(
@@ -114,14 +127,36 @@ class DcpFormat(Format):
 
 
 class DeepSpeedFormat(Format):
+    """DeepSpeed's shards hold everything: weights, optimizer, scheduler. The step file holds no weights of its own
+    (older ones did: `model`, still read): a second full copy cost rank 0 a gather and a write at every save, and
+    every rank a full read at resume. Export reads them back from DeepSpeed's shards (`weights`)."""
+
     name = "deepspeed"
-    required = COMMON | {"model"}  # DeepSpeed keeps optimizer and scheduler in its own shards
+    required = COMMON  # DeepSpeed keeps weights, optimizer and scheduler in its own shards
 
     def save(self, engine: Engine, run: RunDir, tag: str) -> tuple[dict, Path | None]:
         engine.save_native(run.deepspeed_root, tag)  # every rank writes its shards
-        body = {"dcp": None, "deepspeed_tag": tag}
-        body["model"] = engine.full_model().state_dict()  # a collective where weights are sharded
-        return body, run.deepspeed_root / tag
+        return {"dcp": None, "deepspeed_tag": tag}, run.deepspeed_root / tag
+
+    def start_weights(self, state: dict) -> dict | None:
+        return state.get("model")  # None: `load` puts DeepSpeed's own shards into the engine
+
+    def weights(self, state: dict, path: Path) -> dict:
+        """The full fp32 weights, assembled from DeepSpeed's partitions by its own `zero_to_fp32` (step files written
+        before this change hold them: `model`). Needs deepspeed installed, no process group."""
+        if "model" in state:
+            return state["model"]
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        root = RunDir.of_step_file(path).deepspeed_root
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints progress; export's stdout is the product
+            return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=state["deepspeed_tag"])
+
+    def writer_of(self, rel: str) -> int:
+        """DeepSpeed names data-parallel rank r's partitions `*zero_pp_rank_r_*` (the data-parallel rank is the rank:
+        this engine has no model parallelism); rank 0 writes `mp_rank_00_model_states.pt`."""
+        m = re.search(r"zero_pp_rank_(\d+)_", Path(rel).name)
+        return int(m.group(1)) if m else 0
 
     def load(self, engine: Engine, state: dict, path: Path) -> list[str]:
         try:

@@ -2,7 +2,8 @@
 
 Every step file ends with a footer: MAGIC, the digest of the bytes before the footer, and their length. torch.load
 reads the zip in front of it and ignores the footer; `verify_file` checks it. Sharded state (DCP, DeepSpeed) is
-covered by the step file itself: it lists the digest and size of every file in the directories it points at.
+covered by the step file itself: it lists the digest and size of every file in the directories it points at. At
+save time each rank digests the files it wrote itself (`CheckpointManager.save`); only the digests travel to rank 0.
 
 The digest is a tree: the CRC-32 of each CHUNK-byte piece, hashed together with sha256. Any change to a piece is
 caught with probability 1 - 2^-32, the pieces are checked in parallel threads (zlib and os.pread release the GIL),
@@ -74,13 +75,19 @@ def verify_file(path: Path) -> int:
     return size
 
 
+def files_under(directory: Path) -> list[str]:
+    """The paths, relative to `directory` and sorted, of every file under it (a listing: no file is read)."""
+    return sorted(str(f.relative_to(directory)) for f in directory.rglob("*") if f.is_file())
+
+
+def digest_files(directory: Path, names) -> dict:
+    """{name: [size, sha256]} of the files `names` (relative to `directory`)."""
+    return {rel: [(directory / rel).stat().st_size, digest(directory / rel)] for rel in names}
+
+
 def shard_digests(directory: Path) -> dict:
     """{path relative to `directory`: [size, sha256]} of every file under it."""
-    return {
-        str(f.relative_to(directory)): [f.stat().st_size, digest(f)]
-        for f in sorted(directory.rglob("*"))
-        if f.is_file()
-    }
+    return digest_files(directory, files_under(directory))
 
 
 def verify_shards(directory: Path, digests: dict) -> int:

@@ -5,7 +5,8 @@ tensors, a native format), the run directory gives the paths (`mhc_train.io.rund
 (`formats.py`) move engine state in and out, and the manager decides what is written where and when old checkpoints
 go. Choosing the resume point and checking it against the run is `resume.py`; the manager's `choose` / `read` /
 `restore` are its entry points for the trainer. Saves are synchronous (every rank returns once the step file is
-durable and verified).
+durable and verified). Each rank digests the shard files it wrote itself, all ranks at once, and only the digests
+travel to rank 0 (`shard_digests`): rank 0 reads no other rank's shard at save time.
 
 A step file holds: step, RNG states (torch, CUDA, numpy, python), the data position (seed and next step: batches are
 a function of them), the resolved config, the tokenizer reference, the scheduler, and the weights and optimizer state
@@ -20,14 +21,14 @@ import shutil
 import time
 from pathlib import Path
 
-from mhc_train.checkpoint import resume
-from mhc_train.checkpoint.formats import FORMATS, format_of, groups
-from mhc_train.checkpoint.integrity import shard_digests
+from mhc_train.checkpoint import integrity, resume
+from mhc_train.checkpoint.formats import FORMATS, Format, format_of, groups
 from mhc_train.checkpoint.rng import rng_state, set_rng_state
 from mhc_train.checkpoint.stepfile import load_step_file, write_step_file
 from mhc_train.config import CheckpointConfig
 from mhc_train.io.rundir import RunDir
 from mhc_train.parallel import DistInfo, Engine, barrier
+from mhc_train.parallel.dist import gather_dicts
 
 
 class CheckpointManager:
@@ -61,17 +62,32 @@ class CheckpointManager:
         return fmt if fmt in engine.checkpoint_formats else engine.checkpoint_formats[0]
 
     def save(self, engine: Engine, step: int, meta: dict) -> Path:
-        """Every rank calls this. Sharded engine state first (all ranks), then rank 0's atomic step file holding
-        `meta` (counters, RNG, config, ...), what points at the shards and their digests."""
-        body, sharded = FORMATS[self.format_for(engine)].save(engine, self.run, self.run.tag(step))
-        barrier(self.dist)  # every shard is complete before the file that points at them exists
+        """Every rank calls this. Sharded engine state first (all ranks), each rank's digests of its own shards, then
+        rank 0's atomic step file holding `meta` (counters, RNG, config, ...), what points at the shards and their
+        digests."""
+        fmt = FORMATS[self.format_for(engine)]
+        body, sharded = fmt.save(engine, self.run, self.run.tag(step))
+        # a collective: rank 0 goes on only once every rank's shards are complete and digested
+        files = self.shard_digests(fmt, sharded) if sharded is not None else None
         path = self.path_for(step)
         if self.dist.is_main:
             if sharded is not None:
-                body["shards"] = {"dir": str(sharded.relative_to(self.dir)), "files": shard_digests(sharded)}
+                body["shards"] = {"dir": str(sharded.relative_to(self.dir)), "files": files}
             self.write(step, {**body, **meta, "world_size": self.dist.world, "step": step, "rng": rng_state()})
         barrier(self.dist)
         return path
+
+    def shard_digests(self, fmt: Format, sharded: Path) -> dict:
+        """Every rank: digest the files of `sharded` that this rank wrote (`Format.writer_of`), in parallel with the
+        others; rank 0 merges the digests and digests itself what no rank claimed (its own `.metadata`, a name that
+        does not say its writer, a file another rank does not see), so the step file lists every file, as it did
+        when rank 0 digested them all. {} on other ranks. A collective."""
+        mine = [rel for rel in integrity.files_under(sharded) if fmt.writer_of(rel) == self.dist.rank]
+        merged = gather_dicts(integrity.digest_files(sharded, mine), self.dist)
+        if not self.dist.is_main:
+            return {}
+        rest = [rel for rel in integrity.files_under(sharded) if rel not in merged]
+        return dict(sorted({**merged, **integrity.digest_files(sharded, rest)}.items()))
 
     def write(self, step: int, state: dict) -> Path:
         """Rank 0: the step file, written as a hidden temporary with its digest footer, fsynced and renamed; read

@@ -83,7 +83,7 @@ def load_checkpoint(path: str | Path, tokenizer: str | Path | None = None, devic
     step_file = resolve_checkpoint(path)
     try:
         state = load_step_file(step_file)
-        weights = state["model"] if not state.get("dcp") else read_model_state(step_file)
+        weights = state["model"] if "model" in state else read_model_state(step_file)  # DCP, DeepSpeed: from shards
     except CheckpointError as e:
         raise InferenceError(str(e)) from e
     config = state.get("config") or {}

@@ -9,7 +9,9 @@ import subprocess
 import time
 
 import pytest
+import torch
 
+from mhc_train.checkpoint import CheckpointManager
 from mhc_train.train.metrics import read_metrics
 from tests.support import launch, runs
 from tests.support.configs import run_overrides
@@ -116,9 +118,13 @@ def test_deepspeed_checkpoint_resumes_exactly(prepared_data, tmp_path):
         launch.torchrun_cmd(run_overrides(prepared_data, split, **common, **{"train.stop_at_step": 2})), timeout=600
     )
     assert (split / "checkpoints" / "deepspeed" / "step_00000002").is_dir()
+    # no second copy of the weights beside DeepSpeed's own shards: resume and export read those
+    assert "model" not in CheckpointManager.load(split / "checkpoints" / "step_00000002.pt")
     out = launch.run(launch.torchrun_cmd(run_overrides(prepared_data, split, **common)), timeout=600)
     assert "resumed from" in out
     assert runs.losses(full) == runs.losses(split)
+    want, got = runs.weights(full, 4), runs.weights(split, 4)  # assembled from DeepSpeed's partitions
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
 @pytest.fixture(scope="module")
