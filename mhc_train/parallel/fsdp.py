@@ -40,28 +40,71 @@ from mhc_train.parallel.engine import LocalEngine, materialise_on_host, release_
 from mhc_train.parallel.state import full, full_model_state, local, materialise, on_meta
 
 
-def shard(module: torch.nn.Module, mesh, per_block: bool = False, compute_dtype=None) -> torch.nn.Module:
-    """FSDP2 over `mesh`: with `per_block`, one unit per block (weights gathered just in time, freed after) plus the
-    root; otherwise one unit for the whole module. Per-block needs the blocks' own forward to run (the plain block
-    loop, no recompute runner) and a schedule without a split backward (see note 1). `compute_dtype` (bf16 under
-    train.precision=bf16, else None): mixed precision for per-block units (note 3)."""
+def shard(module: torch.nn.Module, mesh, per_block: bool = False, compute_dtype=None,
+          reshard_after_forward: bool = True) -> torch.nn.Module:
+    """FSDP2 over `mesh`. With `per_block`, units follow the computation (note 1): without a block runner one unit per
+    block plus the root; with a recompute runner one unit per F module (`layer.attn`, `layer.ffn`) and the root, the
+    connection sites and the blocks' norms left out (replicated, `sync_replicated_grads`). Otherwise one unit for the
+    whole module. `compute_dtype` (bf16 under train.precision=bf16, else None): mixed precision for per-block units
+    (note 3). `reshard_after_forward=False` keeps the non-root units gathered from forward to backward (the pipeline's
+    choice: no second all-gather per micro-batch); the root always keeps FSDP's default."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from mhc_train.model.connections import Site
-
-    if not (per_block and module.block_runner is None):
-        return fully_shard(module, mesh=mesh)
+    root_kw = {} if reshard_after_forward else {"reshard_after_forward": False}
+    if not per_block:
+        return fully_shard(module, mesh=mesh, **root_kw)
     fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
     low = (
         fp32 if compute_dtype is None else MixedPrecisionPolicy(compute_dtype, torch.float32, cast_forward_inputs=False)
     )
+    unit = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
+    if module.block_runner is not None:
+        return _shard_compute_units(module, low, unit, root_kw)
+    from mhc_train.model.connections import Site
+
     for layer in module.layers.values():
         if compute_dtype is not None:
             for site in layer.modules():
                 if isinstance(site, Site) and next(site.parameters(), None) is not None:
-                    fully_shard(site, mesh=mesh, mp_policy=fp32)
-        fully_shard(layer, mesh=mesh, mp_policy=low)
-    return fully_shard(module, mesh=mesh, mp_policy=low)
+                    fully_shard(site, **unit, mp_policy=fp32)
+        fully_shard(layer, **unit, mp_policy=low)
+    return fully_shard(module, mesh=mesh, mp_policy=low, **root_kw)
+
+
+def _shard_compute_units(module, low, unit: dict, root_kw: dict) -> torch.nn.Module:
+    """Recompute layout (note 1): each site's F module is a unit (the runner calls its forward, so FSDP's hooks fire
+    there, in the forward and in any recomputation); the sites' and norms' parameters stay plain fp32 tensors."""
+    from torch.distributed.fsdp import fully_shard
+
+    replicated = set()
+    for part in module.site_parts():
+        fully_shard(part.owner, **unit, mp_policy=low)
+        replicated.update([*part.site.parameters(), *part.norm.parameters()])
+    return fully_shard(module, mesh=unit["mesh"], mp_policy=low, ignored_params=replicated, **root_kw)
+
+
+def replicated_params(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The parameters FSDP left whole on every rank (plain tensors, not DTensor shards)."""
+    from torch.distributed.tensor import DTensor
+
+    return [p for p in module.parameters() if not isinstance(p, DTensor)]
+
+
+def sync_replicated_grads(params, mesh) -> None:
+    """Mean of the replicated parameters' gradients over `mesh` (every dimension), in one flat fp32 all-reduce: what
+    FSDP's reduce-scatter does for its units, for the parameters it does not manage."""
+    import torch.distributed as tdist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = _flatten_dense_tensors([g.float() for g in grads])
+    for dim in range(mesh.ndim):
+        tdist.all_reduce(flat, group=mesh.get_group(dim))
+    flat /= mesh.size()
+    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)
 
 
 class FSDPEngine(LocalEngine):
@@ -78,6 +121,7 @@ class FSDPEngine(LocalEngine):
         built_on_meta = on_meta(model)
         # a copy of a meta skeleton is free
         self.train_model = shard(copy.deepcopy(model), mesh, per_block=True, compute_dtype=autocast_dtype)
+        self.dp_mesh = mesh  # the replicated parameters' gradients are averaged over it (note 1)
         if built_on_meta:
             materialise(self.train_model, device, seed, weights)  # this rank's shards only (note 2)
         else:
@@ -97,13 +141,21 @@ class FSDPEngine(LocalEngine):
 
     def backward(self, loss, micro: int) -> None:
         """Reduce-scatter the gradients once per step, in the last micro-batch (FSDP2 accumulates unsharded
-        gradients locally before it)."""
-        self.train_model.set_requires_gradient_sync(micro == self.grad_accum - 1)
+        gradients locally before it); the parameters FSDP leaves replicated (recompute layout, note 1) are averaged
+        over the data-parallel ranks then too."""
+        last = micro == self.grad_accum - 1
+        self.train_model.set_requires_gradient_sync(last)
         (loss / self.grad_accum).backward()
+        if last:
+            sync_replicated_grads(replicated_params(self.train_model), self.dp_mesh)
 
     def clip(self) -> torch.Tensor:
         limit = self.grad_clip if self.grad_clip > 0 else float("inf")
-        return full(torch.nn.utils.clip_grad_norm_(self.params_with_grad(), limit))
+        params = self.params_with_grad()
+        replicated = set(replicated_params(self.train_model))
+        if not replicated:
+            return full(torch.nn.utils.clip_grad_norm_(params, limit))
+        return _clip_mixed([p for p in params if p not in replicated], [p for p in params if p in replicated], limit)
 
     def param_names(self) -> dict:
         return {p: n for n, p in self.train_model.named_parameters()}
@@ -136,6 +188,19 @@ class FSDPEngine(LocalEngine):
 
     def live_modules(self):
         return [self.train_model]
+
+
+def _clip_mixed(sharded, replicated, limit: float) -> torch.Tensor:
+    """`clip_grad_norm_` over DTensor-sharded and plain replicated gradients together (torch's refuses the mix): the
+    norm of the two groups' norms, then every gradient scaled by min(1, limit / norm) on the device."""
+    from torch.nn.utils import get_total_norm
+
+    norms = [full(get_total_norm([p.grad for p in group])) for group in (sharded, replicated) if group]
+    norm = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+    scale = (limit / (norm + 1e-6)).clamp(max=1.0)
+    for p in (*sharded, *replicated):
+        local(p.grad).mul_(scale.to(p.grad.dtype))
+    return norm
 
 
 def reshard_all(modules) -> None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from mhc_train.config import RECOMPUTE_MODES as MODES
 
@@ -237,6 +238,15 @@ def _part_params(part) -> list:
     return [*part.site.parameters(), *part.norm.parameters(), *part.owner.parameters()]
 
 
+def _sharded(parts) -> bool:
+    """Whether F's modules are FSDP units of their own (fsdp.py note 1): their parameters are gathered by FSDP's hooks
+    around each call, so they cannot enter `_FullRecompute` as inputs; torch's non-reentrant checkpoint, which
+    re-runs those calls (and hooks) in backward, recomputes the group instead."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(parts[0].owner, FSDPModule)
+
+
 def apply_recompute(model, mode: str, block: int | str = "auto", stage_sites: list[int] | None = None):
     """Choose `model`'s block runner for `mode` (`model.use_block_runner`); returns the block plan. `none` (and `mhc`
     on the residual baseline, which has no connection intermediates to drop) keeps the plain loop."""
@@ -254,6 +264,8 @@ def apply_recompute(model, mode: str, block: int | str = "auto", stage_sites: li
             group = parts[start:stop]
             if mode == "mhc":
                 h = _run_mhc_block(group, h)
+            elif _sharded(group):
+                h = checkpoint(_plain_sites, group, h, use_reentrant=False)
             else:
                 params = [p for part in group for p in _part_params(part)]
                 (hv,) = _views([h])

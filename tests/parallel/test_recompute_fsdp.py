@@ -1,0 +1,177 @@
+"""Recompute that keeps FSDP sharding (issue 24, item 4): with `parallel.recompute=mhc` or `full`, FSDP2's units are
+the blocks' F modules (attention, FFN), the connection sites and norms stay replicated in fp32, and a step holds less
+per rank than without recompute, while its gradients equal one process's.
+
+Two gloo ranks, spawned once for the whole module (one start-up); every case runs in them and sends back what it
+measured. Memory over a step: the peak, sampled at every tensor autograd saves and every one it unpacks, of the bytes
+of the distinct storages held by the saved tensors, the parameters (this rank's shards) and the gradients. A
+storage FSDP has freed (resized to 0 after a gather) counts 0 from then on.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import weakref
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+pytestmark = pytest.mark.slow  # two gloo processes
+
+WORLD = 2
+BATCH, SEQ = 4, 32
+CASES = [("none", "fp32"), ("mhc", "fp32"), ("full", "fp32"), ("mhc", "bf16"), ("full", "bf16")]
+
+
+def _overrides(recompute: str, precision: str, engine: str = "fsdp") -> list[str]:
+    return [
+        "model=test",
+        "train=test",
+        "connection=mhc",
+        "model.n_layer=4",
+        f"train.batch_size={BATCH}",
+        f"train.seq_len={SEQ}",
+        f"train.precision={precision}",
+        f"parallel.engine={engine}",
+        f"parallel.recompute={recompute}",
+        "parallel.recompute_block=2",
+    ]
+
+
+def _batch():
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, 512, (BATCH, SEQ + 1), generator=g)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+class _Peak:
+    """Peak bytes of the distinct live storages of saved tensors, parameters and gradients, sampled at each pack
+    and unpack."""
+
+    def __init__(self, module):
+        from mhc_train.parallel.state import local
+
+        self.module, self.local, self.saved, self.peak = module, local, [], 0
+
+    def held(self) -> list[torch.Tensor]:
+        params = [self.local(p) for p in self.module.parameters()]
+        grads = [self.local(p.grad) for p in self.module.parameters() if p.grad is not None]
+        return [t for t in (r() for r in self.saved) if t is not None] + params + grads
+
+    def sample(self) -> None:
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.held()}
+        self.peak = max(self.peak, sum(storages.values()))
+
+    def pack(self, t):
+        self.saved.append(weakref.ref(t))
+        self.sample()
+        return t
+
+    def unpack(self, t):
+        self.sample()
+        return t
+
+
+def _case(recompute: str, precision: str, info) -> dict:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from mhc_train.config import load_config
+    from mhc_train.model import build_model
+    from mhc_train.parallel import build_engine
+
+    cfg = load_config(_overrides(recompute, precision))
+    engine = build_engine(build_model(cfg.model, cfg.connection, seed=0, device="meta"), cfg, info)
+    model, (x, y) = engine.train_model, _batch()
+
+    def batch(micro, shard, n_shards):
+        rows = slice(shard * BATCH // n_shards, (shard + 1) * BATCH // n_shards)
+        return x[rows], y[rows]
+
+    peak = _Peak(model)
+    with torch.autograd.graph.saved_tensors_hooks(peak.pack, peak.unpack):
+        loss = engine.forward_backward(batch)
+    peak.sample()
+    engine.clip()  # averages nothing more: the replicated gradients were averaged in backward
+    grads = engine.gather_grads()
+    layer = model.layers["0"]
+    return {
+        "loss": float(loss),
+        "peak": peak.peak,
+        "grads": grads,
+        "units": sum(isinstance(m, FSDPModule) for m in model.modules()),
+        "block_sharded": isinstance(layer.attn.wq.weight, DTensor),
+        "site_replicated": all(not isinstance(p, DTensor) for p in layer.attn_conn.parameters()),
+        "site_dtypes": sorted({str(p.dtype) for p in layer.attn_conn.parameters()}),
+        "f_param_dtype": str(layer.attn._get_fsdp_state()._mp_policy.param_dtype)
+        if isinstance(layer.attn, FSDPModule)
+        else None,
+    }
+
+
+def _worker(rank: int, store_path: str, out_path: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    store = torch.distributed.FileStore(store_path, WORLD)
+    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
+    from mhc_train.parallel.dist import DistInfo
+
+    info = DistInfo(rank=rank, world=WORLD)
+    out = {f"{r}/{p}": _case(r, p, info) for r, p in CASES}
+    if rank == 0:
+        torch.save(out, out_path)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs():
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out.pt")
+        mp.spawn(_worker, args=(os.path.join(tmp, "store"), out), nprocs=WORLD, join=True)
+        return torch.load(out)
+
+
+def _one_process_grads(recompute: str, precision: str) -> tuple[float, dict]:
+    from mhc_train.config import load_config
+    from mhc_train.model import build_model, lm_loss
+    from mhc_train.parallel import apply_recompute
+
+    cfg = load_config(_overrides(recompute, precision, engine="none"))
+    model = build_model(cfg.model, cfg.connection, seed=0)
+    apply_recompute(model, recompute, 2)
+    x, y = _batch()
+    with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+        logits = model(x)
+    loss = lm_loss(logits, y)
+    loss.backward()
+    return float(loss), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("recompute", ["mhc", "full"])
+def test_recompute_keeps_fsdp_sharded_and_saves_memory(fsdp_runs, recompute):
+    """Per-block units, not one: F's weights DTensor shards, the sites' parameters whole fp32 tensors; a step's
+    peak below the same FSDP run without recompute (on main, recompute made the model one unit: full parameters and
+    gradients on every rank, more than recompute saves)."""
+    got, plain = fsdp_runs[f"{recompute}/fp32"], fsdp_runs["none/fp32"]
+    assert got["units"] == 2 * 4 + 1, got["units"]  # attention and FFN of 4 blocks, and the root
+    assert got["block_sharded"] and got["site_replicated"] and got["site_dtypes"] == ["torch.float32"]
+    assert got["peak"] < plain["peak"], (got["peak"], plain["peak"])
+
+
+@pytest.mark.parametrize("recompute,precision", [(r, p) for r, p in CASES])
+def test_recompute_under_fsdp_matches_one_process(fsdp_runs, recompute, precision):
+    """Loss and every gradient (replicated ones averaged over the ranks) equal one process's on the same batch."""
+    got = fsdp_runs[f"{recompute}/{precision}"]
+    loss, grads = _one_process_grads(recompute, precision)
+    assert got["grads"].keys() == grads.keys()
+    # bf16: FSDP gathers F's weights in bf16 where one process's autocast rounds the same fp32 weights: the same
+    # GEMM inputs, but the embedding and final norm are rounded too (as without recompute, test_matrix.py)
+    rtol, atol = (1e-4, 1e-6) if precision == "fp32" else (5e-2, 5e-3)
+    assert abs(got["loss"] - loss) <= rtol * abs(loss) + atol, (got["loss"], loss)
+    for name, g in grads.items():
+        torch.testing.assert_close(got["grads"][name], g, rtol=rtol, atol=atol, msg=name)
+    if precision == "bf16" and recompute != "none":  # bf16 compute weights from fp32 masters; coefficients fp32
+        assert got["f_param_dtype"] == "torch.bfloat16" and got["site_dtypes"] == ["torch.float32"], got
