@@ -40,8 +40,9 @@ from mhc_train.parallel.engine import LocalEngine, materialise_on_host, release_
 from mhc_train.parallel.state import full, full_model_state, local, materialise, on_meta
 
 
-def shard(module: torch.nn.Module, mesh, per_block: bool = False, compute_dtype=None,
-          reshard_after_forward: bool = True) -> torch.nn.Module:
+def shard(
+    module: torch.nn.Module, mesh, per_block: bool = False, compute_dtype=None, reshard_after_forward: bool = True
+) -> torch.nn.Module:
     """FSDP2 over `mesh`. With `per_block`, units follow the computation (note 1): without a block runner one unit per
     block plus the root; with a recompute runner one unit per F module (`layer.attn`, `layer.ffn`) and the root, the
     connection sites and the blocks' norms left out (replicated, `sync_replicated_grads`). Otherwise one unit for the
@@ -83,28 +84,37 @@ def _shard_compute_units(module, low, unit: dict, root_kw: dict) -> torch.nn.Mod
     return fully_shard(module, mesh=unit["mesh"], mp_policy=low, ignored_params=replicated, **root_kw)
 
 
-def replicated_params(module: torch.nn.Module) -> list[torch.Tensor]:
-    """The parameters FSDP left whole on every rank (plain tensors, not DTensor shards)."""
+def replicated_params(modules) -> list[torch.Tensor]:
+    """The parameters FSDP leaves whole on every rank where it shards the others (the recompute layout, note 1):
+    plain tensors next to DTensor shards. Empty where nothing is sharded (no FSDP) or everything is."""
     from torch.distributed.tensor import DTensor
 
-    return [p for p in module.parameters() if not isinstance(p, DTensor)]
+    params = [p for m in modules for p in m.parameters()]
+    if not any(isinstance(p, DTensor) for p in params):
+        return []
+    return [p for p in params if not isinstance(p, DTensor)]
 
 
-def sync_replicated_grads(params, mesh) -> None:
-    """Mean of the replicated parameters' gradients over `mesh` (every dimension), in one flat fp32 all-reduce: what
-    FSDP's reduce-scatter does for its units, for the parameters it does not manage."""
+def sync_replicated_grads(modules) -> set:
+    """Average the replicated parameters' gradients over the data-parallel mesh (the sharded parameters' mesh, every
+    dimension: HSDP included), in one flat fp32 all-reduce: what FSDP's reduce-scatter does for its units, for the
+    parameters it leaves out. Call once per step, after the last backward; returns those parameters (a clip counts
+    them once, not once per rank)."""
     import torch.distributed as tdist
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+    from torch.distributed.tensor import DTensor
 
+    params = replicated_params(modules)
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = _flatten_dense_tensors([g.float() for g in grads])
-    for dim in range(mesh.ndim):
-        tdist.all_reduce(flat, group=mesh.get_group(dim))
-    flat /= mesh.size()
-    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-        g.copy_(synced)
+    if grads:
+        mesh = next(p for m in modules for p in m.parameters() if isinstance(p, DTensor)).device_mesh
+        flat = _flatten_dense_tensors([g.float() for g in grads])
+        for dim in range(mesh.ndim):
+            tdist.all_reduce(flat, group=mesh.get_group(dim))
+        flat /= mesh.size()
+        for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+    return set(params)
 
 
 class FSDPEngine(LocalEngine):
@@ -121,7 +131,6 @@ class FSDPEngine(LocalEngine):
         built_on_meta = on_meta(model)
         # a copy of a meta skeleton is free
         self.train_model = shard(copy.deepcopy(model), mesh, per_block=True, compute_dtype=autocast_dtype)
-        self.dp_mesh = mesh  # the replicated parameters' gradients are averaged over it (note 1)
         if built_on_meta:
             materialise(self.train_model, device, seed, weights)  # this rank's shards only (note 2)
         else:
@@ -147,12 +156,12 @@ class FSDPEngine(LocalEngine):
         self.train_model.set_requires_gradient_sync(last)
         (loss / self.grad_accum).backward()
         if last:
-            sync_replicated_grads(replicated_params(self.train_model), self.dp_mesh)
+            sync_replicated_grads([self.train_model])
 
     def clip(self) -> torch.Tensor:
         limit = self.grad_clip if self.grad_clip > 0 else float("inf")
         params = self.params_with_grad()
-        replicated = set(replicated_params(self.train_model))
+        replicated = set(replicated_params([self.train_model]))
         if not replicated:
             return full(torch.nn.utils.clip_grad_norm_(params, limit))
         return _clip_mixed([p for p in params if p not in replicated], [p for p in params if p in replicated], limit)

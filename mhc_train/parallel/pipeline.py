@@ -23,7 +23,7 @@ import torch
 from mhc_train.model import lm_loss
 from mhc_train.parallel.dist import all_reduce_sum_, gather_dicts, recv_from, reduce_sum, send_to, sum_across_ranks
 from mhc_train.parallel.engine import Engine, plain_blocks
-from mhc_train.parallel.fsdp import reshard_all
+from mhc_train.parallel.fsdp import reshard_all, sync_replicated_grads
 from mhc_train.parallel.overlap import install_overlap, issue_order
 from mhc_train.parallel.schedules import build_schedule, layer_ranges
 from mhc_train.parallel.state import full, full_model_state, local
@@ -130,6 +130,7 @@ class PipelineEngine(Engine):
                 self.schedule.step()
         if self.overlap is not None:
             self.overlap.finish()
+        self.replicated = sync_replicated_grads(self.modules)  # FSDP's recompute layout (fsdp.py note 1)
         mine = torch.stack(losses).detach().float().mean() if losses else torch.zeros((), device=self.device)
         return reduce_sum(mine, self.dist, self.device) / self.mesh.dp  # one rank per replica holds the last stage
 
@@ -151,8 +152,8 @@ class PipelineEngine(Engine):
         (a factor min(1, limit / norm): no host read of the norm)."""
         sq = torch.zeros(1, dtype=torch.float64, device=self.device)
         grads = [local(p.grad.detach()) for p in self.params_with_grad()]  # shards partition each gradient
-        for g in grads:
-            sq += g.double().square().sum()
+        for p, g in zip(self.params_with_grad(), grads):  # a replicated gradient: once over its dp ranks
+            sq += g.double().square().sum() / (self.mesh.dp if p in getattr(self, "replicated", ()) else 1)
         all_reduce_sum_(sq, self.dist)
         norm = sq.sqrt().reshape(())
         if self.grad_clip > 0:
