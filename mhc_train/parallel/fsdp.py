@@ -7,11 +7,21 @@
   a reduce-scatter; UNSHARD / RESHARD actions in the multi-stage schedules).
 
 Notes:
-1. FSDP alone, or under 1F1B / interleaved 1F1B, without recompute: each block is its own FSDP unit (weights
-   gathered just before the block, freed after), plus the root for the embedding, final norm and head. Otherwise a
-   stage or model is one unit: the recompute runner calls the sites directly rather than the blocks' `forward`,
-   where FSDP's per-module hooks live, and under the split-backward schedules (ZBV, DualPipeV) nested units gave
-   wrong gradients in our test (torch 2.13) while one unit per stage matches one process.
+1. Units follow the computation; the whole model is never one unit except where a schedule needs it.
+   - No recompute (FSDP alone, or under 1F1B / interleaved 1F1B): each block is a unit (weights gathered just
+     before the block, freed after), plus the root for the embedding, final norm and head.
+   - Recompute `mhc` or `full` (same engines): each site's F module (`layer.attn`, `layer.ffn`: a `SitePart`'s
+     `owner`) is a unit, plus the root. The recompute runner calls the sites and F directly, not `Block.forward`,
+     but F's own forward runs normally (in the forward, and again in `full`'s recomputation), so FSDP's hooks fire
+     there. The connection sites' and the blocks' norms' parameters (phi, gates, biases, gains: small) are left out
+     of FSDP (`ignored_params`): fp32, whole on every rank, given to `_SitePre` as inputs as in one process, and
+     their gradients averaged over the data-parallel mesh once per step (`sync_replicated_grads`, by the engine
+     after its last backward; the clip counts them once). `full` recompute of sharded F units goes through torch's
+     non-reentrant checkpoint (recompute.py), which re-runs F's forward and hooks in backward.
+   - Split-backward schedules (ZBV, DualPipeV): one unit per stage; nested units gave wrong gradients there in our
+     test (torch 2.13) while one unit per stage matches one process.
+   `shard(reshard_after_forward=False)` (the pipeline's choice) keeps the non-root units gathered from forward to
+   backward.
 2. Built from the meta device (`build.builds_on_meta`): the skeleton is sharded while it holds no storage, then
    `state.materialise` allocates this rank's shards on the device and fills them from the seed (each module's
    values drawn on the host, one module at a time, the shard sliced out locally) or from a file checkpoint's
@@ -22,12 +32,15 @@ Notes:
    sharded, and the other ranks free theirs.
    Checkpoints (DCP by default, or one file) are keyed by parameter name: they load into one process, DDP, any
    pipeline layout, or FSDP at another world size.
-3. Mixed precision (train.precision=bf16) where each block is its own unit: the blocks and the root are gathered
-   in bf16 (half the all-gather traffic, bf16 GEMM weights) and their gradients reduce-scattered in fp32, while
-   every connection site with parameters is a unit of its own gathered in fp32, so the coefficient path (phi,
-   gates, biases) never sees a rounded weight. Inputs are never cast (`cast_forward_inputs=False`): the stream
-   keeps model.stream_dtype. Where the whole module is one unit (recompute, split-backward schedules; note 1) the
-   gathers stay fp32, since a module-wide bf16 cast would round phi; autocast still runs the GEMMs in bf16.
+3. Mixed precision (train.precision=bf16) where units follow the computation (note 1): the units and the root are
+   gathered in bf16 from the fp32 shards (half the all-gather traffic; bf16 GEMM weights, so autocast has nothing
+   to cast and keeps no bf16 copy of a weight for backward; the gathered weight is freed after its unit) and their
+   gradients reduce-scattered in fp32 into the fp32 master shards. The coefficient path (phi, gates, biases,
+   Sinkhorn) never sees a rounded weight: per block, every connection site with parameters is a unit of its own
+   gathered in fp32; per F module, the sites are not in FSDP at all (fp32, replicated). Inputs are never cast
+   (`cast_forward_inputs=False`): the stream keeps model.stream_dtype. Where the whole module is one unit
+   (split-backward schedules) the gathers stay fp32, since a module-wide bf16 cast would round phi; autocast
+   still runs the GEMMs in bf16.
 """
 
 from __future__ import annotations

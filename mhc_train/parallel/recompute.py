@@ -31,6 +31,11 @@ Note:
 4. Gradients are bit-identical to the plain model's (tested): `_SitePre` replays the whole site as one local graph,
    so autograd sums each gradient in the order the plain graph does. Every replay runs the site's own step in its
    two halves (`Site.read`: coefficients and pre; `Site.write`: post_res), never a copy of the site.
+5. Under FSDP (fsdp.py note 1) F's modules are units of their own and the sites' and norms' parameters plain
+   tensors. `mhc` needs nothing more: F runs through its own forward, where FSDP gathers and frees its weights.
+   `full` cannot pass F's parameters into `_FullRecompute` (they are shards, swapped for gathered copies only
+   inside F's forward), so a sharded group runs under torch's non-reentrant `checkpoint`, which re-runs F's forward,
+   FSDP hooks included, in backward. ZBV / DualPipeV keep one unit per stage and `_FullRecompute`.
 """
 
 from __future__ import annotations
