@@ -1,13 +1,22 @@
 """The model: a plain decoder-only transformer whose residual stream is a `Connection` (residual, HC or mHC behind
 one interface). It knows nothing of parallelism; `mhc_train.parallel` wraps it from outside.
 
-- `transformer.py`: `Transformer`, `build_model` (validates the configs, builds, initialises), `lm_loss`;
+- `transformer.py`: `Transformer`, `build_model` (validates the configs, builds, initialises), `lm_loss`,
+  `chunked_lm_loss`;
 - `connections.py`: the connections and their sites (parameters and coefficient math; `mhc_train.ops` runs the site);
 - `layers.py`: RMSNorm, attention, FFN, RoPE.
 """
 
 from mhc_train.model.connections import Connection, build_connection
-from mhc_train.model.transformer import BlockRunner, SitePart, Transformer, build_model, lm_loss, no_weight_decay
+from mhc_train.model.transformer import (
+    BlockRunner,
+    SitePart,
+    Transformer,
+    build_model,
+    chunked_lm_loss,
+    lm_loss,
+    no_weight_decay,
+)
 
 __all__ = [
     "BlockRunner",
@@ -16,6 +25,7 @@ __all__ = [
     "Transformer",
     "build_connection",
     "build_model",
+    "chunked_lm_loss",
     "lm_loss",
     "no_weight_decay",
 ]

@@ -196,9 +196,14 @@ class Transformer(nn.Module):
         h = self.norm(self.conn.collapse(h))  # [B, T, C]
         return self.output(h) if self.output is not None else h
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T] (or the stream state [B, T, n, C] on a later pipeline stage) -> logits [B, T, V]."""
-        return self.head(self.run_blocks(self.embed(tokens)))
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] (or the stream state [B, T, n, C] on a later pipeline stage) -> logits [B, T, V]; with
+        `targets` [B, T] (a whole model), the mean next-token loss instead, chunked over tokens (`chunked_lm_loss`):
+        no full fp32 [B*T, V] logits tensor is held."""
+        h = self.run_blocks(self.embed(tokens))
+        if targets is None:
+            return self.head(h)
+        return chunked_lm_loss(self.norm(self.conn.collapse(h)), self.output, targets)
 
 
 def module_seed(seed: int, name: str) -> int:
@@ -222,6 +227,33 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of logits [B, T, V] against targets [B, T], in fp32: the one loss of every
     engine, the pipeline's last stage, the oracles and the benchmarks."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+LOSS_CHUNK_ELEMENTS = 1 << 26  # fp32 logits per chunk (256 MiB): 2048 tokens at V=32000; test models never split
+
+
+def chunked_lm_loss(h: torch.Tensor, head: nn.Module, targets: torch.Tensor,
+                    max_elements: int = LOSS_CHUNK_ELEMENTS) -> torch.Tensor:  # fmt: skip
+    """`lm_loss(head(h), targets)` for the final hidden state h [B, T, C], chunked over tokens: each chunk of at most
+    `max_elements // V` tokens computes its logits, their fp32 cross-entropy sum, and drops them; backward
+    recomputes each chunk's logits (torch's non-reentrant checkpoint, autocast state kept). Peak: one chunk's fp32
+    logits instead of all of them. A batch that fits one chunk takes `lm_loss` itself (the same bits as before); a
+    split one sums per chunk, then divides: equal to fp32 rounding."""
+    from torch.utils.checkpoint import checkpoint
+
+    flat_h, flat_t = h.flatten(0, 1), targets.flatten()  # [N, C], [N]
+    n, per = flat_t.numel(), max(1, max_elements // head.weight.shape[0])
+    if n <= per:
+        return lm_loss(head(h), targets)
+    sums = [
+        checkpoint(_ce_sum, head, flat_h[i : i + per], flat_t[i : i + per], use_reentrant=False)
+        for i in range(0, n, per)
+    ]
+    return torch.stack(sums).sum() / n
+
+
+def _ce_sum(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), targets, reduction="sum")
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:

@@ -32,7 +32,6 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from mhc_train.model import lm_loss
 from mhc_train.parallel import state
 from mhc_train.parallel.dist import DistInfo, reduce_sum, sum_across_ranks
 
@@ -93,9 +92,8 @@ class Engine:
         return t.pin_memory().to(self.device, non_blocking=True)
 
     def loss(self, forward, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
-            logits = forward(self.to_device(x))
-        return lm_loss(logits, self.to_device(y))
+        with self.autocast():  # the model's loss, chunked over tokens (no full fp32 logits: model.chunked_lm_loss)
+            return forward(self.to_device(x), self.to_device(y))
 
     def forward_backward(self, batch: BatchFn) -> torch.Tensor:
         """Forward and backward of every micro-batch of this step; returns the global mean loss on every rank (a
