@@ -91,6 +91,13 @@ def all_reduce_sum_(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def mean_over_mesh_(t: torch.Tensor, mesh) -> torch.Tensor:
+    """Average `t` in place over every rank of the DeviceMesh `mesh` (each dimension in turn: HSDP's too)."""
+    for dim in range(mesh.ndim):
+        dist.all_reduce(t, group=mesh.get_group(dim))
+    return t.div_(mesh.size())
+
+
 def send_to(t: torch.Tensor, peer: int, group=None) -> None:
     """Point-to-point send of `t` (on the compute device) to rank `peer` of `group` (the default group: None)."""
     dist.send(t.contiguous(), group=group, group_dst=peer)

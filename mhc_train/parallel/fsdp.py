@@ -49,6 +49,7 @@ import copy
 
 import torch
 
+from mhc_train.parallel.dist import mean_over_mesh_
 from mhc_train.parallel.engine import LocalEngine, materialise_on_host, release_eval_copy
 from mhc_train.parallel.state import full, full_model_state, local, materialise, on_meta
 
@@ -113,7 +114,6 @@ def sync_replicated_grads(modules) -> set:
     dimension: HSDP included), in one flat fp32 all-reduce: what FSDP's reduce-scatter does for its units, for the
     parameters it leaves out. Call once per step, after the last backward; returns those parameters (a clip counts
     them once, not once per rank)."""
-    import torch.distributed as tdist
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
     from torch.distributed.tensor import DTensor
 
@@ -122,9 +122,7 @@ def sync_replicated_grads(modules) -> set:
     if grads:
         mesh = next(p for m in modules for p in m.parameters() if isinstance(p, DTensor)).device_mesh
         flat = _flatten_dense_tensors([g.float() for g in grads])
-        for dim in range(mesh.ndim):
-            tdist.all_reduce(flat, group=mesh.get_group(dim))
-        flat /= mesh.size()
+        mean_over_mesh_(flat, mesh)
         for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
             g.copy_(synced)
     return set(params)
