@@ -79,7 +79,7 @@ def test_bf16_streams_stay_bf16_under_fsdp_mixed_precision(one_rank_group):
 
 
 def test_one_unit_layouts_keep_fp32_gathers(one_rank_group):
-    """Where the whole module is one unit (recompute runner, split-backward schedules) a bf16 gather would round phi:
+    """Where the whole module is one unit (split-backward schedules) a bf16 gather would round phi:
     the weights stay fp32 (autocast still casts the GEMMs)."""
     model = build_model(MODEL, ConnectionConfig(type="mhc", t_max=4))
     sharded = shard(model, one_rank_group, per_block=False, compute_dtype=torch.bfloat16)
