@@ -210,3 +210,29 @@ def test_bf16_compute_weights_leave_no_weight_copy_for_backward(fsdp_runs):
     got = fsdp_runs["mhc/bf16"]
     assert got["f_param_dtype"] == "torch.bfloat16" and got["site_dtypes"] == ["torch.float32"], got
     assert got["weights_at_backward"] <= 2 * got["largest_unit_elements"], got["weights_at_backward"]
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_reshard_after_forward_false_keeps_the_units_gathered_until_backward(tmp_path, keep):
+    """`shard(reshard_after_forward=False)` (the pipeline's choice): after a forward, F's units still hold gathered
+    weights (plain tensors swapped in) instead of their DTensor shards; the default frees them after each unit."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from mhc_train.config import load_config
+    from mhc_train.model import build_model
+    from mhc_train.parallel import apply_recompute
+    from mhc_train.parallel.fsdp import shard
+
+    cfg = load_config(_overrides("mhc", "fp32", engine="none"))
+    torch.distributed.init_process_group("gloo", store=torch.distributed.FileStore(str(tmp_path / "s"), 1), rank=0,
+                                         world_size=1)  # fmt: skip
+    try:
+        model = build_model(cfg.model, cfg.connection, seed=0)
+        apply_recompute(model, "mhc", 2)
+        model = shard(model, init_device_mesh("cpu", (1,)), per_block=True, reshard_after_forward=not keep)
+        loss = model(*_batch())
+        assert isinstance(model.layers["0"].attn.wq.weight, DTensor) is not keep
+        loss.backward()
+    finally:
+        torch.distributed.destroy_process_group()
