@@ -93,9 +93,12 @@ class DcpFormat(Format):
     def save(self, engine: Engine, run: RunDir, tag: str) -> tuple[dict, Path | None]:
         sharded = run.dcp_dir(tag)
         save_dcp(engine.live_state(), sharded)
-        body = {"dcp": tag, "deepspeed_tag": None, "scheduler": engine.scheduler.state_dict()}
-        body["optimizer_groups"] = groups(engine)
-        return body, sharded
+        return self.body(engine, tag), sharded
+
+    def body(self, engine: Engine, tag: str) -> dict:
+        """What the step file records beside the shards (an asynchronous save takes it when it stages)."""
+        return {"dcp": tag, "deepspeed_tag": None, "scheduler": engine.scheduler.state_dict(),
+                "optimizer_groups": groups(engine)}  # fmt: skip
 
     def writer_of(self, rel: str) -> int:
         """torch's FileSystemWriter names rank r's files `__r_<n>.distcp`; the coordinator writes `.metadata`."""

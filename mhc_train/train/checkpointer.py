@@ -6,8 +6,10 @@ It picks the checkpoint to resume from, restores the engine from it, and saves o
 
 Notes:
 - Rank 0 chooses the resume point (verifying digests, moving damaged checkpoints aside) and every rank follows it.
-- Every rank calls `save` (the engine's state may be sharded); `last` is the newest checkpoint this run wrote or
-  resumed from, named in the messages of a failed run.
+- Every rank calls `save` (the engine's state may be sharded); `last` is the newest checkpoint this run wrote (and
+  committed) or resumed from, named in the messages of a failed run.
+- With `checkpoint.async_save` a save returns once staged and commits in the background; `wait` finishes it (the
+  next save, the end of the run and a preemption call it; `close`, on every exit, waits without raising).
 """
 
 from __future__ import annotations
@@ -81,8 +83,19 @@ class Checkpointer:
             "config": self.config_dict,
             "tokenizer": self.tokenizer_ref,
         }
-        self.last = self.manager.save(engine, step, meta)
+        path = self.manager.save(engine, step, meta)  # finishes the save in flight first
+        if not self.manager.in_flight:
+            self.last = path
+        return path
+
+    def wait(self) -> Path | None:
+        """Finish the save in flight, if any (raising its CheckpointError); the newest committed checkpoint."""
+        self.last = self.manager.wait() or self.last
         return self.last
+
+    def close(self) -> None:
+        """Every exit: finish the save in flight (a failure is logged) and release its buffers."""
+        self.manager.close()
 
     def maybe_save(self, engine, step: int, progress: dict) -> Path | None:
         """The checkpoint written at this step on the cadence, else None."""
