@@ -30,6 +30,7 @@ from mhc_train.checkpoint.background import BackgroundSaver, all_gather, broadca
 from mhc_train.checkpoint.errors import CheckpointError
 from mhc_train.checkpoint.formats import FORMATS, Format, format_of, groups
 from mhc_train.checkpoint.rng import rng_state, set_rng_state
+from mhc_train.checkpoint.shared_verify import ShardCheck, follow
 from mhc_train.checkpoint.stepfile import load_step_file, write_step_file
 from mhc_train.config import CheckpointConfig
 from mhc_train.io.log import get_logger
@@ -224,10 +225,19 @@ class CheckpointManager:
         return format_of(state).verify(path, state)
 
     def choose(self, mode: str) -> tuple[Path | None, list[str]]:
-        """Rank 0: the checkpoint to resume from for `checkpoint.resume` (`resume.choose`), and log lines."""
-        path, state, notes = resume.choose(self, mode)
+        """Rank 0: the checkpoint to resume from for `checkpoint.resume` (`resume.choose`), and log lines. Every
+        rank verifies its share of the candidates' shards meanwhile: the other ranks call `follow_choice`."""
+        check = ShardCheck(self.dist.world)
+        try:
+            path, state, notes = resume.choose(self, mode, check.verify)
+        finally:
+            check.done()
         self._chosen = (path, state) if path is not None else None
         return path, notes
+
+    def follow_choice(self) -> None:
+        """Ranks other than 0, while rank 0 runs `choose`: verify this rank's share of each candidate's shards."""
+        follow(self.dist.world, self.dist.rank)
 
     def read(self, path: Path, config: dict, tokenizer: dict) -> tuple[dict, list[str]]:
         """(state, allowed config changes) of the checkpoint at `path`, checked against this run's resolved config and

@@ -5,7 +5,8 @@ It picks the checkpoint to resume from, restores the engine from it, and saves o
 `train.stop_at_step`). Retention (`keep_last`, milestones) and the file formats stay with the manager.
 
 Notes:
-- Rank 0 chooses the resume point (verifying digests, moving damaged checkpoints aside) and every rank follows it.
+- Rank 0 chooses the resume point (moving damaged checkpoints aside) and every rank follows it; the shards' digests
+  are checked by every rank, each its share (`checkpoint.shared_verify`), so no rank reads them all.
 - Every rank calls `save` (the engine's state may be sharded); `last` is the newest checkpoint this run wrote (and
   committed) or resumed from, named in the messages of a failed run.
 - With `checkpoint.async_save` a save returns once staged and commits in the background; `wait` finishes it (the
@@ -43,6 +44,8 @@ class Checkpointer:
                 choice = (str(path) if path else None, notes, None)
             except CheckpointError as e:
                 choice = (None, [], e)
+        else:
+            self.manager.follow_choice()  # verify this rank's share of each candidate's shards
         path, notes, error = broadcast_from_main(choice, self.dist)
         if error is not None:
             raise error

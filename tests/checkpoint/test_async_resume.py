@@ -1,10 +1,12 @@
 """Asynchronous saves on 2 gloo ranks (FSDP2, DCP), two launches: a run saving asynchronously (step 2 written while
 steps 3-4 train), and a run resumed from its step-2 checkpoint saving synchronously. The resumed run continues
-bit-exactly (losses and weights), and its synchronous step-4 checkpoint equals the asynchronous one tensor for tensor."""
+bit-exactly (losses and weights), and its synchronous step-4 checkpoint equals the asynchronous one tensor for tensor.
+The resume is probed (`resume_probe`): each rank digests its share of the shards, no file twice, and rank 0 not all."""
 
 import pytest
 import torch
 
+from tests.checkpoint import resume_probe
 from tests.support import launch, runs
 from tests.support.configs import run_overrides
 
@@ -27,8 +29,19 @@ def test_fsdp_async_save_equals_sync_and_resumes_exactly(prepared_data, tmp_path
     out = launch.run(launch.torchrun_cmd(overrides))
     assert out.count("committed: written and verified in the background") == 2, out[-2000:]
     runs.copy_checkpoint(async_run, resumed, 2)
-    out = launch.run(launch.torchrun_cmd(run_overrides(prepared_data, resumed, **COMMON)))
+    probe = tmp_path / "probe"
+    cmd = launch.torchrun_cmd(run_overrides(prepared_data, resumed, **COMMON), module=resume_probe.MODULE)
+    out = launch.run(cmd, **{resume_probe.ENV: str(probe)})
     assert "resumed from" in out and "step_00000002.pt" in out
     assert runs.losses(async_run)[-2:] == runs.losses(resumed)  # steps 3-4, bit-exact
     want, got = runs.weights(async_run, 4), runs.weights(resumed, 4)  # async-written vs sync-written
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+    shards = resumed / "checkpoints/dcp/step_00000002"
+    sizes = {f.name: f.stat().st_size for f in shards.iterdir()}
+    reads = resume_probe.reads(probe)
+    digested = {r: [p["path"].rsplit("/", 1)[-1] for p in reads[r] if p["how"] == "digest" and str(shards) in p["path"]]
+                for r in (0, 1)}  # fmt: skip
+    assert digested[0] and digested[1], digested  # both ranks verified a share
+    assert sorted(digested[0] + digested[1]) == sorted(sizes), digested  # every shard once, none twice
+    assert sum(sizes[f] for f in digested[0]) < sum(sizes.values())  # rank 0 no longer reads them all
