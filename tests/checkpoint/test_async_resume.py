@@ -1,11 +1,14 @@
 """Asynchronous saves on 2 gloo ranks (FSDP2, DCP), two launches: a run saving asynchronously (step 2 written while
 steps 3-4 train), and a run resumed from its step-2 checkpoint saving synchronously. The resumed run continues
 bit-exactly (losses and weights), and its synchronous step-4 checkpoint equals the asynchronous one tensor for tensor.
-The resume is probed (`resume_probe`): each rank digests its share of the shards, no file twice, and rank 0 not all."""
+The resume is probed (`resume_probe`): each rank digests its share of the shards, no file twice, and rank 0 not all.
+The same 2-rank checkpoint also resumes in one process (DCP re-shards at load: another world size), to tolerance."""
 
 import pytest
 import torch
 
+from mhc_train.config import load_config
+from mhc_train.train.trainer import Trainer
 from tests.checkpoint import resume_probe
 from tests.support import launch, runs
 from tests.support.configs import run_overrides
@@ -45,3 +48,10 @@ def test_fsdp_async_save_equals_sync_and_resumes_exactly(prepared_data, tmp_path
     assert digested[0] and digested[1], digested  # both ranks verified a share
     assert sorted(digested[0] + digested[1]) == sorted(sizes), digested  # every shard once, none twice
     assert sum(sizes[f] for f in digested[0]) < sum(sizes.values())  # rank 0 no longer reads them all
+
+    one = tmp_path / "one"  # the 2-rank FSDP checkpoint resumed at world 1 (DCP re-shards on load)
+    runs.copy_checkpoint(async_run, one, 2)
+    t = Trainer(load_config(run_overrides(prepared_data, one, **{**COMMON, "parallel.engine": "none"})))
+    assert t.step == 2
+    t.run()
+    torch.testing.assert_close(torch.tensor(runs.losses(one)), torch.tensor(runs.losses(resumed)), rtol=1e-5, atol=0)
