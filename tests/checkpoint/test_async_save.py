@@ -1,6 +1,7 @@
 """Asynchronous DCP saves in one process (`checkpoint.async_save`): the checkpoint equals a synchronous one (the
 staged copy is a snapshot: training goes on while it is written), a damaged shard of it is caught, and a write that
-fails leaves no step file, so the previous checkpoint stays the resume point (retention deleted nothing). The 2-rank
+fails leaves no step file, so the previous checkpoint stays the resume point (retention deleted nothing); a
+preemption commits the save in flight before it names it. The 2-rank
 FSDP run, resumed bit-exactly, is tests/checkpoint/test_async_resume.py."""
 
 from __future__ import annotations
@@ -64,3 +65,29 @@ def test_a_failed_background_write_commits_nothing_and_keeps_the_previous(prepar
     assert [s for s, _ in done.complete()] == [2]  # step 4 never looked valid; step 2 was not pruned
     state = CheckpointManager.load(done.latest())
     assert done.verify(done.latest(), state) > 0
+
+
+def test_a_preemption_commits_the_save_in_flight_before_it_says_so(prepared_data, tmp_path, monkeypatch):
+    import dataclasses
+    import signal
+
+    from mhc_train.train.errors import Preempted
+
+    t = Trainer(
+        load_config(run_overrides(prepared_data, tmp_path / "run", **COMMON, **{"checkpoint.async_save": "true"}))
+    )
+    step = Trainer.train_step
+
+    def stop_after_3(self):
+        result = step(self)
+        if self.step == 3:  # as if SIGTERM arrived during step 3, with step 2's save possibly still in flight
+            self.preemption.signals.received = signal.SIGTERM
+            result = dataclasses.replace(result, stop=True)
+        return result
+
+    monkeypatch.setattr(Trainer, "train_step", stop_after_3)
+    with pytest.raises(Preempted, match="wrote checkpoint .*step_00000003.pt"):
+        t.run()
+    done = CheckpointManager(tmp_path / "run", t.cfg.checkpoint)
+    assert [s for s, _ in done.complete()] == [2, 3]
+    assert done.verify(done.latest(), CheckpointManager.load(done.latest())) > 0
