@@ -36,24 +36,6 @@ def checkpoint_group(world: int):
     return dist.new_group(backend="gloo")
 
 
-def all_gather(obj, group) -> list:
-    """Every rank's `obj` on every rank, over `group` (the object alone in a list without one)."""
-    if group is None:
-        return [obj]
-    out = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    return out
-
-
-def broadcast(obj, group):
-    """Rank 0's `obj` on every rank of `group`."""
-    if group is None:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, group=group)
-    return box[0]
-
-
 class BackgroundSaver:
     """One save in flight at a time: `submit` stages and starts DCP's write, then runs `commit(error)` on this rank's
     background thread once the write finished (error: the write's exception text, None on success); `wait` returns

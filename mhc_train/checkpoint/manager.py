@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from mhc_train.checkpoint import integrity, resume
-from mhc_train.checkpoint.background import BackgroundSaver, all_gather, broadcast
+from mhc_train.checkpoint.background import BackgroundSaver
 from mhc_train.checkpoint.errors import CheckpointError
 from mhc_train.checkpoint.formats import FORMATS, Format, format_of, groups
 from mhc_train.checkpoint.rng import rng_state, set_rng_state
@@ -36,7 +36,7 @@ from mhc_train.config import CheckpointConfig
 from mhc_train.io.log import get_logger
 from mhc_train.io.rundir import RunDir
 from mhc_train.parallel import DistInfo, Engine, barrier
-from mhc_train.parallel.dist import gather_dicts
+from mhc_train.parallel.dist import broadcast_from_main, gather_dicts
 
 log = get_logger(__name__)
 
@@ -138,20 +138,17 @@ class CheckpointManager:
                 mine = self.own_digests(fmt, sharded)
             except OSError as e:
                 error = f"{type(e).__name__}: {e}"
-        outcomes = all_gather((self.dist.rank, error, mine), group)
-        failed = [f"rank {r}: {e}" for r, e, _ in outcomes if e]
-        written = None
+        outcomes = gather_dicts({self.dist.rank: (error, mine)}, self.dist, group)  # rank 0: every rank's
+        failed = [f"rank {r}: {e}" for r, (e, _) in sorted(outcomes.items()) if e]
         if not failed and self.dist.is_main:
             try:
-                merged = {k: v for _, _, part in outcomes for k, v in part.items()}
-                state["shards"] = {
-                    "dir": str(sharded.relative_to(self.dir)),
-                    "files": self.complete_digests(sharded, merged),
-                }
+                merged = {k: v for _, part in outcomes.values() for k, v in part.items()}
+                files = self.complete_digests(sharded, merged)
+                state["shards"] = {"dir": str(sharded.relative_to(self.dir)), "files": files}
                 self.write(step, state)
             except Exception as e:
-                written = f"rank 0: {type(e).__name__}: {str(e)[:300]}"
-        failed = failed or [w for w in [broadcast(written, group)] if w]
+                failed = [f"rank 0: {type(e).__name__}: {str(e)[:300]}"]
+        failed = broadcast_from_main(failed, self.dist, group)  # every rank learns the outcome
         if failed:
             raise CheckpointError(
                 f"asynchronous checkpoint of step {step} failed ({failed[0]}); no step file was written, so the "
@@ -227,7 +224,7 @@ class CheckpointManager:
     def choose(self, mode: str) -> tuple[Path | None, list[str]]:
         """Rank 0: the checkpoint to resume from for `checkpoint.resume` (`resume.choose`), and log lines. Every
         rank verifies its share of the candidates' shards meanwhile: the other ranks call `follow_choice`."""
-        check = ShardCheck(self.dist.world)
+        check = ShardCheck(self.dist)
         try:
             path, state, notes = resume.choose(self, mode, check.verify)
         finally:
@@ -237,7 +234,7 @@ class CheckpointManager:
 
     def follow_choice(self) -> None:
         """Ranks other than 0, while rank 0 runs `choose`: verify this rank's share of each candidate's shards."""
-        follow(self.dist.world, self.dist.rank)
+        follow(self.dist)
 
     def read(self, path: Path, config: dict, tokenizer: dict) -> tuple[dict, list[str]]:
         """(state, allowed config changes) of the checkpoint at `path`, checked against this run's resolved config and

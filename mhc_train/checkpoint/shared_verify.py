@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch.distributed as dist
-
 from mhc_train.checkpoint.errors import CheckpointError
 from mhc_train.checkpoint.integrity import verify_shards
+from mhc_train.parallel import DistInfo, broadcast_from_main
+from mhc_train.parallel.dist import gather_dicts
 
 
 def share(files: dict, world: int, rank: int) -> dict:
@@ -36,46 +36,34 @@ def _verify_mine(directory: Path, files: dict, world: int, rank: int) -> tuple[i
         return 0, str(e)
 
 
-def _broadcast(obj):
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _gather_failures(failure: str | None, world: int) -> list[str]:
-    out = [None] * world
-    dist.all_gather_object(out, failure)
-    return [f for f in out if f]
-
-
 class ShardCheck:
     """Rank 0's side: `verify(directory, files)` has every rank verify its share (a collective with `follow`);
     returns the bytes rank 0 verified, raises CheckpointError with the first failure of any rank; `done()` releases
     the followers."""
 
-    def __init__(self, world: int):
-        self.world = world
+    def __init__(self, info: DistInfo):
+        self.info, self.world = info, info.world
 
     def verify(self, directory: Path, files: dict) -> int:
         if self.world == 1:
             return verify_shards(directory, files)
-        _broadcast(("verify", str(directory), files))
+        broadcast_from_main(("verify", str(directory), files), self.info)
         nbytes, failure = _verify_mine(directory, files, self.world, 0)
-        failures = _gather_failures(failure, self.world)
+        failures = [f for _, f in sorted(gather_dicts({0: failure}, self.info).items()) if f]
         if failures:
             raise CheckpointError(failures[0])
         return nbytes
 
     def done(self) -> None:
         if self.world > 1:
-            _broadcast(("done", None, None))
+            broadcast_from_main(("done", None, None), self.info)
 
 
-def follow(world: int, rank: int) -> None:
+def follow(info: DistInfo) -> None:
     """Ranks other than 0: verify each candidate's share rank 0 announces, until it is done choosing."""
     while True:
-        what, directory, files = _broadcast(None)
+        what, directory, files = broadcast_from_main(None, info)
         if what == "done":
             return
-        _, failure = _verify_mine(Path(directory), files, world, rank)
-        _gather_failures(failure, world)
+        _, failure = _verify_mine(Path(directory), files, info.world, info.rank)
+        gather_dicts({info.rank: failure}, info)
