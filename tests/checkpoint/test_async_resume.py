@@ -1,12 +1,15 @@
 """Asynchronous saves on 2 gloo ranks (FSDP2, DCP), two launches: a run saving asynchronously (step 2 written while
 steps 3-4 train), and a run resumed from its step-2 checkpoint saving synchronously. The resumed run continues
 bit-exactly (losses and weights), and its synchronous step-4 checkpoint equals the asynchronous one tensor for tensor.
-The resume is probed (`resume_probe`): each rank digests its share of the shards, no file twice, and rank 0 not all.
+The resume is probed (`resume_probe`): each rank digests its share of the shards, no file twice, and rank 0 not all;
+a newer checkpoint damaged in rank 1's share is caught there, moved aside, and the resume falls back to step 2.
 The same 2-rank checkpoint also resumes in one process (DCP re-shards at load: another world size), to tolerance."""
 
 import pytest
 import torch
 
+from mhc_train.checkpoint import CheckpointManager
+from mhc_train.checkpoint.shared_verify import share
 from mhc_train.config import load_config
 from mhc_train.train.trainer import Trainer
 from tests.checkpoint import resume_probe
@@ -32,9 +35,16 @@ def test_fsdp_async_save_equals_sync_and_resumes_exactly(prepared_data, tmp_path
     out = launch.run(launch.torchrun_cmd(overrides))
     assert out.count("committed: written and verified in the background") == 2, out[-2000:]
     runs.copy_checkpoint(async_run, resumed, 2)
+    runs.copy_checkpoint(async_run, resumed, 4)  # with a damaged file in rank 1's share: auto-resume falls back to 2
+    listed = CheckpointManager.load(resumed / "checkpoints/step_00000004.pt")["shards"]["files"]
+    victim = resumed / "checkpoints/dcp/step_00000004" / next(iter(share(listed, 2, 1)))
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
     probe = tmp_path / "probe"
     cmd = launch.torchrun_cmd(run_overrides(prepared_data, resumed, **COMMON), module=resume_probe.MODULE)
     out = launch.run(cmd, **{resume_probe.ENV: str(probe)})
+    assert f"{victim.name} is damaged" in out and (resumed / "checkpoints/damaged/step_00000004.pt").is_file(), out
     assert "resumed from" in out and "step_00000002.pt" in out
     assert runs.losses(async_run)[-2:] == runs.losses(resumed)  # steps 3-4, bit-exact
     want, got = runs.weights(async_run, 4), runs.weights(resumed, 4)  # async-written vs sync-written
