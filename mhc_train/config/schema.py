@@ -192,6 +192,7 @@ class ParallelConfig:
     deepspeed_config: str = ""  # a DeepSpeed JSON whose keys override the ones built from this config
     zero: ZeroConfig = field(default_factory=ZeroConfig)  # DeepSpeed's overlap and bucket settings
     pp: int = 1  # pipeline-parallel ranks (torch.distributed.pipelining); world = pp x dp (dp > 1 needs engine=fsdp)
+    dp_replicate: int = 1  # engine=fsdp: replicas of the shards (HSDP: shard within a node, replicate across); 1: FSDP2
     pp_schedule: str = "1f1b"  # 1f1b | interleaved1f1b | zbv | dualpipev (V: two stages per rank) | csv
     pp_microbatches: int = 0  # micro-batches per optimiser step (split of train.batch_size); 0 = 2 * pp
     pp_overlap: bool = True  # dualpipev: run OVERLAP_F_B with our overlapping function (false: torch's, in order)

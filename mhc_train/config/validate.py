@@ -141,6 +141,9 @@ def validate(cfg: Config) -> None:
     at_least("parallel.pp", cfg.parallel.pp, 1)
     choice("parallel.pp_schedule", cfg.parallel.pp_schedule, PP_SCHEDULES)
     at_least("parallel.timeout_s", cfg.parallel.timeout_s, 1)
+    at_least("parallel.dp_replicate", cfg.parallel.dp_replicate, 1)
+    if cfg.parallel.dp_replicate > 1 and cfg.parallel.engine != "fsdp":
+        fail("parallel.dp_replicate", cfg.parallel.dp_replicate, "replicas of shards (HSDP) need parallel.engine=fsdp")
     if cfg.parallel.zero_stage not in (1, 2, 3):
         fail("parallel.zero_stage", cfg.parallel.zero_stage, "allowed values are 1, 2, 3")
     p = cfg.parallel
@@ -255,6 +258,12 @@ def validate_pipeline(cfg: Config) -> None:
 def validate_world(cfg: Config, world: int) -> None:
     """Rules that need the launched world size; the trainer runs them before the process group starts."""
     p = cfg.parallel
+    if p.dp_replicate > 1 and world % (p.pp * p.dp_replicate):
+        fail(
+            "parallel.dp_replicate",
+            p.dp_replicate,
+            f"{world} ranks were launched: launch a multiple of pp x dp_replicate = {p.pp * p.dp_replicate}",
+        )
     if p.pp > 1:
         if world % p.pp:
             fail("parallel.pp", p.pp, f"{world} ranks were launched: launch a multiple of pp={p.pp} (pp x dp ranks)")

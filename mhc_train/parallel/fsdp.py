@@ -40,17 +40,20 @@ from mhc_train.parallel.engine import LocalEngine, materialise_on_host, release_
 from mhc_train.parallel.state import full, full_model_state, local, materialise, on_meta
 
 
-def shard(module: torch.nn.Module, mesh, per_block: bool = False, compute_dtype=None) -> torch.nn.Module:
+def shard(
+    module: torch.nn.Module, mesh, per_block: bool = False, compute_dtype=None, reshard_after_forward: bool = True
+) -> torch.nn.Module:
     """FSDP2 over `mesh`: with `per_block`, one unit per block (weights gathered just in time, freed after) plus the
     root; otherwise one unit for the whole module. Per-block needs the blocks' own forward to run (the plain block
     loop, no recompute runner) and a schedule without a split backward (see note 1). `compute_dtype` (bf16 under
-    train.precision=bf16, else None): mixed precision for per-block units (note 3)."""
+    train.precision=bf16, else None): mixed precision for per-block units (note 3). `reshard_after_forward=False`
+    keeps the units gathered from forward to backward (the pipeline's choice: no second all-gather per micro-batch)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from mhc_train.model.connections import Site
 
     if not (per_block and module.block_runner is None):
-        return fully_shard(module, mesh=mesh)
+        return fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
     low = (
         fp32 if compute_dtype is None else MixedPrecisionPolicy(compute_dtype, torch.float32, cast_forward_inputs=False)
@@ -59,8 +62,8 @@ def shard(module: torch.nn.Module, mesh, per_block: bool = False, compute_dtype=
         if compute_dtype is not None:
             for site in layer.modules():
                 if isinstance(site, Site) and next(site.parameters(), None) is not None:
-                    fully_shard(site, mesh=mesh, mp_policy=fp32)
-        fully_shard(layer, mesh=mesh, mp_policy=low)
+                    fully_shard(site, mesh=mesh, mp_policy=fp32, reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, mesh=mesh, mp_policy=low, reshard_after_forward=reshard_after_forward)
     return fully_shard(module, mesh=mesh, mp_policy=low)
 
 
@@ -71,10 +74,9 @@ class FSDPEngine(LocalEngine):
     checkpoint_formats = ("dcp", "file")
 
     def __init__(self, model, build_optimizer, build_scheduler, dist, device, grad_clip, autocast_dtype,
-                 grad_accum: int, compile: bool = False, seed: int = 0, weights: dict | None = None):  # fmt: skip
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh(torch.device(device).type, (dist.world,), mesh_dim_names=("dp",))
+                 grad_accum: int, compile: bool = False, seed: int = 0, weights: dict | None = None,
+                 mesh=None):  # fmt: skip
+        mesh = mesh.dp_mesh()  # a `mesh.ParallelMesh`: FSDP2 over dp_shard, HSDP over (dp_replicate, dp_shard)
         built_on_meta = on_meta(model)
         # a copy of a meta skeleton is free
         self.train_model = shard(copy.deepcopy(model), mesh, per_block=True, compute_dtype=autocast_dtype)
