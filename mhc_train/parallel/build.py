@@ -176,7 +176,7 @@ def data_parallel_engine(model: torch.nn.Module, ctx: BuildContext) -> Engine:
         return DeepSpeedEngine(
             model, ctx.make_optimizer, ctx.make_scheduler, **common, zero_stage=p.zero_stage,
             micro_batch=t.batch_size // ctx.dist.world, config_file=p.deepspeed_config, compile=t.compile,
-            seed=ctx.seed, weights=ctx.weights,
+            seed=ctx.seed, weights=ctx.weights, zero=p.zero,
         )  # fmt: skip
     if p.engine == "fsdp":  # 5.-8. in FSDPEngine (shard on meta, materialise the shards, optimizer)
         return FSDPEngine(model, ctx.make_optimizer, ctx.make_scheduler, **common, compile=t.compile, seed=ctx.seed,
