@@ -4,6 +4,8 @@
 - `formats.py`: one class per format (file, dcp, deepspeed), each with save / load / verify / weights;
 - `stepfile.py`: a step file written atomically and read back verified (`read_model_state` for inference);
 - `manager.py`: `CheckpointManager`, the checkpoints of one run directory (saving, retention, moving aside);
+- `background.py`: asynchronous DCP saves (`checkpoint.async_save`): staging, the write and the commit off the loop;
+- `shared_verify.py`: resume-time shard verification shared by every rank (each its share, failures reduced);
 - `resume.py`: choosing the resume point and checking it against the run;
 - `compat.py`: the configuration compatibility rule (a key added later at its default is unchanged, a removed key is
   dropped with a notice, a change of the model is fatal);

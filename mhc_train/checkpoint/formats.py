@@ -4,7 +4,9 @@
 - `dcp`: a torch.distributed.checkpoint directory `checkpoints/dcp/step_XXXXXXXX/` that every rank writes its own
   shards into (DTensor shards stay sharded), keyed by parameter name, so it loads into any layout (one process, DDP,
   FSDP at another size, any pipeline schedule), re-sharding on the fly;
-- `deepspeed`: DeepSpeed's own shards in `checkpoints/deepspeed/step_XXXXXXXX/` under `parallel.engine=deepspeed`.
+- `deepspeed`: DeepSpeed's own shards in `checkpoints/deepspeed/step_XXXXXXXX/` under `parallel.engine=deepspeed`,
+  one partition per data-parallel rank: resuming at another world size is refused in one line (DeepSpeed's universal
+  checkpoint conversion is not wired in).
 
 Each class has `save` (every rank: the engine's state out, returning what the step file records and the sharded
 directory, if any), `load` (every rank: the engine's state back in), `verify` (the step file's digest and every shard
@@ -93,9 +95,12 @@ class DcpFormat(Format):
     def save(self, engine: Engine, run: RunDir, tag: str) -> tuple[dict, Path | None]:
         sharded = run.dcp_dir(tag)
         save_dcp(engine.live_state(), sharded)
-        body = {"dcp": tag, "deepspeed_tag": None, "scheduler": engine.scheduler.state_dict()}
-        body["optimizer_groups"] = groups(engine)
-        return body, sharded
+        return self.body(engine, tag), sharded
+
+    def body(self, engine: Engine, tag: str) -> dict:
+        """What the step file records beside the shards (an asynchronous save takes it when it stages)."""
+        return {"dcp": tag, "deepspeed_tag": None, "scheduler": engine.scheduler.state_dict(),
+                "optimizer_groups": groups(engine)}  # fmt: skip
 
     def writer_of(self, rel: str) -> int:
         """torch's FileSystemWriter names rank r's files `__r_<n>.distcp`; the coordinator writes `.metadata`."""
@@ -159,6 +164,13 @@ class DeepSpeedFormat(Format):
         return int(m.group(1)) if m else 0
 
     def load(self, engine: Engine, state: dict, path: Path) -> list[str]:
+        saved = state.get("world_size")
+        if saved and saved != engine.dist.world:  # DeepSpeed's partitions are per data-parallel rank
+            raise CheckpointError(
+                f"cannot resume {path} at {engine.dist.world} ranks: its DeepSpeed shards were written by {saved}; "
+                f"relaunch with {saved} ranks (resuming DeepSpeed at another world size, through its universal "
+                "checkpoint, is not supported yet)"
+            )
         try:
             engine.load_native(RunDir.of_step_file(path).deepspeed_root, state["deepspeed_tag"])
         except (FileNotFoundError, NotImplementedError) as e:

@@ -5,8 +5,11 @@ tensors, a native format), the run directory gives the paths (`mhc_train.io.rund
 (`formats.py`) move engine state in and out, and the manager decides what is written where and when old checkpoints
 go. Choosing the resume point and checking it against the run is `resume.py`; the manager's `choose` / `read` /
 `restore` are its entry points for the trainer. Saves are synchronous (every rank returns once the step file is
-durable and verified). Each rank digests the shard files it wrote itself, all ranks at once, and only the digests
-travel to rank 0 (`shard_digests`): rank 0 reads no other rank's shard at save time.
+durable and verified), or with `checkpoint.async_save` (DCP) asynchronous: the shards are written in the background
+(`background.py`) and the step file is committed, and retention applied, only once every rank's write finished and
+was digested; `wait` finishes the save in flight (at most one). Each rank digests the shard files it wrote itself,
+all ranks at once, and only the digests travel to rank 0 (`shard_digests`): rank 0 reads no other rank's shard at
+save time.
 
 A step file holds: step, RNG states (torch, CUDA, numpy, python), the data position (seed and next step: batches are
 a function of them), the resolved config, the tokenizer reference, the scheduler, and the weights and optimizer state
@@ -16,19 +19,26 @@ them is renamed into place. Leftover temporaries are removed on the next save.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import time
 from pathlib import Path
 
 from mhc_train.checkpoint import integrity, resume
+from mhc_train.checkpoint.background import BackgroundSaver
+from mhc_train.checkpoint.errors import CheckpointError
 from mhc_train.checkpoint.formats import FORMATS, Format, format_of, groups
 from mhc_train.checkpoint.rng import rng_state, set_rng_state
+from mhc_train.checkpoint.shared_verify import ShardCheck, follow
 from mhc_train.checkpoint.stepfile import load_step_file, write_step_file
 from mhc_train.config import CheckpointConfig
+from mhc_train.io.log import get_logger
 from mhc_train.io.rundir import RunDir
 from mhc_train.parallel import DistInfo, Engine, barrier
-from mhc_train.parallel.dist import gather_dicts
+from mhc_train.parallel.dist import broadcast_from_main, gather_dicts
+
+log = get_logger(__name__)
 
 
 class CheckpointManager:
@@ -40,6 +50,7 @@ class CheckpointManager:
         self.cfg = cfg
         self.dist = dist or DistInfo()
         self._chosen: tuple[Path, dict] | None = None  # the state `choose` verified and loaded (read uses it)
+        self.background: BackgroundSaver | None = None  # checkpoint.async_save: the save in flight, if any
 
     load = staticmethod(load_step_file)
 
@@ -64,8 +75,12 @@ class CheckpointManager:
     def save(self, engine: Engine, step: int, meta: dict) -> Path:
         """Every rank calls this. Sharded engine state first (all ranks), each rank's digests of its own shards, then
         rank 0's atomic step file holding `meta` (counters, RNG, config, ...), what points at the shards and their
-        digests."""
+        digests. With checkpoint.async_save (DCP) it returns once the state is staged; the step file follows when the
+        write is complete (`save_async`). A save in flight is finished first."""
+        self.wait()
         fmt = FORMATS[self.format_for(engine)]
+        if self.cfg.async_save and fmt.name == "dcp":
+            return self.save_async(engine, step, meta)
         body, sharded = fmt.save(engine, self.run, self.run.tag(step))
         # a collective: rank 0 goes on only once every rank's shards are complete and digested
         files = self.shard_digests(fmt, sharded) if sharded is not None else None
@@ -82,12 +97,88 @@ class CheckpointManager:
         others; rank 0 merges the digests and digests itself what no rank claimed (its own `.metadata`, a name that
         does not say its writer, a file another rank does not see), so the step file lists every file, as it did
         when rank 0 digested them all. {} on other ranks. A collective."""
+        merged = gather_dicts(self.own_digests(fmt, sharded), self.dist)
+        return self.complete_digests(sharded, merged) if self.dist.is_main else {}
+
+    def own_digests(self, fmt: Format, sharded: Path) -> dict:
+        """{file: [size, digest]} of the files of `sharded` this rank wrote."""
         mine = [rel for rel in integrity.files_under(sharded) if fmt.writer_of(rel) == self.dist.rank]
-        merged = gather_dicts(integrity.digest_files(sharded, mine), self.dist)
-        if not self.dist.is_main:
-            return {}
+        return integrity.digest_files(sharded, mine)
+
+    @staticmethod
+    def complete_digests(sharded: Path, merged: dict) -> dict:
+        """Rank 0: every rank's digests plus its own of the files no rank claimed, sorted by name."""
         rest = [rel for rel in integrity.files_under(sharded) if rel not in merged]
         return dict(sorted({**merged, **integrity.digest_files(sharded, rest)}.items()))
+
+    # ---- asynchronous saves ------------------------------------------------------------------------------------
+    def save_async(self, engine: Engine, step: int, meta: dict) -> Path:
+        """Every rank: stage the engine's DCP state, start its write in the background, return the path the step
+        file will have. What the step file records (scheduler, RNG, counters) is taken now, with the tensors."""
+        fmt, tag = FORMATS["dcp"], self.run.tag(step)
+        sharded = self.run.dcp_dir(tag)
+        body = copy.deepcopy(fmt.body(engine, tag))
+        record = copy.deepcopy({**meta, "world_size": self.dist.world, "step": step, "rng": rng_state()})
+        if self.background is None:
+            self.background = BackgroundSaver(self.dist.world)
+        t0 = time.perf_counter()
+        self.background.submit(
+            engine.live_state(), sharded, lambda error: self.commit(fmt, sharded, {**body, **record}, error, t0)
+        )
+        return self.path_for(step)
+
+    def commit(self, fmt: Format, sharded: Path, state: dict, error: str | None, t0: float) -> Path:
+        """Every rank, on its background thread once its write finished (`error`: its failure, if any): digest its own
+        files, learn every rank's outcome, and (rank 0) write the step file, then retention. A collective on the
+        save's own group; raises CheckpointError on every rank if any rank failed (no step file is written)."""
+        step, group = state["step"], self.background.group
+        mine = {}
+        if error is None:
+            try:
+                mine = self.own_digests(fmt, sharded)
+            except OSError as e:
+                error = f"{type(e).__name__}: {e}"
+        outcomes = gather_dicts({self.dist.rank: (error, mine)}, self.dist, group)  # rank 0: every rank's
+        failed = [f"rank {r}: {e}" for r, (e, _) in sorted(outcomes.items()) if e]
+        if not failed and self.dist.is_main:
+            try:
+                merged = {k: v for _, part in outcomes.values() for k, v in part.items()}
+                files = self.complete_digests(sharded, merged)
+                state["shards"] = {"dir": str(sharded.relative_to(self.dir)), "files": files}
+                self.write(step, state)
+            except Exception as e:
+                failed = [f"rank 0: {type(e).__name__}: {str(e)[:300]}"]
+        failed = broadcast_from_main(failed, self.dist, group)  # every rank learns the outcome
+        if failed:
+            raise CheckpointError(
+                f"asynchronous checkpoint of step {step} failed ({failed[0]}); no step file was written, so the "
+                f"previous checkpoint stays the resume point: check {sharded.parent} (space, permissions)"
+            )
+        if self.dist.is_main:
+            log.info(f"checkpoint {self.path_for(step).name} committed: written and verified in the background in "
+                     f"{time.perf_counter() - t0:.2f} s")  # fmt: skip
+        return self.path_for(step)
+
+    @property
+    def in_flight(self) -> bool:
+        return self.background is not None and self.background.in_flight
+
+    def wait(self) -> Path | None:
+        """Every rank: finish the save in flight (None if none); its step file's path, or its CheckpointError."""
+        return self.background.wait() if self.background is not None else None
+
+    def close(self) -> None:
+        """Finish the save in flight (a failure is logged, not raised: the run is ending anyway) and release the
+        staging buffers."""
+        if self.background is None:
+            return
+        try:
+            self.wait()
+        except CheckpointError as e:
+            log.warning(str(e))
+        finally:
+            self.background.close()
+            self.background = None
 
     def write(self, step: int, state: dict) -> Path:
         """Rank 0: the step file, written as a hidden temporary with its digest footer, fsynced and renamed; read
@@ -131,10 +222,19 @@ class CheckpointManager:
         return format_of(state).verify(path, state)
 
     def choose(self, mode: str) -> tuple[Path | None, list[str]]:
-        """Rank 0: the checkpoint to resume from for `checkpoint.resume` (`resume.choose`), and log lines."""
-        path, state, notes = resume.choose(self, mode)
+        """Rank 0: the checkpoint to resume from for `checkpoint.resume` (`resume.choose`), and log lines. Every
+        rank verifies its share of the candidates' shards meanwhile: the other ranks call `follow_choice`."""
+        check = ShardCheck(self.dist)
+        try:
+            path, state, notes = resume.choose(self, mode, check.verify)
+        finally:
+            check.done()
         self._chosen = (path, state) if path is not None else None
         return path, notes
+
+    def follow_choice(self) -> None:
+        """Ranks other than 0, while rank 0 runs `choose`: verify this rank's share of each candidate's shards."""
+        follow(self.dist)
 
     def read(self, path: Path, config: dict, tokenizer: dict) -> tuple[dict, list[str]]:
         """(state, allowed config changes) of the checkpoint at `path`, checked against this run's resolved config and

@@ -18,9 +18,9 @@ from mhc_train.checkpoint.errors import CheckpointError, CorruptCheckpoint
 from mhc_train.checkpoint.integrity import verify_shards
 
 
-def load_verified(manager, path: Path) -> tuple[dict, str]:
-    """Load the step file with its digest checked alongside, then verify its shards; returns (state, a log line
-    with the cost)."""
+def load_verified(manager, path: Path, check_shards=verify_shards) -> tuple[dict, str]:
+    """Load the step file with its digest checked alongside, then verify its shards (`check_shards(directory,
+    files)`: every rank its share, `shared_verify.ShardCheck`); returns (state, a log line with the cost)."""
     t0, timings = time.perf_counter(), {}
     if not manager.cfg.verify:
         state = manager.load(path, verify=False, trusted=True)
@@ -31,25 +31,29 @@ def load_verified(manager, path: Path) -> tuple[dict, str]:
     if shards:
         t1 = time.perf_counter()
         try:
-            nbytes += verify_shards(path.parent / shards["dir"], shards["files"])
+            nbytes += check_shards(path.parent / shards["dir"], shards["files"])
         except CheckpointError as e:
             raise CorruptCheckpoint(str(e)) from None
         verify_s += time.perf_counter() - t1
     mib = nbytes / 2**20
+    world = getattr(getattr(check_shards, "__self__", None), "world", 1)  # ShardCheck.verify: shared by the ranks
+    share = f" (rank 0's share; {world} ranks verified theirs)" if shards and world > 1 else ""
     line = (
-        f"verified {path.name}{' and its shards' if shards else ''}: {mib:,.1f} MiB in {verify_s:.3f} s "
+        f"verified {path.name}{' and its shards' if shards else ''}{share}: {mib:,.1f} MiB in {verify_s:.3f} s "
         f"({mib / max(verify_s, 1e-9):,.0f} MiB/s; the step file's load, alongside, took {load_s:.3f} s)"
     )
     return state, line
 
 
-def choose(manager, mode: str) -> tuple[Path | None, dict | None, list[str]]:
+def choose(manager, mode: str, check_shards=verify_shards) -> tuple[Path | None, dict | None, list[str]]:
     """Rank 0: (path, its verified state, log lines) of the checkpoint to resume from for `checkpoint.resume`."""
     if mode == "never":
         return None, None, []
     if mode != "auto":
         path = Path(mode)
-        state, line = load_verified(manager, path)  # raises on damage: an explicit choice is never replaced
+        state, line = load_verified(
+            manager, path, check_shards
+        )  # raises on damage: an explicit choice is never replaced
         notes = [line]
         if path.resolve().parent == manager.dir.resolve():  # an older checkpoint of this run: the newer ones belong
             for step, newer in manager.complete():  # to a timeline this resume abandons; keep them, out of the way
@@ -60,7 +64,7 @@ def choose(manager, mode: str) -> tuple[Path | None, dict | None, list[str]]:
     notes = []
     for _, path in reversed(manager.complete()):
         try:
-            state, line = load_verified(manager, path)
+            state, line = load_verified(manager, path, check_shards)
         except CorruptCheckpoint as e:
             dest = manager.move_aside(path)
             notes.append(f"{e}; moved it aside to {dest}")

@@ -158,6 +158,7 @@ class CheckpointConfig:
     overwrite: bool = False  # a fresh start in a run_dir holding another run moves that run aside (never deletes)
     save_final: bool = True  # write a checkpoint at the last step
     format: str = "auto"  # file (one self-contained file) | dcp (torch DCP shards, every rank) | auto (see below)
+    async_save: bool = False  # dcp: write in the background while training goes on (committed once verified)
     # auto: dcp for the sharded torch engines (pipeline, fsdp), file for one process and DDP; deepspeed: its own
 
 
@@ -170,11 +171,28 @@ class LoggingConfig:
 
 
 @dataclass
+class ZeroConfig:
+    """DeepSpeed ZeRO throughput settings (parallel.engine=deepspeed). The defaults are DeepSpeed's own, so a config
+    without them trains as before; sizes are in elements (DeepSpeed's unit). configs/parallel/zero*.yaml say more."""
+
+    overlap_comm: str = "auto"  # reduce grads during backward: on | off | auto (on under CUDA, else DS default)
+    contiguous_gradients: bool = True  # copy gradients into one contiguous buffer as they are produced
+    reduce_bucket_size: int = 500_000_000  # elements reduced in one gradient bucket
+    allgather_bucket_size: int = 500_000_000  # ZeRO-1/2: elements gathered in one parameter bucket after the step
+    stage3_prefetch_bucket_size: int = 50_000_000  # ZeRO-3: elements of upcoming parameters fetched ahead
+    stage3_param_persistence_threshold: int = 100_000  # ZeRO-3: parameters this small stay whole on every rank
+    stage3_max_live_parameters: int = 1_000_000_000  # ZeRO-3: gathered elements kept before releasing
+    stage3_max_reuse_distance: int = 1_000_000_000  # ZeRO-3: keep a gathered parameter reused within this distance
+
+
+@dataclass
 class ParallelConfig:
     engine: str = "none"  # data parallel across the launched ranks: none (one process) | ddp | fsdp (FSDP2) | deepspeed
     zero_stage: int = 1  # deepspeed ZeRO stage (1: optimizer states, 2: + gradients, 3: + parameters)
     deepspeed_config: str = ""  # a DeepSpeed JSON whose keys override the ones built from this config
+    zero: ZeroConfig = field(default_factory=ZeroConfig)  # DeepSpeed's overlap and bucket settings
     pp: int = 1  # pipeline-parallel ranks (torch.distributed.pipelining); world = pp x dp (dp > 1 needs engine=fsdp)
+    dp_replicate: int = 1  # engine=fsdp: replicas of the shards (HSDP: shard within a node, replicate across); 1: FSDP2
     pp_schedule: str = "1f1b"  # 1f1b | interleaved1f1b | zbv | dualpipev (V: two stages per rank) | csv
     pp_microbatches: int = 0  # micro-batches per optimiser step (split of train.batch_size); 0 = 2 * pp
     pp_overlap: bool = True  # dualpipev: run OVERLAP_F_B with our overlapping function (false: torch's, in order)

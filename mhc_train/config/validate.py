@@ -134,11 +134,16 @@ def validate(cfg: Config) -> None:
     choice("checkpoint.format", cfg.checkpoint.format, CHECKPOINT_FORMATS)
     if cfg.parallel.engine == "deepspeed" and cfg.checkpoint.format == "dcp":
         fail("checkpoint.format", "dcp", "parallel.engine=deepspeed writes its own sharded checkpoints: use auto")
+    validate_async_save(cfg)
+    validate_zero(cfg.parallel.zero)
     choice("parallel.recompute", cfg.parallel.recompute, RECOMPUTE_MODES)
     choice("parallel.engine", cfg.parallel.engine, ENGINES)
     at_least("parallel.pp", cfg.parallel.pp, 1)
     choice("parallel.pp_schedule", cfg.parallel.pp_schedule, PP_SCHEDULES)
     at_least("parallel.timeout_s", cfg.parallel.timeout_s, 1)
+    at_least("parallel.dp_replicate", cfg.parallel.dp_replicate, 1)
+    if cfg.parallel.dp_replicate > 1 and cfg.parallel.engine != "fsdp":
+        fail("parallel.dp_replicate", cfg.parallel.dp_replicate, "replicas of shards (HSDP) need parallel.engine=fsdp")
     if cfg.parallel.zero_stage not in (1, 2, 3):
         fail("parallel.zero_stage", cfg.parallel.zero_stage, "allowed values are 1, 2, 3")
     p = cfg.parallel
@@ -158,6 +163,25 @@ def validate(cfg: Config) -> None:
     choice("logging.wandb_mode", cfg.logging.wandb_mode, WANDB_MODES)
     validate_data(cfg.data)
     validate_pipeline(cfg)
+
+
+def validate_async_save(cfg: Config) -> None:
+    """checkpoint.async_save writes DCP shards in the background: the run's checkpoints must be DCP."""
+    ck, p = cfg.checkpoint, cfg.parallel
+    dcp = ck.format == "dcp" or (ck.format == "auto" and p.engine != "deepspeed" and (p.engine == "fsdp" or p.pp > 1))
+    if ck.async_save and not dcp:
+        fail(
+            "checkpoint.async_save", True, "applies to DCP checkpoints: set checkpoint.format=dcp (not with deepspeed)"
+        )
+
+
+def validate_zero(z) -> None:
+    """parallel.zero: DeepSpeed's overlap switch and bucket sizes (elements)."""
+    choice("parallel.zero.overlap_comm", str(z.overlap_comm).lower(), ("auto", "on", "off", "true", "false"))
+    for key in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size"):
+        at_least(f"parallel.zero.{key}", getattr(z, key), 1)
+    for key in ("stage3_param_persistence_threshold", "stage3_max_live_parameters", "stage3_max_reuse_distance"):
+        at_least(f"parallel.zero.{key}", getattr(z, key), 0)
 
 
 def validate_pipeline(cfg: Config) -> None:
@@ -234,6 +258,12 @@ def validate_pipeline(cfg: Config) -> None:
 def validate_world(cfg: Config, world: int) -> None:
     """Rules that need the launched world size; the trainer runs them before the process group starts."""
     p = cfg.parallel
+    if p.dp_replicate > 1 and world % (p.pp * p.dp_replicate):
+        fail(
+            "parallel.dp_replicate",
+            p.dp_replicate,
+            f"{world} ranks were launched: launch a multiple of pp x dp_replicate = {p.pp * p.dp_replicate}",
+        )
     if p.pp > 1:
         if world % p.pp:
             fail("parallel.pp", p.pp, f"{world} ranks were launched: launch a multiple of pp={p.pp} (pp x dp ranks)")

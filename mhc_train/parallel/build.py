@@ -1,18 +1,30 @@
-"""`build_engine`: parallelism applied to a plain model, in one fixed order, and the only place that knows the engine
-kinds (torchtitan's order: cut pipeline stages, apply recomputation, shard or wrap for data parallelism, build the
-schedule).
+"""`build_engine`: parallelism applied to a plain model in one place, in one fixed order, and the only place that knows
+the engine kinds. Every step is an `apply_*` function taking one `BuildContext` (the config, the process group, the
+device mesh, the precision, the seed, a checkpoint's weights, the optimizer and scheduler factories).
 
-    parallel.pp > 1        cut this rank's stages -> recompute per stage -> FSDP2 per stage (dp > 1) -> schedule
-    parallel.engine=none   recompute -> the plain model              (one process)
-    parallel.engine=ddp    recompute -> DistributedDataParallel
-    parallel.engine=fsdp   recompute -> FSDP2 over all ranks
-    parallel.engine=deepspeed  recompute -> DeepSpeed ZeRO 1/2/3
+The order (torchtitan's `parallelize_llama` shape), and why:
+
+    1. cut stages     (pp > 1) each rank prunes its stage(s) from the meta skeleton: nothing else is ever built
+    2. (apply_tp, apply_ep: the tensor-parallel and MoE issues add their steps here, on each stage)
+    3. recompute      a wrapper on each stage / the model, before sharding: FSDP units follow the recompute blocks
+    4. compile        per block (slot: `apply_compile`), after recompute so the compiled region is what runs
+    5. shard          FSDP2 / HSDP over the mesh's data-parallel dims, on the meta device (no storage yet)
+    6. materialise    allocate this rank's shards or stage on its device, fill from the seed or the checkpoint
+    7. optimizer      over what this rank trains
+    8. engine         the step contract the trainer drives (pipeline schedule, FSDP, DeepSpeed, DDP, one process)
+
+Per layout:
+
+    parallel.pp > 1            1 -> 3 -> 4 -> 5 (dp > 1, reshard_after_forward=False) -> 6 -> 7 -> 8 (schedule)
+    parallel.engine=none/ddp   3 -> 4 -> 7 -> 8 (a built, initialised model)
+    parallel.engine=fsdp       3 -> 4 -> 8 (FSDPEngine shards, materialises and builds its optimizer itself)
+    parallel.engine=deepspeed  3 -> 4 -> 8 (DeepSpeed partitions while it materialises, and owns its optimizer)
 """
 
 from __future__ import annotations
 
 import copy
-from functools import partial
+from dataclasses import dataclass
 
 import torch
 
@@ -20,12 +32,13 @@ from mhc_train.config import Config, ConfigError
 from mhc_train.optim import build_optimizer, build_scheduler
 from mhc_train.parallel.data_parallel import DeepSpeedEngine
 from mhc_train.parallel.dist import DistInfo
-from mhc_train.parallel.engine import Engine, LocalEngine, release_eval_copy
+from mhc_train.parallel.engine import Engine, LocalEngine
 from mhc_train.parallel.fsdp import FSDPEngine, shard
-from mhc_train.parallel.pipeline import PipelineEngine, cut_stage, pipeline_mesh
-from mhc_train.parallel.recompute import apply_recompute
+from mhc_train.parallel.mesh import ParallelMesh, build_mesh
+from mhc_train.parallel.pipeline import PipelineEngine, StagePlan, cut_stage
+from mhc_train.parallel.recompute import apply_recompute as recompute_module
 from mhc_train.parallel.schedules import pipeline_layout
-from mhc_train.parallel.state import on_meta
+from mhc_train.parallel.state import materialise, on_meta
 
 PER_BLOCK_FSDP_SCHEDULES = ("1f1b", "interleaved1f1b")  # no split backward (see fsdp.py note 1)
 
@@ -45,79 +58,150 @@ def use_fast_fp32_matmul(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+@dataclass
+class BuildContext:
+    """Everything the `apply_*` steps and the engines read, in one object instead of long argument lists."""
+
+    cfg: Config
+    dist: DistInfo
+    mesh: ParallelMesh
+    amp: torch.dtype | None  # the autocast dtype (None: fp32 compute)
+    weights: dict | None = None  # a file checkpoint's full weights by name, or None (initial values from the seed)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.dist.device)
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.train.seed
+
+    def make_optimizer(self, module: torch.nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(module, cfg=self.cfg.optim)
+
+    def make_scheduler(self, optimizer: torch.optim.Optimizer):
+        return build_scheduler(optimizer, total=self.cfg.train.max_steps, cfg=self.cfg.schedule)
+
+
+def build_context(cfg: Config, dist: DistInfo, weights: dict | None = None, pp: int | None = None) -> BuildContext:
+    amp = autocast_dtype(cfg.train.precision, torch.device(dist.device))
+    if cfg.model.stream_dtype == "bf16" and amp is None:
+        raise ConfigError(
+            f"model.stream_dtype='bf16' needs bf16 compute, but train.precision={cfg.train.precision!r} runs fp32 on "
+            f"{torch.device(dist.device).type}: set train.precision=bf16, or model.stream_dtype=fp32"
+        )
+    return BuildContext(cfg, dist, build_mesh(cfg, dist, pp), amp, weights)
+
+
 def builds_on_meta(cfg: Config) -> bool:
     """Whether `build_engine` wants the plain model built on the meta device (it then allocates and fills only what
-    each rank trains): DeepSpeed (ZeRO-3 partitions; ZeRO-1/2 allocate the model once, on the device) and FSDP2
-    (shards allocated after sharding, fsdp.py note 2). One process, DDP and the pipeline take a built, initialised
-    model."""
-    return cfg.parallel.pp == 1 and cfg.parallel.engine in ("deepspeed", "fsdp")
+    each rank trains): a pipeline (each rank its stages), DeepSpeed (ZeRO-3 partitions; ZeRO-1/2 allocate the model
+    once, on the device) and FSDP2 (shards allocated after sharding, fsdp.py note 2). One process and DDP take a
+    built, initialised model."""
+    return cfg.parallel.pp > 1 or cfg.parallel.engine in ("deepspeed", "fsdp")
 
 
-def build_pipeline(model: torch.nn.Module, cfg: Config, dist: DistInfo, pp: int | None = None) -> PipelineEngine:
-    """This rank's part of a pipeline over `pp` ranks (parallel.pp; `scripts/bench_overlap.py` runs pp=1, both V
-    stages on one device): cut the stages, recompute per stage, FSDP2 per stage (dp > 1), then the schedule."""
-    p = cfg.parallel
-    mesh = pipeline_mesh(dist, pp or p.pp)
-    n_stages, layout = pipeline_layout(p.pp_schedule, mesh.pp, p.pp_stages_per_rank, p.pp_schedule_csv)
-    ids = layout[mesh.pp_rank]
-    source = copy.deepcopy(model) if mesh.dp > 1 else model  # FSDP must not shard rank 0's eval model
-    stages = [cut_stage(source, s, n_stages) for s in ids]  # 1. cut
-    for stage in stages:  # 2. recompute: blocks never cross a stage, each stage is planned on its own sites
-        apply_recompute(stage, p.recompute, p.recompute_block)
-    amp = autocast_dtype(cfg.train.precision, dist.device)
-    if mesh.dp > 1:  # 3. shard each stage over its data-parallel group
+# ---- the steps, in order ---------------------------------------------------------------------------------------
+def stage_plan(ctx: BuildContext) -> StagePlan:
+    """Which stages this rank holds, of how many, and the whole layout (parallel.pp_schedule)."""
+    p = ctx.cfg.parallel
+    n_stages, layout = pipeline_layout(p.pp_schedule, ctx.mesh.pp, p.pp_stages_per_rank, p.pp_schedule_csv)
+    return StagePlan(layout[ctx.mesh.pp_rank], n_stages, layout)
+
+
+def apply_pipeline_split(model: torch.nn.Module, plan: StagePlan) -> list[torch.nn.Module]:
+    """1. This rank's stages as modules of their own, pruned to the stage (torchtitan's `pipeline_module_split`): a
+    deep copy of the stage's view of the skeleton, so only the stage's modules are copied (nothing, on meta) and
+    materialising a stage never touches the plain model or another stage."""
+    return [copy.deepcopy(cut_stage(model, s, plan.n_stages)) for s in plan.stage_ids]
+
+
+def apply_recompute(module: torch.nn.Module, ctx: BuildContext) -> None:
+    """3. Recomputation (parallel.recompute) planned on this module's own sites: a stage never recomputes across its
+    boundary."""
+    recompute_module(module, ctx.cfg.parallel.recompute, ctx.cfg.parallel.recompute_block)
+
+
+def apply_compile(module: torch.nn.Module, ctx: BuildContext) -> None:
+    """4. Slot for per-block compilation (`parallel/compile.py`'s `apply_compile`, wired in at merge). Until then the
+    engines keep their own `train.compile` behaviour (one process, DDP, FSDP: the whole forward), so this does
+    nothing."""
+
+
+def apply_fsdp(module: torch.nn.Module, ctx: BuildContext, per_block: bool, under_pipeline: bool = False):
+    """5. FSDP2 over the mesh's data-parallel dims (HSDP with dp_replicate > 1). Under a pipeline the units stay
+    gathered from a micro-batch's forward to its backward (reshard_after_forward=False: no second all-gather)."""
+    return shard(module, ctx.mesh.dp_mesh(), per_block, compute_dtype=ctx.amp,
+                 reshard_after_forward=not under_pipeline)  # fmt: skip
+
+
+def apply_materialise(module: torch.nn.Module, ctx: BuildContext) -> None:
+    """6. Allocate what this rank holds of a module built on meta on its device, from the seed (values identical to
+    one process: each module draws from its own generator) or from the checkpoint's weights."""
+    if on_meta(module):
+        materialise(module, ctx.device, ctx.seed, ctx.weights)
+
+
+# ---- per layout ------------------------------------------------------------------------------------------------
+def pipeline_engine(model: torch.nn.Module, ctx: BuildContext) -> PipelineEngine:
+    """This rank's part of a pipeline: cut, recompute, compile, shard (dp > 1), materialise, optimizer, schedule. The
+    plain `model` ends on the meta device on every rank (rank 0 fills it on the host when a file checkpoint or an
+    export asks for it: `PipelineEngine.full_model`)."""
+    p = ctx.cfg.parallel
+    plan = stage_plan(ctx)
+    stages = apply_pipeline_split(model, plan)  # 1.
+    # 2. apply_tp / apply_ep go here, on each stage
+    for stage in stages:
+        apply_recompute(stage, ctx)  # 3.
+        apply_compile(stage, ctx)  # 4.
+    if ctx.mesh.dp > 1:  # 5.
         per_block = p.pp_schedule in PER_BLOCK_FSDP_SCHEDULES
-        stages = [shard(stage, mesh.dp_mesh, per_block, compute_dtype=amp) for stage in stages]
-        release_eval_copy(model, dist)
-    return PipelineEngine(  # 4. schedule
-        model,
-        stages,
-        ids,
-        n_stages,
-        mesh,
-        p.pp_schedule,
-        p.pp_microbatches or 2 * mesh.pp,
-        partial(build_optimizer, cfg=cfg.optim),
-        partial(build_scheduler, total=cfg.train.max_steps, cfg=cfg.schedule),
-        dist,
-        cfg.optim.grad_clip,
-        csv_path=p.pp_schedule_csv,
-        overlap=p.pp_overlap,
-        autocast_dtype=amp,
-        layout=layout,
-    )
+        stages = [apply_fsdp(stage, ctx, per_block, under_pipeline=True) for stage in stages]
+    for stage in stages:
+        apply_materialise(stage, ctx)  # 6.
+    if not on_meta(model):  # a built model handed over: the stages are copies, the plain view is not kept
+        model.to(torch.device("meta"))
+    optimizer = ctx.make_optimizer(torch.nn.ModuleList(stages))  # 7.
+    return PipelineEngine(model, stages, optimizer, ctx, plan)  # 8.
 
 
+def data_parallel_engine(model: torch.nn.Module, ctx: BuildContext) -> Engine:
+    """One process, DDP, FSDP2 / HSDP or DeepSpeed over the whole model: recompute, compile, then the engine."""
+    p, t = ctx.cfg.parallel, ctx.cfg.train
+    apply_recompute(model, ctx)  # 3.
+    apply_compile(model, ctx)  # 4.
+    common = dict(dist=ctx.dist, device=ctx.device, grad_clip=ctx.cfg.optim.grad_clip, autocast_dtype=ctx.amp,
+                  grad_accum=t.grad_accum)  # fmt: skip
+    if p.engine == "deepspeed":  # 5.-8. inside DeepSpeed
+        return DeepSpeedEngine(
+            model, ctx.make_optimizer, ctx.make_scheduler, **common, zero_stage=p.zero_stage,
+            micro_batch=t.batch_size // ctx.dist.world, config_file=p.deepspeed_config, compile=t.compile,
+            seed=ctx.seed, weights=ctx.weights, zero=p.zero,
+        )  # fmt: skip
+    if p.engine == "fsdp":  # 5.-8. in FSDPEngine (shard on meta, materialise the shards, optimizer)
+        return FSDPEngine(model, ctx.make_optimizer, ctx.make_scheduler, **common, compile=t.compile, seed=ctx.seed,
+                          weights=ctx.weights, mesh=ctx.mesh)  # fmt: skip
+    optimizer = ctx.make_optimizer(model)  # 7.
+    return LocalEngine(model, optimizer, ctx.make_scheduler(optimizer), **common, ddp=p.engine == "ddp",
+                       compile=t.compile)  # fmt: skip
+
+
+# ---- entry points ----------------------------------------------------------------------------------------------
 def build_engine(model: torch.nn.Module, cfg: Config, dist: DistInfo, weights: dict | None = None) -> Engine:
     """Apply `cfg.parallel` to the plain `model`: built on the meta device where `builds_on_meta(cfg)` (the engine
     allocates and fills what each rank trains, from `cfg.train.seed` or from `weights`), else built and initialised.
     `weights`: a full state dict by name to start from (a file checkpoint on resume), or None. `model` stays the
-    plain full view for rank 0 (file checkpoints, export; for sharded engines on `meta` until needed)."""
-    p, t = cfg.parallel, cfg.train
-    use_fast_fp32_matmul(dist.device)
-    amp = autocast_dtype(t.precision, dist.device)
-    if cfg.model.stream_dtype == "bf16" and amp is None:
-        raise ConfigError(
-            f"model.stream_dtype='bf16' needs bf16 compute, but train.precision={t.precision!r} runs fp32 on "
-            f"{dist.device.type}: set train.precision=bf16, or model.stream_dtype=fp32"
-        )
+    plain full view for rank 0 (file checkpoints, export; for sharded or cut engines on `meta` until needed)."""
+    use_fast_fp32_matmul(torch.device(dist.device))
+    ctx = build_context(cfg, dist, weights)
     if weights is not None and not on_meta(model):
         model.load_state_dict(weights)
-    if p.pp > 1:
-        return build_pipeline(model, cfg, dist)
-    make_optimizer = partial(build_optimizer, cfg=cfg.optim)  # engines build them on the modules they train
-    make_scheduler = partial(build_scheduler, total=t.max_steps, cfg=cfg.schedule)
-    apply_recompute(model, p.recompute, p.recompute_block)
-    common = dict(dist=dist, device=dist.device, grad_clip=cfg.optim.grad_clip, autocast_dtype=amp,
-                  grad_accum=t.grad_accum)  # fmt: skip
-    if p.engine == "deepspeed":
-        micro = t.batch_size // dist.world
-        return DeepSpeedEngine(
-            model, make_optimizer, make_scheduler, **common, zero_stage=p.zero_stage, micro_batch=micro,
-            config_file=p.deepspeed_config, compile=t.compile, seed=t.seed, weights=weights,
-        )  # fmt: skip
-    if p.engine == "fsdp":
-        return FSDPEngine(model, make_optimizer, make_scheduler, **common, compile=t.compile, seed=t.seed,
-                          weights=weights)  # fmt: skip
-    optimizer = make_optimizer(model)
-    return LocalEngine(model, optimizer, make_scheduler(optimizer), **common, ddp=p.engine == "ddp", compile=t.compile)
+    if ctx.mesh.pp > 1:
+        return pipeline_engine(model, ctx)
+    return data_parallel_engine(model, ctx)
+
+
+def build_pipeline(model: torch.nn.Module, cfg: Config, dist: DistInfo, pp: int | None = None) -> PipelineEngine:
+    """A pipeline over `pp` ranks (parallel.pp; `scripts/bench_overlap.py` runs pp=1, both V stages on one
+    device)."""
+    return pipeline_engine(model, build_context(cfg, dist, pp=pp))

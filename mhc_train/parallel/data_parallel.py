@@ -11,6 +11,9 @@ Notes:
 3. DeepSpeed checkpoints are written by every rank into its own directory (`save_native`); the trainer's step file
    (model, config, RNG, data position) is written after all ranks finished, atomically, so it only ever points at a
    complete DeepSpeed checkpoint.
+4. The DeepSpeed config is built in one function, `deepspeed_config` (no process group: testable alone), from the run's
+   shape and `parallel.zero` (overlap, contiguous gradients, bucket and ZeRO-3 prefetch sizes: DeepSpeed's defaults
+   unless set; `overlap_comm=auto` turns overlap on under CUDA, where a second stream exists to overlap on).
 """
 
 from __future__ import annotations
@@ -23,6 +26,56 @@ import torch
 from mhc_train.parallel.engine import LocalEngine, materialise_on_host, release_eval_copy
 from mhc_train.parallel.state import materialise, materialise_each, on_meta
 
+ZERO_12_KEYS = ("contiguous_gradients", "reduce_bucket_size", "allgather_bucket_size")
+ZERO_3_KEYS = (
+    "contiguous_gradients",
+    "reduce_bucket_size",
+    "stage3_prefetch_bucket_size",
+    "stage3_param_persistence_threshold",
+    "stage3_max_live_parameters",
+    "stage3_max_reuse_distance",
+)
+
+
+def zero_optimization(zero_stage: int, zero=None, device_type: str = "cpu") -> dict:
+    """DeepSpeed's `zero_optimization` section: the stage and `parallel.zero`'s throughput settings (a ZeroConfig or
+    a dict of its keys; None: the stage alone, DeepSpeed's defaults). Stage 3 gets its prefetch / persistence knobs,
+    stages 1-2 the all-gather bucket."""
+    section: dict = {"stage": zero_stage}
+    if zero is None:
+        return section
+    get = zero.get if isinstance(zero, dict) else lambda k, d=None: getattr(zero, k, d)
+    for key in ZERO_3_KEYS if zero_stage == 3 else ZERO_12_KEYS:
+        if get(key) is not None:
+            section[key] = get(key)
+    overlap = str(get("overlap_comm", "auto")).lower()
+    if overlap in ("on", "true") or (overlap == "auto" and device_type == "cuda"):
+        section["overlap_comm"] = True
+    elif overlap in ("off", "false"):
+        section["overlap_comm"] = False
+    return section  # auto off CUDA: DeepSpeed's own default (on for ZeRO-3, off for 1-2)
+
+
+def deepspeed_config(micro_batch: int, grad_accum: int, zero_stage: int, grad_clip: float, zero=None,
+                     device_type: str = "cpu", config_file: str = "") -> dict:  # fmt: skip
+    """The DeepSpeed config of a run; the keys of `config_file` (parallel.deepspeed_config, a JSON) win."""
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "zero_optimization": zero_optimization(zero_stage, zero, device_type),
+        "gradient_clipping": grad_clip,
+        # Not DeepSpeed's bf16 mode: it casts the whole module to bf16 (phi and the gates with it, and the RoPE
+        # table). Our precision policy instead: fp32 parameters (DeepSpeed's fp32 path), bf16 compute under
+        # autocast (Engine.loss), the connection's coefficient path fp32 inside it.
+        "bf16": {"enabled": False},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if config_file:
+        with open(config_file) as f:
+            config.update(json.load(f))
+    return config
+
 
 class DeepSpeedEngine(LocalEngine):
     """DeepSpeed ZeRO data parallelism: deepspeed.initialize with our optimizer and schedule."""
@@ -32,24 +85,11 @@ class DeepSpeedEngine(LocalEngine):
 
     def __init__(self, model, build_optimizer, build_scheduler, dist, device, grad_clip, autocast_dtype,
                  grad_accum: int, zero_stage: int, micro_batch: int, config_file: str = "",
-                 compile: bool = False, seed: int = 0, weights: dict | None = None):  # fmt: skip
+                 compile: bool = False, seed: int = 0, weights: dict | None = None, zero=None):  # fmt: skip
         import deepspeed
 
-        config = {
-            "train_micro_batch_size_per_gpu": micro_batch,
-            "gradient_accumulation_steps": grad_accum,
-            "zero_optimization": {"stage": zero_stage},
-            "gradient_clipping": grad_clip,
-            # Not DeepSpeed's bf16 mode: it casts the whole module to bf16 (phi and the gates with it, and the RoPE
-            # table). Our precision policy instead: fp32 parameters (DeepSpeed's fp32 path), bf16 compute under
-            # autocast (Engine.loss), the connection's coefficient path fp32 inside it.
-            "bf16": {"enabled": False},
-            "steps_per_print": 1 << 30,
-            "wall_clock_breakdown": False,
-        }
-        if config_file:
-            with open(config_file) as f:
-                config.update(json.load(f))
+        device_type = torch.device(device).type
+        config = deepspeed_config(micro_batch, grad_accum, zero_stage, grad_clip, zero, device_type, config_file)
         # Built from the meta device. ZeRO-1/2 keep whole parameters on every rank: the model is allocated once, on
         # the device, and trained itself. ZeRO-3 partitions parameters in place: the training copy is allocated,
         # filled (seed or checkpoint weights) and partitioned one module at a time (`state.materialise_each`), so

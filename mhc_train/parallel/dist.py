@@ -110,12 +110,13 @@ def recv_from(shape, dtype, device, peer: int, group=None) -> torch.Tensor:
     return t
 
 
-def gather_dicts(local: dict, info: DistInfo) -> dict:
-    """Every rank's dict merged on rank 0 ({} elsewhere). A collective."""
+def gather_dicts(local: dict, info: DistInfo, group=None) -> dict:
+    """Every rank's dict merged on rank 0 ({} elsewhere). A collective (on `group`, of every rank; default: the
+    default group)."""
     if info.world == 1:
         return dict(local)
     gathered = [None] * info.world if info.is_main else None
-    dist.gather_object(local, gathered, dst=0)
+    dist.gather_object(local, gathered, dst=0, group=group)
     return {k: v for part in gathered for k, v in part.items()} if info.is_main else {}
 
 
@@ -128,12 +129,13 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def broadcast_from_main(obj, info: DistInfo):
-    """Rank 0's `obj` on every rank (picklable; the object itself alone). A collective."""
+def broadcast_from_main(obj, info: DistInfo, group=None):
+    """Rank 0's `obj` on every rank (picklable; the object itself alone). A collective (on `group`, of every rank;
+    default: the default group)."""
     if info.world == 1:
         return obj
     box = [obj if info.is_main else None]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 

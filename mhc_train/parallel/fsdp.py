@@ -135,10 +135,9 @@ class FSDPEngine(LocalEngine):
     checkpoint_formats = ("dcp", "file")
 
     def __init__(self, model, build_optimizer, build_scheduler, dist, device, grad_clip, autocast_dtype,
-                 grad_accum: int, compile: bool = False, seed: int = 0, weights: dict | None = None):  # fmt: skip
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh(torch.device(device).type, (dist.world,), mesh_dim_names=("dp",))
+                 grad_accum: int, compile: bool = False, seed: int = 0, weights: dict | None = None,
+                 mesh=None):  # fmt: skip
+        mesh = mesh.dp_mesh()  # a `mesh.ParallelMesh`: FSDP2 over dp_shard, HSDP over (dp_replicate, dp_shard)
         built_on_meta = on_meta(model)
         # a copy of a meta skeleton is free
         self.train_model = shard(copy.deepcopy(model), mesh, per_block=True, compute_dtype=autocast_dtype)

@@ -8,21 +8,26 @@
   (rank r holds stages r and 2P-1-r; micro-batches enter and leave at rank 0), or a `csv` schedule file in torch's
   compute-only format (the file decides which stages each rank holds). DualPipeV's OVERLAP_F_B actions run through our
   own function (overlap.py): on CUDA one micro-batch's forward overlaps another's backward.
+- Built on the meta device (`build.pipeline_engine`): each rank deep-copies its stages' view of the skeleton (free on
+  meta), shards them (dp > 1) and materialises only them on its device, from the seed or a file checkpoint's weights.
+  No rank holds another stage; the plain `model` stays on meta until `full_model()` (file checkpoints, export), which
+  gathers each stage from one replica (dp_rank 0) and fills rank 0's plain model on the host.
 - Recompute is applied to each stage module on its own, so blocks never cross a stage boundary and each stage keeps
   its x_{l0} locally: recomputation never waits on communication (`recompute_block=stage`: one block per stage).
-- Pipeline x data parallel: ranks form a (pp, dp) mesh and each stage is sharded over its dp group with FSDP2.
+- Pipeline x data parallel: the ranks' `mesh.ParallelMesh` has pp outermost; each stage is sharded over its
+  data-parallel sub-mesh with FSDP2 (HSDP with dp_replicate > 1), units gathered from forward to backward.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from mhc_train.model import lm_loss
 from mhc_train.parallel.dist import all_reduce_sum_, gather_dicts, recv_from, reduce_sum, send_to, sum_across_ranks
-from mhc_train.parallel.engine import Engine, plain_blocks
+from mhc_train.parallel.engine import Engine, materialise_on_host, plain_blocks
 from mhc_train.parallel.fsdp import reshard_all, sync_replicated_grads
 from mhc_train.parallel.overlap import install_overlap, issue_order
 from mhc_train.parallel.schedules import build_schedule, layer_ranges
@@ -30,26 +35,12 @@ from mhc_train.parallel.state import full, full_model_state, local
 
 
 @dataclass
-class PipelineMesh:
-    """Ranks as a (pp, dp) mesh, pipeline outermost: rank = pp_rank * dp + dp_rank."""
+class StagePlan:
+    """This rank's stages: their global ids, the stage count, and {pipeline rank: its stage ids} (the schedule's)."""
 
-    pp: int
-    dp: int = 1
-    pp_rank: int = 0
-    dp_rank: int = 0
-    group: object = None  # this rank's pipeline process group (None: the default group, dp = 1)
-    dp_mesh: object = None  # this rank's data-parallel sub-mesh (None: dp = 1)
-
-
-def pipeline_mesh(dist, pp: int) -> PipelineMesh:
-    dp = dist.world // pp
-    if dp == 1:
-        return PipelineMesh(pp, 1, dist.rank)
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh(dist.device.type, (pp, dp), mesh_dim_names=("pp", "dp"))
-    pp_rank, dp_rank = mesh["pp"].get_local_rank(), mesh["dp"].get_local_rank()
-    return PipelineMesh(pp, dp, pp_rank, dp_rank, mesh["pp"].get_group(), mesh["dp"])
+    stage_ids: list[int]
+    n_stages: int
+    layout: dict[int, list[int]] = field(default_factory=dict)
 
 
 def cut_stage(model, stage: int, n_stages: int):
@@ -71,27 +62,31 @@ def cut_stage(model, stage: int, n_stages: int):
 class PipelineEngine(Engine):
     """This rank's pipeline stages under one schedule: one schedule step per optimiser step (each data-parallel
     replica's slice of the global batch is split into `n_microbatches`), a global grad-norm clip across stages, and
-    full-model syncs to rank 0 for eval/checkpoints. `modules` are the stages already cut, recomputing and (dp > 1)
-    sharded by `build_engine`; this class adds the schedule. With dp > 1 the pipelining runtime drives FSDP2 itself."""
+    full-model syncs to rank 0 for file checkpoints and export. `modules` are the stages already cut, recomputing,
+    (dp > 1) sharded and materialised by `build.pipeline_engine`, `optimizer` built over them; this class adds the
+    schedule. With dp > 1 the pipelining runtime drives FSDP2 itself."""
 
     name = "pipeline"
     checkpoint_formats = ("dcp", "file")
 
-    def __init__(self, model, modules, stage_ids, n_stages, mesh: PipelineMesh, schedule: str, n_microbatches: int,
-                 build_optimizer, build_scheduler, dist, grad_clip, csv_path: str = "", overlap: bool = True,
-                 autocast_dtype=None, layout: dict[int, list[int]] | None = None):  # fmt: skip
+    def __init__(self, model, modules, optimizer, ctx, plan: StagePlan):
         from torch.distributed.pipelining import PipelineStage
 
-        self.modules, self.mesh, self.stage_ids, self.n_stages = modules, mesh, list(stage_ids), n_stages
-        layout = layout or {mesh.pp_rank: list(stage_ids)}  # {pipeline rank: its stage ids}
+        p, mesh = ctx.cfg.parallel, ctx.mesh
+        self.modules, self.mesh, self.stage_ids, self.n_stages = modules, mesh, list(plan.stage_ids), plan.n_stages
+        self.group = mesh.pp_group()  # this rank's pipeline process group (None: the default group)
+        layout = plan.layout or {mesh.pp_rank: list(plan.stage_ids)}  # {pipeline rank: its stage ids}
         self.stage_owner = {s: r for r, ids in layout.items() for s in ids}  # stage -> the pipeline rank holding it
         self.local = torch.nn.ModuleList(modules)
-        optimizer = build_optimizer(self.local)
-        super().__init__(model, optimizer, build_scheduler(optimizer), dist, dist.device, grad_clip, autocast_dtype)
-        self.stages = [PipelineStage(m, s, n_stages, self.device, group=mesh.group) for m, s in zip(modules, stage_ids)]
-        self.schedule = build_schedule(schedule, self.stages, n_microbatches, lm_loss, csv_path)
+        super().__init__(model, optimizer, ctx.make_scheduler(optimizer), ctx.dist, ctx.device,
+                         ctx.cfg.optim.grad_clip, ctx.amp)  # fmt: skip
+        self._synced = -1  # the plain model is on meta on every rank: the first full_model() fills rank 0's
+        self.stages = [PipelineStage(m, s, self.n_stages, self.device, group=self.group)
+                       for m, s in zip(modules, self.stage_ids)]  # fmt: skip
+        n_microbatches = p.pp_microbatches or 2 * mesh.pp
+        self.schedule = build_schedule(p.pp_schedule, self.stages, n_microbatches, lm_loss, p.pp_schedule_csv)
         self.overlap = None
-        if schedule == "dualpipev" and overlap:  # our OVERLAP_F_B: forward and backward overlap on CUDA
+        if p.pp_schedule == "dualpipev" and p.pp_overlap:  # our OVERLAP_F_B: forward and backward overlap on CUDA
             self.overlap = install_overlap(self.schedule, modules, self.device)
         self.first = any(st.is_first for st in self.stages)
         self.last = any(st.is_last for st in self.stages)
@@ -100,7 +95,8 @@ class PipelineEngine(Engine):
         held = sum(local(p).numel() for p in self.train_parameters())
         total = sum(p.numel() for p in self.model.parameters())
         ids = [st.stage_index for st in self.stages]
-        dp = f" x dp={self.mesh.dp} (FSDP2 per stage)" if self.mesh.dp > 1 else ""
+        hsdp = f", HSDP {self.mesh.dp_replicate} x {self.mesh.dp_shard}" if self.mesh.dp_replicate > 1 else ""
+        dp = f" x dp={self.mesh.dp} (FSDP2 per stage{hsdp})" if self.mesh.dp > 1 else ""
         return (
             f"pipeline: pp={self.mesh.pp}{dp}; rank {self.dist.rank} runs stages {ids} and holds {held:,} of "
             f"{total:,} parameter elements"
@@ -185,13 +181,13 @@ class PipelineEngine(Engine):
                 if owner[s] != me:
                     continue
                 if s > 0 and owner[s - 1] != me:  # the previous stage lives on another rank
-                    h = recv_from(state_shape, stream_dtype, self.device, owner[s - 1], self.mesh.group)
+                    h = recv_from(state_shape, stream_dtype, self.device, owner[s - 1], self.group)
                 with self.autocast():
                     h = module_of[s](h)
                 if s == last:
                     total += lm_loss(h, y).double()
                 elif owner[s + 1] != me:  # sent in the stream dtype (model.stream_dtype), which the receiver knows
-                    send_to(h.to(stream_dtype), owner[s + 1], self.mesh.group)
+                    send_to(h.to(stream_dtype), owner[s + 1], self.group)
         for m in self.modules:
             m.train()
         reshard_all(self.modules)  # FSDP2 per stage (dp > 1): back to the shards the optimizer steps
@@ -213,33 +209,37 @@ class PipelineEngine(Engine):
         try:
             for s in [s for s in range(self.n_stages) if owner[s] == me]:
                 if s > 0 and owner[s - 1] != me:  # the previous stage lives on another rank
-                    h = recv_from(state_shape, stream_dtype, self.device, owner[s - 1], self.mesh.group)
-                    prefix = recv_from(comp_shape, torch.float64, self.device, owner[s - 1], self.mesh.group)
+                    h = recv_from(state_shape, stream_dtype, self.device, owner[s - 1], self.group)
+                    prefix = recv_from(comp_shape, torch.float64, self.device, owner[s - 1], self.group)
                 probes[s] = new_probe()
                 with probes[s].capture(module_of[s]), plain_blocks(module_of[s]), self.autocast():
                     h = module_of[s](h)
                 prefix = probes[s].forward(prefix)
                 if s < last and owner[s + 1] != me:
-                    send_to(h.to(stream_dtype), owner[s + 1], self.mesh.group)
-                    send_to(prefix, owner[s + 1], self.mesh.group)
+                    send_to(h.to(stream_dtype), owner[s + 1], self.group)
+                    send_to(prefix, owner[s + 1], self.group)
         finally:
             reshard_all(self.modules)
         suffix = None
         for s in sorted(probes, reverse=True):
             if s < last and owner[s + 1] != me:
-                suffix = recv_from(comp_shape, torch.float64, self.device, owner[s + 1], self.mesh.group)
+                suffix = recv_from(comp_shape, torch.float64, self.device, owner[s + 1], self.group)
             suffix = probes[s].backward(suffix)
             if s > 0 and owner[s - 1] != me:
-                send_to(suffix, owner[s - 1], self.mesh.group)
+                send_to(suffix, owner[s - 1], self.group)
         mine = {name: stats for probe in probes.values() for name, stats in probe.sites.items()}
         merged = gather_dicts(mine, self.dist)  # every replica computed the same values: any one's will do
         return {name: merged[name] for name, _ in self.model.sites()} if self.dist.is_main else None
 
     def _sync_full_model(self) -> None:
-        """Rank 0's `model` gets every stage's current weights (for file checkpoints and export)."""
-        merged = gather_dicts(full_model_state(self.modules), self.dist)
+        """Rank 0's `model` gets every stage's current weights (for file checkpoints and export), each stage from one
+        replica: the dp_rank 0 ranks keep what their FSDP all-gathers assemble (one tensor at a time, on the host),
+        the other replicas join the gathers, keep nothing and send an empty dict. Rank 0 fills its plain model on the
+        host (`materialise_on_host`); the other ranks' stays on meta."""
+        mine = full_model_state(self.modules, keep=self.mesh.dp_rank == 0)
+        merged = gather_dicts(mine, self.dist)
         if self.dist.is_main:
-            self.model.load_state_dict(merged, strict=False)
+            materialise_on_host(self.model, merged)
 
     def gather_grads(self) -> dict:
         """Every stage's current gradients by parameter name, merged on rank 0 ({} elsewhere). A collective."""

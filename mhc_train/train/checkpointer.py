@@ -5,9 +5,12 @@ It picks the checkpoint to resume from, restores the engine from it, and saves o
 `train.stop_at_step`). Retention (`keep_last`, milestones) and the file formats stay with the manager.
 
 Notes:
-- Rank 0 chooses the resume point (verifying digests, moving damaged checkpoints aside) and every rank follows it.
-- Every rank calls `save` (the engine's state may be sharded); `last` is the newest checkpoint this run wrote or
-  resumed from, named in the messages of a failed run.
+- Rank 0 chooses the resume point (moving damaged checkpoints aside) and every rank follows it; the shards' digests
+  are checked by every rank, each its share (`checkpoint.shared_verify`), so no rank reads them all.
+- Every rank calls `save` (the engine's state may be sharded); `last` is the newest checkpoint this run wrote (and
+  committed) or resumed from, named in the messages of a failed run.
+- With `checkpoint.async_save` a save returns once staged and commits in the background; `wait` finishes it (the
+  next save, the end of the run and a preemption call it; `close`, on every exit, waits without raising).
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class Checkpointer:
                 choice = (str(path) if path else None, notes, None)
             except CheckpointError as e:
                 choice = (None, [], e)
+        else:
+            self.manager.follow_choice()  # verify this rank's share of each candidate's shards
         path, notes, error = broadcast_from_main(choice, self.dist)
         if error is not None:
             raise error
@@ -81,8 +86,19 @@ class Checkpointer:
             "config": self.config_dict,
             "tokenizer": self.tokenizer_ref,
         }
-        self.last = self.manager.save(engine, step, meta)
+        path = self.manager.save(engine, step, meta)  # finishes the save in flight first
+        if not self.manager.in_flight:
+            self.last = path
+        return path
+
+    def wait(self) -> Path | None:
+        """Finish the save in flight, if any (raising its CheckpointError); the newest committed checkpoint."""
+        self.last = self.manager.wait() or self.last
         return self.last
+
+    def close(self) -> None:
+        """Every exit: finish the save in flight (a failure is logged) and release its buffers."""
+        self.manager.close()
 
     def maybe_save(self, engine, step: int, progress: dict) -> Path | None:
         """The checkpoint written at this step on the cadence, else None."""

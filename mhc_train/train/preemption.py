@@ -6,7 +6,9 @@ signals every process and torchrun forwards another): a repeat within REPEAT_GRA
 only the main thread, so elsewhere the handlers are left as they are.
 
 `Preemption` is the loop's policy: every step it reads whether any rank received a stop (one flag, read together
-with the loss), so every rank stops after the same step, and `stop` ends the run naming the checkpoint written.
+with the loss), so every rank stops after the same step, and `stop` ends the run naming the checkpoint written. An
+asynchronous save still in flight is finished (`settle`, the checkpointer's `wait`) before the run says it stopped:
+the checkpoint it names is committed.
 """
 
 from __future__ import annotations
@@ -65,8 +67,8 @@ class Preemption:
     """`with Preemption(dist, current_step):` installs the stop handlers for the run; `flag()` is the step's
     any-rank stop flag (a device scalar nobody has read yet: a collective), `stop` raises `Preempted`."""
 
-    def __init__(self, dist: DistInfo, current_step: Callable[[], int]):
-        self.dist, self.signals = dist, StopSignals(current_step)
+    def __init__(self, dist: DistInfo, current_step: Callable[[], int], settle: Callable[[], Path | None] = None):
+        self.dist, self.signals, self.settle = dist, StopSignals(current_step), settle
 
     def __enter__(self) -> Preemption:
         self.signals.__enter__()
@@ -80,6 +82,8 @@ class Preemption:
 
     def stop(self, step: int, checkpoint: Path) -> NoReturn:
         """Every rank, after writing `checkpoint`: stop with the signal's exit code (128 + its number)."""
+        if self.settle is not None:  # an asynchronous save in flight: committed (or its error raised) first
+            checkpoint = self.settle() or checkpoint
         signum = self.signals.received or signal.SIGTERM
         cmd = " ".join(shlex.quote(a) for a in ["python", "-m", "mhc_train.train", *sys.argv[1:]])
         how = "the same torchrun command" if self.dist.world > 1 else cmd

@@ -148,6 +148,9 @@ class Trainer:
 
     def close(self) -> None:
         """Release the run directory (also done at the end of `run`)."""
+        checkpointer = getattr(self, "checkpointer", None)
+        if checkpointer is not None:  # an asynchronous save in flight is finished first, under the run's lock
+            checkpointer.close()
         lock = getattr(self, "lock", None)
         if lock is not None:
             lock.release()
@@ -210,7 +213,7 @@ class Trainer:
         `Preemption`); elsewhere (signals reach only the main thread) they keep their handlers."""
         if self.lock.released:  # a second run() owns the directory again
             self.lock.acquire()
-        self.preemption = Preemption(self.dist, lambda: self.step + 1)
+        self.preemption = Preemption(self.dist, lambda: self.step + 1, self.checkpointer.wait)
         try:
             with self.preemption:
                 return self._loop()
@@ -238,6 +241,7 @@ class Trainer:
                 if result.finite and self.step == t.stop_at_step:
                     logger.info(f"stopping at train.stop_at_step={t.stop_at_step}; resume with checkpoint.resume=auto")
                     break
+            self.checkpointer.wait()  # an asynchronous save in flight: committed before the run reports its end
         except (RuntimeError, torch.distributed.DistBackendError) as e:
             if (lost := _peer_lost(e, self.dist, self.step, self.checkpointer.last)) is None:
                 raise

@@ -1,0 +1,45 @@
+"""Resume-time verification split among the ranks (`checkpoint.shared_verify.share`): every file exactly once, the
+same split on every rank, balanced by size; and a damaged file in one rank's share fails with one line naming it.
+DeepSpeed checkpoints at another world size are refused in one line naming the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from mhc_train.checkpoint.integrity import shard_digests
+from mhc_train.checkpoint.shared_verify import _verify_mine, share
+
+
+def test_share_covers_every_file_once_balanced():
+    files = {f"__{i % 3}_{i}.distcp": [1000 + 37 * i, "x"] for i in range(11)} | {".metadata": [50, "y"]}
+    for world in (1, 2, 3, 4):
+        parts = [share(files, world, r) for r in range(world)]
+        names = [n for p in parts for n in p]
+        assert sorted(names) == sorted(files)  # each file in exactly one rank's share
+        loads = [sum(e[0] for e in p.values()) for p in parts]
+        assert max(loads) - min(loads) <= max(e[0] for e in files.values()), loads
+
+
+def test_a_damaged_file_in_a_share_is_one_line_naming_it(tmp_path):
+    for i in range(4):
+        (tmp_path / f"__{i}_0.distcp").write_bytes(bytes([i]) * (100 + i))
+    files = shard_digests(tmp_path)
+    victim = next(iter(share(files, 2, 1)))
+    (tmp_path / victim).write_bytes(b"\0" * files[victim][0])
+    assert _verify_mine(tmp_path, files, 2, 0)[1] is None  # rank 0's share is intact
+    nbytes, failure = _verify_mine(tmp_path, files, 2, 1)
+    assert nbytes == 0 and f"{victim} is damaged" in failure and "\n" not in failure
+
+
+def test_deepspeed_at_another_world_size_is_refused_in_one_line(tmp_path):
+    from types import SimpleNamespace
+
+    from mhc_train.checkpoint import CheckpointError
+    from mhc_train.checkpoint.formats import FORMATS
+    from mhc_train.parallel import DistInfo
+
+    engine = SimpleNamespace(dist=DistInfo(rank=0, world=4))
+    path = tmp_path / "checkpoints/step_00000002.pt"
+    state = {"world_size": 2, "deepspeed_tag": "step_00000002"}
+    with pytest.raises(CheckpointError, match="at 4 ranks: its DeepSpeed shards were written by 2; relaunch with 2"):
+        FORMATS["deepspeed"].load(engine, state, path)
