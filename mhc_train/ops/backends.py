@@ -27,10 +27,9 @@ import torch
 
 from mhc_train.config import BACKENDS
 
+from . import library  # (registers the mhc_train:: ops; imports triton lazily)
 from .reference import hc_gates_ref, hc_projection_ref, mhc_coefficients_ref, mhc_post_res_ref, mhc_pre_ref
 from .sinkhorn import sinkhorn_knopp_implicit, sinkhorn_knopp_torch
-
-from . import library  # noqa: E402  (registers the mhc_train:: ops; imports triton lazily)
 
 
 def triton_available() -> bool:

@@ -90,6 +90,13 @@ def python_impl(op: torch._ops.OpOverload):
     return globals()[op._opname]._init_fn
 
 
+def _check_fp32(**tensors) -> None:
+    from mhc_kernels.utils import check_tensor
+
+    for name, t in tensors.items():
+        check_tensor(name, t, (torch.float32,))
+
+
 class _Ctx(SimpleNamespace):
     """The context an autograd Function's forward/backward reads, for calling them outside autograd."""
 
@@ -374,7 +381,10 @@ post_res_linked.register_autograd(_post_res_backward, setup_context=_post_res_se
 
 def mhc_pre(x, h_pre, link: Link | None = None):
     """x [..., n, C], h_pre [..., n] fp32 -> [..., C]; `link`: the site's slots (x's gradient goes to its projection)."""
+    from mhc_kernels.stream_mix import _check
+
     lead, (n, C) = x.shape[:-2], x.shape[-2:]
+    _check(n, x=x, h_pre=h_pre)
     args = (x.reshape(-1, n, C), h_pre.reshape(-1, n))
     out = pre(*args) if link is None else pre_linked(*args, link.f_grad, link.h_pre)
     return out.reshape(*lead, C)
@@ -382,7 +392,10 @@ def mhc_pre(x, h_pre, link: Link | None = None):
 
 def mhc_post_res(x, y, h_post, h_res, link: Link | None = None):
     """x [..., n, C], y [..., C], h_post [..., n], h_res [..., n, n] or None -> [..., n, C]; `link` as in `mhc_pre`."""
+    from mhc_kernels.stream_mix import _check
+
     lead, (n, C) = x.shape[:-2], x.shape[-2:]
+    _check(n, x=x, y=y, h_post=h_post, h_res=h_res)
     args = (
         x.reshape(-1, n, C),
         y.reshape(-1, C),
@@ -462,6 +475,7 @@ def mhc_gates_sinkhorn(h, alpha, bias, n: int, iters: int = 20):
     lead, K = h.shape[:-1], h.shape[-1]
     if K not in (n * n + 2 * n, 2 * n):
         raise ValueError(f"h must have n*n+2n = {n * n + 2 * n} (or 2n = {2 * n}) columns for n = {n}, got {K}")
+    _check_fp32(h=h, alpha=alpha, bias=bias)
     p, q, r = gates_sinkhorn(h.reshape(-1, K), alpha, bias, n, iters)
     return p.reshape(*lead, n), q.reshape(*lead, n), (r.reshape(*lead, n, n) if K == n * n + 2 * n else None)
 
@@ -521,6 +535,7 @@ def hc_coefficients(h, static, scale):
             f"hc_gates: h must be [..., n, n+2] with static [n, n+2] and scale [n+2], got {tuple(h.shape)}, "
             f"{tuple(static.shape)}, {tuple(scale.shape)}"
         )
+    _check_fp32(h=h, static=static, scale=scale)
     p, q, r = hc_gates(h.reshape(-1, n, k_s), static, scale)
     return p.reshape(*lead, n), q.reshape(*lead, n), r.reshape(*lead, n, n)
 
@@ -562,4 +577,9 @@ sinkhorn.register_autograd(_sinkhorn_backward, setup_context=_sinkhorn_setup)
 def sinkhorn_knopp(logits, iters: int = 20):
     """[..., n, n] fp32 -> [..., n, n], as `mhc_kernels.sinkhorn_knopp`."""
     lead, n = logits.shape[:-2], logits.shape[-1]
+    if logits.shape[-2] != n:
+        raise ValueError(f"sinkhorn_knopp expects square [..., n, n] logits, got shape {tuple(logits.shape)}")
+    if iters < 1:
+        raise ValueError(f"sinkhorn_knopp needs iters >= 1, got {iters}")
+    _check_fp32(logits=logits)
     return sinkhorn(logits.reshape(-1, n, n), iters).reshape(*lead, n, n)
