@@ -12,10 +12,10 @@ The site's one-dx chaining, tensors in and tensors out (`mhc_kernels/link.py` ha
 Python object, for standalone kernel use): `projection_linked` returns, besides h and r, a `Link` of four slot
 tensors (`g` [T, n, C], `h_res` [T, n, n], `f_grad` [T, C], `h_pre` [T, n]); `pre_linked` and `post_res_linked` take
 their two slots as inputs. Their backwards write no dx: they return as the slots' gradients the terms the projection
-needs (dF_in and h_pre; the site's output gradient g and H_res, the identity where H_res is None), and the
+needs (dF_in and h_pre; the site's output gradient g and H_res, None for the identity), and the
 projection's backward, which autograd runs after both (it needs their slots' gradients), writes x's one gradient
 `dx = proj term + h_pre (x) dF_in + H_res^T g` in its kernel. A term whose op did not run in a backward call arrives
-as zeros (autograd materialises it) and adds nothing. The slots carry no data forward: stride-0 views of one element,
+as None (the projection does not materialise its gradients) and adds nothing. The slots carry no data forward: stride-0 views of one element,
 nothing allocated per token.
 
 Notable choices:
@@ -40,7 +40,7 @@ class Link(NamedTuple):
     """A site's hand-over slots (see the module docstring): outputs of its projection, inputs of its pre/post_res."""
 
     g: torch.Tensor  # [T, n, C]: post_res's backward returns the site output's gradient as this slot's
-    h_res: torch.Tensor  # [T, n, n]: ... and H_res (identity when the site has none)
+    h_res: torch.Tensor  # [T, n, n]: ... and H_res (its gradient None when the site has none: the identity)
     f_grad: torch.Tensor  # [T, C]: pre's backward returns dF_in
     h_pre: torch.Tensor  # [T, n]: ... and h_pre
 
@@ -183,6 +183,7 @@ def _projection_setup(ctx, inputs, output):
     ctx.per_stream = per_stream
     ctx.save_for_backward(x, phi, output[0], output[1])
     ctx.mark_non_differentiable(*output[1:2])
+    ctx.set_materialize_grads(False)  # a slot whose op did not run brings None: no term, nothing allocated
     # eager: the nodes of x's and phi's views (see `_own_node`), to ask the engine what this backward call needs
     ctx.nodes = [t.grad_fn if t.requires_grad else None for t in (x, phi)] if _eager() else None
 
@@ -194,18 +195,22 @@ def _wanted(ctx) -> tuple[bool, bool]:
 
 
 def _projection_backward(ctx, gh, _r, g=None, h_res=None, f_grad=None, h_pre=None):
+    """The slots' gradients are the link's terms: (g, H_res) from post_res (H_res None: the identity) and (dF_in,
+    h_pre) from pre; a pair is None when its op did not run in this backward call (or the op is unlinked)."""
     x, phi, h, r = ctx.saved_tensors
     want_dx, want_dphi = _wanted(ctx)
     if not (want_dx or want_dphi):
         return None, None, None, None
-    if g is not None and want_dx:
-        g, h_res = g.to(x.dtype).contiguous(), h_res.float().contiguous()
-        f_grad, h_pre = f_grad.contiguous(), h_pre.float().contiguous()
+    gh = torch.zeros_like(h) if gh is None else gh.contiguous().float()
+    if g is None or not want_dx:
+        g = h_res = None
     else:
-        g = h_res = f_grad = h_pre = None
-    dx, dphi = projection_bwd(
-        x, phi, h, r, gh.contiguous().float(), ctx.per_stream, want_dx, want_dphi, g, h_res, f_grad, h_pre
-    )
+        g, h_res = g.to(x.dtype).contiguous(), (None if h_res is None else h_res.float().contiguous())
+    if f_grad is None or not want_dx:
+        f_grad = h_pre = None
+    else:
+        f_grad, h_pre = f_grad.contiguous(), h_pre.float().contiguous()
+    dx, dphi = projection_bwd(x, phi, h, r, gh, ctx.per_stream, want_dx, want_dphi, g, h_res, f_grad, h_pre)
     return (dx if want_dx else None), (dphi if want_dphi else None), None, None
 
 
@@ -370,9 +375,7 @@ def _post_res_backward(ctx, g):
     )
     if not linked:
         return grads
-    n = x.shape[1]
-    res = h_res if ctx.has_res else torch.eye(n, device=x.device).expand(x.shape[0], n, n)
-    return (*grads, g, res)
+    return (*grads, g, h_res if ctx.has_res else None)  # no H_res: None, the identity (the projection adds g)
 
 
 post_res.register_autograd(_post_res_backward, setup_context=_post_res_setup)
@@ -456,10 +459,14 @@ def _gates_setup(ctx, inputs, output):
     h, alpha, bias, n, iters = inputs
     ctx.n, ctx.iters, ctx.has_res = n, iters, h.shape[1] == n * n + 2 * n
     ctx.save_for_backward(h, alpha, bias, output[0], output[1])
+    ctx.set_materialize_grads(False)  # no zeros for the empty h_res placeholder of the identity arm
 
 
 def _gates_backward(ctx, d_pre, d_post, d_res):
     h, alpha, bias, pre_, post = ctx.saved_tensors
+    d_pre, d_post = (torch.zeros_like(t) if d is None else d for d, t in ((d_pre, pre_), (d_post, post)))
+    if ctx.has_res and d_res is None:
+        d_res = h.new_zeros(h.shape[0], ctx.n, ctx.n)
     dh, da, db = gates_sinkhorn_bwd(
         h, alpha, bias, pre_, post, d_pre, d_post, d_res if ctx.has_res else None, ctx.n, ctx.iters
     )
