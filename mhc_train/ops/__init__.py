@@ -22,7 +22,7 @@ it and its `mhc_pre` and `mhc_post_res` take it. Their backwards then write no d
 slots' gradients to the projection's backward kernel, which writes x's one gradient
 (`dx = proj term + h_pre (x) dF_in + H_res^T g`) instead of three that autograd adds: three passes over [T, n, C]
 fewer in the backward. See `library.py`. `SiteStep` does this for every site. The kernels are `torch.library` ops in
-the `mhc_train` namespace (`library.py`), so torch.compile traces a site without a graph break.
+the `mhc_train` namespace (`library.py`, `library_gates.py`), so torch.compile traces a site without a graph break.
 """
 
 from __future__ import annotations

@@ -11,9 +11,10 @@ Notable choices:
 - `torch`: the plain reference of `reference.py`, except Sinkhorn, which uses the iterate-recomputing backward of
   `sinkhorn.py` (4x faster on CPU; tested against the reference). The stream math runs inside `coefficient_region`
   (fp32 under autocast, like the kernels).
-- `triton`: the fused kernels as `torch.library` custom ops (`library.py`; CUDA, or CPU through the interpreter when TRITON_INTERPRET=1 was set before
-  `import triton`). Above the kernels' stream limit (n > 16) an op runs the torch backend's, with a one-time notice:
-  the one fallback there is, chosen by the op from n only. Inputs a kernel was not written for raise a ValueError.
+- `triton`: the fused kernels as `torch.library` custom ops (`library.py`, `library_gates.py`), on CUDA, or on CPU
+  through the interpreter when TRITON_INTERPRET=1 was set before `import triton`. Above the kernels' stream limit (n >
+  16) an op runs the torch backend's, with a one-time notice: the one fallback there is, chosen by the op from n only.
+  Inputs a kernel was not written for raise a ValueError.
 - `resolve(name, device)` is the only place a backend name is read and validated; `auto` is triton for CUDA tensors
   (when importable), torch elsewhere. The implicit Sinkhorn backward is torch on every backend.
 """
@@ -27,7 +28,7 @@ import torch
 
 from mhc_train.config import BACKENDS
 
-from . import library  # (registers the mhc_train:: ops; imports triton lazily)
+from . import library, library_gates  # (register the mhc_train:: ops; import triton lazily)
 from .reference import hc_gates_ref, hc_projection_ref, mhc_coefficients_ref, mhc_post_res_ref, mhc_pre_ref
 from .sinkhorn import sinkhorn_knopp_implicit, sinkhorn_knopp_torch
 
@@ -125,7 +126,7 @@ class TritonBackend(TorchBackend):
     def sinkhorn(self, logits, iters, implicit=False):
         if implicit or not _kernel_takes("sinkhorn_knopp", logits.shape[-1]):
             return super().sinkhorn(logits, iters, implicit)
-        return library.sinkhorn_knopp(logits.float().contiguous(), iters)
+        return library_gates.sinkhorn_knopp(logits.float().contiguous(), iters)
 
     def mhc_coefficients(self, x, phi, alpha, bias, iters, eps, implicit=False, linked=False):
         if not _kernel_takes("mhc_coefficients", x.shape[-2]):
@@ -137,7 +138,7 @@ class TritonBackend(TorchBackend):
             )
             return coefficients, link
         alpha, bias = alpha.float().contiguous(), bias.float().contiguous()
-        return library.mhc_gates_sinkhorn(h, alpha, bias, x.shape[-2], iters), link
+        return library_gates.mhc_gates_sinkhorn(h, alpha, bias, x.shape[-2], iters), link
 
     def hc_projection(self, x, weight, eps, linked=False):
         n = x.shape[-2]
@@ -151,7 +152,7 @@ class TritonBackend(TorchBackend):
     def hc_gates(self, h, static, scale):
         if not _kernel_takes("hc_gates", h.shape[-2]):
             return super().hc_gates(h, static, scale)
-        return library.hc_coefficients(h.contiguous(), static.float().contiguous(), scale.float().contiguous())
+        return library_gates.hc_coefficients(h.contiguous(), static.float().contiguous(), scale.float().contiguous())
 
     def pre(self, x, h_pre, link=None):
         if not _kernel_takes("mhc_pre", x.shape[-2]):
