@@ -80,14 +80,6 @@ def _eager() -> bool:
     return not torch.compiler.is_compiling()
 
 
-def python_impl(op: torch._ops.OpOverload):
-    """The Python implementation behind one of the `mhc_train::` ops (the traffic audit runs it under its dispatch
-    mode)."""
-    from . import library_gates
-
-    return (globals().get(op._opname) or getattr(library_gates, op._opname))._init_fn
-
-
 def _check_fp32(**tensors) -> None:
     from mhc_kernels.utils import check_tensor
 
