@@ -17,11 +17,12 @@ The plain functions below are the kernel-level ops for standalone use (tests, be
   [..., n, K_s] (weight [C, K_s], the norm gain folded in)
 - `hc_gates(h, static, scale)`: HC's coefficients from it: tanh(h) * scale + static -> (h_pre, h_post, h_res)
 
-One dx per site (`link`, a `mhc_kernels.SiteLink` from `new_link(x, backend)`, None on the torch path): pass the same
-link to a site's projection (`mhc_coefficients` / `hc_projection`), `mhc_pre` and `mhc_post_res`. Their backwards
-then write no dx: they hand their terms to the projection's backward kernel, which writes x's one gradient
+One dx per site (`link`, a `library.Link` of slot tensors, None on the torch path): a site's linked projection returns
+it and its `mhc_pre` and `mhc_post_res` take it. Their backwards then write no dx: they return their terms as the
+slots' gradients to the projection's backward kernel, which writes x's one gradient
 (`dx = proj term + h_pre (x) dF_in + H_res^T g`) instead of three that autograd adds: three passes over [T, n, C]
-fewer in the backward. See `mhc_kernels/link.py`. `SiteStep` does this for every site.
+fewer in the backward. See `library.py`. `SiteStep` does this for every site. The kernels are `torch.library` ops in
+the `mhc_train` namespace (`library.py`, `library_gates.py`), so torch.compile traces a site without a graph break.
 """
 
 from __future__ import annotations
@@ -46,32 +47,26 @@ from .step import SiteKernels, SiteRead, SiteStep
 Backend = str | TorchBackend
 
 
-def new_link(x: torch.Tensor, backend: Backend = "torch"):
-    """A SiteLink for a site on `x` when its ops run on the kernels, else None (autograd sums dx)."""
-    return resolve(backend, x.device).new_link(x)
-
-
 def sinkhorn_knopp(logits: torch.Tensor, iters: int = 20, backend: Backend = "torch", implicit: bool = False):
     """`implicit=True`: backward by implicit differentiation of the fixed point (torch, any backend)."""
     return resolve(backend, logits.device).sinkhorn(logits, iters, implicit)
 
 
 def mhc_coefficients(
-    x, phi, alpha, bias, iters: int = 20, eps: float = 1e-6, backend: Backend = "torch", sinkhorn_backward="unrolled",
-    link=None,
+    x, phi, alpha, bias, iters: int = 20, eps: float = 1e-6, backend: Backend = "torch", sinkhorn_backward="unrolled"
 ):  # fmt: skip
     if sinkhorn_backward not in SINKHORN_BACKWARDS:
         raise ValueError(f"connection.sinkhorn_backward must be one of {SINKHORN_BACKWARDS}, got {sinkhorn_backward!r}")
     with coefficient_region(x):
         implicit = sinkhorn_backward == "implicit"
-        return resolve(backend, x.device).mhc_coefficients(x, phi, alpha, bias, iters, eps, implicit, link)
+        return resolve(backend, x.device).mhc_coefficients(x, phi, alpha, bias, iters, eps, implicit)[0]
 
 
-def hc_projection(x, weight, eps: float = 1e-6, backend: Backend = "torch", link=None):
+def hc_projection(x, weight, eps: float = 1e-6, backend: Backend = "torch"):
     """HC's dynamic projection: each stream RMS-normalised on its own, then @ weight [C, K_s] (gain folded in):
     x [..., n, C] -> [..., n, K_s] fp32. The kernel runs it as one pass over x with a block-diagonal weight."""
     with coefficient_region(x):
-        return resolve(backend, x.device).hc_projection(x, weight, eps, link)
+        return resolve(backend, x.device).hc_projection(x, weight, eps)[0]
 
 
 def hc_gates(h, static, scale, backend: Backend = "torch"):
@@ -81,7 +76,7 @@ def hc_gates(h, static, scale, backend: Backend = "torch"):
 
 
 def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor, backend: Backend = "torch", link=None) -> torch.Tensor:
-    """`link`: the site's link (see the module docstring)."""
+    """`link`: the site's link (see the module docstring; made by `SiteStep`)."""
     return resolve(backend, x.device).pre(x, h_pre, link)
 
 
@@ -112,7 +107,6 @@ __all__ = [
     "mhc_post_res",
     "mhc_pre",
     "mhc_projection_ref",
-    "new_link",
     "resolve",
     "resolve_backend",
     "sinkhorn_knopp",

@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from mhc_train import ops
+from mhc_train.ops import library, library_gates
 
 ARMS = ("mhc", "mhc_identity", "hc", "sinkhorn")
 
@@ -32,14 +33,23 @@ class TorchOp:
         return self._bytes
 
 
+def _python_impl(op: torch._ops.OpOverload):
+    """The Python implementation behind one of the `mhc_train::` kernel ops."""
+    return (getattr(library, op._opname, None) or getattr(library_gates, op._opname))._init_fn
+
+
 class _RecordTorchOps(TorchDispatchMode):
-    """Appends a TorchOp for every aten op that moves data; views and bare allocations move none."""
+    """Appends a TorchOp for every aten op that moves data; views and bare allocations move none. The `mhc_train::`
+    kernel ops run their Python implementation under the mode (their launches are recorded by the capture)."""
 
     def __init__(self, into: list):
         super().__init__()
         self.into = into
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == library.NS:  # a kernel op: record its launches and the aten ops inside it instead
+            with self:
+                return _python_impl(func)(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
         returns = func._schema.returns

@@ -3,17 +3,18 @@
 Axis legend: `...` leading token axes, n streams, C channels, K coefficient columns.
 
 A backend has one method per kernel (`mhc_coefficients`, `hc_projection`, `hc_gates`, `pre`, `post_res`,
-`sinkhorn`), each with the site's one-dx chaining explicit in its signature (`link`: a `mhc_kernels.SiteLink` or
-None), so each can be registered as a torch custom op as it stands. `new_link(x)` makes a site's link (None where
-autograd sums x's gradients: the torch path, and the n > 16 fallback).
+`sinkhorn`), with the site's one-dx chaining explicit in the signatures, tensors only: a projection op called with
+`linked=True` returns `(result, link)`, the link being the slot tensors of `library.Link` (None on the torch path and
+in the n > 16 fallback, where autograd sums x's gradients), and `pre` / `post_res` take it.
 
 Notable choices:
 - `torch`: the plain reference of `reference.py`, except Sinkhorn, which uses the iterate-recomputing backward of
   `sinkhorn.py` (4x faster on CPU; tested against the reference). The stream math runs inside `coefficient_region`
   (fp32 under autocast, like the kernels).
-- `triton`: the fused kernels (CUDA, or CPU through the interpreter when TRITON_INTERPRET=1 was set before
-  `import triton`). Above the kernels' stream limit (n > 16) an op runs the torch backend's, with a one-time notice:
-  the one fallback there is, chosen by the op from n only. Inputs a kernel was not written for raise a ValueError.
+- `triton`: the fused kernels as `torch.library` custom ops (`library.py`, `library_gates.py`), on CUDA, or on CPU
+  through the interpreter when TRITON_INTERPRET=1 was set before `import triton`. Above the kernels' stream limit (n >
+  16) an op runs the torch backend's, with a one-time notice: the one fallback there is, chosen by the op from n only.
+  Inputs a kernel was not written for raise a ValueError.
 - `resolve(name, device)` is the only place a backend name is read and validated; `auto` is triton for CUDA tensors
   (when importable), torch elsewhere. The implicit Sinkhorn backward is torch on every backend.
 """
@@ -27,6 +28,7 @@ import torch
 
 from mhc_train.config import BACKENDS
 
+from . import library, library_gates  # (register the mhc_train:: ops; import triton lazily)
 from .reference import hc_gates_ref, hc_projection_ref, mhc_coefficients_ref, mhc_post_res_ref, mhc_pre_ref
 from .sinkhorn import sinkhorn_knopp_implicit, sinkhorn_knopp_torch
 
@@ -60,12 +62,9 @@ def coefficient_region(x: torch.Tensor):
 
 
 class TorchBackend:
-    """The PyTorch path. `link` is accepted and unused: autograd sums x's gradients."""
+    """The PyTorch path. It makes no link (autograd sums x's gradients): the projection ops return (result, None)."""
 
     name = "torch"
-
-    def new_link(self, x: torch.Tensor):
-        return None
 
     def coefficient_region(self, x: torch.Tensor):
         return coefficient_region(x)
@@ -73,12 +72,14 @@ class TorchBackend:
     def sinkhorn(self, logits: torch.Tensor, iters: int, implicit: bool = False) -> torch.Tensor:
         return (sinkhorn_knopp_implicit if implicit else sinkhorn_knopp_torch)(logits, iters)
 
-    def mhc_coefficients(self, x, phi, alpha, bias, iters: int, eps: float, implicit: bool = False, link=None):
+    def mhc_coefficients(self, x, phi, alpha, bias, iters: int, eps: float, implicit: bool = False, linked=False):
+        """((h_pre, h_post, h_res | None), the site's link or None)."""
         sinkhorn = sinkhorn_knopp_implicit if implicit else sinkhorn_knopp_torch
-        return mhc_coefficients_ref(x, phi, alpha, bias, iters, eps, sinkhorn=sinkhorn)
+        return mhc_coefficients_ref(x, phi, alpha, bias, iters, eps, sinkhorn=sinkhorn), None
 
-    def hc_projection(self, x, weight, eps: float, link=None):
-        return hc_projection_ref(x, weight, eps)
+    def hc_projection(self, x, weight, eps: float, linked=False):
+        """(h [..., n, K_s], the site's link or None)."""
+        return hc_projection_ref(x, weight, eps), None
 
     def hc_gates(self, h, static, scale):
         return hc_gates_ref(h, static, scale)
@@ -117,52 +118,52 @@ def _kernel_takes(op: str, n: int) -> bool:
 
 
 class TritonBackend(TorchBackend):
-    """The fused kernels of `mhc_kernels`; each op falls back to the torch backend's above n = 16 (see the module)."""
+    """The fused kernels as the `torch.library` ops of `library.py`; each op falls back to the torch backend's above
+    n = 16 (see the module). A linked projection returns the site's `library.Link` slots for its pre and post_res."""
 
     name = "triton"
-
-    def new_link(self, x):
-        return _kernels().SiteLink() if x.shape[-2] <= _kernels().MAX_STREAMS else None
 
     def sinkhorn(self, logits, iters, implicit=False):
         if implicit or not _kernel_takes("sinkhorn_knopp", logits.shape[-1]):
             return super().sinkhorn(logits, iters, implicit)
-        return _kernels().sinkhorn_knopp(logits.float().contiguous(), iters)
+        return library_gates.sinkhorn_knopp(logits.float().contiguous(), iters)
 
-    def mhc_coefficients(self, x, phi, alpha, bias, iters, eps, implicit=False, link=None):
+    def mhc_coefficients(self, x, phi, alpha, bias, iters, eps, implicit=False, linked=False):
         if not _kernel_takes("mhc_coefficients", x.shape[-2]):
             return super().mhc_coefficients(x, phi, alpha, bias, iters, eps, implicit)
-        k = _kernels()
-        if implicit:  # kernel 1, then the torch tail with the implicit Sinkhorn backward
-            project = lambda v, p, e: k.mhc_projection(v.contiguous(), p, e, link=link)  # noqa: E731
-            return mhc_coefficients_ref(x, phi, alpha, bias, iters, eps, sinkhorn_knopp_implicit, project)
-        h = k.mhc_projection(x.contiguous(), phi, eps, link=link)  # kernel 1: [..., K] fp32
-        return k.mhc_gates_sinkhorn(h, alpha.float().contiguous(), bias.float().contiguous(), x.shape[-2], iters)
+        h, link = library.mhc_projection(x.contiguous(), phi, eps, linked=linked)  # kernel 1: [..., K] fp32
+        if implicit:  # the torch tail with the implicit Sinkhorn backward
+            coefficients = mhc_coefficients_ref(
+                x, phi, alpha, bias, iters, eps, sinkhorn_knopp_implicit, lambda v, p, e: h
+            )
+            return coefficients, link
+        alpha, bias = alpha.float().contiguous(), bias.float().contiguous()
+        return library_gates.mhc_gates_sinkhorn(h, alpha, bias, x.shape[-2], iters), link
 
-    def hc_projection(self, x, weight, eps, link=None):
+    def hc_projection(self, x, weight, eps, linked=False):
         n = x.shape[-2]
         if not _kernel_takes("hc_projection", n):
             return super().hc_projection(x, weight, eps)
         k_s = weight.shape[-1]
         block = torch.block_diag(*[weight.float()] * n)  # [nC, n K_s]: stream j's weight in block j
-        h = _kernels().mhc_projection(x.contiguous(), block, eps, link=link, per_stream=k_s)
-        return h.unflatten(-1, (n, k_s))
+        h, link = library.mhc_projection(x.contiguous(), block, eps, per_stream=k_s, linked=linked)
+        return h.unflatten(-1, (n, k_s)), link
 
     def hc_gates(self, h, static, scale):
         if not _kernel_takes("hc_gates", h.shape[-2]):
             return super().hc_gates(h, static, scale)
-        return _kernels().hc_gates(h.contiguous(), static.float().contiguous(), scale.float().contiguous())
+        return library_gates.hc_coefficients(h.contiguous(), static.float().contiguous(), scale.float().contiguous())
 
     def pre(self, x, h_pre, link=None):
         if not _kernel_takes("mhc_pre", x.shape[-2]):
             return super().pre(x, h_pre)
-        return _kernels().mhc_pre(x.contiguous(), h_pre.float().contiguous(), link=link)
+        return library.mhc_pre(x.contiguous(), h_pre.float().contiguous(), link)
 
     def post_res(self, x, y, h_post, h_res, link=None):
         if not _kernel_takes("mhc_post_res", x.shape[-2]):
             return super().post_res(x, y, h_post, h_res)
         h_res = None if h_res is None else h_res.float().contiguous()
-        return _kernels().mhc_post_res(x.contiguous(), y.contiguous(), h_post.float().contiguous(), h_res, link=link)
+        return library.mhc_post_res(x.contiguous(), y.contiguous(), h_post.float().contiguous(), h_res, link)
 
 
 BACKEND_OBJECTS = {"torch": TorchBackend(), "triton": TritonBackend()}

@@ -11,8 +11,9 @@ against `kernels`, a `SiteKernels`: the backend's ops bound to this call's `Site
 Notable choices:
 - The backend name is resolved once per step and device (`backend(device)`, cached): a model built on the meta device
   resolves on first use where it was materialised, and every later call reads the cache.
-- The step owns the one-dx chaining: the first projection of a call makes the site's link (`SiteKernels`), and the
-  site's pre and post_res join it, so the projection's backward writes x's one gradient (`mhc_kernels/link.py`).
+- The step owns the one-dx chaining: the first projection of a call returns the site's link (`SiteKernels`; slot
+  tensors, `library.Link`), and the site's pre and post_res take it, so the projection's backward writes x's one
+  gradient (`library.py`). Only tensors cross an op: a compiled block has no graph break at a site.
   Under no_grad there is no link (nothing to hand over; a link changes no forward): a no-grad read can be written
   more than once (selective recomputation's replays).
 - The step owns the fp32 coefficient region: `coefficients` runs with autocast off (`backends.coefficient_region`).
@@ -35,24 +36,28 @@ Coefficients = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # h_pre [
 
 
 class SiteKernels:
-    """A backend's ops for one site call, with the call's link (made by the first projection when `linked`)."""
+    """A backend's ops for one site call, with the call's link: the slot tensors its projection returned (when
+    `linked`), passed on to its pre and post_res. Tensors only: nothing here is seen by a compiled graph but them."""
 
     def __init__(self, backend: TorchBackend, linked: bool = True):
         self.backend, self.linked, self.link = backend, linked, None
 
-    def _own_link(self, x: torch.Tensor):
-        if self.linked and self.link is None and torch.is_grad_enabled():  # no backward, nothing to hand over
-            self.link = self.backend.new_link(x)
-        return self.link
+    def _links(self) -> bool:
+        return self.linked and self.link is None and torch.is_grad_enabled()  # no backward, nothing to hand over
 
     def mhc_coefficients(self, x, phi, alpha, bias, iters: int = 20, eps: float = 1e-6, sinkhorn_backward="unrolled"):
-        """mHC's coefficients (`reference.mhc_coefficients_ref`); its projection owns the site's link."""
-        implicit = sinkhorn_backward == "implicit"
-        return self.backend.mhc_coefficients(x, phi, alpha, bias, iters, eps, implicit, self._own_link(x))
+        """mHC's coefficients (`reference.mhc_coefficients_ref`); its projection makes the site's link."""
+        implicit, linked = sinkhorn_backward == "implicit", self._links()
+        out, link = self.backend.mhc_coefficients(x, phi, alpha, bias, iters, eps, implicit, linked)
+        self.link = link if linked else self.link
+        return out
 
     def hc_projection(self, x, weight, eps: float = 1e-6):
-        """HC's per-stream RMSNorm @ weight (`reference.hc_projection_ref`); owns the site's link."""
-        return self.backend.hc_projection(x, weight, eps, self._own_link(x))
+        """HC's per-stream RMSNorm @ weight (`reference.hc_projection_ref`); makes the site's link."""
+        linked = self._links()
+        h, link = self.backend.hc_projection(x, weight, eps, linked)
+        self.link = link if linked else self.link
+        return h
 
     def hc_gates(self, h, static, scale) -> Coefficients:
         return self.backend.hc_gates(h, static, scale)
