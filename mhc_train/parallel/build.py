@@ -7,7 +7,7 @@ The order (torchtitan's `parallelize_llama` shape), and why:
     1. cut stages     (pp > 1) each rank prunes its stage(s) from the meta skeleton: nothing else is ever built
     2. (apply_tp, apply_ep: the tensor-parallel and MoE issues add their steps here, on each stage)
     3. recompute      a wrapper on each stage / the model, before sharding: FSDP units follow the recompute blocks
-    4. compile        per block (slot: `apply_compile`), after recompute so the compiled region is what runs
+    4. compile        per block (train.compile, `parallel/compile.py`), after recompute: the compiled region is what runs
     5. shard          FSDP2 / HSDP over the mesh's data-parallel dims, on the meta device (no storage yet)
     6. materialise    allocate this rank's shards or stage on its device, fill from the seed or the checkpoint
     7. optimizer      over what this rank trains
@@ -30,6 +30,7 @@ import torch
 
 from mhc_train.config import Config, ConfigError
 from mhc_train.optim import build_optimizer, build_scheduler
+from mhc_train.parallel.compile import apply_compile as compile_blocks
 from mhc_train.parallel.data_parallel import DeepSpeedEngine
 from mhc_train.parallel.dist import DistInfo
 from mhc_train.parallel.engine import Engine, LocalEngine
@@ -123,9 +124,11 @@ def apply_recompute(module: torch.nn.Module, ctx: BuildContext) -> None:
 
 
 def apply_compile(module: torch.nn.Module, ctx: BuildContext) -> None:
-    """4. Slot for per-block compilation (`parallel/compile.py`'s `apply_compile`, wired in at merge). Until then the
-    engines keep their own `train.compile` behaviour (one process, DDP, FSDP: the whole forward), so this does
-    nothing."""
+    """4. `train.compile`: torch.compile per block, in place (`parallel/compile.py`), after recompute (under a
+    recompute runner each block's F is compiled) and before sharding. FSDP and ZeRO-3 train a copy of the plain
+    model: they compile their copy (the `compile` flag below), since a copy of a compiled module calls the original."""
+    if ctx.cfg.train.compile:
+        compile_blocks(module)
 
 
 def apply_fsdp(module: torch.nn.Module, ctx: BuildContext, per_block: bool, under_pipeline: bool = False):
@@ -169,7 +172,8 @@ def data_parallel_engine(model: torch.nn.Module, ctx: BuildContext) -> Engine:
     """One process, DDP, FSDP2 / HSDP or DeepSpeed over the whole model: recompute, compile, then the engine."""
     p, t = ctx.cfg.parallel, ctx.cfg.train
     apply_recompute(model, ctx)  # 3.
-    apply_compile(model, ctx)  # 4.
+    if p.engine in ("none", "ddp"):  # FSDP and DeepSpeed compile the copy they train (apply_compile's note)
+        apply_compile(model, ctx)  # 4.
     common = dict(dist=ctx.dist, device=ctx.device, grad_clip=ctx.cfg.optim.grad_clip, autocast_dtype=ctx.amp,
                   grad_accum=t.grad_accum)  # fmt: skip
     if p.engine == "deepspeed":  # 5.-8. inside DeepSpeed
@@ -182,8 +186,7 @@ def data_parallel_engine(model: torch.nn.Module, ctx: BuildContext) -> Engine:
         return FSDPEngine(model, ctx.make_optimizer, ctx.make_scheduler, **common, compile=t.compile, seed=ctx.seed,
                           weights=ctx.weights, mesh=ctx.mesh)  # fmt: skip
     optimizer = ctx.make_optimizer(model)  # 7.
-    return LocalEngine(model, optimizer, ctx.make_scheduler(optimizer), **common, ddp=p.engine == "ddp",
-                       compile=t.compile)  # fmt: skip
+    return LocalEngine(model, optimizer, ctx.make_scheduler(optimizer), **common, ddp=p.engine == "ddp")
 
 
 # ---- entry points ----------------------------------------------------------------------------------------------

@@ -11,6 +11,11 @@ Notable choices:
   `torch.library` ops, `mhc_train/ops/library.py`), so a break is a bug that should fail loudly, not a silent slowdown.
 - In place (`nn.Module.compile`): parameter names, state dicts and checkpoints are unchanged (no `_orig_mod.` prefix).
 - Embedding, final norm and LM head stay eager: they are outside the blocks and run once per step.
+- Under recomputation (`model.block_runner` set, `parallel.recompute=mhc|full`) the runner calls each site's parts
+  itself and never a block's `forward`: each block's F modules (`attn`, `ffn`) are compiled instead, the region
+  recomputation leaves alone (F keeps its activations), and the connection work runs eager in the runner.
+- Compile before sharding (torchtitan's order): FSDP2 wraps the compiled module's call, and a deep copy taken after
+  compiling would still call the original module, so engines that copy the model compile their copy.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ def apply_compile(model: nn.Module, fullgraph: bool = True, **options) -> nn.Mod
     if not isinstance(layers, nn.ModuleDict | nn.ModuleList):
         raise TypeError(f"apply_compile: {type(model).__name__} has no `layers` of blocks to compile")
     blocks = layers.values() if isinstance(layers, nn.ModuleDict) else layers
+    runner = getattr(model, "block_runner", None)
     for block in blocks:
-        block.compile(fullgraph=fullgraph, **options)
+        for region in (block,) if runner is None else (block.attn, block.ffn):
+            region.compile(fullgraph=fullgraph, **options)
     return model

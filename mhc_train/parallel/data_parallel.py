@@ -23,6 +23,7 @@ import json
 
 import torch
 
+from mhc_train.parallel.compile import apply_compile as compile_blocks
 from mhc_train.parallel.engine import LocalEngine, materialise_on_host, release_eval_copy
 from mhc_train.parallel.state import materialise, materialise_each, on_meta
 
@@ -99,6 +100,8 @@ class DeepSpeedEngine(LocalEngine):
         # checkpoint needs it (then in host memory, `_sync_full_model`); diagnostics run through the engine.
         self.zero3 = int(config["zero_optimization"].get("stage", zero_stage)) == 3
         self.train_model = copy.deepcopy(model) if self.zero3 else model  # a copy of a meta skeleton is free
+        if compile:  # per block, in place, before DeepSpeed wraps it (parallel/compile.py)
+            compile_blocks(self.train_model)
         built_on_meta = on_meta(self.train_model)
         if built_on_meta and not self.zero3:
             materialise(self.train_model, device, seed, weights)
@@ -116,7 +119,7 @@ class DeepSpeedEngine(LocalEngine):
             model=self.train_model, optimizer=optimizer, lr_scheduler=scheduler, config=config
         )
         super().__init__(model, optimizer, scheduler, dist, device, grad_clip, autocast_dtype, grad_accum)
-        self.forward = torch.compile(self.ds) if compile else self.ds
+        self.forward = self.ds
 
     def eval_forward(self):
         return self.ds  # under ZeRO-3 its hooks gather each layer's partitions

@@ -261,7 +261,7 @@ class LocalEngine(Engine):
     name = "torch"
 
     def __init__(self, model, optimizer, scheduler, dist, device, grad_clip, autocast_dtype, grad_accum: int,
-                 ddp: bool = False, compile: bool = False):  # fmt: skip
+                 ddp: bool = False):  # fmt: skip
         super().__init__(model, optimizer, scheduler, dist, device, grad_clip, autocast_dtype)
         self.grad_accum = grad_accum
         forward = model
@@ -272,7 +272,7 @@ class LocalEngine(Engine):
             # broadcast_buffers=False: the only buffer (RoPE's table) is constant, and a per-forward broadcast would
             # make rank 0's evaluation wait on the other ranks
             forward = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
-        self.forward = torch.compile(forward) if compile else forward
+        self.forward = forward  # train.compile: the blocks were compiled in place (build.apply_compile)
 
     def backward(self, loss: torch.Tensor, micro: int) -> None:
         """Accumulate this micro-batch's gradient; data parallel reduces once per step, in the last micro-batch."""

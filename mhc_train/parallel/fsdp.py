@@ -49,6 +49,7 @@ import copy
 
 import torch
 
+from mhc_train.parallel.compile import apply_compile as compile_blocks
 from mhc_train.parallel.dist import mean_over_mesh_
 from mhc_train.parallel.engine import LocalEngine, materialise_on_host, release_eval_copy
 from mhc_train.parallel.state import full, full_model_state, local, materialise, on_meta
@@ -140,7 +141,10 @@ class FSDPEngine(LocalEngine):
         mesh = mesh.dp_mesh()  # a `mesh.ParallelMesh`: FSDP2 over dp_shard, HSDP over (dp_replicate, dp_shard)
         built_on_meta = on_meta(model)
         # a copy of a meta skeleton is free
-        self.train_model = shard(copy.deepcopy(model), mesh, per_block=True, compute_dtype=autocast_dtype)
+        train_model = copy.deepcopy(model)
+        if compile:  # per block, before sharding (parallel/compile.py)
+            compile_blocks(train_model)
+        self.train_model = shard(train_model, mesh, per_block=True, compute_dtype=autocast_dtype)
         if built_on_meta:
             materialise(self.train_model, device, seed, weights)  # this rank's shards only (note 2)
         else:
@@ -148,7 +152,7 @@ class FSDPEngine(LocalEngine):
         optimizer = build_optimizer(self.train_model)
         super().__init__(model, optimizer, build_scheduler(optimizer), dist, device, grad_clip, autocast_dtype,
                          grad_accum)  # fmt: skip
-        self.forward = torch.compile(self.train_model) if compile else self.train_model
+        self.forward = self.train_model
 
     def describe(self) -> str:
         held = sum(local(p).numel() for p in self.train_model.parameters())
@@ -192,7 +196,7 @@ class FSDPEngine(LocalEngine):
             reshard_all([self.train_model])
 
     def diag_modules(self):
-        return self.train_model, self.train_model  # not the compiled forward: the probe's hooks need eager sites
+        return self.train_model, self.train_model
 
     def after_diag(self) -> None:
         reshard_all([self.train_model])

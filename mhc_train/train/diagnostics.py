@@ -196,7 +196,10 @@ class Diagnostics:
         A collective where the weights are sharded or cut: the engine runs the probes where its weights live."""
         if not self.due(step):
             return
-        sites = engine.site_statistics(self.batch, SiteProbe)
+        # eager: under train.compile the blocks are compiled in place, and the probe's hooks (added here) must see
+        # every site call rather than a graph traced before they existed
+        with torch.compiler.set_stance("force_eager"):
+            sites = engine.site_statistics(self.batch, SiteProbe)
         if self.dist.is_main:
             diag = summarise(sites)
             metrics.record("diag", step, grad_norms=self._norms or {"global": result.grad_norm}, **diag)
