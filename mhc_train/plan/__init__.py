@@ -7,7 +7,7 @@
 """
 
 from mhc_train.plan.errors import PlanError
-from mhc_train.plan.estimate import KEYS, make_plan
+from mhc_train.plan.estimate import KEYS, format_plan, make_plan
 from mhc_train.plan.live import LiveBytes, measure_step, state_bytes
 
-__all__ = ["KEYS", "LiveBytes", "PlanError", "make_plan", "measure_step", "state_bytes"]
+__all__ = ["KEYS", "LiveBytes", "format_plan", "PlanError", "make_plan", "measure_step", "state_bytes"]

@@ -11,7 +11,9 @@ Assumptions (see README "Sizing a run"):
    master parameters; AdamW keeps 2 fp32 states per parameter it steps; gradients in the parameters' dtype.
 2. Micro-batches in flight, per rank r of pp: 1F1B min(pp - r, m); interleaved 1F1B (v chunks per rank) torch's
    warm-up min(m v, (v - 1) pp + 2 (pp - 1 - r)) + 1 chunks; ZBV min(pp, m) and DualPipeV min(pp + 1, m) micro-batches
-   of both V stages; a CSV schedule as 1F1B over all its local stages. One micro-batch without a pipeline.
+   of both V stages; a CSV schedule as 1F1B over all its local stages. One micro-batch without a pipeline. The
+   pipelining runtime's receive buffers (one per micro-batch and direction) and the last stage's logits of every
+   micro-batch (the schedule's merged output) are buffers.
 3. FSDP2: the root unit (embedding, head) stays gathered from forward to backward; two block units are gathered at
    once (the current one and the prefetched one) and one unit's unsharded gradient is reduced in fp32. With one
    unit for the whole model (recompute today, split-backward schedules) that unit is the whole model.
@@ -113,18 +115,32 @@ def rank_memory(cfg: Config, world: int, rank: int, pp_rank: int = 0) -> tuple[d
         worst = max(traces, key=lambda tr: tr.peak)
         acts = (k - 1) * saved + worst.peak
         copies = (k - 1) * saved_copies + worst.peak_copies
-        stream = 2 if cfg.model.stream_dtype == "bf16" else 4
-        boundary = 2 * len(lay.stage_ids) * micro * t.seq_len * cfg.connection.n_streams * cfg.model.dim * stream
+        boundary = _pipeline_buffers(cfg, lay, m, micro, amp)
     else:
         micro = max(1, t.batch_size // world)
         tr = trace_stage(cfg, cfg.model.n_layer, micro, True, True, amp)
         acts, copies, boundary = tr.peak, tr.peak_copies, 0.0
-    terms = {"params": P * pb, "grads": grads, "optimizer": optimizer, "activations": acts}
+    terms = {"params": P * pb + lay.resident_numel * 4, "grads": grads, "optimizer": optimizer, "activations": acts}
     terms["buffers"] = _buffers(cfg, lay, amp, copies, boundary)
     terms["total"] = sum(terms.values())
     if _grads_replace_activations(cfg, lay):  # assumption 5
         terms["total"] -= grads + acts - max(tr.peak_with_grads, grads)
     return terms, lay
+
+
+def _pipeline_buffers(cfg: Config, lay: Layout, m: int, micro: int, amp) -> float:
+    """torch.distributed.pipelining's per-micro-batch buffers, kept across steps: a receive buffer for each
+    micro-batch's input (every stage but the first) and for its output gradient (every stage but the last), each
+    `[micro, T, n, C]`; the last stage keeps every micro-batch's logits for the step's merged output."""
+    t = cfg.train
+    stream = 2 if cfg.model.stream_dtype == "bf16" else 4
+    per = micro * t.seq_len * cfg.connection.n_streams * cfg.model.dim * stream
+    total = 0.0
+    for s in lay.stage_ids:
+        total += m * per * ((s != 0) + (s != lay.n_stages - 1))
+        if s == lay.n_stages - 1:
+            total += m * micro * t.seq_len * cfg.model.vocab_size * (2 if amp is not None else 4)
+    return total
 
 
 def _grads_replace_activations(cfg: Config, lay: Layout) -> bool:
@@ -178,3 +194,15 @@ def make_plan(cfg: Config, world: int, device_gib: float = 80.0) -> dict:
         "bytes": {k: int(v) for k, v in terms.items()},
         "notes": lay.notes,
     }
+
+
+def format_plan(plan: dict) -> str:
+    """The human-readable plan: one line per term, the verdict, the engine and the notes."""
+    g = plan["per_gpu_gib"]
+    lines = [f"per GPU (the largest rank, rank {plan['rank']}) at world {plan['world']}:"]
+    lines += [f"  {k:<12}{g[k]:>9.2f} GiB" for k in KEYS]
+    verdict = "fits" if plan["fits"] else "does NOT fit"
+    lines.append(f"{verdict} in {plan['device_gib']:g} GiB per GPU")
+    lines.append(f"engine: {plan['engine']}")
+    lines += [f"note: {n}" for n in plan["notes"]]
+    return "\n".join(lines)

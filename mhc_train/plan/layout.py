@@ -40,6 +40,7 @@ class Layout:
     dp: int = 1  # data-parallel ranks sharing one copy of this rank's layers
     pp: int = 1
     layers: int = 0  # transformer blocks this rank runs
+    resident_numel: int = 0  # elements of a plain full-model copy kept beside the trained ones (fp32)
     first: bool = True  # holds the embedding
     last: bool = True  # holds the final norm and head
     notes: list[str] = field(default_factory=list)
@@ -121,8 +122,14 @@ def rank_layout(cfg: Config, world: int, rank: int, amp) -> Layout:
                 stages = [shard(s, mesh.dp_mesh, per_block, compute_dtype=amp) for s in stages]
             held, dtype = _numel(q for s in stages for q in s.parameters())
             units = [u for s in stages for u in fsdp_units(s)] if mesh.dp > 1 else []
-            return Layout("pipeline", total, held, dtype, units, list(ids), n_stages, mesh.dp, p.pp,
-                          sum(len(s.layers) for s in stages), 0 in ids, n_stages - 1 in ids)  # fmt: skip
+            lay = Layout("pipeline", total, held, dtype, units, list(ids), n_stages, mesh.dp, p.pp,
+                         sum(len(s.layers) for s in stages), 0 in ids, n_stages - 1 in ids)  # fmt: skip
+            # today's build_pipeline: every rank builds the whole model and cuts views of it (the rest stays
+            # allocated); with dp > 1 the stages are sharded from a copy and only rank 0 keeps the plain model
+            if mesh.dp == 1 or rank == 0:
+                lay.resident_numel = total - (held if mesh.dp == 1 else 0)
+                lay.notes.append("pipeline ranks keep the plain model built whole (today's build_pipeline)")
+            return lay
         apply_recompute(model, p.recompute, p.recompute_block)
         if p.engine == "fsdp":
             from torch.distributed.device_mesh import init_device_mesh
