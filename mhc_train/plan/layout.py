@@ -93,8 +93,20 @@ def deepspeed_layout(cfg: Config, world: int, total: int, layers: int) -> Layout
     return lay
 
 
-def rank_layout(cfg: Config, world: int, rank: int, amp) -> Layout:
-    """This rank's layout at `world` ranks (see the module docstring). `amp`: the autocast dtype or None."""
+def per_block_units(model, mesh, amp):
+    """A projection, not today's build: FSDP2 units per block under recompute with bf16 gathers (what the `recomp`
+    change of issue 24 builds), for `make_plan(..., projected=True)`."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(amp or torch.float32, torch.float32, cast_forward_inputs=False)
+    for layer in model.layers.values():
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    return fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def rank_layout(cfg: Config, world: int, rank: int, amp, projected: bool = False) -> Layout:
+    """This rank's layout at `world` ranks (see the module docstring). `amp`: the autocast dtype or None.
+    `projected`: FSDP under recompute sharded per block (`per_block_units`) instead of today's one unit."""
     from mhc_train.model.transformer import Transformer
     from mhc_train.parallel import apply_recompute
     from mhc_train.parallel.build import PER_BLOCK_FSDP_SCHEDULES
@@ -135,8 +147,14 @@ def rank_layout(cfg: Config, world: int, rank: int, amp) -> Layout:
             from torch.distributed.device_mesh import init_device_mesh
 
             mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
-            model = shard(model, mesh, per_block=True, compute_dtype=amp)
+            if projected and model.block_runner is not None:
+                model = per_block_units(model, mesh, amp)
+            else:
+                model = shard(model, mesh, per_block=True, compute_dtype=amp)
             held, dtype = _numel(model.parameters())
-            return Layout("fsdp", total, held, dtype, fsdp_units(model), dp=world, layers=cfg.model.n_layer)
+            lay = Layout("fsdp", total, held, dtype, fsdp_units(model), dp=world, layers=cfg.model.n_layer)
+            if projected and p.recompute != "none":
+                lay.notes.append("projected: FSDP units per block under recompute, bf16 gathers (issue 24 recomp)")
+            return lay
     held, dtype = _numel(model.parameters())
     return Layout(p.engine, total, held, dtype, dp=world, layers=cfg.model.n_layer)

@@ -1,13 +1,15 @@
 """The measured side of `mhc-train plan`: each rank's peak of live tensor bytes during a real training step on CPU.
 
-    python -m torch.distributed.run --nproc_per_node=2 -m mhc_train.plan.measure <hydra overrides>
+    python -m torch.distributed.run --nproc_per_node=2 -m mhc_train.plan.measure [--presets fsdp,ddp] <overrides>
 
 Each rank builds the model and the engine the way the trainer does (`builds_on_meta`, `build_engine`) inside
 `LiveBytes`, so everything it allocates through the dispatcher is counted from the start: parameters, the engine's
 copies and buckets, optimizer states. It then takes one warm-up step (AdamW allocates its states lazily), resets the
 peak, and takes one more step on synthetic tokens (no data is prepared); the peak of that step is what `mhc-train
-plan` predicts. Writes `$PLAN_MEASURE_OUT/rank<r>.json` ({"rank", "world", "peak", "set_up_peak", "start"}), one
-file per rank. Tests and `scripts/bench_scale.py` drive it; it is not a product command.
+plan` predicts. Writes `$PLAN_MEASURE_OUT/rank<r>.json`, one file per rank: {"rank", "world", "peak", "set_up_peak",
+"start"}, or with `--presets a,b` one such record per `parallel=<preset>`, measured one after the other in the same
+processes (one launch: the imports and the process group are paid once). Tests and `scripts/bench_scale.py` drive
+it; it is not a product command.
 """
 
 from __future__ import annotations
@@ -57,13 +59,24 @@ def measure_rank(cfg) -> dict:
     return {"rank": info.rank, "world": info.world, "peak": mode.peak, "set_up_peak": set_up, "start": start}
 
 
-def main(overrides: list[str]) -> None:
+def main(argv: list[str]) -> None:
+    import gc
+
     from mhc_train.config import load_config
 
-    result = measure_rank(load_config(overrides))
+    presets = argv[1].split(",") if argv[:1] == ["--presets"] else None
+    overrides = argv[2:] if presets else argv
+    if presets is None:
+        result = measure_rank(load_config(overrides))
+    else:
+        result = {}
+        for preset in presets:
+            result[preset] = measure_rank(load_config([*overrides, f"parallel={preset}"]))
+            gc.collect()
+    rank = int(os.environ.get("RANK", "0"))
     out = Path(os.environ.get("PLAN_MEASURE_OUT", "."))
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"rank{result['rank']}.json").write_text(json.dumps(result))
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":
