@@ -81,3 +81,21 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+def measure_setup(cfg, world: int, rank: int = 0) -> dict:
+    """Peak live bytes while rank `rank` of `world` builds its engine under torch's fake process group (the model
+    built as the trainer builds it, this rank's shards really allocated and filled on the host). Only for engines
+    that set up without communicating (FSDP2; not DeepSpeed, which cannot initialise under a fake group)."""
+    from mhc_train.model import build_model
+    from mhc_train.parallel import build_engine, builds_on_meta
+    from mhc_train.parallel.dist import DistInfo
+    from mhc_train.plan.layout import fake_group
+
+    with fake_group(world, rank), LiveBytes() as mode:
+        device = "meta" if builds_on_meta(cfg) else "cpu"
+        model = build_model(cfg.model, cfg.connection, seed=cfg.train.seed, device=device)
+        engine = build_engine(model, cfg, DistInfo(rank, world, 0, torch.device("cpu")))
+        held = mode.live
+        del engine, model
+    return {"rank": rank, "world": world, "set_up_peak": mode.peak, "held_after": held}
