@@ -78,3 +78,17 @@ def test_prediction_matches_the_measured_peak_of_each_rank(tmp_path):
     for preset in presets:
         peak = max(r[preset]["peak"] for r in ranks)
         _check(make_plan(load_config([*overrides, f"parallel={preset}"]), 2)["bytes"], peak)
+
+
+@pytest.mark.parametrize("model, preset, world", [("7b", "fsdp", 8), ("13b", "fsdp", 16)])
+def test_the_readme_fit_table_matches_the_plan(model, preset, world):
+    """Two cells of the README's table (scripts/plan_table.py), one that fits and one that does not, re-planned."""
+    from mhc_train.plan.table import MARK_END, MARK_START, overrides
+
+    text = (launch.REPO / "README.md").read_text()
+    table = text[text.index(MARK_START) : text.index(MARK_END)]
+    header, row = table.splitlines()[1], next(r for r in table.splitlines() if r.startswith(f"| {model} | `{preset}`"))
+    cell = row.split("|")[3:-1][[c.strip() for c in header.split("|")[3:-1]].index(f"{world} GPUs")].split()
+    plan = make_plan(load_config(overrides(model, preset, world)), world)
+    assert float(cell[0]) == pytest.approx(plan["per_gpu_gib"]["total"], abs=0.05)
+    assert (cell[1] == "fits") == plan["fits"]
