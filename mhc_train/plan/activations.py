@@ -37,6 +37,7 @@ class StageTrace:
     saved_copies: float  # autocast weight copies live at the end of the forward
     peak_copies: float  # autocast weight copies live at the peak
     peak_with_grads: float = 0.0  # most live during backward counting this rank's gradients too (copies excluded)
+    blocks_end: float = 0.0  # live when the backward reaches the blocks (the head's activations freed)
 
 
 def block_sites(cfg: Config, layers: int) -> int:
@@ -77,14 +78,14 @@ def trace_stage(cfg: Config, layers: int, micro_batch: int, first: bool, last: b
     one = _trace(cfg, 1, micro_batch, first, last, amp, 2)
     two = _trace(cfg, 2, micro_batch, first, last, amp, 4)
     step = [b - a for a, b in zip(one, two)]
-    return StageTrace(*[v + (layers - 2) * d for v, d in zip(two[:5], step)])
+    return StageTrace(*[v + (layers - 2) * d for v, d in zip(two[:6], step)])
 
 
 def _extend(raw: tuple, extra: int) -> StageTrace:
-    saved, peak, saved_copies, peak_copies, with_grads, per_layer, per_layer_copies = raw
+    saved, peak, saved_copies, peak_copies, with_grads, blocks_end, per_layer, per_layer_copies = raw
     acts = extra * (per_layer - per_layer_copies)
     return StageTrace(saved + acts, peak + acts, saved_copies + extra * per_layer_copies,
-                      peak_copies + extra * per_layer_copies, with_grads + acts)  # fmt: skip
+                      peak_copies + extra * per_layer_copies, with_grads + acts, blocks_end + acts)  # fmt: skip
 
 
 def _trace(cfg: Config, traced: int, micro_batch: int, first: bool, last: bool, amp, sites: int) -> tuple:
@@ -130,5 +131,5 @@ def _trace(cfg: Config, traced: int, micro_batch: int, first: bool, last: bool, 
             del out, grad
     per_layer, per_layer_copies = (b[0] - a[0]) / traced, (b[1] - a[1]) / traced
     peak = mode.peak_no_grads - mode.tagged_at_peak_no_grads
-    raw = (c[0] - c[1], peak, c[1], mode.tagged_at_peak_no_grads, mode.peak - mode.tagged_at_peak)
+    raw = (c[0] - c[1], peak, c[1], mode.tagged_at_peak_no_grads, mode.peak - mode.tagged_at_peak, b[0] - b[1])
     return (*raw, per_layer, per_layer_copies)

@@ -21,9 +21,11 @@ Assumptions (see README "Sizing a run"):
    mode): stage 1-2 whole fp32 parameters, an fp32 master partition next to Adam's two states, gradients whole
    (stage 1) or partitioned (2-3), reduce and all-gather buckets of 5e8 elements each (its defaults, or the
    `parallel.deepspeed_config` JSON's), stage 3 a prefetch bucket of 5e7 and two gathered blocks.
-5. `total` is the sum of the terms, except where whole gradients appear only during the step's one backward (one
-   process, DDP, ZeRO-1 with `train.grad_accum=1`): there they fill memory the backward frees, and `total` is the
-   traced peak of activations plus gradients (or the gradients alone, if larger) on top of the other terms.
+5. `total` is the sum of the terms, except where gradients appear only during the step's one backward (no pipeline,
+   `train.grad_accum=1`): there they fill memory the backward frees, and `total` has the traced peak of activations
+   plus gradients (whole gradients: one process, DDP, ZeRO-1), or the larger of activations and gradients (sharded),
+   on top of the other terms. FSDP's block gathers and unsharded gradients count where they exceed what the
+   backward has freed of the head's activations by then.
 """
 
 from __future__ import annotations
@@ -72,8 +74,9 @@ def _deepspeed_settings(cfg: Config) -> dict:
     return zero
 
 
-def _buffers(cfg: Config, lay: Layout, amp, copies: float, boundary: float) -> float:
-    """Bytes outside params/grads/optimizer/activations (assumptions 3, 4): gathers, buckets, weight copies."""
+def _buffers(cfg: Config, lay: Layout, amp, copies: float, boundary: float, tr) -> float:
+    """Bytes outside params/grads/optimizer/activations (assumptions 3, 4): gathers, buckets, weight copies. `tr`:
+    the stage trace, for FSDP's backward (gathers and unsharded gradients while the head's activations are gone)."""
     if lay.engine == "ddp":
         return lay.held_numel * 4 + copies
     if lay.engine == "deepspeed":
@@ -82,11 +85,12 @@ def _buffers(cfg: Config, lay: Layout, amp, copies: float, boundary: float) -> f
         extra = z["stage3_prefetch_bucket_size"] * 4 + 2 * block if stage == 3 else z["allgather_bucket_size"] * 4
         return z["reduce_bucket_size"] * 4 + extra + copies
     if lay.units:  # FSDP2, alone or per pipeline stage; the root unit comes first
-        root, blocks = lay.units[0], sorted(lay.units[1:], key=lambda u: -u[0] * _bytes(u[1]))
-        gathered = root[0] * _bytes(root[1]) + sum(n * _bytes(d) for n, d in blocks[:2])
-        largest = max(n for n, _ in lay.units)
-        bf16_gathers = any(d != torch.float32 for _, d in lay.units)
-        return gathered + largest * 4 + (0 if bf16_gathers else copies) + boundary
+        (root_n, root_d), blocks = lay.units[0], sorted(lay.units[1:], key=lambda u: -u[0] * _bytes(u[1]))
+        root = root_n * _bytes(root_d) + (0 if any(d != torch.float32 for _, d in lay.units) else copies)
+        # in the backward: two block units gathered, one block's and the root's unsharded gradients (fp32 reduce),
+        # where the head's activations are already freed
+        backward = sum(n * _bytes(d) for n, d in blocks[:2]) + (blocks[0][0] * 4 if blocks else 0) + root_n * 4
+        return root + max(0.0, tr.blocks_end + backward - tr.peak) + boundary
     return copies + boundary
 
 
@@ -121,10 +125,11 @@ def rank_memory(cfg: Config, world: int, rank: int, pp_rank: int = 0, projected:
         tr = trace_stage(cfg, cfg.model.n_layer, micro, True, True, amp)
         acts, copies, boundary = tr.peak, tr.peak_copies, 0.0
     terms = {"params": P * pb + lay.resident_numel * 4, "grads": grads, "optimizer": optimizer, "activations": acts}
-    terms["buffers"] = _buffers(cfg, lay, amp, copies, boundary)
+    terms["buffers"] = _buffers(cfg, lay, amp, copies, boundary, worst if lay.engine == "pipeline" else tr)
     terms["total"] = sum(terms.values())
     if _grads_replace_activations(cfg, lay):  # assumption 5
-        terms["total"] -= grads + acts - max(tr.peak_with_grads, grads)
+        whole = lay.engine in ("none", "ddp") or p.zero_stage == 1
+        terms["total"] -= grads + acts - max(tr.peak_with_grads if whole else acts, grads)
     return terms, lay
 
 
@@ -144,11 +149,9 @@ def _pipeline_buffers(cfg: Config, lay: Layout, m: int, micro: int, amp) -> floa
 
 
 def _grads_replace_activations(cfg: Config, lay: Layout) -> bool:
-    """Whole gradients that exist only from the backward of the step's one micro-batch on (set to None after each
-    step): one process, DDP, ZeRO-1. Sharded gradients (FSDP, ZeRO-2/3) and pipelines (gradients kept across
-    micro-batches) are added in full."""
-    whole = lay.engine in ("none", "ddp") or (lay.engine == "deepspeed" and cfg.parallel.zero_stage == 1)
-    return whole and cfg.train.grad_accum == 1
+    """Gradients that exist only from the backward of the step's one micro-batch on (set to None after each step):
+    every engine but the pipeline (gradients kept across its micro-batches) with `train.grad_accum=1`."""
+    return lay.engine != "pipeline" and cfg.train.grad_accum == 1
 
 
 def plan_ranks(cfg: Config, world: int) -> list[tuple[int, int]]:

@@ -6,12 +6,13 @@ the storage itself dies, not when the last Python tensor does) and keeps the run
 
 - **Measure** a real step on CPU (`measure_step`): the bytes already live when it starts (parameters, gradients,
   optimizer states, passed in as `baseline`) plus everything allocated during the step through the dispatcher.
-- **Trace** one micro-batch on fake tensors (`trace_micro_batch` in activations.py): the same counter under
+- **Trace** one micro-batch on fake tensors (`trace_stage` in activations.py): the same counter under
   `FakeTensorMode`, where storages are metadata only, gives the bytes a real run would hold.
 
 Notes:
 1. DTensor outputs (FSDP2's sharded parameters and gradients) are counted by their local shard.
-2. Storages allocated outside the dispatcher (a collective's internal staging, DeepSpeed's flat buffers made before
+2. Tensors on the meta device hold no memory and are not counted (a fake tensor reports its fake device, and is).
+   Storages allocated outside the dispatcher (a collective's internal staging, DeepSpeed's flat buffers made before
    the mode starts) are not seen; pass what lives before the step as `baseline`.
 3. `exclude`: tensors alive before the mode starts (parameters): an op that returns a view of one (a weight's
    transpose) allocates nothing, so their storages are known from the start and never counted.
@@ -92,6 +93,8 @@ class LiveBytes(TorchDispatchMode):
             self._add(entry, -entry[0])
 
     def _record(self, t: torch.Tensor, tagged: bool) -> None:
+        if _local(t).device.type == "meta":  # a skeleton's shapes, no memory (fake tensors report their fake device)
+            return
         s = _local(t).untyped_storage()
         key = s._cdata
         if key in self._known:

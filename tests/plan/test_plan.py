@@ -14,6 +14,7 @@ from mhc_train.cli import main
 from mhc_train.config import load_config
 from mhc_train.plan import KEYS, make_plan
 from mhc_train.plan.measure import measure_rank
+from mhc_train.plan.table import MARK_END, MARK_START, overrides
 from tests.support import launch
 
 SMALL = [
@@ -39,13 +40,24 @@ def test_a_world_the_layout_cannot_hold_exits_with_one_line(capsys):
     assert exit_info.value.code != 0 and len(err.splitlines()) == 1 and "parallel.pp" in err
 
 
-def test_a_13b_plan_on_the_fake_process_group_takes_under_a_minute():
+def _readme_cell(model: str, preset: str, world: int) -> list[str]:
+    """The README fit table's cell (scripts/plan_table.py) for `model`, `preset`, `world`: [total GiB, verdict]."""
+    text = (launch.REPO / "README.md").read_text()
+    lines = text[text.index(MARK_START) : text.index(MARK_END)].splitlines()
+    row = next(r for r in lines if r.startswith(f"| {model} | `{preset}`"))
+    worlds = [c.strip() for c in lines[1].split("|")[3:-1]]
+    return row.split("|")[3:-1][worlds.index(f"{world} GPUs")].split()
+
+
+def test_a_13b_plan_on_the_fake_process_group_takes_under_a_minute_and_matches_the_readme():
     t0 = time.perf_counter()
-    plan = make_plan(load_config(["model=13b", "train=gpu", "parallel=fsdp", "train.batch_size=16"]), 16)
+    plan = make_plan(load_config(overrides("13b", "fsdp", 16)), 16)
     assert time.perf_counter() - t0 < 60
     g = plan["per_gpu_gib"]
     assert 13.0e9 * 4 / 16 / 2**30 * 0.99 < g["params"] < 13.1e9 * 4 / 16 / 2**30 * 1.01  # 1/16 of fp32 13B
     assert g["optimizer"] == pytest.approx(2 * g["params"], rel=1e-3)
+    total, verdict = _readme_cell("13b", "fsdp", 16)  # the README's table says what the plan says
+    assert float(total) == pytest.approx(g["total"], abs=0.05) and (verdict == "fits") == plan["fits"]
 
 
 def _check(predicted: dict, measured: int) -> None:
@@ -78,17 +90,3 @@ def test_prediction_matches_the_measured_peak_of_each_rank(tmp_path):
     for preset in presets:
         peak = max(r[preset]["peak"] for r in ranks)
         _check(make_plan(load_config([*overrides, f"parallel={preset}"]), 2)["bytes"], peak)
-
-
-@pytest.mark.parametrize("model, preset, world", [("7b", "fsdp", 8), ("13b", "fsdp", 16)])
-def test_the_readme_fit_table_matches_the_plan(model, preset, world):
-    """Two cells of the README's table (scripts/plan_table.py), one that fits and one that does not, re-planned."""
-    from mhc_train.plan.table import MARK_END, MARK_START, overrides
-
-    text = (launch.REPO / "README.md").read_text()
-    table = text[text.index(MARK_START) : text.index(MARK_END)]
-    header, row = table.splitlines()[1], next(r for r in table.splitlines() if r.startswith(f"| {model} | `{preset}`"))
-    cell = row.split("|")[3:-1][[c.strip() for c in header.split("|")[3:-1]].index(f"{world} GPUs")].split()
-    plan = make_plan(load_config(overrides(model, preset, world)), world)
-    assert float(cell[0]) == pytest.approx(plan["per_gpu_gib"]["total"], abs=0.05)
-    assert (cell[1] == "fits") == plan["fits"]
