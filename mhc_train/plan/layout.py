@@ -112,8 +112,6 @@ def rank_layout(cfg: Config, world: int, rank: int, amp, projected: bool = False
     from mhc_train.parallel.build import PER_BLOCK_FSDP_SCHEDULES
     from mhc_train.parallel.dist import DistInfo
     from mhc_train.parallel.fsdp import shard
-    from mhc_train.parallel.pipeline import cut_stage, pipeline_mesh
-    from mhc_train.parallel.schedules import pipeline_layout
 
     p = cfg.parallel
     with torch.device("meta"):
@@ -123,6 +121,9 @@ def rank_layout(cfg: Config, world: int, rank: int, amp, projected: bool = False
         return deepspeed_layout(cfg, world, total, cfg.model.n_layer)
     with fake_group(world, rank):
         if p.pp > 1:
+            from mhc_train.parallel.pipeline import cut_stage, pipeline_mesh
+            from mhc_train.parallel.schedules import pipeline_layout
+
             mesh = pipeline_mesh(DistInfo(rank, world, 0, torch.device("cpu")), p.pp)
             n_stages, layout = pipeline_layout(p.pp_schedule, p.pp, p.pp_stages_per_rank, p.pp_schedule_csv)
             ids = layout[mesh.pp_rank]
