@@ -7,6 +7,7 @@ mhc-train demo [--seeds 0,1 --lrs ..] [ovr]  arms x LRs x seeds of an experiment
 mhc-train generate CKPT --prompt TEXT         sample from a checkpoint (run dir or step file; KV-cache decode)
 mhc-train export CKPT --out DIR               a Hugging Face directory (AutoModelForCausalLM, trust_remote_code)
 mhc-train eval CKPT_OR_EXPORT --tasks T...    lm-evaluation-harness; scores into <run_dir>/eval.json
+mhc-train plan [overrides] --world W [--json]  per-GPU memory of a run at W ranks, on CPU, before the launch
 """
 
 from __future__ import annotations
@@ -145,6 +146,13 @@ def cmd_eval(args) -> None:
     print(f"scores: {path}")
 
 
+def cmd_plan(args) -> None:
+    from mhc_train.plan import format_plan, make_plan
+
+    result = make_plan(_load(args), args.world, args.device_gib)
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="mhc-train", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -194,6 +202,13 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--run-dir", help="where eval.json goes (default: the checkpoint's run directory)")
     s.add_argument("--tokenizer")
     s.set_defaults(fn=cmd_eval)
+    s = sub.add_parser("plan", help="per-GPU memory of a run at a world size (CPU, fake process group)")
+    s.add_argument("--config", help="a YAML file merged on top of configs/config.yaml (same schema)")
+    s.add_argument("--world", type=int, required=True, help="ranks (GPUs) the run would launch")
+    s.add_argument("--device-gib", type=float, default=80.0, help="memory per GPU to fit in (default 80)")
+    s.add_argument("--json", action="store_true", help="print one JSON object (per_gpu_gib, fits, world, engine)")
+    s.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=13b parallel=fsdp train=gpu")
+    s.set_defaults(fn=cmd_plan)
     args = p.parse_args(argv)
     from mhc_train.io.log import setup_logging
 

@@ -9,7 +9,7 @@
     rank 6  mhc_train.checkpoint (used by train and infer)
     rank 7  mhc_train.train
     rank 8  mhc_train.analysis, mhc_train.infer (generate / export / eval; only mhc_train.cli
-            imports infer)
+            imports infer), mhc_train.plan (the dry run)
     rank 9  mhc_train.cli
     rank 10 entry points (`__main__` modules: `python -m mhc_train.train` runs the CLI)
 
@@ -37,6 +37,7 @@ RANKS = {
     "mhc_train.train": 7,
     "mhc_train.analysis": 8,
     "mhc_train.infer": 8,
+    "mhc_train.plan": 8,
     "mhc_train.cli": 9,
     "__main__": 10,
 }

@@ -22,6 +22,7 @@ PRESETS = {
     "recompute_mhc": ([1], []),
     "ddp": ([2, 8], ["train.batch_size=8"]),
     "fsdp": ([2, 8], ["train.batch_size=8"]),
+    "fsdp_recompute": ([2, 8], ["train.batch_size=8"]),
     "zero1": ([2, 8], ["train.batch_size=8"]),
     "zero2": ([2, 8], ["train.batch_size=8"]),
     "zero3": ([2, 8], ["train.batch_size=8"]),

@@ -1,5 +1,10 @@
 """A memory model of the bytes autograd keeps for backward, per token, under each recompute mode.
 
+Superseded for sizing a run by `mhc-train plan` (mhc_train/plan/): this model covers activations only, in the
+model's dtype (no autocast), with nothing for parameters, gradients, optimizer states, micro-batches in flight or
+buffers. It stays as the per-component decomposition of the paper's Eq. 20 that `scripts/bench_recompute.py` prints
+and `tests/parallel/test_recompute.py` checks against whole-model measurements.
+
 The prediction composes measured components with the paper's connection terms (Eq. 20):
 - `head`: embedding, stream expand/collapse, final norm, LM head and loss (measured once);
 - `attn`, `ffn`: F proper (no RMSNorm), measured by running one sub-layer under the saved-tensor hook;
