@@ -92,12 +92,10 @@ def main() -> None:
     args = p.parse_args()
     t0 = time.perf_counter()
     plans = fit_rows(["7b", "13b"], [8, 16, 64], presets=(*SHARDED, *REPLICATED))
-    projected = fit_rows(["7b", "13b"], [8, 16, 64], presets=("fsdp_recompute",), projected=True)
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
         "device_gib": 80.0,
         "plans": plans,
-        "plans_projected_per_block_recompute": projected,
         "setup": setups([s for s in args.setup.split(",") if s]),
         "gloo": [] if args.skip_gloo else gloo(),
         "checkpoint": None,  # bytes read per rank during a save, sync vs async save time: the checkpoint benchmark

@@ -5,8 +5,7 @@ the engines or the presets:
     .venv/bin/python scripts/plan_table.py            # prints the markdown
     .venv/bin/python scripts/plan_table.py --readme   # rewrites README.md between its plan-table markers
 
-The logic is `mhc_train.plan.table`; the cells marked "after per-block recompute" are `make_plan(projected=True)`:
-FSDP units per block under recompute with bf16 gathers (issue 24's recompute change), not today's one fp32 unit.
+The logic is `mhc_train.plan.table`.
 """
 
 from __future__ import annotations
@@ -31,8 +30,7 @@ def main() -> None:
     args = p.parse_args()
     models, worlds = args.models.split(","), [int(w) for w in args.worlds.split(",")]
     rows = fit_rows(models, worlds)
-    projected = fit_rows(models, worlds, presets=("fsdp_recompute",), projected=True)
-    table = markdown(rows, projected)
+    table = markdown(rows)
     if not args.readme:
         print(table)
         return

@@ -146,12 +146,10 @@ def apply_materialise(module: torch.nn.Module, ctx: BuildContext) -> None:
 
 
 # ---- per layout ------------------------------------------------------------------------------------------------
-def pipeline_engine(model: torch.nn.Module, ctx: BuildContext) -> PipelineEngine:
-    """This rank's part of a pipeline: cut, recompute, compile, shard (dp > 1), materialise, optimizer, schedule. The
-    plain `model` ends on the meta device on every rank (rank 0 fills it on the host when a file checkpoint or an
-    export asks for it: `PipelineEngine.full_model`)."""
+def pipeline_stages(model: torch.nn.Module, ctx: BuildContext, plan: StagePlan) -> list[torch.nn.Module]:
+    """Steps 1-5 of a pipeline rank: its stages cut, recomputing, compiled and (dp > 1) sharded, still on the meta
+    device when `model` is (nothing allocated: `mhc-train plan` reads what each rank will hold from here)."""
     p = ctx.cfg.parallel
-    plan = stage_plan(ctx)
     stages = apply_pipeline_split(model, plan)  # 1.
     # 2. apply_tp / apply_ep go here, on each stage
     for stage in stages:
@@ -160,6 +158,29 @@ def pipeline_engine(model: torch.nn.Module, ctx: BuildContext) -> PipelineEngine
     if ctx.mesh.dp > 1:  # 5.
         per_block = p.pp_schedule in PER_BLOCK_FSDP_SCHEDULES
         stages = [apply_fsdp(stage, ctx, per_block, under_pipeline=True) for stage in stages]
+    return stages
+
+
+def sharded_modules(model: torch.nn.Module, ctx: BuildContext) -> tuple[list[torch.nn.Module], StagePlan | None]:
+    """What this rank trains, built by the same steps as its engine up to sharding (1-5) and not materialised: the
+    pipeline's stages, FSDP's sharded model (as FSDPEngine shards its copy), or the plain model (one process, DDP;
+    DeepSpeed partitions inside its engine and is not covered). For `mhc-train plan` on a meta skeleton."""
+    p = ctx.cfg.parallel
+    if p.pp > 1:
+        plan = stage_plan(ctx)
+        return pipeline_stages(model, ctx, plan), plan
+    apply_recompute(model, ctx)  # 3.
+    if p.engine == "fsdp":
+        return [apply_fsdp(model, ctx, per_block=True)], None  # 5.
+    return [model], None
+
+
+def pipeline_engine(model: torch.nn.Module, ctx: BuildContext) -> PipelineEngine:
+    """This rank's part of a pipeline: cut, recompute, compile, shard (dp > 1), materialise, optimizer, schedule. The
+    plain `model` ends on the meta device on every rank (rank 0 fills it on the host when a file checkpoint or an
+    export asks for it: `PipelineEngine.full_model`)."""
+    plan = stage_plan(ctx)
+    stages = pipeline_stages(model, ctx, plan)  # 1.-5.
     for stage in stages:
         apply_materialise(stage, ctx)  # 6.
     if not on_meta(model):  # a built model handed over: the stages are copies, the plain view is not kept

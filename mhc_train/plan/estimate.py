@@ -94,10 +94,10 @@ def _buffers(cfg: Config, lay: Layout, amp, copies: float, boundary: float, tr) 
     return copies + boundary
 
 
-def rank_memory(cfg: Config, world: int, rank: int, pp_rank: int = 0, projected: bool = False) -> tuple[dict, Layout]:
+def rank_memory(cfg: Config, world: int, rank: int, pp_rank: int = 0) -> tuple[dict, Layout]:
     """Bytes one rank holds at its peak, by term (module docstring), and its layout."""
     amp = target_amp(cfg)
-    lay = rank_layout(cfg, world, rank, amp, projected)
+    lay = rank_layout(cfg, world, rank, amp)
     p, t, P = cfg.parallel, cfg.train, lay.held_numel
     pb = _bytes(lay.param_dtype)
     if lay.engine == "deepspeed":
@@ -124,7 +124,7 @@ def rank_memory(cfg: Config, world: int, rank: int, pp_rank: int = 0, projected:
         micro = max(1, t.batch_size // world)
         tr = trace_stage(cfg, cfg.model.n_layer, micro, True, True, amp)
         acts, copies, boundary = tr.peak, tr.peak_copies, 0.0
-    terms = {"params": P * pb + lay.resident_numel * 4, "grads": grads, "optimizer": optimizer, "activations": acts}
+    terms = {"params": P * pb, "grads": grads, "optimizer": optimizer, "activations": acts}
     terms["buffers"] = _buffers(cfg, lay, amp, copies, boundary, worst if lay.engine == "pipeline" else tr)
     terms["total"] = sum(terms.values())
     if _grads_replace_activations(cfg, lay):  # assumption 5
@@ -177,13 +177,12 @@ def describe(cfg: Config, lay: Layout, world: int, rank: int) -> str:
     return f"{lay.engine}: {world} ranks; {share}"
 
 
-def make_plan(cfg: Config, world: int, device_gib: float = 80.0, projected: bool = False) -> dict:
-    """The plan as `mhc-train plan --json` prints it: per-GPU GiB of the largest rank, `fits`, `world`, `engine`.
-    `projected`: FSDP under recompute as issue 24's per-block build will shard it (layout.per_block_units)."""
+def make_plan(cfg: Config, world: int, device_gib: float = 80.0) -> dict:
+    """The plan as `mhc-train plan --json` prints it: per-GPU GiB of the largest rank, `fits`, `world`, `engine`."""
     validate_world(cfg, world)
     worst = None
     for rank, pp_rank in plan_ranks(cfg, world):
-        terms, lay = rank_memory(cfg, world, rank, pp_rank, projected)
+        terms, lay = rank_memory(cfg, world, rank, pp_rank)
         if worst is None or terms["total"] > worst[0]["total"]:
             worst = (terms, lay, rank)
     terms, lay, rank = worst

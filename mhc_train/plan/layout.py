@@ -1,9 +1,9 @@
 """What one rank holds under the configured parallelism, read from the real sharded layout on the meta device.
 
-`rank_layout(cfg, world, rank)` is the one place that applies the parallelism (the coordinator switches it to
-`parallel.build`'s ordered `apply_*` steps once they build on meta): under torch's fake process group it builds the
-model on `meta`, cuts this rank's pipeline stages, applies recompute and FSDP2 exactly as `parallel.build` does, and
-reads what each rank's parameters hold (a DTensor by its local shard). DeepSpeed cannot initialise under a fake
+`rank_layout(cfg, world, rank)` is the one place that applies the parallelism: under torch's fake process group it
+builds the model on `meta` and runs `parallel.build`'s own steps up to sharding (`sharded_modules`: cut this rank's
+pipeline stages, recompute, FSDP2 / HSDP over the mesh), then reads what each rank's parameters hold (a DTensor by its
+local shard). Nothing is materialised, so a 70B layout costs no memory. DeepSpeed cannot initialise under a fake
 process group, so its ZeRO stages are sized by arithmetic on the partition sizes (`deepspeed_layout`).
 
 Notes:
@@ -40,7 +40,6 @@ class Layout:
     dp: int = 1  # data-parallel ranks sharing one copy of this rank's layers
     pp: int = 1
     layers: int = 0  # transformer blocks this rank runs
-    resident_numel: int = 0  # elements of a plain full-model copy kept beside the trained ones (fp32)
     first: bool = True  # holds the embedding
     last: bool = True  # holds the final norm and head
     notes: list[str] = field(default_factory=list)
@@ -93,25 +92,12 @@ def deepspeed_layout(cfg: Config, world: int, total: int, layers: int) -> Layout
     return lay
 
 
-def per_block_units(model, mesh, amp):
-    """A projection, not today's build: FSDP2 units per block under recompute with bf16 gathers (what the `recomp`
-    change of issue 24 builds), for `make_plan(..., projected=True)`."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    policy = MixedPrecisionPolicy(amp or torch.float32, torch.float32, cast_forward_inputs=False)
-    for layer in model.layers.values():
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    return fully_shard(model, mesh=mesh, mp_policy=policy)
-
-
-def rank_layout(cfg: Config, world: int, rank: int, amp, projected: bool = False) -> Layout:
-    """This rank's layout at `world` ranks (see the module docstring). `amp`: the autocast dtype or None.
-    `projected`: FSDP under recompute sharded per block (`per_block_units`) instead of today's one unit."""
+def rank_layout(cfg: Config, world: int, rank: int, amp) -> Layout:
+    """This rank's layout at `world` ranks (see the module docstring). `amp`: the autocast dtype or None."""
     from mhc_train.model.transformer import Transformer
-    from mhc_train.parallel import apply_recompute
-    from mhc_train.parallel.build import PER_BLOCK_FSDP_SCHEDULES
+    from mhc_train.parallel.build import BuildContext, sharded_modules
     from mhc_train.parallel.dist import DistInfo
-    from mhc_train.parallel.fsdp import shard
+    from mhc_train.parallel.mesh import build_mesh
 
     p = cfg.parallel
     with torch.device("meta"):
@@ -120,42 +106,15 @@ def rank_layout(cfg: Config, world: int, rank: int, amp, projected: bool = False
     if p.engine == "deepspeed" and p.pp == 1:
         return deepspeed_layout(cfg, world, total, cfg.model.n_layer)
     with fake_group(world, rank):
-        if p.pp > 1:
-            from mhc_train.parallel.pipeline import cut_stage, pipeline_mesh
-            from mhc_train.parallel.schedules import pipeline_layout
-
-            mesh = pipeline_mesh(DistInfo(rank, world, 0, torch.device("cpu")), p.pp)
-            n_stages, layout = pipeline_layout(p.pp_schedule, p.pp, p.pp_stages_per_rank, p.pp_schedule_csv)
-            ids = layout[mesh.pp_rank]
-            stages = [cut_stage(model, s, n_stages) for s in ids]
-            for stage in stages:
-                apply_recompute(stage, p.recompute, p.recompute_block)
-            if mesh.dp > 1:
-                per_block = p.pp_schedule in PER_BLOCK_FSDP_SCHEDULES
-                stages = [shard(s, mesh.dp_mesh, per_block, compute_dtype=amp) for s in stages]
-            held, dtype = _numel(q for s in stages for q in s.parameters())
-            units = [u for s in stages for u in fsdp_units(s)] if mesh.dp > 1 else []
-            lay = Layout("pipeline", total, held, dtype, units, list(ids), n_stages, mesh.dp, p.pp,
-                         sum(len(s.layers) for s in stages), 0 in ids, n_stages - 1 in ids)  # fmt: skip
-            # today's build_pipeline: every rank builds the whole model and cuts views of it (the rest stays
-            # allocated); with dp > 1 the stages are sharded from a copy and only rank 0 keeps the plain model
-            if mesh.dp == 1 or rank == 0:
-                lay.resident_numel = total - (held if mesh.dp == 1 else 0)
-                lay.notes.append("pipeline ranks keep the plain model built whole (today's build_pipeline)")
-            return lay
-        apply_recompute(model, p.recompute, p.recompute_block)
+        info = DistInfo(rank, world, 0, torch.device("cpu"))
+        ctx = BuildContext(cfg, info, build_mesh(cfg, info), amp)
+        modules, plan = sharded_modules(model, ctx)  # parallel.build's own steps 1-5, on meta
+        held, dtype = _numel(q for m in modules for q in m.parameters())
+        units = [u for m in modules for u in fsdp_units(m)]  # [] without FSDP
+        if plan is not None:
+            ids = list(plan.stage_ids)
+            return Layout("pipeline", total, held, dtype, units, ids, plan.n_stages, ctx.mesh.dp, p.pp,
+                          sum(len(m.layers) for m in modules), 0 in ids, plan.n_stages - 1 in ids)  # fmt: skip
         if p.engine == "fsdp":
-            from torch.distributed.device_mesh import init_device_mesh
-
-            mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
-            if projected and model.block_runner is not None:
-                model = per_block_units(model, mesh, amp)
-            else:
-                model = shard(model, mesh, per_block=True, compute_dtype=amp)
-            held, dtype = _numel(model.parameters())
-            lay = Layout("fsdp", total, held, dtype, fsdp_units(model), dp=world, layers=cfg.model.n_layer)
-            if projected and p.recompute != "none":
-                lay.notes.append("projected: FSDP units per block under recompute, bf16 gathers (issue 24 recomp)")
-            return lay
-    held, dtype = _numel(model.parameters())
+            return Layout("fsdp", total, held, dtype, units, dp=ctx.mesh.dp, layers=cfg.model.n_layer)
     return Layout(p.engine, total, held, dtype, dp=world, layers=cfg.model.n_layer)

@@ -26,7 +26,7 @@ def overrides(model: str, preset: str, world: int) -> list[str]:
     return [f"model={model}", "train=gpu", f"parallel={preset}", f"train.batch_size={world}"]
 
 
-def fit_rows(models, worlds, presets=PRESETS, device_gib: float = 80.0, projected: bool = False) -> list[dict]:
+def fit_rows(models, worlds, presets=PRESETS, device_gib: float = 80.0) -> list[dict]:
     """One record per (model, preset, world): the overrides, the plan's total GiB and verdict (None: refused)."""
     rows = []
     for model in models:
@@ -34,7 +34,7 @@ def fit_rows(models, worlds, presets=PRESETS, device_gib: float = 80.0, projecte
             for world in worlds:
                 ov = overrides(model, preset, world)
                 try:
-                    plan = make_plan(load_config(ov), world, device_gib, projected=projected)
+                    plan = make_plan(load_config(ov), world, device_gib)
                 except ConfigError as e:
                     rows.append({"model": model, "preset": preset, "world": world, "overrides": ov,
                                  "refused": str(e)})  # fmt: skip
@@ -55,25 +55,21 @@ def launch_command(row: dict) -> str:
     )
 
 
-def _cell(row: dict, projected: dict | None) -> str:
+def _cell(row: dict) -> str:
     if "refused" in row:
         return "refused"
-    text = f"{row['total_gib']:.1f} {'fits' if row['fits'] else 'no'}"
-    if projected and not row["fits"] and projected.get("fits"):
-        text += f" ({projected['total_gib']:.1f} fits after per-block recompute)"
-    return text
+    return f"{row['total_gib']:.1f} {'fits' if row['fits'] else 'no'}"
 
 
-def markdown(rows: list[dict], projected_rows: list[dict] | None = None, device_gib: float = 80.0) -> str:
+def markdown(rows: list[dict], device_gib: float = 80.0) -> str:
     """The fit table (GiB per GPU, the largest rank) and the launch command of the best fitting preset per cell."""
     worlds = sorted({r["world"] for r in rows})
-    proj = {(r["model"], r["preset"], r["world"]): r for r in projected_rows or []}
     head = "| model | `parallel=` | " + " | ".join(f"{w} GPUs" for w in worlds) + " |"
     lines = [head, "|" + "---|" * (2 + len(worlds))]
     keys = list(dict.fromkeys((r["model"], r["preset"]) for r in rows))
     by = {(r["model"], r["preset"], r["world"]): r for r in rows}
     for model, preset in keys:
-        cells = [_cell(by[(model, preset, w)], proj.get((model, preset, w))) for w in worlds]
+        cells = [_cell(by[(model, preset, w)]) for w in worlds]
         lines.append(f"| {model} | `{preset}` | " + " | ".join(cells) + " |")
     lines += ["", f"Launch (the fitting preset with the most room in {device_gib:g} GiB):", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -83,12 +79,5 @@ def markdown(rows: list[dict], projected_rows: list[dict] | None = None, device_
                 best = min(fit, key=lambda r: r["total_gib"])
                 lines.append(f"- {model}, {w} GPUs: `{launch_command(best)}`")
                 continue
-            later = [r for r in projected_rows or [] if r["model"] == model and r["world"] == w and r.get("fits")]
-            if later:
-                best = min(later, key=lambda r: r["total_gib"])
-                lines.append(f"- {model}, {w} GPUs: no shipped preset fits with today's code; `{best['preset']}` "
-                             f"will ({best['total_gib']:.1f} GiB) once FSDP shards per block under recompute: "
-                             f"`{launch_command(best)}`")  # fmt: skip
-            else:
-                lines.append(f"- {model}, {w} GPUs: no shipped preset fits")
+            lines.append(f"- {model}, {w} GPUs: no shipped preset fits")
     return "\n".join(lines)
