@@ -77,7 +77,9 @@ class Engine:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.dist, self.device, self.grad_clip = dist, torch.device(device), grad_clip
         self.autocast_dtype = autocast_dtype
-        self._version, self._synced = 0, 0  # optimiser steps taken / reflected in `self.model`
+        # optimiser steps taken / reflected in `self.model`; a plain view left on meta (sharded engines, pipelines)
+        # reflects nothing yet, so the first `full_model` gathers even before a step
+        self._version, self._synced = 0, -1 if state.on_meta(model) else 0
 
     # ---- one optimiser step ------------------------------------------------------------------------------------
     def autocast(self):
