@@ -34,6 +34,8 @@ def _verify_mine(directory: Path, files: dict, world: int, rank: int) -> tuple[i
         return verify_shards(directory, share(files, world, rank)), None
     except CheckpointError as e:
         return 0, str(e)
+    except OSError as e:  # an unreadable file (EIO, ESTALE, removed mid-read): a failure to report, never a rank
+        return 0, f"{directory}: cannot read a shard ({type(e).__name__}: {e})"[:300]  # that skips the gather
 
 
 class ShardCheck:

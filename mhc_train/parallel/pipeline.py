@@ -148,8 +148,12 @@ class PipelineEngine(Engine):
         (a factor min(1, limit / norm): no host read of the norm)."""
         sq = torch.zeros(1, dtype=torch.float64, device=self.device)
         grads = [local(p.grad.detach()) for p in self.params_with_grad()]  # shards partition each gradient
-        for p, g in zip(self.params_with_grad(), grads):  # a replicated gradient: once over its dp ranks
-            sq += g.double().square().sum() / (self.mesh.dp if p in getattr(self, "replicated", ()) else 1)
+        replicated = getattr(self, "replicated", ())
+        for p, g in zip(self.params_with_grad(), grads):
+            # every rank adds its local squares and the world sums them: a replicated gradient sits whole on each of
+            # its dp ranks, a shard on each of its dp_replicate ranks (HSDP), so each is counted once
+            copies = self.mesh.dp if p in replicated else self.mesh.dp_replicate
+            sq += g.double().square().sum() / copies
         all_reduce_sum_(sq, self.dist)
         norm = sq.sqrt().reshape(())
         if self.grad_clip > 0:

@@ -67,7 +67,12 @@ def in_flight(cfg: Config, lay: Layout, m: int, pp_rank: int) -> int:
 
 
 def _deepspeed_settings(cfg: Config) -> dict:
+    """The bucket sizes the engine will run with: DeepSpeed's defaults, then `parallel.zero` (as the engine builds its
+    section, on CUDA), then the user's JSON over both."""
+    from mhc_train.parallel.data_parallel import zero_optimization
+
     zero = {"reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7}
+    zero.update(zero_optimization(cfg.parallel.zero_stage, cfg.parallel.zero, "cuda"))
     if cfg.parallel.deepspeed_config:
         with open(cfg.parallel.deepspeed_config) as f:
             zero.update(json.load(f).get("zero_optimization", {}))

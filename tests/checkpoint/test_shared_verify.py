@@ -31,6 +31,22 @@ def test_a_damaged_file_in_a_share_is_one_line_naming_it(tmp_path):
     assert nbytes == 0 and f"{victim} is damaged" in failure and "\n" not in failure
 
 
+def test_an_unreadable_file_is_a_reported_failure_not_an_escaping_error(tmp_path, monkeypatch):
+    """An OSError while reading a share (EIO, ESTALE on a network filesystem) must come back as this rank's failure:
+    escaping, it would skip the gather every other rank waits in (a hang until the process-group timeout)."""
+    import mhc_train.checkpoint.shared_verify as sv
+
+    (tmp_path / "__0_0.distcp").write_bytes(b"x" * 10)
+    files = shard_digests(tmp_path)
+
+    def unreadable(directory, files):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(sv, "verify_shards", unreadable)
+    nbytes, failure = _verify_mine(tmp_path, files, 1, 0)
+    assert nbytes == 0 and "cannot read a shard" in failure and "Input/output error" in failure and "\n" not in failure
+
+
 def test_deepspeed_at_another_world_size_is_refused_in_one_line(tmp_path):
     from types import SimpleNamespace
 

@@ -24,6 +24,7 @@ BASE = ["model=test", "train=test", "model.n_layer=2", "model.dim=32", "model.vo
 CASES = {
     "none": ["parallel.engine=none"],
     "none-recompute": ["parallel.engine=none", "parallel.recompute=mhc"],
+    "none-recompute-full": ["parallel.engine=none", "parallel.recompute=full"],
     "fsdp": ["parallel.engine=fsdp"],
     "fsdp-recompute": ["parallel.engine=fsdp", "parallel.recompute=full"],
 }

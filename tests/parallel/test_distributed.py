@@ -200,24 +200,38 @@ def test_fsdp_matches_single_process(prepared_data, single_reference, tmp_path, 
 
 
 @pytest.mark.parametrize(
-    "arm,schedule,recompute",
-    [("mhc", "1f1b", "mhc"), ("mhc", "dualpipev", "mhc"), ("hc", "zbv", "none"), ("residual", "1f1b", "none")],
+    "arm,schedule,recompute,replicate",
+    [
+        ("mhc", "1f1b", "mhc", 1),
+        ("mhc", "dualpipev", "mhc", 1),
+        ("hc", "zbv", "none", 1),
+        ("residual", "1f1b", "none", 1),
+        ("mhc", "1f1b", "none", 2),  # HSDP per stage: each shard sits on 2 ranks, the clip norm counts it once
+    ],
 )
-def test_pipeline_x_fsdp_matches_single_process(prepared_data, single_reference, tmp_path, arm, schedule, recompute):
-    """PP=2 x DP=2 on 4 processes (a (pp, dp) mesh; each stage sharded over its dp pair with FSDP2) equals one
-    process on the same global batch: loss for loss, every gradient, weights."""
+def test_pipeline_x_fsdp_matches_single_process(
+    prepared_data, single_reference, tmp_path, arm, schedule, recompute, replicate
+):
+    """PP=2 x DP=2 on 4 processes (a (pp, dp) mesh; each stage sharded over its dp pair with FSDP2, or replicated
+    over it as HSDP with dp_replicate=2) equals one process on the same global batch: loss for loss, every gradient,
+    the pre-clip gradient norm, weights."""
     run = tmp_path / "pp_dp"
     overrides = {
         "parallel.pp": 2,
         "parallel.engine": "fsdp",
         "parallel.pp_schedule": schedule,
         "parallel.recompute": recompute,
+        "parallel.dp_replicate": replicate,
     }
     cmd = launch.torchrun_cmd(run_overrides(prepared_data, run, **PIPE_COMMON, connection=arm, **overrides), nproc=4)
     out = launch.run(cmd, timeout=600)
     assert_close_runs(run, single_reference(arm), 3)
+    norms = [[r["grad_norm"] for r in read_metrics(d)["train"]] for d in (run, single_reference(arm))]
+    assert len(norms[0]) == len(norms[1]) and all(abs(a - b) <= 1e-5 * b for a, b in zip(*norms)), norms
     held, total = (int(v.replace(",", "")) for v in re.search(r"holds ([\d,]+) of ([\d,]+) param", out).groups())
-    assert "pp=2 x dp=2 (FSDP2 per stage)" in out and held < total // 2, out[-2000:]  # half the stages, sharded
+    assert "pp=2 x dp=2 (FSDP2 per stage" in out, out[-2000:]
+    # half the stages, sharded over the dp pair (or, under HSDP with dp_shard=1, whole on each replica)
+    assert held < (total // 2 if replicate == 1 else 3 * total // 4), out[-2000:]
 
 
 def test_pipeline_x_fsdp_checkpoint_resumes_exactly_and_into_fsdp_alone(prepared_data, tmp_path):

@@ -66,6 +66,13 @@ def build(preset: str, rank: int):
         return cfg, model, engine
 
 
+def first_optimizer_step(engine) -> None:
+    """Zero gradients and one optimizer step: AdamW allocates its two states per parameter (or shard) here."""
+    for p in engine.train_parameters():
+        p.grad = torch.zeros_like(p)
+    engine.optimizer.step()
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_each_rank_holds_its_share_plus_one_block_and_a_meta_plain_model(preset):
     for rank in (0, WORLD - 1):
@@ -73,9 +80,12 @@ def test_each_rank_holds_its_share_plus_one_block_and_a_meta_plain_model(preset)
         assert all(p.device.type == "meta" for p in model.parameters()), f"{preset} rank {rank}: plain model held"
         total = sum(p.numel() * 4 for p in model.parameters())
         block = max(sum(p.numel() * 4 for p in layer.parameters()) for layer in model.layers.values())
-        held = held_bytes(engine)
-        assert held <= total / WORLD + block, (
-            f"{preset} rank {rank} holds {held:,} bytes; its share {total / WORLD:,.0f} + one block {block:,}"
+        copies = WORLD // cfg.parallel.dp_replicate  # ranks over which one copy of the states is split (HSDP: 4)
+        with fake_rank(rank):
+            first_optimizer_step(engine)
+        held = held_bytes(engine)  # parameters and AdamW's two states: 3 x the parameters' bytes
+        assert held <= 3 * (total / copies + block), (
+            f"{preset} rank {rank} holds {held:,} bytes; its share 3 x ({total / copies:,.0f} + one block {block:,})"
         )
         assert f"{sum(local(p).numel() for p in engine.train_parameters()):,} of" in engine.describe()
 
