@@ -5,6 +5,7 @@ tests/parallel/test_distributed.py). A conversion that fails stops the resume wi
 
 import pytest
 
+from mhc_train.checkpoint.universal import convert
 from tests.support import launch
 from tests.support.configs import run_overrides
 from tests.support.numerics import assert_close_runs
@@ -40,6 +41,8 @@ def test_deepspeed_zero2_resumes_at_another_world_size(prepared_data, reference_
     sharded = run / "checkpoints" / "deepspeed" / "step_00000002"
     assert (sharded / "universal" / "zero" / "optimizer_state.pt").is_file()  # kept for the next resume
     assert not (sharded / "universal.partial").exists()
+    stamp = (sharded / "universal").stat().st_mtime_ns
+    assert convert(sharded) == sharded / "universal" and (sharded / "universal").stat().st_mtime_ns == stamp  # reused
     # losses, step 1's gradients (2 ranks), and the weights after step 3 (1 rank: Adam's moments and the schedule's
     # position came through the conversion) equal one process's, as 2-rank ZeRO-2 does uninterrupted
     assert_close_runs(run, ref, 3)
