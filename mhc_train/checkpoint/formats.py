@@ -5,8 +5,8 @@
   shards into (DTensor shards stay sharded), keyed by parameter name, so it loads into any layout (one process, DDP,
   FSDP at another size, any pipeline schedule), re-sharding on the fly;
 - `deepspeed`: DeepSpeed's own shards in `checkpoints/deepspeed/step_XXXXXXXX/` under `parallel.engine=deepspeed`,
-  one partition per data-parallel rank: resuming at another world size is refused in one line (DeepSpeed's universal
-  checkpoint conversion is not wired in).
+  one partition per data-parallel rank; resuming at another world size converts them once to DeepSpeed's
+  universal checkpoint (universal.py) and loads that.
 
 Each class has `save` (every rank: the engine's state out, returning what the step file records and the sharded
 directory, if any), `load` (every rank: the engine's state back in), `verify` (the step file's digest and every shard
@@ -164,18 +164,27 @@ class DeepSpeedFormat(Format):
         return int(m.group(1)) if m else 0
 
     def load(self, engine: Engine, state: dict, path: Path) -> list[str]:
+        root, tag = RunDir.of_step_file(path).deepspeed_root, state["deepspeed_tag"]
         saved = state.get("world_size")
         if saved and saved != engine.dist.world:  # DeepSpeed's partitions are per data-parallel rank
-            raise CheckpointError(
-                f"cannot resume {path} at {engine.dist.world} ranks: its DeepSpeed shards were written by {saved}; "
-                f"relaunch with {saved} ranks (resuming DeepSpeed at another world size, through its universal "
-                "checkpoint, is not supported yet)"
-            )
+            return self.load_resharded(engine, root, tag, saved, path)
         try:
-            engine.load_native(RunDir.of_step_file(path).deepspeed_root, state["deepspeed_tag"])
+            engine.load_native(root, tag)
         except (FileNotFoundError, NotImplementedError) as e:
             raise CheckpointError(f"cannot resume from {path}: {e}") from e
         return []
+
+    def load_resharded(self, engine: Engine, root: Path, tag: str, saved: int, path: Path) -> list[str]:
+        """Another world size: through DeepSpeed's universal checkpoint (converted once, by rank 0, `universal.py`)."""
+        from mhc_train.checkpoint.universal import ensure_universal
+
+        converted = ensure_universal(root / tag, engine.dist)
+        try:
+            engine.load_universal(converted.parent, converted.name)
+        except (FileNotFoundError, NotImplementedError) as e:
+            raise CheckpointError(f"cannot resume from {path}: {e}") from e
+        return [f"resumed DeepSpeed's {saved}-rank checkpoint at {engine.dist.world} ranks through its universal "
+                f"form ({converted})"]  # fmt: skip
 
 
 FORMATS: dict[str, Format] = {f.name: f for f in (FileFormat(), DcpFormat(), DeepSpeedFormat())}

@@ -10,7 +10,8 @@ Notes:
    It is given a torch AdamW (its "Adam" type would JIT-compile an extension) and our schedule as a torch scheduler.
 3. DeepSpeed checkpoints are written by every rank into its own directory (`save_native`); the trainer's step file
    (model, config, RNG, data position) is written after all ranks finished, atomically, so it only ever points at a
-   complete DeepSpeed checkpoint.
+   complete DeepSpeed checkpoint. At another world size the checkpoint is read through DeepSpeed's universal form
+   (`load_universal`; converted by checkpoint/universal.py).
 4. The DeepSpeed config is built in one function, `deepspeed_config` (no process group: testable alone), from the run's
    shape and `parallel.zero` (overlap, contiguous gradients, bucket and ZeRO-3 prefetch sizes: DeepSpeed's defaults
    unless set; `overlap_comm=auto` turns overlap on under CUDA, where a second stream exists to overlap on).
@@ -196,4 +197,18 @@ class DeepSpeedEngine(LocalEngine):
         path, _ = self.ds.load_checkpoint(str(directory), tag=tag, load_module_strict=True)
         if path is None:
             raise FileNotFoundError(f"DeepSpeed checkpoint {directory}/{tag} is missing or incomplete")
+        self.weights_loaded()
+
+    def load_universal(self, directory, tag: str) -> None:
+        """Load DeepSpeed's universal form of a checkpoint (any world size; `checkpoint/universal.py` converts it):
+        weights, optimizer moments and step per parameter, scheduler and DeepSpeed's counters. DeepSpeed reads its
+        `checkpoint.load_universal` setting at load time only, so it is switched on for this one call."""
+        config = self.ds._config
+        config.load_universal_checkpoint = True
+        try:
+            path, _ = self.ds.load_checkpoint(str(directory), tag=tag, load_module_strict=True)
+        finally:
+            config.load_universal_checkpoint = False
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed universal checkpoint {directory}/{tag} is missing or incomplete")
         self.weights_loaded()

@@ -1,10 +1,7 @@
 """Resume-time verification split among the ranks (`checkpoint.shared_verify.share`): every file exactly once, the
-same split on every rank, balanced by size; and a damaged file in one rank's share fails with one line naming it.
-DeepSpeed checkpoints at another world size are refused in one line naming the fix."""
+same split on every rank, balanced by size; and a damaged file in one rank's share fails with one line naming it."""
 
 from __future__ import annotations
-
-import pytest
 
 from mhc_train.checkpoint.integrity import shard_digests
 from mhc_train.checkpoint.shared_verify import _verify_mine, share
@@ -45,17 +42,3 @@ def test_an_unreadable_file_is_a_reported_failure_not_an_escaping_error(tmp_path
     monkeypatch.setattr(sv, "verify_shards", unreadable)
     nbytes, failure = _verify_mine(tmp_path, files, 1, 0)
     assert nbytes == 0 and "cannot read a shard" in failure and "Input/output error" in failure and "\n" not in failure
-
-
-def test_deepspeed_at_another_world_size_is_refused_in_one_line(tmp_path):
-    from types import SimpleNamespace
-
-    from mhc_train.checkpoint import CheckpointError
-    from mhc_train.checkpoint.formats import FORMATS
-    from mhc_train.parallel import DistInfo
-
-    engine = SimpleNamespace(dist=DistInfo(rank=0, world=4))
-    path = tmp_path / "checkpoints/step_00000002.pt"
-    state = {"world_size": 2, "deepspeed_tag": "step_00000002"}
-    with pytest.raises(CheckpointError, match="at 4 ranks: its DeepSpeed shards were written by 2; relaunch with 2"):
-        FORMATS["deepspeed"].load(engine, state, path)
