@@ -205,8 +205,8 @@ def test_fsdp_matches_single_process(prepared_data, single_reference, tmp_path, 
         ("mhc", "1f1b", "mhc", 1),
         ("mhc", "dualpipev", "mhc", 1),
         ("hc", "zbv", "none", 1),
-        ("residual", "1f1b", "none", 1),
-        ("mhc", "1f1b", "none", 2),  # HSDP per stage: each shard sits on 2 ranks, the clip norm counts it once
+        # HSDP per stage (dp_replicate=2, dp_shard=1): each shard sits on 2 ranks, the clip norm counts it once
+        ("residual", "1f1b", "none", 2),
     ],
 )
 def test_pipeline_x_fsdp_matches_single_process(
