@@ -107,7 +107,7 @@ class Trainer:
 
     def _build(self) -> None:
         cfg, t = self.cfg, self.cfg.train
-        # DeepSpeed and FSDP build from the meta device: they allocate and fill only what each rank trains
+        # sharded engines and pipelines build from the meta device: they allocate and fill only what each rank trains
         device = "meta" if builds_on_meta(cfg) else self.device
         self.model = build_model(cfg.model, cfg.connection, seed=t.seed, device=device)
         self.n_params = sum(p.numel() for p in self.model.parameters())
