@@ -61,7 +61,7 @@ def setups(pairs: list[str]) -> list[dict]:
     out = []
     for pair in pairs:
         model, world = pair.split(":")
-        for preset in ("fsdp", "fsdp_recompute"):
+        for preset in ("fsdp", "fsdp_recompute", "pp_fsdp"):
             ov = overrides(model, preset, int(world))
             cfg = load_config(ov)
             t0 = time.perf_counter()
