@@ -73,6 +73,7 @@ def _compiled_regions(engine) -> int:
     )
 
 
+@pytest.mark.slow  # compiling costs 2-10 s per case here: out of `make test-fast`
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_a_compiled_step_equals_eager_on_every_engine(case, one_rank):
     eager, loss_e, grads_e = _step(CASES[case], one_rank, False)
@@ -86,6 +87,7 @@ def test_a_compiled_step_equals_eager_on_every_engine(case, one_rank):
         torch.testing.assert_close(grads_c[n], grads_e[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+@pytest.mark.slow
 def test_a_compiled_pipeline_equals_eager(one_rank):
     pp = ["parallel.pp=2", "parallel.pp_schedule=1f1b", "parallel.recompute=none", "train.batch_size=4"]
     eager, loss_e, grads_e = _step(pp, one_rank, False)
