@@ -233,7 +233,7 @@ LOSS_CHUNK_ELEMENTS = 1 << 26  # fp32 logits per chunk (256 MiB): 2048 tokens at
 
 
 def chunked_lm_loss(h: torch.Tensor, head: nn.Module, targets: torch.Tensor,
-                    max_elements: int = LOSS_CHUNK_ELEMENTS) -> torch.Tensor:  # fmt: skip
+                    max_elements: int | None = None) -> torch.Tensor:  # fmt: skip
     """`lm_loss(head(h), targets)` for the final hidden state h [B, T, C], chunked over tokens: each chunk of at most
     `max_elements // V` tokens computes its logits, their fp32 cross-entropy sum, and drops them; backward
     recomputes each chunk's logits (torch's non-reentrant checkpoint, autocast state kept). Peak: one chunk's fp32
@@ -241,6 +241,7 @@ def chunked_lm_loss(h: torch.Tensor, head: nn.Module, targets: torch.Tensor,
     split one sums per chunk, then divides: equal to fp32 rounding."""
     from torch.utils.checkpoint import checkpoint
 
+    max_elements = LOSS_CHUNK_ELEMENTS if max_elements is None else max_elements  # read per call (tests lower it)
     flat_h, flat_t = h.flatten(0, 1), targets.flatten()  # [N, C], [N]
     n, per = flat_t.numel(), max(1, max_elements // head.weight.shape[0])
     if n <= per:

@@ -73,3 +73,46 @@ def test_model_loss_keeps_todays_bits_where_one_chunk_holds_the_batch():
             got, got_g = _loss_and_grads(model, lambda: model(x, y))
         assert torch.equal(got, ref)
         assert all(torch.equal(got_g[n], g) for n, g in ref_g.items())
+
+
+@pytest.fixture
+def one_rank():
+    import torch.distributed as dist
+
+    from mhc_train.parallel import DistInfo
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield DistInfo(rank=0, world=1)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("engine", ["none", "fsdp"])
+def test_a_split_loss_through_an_engine_equals_the_whole_one(engine, one_rank, monkeypatch):
+    """At test sizes the loss never splits; forced into 7-token chunks (10 of them), a step through the engine (FSDP2's
+    root unit holds the head: each chunk's recompute in backward needs its gathered weight) gives the same loss and
+    gradients as the one-chunk loss."""
+    import mhc_train.model.transformer as tr
+    from mhc_train.parallel import build_engine, builds_on_meta
+
+    cfg = load_config(["model=test", "train=test", "connection=mhc", "train.batch_size=2", f"parallel.engine={engine}"])
+    x, y = _model_and_batch()[1:]
+
+    def step():
+        model = build_model(cfg.model, cfg.connection, seed=0, device="meta" if builds_on_meta(cfg) else "cpu")
+        eng = build_engine(model, cfg, one_rank)
+        loss = eng.forward_backward(lambda micro, shard, n: (x, y))
+        grads = {n: p.grad.detach().clone() for p, n in eng.param_names().items() if p.grad is not None}
+        return float(loss), {n: g.full_tensor() if hasattr(g, "full_tensor") else g for n, g in grads.items()}
+
+    whole = step()
+    monkeypatch.setattr(tr, "LOSS_CHUNK_ELEMENTS", 7 * cfg.model.vocab_size)
+    calls, ce_sum = [], tr._ce_sum
+    monkeypatch.setattr(tr, "_ce_sum", lambda *a: calls.append(1) or ce_sum(*a))
+    split = step()
+    assert len(calls) == 2 * 10, len(calls)  # 64 tokens in 10 chunks, each run forward and recomputed in backward
+    assert abs(split[0] - whole[0]) <= 1e-6 * whole[0], (split[0], whole[0])
+    assert split[1].keys() == whole[1].keys() and whole[1]
+    for n in whole[1]:
+        torch.testing.assert_close(split[1][n], whole[1][n], rtol=1e-5, atol=1e-7, msg=n)
