@@ -93,7 +93,9 @@ def test_the_sbatch_template_runs_the_rendered_command(tmp_path):
     bin_dir, record = tmp_path / "bin", tmp_path / "srun"
     bin_dir.mkdir()
     stubs = {
-        "scontrol": "printf 'node001\\nnode002\\n'",
+        # The second host comes late: a reader that stops after the first line (head -n 1) has closed the pipe by
+        # then, and under pipefail scontrol's SIGPIPE would end the job (status 141, as on CI once).
+        "scontrol": "printf 'node001\\n'; sleep 0.3; printf 'node002\\n'",
         "srun": f'printf "%s\\n" "$@" > {record}.argv; env > {record}.env',
         "python": f'exec {shlex.quote(sys.executable)} "$@"',
     }
