@@ -8,6 +8,7 @@ error base (`mhc_train.errors`).
 from mhc_train.config.arm import arm_name
 from mhc_train.config.load import config_dir, load_config, register_schema, to_dict
 from mhc_train.config.schema import (
+    ATTENTIONS,
     B_RES_INITS,
     BACKENDS,
     CHECKPOINT_FORMATS,
@@ -31,6 +32,7 @@ from mhc_train.config.schema import (
     ConnectionConfig,
     DataConfig,
     LoggingConfig,
+    MLAConfig,
     ModelConfig,
     OptimConfig,
     ParallelConfig,
@@ -50,6 +52,7 @@ from mhc_train.config.validate import (
 )
 
 __all__ = [
+    "ATTENTIONS",
     "B_RES_INITS",
     "BACKENDS",
     "CHECKPOINT_FORMATS",
@@ -73,6 +76,7 @@ __all__ = [
     "ConnectionConfig",
     "DataConfig",
     "LoggingConfig",
+    "MLAConfig",
     "ModelConfig",
     "OptimConfig",
     "ParallelConfig",

@@ -29,10 +29,22 @@ SPLIT_BACKWARD_SCHEDULES = ("zbv", "dualpipev")  # schedules that run input and 
 RECOMPUTE_MODES = ("none", "mhc", "full")
 CHECKPOINT_FORMATS = ("auto", "file", "dcp")
 WANDB_MODES = ("offline", "online", "disabled")
+ATTENTIONS = ("gqa", "mla")  # model.attention: grouped-query (LLaMA) or multi-head latent attention (DeepSeek-V2/V3)
 
 
 class ConfigError(MhcTrainError, ValueError):
     """A config value is wrong; the message names the key, the value and what would work."""
+
+
+@dataclass
+class MLAConfig:
+    """Multi-head latent attention's shapes (model.attention=mla; DeepSeek-V2/V3 defaults, the mHC paper's Table 5)."""
+
+    q_lora_rank: int = 0  # low-rank query: C -> q_lora_rank -> heads (DeepSeek-V3: 1536); 0 = one plain projection
+    kv_lora_rank: int = 512  # the compressed KV latent per token (what the decode cache holds; paper: 512)
+    qk_nope_head_dim: int = 128  # per-head query/key width without RoPE (decompressed from the latent)
+    qk_rope_head_dim: int = 64  # per-head query width with RoPE; the RoPE key of this width is shared by all heads
+    v_head_dim: int = 128  # per-head value width (attention output per head)
 
 
 @dataclass
@@ -54,6 +66,8 @@ class ModelConfig:
     # stream's memory and traffic; the connection's coefficients stay fp32, the final stream sum accumulates in
     # fp32). bf16 needs bf16 compute (train.precision=bf16, or auto on CUDA).
     stream_dtype: str = "fp32"
+    attention: str = "gqa"  # gqa (n_head / n_kv_head / head_dim) | mla (model.mla.*: DeepSeek's latent attention)
+    mla: MLAConfig = field(default_factory=MLAConfig)  # read only when attention=mla
 
 
 @dataclass

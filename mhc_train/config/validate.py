@@ -13,6 +13,7 @@ from typing import Any
 
 from mhc_train.config.pipeline import read_csv_schedule
 from mhc_train.config.schema import (
+    ATTENTIONS,
     B_RES_INITS,
     BACKENDS,
     CHECKPOINT_FORMATS,
@@ -79,6 +80,20 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
         fail(f"{prefix}.n_kv_head", m.n_kv_head, f"must divide {prefix}.n_head={m.n_head} (or be 0)")
     if not (m.norm_eps > 0 and m.init_std > 0 and m.rope_theta > 0):
         fail(f"{prefix}.norm_eps/init_std/rope_theta", (m.norm_eps, m.init_std, m.rope_theta), "must all be > 0")
+    choice(f"{prefix}.attention", m.attention, ATTENTIONS)
+    if m.attention == "mla":
+        validate_mla(m, prefix)
+
+
+def validate_mla(m: ModelConfig, prefix: str = "model") -> None:
+    """model.mla.* (only when model.attention=mla; n_kv_head and head_dim are then unused)."""
+    a = m.mla
+    at_least(f"{prefix}.mla.q_lora_rank", a.q_lora_rank, 0)
+    for key in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+        at_least(f"{prefix}.mla.{key}", getattr(a, key), 1)
+    at_least(f"{prefix}.mla.qk_rope_head_dim", a.qk_rope_head_dim, 2)
+    if a.qk_rope_head_dim % 2:
+        fail(f"{prefix}.mla.qk_rope_head_dim", a.qk_rope_head_dim, "must be even (RoPE rotates pairs)")
 
 
 def validate_connection(c: ConnectionConfig, prefix: str = "connection") -> None:

@@ -27,6 +27,7 @@ from torch import nn
 from mhc_train.config import ConnectionConfig, ModelConfig, validate_connection, validate_model
 from mhc_train.model.connections import Connection, build_connection
 from mhc_train.model.layers import Attention, FeedForward, RMSNorm, rope_cache
+from mhc_train.model.mla import MLAttention, rope_dim
 
 
 def head_dim(cfg: ModelConfig) -> int:
@@ -57,7 +58,10 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, conn: Connection, layer_id: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg.dim, cfg.n_head, cfg.n_kv_head or cfg.n_head, head_dim(cfg))
+        if cfg.attention == "mla":  # DeepSeek's multi-head latent attention (model.mla.*)
+            self.attn = MLAttention(cfg)
+        else:
+            self.attn = Attention(cfg.dim, cfg.n_head, cfg.n_kv_head or cfg.n_head, head_dim(cfg))
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = FeedForward(cfg.dim, ffn_hidden_dim(cfg))
         self.attn_conn = conn.site(cfg.dim, 2 * layer_id)
@@ -90,7 +94,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self._block_runner: BlockRunner | None = None  # see `use_block_runner`
-        self.register_buffer("rope", rope_cache(head_dim(cfg), cfg.max_seq_len, cfg.rope_theta), persistent=False)
+        self.register_buffer("rope", rope_cache(rope_dim(cfg), cfg.max_seq_len, cfg.rope_theta), persistent=False)
 
     @property
     def n_streams(self) -> int:
@@ -171,7 +175,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_buffers(self) -> None:
         """Recompute the buffers (the RoPE table), e.g. after `to_empty` moved the model off the meta device."""
-        self.rope.copy_(rope_cache(head_dim(self.cfg), self.cfg.max_seq_len, self.cfg.rope_theta, self.rope.device))
+        self.rope.copy_(rope_cache(rope_dim(self.cfg), self.cfg.max_seq_len, self.cfg.rope_theta, self.rope.device))
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] -> stream state [B, T, n, C]; a stage without the embedding passes its input through."""
