@@ -11,7 +11,8 @@ Axis legend: B batch, T new tokens, L cached length, n streams, C channels, H he
   few ops per site with the token-free parts precomputed, since a decode step is dispatch-bound (torch backend, fp32;
   otherwise the site's own `forward`, e.g. the fused triton kernels on CUDA). Only the attention sub-layer is
   replaced, by `_cached_attention`, which uses the block's `wq/wk/wv/wo` and the model's RoPE table at each row's own
-  positions.
+  positions. With MLA (model.attention=mla) the cache holds each layer's compressed latent instead and attention
+  runs with wkv_b absorbed (`mla_cache.py`).
 - Batched prompts of different lengths are left-padded: each row's positions start at 0 at its first real token,
   pad keys are masked out (a pad query sees only itself, so no row of the softmax is empty), and every row then
   decodes in lockstep.
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from mhc_train.infer.errors import InferenceError
+from mhc_train.infer.mla_cache import latent_cache, mla_cached_attention
 from mhc_train.infer.sites import decode_site
 from mhc_train.model.transformer import Transformer, head_dim
 
@@ -61,8 +63,11 @@ class KVCache:
         cfg = model.cfg
         n_kv, d = cfg.n_kv_head or cfg.n_head, head_dim(cfg)
         w = model.tok_embeddings.weight
-        self.k = torch.zeros(cfg.n_layer, batch, n_kv, max_len, d, dtype=w.dtype, device=w.device)
-        self.v = torch.zeros_like(self.k)
+        if cfg.attention == "mla":  # the compressed latent [n_layer, B, 1, max_len, R + P], no values (mla_cache.py)
+            self.k, self.v = latent_cache(model, batch, max_len), None
+        else:
+            self.k = torch.zeros(cfg.n_layer, batch, n_kv, max_len, d, dtype=w.dtype, device=w.device)
+            self.v = torch.zeros_like(self.k)
         slots = torch.arange(max_len, device=w.device)
         pad_t = torch.tensor(pad, device=w.device)[:, None]  # [B, 1]
         self.key_valid = slots[None, :] >= pad_t  # [B, max_len]
@@ -93,6 +98,7 @@ class Decoder:
         self.sites = [
             (decode_site(b.attn_conn, native), decode_site(b.ffn_conn, native)) for b in model.layers.values()
         ]
+        self._attend = self._cached_attention if self.cfg.attention != "mla" else self._cached_latent_attention
 
     def new_cache(self, batch: int, max_len: int, pad: list[int] | None = None) -> KVCache:
         return KVCache(self.model, batch, max_len, pad or [0] * batch)
@@ -123,6 +129,9 @@ class Decoder:
         )
         return attn.wo(y.transpose(1, 2).reshape(B, T, -1))
 
+    def _cached_latent_attention(self, layer_idx, attn, h, cache: KVCache, rope, mask, start):
+        return mla_cached_attention(layer_idx, attn, h, cache, rope, mask, start, rope_at)
+
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
         """tokens [B, T] appended at the cache's end -> logits [B, T, V] (all_logits) or [B, V] (the last)."""
@@ -135,7 +144,7 @@ class Decoder:
         mask = self._mask(cache, start, T)
         x = model.embed(tokens)  # [B, T, n, C]
         for i, (layer, (attn_site, ffn_site)) in enumerate(zip(model.layers.values(), self.sites)):
-            attn = lambda h, i=i, layer=layer: self._cached_attention(  # noqa: E731
+            attn = lambda h, i=i, layer=layer: self._attend(  # noqa: E731
                 i, layer.attn, layer.attn_norm(h), cache, rope, mask, start
             )
             x = attn_site(x, attn)  # [B, T, n, C]: the site's coefficients, on the new tokens only

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +59,15 @@ def model_configs(config: dict) -> tuple[ModelConfig, ConnectionConfig]:
     Inference keeps the streams in fp32 whatever they were trained in (bf16 streams need bf16 autocast; fp32 is the
     more precise storage of the same weights)."""
     conn = {**config["connection"], "backend": "auto"}  # same math (tested): triton on CUDA, torch elsewhere
-    return ModelConfig(**{**config["model"], "stream_dtype": "fp32"}), ConnectionConfig(**conn)
+    return model_config({**config["model"], "stream_dtype": "fp32"}), ConnectionConfig(**conn)
+
+
+def model_config(d: dict) -> ModelConfig:
+    """A ModelConfig from its dict, each nested section (model.mla, ...) rebuilt as its dataclass; a section the
+    saved config lacks (written before it existed) keeps its default."""
+    hints = typing.get_type_hints(ModelConfig)
+    nested = {k: hints[k](**v) for k, v in d.items() if isinstance(v, dict) and dataclasses.is_dataclass(hints.get(k))}
+    return ModelConfig(**{**d, **nested})
 
 
 def find_tokenizer(step_file: Path, recorded: dict, given: str | Path | None = None) -> Path:

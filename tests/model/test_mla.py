@@ -144,3 +144,10 @@ def test_tiny_mla_model_trains_three_steps(arm, prepared_data, tmp_path):
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses), losses
     assert losses[-1] < losses[0], losses
     assert summary["tokens_per_s"] > 0
+    if arm == "mhc":  # the checkpoint loads back as an MLA model (model.mla from the saved dict) and generates
+        from mhc_train.infer.generate import SamplingConfig, generate
+        from mhc_train.infer.load import load_checkpoint
+
+        loaded = load_checkpoint(tmp_path / "r")
+        assert loaded.model.cfg.mla == MLAConfig(16, 16, 8, 4, 6) and loaded.model.cfg.attention == "mla"
+        assert len(generate(loaded.model, [[5, 6, 7]], SamplingConfig(max_new_tokens=4, stop_at_eos=False))[0]) == 4
