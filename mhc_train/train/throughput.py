@@ -24,6 +24,12 @@ T = seq_len, n = n_streams, S = 2 L connection sites (attention and FFN per bloc
     connection = S * site + collapse   `site_flops` below, forward per site; collapse = (n - 1) C, the stream sum
                                        before the final norm (the expand is a copy: 0)
 
+MLA (model.attention=mla; R kv_lora_rank, Q q_lora_rank, N / P / V the nope / rope / value head widths): the
+attention projections C H D + C K D (x2) become C Q + Q H (N + P) (or C H (N + P) without q LoRA) + C (R + P)
++ R H (N + V) + H V C (`attention_shapes`), and attention = L * 2 T H (N + P + V): the training forward
+decompresses keys and values, so the scores are over N + P per head (the decode cache's absorbed form is not
+counted here).
+
 `site_flops` (forward, one token, one site), k = n^2 + 2n coefficients (2n for mHC's identity-H_res arm):
 
     residual   add       C                  x + F(x)
@@ -99,12 +105,11 @@ def flops_per_token(
     Megatron) counts the full T x T score matrix; `causal=True` halves the attention term.
     """
     m = model_cfg
-    c, layers, d = m.dim, m.n_layer, head_dim(m)
-    heads, kv = m.n_head, m.n_kv_head or m.n_head
-    attn_proj = 2 * c * heads * d + 2 * c * kv * d  # wq, wo: C x HD; wk, wv: C x KD
+    c, layers, heads = m.dim, m.n_layer, m.n_head
+    attn_proj, qk_v_width = attention_shapes(m)
     ffn = 3 * c * ffn_hidden_dim(m)  # SwiGLU w1, w3: C x F; w2: F x C
     dense = 2 * (layers * (attn_proj + ffn) + c * m.vocab_size)  # + the LM head C x V
-    attention = layers * 4 * seq_len * heads * d  # QK^T and AV, 2 T H D each per query token
+    attention = layers * 2 * seq_len * heads * qk_v_width  # QK^T and AV: 2 T H (D + D) per query token for GQA
     if causal:
         attention //= 2
     n_sites = 2 * layers
@@ -112,6 +117,22 @@ def flops_per_token(
     out = {k: TRAIN_FACTOR * v for k, v in (("dense", dense), ("attention", attention), ("connection", connection))}
     out["total"] = out["dense"] + out["attention"] + out["connection"]
     return out
+
+
+def attention_shapes(m: ModelConfig) -> tuple[int, int]:
+    """(the attention projections' weights per layer, the query/key width plus the value width per head).
+
+    GQA: (2 C H D + 2 C K D, 2 D). MLA (model.attention=mla, the table in the module docstring): wq (or wq_a, wq_b),
+    wkv_a, wkv_b and wo, and (N + P) + V: the scores use the nope and rope widths, the values their own width."""
+    c, heads = m.dim, m.n_head
+    if m.attention == "mla":
+        a = m.mla
+        qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+        q = a.q_lora_rank * (c + heads * qk) if a.q_lora_rank else c * heads * qk  # wq_a, wq_b | wq
+        kv = c * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank * heads * (a.qk_nope_head_dim + a.v_head_dim)
+        return q + kv + heads * a.v_head_dim * c, qk + a.v_head_dim  # + wo: HV x C
+    d, kv_heads = head_dim(m), m.n_kv_head or m.n_head
+    return 2 * c * heads * d + 2 * c * kv_heads * d, 2 * d  # wq, wo: C x HD; wk, wv: C x KD
 
 
 # Dense (no sparsity) bf16 tensor-core peak, TFLOPS, from the vendors' data sheets.

@@ -151,3 +151,23 @@ def test_tiny_mla_model_trains_three_steps(arm, prepared_data, tmp_path):
         loaded = load_checkpoint(tmp_path / "r")
         assert loaded.model.cfg.mla == MLAConfig(16, 16, 8, 4, 6) and loaded.model.cfg.attention == "mla"
         assert len(generate(loaded.model, [[5, 6, 7]], SamplingConfig(max_new_tokens=4, stop_at_eos=False))[0]) == 4
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_flops_per_token_counts_mla_shapes(case):
+    """The formula's matmul part equals what FlopCounterMode sees on an MLA model's forward (SDPA's math backend
+    shows the scores and the value product as bmm); 6 x the matmul weights for the dense part."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mhc_train.train.throughput import flops_per_token
+
+    cfg, seq, batch = mla_cfg(CASES[case][0]), 24, 2
+    model = build_model(cfg, conn_cfg("residual"))
+    f = flops_per_token(cfg, conn_cfg("residual"), seq)
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        model(torch.randint(0, cfg.vocab_size, (batch, seq)))
+    assert (f["dense"] + f["attention"]) // 3 == counter.get_total_flops() / (batch * seq)
+    weights = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "tok_embeddings" not in n)
+    assert f["dense"] == 6 * weights
