@@ -171,3 +171,31 @@ def test_flops_per_token_counts_mla_shapes(case):
     assert (f["dense"] + f["attention"]) // 3 == counter.get_total_flops() / (batch * seq)
     weights = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "tok_embeddings" not in n)
     assert f["dense"] == 6 * weights
+
+
+@pytest.mark.parametrize(
+    "name, layers, dim, heads", [("3b", 12, 1280, 16), ("9b", 18, 1920, 24), ("27b", 30, 2560, 32)]
+)
+def test_paper_presets_have_table5_attention(name, layers, dim, heads):
+    """The mHC paper's presets: MLA with KV rank 512, RoPE 64 (theta 1e4), heads of 128, seq 4096, vocab 129280.
+    Read as YAML and built on the meta device from the keys this schema knows (the MoE keys are loaded by the MoE
+    tests), one block deep."""
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    from mhc_train.config import ModelConfig, validate_model
+
+    text = yaml.safe_load((Path(__file__).parents[2] / "configs" / "model" / f"mhc_paper_{name}.yaml").read_text())
+    assert (text["n_layer"], text["dim"], text["n_head"], text["vocab_size"]) == (layers, dim, heads, 129280)
+    assert text["moe"]["top_k"] == 6 and text["moe"]["n_shared_experts"] == 2 and text["moe"]["first_k_dense"] == 1
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    cfg = ModelConfig(**{**{k: v for k, v in text.items() if k in known}, "mla": MLAConfig(**text["mla"])})
+    validate_model(cfg)
+    assert cfg.attention == "mla" and cfg.mla == MLAConfig(0, 512, 128, 64, 128)
+    assert cfg.rope_theta == 10000.0 and cfg.max_seq_len == 4096
+    model = build_model(dataclasses.replace(cfg, n_layer=1), conn_cfg("mhc"), device="meta")
+    attn = sum(p.numel() for p in model.layers["0"].attn.parameters())
+    assert attn == dim * heads * 192 + dim * 576 + 512 * heads * 256 + heads * 128 * dim + 512  # + the latent norm
+    assert model.rope.shape == (4096, 32, 2)
