@@ -10,6 +10,7 @@
 
 Notes:
 - The directory is written under a temporary name and renamed, so a half-written export never carries the name.
+- MLA models (model.attention=mla) add `attention` and `mla` (model.mla.*) to config.json; GQA exports are unchanged.
 - A tied LM head is written as its own copy (safetensors stores no aliases); config.json says tie_word_embeddings=false.
 """
 
@@ -54,7 +55,13 @@ def hf_config(loaded: Loaded) -> dict:
         "pad_token_id": eos,
         "torch_dtype": "float32",
         "mhc_train": {"checkpoint": str(loaded.path), "step": loaded.step},
+        **mla_config(cfg),  # MLA models only
     }
+
+
+def mla_config(cfg) -> dict:
+    """MLA's keys of config.json (model.attention and model.mla.*); none for GQA, whose export is unchanged."""
+    return {"attention": "mla", "mla": dataclasses.asdict(cfg.mla)} if cfg.attention == "mla" else {}
 
 
 def export(loaded: Loaded, out_dir: str | Path, overwrite: bool = False) -> Path:

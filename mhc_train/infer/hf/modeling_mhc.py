@@ -15,6 +15,8 @@ Axis legend: B batch, T time, n streams, C channels, H heads, D head size.
   tanh terms from each stream normalised on its own; h_res = A_r^T.
 - Generation uses the transformers KV cache (`past_key_values`) for attention; the connection coefficients and stream
   state are per-token, so each step computes them for the new tokens only.
+- Attention is mhc-train's GQA, or its multi-head latent attention where config.json says `attention: mla`
+  (`MLAttention`; the transformers cache then holds decompressed keys and values, not mhc-train's latent cache).
 - Parameter names are mhc-train's under `model.` (a tied LM head is exported untied, as a copy).
 """
 
@@ -43,6 +45,8 @@ class MHCConfig(PretrainedConfig):
         rope_theta=10000.0,
         rms_norm_eps=1e-6,
         connection=None,
+        attention="gqa",
+        mla=None,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -57,6 +61,10 @@ class MHCConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         # mhc-train's ConnectionConfig as a dict: type (residual | hc | mhc), n_streams, hc_dynamic, h_res, t_max, eps
         self.connection = dict(connection or {"type": "residual", "n_streams": 1})
+        # mhc-train's model.attention and, for "mla", its MLAConfig as a dict: q_lora_rank (0 = none), kv_lora_rank,
+        # qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+        self.attention = attention
+        self.mla = dict(mla or {})
         kwargs["tie_word_embeddings"] = False  # the head is exported as its own tensor
         super().__init__(**kwargs)
 
@@ -115,6 +123,49 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLAttention(nn.Module):
+    """DeepSeek's multi-head latent attention (mhc_train/model/mla.py); the cache holds the decompressed keys and
+    values (keys N + P wide, values V wide)."""
+
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        a, dim = cfg.mla, cfg.hidden_size
+        self.layer_idx, self.n_head = layer_idx, cfg.num_attention_heads
+        self.q_lora_rank, self.kv_lora_rank = a["q_lora_rank"], a["kv_lora_rank"]
+        self.nope, self.rope, self.v = a["qk_nope_head_dim"], a["qk_rope_head_dim"], a["v_head_dim"]
+        qk = self.nope + self.rope
+        if self.q_lora_rank:
+            self.wq_a = nn.Linear(dim, self.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(self.q_lora_rank, cfg.rms_norm_eps)
+            self.wq_b = nn.Linear(self.q_lora_rank, self.n_head * qk, bias=False)
+        else:
+            self.wq = nn.Linear(dim, self.n_head * qk, bias=False)
+        self.wkv_a = nn.Linear(dim, self.kv_lora_rank + self.rope, bias=False)
+        self.kv_norm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
+        self.wkv_b = nn.Linear(self.kv_lora_rank, self.n_head * (self.nope + self.v), bias=False)
+        self.wo = nn.Linear(self.n_head * self.v, dim, bias=False)
+
+    def forward(self, x, rope, mask, cache):
+        B, T, _ = x.shape
+        H, N, P, V = self.n_head, self.nope, self.rope, self.v
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_lora_rank else self.wq(x)
+        q_nope, q_pe = q.view(B, T, H, N + P).split([N, P], dim=-1)
+        c, k_pe = self.wkv_a(x).split([self.kv_lora_rank, P], dim=-1)
+        k_nope, v = self.wkv_b(self.kv_norm(c)).view(B, T, H, N + V).split([N, V], dim=-1)
+        q_pe, k_pe = apply_rope(q_pe, rope), apply_rope(k_pe.unsqueeze(2), rope)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, H, T, N + P]
+        k = torch.cat([k_nope, k_pe.expand(B, T, H, P)], dim=-1).transpose(1, 2)
+        v = v.transpose(1, 2)  # [B, H, T, V]
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        scale = (N + P) ** -0.5
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=scale)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * V))
 
 
 class FeedForward(nn.Module):
@@ -226,7 +277,9 @@ class Block(nn.Module):
     def __init__(self, cfg, layer_idx):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = Attention(cfg, layer_idx)
+        self.attn = (
+            MLAttention(cfg, layer_idx) if getattr(cfg, "attention", "gqa") == "mla" else Attention(cfg, layer_idx)
+        )
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn = FeedForward(cfg.hidden_size, cfg.intermediate_size)
         self.attn_conn = make_site(cfg)
@@ -250,7 +303,10 @@ class MHCModel(nn.Module):
     def forward(self, input_ids, positions, mask, cache):
         h = self.tok_embeddings(input_ids)  # [B, T, C]
         x = h.unsqueeze(-2).expand(*h.shape[:-1], self.n_streams, h.shape[-1]).contiguous()  # [B, T, n, C]
-        rope = rope_table(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        mla = getattr(self.cfg, "attention", "gqa") == "mla"
+        rope = rope_table(
+            positions, self.cfg.mla["qk_rope_head_dim"] if mla else self.cfg.head_dim, self.cfg.rope_theta
+        )
         for layer in self.layers.values():
             x = layer(x, rope, mask, cache)
         return self.output(self.norm(x.sum(dim=-2)))  # [B, T, V]

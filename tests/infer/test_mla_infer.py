@@ -1,6 +1,7 @@
-"""MLA's decode cache (`mhc_train/infer/mla_cache.py`): it holds the compressed latent (kv_lora_rank + the RoPE width
-per token and layer, no per-head keys or values), and decoding through it (wkv_b absorbed) equals the full forward
-for every arm, padded batches included."""
+"""MLA models at inference: the decode cache (`mhc_train/infer/mla_cache.py`) holds the compressed latent
+(kv_lora_rank + the RoPE width per token and layer, no per-head keys or values), decoding through it (wkv_b absorbed)
+equals the full forward for every arm, padded batches included; the Hugging Face export gives equal logits and the
+same greedy tokens."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from mhc_train.config import MLAConfig
 from mhc_train.infer.generate import Decoder, SamplingConfig, generate
+from mhc_train.infer.load import Loaded
 from tests.support.configs import decode_model
 from tests.support.numerics import assert_close
 
@@ -38,3 +40,25 @@ def test_padded_batch_decodes_like_one_prompt_at_a_time():
     batched = generate(model, prompts, GREEDY)
     assert batched == [generate(model, [p], GREEDY)[0] for p in prompts]
     assert len({tuple(r) for r in batched}) > 1
+
+
+@pytest.mark.parametrize("arm, q_lora_rank", [("mhc", 12), ("residual", 0)])
+def test_export_round_trip_logits_and_greedy_tokens(arm, q_lora_rank, prepared_data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from mhc_train.data.tokenizer import Tokenizer
+    from mhc_train.infer.export import export
+
+    mla = {**MLA, "mla": MLAConfig(**{**MLA["mla"].__dict__, "q_lora_rank": q_lora_rank})}
+    model = decode_model(arm, vocab_size=512, **mla)
+    tok = Tokenizer(prepared_data / "tokenizer.model")
+    out = export(Loaded(model, tok, {}, tmp_path / "step.pt", 0), tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    tokens = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_close(hf(tokens).logits, model(tokens), atol=1e-5, what=f"{arm} MLA export logits")
+    for text in ("HAMLET. To be, or not", "OPHELIA. My lord"):  # both stop at EOS (kept in the output)
+        ids = tok.encode(text)
+        ours = generate(model, [ids], SamplingConfig(max_new_tokens=6), eos_id=tok.eos_id)[0]
+        theirs = hf.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)
+        assert theirs[0, len(ids) :].tolist() == ours, text
