@@ -18,6 +18,8 @@ P qk_rope_head_dim, V v_head_dim.
   sliced off, the rest is the same sum).
 - RoPE is the repository's convention (`layers.apply_rope`: pairs (2i, 2i+1)), over the P rope columns, with the
   model's table (`Transformer.rope`, built for width P when model.attention=mla) and theta model.rope_theta.
+- `forward(x, rope, doc)` takes the same optional document layout as the GQA attention (a packed window's
+  block-diagonal mask and per-document RoPE positions), duck-typed: `doc.mask` and `doc.rotate(x, rope)`.
 - No YaRN scaling of the softmax (DeepSeek-V3's context extension) and no biases, as in DeepSeek-V3's pretraining.
 - Parameters are `nn.Linear` and `RMSNorm` modules, so `Transformer.init_weights` initialises them as every other
   projection (N(0, init_std), `wo` depth-scaled as the GQA `attn.wo`; norm gains 1). Construction allocates only.
@@ -66,12 +68,17 @@ class MLAttention(nn.Module):
         c, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         return self.kv_norm(c), k_pe.unsqueeze(2)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, doc=None) -> torch.Tensor:
+        """`doc`: a document layout (`mask` [B, 1, T, T], True = attend; `rotate(x, rope)`: RoPE at its positions)
+        keeps attention and RoPE within the documents of a packed window; None: plain causal attention."""
         B, T, _ = x.shape  # batch, time, channels
         H, N, P, V = self.n_head, self.nope_dim, self.rope_dim, self.v_dim
         q_nope, q_pe = self.query(x).split([N, P], dim=-1)  # [B, T, H, N], [B, T, H, P]
         c, k_pe = self.latent(x)  # [B, T, R], [B, T, 1, P]
-        q_pe, k_pe = apply_rope(q_pe, rope[:T]), apply_rope(k_pe, rope[:T])
+        if doc is None:
+            q_pe, k_pe = apply_rope(q_pe, rope[:T]), apply_rope(k_pe, rope[:T])
+        else:
+            q_pe, k_pe = doc.rotate(q_pe, rope), doc.rotate(k_pe, rope)
         k_nope, v = self.wkv_b(c).view(B, T, H, N + V).split([N, V], dim=-1)  # [B, T, H, N], [B, T, H, V]
         q = torch.cat([q_nope, q_pe], dim=-1)  # [B, T, H, N + P]
         k = torch.cat([k_nope, k_pe.expand(B, T, H, P)], dim=-1)  # [B, T, H, N + P]
@@ -79,7 +86,8 @@ class MLAttention(nn.Module):
         if pad:
             v = F.pad(v, (0, pad))  # [B, T, H, N + P]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, *]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # [B, H, T, V (+ pad)]
+        masking = {"is_causal": True} if doc is None else {"attn_mask": doc.mask}
+        y = F.scaled_dot_product_attention(q, k, v, **masking, scale=self.scale)  # [B, H, T, V (+ pad)]
         if pad:
             y = y[..., :V]
         return self.wo(y.transpose(1, 2).reshape(B, T, H * V))

@@ -199,3 +199,32 @@ def test_paper_presets_have_table5_attention(name, layers, dim, heads):
     attn = sum(p.numel() for p in model.layers["0"].attn.parameters())
     assert attn == dim * heads * 192 + dim * 576 + 512 * heads * 256 + heads * 128 * dim + 512  # + the latent norm
     assert model.rope.shape == (4096, 32, 2)
+
+
+class _Documents:
+    """A document layout as attention takes it (`mask`, `rotate`): tokens attend within their document, whose RoPE
+    positions restart at 0."""
+
+    def __init__(self, lengths: list[int]):
+        ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]  # [1, T]
+        T = ids.shape[1]
+        self.mask = ((ids[:, :, None] == ids[:, None, :]) & torch.ones(T, T, dtype=torch.bool).tril())[:, None]
+        self.positions = torch.cat([torch.arange(n) for n in lengths])  # [T]
+
+    def rotate(self, x, rope):
+        from mhc_train.model.layers import apply_rope
+
+        return apply_rope(x, rope[self.positions])
+
+
+def test_document_layout_equals_each_document_alone():
+    """A packed window of three documents under a document layout: each document's outputs equal the document run
+    alone (the mask keeps attention inside it, the RoPE positions restart)."""
+    shapes, _, _ = CASES["qlora10-B3-T9"]
+    model = build_model(mla_cfg(shapes), conn_cfg("residual"), seed=4)
+    attn, lengths = model.layers["0"].attn, [5, 1, 7]
+    x = torch.randn(1, sum(lengths), 32, generator=torch.Generator().manual_seed(3))
+    packed = attn(x, model.rope, doc=_Documents(lengths))
+    alone = torch.cat([attn(part, model.rope) for part in x.split(lengths, dim=1)], dim=1)
+    assert_close(packed, alone, atol=1e-6, rtol=1e-5, what="packed vs alone")
+    assert not torch.allclose(attn(x, model.rope), alone, atol=1e-4)  # plain causal attention mixes the documents
