@@ -165,7 +165,7 @@ class DeepSpeedFormat(Format):
 
     def load(self, engine: Engine, state: dict, path: Path) -> list[str]:
         root, tag = RunDir.of_step_file(path).deepspeed_root, state["deepspeed_tag"]
-        if self.name not in engine.checkpoint_formats:  # its shards hold the weights and the optimizer: DeepSpeed's
+        if self.name not in getattr(engine, "checkpoint_formats", (self.name,)):  # DeepSpeed's shards: its engine
             raise CheckpointError(
                 f"cannot resume from {path}: it was written by DeepSpeed (parallel.engine=deepspeed) and this run's "
                 f"engine is {engine.name}, which cannot read DeepSpeed's shards; resume with the preset that wrote it "
