@@ -4,8 +4,9 @@ hyper-parameters to the restored optimizer.
 - `choose`: `checkpoint.resume=auto` takes the newest checkpoint that verifies (damaged newer ones are moved aside to
   `checkpoints/damaged/`, never deleted; none verifying is an error, never a silent fresh start). A newer step file
   without a digest footer (truncated, emptied, its footer damaged) is damaged too once an older one verifies; when
-  none verifies it may predate digests, and is left in place with the `checkpoint.verify=false` advice. An explicit file is
-  verified and never replaced; resuming an older checkpoint of the same run moves the newer ones to `superseded/`.
+  none verifies it may predate digests, and is left in place with the `checkpoint.verify=false` advice. An explicit
+  file is verified and never replaced; resuming an older checkpoint of the same run moves the newer ones to
+  `superseded/`.
 - `check`: the saved config against this run's under the compatibility rule (`compat.py`: a change of the model is
   fatal, naming every differing key), and the tokenizer's sha256.
 """
