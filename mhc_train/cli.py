@@ -13,6 +13,7 @@ mhc-train plan [overrides] --world W [--json]  per-GPU memory of a run at W rank
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -34,9 +35,11 @@ def _load(args):
 
 
 def cmd_prepare(args) -> None:
+    from mhc_train.config import load_config
     from mhc_train.data import prepare
 
-    manifest = prepare(_load(args).data)
+    # the data part only: prepare has no sequence length, so `prepare model=test` must not trip train.seq_len's rule
+    manifest = prepare(load_config(args.overrides, args.config, full=False).data)
     print(f"prepared data: {manifest['dir']} (tokenizer sha256 {manifest['tokenizer']['sha256'][:12]})")
 
 
@@ -227,6 +230,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except MhcTrainError as e:  # a user error: its message names the problem and the fix; anything else is a bug
         _die(str(e))
+    except OSError as e:  # disk full or over quota anywhere (config, metrics, logs): one line, not a traceback
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        _die(f"no space left on the device{where} ({e.strerror}): free space there and relaunch (a run continues "
+             "from its last checkpoint with checkpoint.resume=auto)")  # fmt: skip
 
 
 if __name__ == "__main__":

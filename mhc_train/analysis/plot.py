@@ -12,8 +12,9 @@ from mhc_train.analysis.runs import lr_str, series
 from mhc_train.analysis.stats import seed_statistics
 
 
-def _band(ax, runs: list[dict], kind: str, key: str, color, label: str, base: dict | None = None) -> None:
-    """Mean over seeds with a min-max band; `base` {seed: run}: plot the difference to it, paired by seed."""
+def _band(ax, runs: list[dict], kind: str, key: str, color, label: str, base: dict | None = None, ls="-") -> None:
+    """Mean over seeds with a min-max band; `base` {seed: run}: plot the difference to it, paired by seed. `ls`: the
+    line style that tells the two series of one arm in a panel apart (the colour is the arm's)."""
     curves = []
     for r in runs:
         s, y = series(r["recs"], kind, key)
@@ -32,7 +33,15 @@ def _band(ax, runs: list[dict], kind: str, key: str, color, label: str, base: di
     if not steps:
         return
     ys = np.array([[c[s] for s in steps] for c in curves])
-    ax.plot(steps, ys.mean(0), "o-" if kind == "val" else "-", ms=3, color=color, label=f"{label} (n={len(ys)})")
+    ax.plot(
+        steps,
+        ys.mean(0),
+        marker="o" if kind == "val" else None,
+        ls=ls,
+        ms=3,
+        color=color,
+        label=f"{label} (n={len(ys)})",
+    )
     if len(ys) > 1:
         ax.fill_between(steps, ys.min(0), ys.max(0), color=color, alpha=0.2)
 
@@ -60,15 +69,15 @@ def plot(runs: list[dict], out_png: Path, stats: dict | None = None) -> None:
             continue
         lab = f"{arm} (lr {lr_str(group[0].get('lr'))})"
         _band(ax_loss, group, "val", "loss", c, f"{lab} val")
-        _band(ax_loss, group, "train", "loss", c, f"{lab} train")
+        _band(ax_loss, group, "train", "loss", c, f"{lab} train", ls=":")
         if arm != "residual" and base:
             _band(ax_gap, group, "val", "loss", c, f"{lab} - residual (val, paired by seed)", base=base)
         _band(ax_gn, group, "train", "grad_norm", c, lab)
         _band(ax_comp, group, "diag", "composite_bwd_gain_max", c, f"{lab} backward")
-        _band(ax_comp, group, "diag", "composite_fwd_gain_max", c, f"{lab} forward")
+        _band(ax_comp, group, "diag", "composite_fwd_gain_max", c, f"{lab} forward", ls="--")
         if arm != "residual":
             _band(ax_dist, group, "diag", "h_res_dist_uniform_mean", c, f"{lab} from J/n")
-            _band(ax_dist, group, "diag", "h_res_dist_identity_mean", c, f"{lab} from I")
+            _band(ax_dist, group, "diag", "h_res_dist_identity_mean", c, f"{lab} from I", ls="--")
         diag = group[0]["recs"].get("diag", [])
         if diag:
             sites = diag[-1]["sites"]
@@ -110,6 +119,8 @@ def plot(runs: list[dict], out_png: Path, stats: dict | None = None) -> None:
         lo, hi = ax.get_ylim()
         if lo > 0 and hi / lo > 10:
             ax.set_yscale("log")
+        else:  # plain numbers: an offset axis draws a gain of 1.0 as "-1e-6 + 1" ticks that read as -1.0
+            ax.ticklabel_format(axis="y", useOffset=False)
     ax_sweep.set_xscale("log")
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)

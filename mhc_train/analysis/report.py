@@ -18,9 +18,8 @@ from mhc_train.analysis.runs import (
     mean_over_sites,
     run_names,
     series,
-    val_at,
 )
-from mhc_train.analysis.stats import seed_statistics, verdict
+from mhc_train.analysis.stats import seed_statistics, val_at_or_before, verdict
 
 # columns that have no meaning for some arms: shown as n/a there (not "-", which means "not logged")
 NOT_APPLICABLE = {
@@ -44,8 +43,8 @@ def summary_rows(runs: list[dict], step: int | None = None) -> list[dict]:
     rows = []
     for r in runs:
         base = base_of(r)
-        val = val_at(r, step)
-        base_val = val_at(base, step) if base else None
+        val = val_at_or_before(r, step)
+        base_val = val_at_or_before(base, step) if base else None
         _, train = series(r["recs"], "train", "loss")
         diag = r["recs"].get("diag", [])
         last = diag[-1] if diag else {}

@@ -55,20 +55,36 @@ def verdict(name: str, diff: dict, base: str = "residual") -> str:
 
 
 def common_step(runs: list[dict]) -> tuple[int | None, list[str]]:
-    """The last val step every run reached, and a note when the runs differ in length."""
-    ends = {r["dir"]: int(series(r["recs"], "val", "loss")[0][-1]) for r in runs if r["recs"].get("val")}
-    missing = [str(r["dir"]) for r in runs if not r["recs"].get("val")]
+    """The last val step every run logged (runs with different train.eval_every share fewer steps), and notes when
+    the runs differ in length or share no val step (then each run's last val loss at or before the shortest run's
+    end is taken: `val_at_or_before`)."""
+    steps = {r["dir"]: set(series(r["recs"], "val", "loss")[0].astype(int).tolist()) for r in runs}
+    ends = {d: max(s) for d, s in steps.items() if s}
+    missing = [str(r["dir"]) for r in runs if r["dir"] not in ends]
     notes = [f"no val loss logged yet in {', '.join(missing)}: left out of the statistics"] if missing else []
     if not ends:
         return None, notes
-    step = min(ends.values())
-    if len(set(ends.values())) > 1:
-        short = sorted({str(d) for d, e in ends.items() if e == step})
+    shared = set.intersection(*(steps[d] for d in ends))
+    step = max(shared) if shared else min(ends.values())
+    if len(set(ends.values())) > 1 or step < min(ends.values()):
+        short = sorted({str(d) for d, e in ends.items() if e == min(ends.values())})
         notes.append(
-            f"the runs differ in length (last val step {min(ends.values())} to {max(ends.values())}): every loss "
-            f"in the statistics is taken at step {step}, the last one all runs reached (shortest: {', '.join(short)})"
+            f"the runs differ in length or val steps (last val step {min(ends.values())} to {max(ends.values())}): "
+            f"every loss in the statistics is taken at step {step}, the last one all runs logged (shortest: "
+            f"{', '.join(short)})"
         )
+    if not shared and notes:
+        notes[-1] += "; they share no val step (train.eval_every differs), so each run's last val loss at or before it"
     return step, notes
+
+
+def val_at_or_before(run: dict, step: int | None) -> float | None:
+    """Val loss at `step`, else the last one logged before it (runs whose val steps miss `step`)."""
+    val = val_at(run, step)
+    if val is not None or step is None:
+        return val
+    s, y = series(run["recs"], "val", "loss")
+    return float(y[s <= step][-1]) if (s <= step).any() else None
 
 
 def grouped(runs: list[dict], step: int | None) -> dict:
@@ -76,7 +92,7 @@ def grouped(runs: list[dict], step: int | None) -> dict:
     groups: dict = {}
     where: dict = {}
     for r in runs:
-        val = val_at(r, step)
+        val = val_at_or_before(r, step)
         if val is None:
             continue
         key, seed = (r.get("arm") or r["connection"], r.get("lr")), r.get("seed")

@@ -165,6 +165,13 @@ class DeepSpeedFormat(Format):
 
     def load(self, engine: Engine, state: dict, path: Path) -> list[str]:
         root, tag = RunDir.of_step_file(path).deepspeed_root, state["deepspeed_tag"]
+        if self.name not in getattr(engine, "checkpoint_formats", (self.name,)):  # DeepSpeed's shards: its engine
+            raise CheckpointError(
+                f"cannot resume from {path}: it was written by DeepSpeed (parallel.engine=deepspeed) and this run's "
+                f"engine is {engine.name}, which cannot read DeepSpeed's shards; resume with the preset that wrote it "
+                "(e.g. torchrun --nproc_per_node=N -m mhc_train.train parallel=zero2 ..., any N), or start a new run "
+                "in another run_dir"
+            )
         saved = state.get("world_size")
         if saved and saved != engine.dist.world:  # DeepSpeed's partitions are per data-parallel rank
             return self.load_resharded(engine, root, tag, saved, path)

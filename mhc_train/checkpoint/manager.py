@@ -25,7 +25,7 @@ import shutil
 import time
 from pathlib import Path
 
-from mhc_train.checkpoint import integrity, resume
+from mhc_train.checkpoint import integrity, resume, space
 from mhc_train.checkpoint.background import BackgroundSaver
 from mhc_train.checkpoint.errors import CheckpointError
 from mhc_train.checkpoint.formats import FORMATS, Format, format_of, groups
@@ -81,7 +81,7 @@ class CheckpointManager:
         fmt = FORMATS[self.format_for(engine)]
         if self.cfg.async_save and fmt.name == "dcp":
             return self.save_async(engine, step, meta)
-        body, sharded = fmt.save(engine, self.run, self.run.tag(step))
+        body, sharded = self._save_shards(fmt, engine, step)
         # a collective: rank 0 goes on only once every rank's shards are complete and digested
         files = self.shard_digests(fmt, sharded) if sharded is not None else None
         path = self.path_for(step)
@@ -91,6 +91,25 @@ class CheckpointManager:
             self.write(step, {**body, **meta, "world_size": self.dist.world, "step": step, "rng": rng_state()})
         barrier(self.dist)
         return path
+
+    def _save_shards(self, fmt: Format, engine: Engine, step: int) -> tuple[dict, Path | None]:
+        """`fmt.save`; disk full: one line naming the directory and the space the engine's state needs (one process:
+        the partial directory is removed; with several ranks it is left to the next save of that step)."""
+        tag = self.run.tag(step)
+        try:
+            return fmt.save(engine, self.run, tag)
+        except OSError as e:
+            if not space.is_no_space(e):
+                raise
+            partial = [d for d in self.run.sharded_dirs(tag) if d.is_dir()]
+            if self.dist.world == 1:
+                for d in partial:
+                    shutil.rmtree(d, ignore_errors=True)
+            try:  # this rank's share of the state, times the ranks
+                needed = space.state_nbytes(engine.live_state()) * self.dist.world
+            except Exception:
+                needed = None
+            raise space.no_space_error(partial[0] if partial else self.path_for(step), needed, e) from None
 
     def shard_digests(self, fmt: Format, sharded: Path) -> dict:
         """Every rank: digest the files of `sharded` that this rank wrote (`Format.writer_of`), in parallel with the

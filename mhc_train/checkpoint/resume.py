@@ -2,8 +2,11 @@
 hyper-parameters to the restored optimizer.
 
 - `choose`: `checkpoint.resume=auto` takes the newest checkpoint that verifies (damaged newer ones are moved aside to
-  `checkpoints/damaged/`, never deleted; none verifying is an error, never a silent fresh start); an explicit file is
-  verified and never replaced; resuming an older checkpoint of the same run moves the newer ones to `superseded/`.
+  `checkpoints/damaged/`, never deleted; none verifying is an error, never a silent fresh start). A newer step file
+  without a digest footer (truncated, emptied, its footer damaged) is damaged too once an older one verifies; when
+  none verifies it may predate digests, and is left in place with the `checkpoint.verify=false` advice. An explicit
+  file is verified and never replaced; resuming an older checkpoint of the same run moves the newer ones to
+  `superseded/`.
 - `check`: the saved config against this run's under the compatibility rule (`compat.py`: a change of the model is
   fatal, naming every differing key), and the tokenizer's sha256.
 """
@@ -14,7 +17,7 @@ import time
 from pathlib import Path
 
 from mhc_train.checkpoint.compat import compare_configs, drop_removed
-from mhc_train.checkpoint.errors import CheckpointError, CorruptCheckpoint
+from mhc_train.checkpoint.errors import CheckpointError, CorruptCheckpoint, UnverifiableCheckpoint
 from mhc_train.checkpoint.integrity import verify_shards
 
 
@@ -61,18 +64,27 @@ def choose(manager, mode: str, check_shards=verify_shards) -> tuple[Path | None,
                     notes.append(f"resuming from step {state['step']}: moved the newer {newer.name} aside to "
                                  f"{manager.move_aside(newer, 'superseded')}")  # fmt: skip
         return path, state, notes
-    notes = []
+    notes, unverifiable = [], []
     for _, path in reversed(manager.complete()):
         try:
             state, line = load_verified(manager, path, check_shards)
+        except UnverifiableCheckpoint as e:  # truncated, emptied, footer damaged, or older than digests
+            unverifiable.append((path, e))
+            continue
         except CorruptCheckpoint as e:
             dest = manager.move_aside(path)
             notes.append(f"{e}; moved it aside to {dest}")
             continue
+        for bad, _ in unverifiable:  # an older checkpoint verifies: the newer footerless ones are damaged, not old
+            notes.append(f"checkpoint {bad} has no integrity footer (truncated, emptied or its footer damaged); "
+                         f"moved it aside to {manager.move_aside(bad)}")  # fmt: skip
         if notes:
             notes.append(f"resuming from {path} instead, the newest checkpoint that verifies")
         return path, state, [*notes, line]
-    if notes:  # there were checkpoints and none verifies: never start over silently
+    if unverifiable and not notes:  # none verifies, some carry no footer (maybe written before digests): as before
+        raise unverifiable[0][1]
+    if notes or unverifiable:  # there were checkpoints and none verifies: never start over silently
+        notes += [str(e) for _, e in unverifiable]
         raise CorruptCheckpoint(
             "\n".join(notes) + f"\nno checkpoint in {manager.dir} verifies, so none was loaded: restore one from a "
             "backup (checkpoint.resume=<file>), or start over in another run_dir"

@@ -15,19 +15,26 @@ from pathlib import Path
 
 import torch
 
-from mhc_train.checkpoint import integrity
+from mhc_train.checkpoint import integrity, space
 from mhc_train.checkpoint.errors import CheckpointError, CorruptCheckpoint, UnverifiableCheckpoint
 from mhc_train.checkpoint.formats import format_of
 from mhc_train.io.files import fsync_dir
 
 
 def write_step_file(tmp: Path, final: Path, state: dict) -> Path:
-    """Write `state` to `tmp` with its digest footer, rename it to `final` (durably), and verify what landed."""
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    integrity.append_footer(tmp)
+    """Write `state` to `tmp` with its digest footer, rename it to `final` (durably), and verify what landed. Disk
+    full: `tmp` is removed and a CheckpointError names `final` and the space it needs (`space.py`)."""
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        integrity.append_footer(tmp)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)  # never leave a partial file behind
+        if space.is_no_space(e):
+            raise space.no_space_error(final, space.needed_for_state(state), e) from None
+        raise
     os.replace(tmp, final)
     fsync_dir(final.parent)
     integrity.verify_file(final)  # what landed on disk is what we meant to write, before anything older goes

@@ -292,9 +292,12 @@ def _one_line(msg: str) -> str:
     return "; ".join(line.strip() for line in msg.splitlines() if line.strip())
 
 
-def load_config(overrides: list[str] | None = None, config_file: str | None = None, config_name: str = "config"):
+def load_config(
+    overrides: list[str] | None = None, config_file: str | None = None, config_name: str = "config", full: bool = True
+):
     """Compose `configs/<config_name>.yaml` with Hydra overrides, merge an optional YAML file on top, check the schema
-    (unknown keys and wrong types fail here, naming the key), validate, and return a `Config` dataclass."""
+    (unknown keys and wrong types fail here, naming the key), validate, and return a `Config` dataclass. `full=False`
+    (`mhc-train prepare`): the cross-field rules of a run are not checked (prepare validates its `data` part)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
@@ -320,7 +323,8 @@ def load_config(overrides: list[str] | None = None, config_file: str | None = No
         if type(e).__module__.startswith("hydra"):
             raise ConfigError(f"config error: {_one_line(str(e))}") from e
         raise
-    validate(obj)
+    if full:
+        validate(obj)
     return obj
 
 

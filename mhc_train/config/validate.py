@@ -306,3 +306,16 @@ def validate_world(cfg: Config, world: int) -> None:
             cfg.train.batch_size,
             f"the global batch must split evenly over {world} data-parallel ranks; use a multiple of {world}",
         )
+
+
+def validate_launch(cfg: Config, environ) -> None:
+    """A data-parallel engine needs the environment a launcher sets (torchrun, the deepspeed launcher, srun through
+    scripts/slurm): without RANK there is no process group to join, and each engine would fail in its own way."""
+    engine = cfg.parallel.engine
+    if engine != "none" and "RANK" not in environ:
+        fail(
+            "parallel.engine",
+            engine,
+            "needs a distributed launch and this process was started without one (no RANK in the environment): "
+            "run `torchrun --nproc_per_node=N -m mhc_train.train ...` (N ranks), or parallel=single for one process",
+        )

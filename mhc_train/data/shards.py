@@ -200,5 +200,7 @@ def verify_shards(data_dir: str | Path, manifest: dict, digests: bool = False) -
                 if h.hexdigest() != shard["sha256"]:
                     raise DataError(
                         f"{split} shard {path} is corrupt: its sha256 is {h.hexdigest()[:16]}... but the manifest "
-                        f"says {shard['sha256'][:16]}...; {_HINT}"
+                        f"says {shard['sha256'][:16]}...; delete the prepared directory {Path(data_dir)} and re-run "
+                        "`mhc-train prepare` (same data.* settings) to rebuild it (prepare checks sizes, not digests, "
+                        "so it would reuse the directory as it is)"
                     )

@@ -172,20 +172,46 @@ def run_eval(scorer: Scorer, tasks: list[str], include=(), batch_size=8, limit=N
     from lm_eval import simple_evaluate
 
     manager = _task_manager(list(tasks), list(include))
-    out = simple_evaluate(
-        model=make_lm(scorer, batch_size),
-        tasks=list(tasks),
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=manager,
-        log_samples=False,
-        bootstrap_iters=0,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
+    try:
+        out = simple_evaluate(
+            model=make_lm(scorer, batch_size),
+            tasks=list(tasks),
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=False,
+            bootstrap_iters=0,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+    except Exception as e:
+        if (cause := _unreachable(e)) is None:
+            raise
+        raise InferenceError(
+            f"tasks {' '.join(tasks)}: a dataset had to come from the Hugging Face Hub, which could not be reached "
+            f"({type(cause).__name__}: {str(cause)[:200]}); run once online to cache it, or evaluate offline with "
+            f"--tasks {' '.join(BUNDLED_TASKS)} or tasks of your own (--include DIR)"
+        ) from None
     return clean_results(out["results"])
+
+
+def _unreachable(e: BaseException) -> BaseException | None:
+    """The network failure behind `e` (a ConnectionError of datasets / huggingface_hub / requests, anywhere in
+    its chain of causes), or None for anything else."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        names = {c.__name__ for c in type(e).__mro__}
+        if isinstance(e, ConnectionError) or names & {
+            "ConnectionError",
+            "OfflineModeIsEnabled",
+            "LocalEntryNotFoundError",
+        }:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def write_scores(run_dir: Path, scores: dict, source: dict) -> Path:

@@ -174,12 +174,18 @@ def check_context(lengths: list[int], max_new_tokens: int, max_seq_len: int) -> 
     longest = max(lengths)
     if longest == 0:
         raise InferenceError("a prompt is empty; give at least one token of text (the model has no BOS token)")
-    if longest + max_new_tokens > max_seq_len:
-        raise InferenceError(
-            f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's context of "
-            f"{max_seq_len} tokens (model.max_seq_len); shorten the prompt to at most {max_seq_len - max_new_tokens} "
-            "tokens or lower max_new_tokens"
-        )
+    if longest + max_new_tokens <= max_seq_len:
+        return
+    fixes = []  # only the fixes that can work on their own: never "at most -36 tokens"
+    if max_new_tokens < max_seq_len:
+        fixes.append(f"shorten the prompt to at most {max_seq_len - max_new_tokens} tokens")
+    if longest < max_seq_len:
+        fixes.append(f"lower max_new_tokens to at most {max_seq_len - longest}")
+    fix = " or ".join(fixes) or f"shorten the prompt and lower max_new_tokens to {max_seq_len} tokens together"
+    raise InferenceError(
+        f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's context of "
+        f"{max_seq_len} tokens (model.max_seq_len); {fix}"
+    )
 
 
 def generate(

@@ -28,6 +28,7 @@ of `n_shards` of the global batch. Each engine knows its micro-batch count and w
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterable
 
 import torch
@@ -257,6 +258,16 @@ class Engine:
         """Release what the engine holds beyond the process group (nothing by default)."""
 
 
+def no_buffer_sync() -> dict:
+    """DDP's keyword for "no buffer broadcast before each forward": `forward_sync_buffers=False` where this torch has
+    it (its `broadcast_buffers` warns a FutureWarning on every rank), `broadcast_buffers=False` before."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
 class LocalEngine(Engine):
     """One process, or torch DDP across ranks (gradients averaged during backward); trains the plain model itself."""
 
@@ -271,9 +282,9 @@ class LocalEngine(Engine):
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [dist.local_rank] if self.device.type == "cuda" else None
-            # broadcast_buffers=False: the only buffer (RoPE's table) is constant, and a per-forward broadcast would
-            # make rank 0's evaluation wait on the other ranks
-            forward = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+            # no buffer sync per forward: the only buffer (RoPE's table) is constant, and a per-forward broadcast
+            # would make rank 0's evaluation wait on the other ranks
+            forward = DistributedDataParallel(model, device_ids=ids, **no_buffer_sync())
         self.forward = forward  # train.compile: the blocks were compiled in place (build.apply_compile)
 
     def backward(self, loss: torch.Tensor, micro: int) -> None:

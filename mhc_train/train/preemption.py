@@ -31,6 +31,18 @@ from mhc_train.train.errors import Preempted
 REPEAT_GRACE_S = 3.0
 
 
+def relaunch_command(argv: list[str]) -> str:
+    """The command line that started this process, as the user can type it again: `mhc-train train ...` from the
+    console script, `python -m mhc_train.cli train ...` and `python -m mhc_train.train ...` from the modules (whose
+    argv holds the subcommand, or not)."""
+    prog = Path(argv[0]).name if argv else ""
+    if prog in ("mhc-train", "cli.py"):  # argv[1] is the subcommand
+        head = ["mhc-train"] if prog == "mhc-train" else ["python", "-m", "mhc_train.cli"]
+    else:  # mhc_train/train/__main__.py: the overrides only
+        head = ["python", "-m", "mhc_train.train"]
+    return " ".join(shlex.quote(a) for a in [*head, *argv[1:]])
+
+
 class StopSignals:
     """`with StopSignals(current_step): ...` installs the handlers and restores the previous ones on exit;
     `received` is the first signal number (None until one arrives)."""
@@ -85,8 +97,7 @@ class Preemption:
         if self.settle is not None:  # an asynchronous save in flight: committed (or its error raised) first
             checkpoint = self.settle() or checkpoint
         signum = self.signals.received or signal.SIGTERM
-        cmd = " ".join(shlex.quote(a) for a in ["python", "-m", "mhc_train.train", *sys.argv[1:]])
-        how = "the same torchrun command" if self.dist.world > 1 else cmd
+        how = "the same torchrun command" if self.dist.world > 1 else relaunch_command(sys.argv)
         raise Preempted(
             f"{signal.Signals(signum).name} at step {step}: wrote checkpoint {checkpoint}. To resume, relaunch {how} "
             "(checkpoint.resume=auto continues from it)",

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from mhc_train.config import Config, arm_name, to_dict, validate_world
+from mhc_train.config.validate import validate_launch
 from mhc_train.data import TokenData
 from mhc_train.data.agreement import prepare_agreed
 from mhc_train.data.loader import Prefetcher
@@ -82,6 +83,7 @@ class Trainer:
         # `cfg` was validated where it was made (load_config); the model's part again by build_model. What needs the
         # launch is checked here, before any process group starts.
         validate_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process group starts
+        validate_launch(cfg, os.environ)  # a data-parallel engine without torchrun: one line, not its traceback
         t = cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -132,6 +134,11 @@ class Trainer:
             self.checkpointer.restore(self.engine, state, path, allowed)
             self.step, self.nonfinite.skipped = state["step"], state.get("skipped_steps", 0)
             self.metrics.load_state(state)
+            if 0 < t.stop_at_step <= self.step:  # the loop would never meet it and train on to max_steps
+                raise TrainingError(
+                    f"train.stop_at_step={t.stop_at_step} is not after step {self.step}, where this run resumes "
+                    f"(from {path}); set it above {self.step} (or 0 to train to train.max_steps={t.max_steps})"
+                )
 
     def _write_run_files(self) -> None:
         """Rank 0: the resolved config, and a copy of the tokenizer, so the run directory is self-contained."""
