@@ -15,7 +15,12 @@
 - Recompute is applied to each stage module on its own, so blocks never cross a stage boundary and each stage keeps
   its x_{l0} locally: recomputation never waits on communication (`recompute_block=stage`: one block per stage).
 - Pipeline x data parallel: the ranks' `mesh.ParallelMesh` has pp outermost; each stage is sharded over its
-  data-parallel sub-mesh with FSDP2 (HSDP with dp_replicate > 1), units gathered from forward to backward.
+  data-parallel sub-mesh with FSDP2 (HSDP with dp_replicate > 1), units gathered from forward to backward. Under bf16
+  autocast the stages are FSDP2 units at dp = 1 too (a one-rank mesh): bf16 compute weights from fp32 masters
+  (`build.stage_fsdp`).
+- The last stage computes its micro-batch's loss inside its forward (the targets reach it as a keyword argument of
+  the schedule's step): `chunked_lm_loss`, so no full [B, T, V] logits are held; the schedule's loss function passes
+  that loss through.
 """
 
 from __future__ import annotations
@@ -25,13 +30,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mhc_train.model import lm_loss
 from mhc_train.parallel.dist import all_reduce_sum_, gather_dicts, recv_from, reduce_sum, send_to, sum_across_ranks
 from mhc_train.parallel.engine import Engine, materialise_on_host, plain_blocks
 from mhc_train.parallel.fsdp import reshard_all, sync_replicated_grads
 from mhc_train.parallel.overlap import install_overlap, issue_order
 from mhc_train.parallel.schedules import build_schedule, layer_ranges
 from mhc_train.parallel.state import full, full_model_state, local
+
+
+def stage_loss(loss: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The schedule's loss function: the last stage's forward already returned its micro-batch's mean loss (chunked
+    over tokens, `Transformer.forward` with targets)."""
+    return loss
 
 
 @dataclass
@@ -84,7 +94,7 @@ class PipelineEngine(Engine):
         self.stages = [PipelineStage(m, s, self.n_stages, self.device, group=self.group)
                        for m, s in zip(modules, self.stage_ids)]  # fmt: skip
         n_microbatches = p.pp_microbatches or 2 * mesh.pp
-        self.schedule = build_schedule(p.pp_schedule, self.stages, n_microbatches, lm_loss, p.pp_schedule_csv)
+        self.schedule = build_schedule(p.pp_schedule, self.stages, n_microbatches, stage_loss, p.pp_schedule_csv)
         self.overlap = None
         if p.pp_schedule == "dualpipev" and p.pp_overlap:  # our OVERLAP_F_B: forward and backward overlap on CUDA
             self.overlap = install_overlap(self.schedule, modules, self.device)
@@ -115,13 +125,16 @@ class PipelineEngine(Engine):
         x, y = batch(0, self.mesh.dp_rank, self.mesh.dp)
         losses: list = []
         x, y = self.to_device(x), self.to_device(y)
+        # the last stage takes the targets as a keyword (its forward returns the chunked loss); a first stage on the
+        # same rank (ZBV, DualPipeV, one rank) gets them too and passes its stream on (`Transformer.forward`)
+        last = dict(target=y, losses=losses, targets=y, return_outputs=False)
         with self.autocast():  # the stages' forwards run under it (the backward follows the forward's dtypes)
             if self.first and self.last:
-                self.schedule.step(x, target=y, losses=losses)
+                self.schedule.step(x, **last)
             elif self.first:
                 self.schedule.step(x)
             elif self.last:
-                self.schedule.step(target=y, losses=losses)
+                self.schedule.step(**last)
             else:
                 self.schedule.step()
         if self.overlap is not None:
@@ -186,10 +199,10 @@ class PipelineEngine(Engine):
                     continue
                 if s > 0 and owner[s - 1] != me:  # the previous stage lives on another rank
                     h = recv_from(state_shape, stream_dtype, self.device, owner[s - 1], self.group)
-                with self.autocast():
-                    h = module_of[s](h)
+                with self.autocast():  # the last stage returns its (chunked) loss
+                    h = module_of[s](h, y) if s == last else module_of[s](h)
                 if s == last:
-                    total += lm_loss(h, y).double()
+                    total += h.double()
                 elif owner[s + 1] != me:  # sent in the stream dtype (model.stream_dtype), which the receiver knows
                     send_to(h.to(stream_dtype), owner[s + 1], self.group)
         for m in self.modules:

@@ -65,6 +65,8 @@ MATRIX = [
     # the linked site (one dx, mhc_kernels/link.py) under a split backward and DualPipeV's overlapped F/B
     ({**PP, "parallel.pp_schedule": "dualpipev"}, "fp32", "none", "triton", "mhc", 2),
     ({**PP, "parallel.engine": "fsdp", "parallel.pp_schedule": "1f1b"}, "bf16", "none", "torch", "mhc", 4),
+    # a split backward x FSDP in bf16: per-block units (bf16 gathers, fp32 sites), kept gathered until the W step
+    ({**PP, "parallel.engine": "fsdp", "parallel.pp_schedule": "dualpipev"}, "bf16", "mhc", "torch", "mhc", 4),
 ]
 
 
