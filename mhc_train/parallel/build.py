@@ -168,7 +168,6 @@ def apply_materialise(module: torch.nn.Module, ctx: BuildContext) -> None:
 def pipeline_stages(model: torch.nn.Module, ctx: BuildContext, plan: StagePlan) -> list[torch.nn.Module]:
     """Steps 1-5 of a pipeline rank: its stages cut, recomputing, compiled and (dp > 1) sharded, still on the meta
     device when `model` is (nothing allocated: `mhc-train plan` reads what each rank will hold from here)."""
-    p = ctx.cfg.parallel
     stages = apply_pipeline_split(model, plan)  # 1.
     # 2. apply_tp / apply_ep go here, on each stage
     for stage in stages:

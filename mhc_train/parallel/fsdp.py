@@ -51,8 +51,8 @@ import torch
 
 from mhc_train.parallel.compile import apply_compile as compile_blocks
 from mhc_train.parallel.dist import mean_over_mesh_
-from mhc_train.parallel.engine import LocalEngine, materialise_on_host, release_eval_copy
-from mhc_train.parallel.state import full, full_model_state, local, materialise, on_meta
+from mhc_train.parallel.engine import LocalEngine, host_state, release_eval_copy
+from mhc_train.parallel.state import full, local, materialise, on_meta
 
 
 def shard(
@@ -138,7 +138,7 @@ class FSDPEngine(LocalEngine):
     def __init__(self, model, build_optimizer, build_scheduler, dist, device, grad_clip, autocast_dtype,
                  grad_accum: int, compile: bool = False, seed: int = 0, weights: dict | None = None,
                  mesh=None):  # fmt: skip
-        mesh = mesh.dp_mesh()  # a `mesh.ParallelMesh`: FSDP2 over dp_shard, HSDP over (dp_replicate, dp_shard)
+        self.mesh, mesh = mesh, mesh.dp_mesh()  # a `mesh.ParallelMesh`: FSDP2 over dp_shard, HSDP over both dp dims
         built_on_meta = on_meta(model)
         # a copy of a meta skeleton is free
         train_model = copy.deepcopy(model)
@@ -155,9 +155,22 @@ class FSDPEngine(LocalEngine):
         self.forward = self.train_model
 
     def describe(self) -> str:
-        held = sum(local(p).numel() for p in self.train_model.parameters())
+        """The mesh (dp_replicate x dp_shard, HSDP where replicated) and what this rank holds: its shards of the
+        sharded parameters, and the ones FSDP leaves whole on every rank (recompute layout, note 1)."""
+        replicated = set(replicated_params([self.train_model]))
+        shards = sum(local(p).numel() for p in self.train_model.parameters() if p not in replicated)
+        whole = sum(p.numel() for p in replicated)
         total = sum(p.numel() for p in self.model.parameters())
-        return f"fsdp: {self.dist.world} ranks; rank {self.dist.rank} holds {held:,} of {total:,} parameter elements"
+        m = self.mesh
+        kind = (
+            f"HSDP dp_replicate={m.dp_replicate} x dp_shard={m.dp_shard}"
+            if m.dp_replicate > 1
+            else (f"dp_shard={m.dp_shard}")
+        )
+        return (
+            f"fsdp: {self.dist.world} ranks ({kind}); rank {self.dist.rank} holds {shards + whole:,} of {total:,} "
+            f"parameter elements ({shards:,} in shards, {whole:,} replicated)"
+        )
 
     def train_parameters(self):
         return self.train_model.parameters()
@@ -202,9 +215,12 @@ class FSDPEngine(LocalEngine):
         reshard_all([self.train_model])
 
     def _sync_full_model(self) -> None:
-        state = full_model_state([self.train_model], keep=self.dist.is_main)
-        if self.dist.is_main:
-            materialise_on_host(self.model, state)
+        """All-gather one tensor at a time; rank 0 copies each into its plain model on the host and drops it."""
+        target = host_state(self.model) if self.dist.is_main else None
+        for k, v in self.train_model.state_dict().items():
+            whole = full(v).detach()  # a collective: every rank
+            if target is not None:
+                target[k].copy_(whole)
 
     def gather_grads(self) -> dict:
         return {n: full(p.grad).detach().cpu().clone() for p, n in self.param_names().items() if p.grad is not None}

@@ -11,7 +11,7 @@
 - Built on the meta device (`build.pipeline_engine`): each rank deep-copies its stages' view of the skeleton (free on
   meta), shards them (dp > 1) and materialises only them on its device, from the seed or a file checkpoint's weights.
   No rank holds another stage; the plain `model` stays on meta until `full_model()` (file checkpoints, export), which
-  gathers each stage from one replica (dp_rank 0) and fills rank 0's plain model on the host.
+  streams each stage from one replica to rank 0 tensor by tensor, into rank 0's plain model on the host.
 - Recompute is applied to each stage module on its own, so blocks never cross a stage boundary and each stage keeps
   its x_{l0} locally: recomputation never waits on communication (`recompute_block=stage`: one block per stage).
 - Pipeline x data parallel: the ranks' `mesh.ParallelMesh` has pp outermost; each stage is sharded over its
@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 import torch
 
 from mhc_train.parallel.dist import all_reduce_sum_, gather_dicts, recv_from, reduce_sum, send_to, sum_across_ranks
-from mhc_train.parallel.engine import Engine, materialise_on_host, plain_blocks
+from mhc_train.parallel.engine import Engine, host_state, plain_blocks
 from mhc_train.parallel.fsdp import reshard_all, sync_replicated_grads
 from mhc_train.parallel.overlap import install_overlap, issue_order
 from mhc_train.parallel.schedules import build_schedule, layer_ranges
-from mhc_train.parallel.state import full, full_model_state, local
+from mhc_train.parallel.state import full, local
 
 
 def stage_loss(loss: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -249,14 +249,30 @@ class PipelineEngine(Engine):
         return {name: merged[name] for name, _ in self.model.sites()} if self.dist.is_main else None
 
     def _sync_full_model(self) -> None:
-        """Rank 0's `model` gets every stage's current weights (for file checkpoints and export), each stage from one
-        replica: the dp_rank 0 ranks keep what their FSDP all-gathers assemble (one tensor at a time, on the host),
-        the other replicas join the gathers, keep nothing and send an empty dict. Rank 0 fills its plain model on the
-        host (`materialise_on_host`); the other ranks' stays on meta."""
-        mine = full_model_state(self.modules, keep=self.mesh.dp_rank == 0)
-        merged = gather_dicts(mine, self.dist)
-        if self.dist.is_main:
-            materialise_on_host(self.model, merged)
+        """Rank 0's `model` gets every stage's current weights (for file checkpoints and export), streamed tensor by
+        tensor: each stage's data-parallel ranks all-gather one tensor at a time (FSDP), and the stage's source rank
+        (its pipeline rank's first rank: dp, tp and cp coordinates 0) sends it to rank 0, which copies it into its
+        plain model on the host (`host_state`) and drops it. No message and no buffer on rank 0 is larger than one
+        tensor beyond the plain model itself; the other ranks' plain model stays on meta. Every rank walks the stages
+        in increasing order (the names from the plain model's own cut, the same on every rank), so the gathers of a
+        stage's group and the sends to rank 0 never wait on each other in a cycle."""
+        target = host_state(self.model) if self.dist.is_main else None
+        per_pp_rank = self.dist.world // self.mesh.pp  # rank = pp_rank * per_pp_rank + (dp, cp, tp coordinates)
+        module_of = dict(zip(self.stage_ids, self.modules))
+        for s in range(self.n_stages):
+            names = cut_stage(self.model, s, self.n_stages).state_dict()  # meta on every rank but 0: shapes only
+            source = self.stage_owner[s] * per_pp_rank
+            if s in module_of:
+                live = module_of[s].state_dict()
+                for k in names:
+                    whole = full(live[k]).detach()  # a collective over the stage's data-parallel ranks
+                    if target is not None:
+                        target[k].copy_(whole)
+                    elif self.dist.rank == source:
+                        send_to(whole, 0)
+            elif target is not None:
+                for k, t in names.items():
+                    target[k].copy_(recv_from(t.shape, t.dtype, self.device, source).cpu())
 
     def gather_grads(self) -> dict:
         """Every stage's current gradients by parameter name, merged on rank 0 ({} elsewhere). A collective."""
