@@ -15,7 +15,7 @@ The order (torchtitan's `parallelize_llama` shape), and why:
 
 Per layout:
 
-    parallel.pp > 1            1 -> 3 -> 4 -> 5 (dp > 1, reshard_after_forward=False) -> 6 -> 7 -> 8 (schedule)
+    parallel.pp > 1            1 -> 3 -> 4 -> 5 (dp > 1, or bf16 at dp = 1: `stage_fsdp`) -> 6 -> 7 -> 8 (schedule)
     parallel.engine=none/ddp   3 -> 4 -> 7 -> 8 (a built, initialised model)
     parallel.engine=fsdp       3 -> 4 -> 8 (FSDPEngine shards, materialises and builds its optimizer itself)
     parallel.engine=deepspeed  3 -> 4 -> 8 (DeepSpeed partitions while it materialises, and owns its optimizer)

@@ -18,8 +18,12 @@ Notes:
      their gradients averaged over the data-parallel mesh once per step (`sync_replicated_grads`, by the engine
      after its last backward; the clip counts them once). `full` recompute of sharded F units goes through torch's
      non-reentrant checkpoint (recompute.py), which re-runs F's forward and hooks in backward.
-   - Split-backward schedules (ZBV, DualPipeV): one unit per stage; nested units gave wrong gradients there in our
-     test (torch 2.13) while one unit per stage matches one process.
+   - Split-backward schedules (ZBV, DualPipeV): per block as above under bf16 (the units kept gathered from forward
+     to the weight half of the backward, which reads the parameters registered at its input half: a resharded unit
+     would lose its weight gradients); one unit per stage in fp32 (nothing to cast, and the layout tested longest).
+   - A pipeline at dp = 1 under bf16 autocast: per block over a one-rank mesh (`build.stage_fsdp`), for the bf16
+     compute weights alone; its "gathers" are local casts, so the units reshard after each forward (1F1B,
+     interleaved), and autograd holds no weight copy between a micro-batch's forward and its backward.
    `shard(reshard_after_forward=False)` (the pipeline's choice) keeps the non-root units gathered from forward to
    backward.
 2. Built from the meta device (`build.builds_on_meta`): the skeleton is sharded while it holds no storage, then
@@ -39,8 +43,8 @@ Notes:
    Sinkhorn) never sees a rounded weight: per block, every connection site with parameters is a unit of its own
    gathered in fp32; per F module, the sites are not in FSDP at all (fp32, replicated). Inputs are never cast
    (`cast_forward_inputs=False`): the stream keeps model.stream_dtype. Where the whole module is one unit
-   (split-backward schedules) the gathers stay fp32, since a module-wide bf16 cast would round phi; autocast
-   still runs the GEMMs in bf16.
+   (split-backward schedules in fp32, CSV schedules) the gathers stay fp32, since a module-wide bf16 cast would round
+   phi; autocast still runs the GEMMs in bf16.
 """
 
 from __future__ import annotations
@@ -122,6 +126,8 @@ def sync_replicated_grads(modules) -> set:
     grads = [p.grad for p in params if p.grad is not None]
     if grads:
         mesh = next(p for m in modules for p in m.parameters() if isinstance(p, DTensor)).device_mesh
+        if mesh.size() == 1:  # a pipeline's stage sharded over one rank for its bf16 weights alone: nothing to average
+            return set(params)
         flat = _flatten_dense_tensors([g.float() for g in grads])
         mean_over_mesh_(flat, mesh)
         for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):

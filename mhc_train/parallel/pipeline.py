@@ -38,6 +38,19 @@ from mhc_train.parallel.schedules import build_schedule, layer_ranges
 from mhc_train.parallel.state import full, local
 
 
+def keep_resharding_after_backward(module) -> None:
+    """A stage sharded over one rank for its bf16 compute weights alone (`build.stage_fsdp`): torch's stage turns
+    FSDP's reshard-after-backward off before every backward (its units would then stay gathered from a micro-batch's
+    backward to the next forward); here a re-gather is a local cast, so the units keep resharding after each backward
+    too and the bf16 weights live only while a unit computes. Their gradients accumulate in fp32 meanwhile (FSDP2's
+    unsharded accumulation), reduced at the step's end as before. No-op for a module FSDP does not wrap."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(module, FSDPModule):
+        module.set_reshard_after_backward(True)
+        module.set_reshard_after_backward = lambda *args, **kwargs: None  # the stage's per-backward False
+
+
 def stage_loss(loss: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The schedule's loss function: the last stage's forward already returned its micro-batch's mean loss (chunked
     over tokens, `Transformer.forward` with targets)."""
@@ -93,6 +106,9 @@ class PipelineEngine(Engine):
         self._synced = -1  # the plain model is on meta on every rank: the first full_model() fills rank 0's
         self.stages = [PipelineStage(m, s, self.n_stages, self.device, group=self.group)
                        for m, s in zip(modules, self.stage_ids)]  # fmt: skip
+        if mesh.dp == 1 and p.pp_schedule in ("1f1b", "interleaved1f1b"):
+            for m in modules:
+                keep_resharding_after_backward(m)
         n_microbatches = p.pp_microbatches or 2 * mesh.pp
         self.schedule = build_schedule(p.pp_schedule, self.stages, n_microbatches, stage_loss, p.pp_schedule_csv)
         self.overlap = None

@@ -3,8 +3,8 @@ with pp=1: every stage on this rank, the real schedule objects, one gloo rank).
 
 - bf16 compute weights: the stages are FSDP2 units over a one-rank mesh (bf16 gathers from fp32 master shards, the
   connection sites fp32), so when backward starts autograd holds no bf16 copy of a weight (main: autocast's copy of
-  every fp32 weight, 425,984 bytes here); per block under the split-backward schedules too (main: one fp32 unit or
-  none). The loss and gradients equal one process's to the bf16 tolerance of tests/parallel/test_recompute_fsdp.py.
+  every fp32 weight, 425,984 bytes here), and over the step at most the units computing (106,496 bytes); per block
+  under the split-backward schedules too (main: one fp32 unit or none). The loss and gradients equal one process's to the bf16 tolerance of tests/parallel/test_recompute_fsdp.py.
 - fp32 runs are unchanged: no FSDP at dp = 1.
 - Chunked cross-entropy on the last stage: forced into chunks, the head never sees more than one chunk's tokens
   (main: the whole micro-batch's [B, T, V] logits), and the loss equals the one-chunk loss.
@@ -36,23 +36,28 @@ def _batch():
 
 
 class _SavedWeights:
-    """Bytes of the bf16 weight-shaped tensors autograd holds (distinct live storages), when backward starts."""
+    """Bytes of the bf16 weight-shaped tensors autograd holds (distinct live storages; one FSDP has freed counts 0):
+    when backward starts, and at their peak (sampled at every pack and unpack)."""
 
     def __init__(self, modules):
         self.shapes = {tuple(p.shape) for m in modules for p in m.parameters() if p.ndim == 2}
-        self.saved, self.at_backward = [], None
+        self.weight_bytes = sum(2 * p.numel() for m in modules for p in m.parameters() if p.ndim == 2)
+        self.saved, self.at_backward, self.peak = [], None, 0
+
+    def held(self) -> int:
+        alive = [s for s in (r() for r in self.saved) if s is not None]
+        weights = [s for s in alive if s.dtype == torch.bfloat16 and tuple(s.shape) in self.shapes]
+        return sum({s.untyped_storage().data_ptr(): s.untyped_storage().nbytes() for s in weights}.values())
 
     def pack(self, t):
         self.saved.append(weakref.ref(t))
+        self.peak = max(self.peak, self.held())
         return t
 
     def unpack(self, t):
-        if self.at_backward is None:
-            alive = [s for s in (r() for r in self.saved) if s is not None]
-            weights = [s for s in alive if s.dtype == torch.bfloat16 and tuple(s.shape) in self.shapes]
-            self.at_backward = sum(
-                {s.untyped_storage().data_ptr(): s.untyped_storage().nbytes() for s in weights}.values()
-            )
+        held = self.held()
+        self.at_backward = held if self.at_backward is None else self.at_backward
+        self.peak = max(self.peak, held)
         return t
 
 
@@ -75,6 +80,8 @@ def _step(schedule: str, precision: str, microbatches: int = 2) -> dict:
         "loss": float(loss.detach()),
         "grads": engine.gather_grads(),
         "weights_at_backward": probe.at_backward,
+        "weights_peak": probe.peak,
+        "weight_bytes": probe.weight_bytes,  # every 2-D weight of the stages in bf16
         "block_unit_dtype": policy,
         "site_dtypes": {p.dtype for p in layer.attn_conn.parameters()},
     }
@@ -107,8 +114,9 @@ def one_rank(tmp_path_factory):
 def test_bf16_stages_hold_no_weight_copy_for_backward_and_match_one_process(one_rank, schedule, microbatches):
     got = _step(schedule, "bf16", microbatches)
     assert got["block_unit_dtype"] == torch.bfloat16 and got["site_dtypes"] == {torch.float32}, got
-    if schedule == "1f1b":  # units resharded after each forward (a split backward keeps them until its W step)
-        assert got["weights_at_backward"] == 0, got["weights_at_backward"]  # main: 425,984 bytes of autocast copies
+    if schedule == "1f1b":  # units resharded after each forward and backward (a split backward keeps them to W)
+        assert got["weights_at_backward"] == 0, got  # main: 425,984 bytes of autocast copies
+        assert got["weights_peak"] < got["weight_bytes"] // 4, got  # measured 106,496 (main: 425,984 of 655,360)
     loss, grads = _one_process("bf16")
     assert abs(got["loss"] - loss) <= 5e-2 * abs(loss), (got["loss"], loss)
     assert got["grads"].keys() == grads.keys()
