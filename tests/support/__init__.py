@@ -3,5 +3,5 @@ references (`launch`), readers of a run's records (`runs`), numeric asserts (`nu
 (`configs`), the training entry that fails a run which gathers the whole model (`guarded_train`), the one that forces
 the loss into chunks (`chunked_train`), the probe of the files a rank reads while it saves or resumes (`read_probe`),
 synthetic corpora for the data tests (`corpora`), the test environment (`environment`) and the golden per-step loss
-file of the demo model (`golden`). Test modules import from here, never from each other or from conftest (which holds fixtures and
-hooks only)."""
+file of the demo model (`golden`). Test modules import from here, never from each other or from conftest (which
+holds fixtures and hooks only)."""
