@@ -205,7 +205,7 @@ class Transformer(nn.Module):
         `targets` [B, T] (a whole model), the mean next-token loss instead, chunked over tokens (`chunked_lm_loss`):
         no full fp32 [B*T, V] logits tensor is held."""
         h = self.run_blocks(self.embed(tokens))
-        if targets is None:
+        if targets is None or self.norm is None:  # a pipeline stage before the last passes the stream on
             return self.head(h)
         return chunked_lm_loss(self.norm(self.conn.collapse(h)), self.output, targets)
 

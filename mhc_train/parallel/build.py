@@ -15,7 +15,7 @@ The order (torchtitan's `parallelize_llama` shape), and why:
 
 Per layout:
 
-    parallel.pp > 1            1 -> 3 -> 4 -> 5 (dp > 1, reshard_after_forward=False) -> 6 -> 7 -> 8 (schedule)
+    parallel.pp > 1            1 -> 3 -> 4 -> 5 (dp > 1, or bf16 at dp = 1: `stage_fsdp`) -> 6 -> 7 -> 8 (schedule)
     parallel.engine=none/ddp   3 -> 4 -> 7 -> 8 (a built, initialised model)
     parallel.engine=fsdp       3 -> 4 -> 8 (FSDPEngine shards, materialises and builds its optimizer itself)
     parallel.engine=deepspeed  3 -> 4 -> 8 (DeepSpeed partitions while it materialises, and owns its optimizer)
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mhc_train.config import Config, ConfigError
+from mhc_train.config import SPLIT_BACKWARD_SCHEDULES, Config, ConfigError
 from mhc_train.optim import build_optimizer, build_scheduler
 from mhc_train.parallel.compile import apply_compile as compile_blocks
 from mhc_train.parallel.data_parallel import DeepSpeedEngine
@@ -132,10 +132,29 @@ def apply_compile(module: torch.nn.Module, ctx: BuildContext) -> None:
 
 
 def apply_fsdp(module: torch.nn.Module, ctx: BuildContext, per_block: bool, under_pipeline: bool = False):
-    """5. FSDP2 over the mesh's data-parallel dims (HSDP with dp_replicate > 1). Under a pipeline the units stay
-    gathered from a micro-batch's forward to its backward (reshard_after_forward=False: no second all-gather)."""
+    """5. FSDP2 over the mesh's data-parallel dims (HSDP with dp_replicate > 1). Under a pipeline with dp > 1 the
+    units stay gathered from a micro-batch's forward to its backward (reshard_after_forward=False: no second
+    all-gather); over a one-rank mesh (a pipeline at dp = 1, sharded only for its bf16 compute weights) a "gather"
+    is a local cast, so the units reshard after each forward and hold no weight copy between forward and backward,
+    except under a split backward, whose weight step reads the parameters registered when its input step ran."""
+    split = ctx.cfg.parallel.pp_schedule in SPLIT_BACKWARD_SCHEDULES  # its weight backward needs them registered
+    keep_gathered = under_pipeline and (ctx.mesh.dp > 1 or split)
     return shard(module, ctx.mesh.dp_mesh(), per_block, compute_dtype=ctx.amp,
-                 reshard_after_forward=not under_pipeline)  # fmt: skip
+                 reshard_after_forward=not keep_gathered)  # fmt: skip
+
+
+def stage_fsdp(ctx: BuildContext) -> tuple[bool, bool]:
+    """(whether a pipeline's stages are sharded with FSDP2, whether per block). Sharded over their data-parallel
+    ranks (dp > 1), and at dp = 1 too under bf16 autocast, over a one-rank mesh, for the bf16 compute weights alone:
+    fp32 master shards, fp32 gradient reduction, the coefficient path fp32 (fsdp.py note 3), instead of autocast's
+    bf16 copies of the fp32 weights, which it keeps for backward. Per block under 1F1B / interleaved 1F1B, and under
+    the split-backward schedules in bf16 (their units kept gathered from forward to backward); one fp32 unit per
+    stage under a split backward in fp32 and under a CSV schedule (which is sharded only at dp > 1)."""
+    p = ctx.cfg.parallel
+    per_block = p.pp_schedule in PER_BLOCK_FSDP_SCHEDULES or (
+        ctx.amp is not None and p.pp_schedule in SPLIT_BACKWARD_SCHEDULES
+    )
+    return ctx.mesh.dp > 1 or (ctx.amp is not None and per_block), per_block
 
 
 def apply_materialise(module: torch.nn.Module, ctx: BuildContext) -> None:
@@ -149,14 +168,13 @@ def apply_materialise(module: torch.nn.Module, ctx: BuildContext) -> None:
 def pipeline_stages(model: torch.nn.Module, ctx: BuildContext, plan: StagePlan) -> list[torch.nn.Module]:
     """Steps 1-5 of a pipeline rank: its stages cut, recomputing, compiled and (dp > 1) sharded, still on the meta
     device when `model` is (nothing allocated: `mhc-train plan` reads what each rank will hold from here)."""
-    p = ctx.cfg.parallel
     stages = apply_pipeline_split(model, plan)  # 1.
     # 2. apply_tp / apply_ep go here, on each stage
     for stage in stages:
         apply_recompute(stage, ctx)  # 3.
         apply_compile(stage, ctx)  # 4.
-    if ctx.mesh.dp > 1:  # 5.
-        per_block = p.pp_schedule in PER_BLOCK_FSDP_SCHEDULES
+    sharded, per_block = stage_fsdp(ctx)
+    if sharded:  # 5.
         stages = [apply_fsdp(stage, ctx, per_block, under_pipeline=True) for stage in stages]
     return stages
 

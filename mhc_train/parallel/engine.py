@@ -55,6 +55,16 @@ def materialise_on_host(model: torch.nn.Module, weights: dict) -> None:
     model.load_state_dict(weights)
 
 
+def host_state(model: torch.nn.Module) -> dict:
+    """Rank 0's plain view allocated in host memory (from meta, once) and its state dict, whose tensors share the
+    model's storage: a sharded engine fills it in place one gathered tensor at a time, so rank 0 never holds a second
+    copy of the model beside it."""
+    if state.on_meta(model):
+        model.to_empty(device="cpu")
+        model.init_buffers()
+    return model.state_dict()
+
+
 @contextlib.contextmanager
 def plain_blocks(module: torch.nn.Module):
     """`module`'s blocks as the plain loop for the duration (a recompute runner calls the sites without their forward,

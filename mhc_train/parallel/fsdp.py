@@ -18,8 +18,12 @@ Notes:
      their gradients averaged over the data-parallel mesh once per step (`sync_replicated_grads`, by the engine
      after its last backward; the clip counts them once). `full` recompute of sharded F units goes through torch's
      non-reentrant checkpoint (recompute.py), which re-runs F's forward and hooks in backward.
-   - Split-backward schedules (ZBV, DualPipeV): one unit per stage; nested units gave wrong gradients there in our
-     test (torch 2.13) while one unit per stage matches one process.
+   - Split-backward schedules (ZBV, DualPipeV): per block as above under bf16 (the units kept gathered from forward
+     to the weight half of the backward, which reads the parameters registered at its input half: a resharded unit
+     would lose its weight gradients); one unit per stage in fp32 (nothing to cast, and the layout tested longest).
+   - A pipeline at dp = 1 under bf16 autocast: per block over a one-rank mesh (`build.stage_fsdp`), for the bf16
+     compute weights alone; its "gathers" are local casts, so the units reshard after each forward (1F1B,
+     interleaved), and autograd holds no weight copy between a micro-batch's forward and its backward.
    `shard(reshard_after_forward=False)` (the pipeline's choice) keeps the non-root units gathered from forward to
    backward.
 2. Built from the meta device (`build.builds_on_meta`): the skeleton is sharded while it holds no storage, then
@@ -39,8 +43,8 @@ Notes:
    Sinkhorn) never sees a rounded weight: per block, every connection site with parameters is a unit of its own
    gathered in fp32; per F module, the sites are not in FSDP at all (fp32, replicated). Inputs are never cast
    (`cast_forward_inputs=False`): the stream keeps model.stream_dtype. Where the whole module is one unit
-   (split-backward schedules) the gathers stay fp32, since a module-wide bf16 cast would round phi; autocast
-   still runs the GEMMs in bf16.
+   (split-backward schedules in fp32, CSV schedules) the gathers stay fp32, since a module-wide bf16 cast would round
+   phi; autocast still runs the GEMMs in bf16.
 """
 
 from __future__ import annotations
@@ -51,8 +55,8 @@ import torch
 
 from mhc_train.parallel.compile import apply_compile as compile_blocks
 from mhc_train.parallel.dist import mean_over_mesh_
-from mhc_train.parallel.engine import LocalEngine, materialise_on_host, release_eval_copy
-from mhc_train.parallel.state import full, full_model_state, local, materialise, on_meta
+from mhc_train.parallel.engine import LocalEngine, host_state, release_eval_copy
+from mhc_train.parallel.state import full, local, materialise, on_meta
 
 
 def shard(
@@ -122,6 +126,8 @@ def sync_replicated_grads(modules) -> set:
     grads = [p.grad for p in params if p.grad is not None]
     if grads:
         mesh = next(p for m in modules for p in m.parameters() if isinstance(p, DTensor)).device_mesh
+        if mesh.size() == 1:  # a pipeline's stage sharded over one rank for its bf16 weights alone: nothing to average
+            return set(params)
         flat = _flatten_dense_tensors([g.float() for g in grads])
         mean_over_mesh_(flat, mesh)
         for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
@@ -138,7 +144,7 @@ class FSDPEngine(LocalEngine):
     def __init__(self, model, build_optimizer, build_scheduler, dist, device, grad_clip, autocast_dtype,
                  grad_accum: int, compile: bool = False, seed: int = 0, weights: dict | None = None,
                  mesh=None):  # fmt: skip
-        mesh = mesh.dp_mesh()  # a `mesh.ParallelMesh`: FSDP2 over dp_shard, HSDP over (dp_replicate, dp_shard)
+        self.mesh, mesh = mesh, mesh.dp_mesh()  # a `mesh.ParallelMesh`: FSDP2 over dp_shard, HSDP over both dp dims
         built_on_meta = on_meta(model)
         # a copy of a meta skeleton is free
         train_model = copy.deepcopy(model)
@@ -155,9 +161,22 @@ class FSDPEngine(LocalEngine):
         self.forward = self.train_model
 
     def describe(self) -> str:
-        held = sum(local(p).numel() for p in self.train_model.parameters())
+        """The mesh (dp_replicate x dp_shard, HSDP where replicated) and what this rank holds: its shards of the
+        sharded parameters, and the ones FSDP leaves whole on every rank (recompute layout, note 1)."""
+        replicated = set(replicated_params([self.train_model]))
+        shards = sum(local(p).numel() for p in self.train_model.parameters() if p not in replicated)
+        whole = sum(p.numel() for p in replicated)
         total = sum(p.numel() for p in self.model.parameters())
-        return f"fsdp: {self.dist.world} ranks; rank {self.dist.rank} holds {held:,} of {total:,} parameter elements"
+        m = self.mesh
+        kind = (
+            f"HSDP dp_replicate={m.dp_replicate} x dp_shard={m.dp_shard}"
+            if m.dp_replicate > 1
+            else (f"dp_shard={m.dp_shard}")
+        )
+        return (
+            f"fsdp: {self.dist.world} ranks ({kind}); rank {self.dist.rank} holds {shards + whole:,} of {total:,} "
+            f"parameter elements ({shards:,} in shards, {whole:,} replicated)"
+        )
 
     def train_parameters(self):
         return self.train_model.parameters()
@@ -202,9 +221,12 @@ class FSDPEngine(LocalEngine):
         reshard_all([self.train_model])
 
     def _sync_full_model(self) -> None:
-        state = full_model_state([self.train_model], keep=self.dist.is_main)
-        if self.dist.is_main:
-            materialise_on_host(self.model, state)
+        """All-gather one tensor at a time; rank 0 copies each into its plain model on the host and drops it."""
+        target = host_state(self.model) if self.dist.is_main else None
+        for k, v in self.train_model.state_dict().items():
+            whole = full(v).detach()  # a collective: every rank
+            if target is not None:
+                target[k].copy_(whole)
 
     def gather_grads(self) -> dict:
         return {n: full(p.grad).detach().cpu().clone() for p, n in self.param_names().items() if p.grad is not None}

@@ -11,11 +11,16 @@
 - Built on the meta device (`build.pipeline_engine`): each rank deep-copies its stages' view of the skeleton (free on
   meta), shards them (dp > 1) and materialises only them on its device, from the seed or a file checkpoint's weights.
   No rank holds another stage; the plain `model` stays on meta until `full_model()` (file checkpoints, export), which
-  gathers each stage from one replica (dp_rank 0) and fills rank 0's plain model on the host.
+  streams each stage from one replica to rank 0 tensor by tensor, into rank 0's plain model on the host.
 - Recompute is applied to each stage module on its own, so blocks never cross a stage boundary and each stage keeps
   its x_{l0} locally: recomputation never waits on communication (`recompute_block=stage`: one block per stage).
 - Pipeline x data parallel: the ranks' `mesh.ParallelMesh` has pp outermost; each stage is sharded over its
-  data-parallel sub-mesh with FSDP2 (HSDP with dp_replicate > 1), units gathered from forward to backward.
+  data-parallel sub-mesh with FSDP2 (HSDP with dp_replicate > 1), units gathered from forward to backward. Under bf16
+  autocast the stages are FSDP2 units at dp = 1 too (a one-rank mesh): bf16 compute weights from fp32 masters
+  (`build.stage_fsdp`).
+- The last stage computes its micro-batch's loss inside its forward (the targets reach it as a keyword argument of
+  the schedule's step): `chunked_lm_loss`, so no full [B, T, V] logits are held; the schedule's loss function passes
+  that loss through.
 """
 
 from __future__ import annotations
@@ -25,13 +30,31 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mhc_train.model import lm_loss
 from mhc_train.parallel.dist import all_reduce_sum_, gather_dicts, recv_from, reduce_sum, send_to, sum_across_ranks
-from mhc_train.parallel.engine import Engine, materialise_on_host, plain_blocks
+from mhc_train.parallel.engine import Engine, host_state, plain_blocks
 from mhc_train.parallel.fsdp import reshard_all, sync_replicated_grads
 from mhc_train.parallel.overlap import install_overlap, issue_order
 from mhc_train.parallel.schedules import build_schedule, layer_ranges
-from mhc_train.parallel.state import full, full_model_state, local
+from mhc_train.parallel.state import full, local
+
+
+def keep_resharding_after_backward(module) -> None:
+    """A stage sharded over one rank for its bf16 compute weights alone (`build.stage_fsdp`): torch's stage turns
+    FSDP's reshard-after-backward off before every backward (its units would then stay gathered from a micro-batch's
+    backward to the next forward); here a re-gather is a local cast, so the units keep resharding after each backward
+    too and the bf16 weights live only while a unit computes. Their gradients accumulate in fp32 meanwhile (FSDP2's
+    unsharded accumulation), reduced at the step's end as before. No-op for a module FSDP does not wrap."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(module, FSDPModule):
+        module.set_reshard_after_backward(True)
+        module.set_reshard_after_backward = lambda *args, **kwargs: None  # the stage's per-backward False
+
+
+def stage_loss(loss: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The schedule's loss function: the last stage's forward already returned its micro-batch's mean loss (chunked
+    over tokens, `Transformer.forward` with targets)."""
+    return loss
 
 
 @dataclass
@@ -83,8 +106,11 @@ class PipelineEngine(Engine):
         self._synced = -1  # the plain model is on meta on every rank: the first full_model() fills rank 0's
         self.stages = [PipelineStage(m, s, self.n_stages, self.device, group=self.group)
                        for m, s in zip(modules, self.stage_ids)]  # fmt: skip
+        if mesh.dp == 1 and p.pp_schedule in ("1f1b", "interleaved1f1b"):
+            for m in modules:
+                keep_resharding_after_backward(m)
         n_microbatches = p.pp_microbatches or 2 * mesh.pp
-        self.schedule = build_schedule(p.pp_schedule, self.stages, n_microbatches, lm_loss, p.pp_schedule_csv)
+        self.schedule = build_schedule(p.pp_schedule, self.stages, n_microbatches, stage_loss, p.pp_schedule_csv)
         self.overlap = None
         if p.pp_schedule == "dualpipev" and p.pp_overlap:  # our OVERLAP_F_B: forward and backward overlap on CUDA
             self.overlap = install_overlap(self.schedule, modules, self.device)
@@ -115,13 +141,16 @@ class PipelineEngine(Engine):
         x, y = batch(0, self.mesh.dp_rank, self.mesh.dp)
         losses: list = []
         x, y = self.to_device(x), self.to_device(y)
+        # the last stage takes the targets as a keyword (its forward returns the chunked loss); a first stage on the
+        # same rank (ZBV, DualPipeV, one rank) gets them too and passes its stream on (`Transformer.forward`)
+        last = dict(target=y, losses=losses, targets=y, return_outputs=False)
         with self.autocast():  # the stages' forwards run under it (the backward follows the forward's dtypes)
             if self.first and self.last:
-                self.schedule.step(x, target=y, losses=losses)
+                self.schedule.step(x, **last)
             elif self.first:
                 self.schedule.step(x)
             elif self.last:
-                self.schedule.step(target=y, losses=losses)
+                self.schedule.step(**last)
             else:
                 self.schedule.step()
         if self.overlap is not None:
@@ -186,10 +215,10 @@ class PipelineEngine(Engine):
                     continue
                 if s > 0 and owner[s - 1] != me:  # the previous stage lives on another rank
                     h = recv_from(state_shape, stream_dtype, self.device, owner[s - 1], self.group)
-                with self.autocast():
-                    h = module_of[s](h)
+                with self.autocast():  # the last stage returns its (chunked) loss
+                    h = module_of[s](h, y) if s == last else module_of[s](h)
                 if s == last:
-                    total += lm_loss(h, y).double()
+                    total += h.double()
                 elif owner[s + 1] != me:  # sent in the stream dtype (model.stream_dtype), which the receiver knows
                     send_to(h.to(stream_dtype), owner[s + 1], self.group)
         for m in self.modules:
@@ -236,14 +265,30 @@ class PipelineEngine(Engine):
         return {name: merged[name] for name, _ in self.model.sites()} if self.dist.is_main else None
 
     def _sync_full_model(self) -> None:
-        """Rank 0's `model` gets every stage's current weights (for file checkpoints and export), each stage from one
-        replica: the dp_rank 0 ranks keep what their FSDP all-gathers assemble (one tensor at a time, on the host),
-        the other replicas join the gathers, keep nothing and send an empty dict. Rank 0 fills its plain model on the
-        host (`materialise_on_host`); the other ranks' stays on meta."""
-        mine = full_model_state(self.modules, keep=self.mesh.dp_rank == 0)
-        merged = gather_dicts(mine, self.dist)
-        if self.dist.is_main:
-            materialise_on_host(self.model, merged)
+        """Rank 0's `model` gets every stage's current weights (for file checkpoints and export), streamed tensor by
+        tensor: each stage's data-parallel ranks all-gather one tensor at a time (FSDP), and the stage's source rank
+        (its pipeline rank's first rank: dp, tp and cp coordinates 0) sends it to rank 0, which copies it into its
+        plain model on the host (`host_state`) and drops it. No message and no buffer on rank 0 is larger than one
+        tensor beyond the plain model itself; the other ranks' plain model stays on meta. Every rank walks the stages
+        in increasing order (the names from the plain model's own cut, the same on every rank), so the gathers of a
+        stage's group and the sends to rank 0 never wait on each other in a cycle."""
+        target = host_state(self.model) if self.dist.is_main else None
+        per_pp_rank = self.dist.world // self.mesh.pp  # rank = pp_rank * per_pp_rank + (dp, cp, tp coordinates)
+        module_of = dict(zip(self.stage_ids, self.modules))
+        for s in range(self.n_stages):
+            names = cut_stage(self.model, s, self.n_stages).state_dict()  # meta on every rank but 0: shapes only
+            source = self.stage_owner[s] * per_pp_rank
+            if s in module_of:
+                live = module_of[s].state_dict()
+                for k in names:
+                    whole = full(live[k]).detach()  # a collective over the stage's data-parallel ranks
+                    if target is not None:
+                        target[k].copy_(whole)
+                    elif self.dist.rank == source:
+                        send_to(whole, 0)
+            elif target is not None:
+                for k, t in names.items():
+                    target[k].copy_(recv_from(t.shape, t.dtype, self.device, source).cpu())
 
     def gather_grads(self) -> dict:
         """Every stage's current gradients by parameter name, merged on rank 0 ({} elsewhere). A collective."""

@@ -1,7 +1,7 @@
 """Asynchronous saves on 2 gloo ranks (FSDP2, DCP), two launches: a run saving asynchronously (step 2 written while
 steps 3-4 train), and a run resumed from its step-2 checkpoint saving synchronously. The resumed run continues
 bit-exactly (losses and weights), and its synchronous step-4 checkpoint equals the asynchronous one tensor for tensor.
-The resume is probed (`resume_probe`): each rank digests its share of the shards, no file twice, and rank 0 not all;
+The resume is probed (`tests.support.read_probe`, when="resume"): each rank digests its share of the shards, no file twice, and rank 0 not all;
 a newer checkpoint damaged in rank 1's share is caught there, moved aside, and the resume falls back to step 2.
 The same 2-rank checkpoint also resumes in one process (DCP re-shards at load: another world size), to tolerance."""
 
@@ -12,8 +12,7 @@ from mhc_train.checkpoint import CheckpointManager
 from mhc_train.checkpoint.shared_verify import share
 from mhc_train.config import load_config
 from mhc_train.train.trainer import Trainer
-from tests.checkpoint import resume_probe
-from tests.support import launch, runs
+from tests.support import launch, read_probe, runs
 from tests.support.configs import run_overrides
 
 pytestmark = pytest.mark.slow  # torchrun, 2 gloo ranks
@@ -31,8 +30,7 @@ COMMON = {
 
 def test_fsdp_async_save_equals_sync_and_resumes_exactly(prepared_data, tmp_path):
     async_run, resumed = tmp_path / "async", tmp_path / "resumed"
-    overrides = run_overrides(prepared_data, async_run, **COMMON, **{"checkpoint.async_save": "true"})
-    out = launch.run(launch.torchrun_cmd(overrides))
+    out = launch.torchrun(prepared_data, async_run, **COMMON, **{"checkpoint.async_save": "true"})
     assert out.count("committed: written and verified in the background") == 2, out[-2000:]
     runs.copy_checkpoint(async_run, resumed, 2)
     runs.copy_checkpoint(async_run, resumed, 4)  # with a damaged file in rank 1's share: auto-resume falls back to 2
@@ -42,8 +40,8 @@ def test_fsdp_async_save_equals_sync_and_resumes_exactly(prepared_data, tmp_path
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
     probe = tmp_path / "probe"
-    cmd = launch.torchrun_cmd(run_overrides(prepared_data, resumed, **COMMON), module=resume_probe.MODULE)
-    out = launch.run(cmd, **{resume_probe.ENV: str(probe)})
+    out = launch.torchrun(prepared_data, resumed, module=read_probe.MODULE, env=read_probe.probe_env(probe, "resume"),
+                          **COMMON)  # fmt: skip
     assert f"{victim.name} is damaged" in out and (resumed / "checkpoints/damaged/step_00000004.pt").is_file(), out
     assert "resumed from" in out and "step_00000002.pt" in out
     assert runs.losses(async_run)[-2:] == runs.losses(resumed)  # steps 3-4, bit-exact
@@ -52,7 +50,7 @@ def test_fsdp_async_save_equals_sync_and_resumes_exactly(prepared_data, tmp_path
 
     shards = resumed / "checkpoints/dcp/step_00000002"
     sizes = {f.name: f.stat().st_size for f in shards.iterdir()}
-    reads = resume_probe.reads(probe)
+    reads = read_probe.reads(probe, "resume")
     digested = {r: [p["path"].rsplit("/", 1)[-1] for p in reads[r] if p["how"] == "digest" and str(shards) in p["path"]]
                 for r in (0, 1)}  # fmt: skip
     assert digested[0] and digested[1], digested  # both ranks verified a share

@@ -33,9 +33,9 @@ def _flip(path, offset: int) -> None:
 
 def test_fsdp_dcp_save_reads_only_own_shards_resumes_exactly_and_catches_damage(prepared_data, tmp_path):
     full, split, probe = tmp_path / "full", tmp_path / "split", tmp_path / "probe"
-    launch.run(launch.torchrun_cmd(run_overrides(prepared_data, full, **COMMON)))
-    stop = run_overrides(prepared_data, split, **COMMON, **{"train.stop_at_step": 2})
-    launch.run(launch.torchrun_cmd(stop, module=read_probe.MODULE), **{read_probe.ENV: str(probe)})
+    launch.torchrun(prepared_data, full, **COMMON)
+    launch.torchrun(prepared_data, split, module=read_probe.MODULE, env=read_probe.probe_env(probe, "save"),
+                    **COMMON, **{"train.stop_at_step": 2})  # fmt: skip
 
     shards = split / "checkpoints/dcp/step_00000002"
     files = sorted(str(f.relative_to(shards)) for f in shards.rglob("*") if f.is_file())
@@ -67,7 +67,7 @@ def test_fsdp_dcp_save_reads_only_own_shards_resumes_exactly_and_catches_damage(
         _flip(shard, offset)
     shutil.rmtree(damaged)
 
-    out = launch.run(launch.torchrun_cmd(run_overrides(prepared_data, split, **COMMON)))
+    out = launch.torchrun(prepared_data, split, **COMMON)
     assert "resumed from" in out
     assert runs.losses(full) == runs.losses(split)  # bit-exact against the uninterrupted run
     want, got = runs.weights(full, 4), runs.weights(split, 4)

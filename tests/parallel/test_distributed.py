@@ -13,7 +13,7 @@ import torch
 
 from mhc_train.checkpoint import CheckpointManager
 from mhc_train.train.metrics import read_metrics
-from tests.support import launch, runs
+from tests.support import chunked_train, launch, runs
 from tests.support.configs import run_overrides
 from tests.support.numerics import assert_close_runs
 
@@ -31,9 +31,7 @@ COMMON = {
 @pytest.mark.parametrize("arm", ["residual", "hc", "mhc"])
 def test_ddp_matches_single_process(prepared_data, reference_runs, tmp_path, arm):
     ref, dp = reference_runs(connection=arm, **COMMON), tmp_path / "ddp"
-    launch.run(
-        launch.torchrun_cmd(run_overrides(prepared_data, dp, connection=arm, **{**COMMON, "parallel.engine": "ddp"}))
-    )
+    launch.torchrun(prepared_data, dp, connection=arm, **{**COMMON, "parallel.engine": "ddp"})
     assert_close_runs(dp, ref, 3)
 
 
@@ -41,26 +39,21 @@ def test_ddp_matches_single_process(prepared_data, reference_runs, tmp_path, arm
 def test_deepspeed_zero_matches_single_process(prepared_data, reference_runs, tmp_path, arm, stage):
     """ZeRO-1/2/3 == one process: losses, every gradient of step 1 (assembled from DeepSpeed's partitions), weights."""
     ref, ds = reference_runs(connection=arm, **COMMON), tmp_path / "ds"
-    launch.run(
-        launch.torchrun_cmd(
-            run_overrides(
-                prepared_data,
-                ds,
-                connection=arm,
-                **{**COMMON, "parallel.engine": "deepspeed", "parallel.zero_stage": stage},
-            )
-        ),
-        timeout=600,
-    )
+    # ZeRO-3 takes the loss in chunks of 8 tokens (model.chunked_lm_loss; never split at the test model's size)
+    module = chunked_train.MODULE if stage == 3 else "mhc_train.train"
+    overrides = {**COMMON, "parallel.engine": "deepspeed", "parallel.zero_stage": stage}
+    out = launch.torchrun(prepared_data, ds, module=module, connection=arm, **overrides)
     assert_close_runs(ds, ref, 3)
+    if stage == 3:
+        assert int(re.search(r"chunked loss: (\d+) chunks", out).group(1)) > 0, out[-2000:]
 
 
 def test_dp_checkpoint_resumes_under_dp2_and_in_one_process(prepared_data, tmp_path):
     common = {**COMMON, "train.max_steps": 4, "parallel.engine": "ddp", "connection": "mhc"}
     full, split, single = tmp_path / "full", tmp_path / "split", tmp_path / "single"
-    launch.run(launch.torchrun_cmd(run_overrides(prepared_data, full, **common)))
-    launch.run(launch.torchrun_cmd(run_overrides(prepared_data, split, **common, **{"train.stop_at_step": 2})))
-    out = launch.run(launch.torchrun_cmd(run_overrides(prepared_data, split, **common)))
+    launch.torchrun(prepared_data, full, **common)
+    launch.torchrun(prepared_data, split, **common, **{"train.stop_at_step": 2})
+    out = launch.torchrun(prepared_data, split, **common)
     assert "resumed from" in out
     assert runs.losses(full) == runs.losses(split)  # DP=2 resume is exact
     # the DP=2 checkpoint of step 2 continues in a single process (same global batch) to the same result
@@ -99,7 +92,7 @@ def test_killed_rank_stops_the_job_and_resume_continues(prepared_data, tmp_path)
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode != 0
     assert "exitcode  : -9" in out or "Signal 9" in out or "SIGKILL" in out, out[-3000:]
-    resumed = launch.run(launch.torchrun_cmd(run_overrides(prepared_data, run, **common)))
+    resumed = launch.torchrun(prepared_data, run, **common)
     assert "resumed from" in resumed
     assert read_metrics(run)["train"][-1]["step"] == 60
 
@@ -113,14 +106,12 @@ def test_deepspeed_checkpoint_resumes_exactly(prepared_data, tmp_path):
         "connection": "mhc",
     }
     full, split = tmp_path / "full", tmp_path / "split"
-    launch.run(launch.torchrun_cmd(run_overrides(prepared_data, full, **common)), timeout=600)
-    launch.run(
-        launch.torchrun_cmd(run_overrides(prepared_data, split, **common, **{"train.stop_at_step": 2})), timeout=600
-    )
+    launch.torchrun(prepared_data, full, **common)
+    launch.torchrun(prepared_data, split, **common, **{"train.stop_at_step": 2})
     assert (split / "checkpoints" / "deepspeed" / "step_00000002").is_dir()
     # no second copy of the weights beside DeepSpeed's own shards: resume and export read those
     assert "model" not in CheckpointManager.load(split / "checkpoints" / "step_00000002.pt")
-    out = launch.run(launch.torchrun_cmd(run_overrides(prepared_data, split, **common)), timeout=600)
+    out = launch.torchrun(prepared_data, split, **common)
     assert "resumed from" in out
     assert runs.losses(full) == runs.losses(split)
     want, got = runs.weights(full, 4), runs.weights(split, 4)  # assembled from DeepSpeed's partitions
@@ -168,7 +159,7 @@ def test_pipeline_matches_single_process(prepared_data, single_reference, tmp_pa
         rank1 = [a for i in range(4) for a in (f"1F{i}", f"1I{i}", f"1W{i}")]
         (tmp_path / "zb.csv").write_text(",".join(rank0) + "\n" + ",".join(rank1) + "\n")
         overrides["parallel.pp_schedule_csv"] = str(tmp_path / "zb.csv")
-    out = launch.run(launch.torchrun_cmd(run_overrides(prepared_data, pp, **PIPE_COMMON, connection=arm, **overrides)))
+    out = launch.torchrun(prepared_data, pp, **PIPE_COMMON, connection=arm, **overrides)
     assert_close_runs(pp, ref, 3)
     if schedule == "dualpipev":  # 4 stages of 1 layer: one FFN site per overlapped forward
         m = re.search(r"OVERLAP_F_B: (\d+) overlapped F/B pairs, (\d+) FFN post_res", out)
@@ -189,11 +180,7 @@ def test_pipeline_matches_single_process(prepared_data, single_reference, tmp_pa
 def test_fsdp_matches_single_process(prepared_data, single_reference, tmp_path, arm):
     """FSDP2 data parallel (parameters, gradients and optimizer states sharded over 2 ranks) equals one process."""
     run = tmp_path / "fsdp"
-    out = launch.run(
-        launch.torchrun_cmd(
-            run_overrides(prepared_data, run, **PIPE_COMMON, connection=arm, **{"parallel.engine": "fsdp"})
-        )
-    )
+    out = launch.torchrun(prepared_data, run, **PIPE_COMMON, connection=arm, **{"parallel.engine": "fsdp"})
     assert_close_runs(run, single_reference(arm), 3)
     held, total = (int(v.replace(",", "")) for v in re.search(r"holds ([\d,]+) of ([\d,]+) param", out).groups())
     assert held <= total // 2 + 64, out[-2000:]  # rank 0 holds about half: sharded, not replicated
@@ -223,8 +210,9 @@ def test_pipeline_x_fsdp_matches_single_process(
         "parallel.recompute": recompute,
         "parallel.dp_replicate": replicate,
     }
-    cmd = launch.torchrun_cmd(run_overrides(prepared_data, run, **PIPE_COMMON, connection=arm, **overrides), nproc=4)
-    out = launch.run(cmd, timeout=600)
+    if replicate > 1:  # weights by file checkpoint: full_model streams stage 1 from its first rank to rank 0
+        overrides["checkpoint.format"] = "file"
+    out = launch.torchrun(prepared_data, run, **PIPE_COMMON, connection=arm, **overrides, nproc=4)
     assert_close_runs(run, single_reference(arm), 3)
     norms = [[r["grad_norm"] for r in read_metrics(d)["train"]] for d in (run, single_reference(arm))]
     assert len(norms[0]) == len(norms[1]) and all(abs(a - b) <= 1e-5 * b for a, b in zip(*norms)), norms
@@ -246,17 +234,14 @@ def test_pipeline_x_fsdp_checkpoint_resumes_exactly_and_into_fsdp_alone(prepared
         "parallel.pp_schedule": "dualpipev",
     }
     full, split = tmp_path / "full", tmp_path / "split"
-    launch.run(launch.torchrun_cmd(run_overrides(prepared_data, full, **common), nproc=4), timeout=600)
-    launch.run(
-        launch.torchrun_cmd(run_overrides(prepared_data, split, **common, **{"train.stop_at_step": 2}), nproc=4),
-        timeout=600,
-    )
-    out = launch.run(launch.torchrun_cmd(run_overrides(prepared_data, split, **common), nproc=4), timeout=600)
+    launch.torchrun(prepared_data, full, **common, nproc=4)
+    launch.torchrun(prepared_data, split, **common, **{"train.stop_at_step": 2}, nproc=4)
+    out = launch.torchrun(prepared_data, split, **common, nproc=4)
     assert "resumed from" in out
     assert runs.losses(full) == runs.losses(split)
     run = tmp_path / "fsdp"
     runs.copy_checkpoint(split, run, 2)
-    out = launch.run(launch.torchrun_cmd(run_overrides(prepared_data, run, **{**common, "parallel.pp": 1})))
+    out = launch.torchrun(prepared_data, run, **{**common, "parallel.pp": 1})
     assert "resumed from" in out
     tail_full, tail = runs.losses(full)[2:], runs.losses(run)
     assert len(tail) == 2 and all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(tail_full, tail)), (tail_full, tail)
@@ -268,7 +253,7 @@ def test_deepspeed_pipeline_engine_is_an_independent_oracle(prepared_data, tmp_p
     and schedule reaches the same losses as our torch.distributed.pipelining run."""
     common = {**PIPE_COMMON, "connection": arm, "parallel.pp": 2, "parallel.pp_schedule": "1f1b"}
     ours, oracle = tmp_path / "ours", tmp_path / "oracle.json"
-    launch.run(launch.torchrun_cmd(run_overrides(prepared_data, ours, **common)))
+    launch.torchrun(prepared_data, ours, **common)
     overrides = run_overrides(prepared_data, tmp_path / "ds", **common)
     cmd = launch.torchrun_cmd([*overrides, "--out", str(oracle)])
     cmd[cmd.index("-m", 3) : cmd.index("-m", 3) + 2] = [str(launch.REPO / "scripts" / "deepspeed_pipeline_oracle.py")]
@@ -292,9 +277,9 @@ def test_pipeline_checkpoint_resumes_exactly(prepared_data, tmp_path):
         "parallel.pp_schedule": "dualpipev",
     }
     full, split = tmp_path / "full", tmp_path / "split"
-    launch.run(launch.torchrun_cmd(run_overrides(prepared_data, full, **common)))
-    launch.run(launch.torchrun_cmd(run_overrides(prepared_data, split, **common, **{"train.stop_at_step": 2})))
-    out = launch.run(launch.torchrun_cmd(run_overrides(prepared_data, split, **common)))
+    launch.torchrun(prepared_data, full, **common)
+    launch.torchrun(prepared_data, split, **common, **{"train.stop_at_step": 2})
+    out = launch.torchrun(prepared_data, split, **common)
     assert "resumed from" in out
     assert runs.losses(full) == runs.losses(split)
 
@@ -305,7 +290,7 @@ def test_pipeline_checkpoint_resumes_in_one_process_and_under_ddp(prepared_data,
     pp = {"parallel.pp": 2, "parallel.pp_schedule": "1f1b"}
     full, split = tmp_path / "full", tmp_path / "pp"
     launch.single(run_overrides(prepared_data, full, **common))
-    launch.run(launch.torchrun_cmd(run_overrides(prepared_data, split, **common, **pp, **{"train.stop_at_step": 2})))
+    launch.torchrun(prepared_data, split, **common, **pp, **{"train.stop_at_step": 2})
     for target, cmd in (("single", launch.single), ("ddp", None)):
         run = tmp_path / target
         runs.copy_checkpoint(split, run, 2)

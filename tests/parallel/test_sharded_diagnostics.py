@@ -10,7 +10,6 @@ import pytest
 
 from mhc_train.train.metrics import read_metrics
 from tests.support import launch
-from tests.support.configs import run_overrides
 
 pytestmark = pytest.mark.slow  # every test launches torchrun (2 or 4 gloo ranks)
 
@@ -64,8 +63,5 @@ def test_diag_step_on_sharded_model_equals_one_process(prepared_data, reference_
     (today's trainer called `engine.full_model()` on every diag step). DualPipeV puts stages 0 and 3 on rank 0: the
     composites cross the boundary both ways within one rank's stages."""
     ref, run = reference_runs(**DIAG), tmp_path / name
-    cmd = launch.torchrun_cmd(
-        run_overrides(prepared_data, run, **DIAG, **overrides), nproc=nproc, module="tests.support.guarded_train"
-    )
-    launch.run(cmd, timeout=600)
+    launch.torchrun(prepared_data, run, nproc=nproc, module="tests.support.guarded_train", **DIAG, **overrides)
     check(run, ref)

@@ -54,6 +54,17 @@ def torchrun_cmd(overrides, nproc: int = 2, module: str = "mhc_train.train") -> 
     ]
 
 
+def torchrun(data_dir, run_dir, nproc: int = 2, module: str = "mhc_train.train", timeout: float = 600,
+             env: dict | None = None, **overrides) -> str:  # fmt: skip
+    """The multi-rank tests' launch: `module` under torchrun on `nproc` ranks, on a seconds-long run of `overrides`
+    (`configs.run_overrides`: the test model and the prepared data, in `run_dir`), to the end (see `run`), with
+    `env` added to the child's environment (a probe's settings); stdout + stderr."""
+    from tests.support.configs import run_overrides
+
+    cmd = torchrun_cmd(run_overrides(data_dir, run_dir, **overrides), nproc=nproc, module=module)
+    return run(cmd, timeout=timeout, **(env or {}))
+
+
 def run(cmd, timeout: float = 300, **env_extra: str) -> str:
     """Run to the end from the repository root; fail with the output's tail unless it exits 0; stdout + stderr."""
     proc = subprocess.run(cmd, cwd=REPO, env=env(**env_extra), capture_output=True, text=True, timeout=timeout)
