@@ -163,8 +163,8 @@ def converted_shards(src: Path, hf: dict, head_dim: int) -> Iterator[tuple[Path,
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
                 t = f.get_tensor(name).float()
-                if ours:
-                    out[name.removeprefix("model.")] = t
+                if ours:  # an mhc-train export: its decoder under model.<our name>, the head as lm_head
+                    out["output.weight" if name == "lm_head.weight" else name.removeprefix("model.")] = t
                     continue
                 key = our_name(name)
                 if key is None:
