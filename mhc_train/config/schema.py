@@ -63,6 +63,7 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_max / this are fully scaled
     rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_max / this are kept
     rope_original_max_seq_len: int = 8192  # llama3: the context the model was first trained at
+    vocab_padded: bool = False  # vocab_size may exceed the tokenizer's pieces (Qwen pads its embedding rows)
 
 
 @dataclass

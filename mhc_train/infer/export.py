@@ -61,8 +61,12 @@ def hf_config(loaded: Loaded) -> dict:
         "eos_token_id": eos,
         "pad_token_id": eos,
         "torch_dtype": "float32",
-        "mhc_train": {"checkpoint": str(loaded.path), "step": loaded.step, "model": dataclasses.asdict(cfg),
-                      "connection": dataclasses.asdict(conn)},  # fmt: skip
+        "mhc_train": {
+            "checkpoint": str(loaded.path),
+            "step": loaded.step,
+            "model": dataclasses.asdict(cfg),
+            "connection": dataclasses.asdict(conn),
+        },  # fmt: skip
     }
 
 

@@ -213,6 +213,8 @@ def import_config(hf: dict, connection: str | None, out: Path):
     arm = connection or (export_conn or {}).get("name") or "residual"
     cfg = load_config([f"connection={arm}", f"run_dir={out}", f"data.tokenizer_model={out / 'tokenizer.json'}"])
     cfg.model = ModelConfig(**{**asdict(cfg.model), **model_overrides(hf)})
+    if hf["architectures"][0] != "MHCForCausalLM":  # the tokenizer may have fewer pieces than the embedding rows
+        cfg.model.vocab_padded = True
     if export_conn and connection is None:
         cfg.connection = ConnectionConfig(**export_conn)
     validate_model(cfg.model)

@@ -16,8 +16,8 @@ from mhc_train.infer.import_hf import converted_shards, import_hf, read_hf_confi
 from mhc_train.infer.load import load_checkpoint
 from tests.support.numerics import assert_close
 
-VOCAB = 96
-SHAPE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+VOCAB = 96  # tokenizer pieces; the models have 4 more embedding rows (padded, as Qwen's)
+SHAPE = dict(vocab_size=VOCAB + 4, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}  # fmt: skip
