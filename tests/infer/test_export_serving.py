@@ -111,3 +111,21 @@ def test_a_tokenizer_json_run_exports_a_fast_tokenizer(exported):
     text = "t5 t17 t3 t94"
     assert tok(text, add_special_tokens=False)["input_ids"] == loaded.tokenizer.encode(text)
     assert tok.eos_token_id == loaded.tokenizer.eos_id
+
+
+@pytest.mark.parametrize("arm", ["hc", "mhc", "mhc_identity"])
+def test_the_decode_sites_equal_the_training_math(arm, tmp_path):
+    from mhc_train.data.tokenizer import HFTokenizer
+
+    model = decode_model(arm, vocab_size=VOCAB)
+    hf_tokenizer(tmp_path)
+    hf = load(
+        export(Loaded(model, HFTokenizer(tmp_path / "tokenizer.json"), {}, tmp_path / "s.pt", 0), tmp_path / "hf")
+    )
+    tokens = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad():
+        fast = hf(tokens).logits  # the regrouped decode sites (no autograd, fp32)
+    plain = hf(tokens).logits.detach()  # autograd on: the plain training math
+    assert_close(fast, plain, atol=1e-5, what=f"{arm} decode sites vs training math")
+    with torch.no_grad():
+        assert_close(fast, model(tokens), atol=1e-5, what=f"{arm} export vs mhc-train")

@@ -224,6 +224,27 @@ def mhc_post_res(x, y, h_post, h_res):
     return (mixed + h_post.float().unsqueeze(-1) * yc.unsqueeze(-2)).to(x.dtype)
 
 
+# ---- decode: the same math regrouped into a few ops per site (mhc_train/infer/sites.py, without its C Sinkhorn) ----
+def decoding(x):
+    """Inference in fp32 (no autograd): the sites take their regrouped path; training keeps the plain math above."""
+    return not torch.is_grad_enabled() and x.dtype == torch.float32
+
+
+def decode_site(x, sublayer, h_pre, h_post, h_res):
+    """`H_res x + H_post^T F(H_pre x)` over N = B*T tokens: the read as one bmm, the write as one multiply and one
+    in-place baddbmm. h_pre, h_post [N, n], h_res [N, n, n] or None (identity)."""
+    B, T, n, C = x.shape
+    xs = x.reshape(B * T, n, C)  # [N, n, C]
+    y = sublayer(torch.bmm(h_pre.unsqueeze(1), xs).view(B, T, C))  # F(H_pre x): [B, T, C]
+    out = h_post.unsqueeze(-1) * y.reshape(B * T, 1, C)  # H_post^T y: [N, n, C]
+    out = out.add_(xs) if h_res is None else out.baddbmm_(h_res, xs)
+    return out.view(B, T, n, C)
+
+
+def versions(*params):
+    return tuple((p._version, p.device) for p in params)
+
+
 class ResidualSite(nn.Module):
     def forward(self, x, sublayer):
         return x + sublayer(x.squeeze(-2)).unsqueeze(-2)
@@ -256,7 +277,31 @@ class HCSite(nn.Module):
             a_r = a_r + s_alpha * d[..., 2:]
         return a_m, beta, a_r.transpose(-1, -2)
 
+    def decode_coefficients(self, x):
+        """HC's coefficients for decode: row j of [N, n, n+2] is (A_m[j], B[j], A_r[j, :]) = static + scale * tanh."""
+        params = [self.static_alpha_m, self.static_beta, self.static_alpha_r]
+        if self.dynamic:
+            params += [self.norm_weight, self.dyn_proj, self.dyn_scale]
+        if getattr(self, "_decode_key", None) != versions(*params):  # built once per weights
+            static = torch.cat([self.static_alpha_m[:, None], self.static_beta[:, None], self.static_alpha_r], 1)
+            self._static = static.float()  # [n, n+2]
+            if self.dynamic:
+                self._proj = self.norm_weight.float()[:, None] * self.dyn_proj.float()  # the norm's gain folded in
+                s_alpha, s_beta = self.dyn_scale.float().unbind()
+                self._scale = torch.cat([s_alpha[None], s_beta[None], s_alpha.expand(self.n)])  # [n+2]
+            self._decode_key = versions(*params)
+        N = x.shape[0] * x.shape[1]
+        if self.dynamic:
+            xs = x.reshape(N, *x.shape[-2:])  # [N, n, C]
+            d = torch.tanh((xs @ self._proj) * torch.rsqrt(xs.square().mean(-1, keepdim=True) + self.eps))
+            block = d.mul_(self._scale).add_(self._static)  # [N, n, n+2]
+        else:
+            block = self._static.expand(N, -1, -1)
+        return block[..., 0], block[..., 1], block[..., 2:].transpose(-1, -2)
+
     def forward(self, x, sublayer):
+        if decoding(x):
+            return decode_site(x, sublayer, *self.decode_coefficients(x))
         h_pre, h_post, h_res = self.coefficients(x)
         return mhc_post_res(x, sublayer(mhc_pre(x, h_pre)), h_post, h_res)
 
@@ -270,7 +315,33 @@ class MHCSite(nn.Module):
         self.alpha = nn.Parameter(torch.zeros(2 if k == 2 * n else 3))
         self.bias = nn.Parameter(torch.zeros(k))
 
+    def decode_coefficients(self, x):
+        """mHC's coefficients for decode: one projection, the reordered RMSNorm in place, one multiply-add by the
+        per-column gates and biases, one sigmoid scaled (1 | 2) for H_pre and H_post, Sinkhorn in place."""
+        n = self.n
+        if getattr(self, "_decode_key", None) != versions(self.phi, self.alpha, self.bias):  # built once per weights
+            blocks = torch.tensor([n, n] if self.alpha.numel() == 2 else [n, n, n * n], device=self.phi.device)
+            self._gate = self.alpha.float().repeat_interleave(blocks)  # [K]: alpha (pre, post, res) per column
+            self._scale = torch.ones(2 * n, device=self.phi.device)
+            self._scale[n:] = 2.0  # H_pre = sigmoid, H_post = 2 sigmoid
+            self._decode_key = versions(self.phi, self.alpha, self.bias)
+        v = x.reshape(-1, n * x.shape[-1])  # [N, nC]
+        h = torch.mm(v, self.phi.float())  # [N, K], then the reordered RMSNorm in place
+        h.div_(torch.linalg.vector_norm(v, dim=-1, keepdim=True).square_().div_(v.shape[1]).add_(self.eps).sqrt_())
+        logits = h.mul_(self._gate).add_(self.bias.float())  # [N, K]
+        gates = torch.sigmoid(logits[:, : 2 * n]).mul_(self._scale)  # [N, 2n]: H_pre | H_post
+        if self.alpha.numel() == 2:
+            return gates[:, :n], gates[:, n:], None
+        z = logits[:, 2 * n :].reshape(-1, n, n)  # [N, n, n], row-major
+        m = torch.exp(z - z.amax(dim=(-2, -1), keepdim=True))
+        for _ in range(self.iters):
+            m.div_(m.sum(dim=-2, keepdim=True))  # columns first
+            m.div_(m.sum(dim=-1, keepdim=True))  # rows last
+        return gates[:, :n], gates[:, n:], m
+
     def forward(self, x, sublayer):
+        if decoding(x):
+            return decode_site(x, sublayer, *self.decode_coefficients(x))
         h_pre, h_post, h_res = mhc_coefficients(x, self.phi, self.alpha, self.bias, self.iters, self.eps)
         return mhc_post_res(x, sublayer(mhc_pre(x, h_pre)), h_post, h_res)
 
