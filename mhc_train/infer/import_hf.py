@@ -86,6 +86,9 @@ def model_overrides(hf: dict) -> dict:
     """The ModelConfig values of a transformers config (refusing what the model cannot hold)."""
     arch = hf["architectures"][0]
     if arch == "MHCForCausalLM":
+        if "model" not in hf.get("mhc_train", {}):
+            raise InferenceError("this export predates import-hf (its config.json records no mhc_train.model); "
+                                 "export the checkpoint again with this version")  # fmt: skip
         return dict(hf["mhc_train"]["model"])
     for key, bad in (("hidden_act", lambda v: v not in (None, "silu")), ("mlp_bias", bool),
                      ("use_sliding_window", bool)):  # fmt: skip
@@ -94,7 +97,7 @@ def model_overrides(hf: dict) -> dict:
     if hf.get("attention_bias") and arch != "Qwen2ForCausalLM":
         raise InferenceError("config.json attention_bias=true puts a bias on the output projection too, which "
                              "mhc-train's attention lacks; this model cannot be imported")  # fmt: skip
-    heads = hf["num_attention_heads"]
+    rope, heads = rope_overrides(hf), hf["num_attention_heads"]
     return {
         "vocab_size": hf["vocab_size"],
         "dim": hf["hidden_size"],
@@ -109,7 +112,7 @@ def model_overrides(hf: dict) -> dict:
         "init_std": hf.get("initializer_range", 0.02),
         "qkv_bias": arch == "Qwen2ForCausalLM",
         "qk_norm": arch == "Qwen3ForCausalLM",
-        **rope_overrides(hf),
+        **rope,
     }
 
 

@@ -138,3 +138,17 @@ def test_rope_layout_permutation_round_trips():
     pairs = to_pairs(w, 8)
     assert pairs[:4, 0].tolist() == [0.0, 12.0, 3.0, 15.0]  # rows 0, 4, 1, 5 of head 0: (x_i, x_{i+D/2}) adjacent
     assert torch.equal(to_halves(pairs, 8), w)
+
+
+def test_what_the_model_cannot_hold_is_refused(tmp_path):
+    from mhc_train.infer.errors import InferenceError
+    from mhc_train.infer.import_hf import model_overrides
+
+    base = {"architectures": ["LlamaForCausalLM"], "num_attention_heads": 4, "hidden_size": 32}
+    with pytest.raises(InferenceError, match="rope type 'yarn' is not supported"):
+        model_overrides({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(InferenceError, match="attention_bias=true"):
+        model_overrides({**base, "attention_bias": True})
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(InferenceError, match="GPT2LMHeadModel is not importable"):
+        read_hf_config(tmp_path)
