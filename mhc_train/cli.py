@@ -130,7 +130,7 @@ def cmd_export(args) -> None:
 def cmd_import_hf(args) -> None:
     from mhc_train.infer.import_hf import import_hf
 
-    path = import_hf(args.source, args.connection, args.out, args.upcycle_skew, overwrite=args.overwrite)
+    path = import_hf(args.source, args.connection, args.out, args.upcycle_skew, args.overwrite, args.format)
     run = Path(args.out)
     print(f"imported {args.source} to {path}\ncontinue: mhc-train train --config {run / 'hf_import.yaml'} "
           "data.source=YOUR_TEXT [train.* overrides]")  # fmt: skip
@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--out", required=True, help="the run directory to write")
     s.add_argument("--upcycle-skew", type=float, default=0.5, help="n-stream arms: site k's extra write share to "
                    "stream k mod n, in [0, 1) (breaks the streams' symmetry; the start is the same function)")  # fmt: skip
+    s.add_argument("--format", default="dcp", choices=("dcp", "file"), help="dcp (default): streamed, one source "
+                   "shard in memory at a time; file: the whole model in one step file")  # fmt: skip
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     s.set_defaults(fn=cmd_import_hf)
     s = sub.add_parser("eval", help="lm-evaluation-harness on a checkpoint or an export")

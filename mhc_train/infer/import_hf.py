@@ -2,7 +2,9 @@
 mhc-train export) as a step-0 run that `mhc-train train` continues from.
 
 RUN_DIR/
-  checkpoints/step_00000000.pt  weights (fp32), a fresh optimizer and schedule, the resolved config (file format)
+  checkpoints/step_00000000.pt  the resolved config, a fresh schedule, the shards' digests (or, --format file, the
+                                weights and the optimizer state themselves)
+  checkpoints/dcp/step_00000000/  the weights (fp32) and a fresh AdamW state as torch DCP, one part per source shard
   hf_import.yaml                model, connection, data.tokenizer_model and run_dir: `train --config` this file
   tokenizer.json, tokenizer.model  the source's tokenizer.json (the second name is the run directory's copy)
 
@@ -15,8 +17,11 @@ Notes:
 - RoPE: transformers rotates the halves (x_i, x_{i+D/2}) of each head, mhc-train the pairs (x_{2i}, x_{2i+1}), with
   the same frequency i. The q/k rows (and biases, and the q/k norm gains) of each head are permuted on import
   (`to_pairs`), and back on export (`to_halves`); q.k is unchanged, so the logits are.
-- Weights are read one safetensors shard at a time (a sharded checkpoint's index names the shards); each tensor is
-  converted to fp32 as it is read, so a process holds one shard of the source plus the converted model.
+- Weights are read one safetensors shard at a time (a sharded checkpoint's index names the shards) and converted to
+  fp32. With --format dcp (the default) each shard's tensors, with their zero AdamW moments, are written as one part
+  of the DCP checkpoint and dropped (`stream_dcp.py`; the model exists only on the meta device, its connection
+  sites on the CPU): the process holds one converted shard at a time. --format file builds the whole model on
+  the CPU and writes one step file. `train` resumes either (DCP into any layout: one process, FSDP, pipelines).
 - The connection arm's sites are set for a function-preserving start (`upcycle.py`); `residual` equals the source.
 - An mhc-train export (`MHCForCausalLM`) is read back under its own names and connection.
 """
@@ -226,8 +231,9 @@ def import_config(hf: dict, connection: str | None, out: Path):
 
 
 def import_hf(src: str | Path, connection: str | None, out: str | Path, skew: float = DEFAULT_SKEW,
-              overwrite: bool = False) -> Path:  # fmt: skip
-    """Write the step-0 run directory `out` from the Hugging Face directory `src`; returns the step file."""
+              overwrite: bool = False, fmt: str = "dcp") -> Path:  # fmt: skip
+    """Write the step-0 run directory `out` from the Hugging Face directory `src`; returns the step file. `fmt`:
+    dcp (streamed, one source shard in memory at a time) or file (the whole model in one step file)."""
     src, out = Path(src), Path(out).absolute()
     hf = read_hf_config(src)
     if not (src / "tokenizer.json").is_file():
@@ -235,52 +241,125 @@ def import_hf(src: str | Path, connection: str | None, out: str | Path, skew: fl
                              "the model: tokenizer.save_pretrained)")  # fmt: skip
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise InferenceError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    if fmt not in ("dcp", "file"):
+        raise InferenceError(f"--format {fmt!r}: choose dcp (streamed, sharded) or file (one step file)")
     cfg = import_config(hf, connection, out)
-    model = Transformer(cfg.model, cfg.connection)  # on the CPU (to_empty from meta would untie a tied head)
-    model.init_weights(cfg.train.seed)  # the sites' own values first; the source's weights overwrite the rest
-    if not any("_conn." in k for k in load_weights(model, src, hf)):  # a one-stream source: start as its function
-        upcycle(model, skew)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")  # renamed into place when complete
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("tokenizer.json", RunDir(tmp).tokenizer.name):
+        shutil.copyfile(src / "tokenizer.json", tmp / name)
+    try:
+        if fmt == "file":
+            model = Transformer(cfg.model, cfg.connection)  # on the CPU (to_empty from meta would untie a tied head)
+            model.init_weights(cfg.train.seed)  # the sites' own values first; the source's weights overwrite the rest
+            if not any("_conn." in k for k in load_weights(model, src, hf)):  # a one-stream source: its function
+                upcycle(model, skew)
+            body = file_body(model, cfg)
+        else:
+            body = stream_dcp_body(src, hf, cfg, RunDir(tmp), skew)
+        write_step_zero(body, cfg, tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True)
-    for name in ("tokenizer.json", RunDir(out).tokenizer.name):
-        shutil.copyfile(src / "tokenizer.json", out / name)
-    return write_step_zero(model, cfg, out)
+    os.replace(tmp, out)
+    return RunDir(out).step_file(0)
 
 
-def write_step_zero(model: Transformer, cfg, out: Path) -> Path:
-    """A file-format step-0 checkpoint `train` resumes from: weights, a fresh optimizer and schedule, the config."""
+def file_body(model: Transformer, cfg) -> dict:
+    """What a file-format step file holds beside the common keys: the weights and a fresh optimizer's state."""
+    from mhc_train.parallel.state import optimizer_state_by_name
+
+    optimizer, scheduler = fresh_optimizer(model, cfg)
+    names = {p: n for n, p in model.named_parameters()}
+    return {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "optimizer": optimizer_state_by_name(optimizer, names), "scheduler": scheduler.state_dict(),
+            "dcp": None}  # fmt: skip
+
+
+def fresh_optimizer(model: Transformer, cfg):
+    from mhc_train.optim import build_optimizer, build_scheduler
+
+    optimizer = build_optimizer(model, cfg.optim)
+    return optimizer, build_scheduler(optimizer, cfg.train.max_steps, cfg.schedule)
+
+
+def stream_dcp_body(src: Path, hf: dict, cfg, run: RunDir, skew: float) -> dict:
+    """The weights as a DCP checkpoint written one source shard at a time (`stream_dcp.StreamingDcp`), each with
+    its parameters' fresh AdamW state (zero moments, step 0); the model is built on the meta device, only the
+    connection sites (a few parameters per site) on the CPU. Returns the step file's DCP keys."""
+    from mhc_train.checkpoint import integrity
+    from mhc_train.infer.stream_dcp import StreamingDcp
+    from mhc_train.model.connections import Site
+    from mhc_train.parallel.state import optimizer_groups_by_name
+
+    with torch.device("meta"):
+        model = Transformer(cfg.model, cfg.connection)
+    for name, mod in model.named_modules():
+        if isinstance(mod, Site) and any(True for _ in mod.parameters()):
+            mod.to_empty(device="cpu")
+            with torch.no_grad():
+                for key, value in model.initial_values(name, mod, cfg.train.seed).items():
+                    getattr(mod, key).copy_(value)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    trained = {n for n, _ in model.named_parameters()}  # a tied head is the embedding's parameter
+    tag, tied = run.tag(0), cfg.model.tie_embeddings
+    writer, seen = StreamingDcp(run.dcp_dir(tag)), set()
+
+    def write(part: dict) -> None:
+        optim = {k: {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(v), "exp_avg_sq": torch.zeros_like(v)}
+                 for k, v in part.items() if k in trained}  # fmt: skip
+        writer.add({"model": part, "optim": optim})
+        seen.update(part)
+
+    for _, tensors in converted_shards(src, hf, head_dim(cfg.model)):
+        part = {}
+        for key, t in tensors.items():
+            if key == "output.weight" and tied:
+                continue  # the tied head is the embedding (transformers may store both)
+            if key not in params or params[key].shape != t.shape:
+                got = tuple(params[key].shape) if key in params else "no such parameter"
+                raise InferenceError(f"{src}: tensor {key} {tuple(t.shape)} does not fit the model ({got})")
+            part[key] = t
+            if tied and key == "tok_embeddings.weight":
+                part["output.weight"] = t
+        if part:
+            write(part)
+    if not any("_conn." in k for k in seen):  # a one-stream source: start as its function
+        upcycle(model, skew)
+    sites = {k: v.detach() for k, v in model.state_dict().items() if "_conn." in k and k not in seen}
+    if sites:
+        write(sites)
+    missing = sorted(set(model.state_dict()) - seen)
+    if missing:
+        raise InferenceError(f"{src} lacks {len(missing)} weights the model needs, e.g. {missing[:3]}")
+    writer.close()
+    optimizer, scheduler = fresh_optimizer(model, cfg)
+    directory = run.dcp_dir(tag)
+    files = integrity.digest_files(directory, integrity.files_under(directory))
+    return {"dcp": tag, "scheduler": scheduler.state_dict(), "optimizer_groups": optimizer_groups_by_name(optimizer),
+            "shards": {"dir": str(directory.relative_to(run.checkpoints)), "files": files}}  # fmt: skip
+
+
+def write_step_zero(body: dict, cfg, tmp: Path, out: Path) -> Path:
+    """The step-0 step file (`body` plus the keys every step file holds) written in `tmp`, naming `out`, the run
+    directory it is renamed to, as its home; and hf_import.yaml, the config `train --config` takes."""
     from omegaconf import OmegaConf
 
     from mhc_train.checkpoint.rng import rng_state
     from mhc_train.checkpoint.stepfile import write_step_file
     from mhc_train.data.tokenizer import file_sha256
-    from mhc_train.optim import build_optimizer, build_scheduler
-    from mhc_train.parallel.state import optimizer_state_by_name
 
-    run = RunDir(out)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.train.max_steps, cfg.schedule)
-    names = {p: n for n, p in model.named_parameters()}
-    config = to_dict(cfg)
+    run, config = RunDir(tmp), to_dict(cfg)
     tok = out / "tokenizer.json"
-    state = {
-        "step": 0,
-        "rng": rng_state(),
-        "config": config,
-        "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "optimizer": optimizer_state_by_name(optimizer, names),
-        "scheduler": scheduler.state_dict(),
-        "dcp": None,
-        "deepspeed_tag": None,
-        "world_size": 1,
-        "skipped_steps": 0,
-        "data": {"seed": cfg.train.seed, "next_step": 0},
-        "tokenizer": {"path": str(tok), "sha256": file_sha256(tok)},
-    }
+    state = {**body, "step": 0, "rng": rng_state(), "config": config, "deepspeed_tag": None, "world_size": 1,
+             "skipped_steps": 0, "data": {"seed": cfg.train.seed, "next_step": 0},
+             "tokenizer": {"path": str(tok), "sha256": file_sha256(tmp / "tokenizer.json")}}  # fmt: skip
     run.checkpoints.mkdir(parents=True, exist_ok=True)
     path = write_step_file(run.temp_file(0, os.getpid()), run.step_file(0), state)
     keep = {"run_dir": str(out), "model": config["model"], "connection": config["connection"],
             "data": {"tokenizer_model": str(tok)}}  # fmt: skip
-    (out / "hf_import.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(keep)))
+    (tmp / "hf_import.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(keep)))
     return path

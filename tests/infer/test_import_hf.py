@@ -96,12 +96,16 @@ def test_import_train_export_round_trip(family, corpus, tmp_path, monkeypatch):
     shards = [(path.name, len(t)) for path, t in converted_shards(src, hf, hf.get("head_dim") or 8)]
     assert len(shards) > 2 and all(n == sum(v == name for v in index.values()) for name, n in shards)
 
-    residual = load_checkpoint(import_hf(src, "residual", tmp_path / "residual"))
+    fmt = "file" if family == "qwen2" else "dcp"  # dcp: streamed, one DCP part written per source shard
+    residual = load_checkpoint(import_hf(src, "residual", tmp_path / "residual", fmt=fmt))
+    if fmt == "dcp":
+        written = {f.name.split("_")[3] for f in (tmp_path / "residual/checkpoints/dcp").rglob("*.distcp")}
+        assert len(written) == len(shards), (written, shards)
     assert_close(logits(residual.model, tokens), want, atol=1e-5, what=f"{family} residual vs transformers")
 
     arm, bound = FAMILIES[family]
     run = tmp_path / arm
-    upcycled = load_checkpoint(import_hf(src, arm, run)).model
+    upcycled = load_checkpoint(import_hf(src, arm, run, fmt=fmt)).model
     gap = (logits(upcycled, tokens) - want).abs().max().item()
     print(f"{family} {arm}: starting logit gap {gap:.3g}")
     assert gap < bound, f"{arm} does not start as the source's function: gap {gap}"
