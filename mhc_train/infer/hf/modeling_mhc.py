@@ -15,7 +15,15 @@ Axis legend: B batch, T time, n streams, C channels, H heads, D head size.
   tanh terms from each stream normalised on its own; h_res = A_r^T.
 - Generation uses the transformers KV cache (`past_key_values`) for attention; the connection coefficients and stream
   state are per-token, so each step computes them for the new tokens only.
-- Parameter names are mhc-train's under `model.` (a tied LM head is exported untied, as a copy).
+- Serving engines (vLLM's and SGLang's Transformers backends): `MHCModel` (AutoModel) is the decoder, `MHCForCausalLM`
+  adds `lm_head`; every layer's attention is `ALL_ATTENTION_FUNCTIONS[config._attn_implementation]` (this file's
+  `eager_attention` for "eager") with `layer_idx` on the module and the caller's kwargs passed down, and
+  `_supports_attention_backend = True`. Masks: our own boolean one for eager, sdpa and registered functions,
+  transformers' `create_causal_mask` for flash and flex. `output_hidden_states` gives the streams' sum after each
+  block (the last one normed); `output_attentions` the eager weights.
+- Under `no_grad` in fp32 the HC and mHC sites run mhc-train generate's regrouped decode math (`decode_coefficients`,
+  `decode_site`; Sinkhorn as torch ops in place); with autograd, the plain math above. Both are tested equal.
+- Parameter names are mhc-train's under `model.`, the head `lm_head` (a tied head is exported untied, as a copy).
 """
 
 from __future__ import annotations
