@@ -21,7 +21,7 @@ Notes:
   fp32. With --format dcp (the default) each shard's tensors, with their zero AdamW moments, are written as one part
   of the DCP checkpoint and dropped (`stream_dcp.py`; the model exists only on the meta device, its connection
   sites on the CPU): the process holds one converted shard at a time. --format file builds the whole model on
-  the CPU and writes one step file. `train` resumes either (DCP into any layout: one process, FSDP, pipelines).
+  the CPU and writes one step file. `train` resumes either (tested in one process).
 - The connection arm's sites are set for a function-preserving start (`upcycle.py`); `residual` equals the source.
 - An mhc-train export (`MHCForCausalLM`) is read back under its own names and connection.
 """
