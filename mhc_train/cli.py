@@ -1,4 +1,4 @@
-"""`mhc-train prepare | train | compare | demo | generate | export | eval`.
+"""`mhc-train prepare | train | compare | demo | generate | export | import-hf | eval`.
 
 mhc-train prepare [hydra overrides]           text -> tokenizer + token shards (data.* keys)
 mhc-train train [--config FILE] [overrides]   one run; e.g. connection=hc model=125m train.max_steps=1000
@@ -6,6 +6,7 @@ mhc-train compare RUN_DIR... --out DIR        plots + markdown table of several 
 mhc-train demo [--seeds 0,1 --lrs ..] [ovr]  arms x LRs x seeds of an experiment, then the comparison
 mhc-train generate CKPT --prompt TEXT         sample from a checkpoint (run dir or step file; KV-cache decode)
 mhc-train export CKPT --out DIR               a Hugging Face directory (AutoModelForCausalLM, trust_remote_code)
+mhc-train import-hf DIR --connection ARM --out RUN  a Llama / Qwen2 / Qwen3 checkpoint as a step-0 run of any arm
 mhc-train eval CKPT_OR_EXPORT --tasks T...    lm-evaluation-harness; scores into <run_dir>/eval.json
 mhc-train plan [overrides] --world W [--json]  per-GPU memory of a run at W ranks, on CPU, before the launch
 """
@@ -129,6 +130,15 @@ def cmd_export(args) -> None:
     print(f"exported {loaded.path} (step {loaded.step}) to {out}")
 
 
+def cmd_import_hf(args) -> None:
+    from mhc_train.infer.import_hf import import_hf
+
+    path = import_hf(args.source, args.connection, args.out, args.upcycle_skew, args.overwrite, args.format)
+    run = Path(args.out)
+    print(f"imported {args.source} to {path}\ncontinue: mhc-train train --config {run / 'hf_import.yaml'} "
+          "data.source=YOUR_TEXT [train.* overrides]")  # fmt: skip
+
+
 def cmd_eval(args) -> None:
     from mhc_train.infer.eval import checkpoint_scorer, export_scorer, run_eval, write_scores
     from mhc_train.infer.load import load_checkpoint
@@ -195,6 +205,16 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--tokenizer")
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     s.set_defaults(fn=cmd_export)
+    s = sub.add_parser("import-hf", help="a Hugging Face Llama / Qwen2 / Qwen3 directory as a step-0 run")
+    s.add_argument("source", help="a directory with config.json, *.safetensors and tokenizer.json")
+    s.add_argument("--connection", help="the arm (configs/connection name); default: residual, or an export's own")
+    s.add_argument("--out", required=True, help="the run directory to write")
+    s.add_argument("--upcycle-skew", type=float, default=0.5, help="n-stream arms: site k's extra write share to "
+                   "stream k mod n, in [0, 1) (breaks the streams' symmetry; the start is the same function)")  # fmt: skip
+    s.add_argument("--format", default="dcp", choices=("dcp", "file"), help="dcp (default): streamed, one source "
+                   "shard in memory at a time; file: the whole model in one step file")  # fmt: skip
+    s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    s.set_defaults(fn=cmd_import_hf)
     s = sub.add_parser("eval", help="lm-evaluation-harness on a checkpoint or an export")
     s.add_argument("target", help="a run directory, a step file, or an export directory")
     s.add_argument("--tasks", nargs="+", required=True, help="lm-eval task names; offline: mhc_local_mc mhc_local_ppl")

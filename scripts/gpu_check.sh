@@ -9,6 +9,8 @@
 #   bench_sinkhorn_backward   scripts/bench_sinkhorn_backward.py's JSON (unrolled vs implicit, at 65536 tokens)
 #   bench_overlap             scripts/bench_overlap.py's JSON, with MFU per variant (only where hydra-core and
 #                             omegaconf are installed; otherwise the reason it was skipped)
+#   serve_vllm                scripts/check_vllm_serving.py's JSON: an export served by vLLM's Transformers backend,
+#                             its greedy tokens against mhc-train generate's ("skipped" where vLLM is not installed)
 #   steps                     per step: rc, seconds, time limit and the tail of its output
 # Needs only torch, triton, numpy and pytest (no hydra, datasets or deepspeed): the package is not installed, so
 # PYTHONPATH is the repository (mhc_train and mhc_kernels import from it). Each step runs
@@ -169,6 +171,8 @@ else:
         if isinstance(ov, dict) and "error" not in ov:
             ov["mfu_error"] = f"{type(e).__name__}: {e}"
 
+report["serve_vllm"] = load(os.path.join(work, "serve_vllm.json"))
+
 report["steps"] = steps
 bad = [n for n, s in steps.items() if s["status"] != "ok"]
 if (tests.get("failures") or tests.get("errors")) and "kernel_tests" not in bad:
@@ -266,6 +270,9 @@ else
   echo "hydra-core/omegaconf not installed on this machine" >"$WORK/bench_overlap.skipped"
   echo "== bench_overlap: skipped (hydra-core/omegaconf not installed)"
 fi
+
+# 6. an export served by vLLM's Transformers backend (skipped, with a note, where vLLM is not installed)
+run_step serve_vllm 120 "$PY" scripts/check_vllm_serving.py --out "$WORK/serve_vllm.json"
 
 merge
 rc=$?

@@ -22,6 +22,7 @@ SINKHORN_BACKWARDS = ("unrolled", "implicit")
 LR_SCHEDULES = ("cosine", "step", "constant")
 PRECISIONS = ("fp32", "bf16", "auto")
 STREAM_DTYPES = ("fp32", "bf16")
+ROPE_SCALINGS = ("none", "llama3")
 DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("none", "ddp", "fsdp", "deepspeed")  # data parallel across the launched ranks (parallel.engine)
 PP_SCHEDULES = ("1f1b", "interleaved1f1b", "zbv", "dualpipev", "csv")
@@ -68,6 +69,15 @@ class ModelConfig:
     stream_dtype: str = "fp32"
     attention: str = "gqa"  # gqa (n_head / n_kv_head / head_dim) | mla (model.mla.*: DeepSeek's latent attention)
     mla: MLAConfig = field(default_factory=MLAConfig)  # read only when attention=mla
+    # --- Hugging Face checkpoints (`mhc-train import-hf`); the defaults keep the model above bit for bit ---
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3), gains of size head_dim
+    rope_scaling: str = "none"  # none | llama3 (Llama 3.1's frequency-dependent stretch of the RoPE wavelengths)
+    rope_scaling_factor: float = 8.0  # llama3: long wavelengths divided by this
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_max / this are fully scaled
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_max / this are kept
+    rope_original_max_seq_len: int = 8192  # llama3: the context the model was first trained at
+    vocab_padded: bool = False  # vocab_size may exceed the tokenizer's pieces (Qwen pads its embedding rows)
 
 
 @dataclass

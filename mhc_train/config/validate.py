@@ -27,6 +27,7 @@ from mhc_train.config.schema import (
     PRECISIONS,
     READ_INITS,
     RECOMPUTE_MODES,
+    ROPE_SCALINGS,
     SINKHORN_BACKWARDS,
     SPLIT_BACKWARD_SCHEDULES,
     STREAM_DTYPES,
@@ -80,6 +81,12 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
         fail(f"{prefix}.n_kv_head", m.n_kv_head, f"must divide {prefix}.n_head={m.n_head} (or be 0)")
     if not (m.norm_eps > 0 and m.init_std > 0 and m.rope_theta > 0):
         fail(f"{prefix}.norm_eps/init_std/rope_theta", (m.norm_eps, m.init_std, m.rope_theta), "must all be > 0")
+    choice(f"{prefix}.rope_scaling", m.rope_scaling, ROPE_SCALINGS)
+    if m.rope_scaling == "llama3" and not (
+        m.rope_scaling_factor > 0 and m.rope_high_freq_factor > m.rope_low_freq_factor > 0
+    ):
+        fail(f"{prefix}.rope_high_freq_factor", m.rope_high_freq_factor,
+             "needs rope_scaling_factor > 0 and rope_high_freq_factor > rope_low_freq_factor > 0")  # fmt: skip
     choice(f"{prefix}.attention", m.attention, ATTENTIONS)
     if m.attention == "mla":
         validate_mla(m, prefix)

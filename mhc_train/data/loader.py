@@ -82,8 +82,9 @@ class TokenData:
     def vocab_size(self) -> int:
         return self.manifest["vocab_size"]
 
-    def check_compatible(self, model_vocab: int, seq_len: int) -> None:
-        if model_vocab != self.vocab_size:
+    def check_compatible(self, model_vocab: int, seq_len: int, unused_rows_ok: bool = False) -> None:
+        """`unused_rows_ok` (model.vocab_padded): a model vocabulary larger than the tokenizer's is valid."""
+        if model_vocab != self.vocab_size and not (unused_rows_ok and model_vocab > self.vocab_size):
             raise DataError(
                 f"model.vocab_size={model_vocab} but the tokenizer in {self.dir} has {self.vocab_size} pieces; set "
                 f"model.vocab_size={self.vocab_size} (or prepare the data with data.vocab_size={model_vocab})"

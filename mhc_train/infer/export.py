@@ -12,6 +12,8 @@ Notes:
 - The directory is written under a temporary name and renamed, so a half-written export never carries the name.
 - MLA models (model.attention=mla) add `attention` and `mla` (model.mla.*) to config.json; GQA exports are unchanged.
 - A tied LM head is written as its own copy (safetensors stores no aliases); config.json says tie_word_embeddings=false.
+- A tied LM head is written as its own copy `lm_head.weight` (safetensors stores no aliases); config.json says
+  tie_word_embeddings=false. The decoder is `model.<mhc-train name>` (AutoModel loads it alone).
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ from mhc_train.infer.load import Loaded
 from mhc_train.model.transformer import ffn_hidden_dim, head_dim
 
 HF_DIR = Path(__file__).parent / "hf"
-AUTO_MAP = {"AutoConfig": "modeling_mhc.MHCConfig", "AutoModelForCausalLM": "modeling_mhc.MHCForCausalLM"}
+AUTO_MAP = {
+    "AutoConfig": "modeling_mhc.MHCConfig",
+    "AutoModel": "modeling_mhc.MHCModel",
+    "AutoModelForCausalLM": "modeling_mhc.MHCForCausalLM",
+}
 
 
 def hf_config(loaded: Loaded) -> dict:
@@ -50,11 +56,19 @@ def hf_config(loaded: Loaded) -> dict:
         "rope_theta": cfg.rope_theta,
         "rms_norm_eps": cfg.norm_eps,
         "connection": {**dataclasses.asdict(conn), "n_streams": loaded.model.n_streams},
+        "attention_bias": cfg.qkv_bias,
+        "qk_norm": cfg.qk_norm,
+        "mhc_rope_scaling": rope_scaling(cfg),
         "tie_word_embeddings": False,
         "eos_token_id": eos,
         "pad_token_id": eos,
         "torch_dtype": "float32",
-        "mhc_train": {"checkpoint": str(loaded.path), "step": loaded.step},
+        "mhc_train": {
+            "checkpoint": str(loaded.path),
+            "step": loaded.step,
+            "model": dataclasses.asdict(cfg),
+            "connection": dataclasses.asdict(conn),
+        },  # fmt: skip
         **mla_config(cfg),  # MLA models only
     }
 
@@ -64,32 +78,54 @@ def mla_config(cfg) -> dict:
     return {"attention": "mla", "mla": dataclasses.asdict(cfg.mla)} if cfg.attention == "mla" else {}
 
 
+def rope_scaling(cfg) -> dict | None:
+    if cfg.rope_scaling != "llama3":
+        return None
+    return {"factor": cfg.rope_scaling_factor, "low_freq_factor": cfg.rope_low_freq_factor,
+            "high_freq_factor": cfg.rope_high_freq_factor,
+            "original_max_position_embeddings": cfg.rope_original_max_seq_len}  # fmt: skip
+
+
+def export_weights(loaded: Loaded) -> dict:
+    """{transformers name: fp32 tensor}: the decoder's under `model.` (mhc-train's names), the head as `lm_head`."""
+    out = {}
+    for k, v in loaded.model.state_dict().items():
+        name = "lm_head.weight" if k == "output.weight" else f"model.{k}"
+        out[name] = v.detach().to("cpu", torch.float32).clone().contiguous()
+    return out
+
+
 def export(loaded: Loaded, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write the export directory for `loaded`; returns its path."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    if not hasattr(loaded.tokenizer, "sp"):  # TODO: a tokenizer.json run could export with PreTrainedTokenizerFast
-        raise InferenceError(
-            f"export supports runs tokenised with sentencepiece only; {loaded.tokenizer.path} is a Hugging Face "
-            "tokenizer.json. Load it with tokenizers.Tokenizer.from_file next to the model's weights instead"
-        )
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise InferenceError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     config = hf_config(loaded)
-    weights = {
-        f"model.{k}": v.detach().to("cpu", torch.float32).clone().contiguous()
-        for k, v in loaded.model.state_dict().items()
-    }
-    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    save_file(export_weights(loaded), str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for name in ("modeling_mhc.py", "tokenization_mhc.py"):
-        shutil.copyfile(HF_DIR / name, tmp / name)
-    shutil.copyfile(loaded.tokenizer.path, tmp / "tokenizer.model")
-    sp = loaded.tokenizer.sp
+    shutil.copyfile(HF_DIR / "modeling_mhc.py", tmp / "modeling_mhc.py")
+    if hasattr(loaded.tokenizer, "sp"):
+        write_sentencepiece_tokenizer(loaded.tokenizer, tmp)
+    else:
+        write_fast_tokenizer(loaded.tokenizer, tmp)
+    gen = {"eos_token_id": config["eos_token_id"], "pad_token_id": config["pad_token_id"], "do_sample": False}
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def write_sentencepiece_tokenizer(tokenizer, tmp: Path) -> None:
+    """MHCTokenizer (tokenization_mhc.py) around the run's sentencepiece model."""
+    shutil.copyfile(HF_DIR / "tokenization_mhc.py", tmp / "tokenization_mhc.py")
+    shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")
+    sp = tokenizer.sp
     eos = sp.id_to_piece(sp.eos_id()) if sp.eos_id() >= 0 else None
     unk = sp.id_to_piece(sp.unk_id()) if sp.unk_id() >= 0 else None
     tok_cfg = {
@@ -105,9 +141,19 @@ def export(loaded: Loaded, out_dir: str | Path, overwrite: bool = False) -> Path
     (tmp / "special_tokens_map.json").write_text(
         json.dumps({"eos_token": eos, "unk_token": unk, "pad_token": eos}) + "\n"
     )
-    gen = {"eos_token_id": config["eos_token_id"], "pad_token_id": config["pad_token_id"], "do_sample": False}
-    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+
+
+def write_fast_tokenizer(tokenizer, tmp: Path) -> None:
+    """A run tokenised with a Hugging Face tokenizer.json: that file, loaded as transformers' PreTrainedTokenizerFast
+    (its own post-processor decides what `tokenizer(text)` adds; mhc-train encodes without special tokens)."""
+    shutil.copyfile(tokenizer.path, tmp / "tokenizer.json")
+    eos = tokenizer.eos_token
+    tok_cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": eos,
+        "pad_token": eos,
+        "padding_side": "left",
+        "clean_up_tokenization_spaces": False,
+    }
+    (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    (tmp / "special_tokens_map.json").write_text(json.dumps({"eos_token": eos, "pad_token": eos}) + "\n")

@@ -119,6 +119,8 @@ class Decoder:
         q = attn.wq(h).view(B, T, attn.n_head, attn.head_dim)
         k = attn.wk(h).view(B, T, attn.n_kv_head, attn.head_dim)
         v = attn.wv(h).view(B, T, attn.n_kv_head, attn.head_dim)
+        if hasattr(attn, "q_norm"):  # model.qk_norm
+            q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = rope_at(q, rope), rope_at(k, rope)
         cache.k[layer_idx, :, :, start:end] = k.transpose(1, 2)
         cache.v[layer_idx, :, :, start:end] = v.transpose(1, 2)

@@ -26,8 +26,8 @@ from torch import nn
 
 from mhc_train.config import ConnectionConfig, ModelConfig, validate_connection, validate_model
 from mhc_train.model.connections import Connection, build_connection
-from mhc_train.model.layers import Attention, FeedForward, RMSNorm, rope_cache
 from mhc_train.model.mla import MLAttention, rope_dim
+from mhc_train.model.layers import Attention, FeedForward, RMSNorm, scaled_rope_cache
 
 
 def head_dim(cfg: ModelConfig) -> int:
@@ -39,6 +39,16 @@ def ffn_hidden_dim(cfg: ModelConfig) -> int:
         return cfg.ffn_hidden_dim
     hidden = int(2 * 4 * cfg.dim / 3)
     return cfg.multiple_of * ((hidden + cfg.multiple_of - 1) // cfg.multiple_of)
+
+
+def model_rope_cache(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """The model's RoPE table [max_seq_len, rope_dim / 2, 2] (the head size, MLA's qk_rope_head_dim), with
+    model.rope_scaling applied."""
+    scaling = None
+    if cfg.rope_scaling == "llama3":
+        scaling = (cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+                   cfg.rope_original_max_seq_len)  # fmt: skip
+    return scaled_rope_cache(rope_dim(cfg), cfg.max_seq_len, cfg.rope_theta, scaling, device)
 
 
 class SitePart(NamedTuple):
@@ -61,7 +71,8 @@ class Block(nn.Module):
         if cfg.attention == "mla":  # DeepSeek's multi-head latent attention (model.mla.*)
             self.attn = MLAttention(cfg)
         else:
-            self.attn = Attention(cfg.dim, cfg.n_head, cfg.n_kv_head or cfg.n_head, head_dim(cfg))
+            self.attn = Attention(cfg.dim, cfg.n_head, cfg.n_kv_head or cfg.n_head, head_dim(cfg), cfg.qkv_bias,
+                                  cfg.qk_norm, cfg.norm_eps)  # fmt: skip
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = FeedForward(cfg.dim, ffn_hidden_dim(cfg))
         self.attn_conn = conn.site(cfg.dim, 2 * layer_id)
@@ -94,7 +105,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self._block_runner: BlockRunner | None = None  # see `use_block_runner`
-        self.register_buffer("rope", rope_cache(rope_dim(cfg), cfg.max_seq_len, cfg.rope_theta), persistent=False)
+        self.register_buffer("rope", model_rope_cache(cfg), persistent=False)
 
     @property
     def n_streams(self) -> int:
@@ -163,6 +174,8 @@ class Transformer(nn.Module):
             out_std = std / (2 * self.cfg.n_layer) ** 0.5 * self.conn.out_proj_std_factor
             s = out_std if name.endswith(("attn.wo", "ffn.w2")) else std
             values = {"weight": torch.empty(mod.weight.shape).normal_(0.0, s, generator=g)}
+            if getattr(mod, "bias", None) is not None:  # model.qkv_bias
+                values["bias"] = torch.zeros(mod.bias.shape)
         elif hasattr(mod, "initial_values"):  # a connection site
             values = mod.initial_values(g)
         else:
@@ -175,7 +188,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_buffers(self) -> None:
         """Recompute the buffers (the RoPE table), e.g. after `to_empty` moved the model off the meta device."""
-        self.rope.copy_(rope_cache(rope_dim(self.cfg), self.cfg.max_seq_len, self.cfg.rope_theta, self.rope.device))
+        self.rope.copy_(model_rope_cache(self.cfg, self.rope.device))
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] -> stream state [B, T, n, C]; a stage without the embedding passes its input through."""

@@ -97,7 +97,7 @@ class Trainer:
 
         manifest = prepare_agreed(cfg.data, self.dist.rank, exchange)
         self.data = TokenData(manifest["dir"], verify=cfg.data.verify)  # the directory prepare() made or reused
-        self.data.check_compatible(cfg.model.vocab_size, t.seq_len)
+        self.data.check_compatible(cfg.model.vocab_size, t.seq_len, cfg.model.vocab_padded)
         self.tokenizer_ref = {"path": manifest["tokenizer"]["path"], "sha256": manifest["tokenizer"]["sha256"]}
         # after the data: a data error leaves no run directory behind
         self.lock = claim_run_dir(self.run_dir, cfg.checkpoint, self.dist)
