@@ -26,8 +26,8 @@ from torch import nn
 
 from mhc_train.config import ConnectionConfig, ModelConfig, validate_connection, validate_model
 from mhc_train.model.connections import Connection, build_connection
-from mhc_train.model.mla import MLAttention, rope_dim
 from mhc_train.model.layers import Attention, FeedForward, RMSNorm, scaled_rope_cache
+from mhc_train.model.mla import MLAttention, rope_dim
 
 
 def head_dim(cfg: ModelConfig) -> int:
