@@ -51,9 +51,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape  # batch, time, channels
-        q = self.wq(x).view(B, T, self.n_head, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim)
+        q = self.wq(x).view(B, T, -1, self.head_dim)  # -1: local heads under tensor parallelism
+        k = self.wk(x).view(B, T, -1, self.head_dim)
+        v = self.wv(x).view(B, T, -1, self.head_dim)
         q, k = apply_rope(q, rope[:T]), apply_rope(k, rope[:T])
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
