@@ -16,8 +16,9 @@ The plan (torch's DTensor `parallelize_module` over the mesh's tp dimension):
 
 Notable choices:
 - The connection sites' parameters stay plain tensors, whole on every tp rank (the Triton kernels take plain local
-  tensors); each rank's gradient covers its own tokens only, so a hook sums it over tp (`dist.sum_over_group`)
-  before it accumulates (once per backward: correct under gradient accumulation and recomputation).
+  tensors); each rank's gradient covers its own tokens only, so the engine sums them over tp once per step, after
+  the last backward, in one flat all-reduce (`sum_site_grads`; a per-tensor gradient hook would fire twice under
+  recomputation, whose backward calls autograd on the parameters itself).
 - The norms' gains are `Replicate` DTensors (SequenceParallel): DTensor sums their partial gradients over tp.
 - The loss is computed in chunks of tokens (the same cap as `chunked_lm_loss`), each chunk's logits recomputed in
   backward; max, sum of exp and the target logit are all-reduced over tp (three scalars per token).
@@ -62,8 +63,8 @@ def block_plan() -> dict:
 
 def apply_tp(model: torch.nn.Module, tp_mesh) -> torch.nn.Module:
     """2. Tensor + sequence parallelism over the 1-D `tp_mesh`, in place (plan in the module docstring): every
-    parameter but the connection sites' becomes a DTensor on `tp_mesh`; the sites' gradients are summed over tp by a
-    hook; the model's loss becomes `VocabParallelLoss`. A stage without the embedding or the head skips them."""
+    parameter but the connection sites' becomes a DTensor on `tp_mesh` (the sites' gradients: `sum_site_grads` after
+    the backward); the model's loss becomes `VocabParallelLoss`. A stage without the embedding or the head skips them."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
 
@@ -79,13 +80,22 @@ def apply_tp(model: torch.nn.Module, tp_mesh) -> torch.nn.Module:
     parallelize_module(model, tp_mesh, top)
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, block_plan())
-    group = tp_mesh.get_group()
-    for _, site in model.sites():
-        for p in site.parameters():
-            p.register_hook(lambda g, group=group: sum_over_group(g, group))
     if model.output is not None:
         model.use_loss(VocabParallelLoss(tp_mesh))
     return model
+
+
+def sum_site_grads(model: torch.nn.Module, tp_mesh) -> None:
+    """Sum the plain (tp-replicated) parameters' gradients over `tp_mesh` in place: the connection sites', each
+    rank's from its own slice of the sequence. One flat fp32 all-reduce; call once per step, after the last backward."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in model.parameters() if not isinstance(p, DTensor) and p.grad is not None]
+    if grads:
+        flat = sum_over_group(_flatten_dense_tensors([g.float() for g in grads]), tp_mesh.get_group())
+        for g, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(summed)
 
 
 # ---- the loss on vocab-sharded logits -------------------------------------------------------------------------
@@ -153,3 +163,79 @@ class VocabParallelLoss:
     def _chunk(self, h, weight, targets, offset):
         logits = F.linear(h, weight).float()  # [chunk, V/tp]
         return _VocabParallelCE.apply(logits, targets, offset, self.group)
+
+
+# ---- the engine ------------------------------------------------------------------------------------------------
+def grad_norm(params) -> torch.Tensor:
+    """The global gradient norm over DTensor (sharded or replicated over tp) and plain replicated gradients: each
+    DTensor's norm is made whole over its mesh, each plain one counted once (every tp rank holds the same sum)."""
+    squares = [full(torch.linalg.vector_norm(p.grad.float())) ** 2 for p in params]
+    return torch.stack([s.reshape(()) for s in squares]).sum().sqrt()
+
+
+class TPEngine(LocalEngine):
+    """Tensor (+ sequence) parallelism over the mesh's tp ranks, no data parallelism beyond (`parallel.engine=none`
+    with world = tp): trains a tensor-parallel copy; `self.model` stays plain for rank 0's files and export. The ranks
+    of a tp group read the same data slice (`data_shard` = the mesh's dp rank)."""
+
+    name = "tp"
+    checkpoint_formats = ("dcp", "file")
+
+    def __init__(self, model, ctx, compile_fn=None):
+        mesh, t = ctx.mesh, ctx.cfg.train
+        self.tp_mesh = mesh.tp_mesh()
+        self.train_model = apply_tp(copy.deepcopy(model), self.tp_mesh)
+        if compile_fn is not None:  # per block, after the plan (a copy of a compiled module calls the original)
+            compile_fn(self.train_model)
+        release_eval_copy(model, ctx.dist)
+        optimizer = ctx.make_optimizer(self.train_model)
+        super().__init__(model, optimizer, ctx.make_scheduler(optimizer), ctx.dist, ctx.device,
+                         ctx.cfg.optim.grad_clip, ctx.amp, t.grad_accum)  # fmt: skip
+        self.forward = self.train_model
+        self.data_shard, self.data_shards = mesh.dp_rank, mesh.dp
+        self.tp = mesh.tp
+
+    def backward(self, loss, micro: int) -> None:
+        super().backward(loss, micro)
+        if micro == self.grad_accum - 1:
+            sum_site_grads(self.train_model, self.tp_mesh)
+
+    def describe(self) -> str:
+        held = sum(local(p).numel() for p in self.train_model.parameters())
+        total = sum(p.numel() for p in self.model.parameters())
+        return f"tp: {self.tp} ranks; rank {self.dist.rank} holds {held:,} of {total:,} parameter elements"
+
+    def train_parameters(self):
+        return self.train_model.parameters()
+
+    def clip(self) -> torch.Tensor:
+        params = self.params_with_grad()
+        norm = grad_norm(params)
+        if self.grad_clip > 0:
+            scale = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+            for p in params:
+                local(p.grad).mul_(scale.to(p.grad.dtype))
+        return norm
+
+    def param_names(self) -> dict:
+        return {p: n for n, p in self.train_model.named_parameters()}
+
+    def eval_forward(self):
+        return self.train_model
+
+    def diag_modules(self):
+        return self.train_model, self.train_model
+
+    def _sync_full_model(self) -> None:
+        state = full_model_state([self.train_model], keep=self.dist.is_main)
+        if self.dist.is_main:
+            materialise_on_host(self.model, state)
+
+    def gather_grads(self) -> dict:
+        return {n: full(p.grad).detach().cpu().clone() for p, n in self.param_names().items() if p.grad is not None}
+
+    def local_named_grads(self):
+        return None
+
+    def live_modules(self):
+        return [self.train_model]

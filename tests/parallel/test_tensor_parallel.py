@@ -1,0 +1,76 @@
+"""Tensor + sequence parallelism (`parallel.tp`, parallel/tensor_parallel.py) on CPU gloo ranks.
+
+- tp_checks.py under torchrun (2 ranks, one launch, each rank comparing against the one-process model it builds
+  beside its TP copy): TP=2 equals one process loss for loss and gradient for gradient over 3 SGD steps (mHC, with
+  and without recompute=mhc); no rank materialises [B, T, V] logits (a dispatch spy, checked to see them in one
+  process) and the vocab-parallel loss equals the loss on the gathered logits; per-rank saved stream bytes are 1/tp
+  of tp=1's. MHC_TRAIN_TP_FULL=1 adds the residual and HC arms, recompute=full and the Triton backend (interpreter).
+- The trainer at parallel.tp=2, engine=none on 2 ranks equals one process (both tp ranks read the same batch: the
+  engine slices data by the mesh's dp rank, not the global rank).
+- Config-time refusals, one line each (no launch).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from mhc_train.config import ConfigError, load_config
+from mhc_train.config.validate import validate_world
+from tests.support import launch
+from tests.support.configs import run_overrides
+from tests.support.numerics import assert_close_runs
+
+FULL = os.environ.get("MHC_TRAIN_TP_FULL") == "1"
+CASES = ["mhc:torch:none", "mhc:torch:mhc", "spy", "saved"]
+FULL_CASES = ["residual:torch:none", "hc:torch:none", "hc:torch:full", "mhc:triton:none", "mhc:triton:mhc"]
+
+
+@pytest.mark.slow
+def test_tp2_matches_one_process_and_never_gathers_logits():
+    cases = CASES + (FULL_CASES if FULL else [])
+    cmd = launch.torchrun_cmd(cases, nproc=2, module="tests.parallel.tp_checks")
+    out = launch.run(cmd, timeout=900, TRITON_INTERPRET="1")
+    for case in cases:
+        assert f"PASS {case}" in out, out[-3000:]
+
+
+COMMON = {
+    "train.max_steps": 3,
+    "train.batch_size": 4,
+    "checkpoint.every": 0,
+    "train.threads": 1,
+    "train.dump_grads_at": 1,
+    "connection": "mhc",
+}  # test_distributed.py's settings with connection=mhc: one reference run serves both files
+
+
+@pytest.mark.slow
+def test_trainer_tp2_matches_single_process(prepared_data, reference_runs, tmp_path):
+    ref, run = reference_runs(**COMMON), tmp_path / "tp2"
+    out = launch.run(launch.torchrun_cmd(run_overrides(prepared_data, run, **{**COMMON, "parallel.tp": 2})))
+    assert "tp: 2 ranks" in out, out[-2000:]
+    assert_close_runs(run, ref, 3)
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        ({"parallel.tp": 3}, "must divide model.n_head=4"),
+        ({"parallel.tp": 2, "parallel.engine": "deepspeed"}, "DeepSpeed does not compose"),
+        ({"parallel.cp": 2}, "context parallelism is not built"),
+        ({"parallel.tp": 2, "parallel.pp": 2}, "pipeline x tensor parallelism"),
+    ],
+)
+def test_tp_refusals_are_one_line(overrides, needle):
+    with pytest.raises(ConfigError, match=needle) as err:
+        load_config(overrides=["model=test", "train=test", *(f"{k}={v}" for k, v in overrides.items())])
+    assert "\n" not in str(err.value)
+
+
+def test_world_must_split_into_tp():
+    cfg = load_config(overrides=["model=test", "train=test", "parallel.tp=2"])
+    validate_world(cfg, 2)  # pure tensor parallelism: dp = 1
+    with pytest.raises(ConfigError, match="launch a multiple of pp x tp = 2"):
+        validate_world(cfg, 3)
