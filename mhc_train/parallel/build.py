@@ -42,7 +42,7 @@ from mhc_train.parallel.pipeline import PipelineEngine, StagePlan, cut_stage
 from mhc_train.parallel.recompute import apply_recompute as recompute_module
 from mhc_train.parallel.schedules import pipeline_layout
 from mhc_train.parallel.state import materialise, on_meta
-from mhc_train.parallel.tensor_parallel import TPEngine
+from mhc_train.parallel.tensor_parallel import TPEngine, TPFSDPEngine
 
 PER_BLOCK_FSDP_SCHEDULES = ("1f1b", "interleaved1f1b")  # no split backward (see fsdp.py note 1)
 
@@ -209,8 +209,9 @@ def data_parallel_engine(model: torch.nn.Module, ctx: BuildContext) -> Engine:
             seed=ctx.seed, weights=ctx.weights, zero=p.zero,
         )  # fmt: skip
     if p.engine == "fsdp":  # 5.-8. in FSDPEngine (shard on meta, materialise the shards, optimizer)
-        return FSDPEngine(model, ctx.make_optimizer, ctx.make_scheduler, **common, compile=t.compile, seed=ctx.seed,
-                          weights=ctx.weights, mesh=ctx.mesh)  # fmt: skip
+        fsdp_engine = TPFSDPEngine if ctx.mesh.tp > 1 else FSDPEngine  # 2. inside, on the copy it shards
+        return fsdp_engine(model, ctx.make_optimizer, ctx.make_scheduler, **common, compile=t.compile, seed=ctx.seed,
+                           weights=ctx.weights, mesh=ctx.mesh)  # fmt: skip
     optimizer = ctx.make_optimizer(model)  # 7.
     return LocalEngine(model, optimizer, ctx.make_scheduler(optimizer), **common, ddp=p.engine == "ddp")
 

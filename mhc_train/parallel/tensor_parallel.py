@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from mhc_train.parallel.dist import all_reduce_over, sum_over_group
 from mhc_train.parallel.engine import LocalEngine, materialise_on_host, release_eval_copy
+from mhc_train.parallel.fsdp import FSDPEngine
 from mhc_train.parallel.state import full, full_model_state, local
 
 LOSS_CHUNK_ELEMENTS = 1 << 26  # fp32 local logits per chunk, as model.transformer.LOSS_CHUNK_ELEMENTS
@@ -91,7 +92,10 @@ def sum_site_grads(model: torch.nn.Module, tp_mesh) -> None:
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
     from torch.distributed.tensor import DTensor
 
-    grads = [p.grad for p in model.parameters() if not isinstance(p, DTensor) and p.grad is not None]
+    def replicated(p) -> bool:  # plain, or sharded by FSDP over the data-parallel dims only
+        return not isinstance(p, DTensor) or "tp" not in (p.device_mesh.mesh_dim_names or ())
+
+    grads = [local(p.grad) for p in model.parameters() if replicated(p) and p.grad is not None]
     if grads:
         flat = sum_over_group(_flatten_dense_tensors([g.float() for g in grads]), tp_mesh.get_group())
         for g, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):
@@ -166,6 +170,16 @@ class VocabParallelLoss:
 
 
 # ---- the engine ------------------------------------------------------------------------------------------------
+def clip_grads(params, limit: float) -> torch.Tensor:
+    """The global pre-clip norm (`grad_norm`); every gradient scaled by min(1, limit / norm) on the device (0: never)."""
+    norm = grad_norm(params)
+    if limit > 0:
+        scale = (limit / (norm + 1e-6)).clamp(max=1.0)
+        for p in params:
+            local(p.grad).mul_(scale.to(p.grad.dtype))
+    return norm
+
+
 def grad_norm(params) -> torch.Tensor:
     """The global gradient norm over DTensor (sharded or replicated over tp) and plain replicated gradients: each
     DTensor's norm is made whole over its mesh, each plain one counted once (every tp rank holds the same sum)."""
@@ -209,13 +223,7 @@ class TPEngine(LocalEngine):
         return self.train_model.parameters()
 
     def clip(self) -> torch.Tensor:
-        params = self.params_with_grad()
-        norm = grad_norm(params)
-        if self.grad_clip > 0:
-            scale = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
-            for p in params:
-                local(p.grad).mul_(scale.to(p.grad.dtype))
-        return norm
+        return clip_grads(self.params_with_grad(), self.grad_clip)
 
     def param_names(self) -> dict:
         return {p: n for n, p in self.train_model.named_parameters()}
@@ -239,3 +247,30 @@ class TPEngine(LocalEngine):
 
     def live_modules(self):
         return [self.train_model]
+
+
+class TPFSDPEngine(FSDPEngine):
+    """TP x FSDP2 (2-D: `parallel.tp` > 1 with `parallel.engine=fsdp`): the plan applied to FSDPEngine's copy before
+    it shards it over the data-parallel dims, so every TP parameter is a 2-D DTensor (dp_shard, tp) and the sites'
+    parameters 1-D over dp_shard (their gradients summed over tp after FSDP's reduce-scatter)."""
+
+    name = "tp+fsdp"
+
+    def __init__(self, model, build_optimizer, build_scheduler, dist, device, grad_clip, autocast_dtype,
+                 grad_accum: int, compile: bool = False, seed: int = 0, weights: dict | None = None,
+                 mesh=None):  # fmt: skip
+        self.tp_mesh = mesh.tp_mesh()
+        super().__init__(model, build_optimizer, build_scheduler, dist, device, grad_clip, autocast_dtype, grad_accum,
+                         compile, seed, weights, mesh, prepare=lambda m: apply_tp(m, self.tp_mesh))  # fmt: skip
+        self.data_shard, self.data_shards = mesh.dp_rank, mesh.dp
+
+    def backward(self, loss, micro: int) -> None:
+        super().backward(loss, micro)
+        if micro == self.grad_accum - 1:
+            sum_site_grads(self.train_model, self.tp_mesh)
+
+    def clip(self) -> torch.Tensor:
+        return clip_grads(self.params_with_grad(), self.grad_clip)
+
+    def describe(self) -> str:
+        return f"tp x fsdp: tp={self.tp_mesh.size()}; " + super().describe()

@@ -5,8 +5,9 @@
   and without recompute=mhc); no rank materialises [B, T, V] logits (a dispatch spy, checked to see them in one
   process) and the vocab-parallel loss equals the loss on the gathered logits; per-rank saved stream bytes are 1/tp
   of tp=1's. MHC_TRAIN_TP_FULL=1 adds the residual and HC arms, recompute=full and the Triton backend (interpreter).
-- The trainer at parallel.tp=2, engine=none on 2 ranks equals one process (both tp ranks read the same batch: the
-  engine slices data by the mesh's dp rank, not the global rank).
+- The trainer at TP2 x FSDP2 (4 ranks) equals one process: losses, val losses, every gradient of step 1, weights
+  (the tp ranks of a dp group read the same batch: the engine slices data by the mesh's dp rank, not the global
+  rank). MHC_TRAIN_TP_FULL=1 adds pure TP2 (engine=none, 2 ranks).
 - Config-time refusals, one line each (no launch).
 """
 
@@ -47,10 +48,21 @@ COMMON = {
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not FULL, reason="MHC_TRAIN_TP_FULL=1: the 2-D test below covers the trainer under TP")
 def test_trainer_tp2_matches_single_process(prepared_data, reference_runs, tmp_path):
     ref, run = reference_runs(**COMMON), tmp_path / "tp2"
     out = launch.run(launch.torchrun_cmd(run_overrides(prepared_data, run, **{**COMMON, "parallel.tp": 2})))
     assert "tp: 2 ranks" in out, out[-2000:]
+    assert_close_runs(run, ref, 3)
+
+
+@pytest.mark.slow
+def test_trainer_tp2_fsdp2_matches_single_process(prepared_data, reference_runs, tmp_path):
+    """2-D: TP2 x FSDP2 at 4 ranks (the same reference as the TP2 test)."""
+    ref, run = reference_runs(**COMMON), tmp_path / "tp2_fsdp2"
+    overrides = {**COMMON, "parallel.tp": 2, "parallel.engine": "fsdp"}
+    out = launch.run(launch.torchrun_cmd(run_overrides(prepared_data, run, **overrides), nproc=4), timeout=600)
+    assert "tp x fsdp: tp=2" in out, out[-2000:]
     assert_close_runs(run, ref, 3)
 
 
