@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 from mhc_train.config.pipeline import read_csv_schedule
-from mhc_train.config.validate_tp import data_parallel_world, validate_tp
 from mhc_train.config.schema import (
     B_RES_INITS,
     BACKENDS,
@@ -37,6 +36,7 @@ from mhc_train.config.schema import (
     DataConfig,
     ModelConfig,
 )
+from mhc_train.config.validate_tp import data_parallel_world, validate_tp
 
 
 def fail(key: str, value: Any, allowed: str) -> None:
