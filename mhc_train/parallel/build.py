@@ -42,7 +42,7 @@ from mhc_train.parallel.pipeline import PipelineEngine, StagePlan, cut_stage
 from mhc_train.parallel.recompute import apply_recompute as recompute_module
 from mhc_train.parallel.schedules import pipeline_layout
 from mhc_train.parallel.state import materialise, on_meta
-from mhc_train.parallel.tensor_parallel import TPEngine, TPFSDPEngine
+from mhc_train.parallel.tensor_parallel import TPEngine, TPFSDPEngine, apply_tp
 
 PER_BLOCK_FSDP_SCHEDULES = ("1f1b", "interleaved1f1b")  # no split backward (see fsdp.py note 1)
 
@@ -172,6 +172,8 @@ def sharded_modules(model: torch.nn.Module, ctx: BuildContext) -> tuple[list[tor
     if p.pp > 1:
         plan = stage_plan(ctx)
         return pipeline_stages(model, ctx, plan), plan
+    if ctx.mesh.tp > 1:  # 2. (the engines apply it to their copy; the plan's skeleton is its own)
+        apply_tp(model, ctx.mesh.tp_mesh())
     apply_recompute(model, ctx)  # 3.
     if p.engine == "fsdp":
         return [apply_fsdp(model, ctx, per_block=True)], None  # 5.

@@ -19,7 +19,7 @@ import pytest
 
 from mhc_train.config import ConfigError, load_config
 from mhc_train.config.validate import validate_world
-from tests.support import launch
+from tests.support import launch, runs
 from tests.support.configs import run_overrides
 from tests.support.numerics import assert_close_runs
 
@@ -86,3 +86,25 @@ def test_world_must_split_into_tp():
     validate_world(cfg, 2)  # pure tensor parallelism: dp = 1
     with pytest.raises(ConfigError, match="launch a multiple of pp x tp = 2"):
         validate_world(cfg, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FULL, reason="MHC_TRAIN_TP_FULL=1: six 4-rank launches")
+@pytest.mark.parametrize("first,second", [("tp2_fsdp2", "fsdp4"), ("fsdp4", "tp2_fsdp2")])
+def test_dcp_checkpoint_resumes_across_a_change_of_tp(prepared_data, tmp_path, first, second):
+    """A DCP checkpoint of TP2 x FSDP2 resumes at FSDP4 (re-sharded by parameter name on load), and the reverse, and
+    the run continues with the losses of an uninterrupted run."""
+    layouts = {"tp2_fsdp2": {"parallel.tp": 2}, "fsdp4": {"parallel.tp": 1}}
+    common = {**COMMON, "train.max_steps": 4, "parallel.engine": "fsdp", "checkpoint.format": "dcp"}
+    full, split, run = tmp_path / "full", tmp_path / "split", tmp_path / "resumed"
+
+    def train(run_dir, layout, **extra):
+        overrides = run_overrides(prepared_data, run_dir, **common, **layouts[layout], **extra)
+        return launch.run(launch.torchrun_cmd(overrides, nproc=4), timeout=600)
+
+    train(full, first)
+    train(split, first, **{"train.stop_at_step": 2})
+    runs.copy_checkpoint(split, run, 2)
+    assert "resumed from" in train(run, second)
+    tail_full, tail = runs.losses(full)[2:], runs.losses(run)
+    assert len(tail) == 2 and all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(tail_full, tail)), (tail_full, tail)
