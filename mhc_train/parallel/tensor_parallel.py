@@ -117,7 +117,7 @@ class _VocabParallelCE(torch.autograd.Function):
         all_reduce_over(total, group)
         local_t = targets - offset
         mine = (local_t >= 0) & (local_t < logits.shape[-1])
-        picked = z.gather(-1, local_t.clamp(0, logits.shape[-1] - 1)[:, None])[:, 0] * mine  # [N]
+        picked = torch.take_along_dim(z, local_t.clamp(0, logits.shape[-1] - 1)[:, None], -1)[:, 0] * mine  # [N]
         all_reduce_over(picked, group)
         ctx.save_for_backward(exp.div_(total[:, None]), local_t, mine)
         return (total.log() - picked).sum()
