@@ -94,8 +94,10 @@ def main() -> None:
         per_layer = {k: v / args.layers for k, v in collectives(tp_model, x, y, mesh).items()}
         results["arms"][arm] = {
             "saved_bytes_per_rank": {"tp1": saved_bytes(plain, x, y), f"tp{tp}": saved_bytes(tp_model, x, y)},
-            "step_s": {"tp1": step_time(plain, x, y, None, args.repeats),
-                       f"tp{tp}": step_time(tp_model, x, y, mesh, args.repeats)},  # fmt: skip
+            "step_s": {
+                "tp1": step_time(plain, x, y, None, args.repeats),
+                f"tp{tp}": step_time(tp_model, x, y, mesh, args.repeats),
+            },
             "collectives_per_step": collectives(tp_model, x, y, mesh),
             "collectives_per_layer": per_layer,
             # per layer, forward + backward: two sub-layers, each an all-gather and a reduce-scatter of [B, T, C]

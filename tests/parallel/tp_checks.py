@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mhc_train.config import ConnectionConfig, ModelConfig
 from mhc_train.model.transformer import build_model
+from mhc_train.parallel import tensor_parallel
 from mhc_train.parallel.recompute import apply_recompute
 from mhc_train.parallel.state import full
 from mhc_train.parallel.tensor_parallel import VocabParallelLoss, apply_tp, gather_tokens, sum_site_grads
@@ -90,10 +91,21 @@ def check_spy(mesh) -> None:
     assert not full_logits(seen.shapes), [s for s in seen.shapes if s and s[-1] == V]
     # the vocab-parallel loss equals the loss on the gathered logits, for an arbitrary hidden slice
     h = torch.randn(B, T // mesh.size(), C, generator=torch.Generator().manual_seed(dist.get_rank()))
+    h.requires_grad_()
     got = VocabParallelLoss(mesh)(h, tp.output, y)
     logits = gather_tokens(h, mesh) @ full(tp.output.weight).T  # [B, T, V], for the comparison only
     want = F.cross_entropy(logits.flatten(0, 1), y.flatten())
     assert abs(got.item() - want.item()) <= 1e-5 * want.item(), (got.item(), want.item())
+    (grad,) = torch.autograd.grad(got, h)
+    # split into chunks of 8 tokens (each chunk's logits recomputed in backward): the same loss and gradient
+    saved, tensor_parallel.LOSS_CHUNK_ELEMENTS = tensor_parallel.LOSS_CHUNK_ELEMENTS, 8 * V // mesh.size()
+    try:
+        chunked = VocabParallelLoss(mesh)(h, tp.output, y)
+        (chunked_grad,) = torch.autograd.grad(chunked, h)
+    finally:
+        tensor_parallel.LOSS_CHUNK_ELEMENTS = saved
+    assert abs(chunked.item() - got.item()) <= 1e-6 * got.item(), (chunked.item(), got.item())
+    assert (chunked_grad - grad).abs().max().item() <= 1e-6, (chunked_grad - grad).abs().max().item()
 
 
 def stream_bytes(model, n: int, tokens: int) -> int:
