@@ -91,7 +91,6 @@ def main() -> None:
         conn = ConnectionConfig(type=arm, n_streams=1 if arm == "residual" else 4, backend="torch")
         plain = build_model(cfg, conn, seed=0)
         tp_model = apply_tp(copy.deepcopy(plain), mesh)
-        per_layer = {k: v / args.layers for k, v in collectives(tp_model, x, y, mesh).items()}
         results["arms"][arm] = {
             "saved_bytes_per_rank": {"tp1": saved_bytes(plain, x, y), f"tp{tp}": saved_bytes(tp_model, x, y)},
             "step_s": {
@@ -99,7 +98,6 @@ def main() -> None:
                 f"tp{tp}": step_time(tp_model, x, y, mesh, args.repeats),
             },
             "collectives_per_step": collectives(tp_model, x, y, mesh),
-            "collectives_per_layer": per_layer,
             # per layer, forward + backward: two sub-layers, each an all-gather and a reduce-scatter of [B, T, C]
             # in each direction; the sites add nothing (their gradients: one all-reduce per step, not per layer)
             "sp_bytes_per_layer": 8 * args.batch * args.seq * args.dim * 4 * (tp - 1) // tp,
