@@ -22,7 +22,7 @@ Notable choices:
 - The norms' gains are `Replicate` DTensors (SequenceParallel): DTensor sums their partial gradients over tp.
 - The loss is computed in chunks of tokens (the same cap as `chunked_lm_loss`), each chunk's logits recomputed in
   backward; max, sum of exp and the target logit are all-reduced over tp (three scalars per token).
-- Refusals (config time, `config.validate.validate_tp`): heads, KV heads, the FFN width, the vocabulary and the
+- Refusals (config time, `config/validate_tp.py`): heads, KV heads, the FFN width, the vocabulary and the
   sequence must divide by tp; DeepSpeed and the pipeline with tp > 1; context parallelism.
 """
 
