@@ -29,6 +29,8 @@ PRESETS = {
     "pp_1f1b": ([2], []),
     "pp_dualpipev": ([2], ["model.n_layer=4"]),
     "pp_fsdp": ([4, 8], ["train.batch_size=16"]),
+    "tp2_fsdp": ([4, 8], ["train.batch_size=8"]),
+    "tp4_fsdp": ([8], ["train.batch_size=8"]),
 }
 
 

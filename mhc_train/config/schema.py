@@ -225,6 +225,8 @@ class ParallelConfig:
     recompute: str = "none"  # none | mhc (drop and recompute connection intermediates; F kept) | full (F too)
     recompute_block: str = "auto"  # L_r in sites | auto (Eq. 20 optimum per pipeline stage) | stage (the paper's)
     timeout_s: int = 1800  # seconds a collective may wait before the process group aborts it (torch: 600)
+    tp: int = 1  # tensor (+ sequence) parallel ranks, innermost on the mesh; data parallel = world / (pp x tp)
+    cp: int = 1  # context parallel ranks: room on the mesh only (refused above 1: not built)
 
 
 @dataclass

@@ -38,6 +38,7 @@ from mhc_train.config.schema import (
     DataConfig,
     ModelConfig,
 )
+from mhc_train.config.validate_tp import data_parallel_world, validate_tp
 
 
 def fail(key: str, value: Any, allowed: str) -> None:
@@ -158,6 +159,7 @@ def validate(cfg: Config) -> None:
         fail("checkpoint.format", "dcp", "parallel.engine=deepspeed writes its own sharded checkpoints: use auto")
     validate_async_save(cfg)
     validate_zero(cfg.parallel.zero)
+    validate_tp(cfg)
     choice("parallel.recompute", cfg.parallel.recompute, RECOMPUTE_MODES)
     choice("parallel.engine", cfg.parallel.engine, ENGINES)
     at_least("parallel.pp", cfg.parallel.pp, 1)
@@ -280,6 +282,7 @@ def validate_pipeline(cfg: Config) -> None:
 def validate_world(cfg: Config, world: int) -> None:
     """Rules that need the launched world size; the trainer runs them before the process group starts."""
     p = cfg.parallel
+    world = data_parallel_world(cfg, world)  # the rules below count data-parallel (and pipeline) ranks
     if p.dp_replicate > 1 and world % (p.pp * p.dp_replicate):
         fail(
             "parallel.dp_replicate",

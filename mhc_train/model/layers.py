@@ -83,9 +83,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape  # batch, time, channels
-        q = self.wq(x).view(B, T, self.n_head, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim)
+        q = self.wq(x).view(B, T, -1, self.head_dim)  # -1: local heads under tensor parallelism
+        k = self.wk(x).view(B, T, -1, self.head_dim)
+        v = self.wv(x).view(B, T, -1, self.head_dim)
         if hasattr(self, "q_norm"):  # model.qk_norm
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, rope[:T]), apply_rope(k, rope[:T])

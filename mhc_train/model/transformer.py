@@ -105,6 +105,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self._block_runner: BlockRunner | None = None  # see `use_block_runner`
+        self._loss_fn: Callable | None = None  # see `use_loss`
         self.register_buffer("rope", model_rope_cache(cfg), persistent=False)
 
     @property
@@ -119,6 +120,11 @@ class Transformer(nn.Module):
         """Choose how the blocks run: `runner(site_parts, x)` instead of the plain loop (None restores it). Chosen once,
         when parallelism is applied (mhc_train.parallel.apply_recompute); the result equals the plain loop's."""
         self._block_runner = runner
+
+    def use_loss(self, loss_fn: Callable | None) -> None:
+        """Compute the training loss as `loss_fn(h [B, T, C] after the final norm, head, targets)` instead of
+        `chunked_lm_loss` (None restores it): tensor parallelism installs its vocab-parallel loss this way."""
+        self._loss_fn = loss_fn
 
     def site_parts(self) -> list[SitePart]:
         """Every connection site of the blocks this module holds, in forward order."""
@@ -220,7 +226,7 @@ class Transformer(nn.Module):
         h = self.run_blocks(self.embed(tokens))
         if targets is None or self.norm is None:  # a pipeline stage before the last passes the stream on
             return self.head(h)
-        return chunked_lm_loss(self.norm(self.conn.collapse(h)), self.output, targets)
+        return (self._loss_fn or chunked_lm_loss)(self.norm(self.conn.collapse(h)), self.output, targets)
 
 
 def module_seed(seed: int, name: str) -> int:

@@ -5,7 +5,8 @@ device mesh, the precision, the seed, a checkpoint's weights, the optimizer and 
 The order (torchtitan's `parallelize_llama` shape), and why:
 
     1. cut stages     (pp > 1) each rank prunes its stage(s) from the meta skeleton: nothing else is ever built
-    2. (apply_tp, apply_ep: the tensor-parallel and MoE issues add their steps here, on each stage)
+    2. tp             tensor + sequence parallelism (parallel.tp > 1; tensor_parallel.apply_tp): DTensor plan on the
+                      copy the engine trains (TPEngine); apply_ep (the MoE issue) goes here too
     3. recompute      a wrapper on each stage / the model, before sharding: FSDP units follow the recompute blocks
     4. compile        per block (train.compile, `parallel/compile.py`), after recompute: the compiled region is what runs
     5. shard          FSDP2 / HSDP over the mesh's data-parallel dims, on the meta device (no storage yet)
@@ -17,6 +18,7 @@ Per layout:
 
     parallel.pp > 1            1 -> 3 -> 4 -> 5 (dp > 1, or bf16 at dp = 1: `stage_fsdp`) -> 6 -> 7 -> 8 (schedule)
     parallel.engine=none/ddp   3 -> 4 -> 7 -> 8 (a built, initialised model)
+    parallel.tp > 1, none      3 -> 2 -> 4 -> 7 -> 8 (TPEngine: the plan on a copy, world = tp)
     parallel.engine=fsdp       3 -> 4 -> 8 (FSDPEngine shards, materialises and builds its optimizer itself)
     parallel.engine=deepspeed  3 -> 4 -> 8 (DeepSpeed partitions while it materialises, and owns its optimizer)
 """
@@ -40,6 +42,7 @@ from mhc_train.parallel.pipeline import PipelineEngine, StagePlan, cut_stage
 from mhc_train.parallel.recompute import apply_recompute as recompute_module
 from mhc_train.parallel.schedules import pipeline_layout
 from mhc_train.parallel.state import materialise, on_meta
+from mhc_train.parallel.tensor_parallel import TPEngine, TPFSDPEngine, apply_tp
 
 PER_BLOCK_FSDP_SCHEDULES = ("1f1b", "interleaved1f1b")  # no split backward (see fsdp.py note 1)
 
@@ -187,6 +190,8 @@ def sharded_modules(model: torch.nn.Module, ctx: BuildContext) -> tuple[list[tor
     if p.pp > 1:
         plan = stage_plan(ctx)
         return pipeline_stages(model, ctx, plan), plan
+    if ctx.mesh.tp > 1:  # 2. (the engines apply it to their copy; the plan's skeleton is its own)
+        apply_tp(model, ctx.mesh.tp_mesh())
     apply_recompute(model, ctx)  # 3.
     if p.engine == "fsdp":
         return [apply_fsdp(model, ctx, per_block=True)], None  # 5.
@@ -211,6 +216,8 @@ def data_parallel_engine(model: torch.nn.Module, ctx: BuildContext) -> Engine:
     """One process, DDP, FSDP2 / HSDP or DeepSpeed over the whole model: recompute, compile, then the engine."""
     p, t = ctx.cfg.parallel, ctx.cfg.train
     apply_recompute(model, ctx)  # 3.
+    if ctx.mesh.tp > 1 and p.engine == "none":  # 2. on the copy it trains, then 4.
+        return TPEngine(model, ctx, compile_blocks if t.compile else None)
     if p.engine in ("none", "ddp"):  # FSDP and DeepSpeed compile the copy they train (apply_compile's note)
         apply_compile(model, ctx)  # 4.
     common = dict(dist=ctx.dist, device=ctx.device, grad_clip=ctx.cfg.optim.grad_clip, autocast_dtype=ctx.amp,
@@ -222,8 +229,9 @@ def data_parallel_engine(model: torch.nn.Module, ctx: BuildContext) -> Engine:
             seed=ctx.seed, weights=ctx.weights, zero=p.zero,
         )  # fmt: skip
     if p.engine == "fsdp":  # 5.-8. in FSDPEngine (shard on meta, materialise the shards, optimizer)
-        return FSDPEngine(model, ctx.make_optimizer, ctx.make_scheduler, **common, compile=t.compile, seed=ctx.seed,
-                          weights=ctx.weights, mesh=ctx.mesh)  # fmt: skip
+        fsdp_engine = TPFSDPEngine if ctx.mesh.tp > 1 else FSDPEngine  # 2. inside, on the copy it shards
+        return fsdp_engine(model, ctx.make_optimizer, ctx.make_scheduler, **common, compile=t.compile, seed=ctx.seed,
+                           weights=ctx.weights, mesh=ctx.mesh)  # fmt: skip
     optimizer = ctx.make_optimizer(model)  # 7.
     return LocalEngine(model, optimizer, ctx.make_scheduler(optimizer), **common, ddp=p.engine == "ddp")
 

@@ -98,6 +98,19 @@ def mean_over_mesh_(t: torch.Tensor, mesh) -> torch.Tensor:
     return t.div_(mesh.size())
 
 
+def all_reduce_over(t: torch.Tensor, group, op: str = "sum") -> torch.Tensor:
+    """Reduce `t` in place over the ranks of `group` (`op`: sum or max): tensor parallelism's loss."""
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def sum_over_group(t: torch.Tensor, group) -> torch.Tensor:
+    """A new tensor: the sum of `t` over the ranks of `group` (a gradient hook's; the caller's tensor untouched)."""
+    out = t.clone()
+    dist.all_reduce(out, group=group)
+    return out
+
+
 def send_to(t: torch.Tensor, peer: int, group=None) -> None:
     """Point-to-point send of `t` (on the compute device) to rank `peer` of `group` (the default group: None)."""
     dist.send(t.contiguous(), group=group, group_dst=peer)

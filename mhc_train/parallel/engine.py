@@ -88,6 +88,9 @@ class Engine:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.dist, self.device, self.grad_clip = dist, torch.device(device), grad_clip
         self.autocast_dtype = autocast_dtype
+        # this rank's data-parallel slice of each batch, of how many (tensor parallelism: the ranks of one tp group
+        # read the same slice; `tensor_parallel.TPEngine` sets them from the mesh)
+        self.data_shard, self.data_shards = dist.rank, dist.world
         # optimiser steps taken / reflected in `self.model`; a plain view left on meta (sharded engines, pipelines)
         # reflects nothing yet, so the first `full_model` gathers even before a step
         self._version, self._synced = 0, -1 if state.on_meta(model) else 0
@@ -149,8 +152,8 @@ class Engine:
     def evaluate(self, batches) -> float:
         """Mean loss over `batches` (the same full batches on every rank): each rank evaluates its data-parallel
         slice of each batch, and the sum is reduced once. A collective: every rank calls it."""
-        total = self.eval_loss_sum(self.eval_forward(), batches, self.dist.rank, self.dist.world)
-        return sum_across_ranks(total, self.dist, self.device) / (self.dist.world * len(batches))
+        total = self.eval_loss_sum(self.eval_forward(), batches, self.data_shard, self.data_shards)
+        return sum_across_ranks(total, self.dist, self.device) / (self.dist.world * len(batches))  # tp copies: mean
 
     @torch.no_grad()
     def eval_loss_sum(self, forward, batches, shard: int, n_shards: int) -> torch.Tensor:
@@ -306,7 +309,7 @@ class LocalEngine(Engine):
     def forward_backward(self, batch: BatchFn) -> torch.Tensor:
         total = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
-            x, y = batch(micro, self.dist.rank, self.dist.world)
+            x, y = batch(micro, self.data_shard, self.data_shards)
             loss = self.loss(self.forward, x, y)
             self.backward(loss, micro)
             total += loss.detach() / self.grad_accum

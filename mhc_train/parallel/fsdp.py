@@ -143,11 +143,13 @@ class FSDPEngine(LocalEngine):
 
     def __init__(self, model, build_optimizer, build_scheduler, dist, device, grad_clip, autocast_dtype,
                  grad_accum: int, compile: bool = False, seed: int = 0, weights: dict | None = None,
-                 mesh=None):  # fmt: skip
+                 mesh=None, prepare=None):  # fmt: skip
         self.mesh, mesh = mesh, mesh.dp_mesh()  # a `mesh.ParallelMesh`: FSDP2 over dp_shard, HSDP over both dp dims
         built_on_meta = on_meta(model)
         # a copy of a meta skeleton is free
         train_model = copy.deepcopy(model)
+        if prepare is not None:  # tensor parallelism's plan on the copy, before sharding (build.py step 2)
+            prepare(train_model)
         if compile:  # per block, before sharding (parallel/compile.py)
             compile_blocks(train_model)
         self.train_model = shard(train_model, mesh, per_block=True, compute_dtype=autocast_dtype)

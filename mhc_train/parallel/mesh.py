@@ -7,8 +7,8 @@ dimensions land on ranks of one node):
     pp            pipeline stages                     parallel.pp
     dp_replicate  data-parallel replicas (HSDP)       parallel.dp_replicate
     dp_shard      data-parallel shards (FSDP2)        world / (pp x dp_replicate x cp x tp)
-    cp            context parallel                    parallel.cp  (filled in by the context-parallel issue)
-    tp            tensor parallel                     parallel.tp  (filled in by the tensor-parallel issue)
+    cp            context parallel                    parallel.cp  (room only: refused above 1)
+    tp            tensor (+ sequence) parallel        parallel.tp  (parallel/tensor_parallel.py)
 
 Expert parallelism (parallel.ep) is carved from the data-parallel ranks (ep divides dp_shard x cp) and is only
 recorded here until the MoE issue adds its sub-mesh. The data-parallel size is world / (pp x tp x cp).
@@ -111,6 +111,10 @@ class ParallelMesh:
         """What FSDP2 shards over: ("dp_shard",), or ("dp_replicate", "dp_shard") for HSDP when dp_replicate > 1."""
         mesh = self.device_mesh
         return mesh["dp_replicate", "dp_shard"] if self.dp_replicate > 1 else mesh["dp_shard"]
+
+    def tp_mesh(self):
+        """The 1-D sub-mesh tensor parallelism shards over (`parallel.tp`, innermost: the ranks of one node)."""
+        return self.device_mesh["tp"]
 
     def pp_group(self):
         """The pipeline's process group: None (the default group) when the pipeline spans every rank."""

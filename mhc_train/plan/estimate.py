@@ -26,6 +26,9 @@ Assumptions (see README "Sizing a run"):
    plus gradients (whole gradients: one process, DDP, ZeRO-1), or the larger of activations and gradients (sharded),
    on top of the other terms. FSDP's block gathers and unsharded gradients count where they exceed what the
    backward has freed of the head's activations by then.
+6. Tensor parallelism (`parallel.tp`): the data-parallel ranks are world / tp, so each rank's micro-batch is
+   batch / (world / tp); activations are the tp = 1 trace divided by tp plus each sub-layer's all-gathered input
+   (`tp_activations`); parameters, gradients and optimizer states from the real 2-D layout.
 """
 
 from __future__ import annotations
@@ -126,9 +129,9 @@ def rank_memory(cfg: Config, world: int, rank: int, pp_rank: int = 0) -> tuple[d
         copies = (k - 1) * saved_copies + worst.peak_copies
         boundary = _pipeline_buffers(cfg, lay, m, micro, amp)
     else:
-        micro = max(1, t.batch_size // world)
+        micro = max(1, t.batch_size // (world // p.tp))  # the tp ranks of a data-parallel group share a batch
         tr = trace_stage(cfg, cfg.model.n_layer, micro, True, True, amp)
-        acts, copies, boundary = tr.peak, tr.peak_copies, 0.0
+        acts, copies, boundary = tp_activations(cfg, tr.peak, micro, amp), tr.peak_copies, 0.0
     terms = {"params": P * pb, "grads": grads, "optimizer": optimizer, "activations": acts}
     terms["buffers"] = _buffers(cfg, lay, amp, copies, boundary, worst if lay.engine == "pipeline" else tr)
     terms["total"] = sum(terms.values())
@@ -136,6 +139,17 @@ def rank_memory(cfg: Config, world: int, rank: int, pp_rank: int = 0) -> tuple[d
         whole = lay.engine in ("none", "ddp") or p.zero_stage == 1
         terms["total"] -= grads + acts - max(tr.peak_with_grads if whole else acts, grads)
     return terms, lay
+
+
+def tp_activations(cfg: Config, traced: float, micro: int, amp) -> float:
+    """Assumption 6: a rank's activations under tensor + sequence parallelism, from the tp = 1 trace: everything
+    divides by tp (the stream state and the norms along T, heads and the FFN width, the logits along V), except each
+    sub-layer's all-gathered input [micro, T, C], which the column-parallel GEMMs keep whole for their backward."""
+    tp = cfg.parallel.tp
+    if tp == 1:
+        return traced
+    gathered = 2 * cfg.model.n_layer * micro * cfg.train.seq_len * cfg.model.dim * _bytes(amp or torch.float32)
+    return traced / tp + gathered * (1 - 1 / tp)
 
 
 def _pipeline_buffers(cfg: Config, lay: Layout, m: int, micro: int, amp) -> float:
@@ -176,7 +190,8 @@ def describe(cfg: Config, lay: Layout, world: int, rank: int) -> str:
         return f"{head}; holds {lay.held_numel:,} of {lay.total_numel:,} parameter elements"
     if lay.engine == "fsdp":
         kind = "one unit" if len(lay.units) == 1 else f"{len(lay.units)} units"
-        return f"fsdp: {world} ranks ({kind}); {share}"
+        tp = f"tp={p.tp} x " if p.tp > 1 else ""
+        return f"{tp}fsdp: {world} ranks ({kind}); {share}"
     if lay.engine == "deepspeed":
         return f"deepspeed ZeRO-{p.zero_stage}: {world} ranks; {share} ({lay.notes[0]})"
     return f"{lay.engine}: {world} ranks; {share}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 from mhc_train.config import ConfigError, load_config
 from mhc_train.plan.estimate import make_plan
 
-PRESETS = ("ddp", "zero1", "zero2", "zero3", "fsdp", "fsdp_recompute", "pp_fsdp")
+PRESETS = ("ddp", "zero1", "zero2", "zero3", "fsdp", "fsdp_recompute", "pp_fsdp", "tp2_fsdp", "tp4_fsdp")
 MARK_START, MARK_END = "<!-- plan-table:start -->", "<!-- plan-table:end -->"
 
 
@@ -23,7 +23,8 @@ def overrides(model: str, preset: str, world: int) -> list[str]:
         m = cfg.parallel.pp_microbatches or 2 * cfg.parallel.pp
         batch = world // cfg.parallel.pp * m
         return [f"model={model}", "train=gpu", f"parallel={preset}", f"train.batch_size={batch}", "train.grad_accum=1"]
-    return [f"model={model}", "train=gpu", f"parallel={preset}", f"train.batch_size={world}"]
+    dp = max(1, world // cfg.parallel.tp)  # the tp ranks of a data-parallel group share its sequence
+    return [f"model={model}", "train=gpu", f"parallel={preset}", f"train.batch_size={dp}"]
 
 
 def fit_rows(models, worlds, presets=PRESETS, device_gib: float = 80.0) -> list[dict]:
