@@ -29,6 +29,8 @@ SPLIT_BACKWARD_SCHEDULES = ("zbv", "dualpipev")  # schedules that run input and 
 RECOMPUTE_MODES = ("none", "mhc", "full")
 CHECKPOINT_FORMATS = ("auto", "file", "dcp")
 WANDB_MODES = ("offline", "online", "disabled")
+NUMERICS = ("paper", "deepseek_v4")  # connection.numerics: the mHC arithmetic (docs/mhc.md section 8)
+COLLAPSES = ("sum", "mean", "learned")  # connection.collapse: the final read of the n streams
 
 
 class ConfigError(MhcTrainError, ValueError):
@@ -81,6 +83,14 @@ class ConnectionConfig:
     b_res_init: str = "uniform"  # uniform (H_res = J/n) | identity (diagonal logit b_res_diag, 0 elsewhere)
     b_res_diag: float = 2.0  # diagonal logit for b_res_init=identity (2 -> ~0.71 on the diagonal at n=4)
     eps: float = 1e-6  # epsilon of the flattened nC RMSNorm
+    # --- DeepSeek-V4 forms (docs/mhc.md sections 8-9) ---
+    # paper: the mHC paper's arithmetic (exp start, no eps in Sinkhorn) | deepseek_v4: transformers' DeepseekV4
+    # HyperConnection's (softmax start, + hc_eps after it and in every Sinkhorn denominator, H_pre + hc_eps)
+    numerics: str = "paper"
+    hc_eps: float = 1e-6  # deepseek_v4 numerics and the learned collapse: DeepSeek's hc_eps (their default 1e-6)
+    # the final read of the n streams before the last RMSNorm: sum (the paper's) | mean (GLM-5.3) | learned
+    # (DeepSeek-V4's HyperHead: sigmoid(scale * RMSNorm(vec x) @ fn + base) + hc_eps weights per stream)
+    collapse: str = "sum"
 
 
 @dataclass

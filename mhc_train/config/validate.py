@@ -16,11 +16,13 @@ from mhc_train.config.schema import (
     B_RES_INITS,
     BACKENDS,
     CHECKPOINT_FORMATS,
+    COLLAPSES,
     CONNECTION_TYPES,
     DEVICES,
     ENGINES,
     H_RES_MODES,
     LR_SCHEDULES,
+    NUMERICS,
     OUT_PROJ_INITS,
     PP_SCHEDULES,
     PRECISIONS,
@@ -97,6 +99,25 @@ def validate_connection(c: ConnectionConfig, prefix: str = "connection") -> None
         fail(f"{prefix}.eps", c.eps, "must be > 0")
     if c.phi_init_std < 0 or c.hc_dynamic_scale_init < 0:
         fail(f"{prefix}.phi_init_std/hc_dynamic_scale_init", (c.phi_init_std, c.hc_dynamic_scale_init), "must be >= 0")
+    validate_deepseek_forms(c, prefix)
+
+
+def validate_deepseek_forms(c: ConnectionConfig, prefix: str = "connection") -> None:
+    """connection.numerics / hc_eps / collapse (docs/mhc.md sections 8-9)."""
+    choice(f"{prefix}.numerics", c.numerics, NUMERICS)
+    choice(f"{prefix}.collapse", c.collapse, COLLAPSES)
+    if c.hc_eps < 0:
+        fail(f"{prefix}.hc_eps", c.hc_eps, "must be >= 0 (DeepSeek's default is 1e-6)")
+    if c.numerics == "deepseek_v4" and (c.type != "mhc" or c.h_res != "sinkhorn"):
+        fail(f"{prefix}.numerics", c.numerics, "deepseek_v4 is mHC's arithmetic; it needs type=mhc, h_res=sinkhorn")
+    if c.numerics == "deepseek_v4" and c.sinkhorn_backward != "unrolled":
+        fail(
+            f"{prefix}.sinkhorn_backward",
+            c.sinkhorn_backward,
+            "numerics=deepseek_v4 differentiates its unrolled iterates; set sinkhorn_backward=unrolled",
+        )
+    if c.collapse != "sum" and c.type == "residual":
+        fail(f"{prefix}.collapse", c.collapse, "the residual baseline has one stream; keep collapse=sum")
 
 
 def validate(cfg: Config) -> None:

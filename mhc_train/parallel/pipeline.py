@@ -56,6 +56,7 @@ def cut_stage(model, stage: int, n_stages: int):
         part.tok_embeddings = None
     if stage != n_stages - 1:
         part.norm, part.output = None, None
+        part.collapse_conn = None  # the final stream read (learned: DeepSeek-V4's head weights) lives on the last stage
     return part
 
 
