@@ -11,6 +11,12 @@
 Notes:
 - The directory is written under a temporary name and renamed, so a half-written export never carries the name.
 - A tied LM head is written as its own copy (safetensors stores no aliases); config.json says tie_word_embeddings=false.
+- `hc_names="deepseek"` (`--hc-names deepseek`): the mHC sites and the learned collapse under DeepSeek-V4's names and
+  layouts (`model.layers.{i}.attn_hc.fn` ..., `model.hc_head.hc_fn`; `mhc_train.model.deepseek_map`), config.json
+  gains `hc_names` and the `DeepseekV4Config` connection fields, for DeepSeek-format tooling and `import-hf`. Such a
+  directory has no `AutoModelForCausalLM` entry (modeling_mhc.py reads our names; it would start the sites from scratch).
+- modeling_mhc.py runs the paper numerics and the sum collapse: other `connection.numerics` / `collapse` values are
+  refused there with our names (use `--hc-names deepseek`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 
 from mhc_train.infer.errors import InferenceError
 from mhc_train.infer.load import Loaded
+from mhc_train.model import deepseek_map
 from mhc_train.model.transformer import ffn_hidden_dim, head_dim
 
 HF_DIR = Path(__file__).parent / "hf"
@@ -57,10 +64,28 @@ def hf_config(loaded: Loaded) -> dict:
     }
 
 
-def export(loaded: Loaded, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write the export directory for `loaded`; returns its path."""
+HC_NAMES = ("mhc", "deepseek")
+
+
+def _check_hc_names(loaded: Loaded, hc_names: str) -> None:
+    conn = loaded.model.conn_cfg
+    if hc_names not in HC_NAMES:
+        raise InferenceError(f"--hc-names must be one of {HC_NAMES}, got {hc_names!r}")
+    if hc_names == "deepseek" and conn.type != "mhc":
+        raise InferenceError(f"--hc-names deepseek maps mHC sites; this is a {conn.type} model: use --hc-names mhc")
+    extra = getattr(conn, "numerics", "paper") != "paper" or getattr(conn, "collapse", "sum") != "sum"
+    if hc_names == "mhc" and extra:
+        raise InferenceError(
+            f"modeling_mhc.py runs numerics=paper and collapse=sum, this model has numerics={conn.numerics}, "
+            f"collapse={conn.collapse}; export it with --hc-names deepseek"
+        )
+
+
+def export(loaded: Loaded, out_dir: str | Path, overwrite: bool = False, hc_names: str = "mhc") -> Path:
+    """Write the export directory for `loaded`; returns its path. `hc_names`: mhc (ours) | deepseek (see the module)."""
     from safetensors.torch import save_file
 
+    _check_hc_names(loaded, hc_names)
     out = Path(out_dir)
     if not hasattr(loaded.tokenizer, "sp"):  # TODO: a tokenizer.json run could export with PreTrainedTokenizerFast
         raise InferenceError(
@@ -77,6 +102,10 @@ def export(loaded: Loaded, out_dir: str | Path, overwrite: bool = False) -> Path
         f"model.{k}": v.detach().to("cpu", torch.float32).clone().contiguous()
         for k, v in loaded.model.state_dict().items()
     }
+    if hc_names == "deepseek":
+        weights = deepseek_map.to_deepseek(weights)
+        config = {k: v for k, v in config.items() if k != "auto_map"}
+        config.update(hc_names="deepseek", **deepseek_map.deepseek_config_values(loaded.model.conn_cfg))
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for name in ("modeling_mhc.py", "tokenization_mhc.py"):

@@ -168,3 +168,95 @@ def test_state_dict_mapping_is_lossless_both_ways():
     back = deepseek_map.from_deepseek(theirs)
     assert back.keys() == state.keys()
     assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_export_with_deepseek_names_reads_back_bit_identical(prepared_data, tmp_path):
+    """`export --hc-names deepseek` writes DeepSeek's names, and mapping them back gives our weights exactly; the
+    default names are refused for numerics modeling_mhc.py does not run."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from mhc_train.data.tokenizer import Tokenizer
+    from mhc_train.infer.errors import InferenceError
+    from mhc_train.infer.export import export
+    from mhc_train.infer.load import Loaded
+    from mhc_train.model.transformer import build_model
+    from tests.support.configs import tiny_model_cfg
+
+    cfg = conn_cfg("mhc", numerics="deepseek_v4", collapse="learned")
+    model = build_model(tiny_model_cfg(vocab_size=512), cfg, seed=5)
+    loaded = Loaded(model, Tokenizer(prepared_data / "tokenizer.model"), {}, tmp_path / "step.pt", 0)
+    with pytest.raises(InferenceError, match="--hc-names deepseek"):
+        export(loaded, tmp_path / "refused")
+    out = export(loaded, tmp_path / "hf", hc_names="deepseek")
+    weights = load_file(out / "model.safetensors")
+    assert "model.layers.0.attn_hc.fn" in weights and "model.hc_head.hc_scale" in weights
+    back = deepseek_map.from_deepseek(weights)
+    state = model.state_dict()
+    assert back.keys() == {f"model.{k}" for k in state}
+    assert all(torch.equal(back[f"model.{k}"], v) for k, v in state.items())
+    config = json.loads((out / "config.json").read_text())
+    assert config["hc_names"] == "deepseek" and config["hc_mult"] == model.n_streams and "auto_map" not in config
+
+
+def _ds_model(**over):
+    from mhc_train.model.transformer import build_model
+    from tests.support.configs import tiny_model_cfg
+
+    cfg = conn_cfg("mhc", numerics="deepseek_v4", collapse="learned", phi_init_std=0.5, **over)
+    model = build_model(tiny_model_cfg(), cfg, seed=2).eval()
+    with torch.no_grad():  # off the init: non-trivial biases and head
+        g = torch.Generator().manual_seed(2)
+        for name, p in model.named_parameters():
+            if "bias" in name or "collapse_conn" in name:
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_deepseek_numerics_decode_equals_full_forward():
+    from mhc_train.infer.generate import Decoder
+    from mhc_train.infer.sites import DeepseekDecodeSite
+
+    model = _ds_model()
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(tokens)
+    dec = Decoder(model)
+    assert all(isinstance(s, DeepseekDecodeSite) for pair in dec.sites for s in pair)
+    cache = dec.new_cache(2, 9)
+    steps = [dec.forward(tokens[:, :4], cache, all_logits=True)]
+    steps += [dec.forward(tokens[:, t : t + 1], cache, all_logits=True) for t in range(4, 9)]
+    err = (torch.cat(steps, 1) - full).abs().max().item()
+    assert err <= 1e-5, f"cached vs full logits: max abs diff {err:.3e}"
+
+
+def test_mean_collapse_is_the_sum_over_n():
+    from mhc_train.model.connections import Collapse
+
+    x = torch.randn(2, 3, 4, C)
+    assert torch.allclose(Collapse("mean")(x), Collapse("sum")(x) / 4, rtol=1e-6, atol=1e-7)
+
+
+def test_triton_backend_runs_deepseek_numerics_like_torch():
+    """The triton backend: its projection kernel (linked: the site's one dx) and the torch tail; values and every
+    gradient equal the torch backend's (fp32 rounding: the kernel divides by the RMS after the matmul)."""
+    pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(1)
+    sites = {b: _site(4, torch.float32, backend=b) for b in ("torch", "triton")}
+    with torch.no_grad():
+        for name, value in sites["torch"].named_parameters():
+            value.copy_(torch.randn(value.shape, generator=g) * 0.5)
+    sites["triton"].load_state_dict(sites["torch"].state_dict())
+    x0 = torch.randn(2, 5, 4, C, generator=g)
+    w = torch.randn(C, C, generator=g) / C**0.5
+    upstream = torch.randn(2, 5, 4, C, generator=g)
+    results = {}
+    for b, site in sites.items():
+        x = x0.clone().requires_grad_()
+        out = site(x, lambda h: torch.tanh(h @ w))
+        (out * upstream).sum().backward()
+        results[b] = [out, x.grad, *(p.grad for p in site.parameters())]
+    for got, want in zip(results["triton"], results["torch"]):
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        assert err <= 1e-5, f"triton vs torch: relative error {err:.3e}"
