@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from mhc_train.errors import MhcTrainError
 
-CONNECTION_TYPES = ("residual", "hc", "mhc")
+CONNECTION_TYPES = ("residual", "hc", "mhc", "mhc_single_pass")  # mhc_single_pass: DeepSeek-V4.1 (docs/mhc.md 10)
 H_RES_MODES = ("sinkhorn", "identity")
 B_RES_INITS = ("uniform", "identity")
 READ_INITS = ("uniform", "one_hot")
@@ -63,7 +63,7 @@ class ConnectionConfig:
     # The arm's name, recorded in each run's summary.json (see arm.py); every configs/connection/*.yaml sets it to
     # its file name. "" (a config built in Python): derived from the values, as for runs written before names existed.
     name: str = ""
-    type: str = "mhc"  # residual | hc | mhc
+    type: str = "mhc"  # residual | hc | mhc | mhc_single_pass (DeepSeek-V4.1's lagged read)
     n_streams: int = 4  # n, the expansion rate; residual forces 1
     backend: str = "auto"  # torch | triton | auto (triton for CUDA tensors, torch elsewhere)
     # --- HC (Zhu et al.) ---

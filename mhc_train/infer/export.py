@@ -71,13 +71,13 @@ def _check_hc_names(loaded: Loaded, hc_names: str) -> None:
     conn = loaded.model.conn_cfg
     if hc_names not in HC_NAMES:
         raise InferenceError(f"--hc-names must be one of {HC_NAMES}, got {hc_names!r}")
-    if hc_names == "deepseek" and conn.type != "mhc":
+    if hc_names == "deepseek" and conn.type not in ("mhc", "mhc_single_pass"):
         raise InferenceError(f"--hc-names deepseek maps mHC sites; this is a {conn.type} model: use --hc-names mhc")
     extra = getattr(conn, "numerics", "paper") != "paper" or getattr(conn, "collapse", "sum") != "sum"
-    if hc_names == "mhc" and extra:
+    if hc_names == "mhc" and (extra or conn.type == "mhc_single_pass"):
         raise InferenceError(
-            f"modeling_mhc.py runs numerics=paper and collapse=sum, this model has numerics={conn.numerics}, "
-            f"collapse={conn.collapse}; export it with --hc-names deepseek"
+            f"modeling_mhc.py runs the residual, hc and mhc arms with numerics=paper and collapse=sum; this model is "
+            f"{conn.type} with numerics={conn.numerics}, collapse={conn.collapse}: export it with --hc-names deepseek"
         )
 
 

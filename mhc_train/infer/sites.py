@@ -165,6 +165,8 @@ def decode_site(site: Site, native: bool = True) -> Site | DecodeSite:
     """The decode path of `site`: a `DecodeSite` where the torch backend runs an fp32 site, else the site itself (the
     residual site's `x + F(x)` is already minimal; the triton backend's kernels are fused). `native`: mHC's Sinkhorn
     as the C loop on CPU where it builds (False: torch ops only)."""
+    if getattr(site, "lagged", False):  # single-pass mHC: its own forward carries the mix (model/single_pass.py)
+        return site
     params = list(site.parameters())
     if not params or params[0].dtype != torch.float32 or site.step.backend(params[0].device).name != "torch":
         return site

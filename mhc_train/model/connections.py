@@ -308,4 +308,8 @@ CONNECTIONS: dict[str, type[Connection]] = {"residual": Residual, "hc": HC, "mhc
 
 
 def build_connection(cfg: ConnectionConfig) -> Connection:
+    if cfg.type == "mhc_single_pass":  # DeepSeek-V4.1's lagged mHC (single_pass.py, which builds on this file)
+        from mhc_train.model.single_pass import MHCSinglePass
+
+        return MHCSinglePass(cfg)
     return CONNECTIONS[cfg.type](cfg)  # cfg was validated by build_model or load_config

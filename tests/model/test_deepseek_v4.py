@@ -245,7 +245,7 @@ def test_triton_backend_runs_deepseek_numerics_like_torch():
     g = torch.Generator().manual_seed(1)
     sites = {b: _site(4, torch.float32, backend=b) for b in ("torch", "triton")}
     with torch.no_grad():
-        for name, value in sites["torch"].named_parameters():
+        for value in sites["torch"].parameters():
             value.copy_(torch.randn(value.shape, generator=g) * 0.5)
     sites["triton"].load_state_dict(sites["torch"].state_dict())
     x0 = torch.randn(2, 5, 4, C, generator=g)
