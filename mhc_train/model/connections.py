@@ -304,12 +304,9 @@ class MHC(Connection):
     site_cls = MHCSite
 
 
-CONNECTIONS: dict[str, type[Connection]] = {"residual": Residual, "hc": HC, "mhc": MHC}
+CONNECTIONS: dict[str, type[Connection]] = {"residual": Residual, "hc": HC, "mhc": MHC}  # + single_pass.py's
 
 
 def build_connection(cfg: ConnectionConfig) -> Connection:
-    if cfg.type == "mhc_single_pass":  # DeepSeek-V4.1's lagged mHC (single_pass.py, which builds on this file)
-        from mhc_train.model.single_pass import MHCSinglePass
-
-        return MHCSinglePass(cfg)
+    # `mhc_single_pass` (single_pass.py, which builds on this file) registers itself; the package imports it
     return CONNECTIONS[cfg.type](cfg)  # cfg was validated by build_model or load_config

@@ -12,14 +12,15 @@ head weights). A site's read mix is thus known before the site runs, so F's inpu
 Notable choices:
 - The lagged mix travels inside the stream state: the model's state is [B, T, n + 1, C], rows 0..n-1 the streams and
   row n the mix (its first n channels; zeros after). The block calls its sites and the transformer its connection
-  exactly as for the other arms (no branch on the type), and everything that moves the state (pipeline boundaries,
-  decode's per-token state, checkpointed activations) moves the mix with it: `Connection.n_streams` is n + 1 here, the
+  exactly as for the other arms (no branch on the type), and everything that moves the state (decode's per-token state, checkpointed activations) moves the mix with it: `Connection.n_streams` is n + 1 here, the
   state's row count, the sites' stream count stays `connection.n_streams`. Cost: C elements per token instead of n;
   with bf16 streams the carried mix is rounded to bf16 (validate refuses bf16 streams for this arm).
 - The ops are the other arms' (`SiteStep` on `connection.backend`), unlinked: each op writes its own dx (the read
   mix is not the projection's, so the one-dx chaining of `library.Link` does not apply).
 - Recomputation (`parallel.recompute`) replays a site through `SiteStep.write`, which knows nothing of the packed
-  row: refused at config time for this arm. `connection.collapse` is refused too (the arm's collapse is its mix).
+  row: refused at config time for this arm, as are pipelines (`parallel.pp > 1`: the boundary state would carry the
+  mix, but the pipeline's diagnostics send n x n composites sized from the state's rows) and `connection.collapse`
+  (the arm's collapse is its mix).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from mhc_train import ops
 from mhc_train.config import ConnectionConfig
-from mhc_train.model.connections import Collapse, Connection, MHCSite
+from mhc_train.model.connections import CONNECTIONS, Collapse, Connection, MHCSite
 
 
 class SinglePassRead(ops.SiteRead):
@@ -122,3 +123,6 @@ class MHCSinglePass(Connection):
 
     def collapse_module(self, dim: int) -> Collapse:
         return MixCollapse(self.n)
+
+
+CONNECTIONS["mhc_single_pass"] = MHCSinglePass  # `build_connection` finds it (mhc_train.model imports this file)

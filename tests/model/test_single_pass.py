@@ -145,9 +145,27 @@ def test_single_pass_model_trains_and_decodes_like_its_full_forward():
         ("parallel.recompute=mhc", "parallel.recompute"),
         ("connection.collapse=learned", "connection.collapse"),
         ("connection.h_res=identity", "connection.h_res"),
+        ("parallel.pp=2", "parallel.pp"),
     ],
 )
 def test_unsupported_single_pass_combinations_are_refused_in_one_line(override, key):
     with pytest.raises(ConfigError, match=key) as err:
         load_config(["model=test", "train=test", "connection=mhc_single_pass", override])
     assert "\n" not in str(err.value)
+
+
+def test_single_pass_on_the_triton_backend_equals_torch():
+    """The arm's unfused site ops on the triton backend (interpreter on CPU): values and every gradient."""
+    pytest.importorskip("triton")
+    results = {}
+    for backend in ("torch", "triton"):
+        conn, sites, ws = _chain(4, 2, "deepseek_v4", dtype=torch.float32, seed=4)
+        for s in sites:
+            s.backend = backend
+        h = torch.randn(2, 5, C, generator=torch.Generator().manual_seed(5), requires_grad=True)
+        out = _model(conn, sites, ws, h)
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(6))).sum().backward()
+        results[backend] = [out, h.grad, *(p.grad for s in sites for p in s.parameters())]
+    for got, want in zip(results["triton"], results["torch"]):
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        assert err <= 1e-5, f"triton vs torch: relative error {err:.3e}"
