@@ -260,3 +260,16 @@ def test_triton_backend_runs_deepseek_numerics_like_torch():
     for got, want in zip(results["triton"], results["torch"]):
         err = ((got - want).abs().max() / want.abs().max()).item()
         assert err <= 1e-5, f"triton vs torch: relative error {err:.3e}"
+
+
+def test_learned_collapse_parameters_are_connection_parameters():
+    """The head's weights join the connection's optimizer groups (optim.connection_*), as the sites' do."""
+    from mhc_train.config import OptimConfig
+    from mhc_train.optim import build_optimizer
+
+    model = _ds_model()
+    opt = build_optimizer(model, OptimConfig(connection_lr_mult=0.5))
+    group_of = {id(p): g["name"] for g in opt.param_groups for p in g["params"]}
+    head = model.collapse_conn
+    assert group_of[id(head.weight)] == "conn_decay"
+    assert group_of[id(head.bias)] == group_of[id(head.scale)] == "conn_no_decay"
