@@ -130,8 +130,6 @@ def validate_single_pass(cfg: Config) -> None:
     """connection.type=mhc_single_pass against the rest of the run (model/single_pass.py's module docstring)."""
     if cfg.connection.type != "mhc_single_pass":
         return
-    if cfg.parallel.recompute != "none":
-        fail("parallel.recompute", cfg.parallel.recompute, "mhc_single_pass has no recompute runner yet; set none")
     if cfg.model.stream_dtype != "fp32":
         fail(
             "model.stream_dtype", cfg.model.stream_dtype, "mhc_single_pass carries its read mix in the stream; use fp32"

@@ -17,10 +17,10 @@ Notable choices:
   with bf16 streams the carried mix is rounded to bf16 (validate refuses bf16 streams for this arm).
 - The ops are the other arms' (`SiteStep` on `connection.backend`), unlinked: each op writes its own dx (the read
   mix is not the projection's, so the one-dx chaining of `library.Link` does not apply).
-- Recomputation (`parallel.recompute`) replays a site through `SiteStep.write`, which knows nothing of the packed
-  row: refused at config time for this arm, as are pipelines (`parallel.pp > 1`: the boundary state would carry the
-  mix, but the pipeline's diagnostics send n x n composites sized from the state's rows) and `connection.collapse`
-  (the arm's collapse is its mix).
+- The packing lives in the arm's step (`SinglePassStep`), so selective and full recomputation, which replay sites
+  through `site.read` / `site.step.write`, run this arm unchanged. Refused at config time: pipelines (`parallel.pp >
+  1`: the boundary state would carry the mix, but the pipeline's diagnostics send n x n composites sized from the
+  state's rows) and `connection.collapse` (the arm's collapse is its mix).
 """
 
 from __future__ import annotations
@@ -54,33 +54,45 @@ def pack_state(x: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, row], dim=-2)
 
 
+class SinglePassStep(ops.SiteStep):
+    """The connection's site step for the packed state: `read` splits off the carried mix and reads x_l with it,
+    `write` merges and packs this site's H_pre as the next mix. Every caller of a step (the site, selective
+    recomputation's replays, DualPipeV's runner) thus handles the single-pass state without knowing the arm."""
+
+    def __init__(self, backend, n: int):
+        super().__init__(backend)
+        self.n = n
+
+    def read(self, coefficients, state, linked: bool = True, pre: bool = True):
+        x, mix = split_state(state, self.n)  # [B, T, n, C], [B, T, n]
+        kernels = self.kernels(x, linked=False)  # unlinked: the read mix is not this projection's (module docstring)
+        h_pre, h_post, h_res = self.coefficients(coefficients, x, kernels)  # from x_l
+        f_in = kernels.pre(x, mix) if pre else None  # [B, T, C]: the previous site's mix reads x_l
+        return f_in, SinglePassRead(h_post, h_res, kernels, h_pre)
+
+    def write(self, state, y, read: SinglePassRead, runner=None) -> torch.Tensor:
+        args = (state[..., : self.n, :], y, read.h_post, read.h_res)
+        out = read.kernels.post_res(*args) if runner is None else runner(read.kernels.post_res, *args)
+        return pack_state(out, read.mix)  # [B, T, n+1, C]
+
+
 class SinglePassSite(MHCSite):
-    """An mHC site (same parameters, init and coefficient math as `MHCSite`) that reads with the carried mix and
-    hands its own H_pre on as the next site's (see the module docstring). Input and output: the packed state."""
+    """An mHC site (same parameters, init and coefficient math as `MHCSite`) run by a `SinglePassStep`: it reads with
+    the carried mix and hands its own H_pre on as the next site's. Input and output: the packed state."""
 
     lagged = True  # decode runs this site as it is (infer/sites.py)
+
+    @property
+    def backend(self) -> str:
+        return self.step.name
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self.step = SinglePassStep(name, self.n)
 
     def coefficients(self, x: torch.Tensor):
         """(h_pre, h_post, h_res) of the streams; takes the packed state or the streams alone (the diagnostics)."""
         return super().coefficients(x[..., : self.n, :] if x.shape[-2] == self.n + 1 else x)
-
-    def read(self, state: torch.Tensor, pre: bool = True):
-        x, mix = split_state(state, self.n)  # [B, T, n, C], [B, T, n]
-        kernels = self.step.kernels(x, linked=False)
-        h_pre, h_post, h_res = self.step.coefficients(self._coefficients, x, kernels)  # from x_l
-        f_in = kernels.pre(x, mix) if pre else None  # [B, T, C]: the previous site's mix reads x_l
-        return f_in, SinglePassRead(h_post, h_res, kernels, h_pre)
-
-    def write(self, state: torch.Tensor, y: torch.Tensor, read: SinglePassRead) -> torch.Tensor:
-        x = state[..., : self.n, :]
-        runner = self._post_res_runner
-        args = (x, y, read.h_post, read.h_res)
-        out = read.kernels.post_res(*args) if runner is None else runner(read.kernels.post_res, *args)
-        return pack_state(out, read.mix)  # [B, T, n+1, C]
-
-    def forward(self, state: torch.Tensor, sublayer) -> torch.Tensor:
-        f_in, read = self.read(state)
-        return self.write(state, sublayer(f_in), read)
 
 
 class MixCollapse(Collapse):
@@ -105,6 +117,7 @@ class MHCSinglePass(Connection):
         super().__init__(cfg)
         self.n = cfg.n_streams
         self.n_streams = cfg.n_streams + 1  # rows of the state: n streams and the carried mix
+        self.step = SinglePassStep(cfg.backend, self.n)
 
     def site(self, dim: int, index: int) -> SinglePassSite:
         if dim < self.n:

@@ -142,7 +142,6 @@ def test_single_pass_model_trains_and_decodes_like_its_full_forward():
 @pytest.mark.parametrize(
     "override, key",
     [
-        ("parallel.recompute=mhc", "parallel.recompute"),
         ("connection.collapse=learned", "connection.collapse"),
         ("connection.h_res=identity", "connection.h_res"),
         ("parallel.pp=2", "parallel.pp"),
@@ -169,3 +168,31 @@ def test_single_pass_on_the_triton_backend_equals_torch():
     for got, want in zip(results["triton"], results["torch"]):
         err = ((got - want).abs().max() / want.abs().max()).item()
         assert err <= 1e-5, f"triton vs torch: relative error {err:.3e}"
+
+
+@pytest.mark.parametrize("mode", ["mhc", "full"])
+def test_recompute_gradients_are_bit_identical(mode):
+    """The packed state through selective / full recomputation (the arm's step does the packing): the same bits."""
+    from mhc_train.model.transformer import build_model
+    from mhc_train.parallel import apply_recompute
+    from tests.support.configs import tiny_model_cfg
+    from tools.measure import next_token_loss
+
+    cfg = conn_cfg("mhc", type="mhc_single_pass", numerics="deepseek_v4", phi_init_std=0.3)
+    model = build_model(tiny_model_cfg(n_layer=2), cfg, seed=0)
+    tokens = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        loss = next_token_loss(model, tokens)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref_loss, ref = grads()
+    for block in (1, 3):
+        apply_recompute(model, mode, block)
+        loss, got = grads()
+        assert torch.equal(loss, ref_loss)
+        for name in ref:
+            assert torch.equal(got[name], ref[name]), f"{mode} L_r={block}: {name}"
+    apply_recompute(model, "none")
