@@ -134,8 +134,6 @@ def validate_single_pass(cfg: Config) -> None:
         fail(
             "model.stream_dtype", cfg.model.stream_dtype, "mhc_single_pass carries its read mix in the stream; use fp32"
         )
-    if cfg.parallel.pp > 1:
-        fail("parallel.pp", cfg.parallel.pp, "mhc_single_pass is not pipelined yet (its boundary diagnostics); use 1")
 
 
 def validate(cfg: Config) -> None:

@@ -14,13 +14,12 @@ Notable choices:
   row n the mix (its first n channels; zeros after). The block calls its sites and the transformer its connection
   exactly as for the other arms (no branch on the type), and everything that moves the state (decode's per-token state, checkpointed activations) moves the mix with it: `Connection.n_streams` is n + 1 here, the
   state's row count, the sites' stream count stays `connection.n_streams`. Cost: C elements per token instead of n;
-  with bf16 streams the carried mix is rounded to bf16 (validate refuses bf16 streams for this arm).
+  bf16 streams would round the carried mix (refused).
 - The ops are the other arms' (`SiteStep` on `connection.backend`), unlinked: each op writes its own dx (the read
   mix is not the projection's, so the one-dx chaining of `library.Link` does not apply).
 - The packing lives in the arm's step (`SinglePassStep`), so selective and full recomputation, which replay sites
-  through `site.read` / `site.step.write`, run this arm unchanged. Refused at config time: pipelines (`parallel.pp >
-  1`: the boundary state would carry the mix, but the pipeline's diagnostics send n x n composites sized from the
-  state's rows) and `connection.collapse` (the arm's collapse is its mix).
+  through `site.read` / `site.step.write`, run this arm unchanged. Refused at config time: bf16 streams and
+  `connection.collapse` (the arm's collapse is its mix).
 """
 
 from __future__ import annotations

@@ -208,8 +208,8 @@ class PipelineEngine(Engine):
         module_of = dict(zip(self.stage_ids, self.modules))
         stream_dtype = self.model.stream_dtype or torch.float32
         x = self.to_device(tokens)
-        n = self.model.conn.n_streams
-        state_shape, comp_shape = (*x.shape, n, self.model.cfg.dim), (*x.shape, n, n)
+        n, k = self.model.conn.n_streams, self.model.conn_cfg.n_streams  # state rows; H_res is k x k (single-pass: n-1)
+        state_shape, comp_shape = (*x.shape, n, self.model.cfg.dim), (*x.shape, k, k)
         probes, h, prefix = {}, x, None
         try:
             for s in [s for s in range(self.n_stages) if owner[s] == me]:
