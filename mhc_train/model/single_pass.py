@@ -12,8 +12,9 @@ head weights). A site's read mix is thus known before the site runs, so F's inpu
 Notable choices:
 - The lagged mix travels inside the stream state: the model's state is [B, T, n + 1, C], rows 0..n-1 the streams and
   row n the mix (its first n channels; zeros after). The block calls its sites and the transformer its connection
-  exactly as for the other arms (no branch on the type), and everything that moves the state (decode's per-token state, checkpointed activations) moves the mix with it: `Connection.n_streams` is n + 1 here, the
-  state's row count, the sites' stream count stays `connection.n_streams`. Cost: C elements per token instead of n;
+  exactly as for the other arms (no branch on the type), and everything that moves the state (pipeline boundaries,
+  decode's per-token state, saved activations) moves the mix with it: `Connection.n_streams` is n + 1 here, the
+  state's row count; the sites' stream count stays `connection.n_streams`. Cost: C elements per token instead of n;
   bf16 streams would round the carried mix (refused).
 - The ops are the other arms' (`SiteStep` on `connection.backend`), unlinked: each op writes its own dx (the read
   mix is not the projection's, so the one-dx chaining of `library.Link` does not apply).
