@@ -126,7 +126,7 @@ def cmd_export(args) -> None:
     from mhc_train.infer.load import load_checkpoint
 
     loaded = load_checkpoint(args.checkpoint, tokenizer=args.tokenizer)
-    out = export(loaded, args.out, overwrite=args.overwrite)
+    out = export(loaded, args.out, overwrite=args.overwrite, hc_names=args.hc_names)
     print(f"exported {loaded.path} (step {loaded.step}) to {out}")
 
 
@@ -204,6 +204,13 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--out", required=True)
     s.add_argument("--tokenizer")
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    s.add_argument(
+        "--hc-names",
+        choices=("mhc", "deepseek"),
+        default="mhc",
+        help="mHC parameter names: mhc (ours, loadable by the exported modeling_mhc.py) or deepseek (DeepSeek-V4's "
+        "attn_hc/ffn_hc fn, base, scale and hc_head_*, for DeepSeek-format tooling and import-hf)",
+    )
     s.set_defaults(fn=cmd_export)
     s = sub.add_parser("import-hf", help="a Hugging Face Llama / Qwen2 / Qwen3 directory as a step-0 run")
     s.add_argument("source", help="a directory with config.json, *.safetensors and tokenizer.json")

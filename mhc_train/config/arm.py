@@ -7,6 +7,8 @@ different arms are never pooled as seeds of one:
   (the names runs were compared under before presets carried names);
 - any other preset keeps its `name:` (a new preset needs no edit here);
 - `SUFFIXES`: `+clr<m>` for optim.connection_lr_mult != 1, `+nowd` for optim.connection_weight_decay=false.
+- a value-named arm with `connection.numerics` or `connection.collapse` off their defaults gains `+deepseek_v4`,
+  `+mean` or `+learned` (`_forms`), so e.g. `mhc connection.numerics=deepseek_v4` is not pooled with `mhc`.
 
 The trainer records the name at train time; `mhc_train.analysis` reads it back, and computes it with this same
 function from `config.yaml` only for run directories written before it was recorded (no `name:`, so by value).
@@ -50,11 +52,16 @@ def _by_value(c: dict) -> str:
     )
 
 
+def _forms(c: dict) -> str:
+    numerics, collapse = c.get("numerics", "paper"), c.get("collapse", "sum")
+    return ("" if numerics == "paper" else f"+{numerics}") + ("" if collapse == "sum" else f"+{collapse}")
+
+
 def arm_name(cfg: Any) -> str:
     """The arm of a `Config` or of a resolved config dict (a run's `config.yaml`); see the module docstring."""
     if dataclasses.is_dataclass(cfg):
         cfg = dataclasses.asdict(cfg)
     c = cfg.get("connection") or {}
     name = c.get("name") or ""
-    arm = _by_value(c) if not name or name in VALUE_NAMED else name
+    arm = _by_value(c) + _forms(c) if not name or name in VALUE_NAMED else name
     return arm + "".join(suffix(cfg.get(section) or {}) for section, suffix in SUFFIXES)

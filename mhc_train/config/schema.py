@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from mhc_train.errors import MhcTrainError
 
-CONNECTION_TYPES = ("residual", "hc", "mhc")
+CONNECTION_TYPES = ("residual", "hc", "mhc", "mhc_single_pass")  # mhc_single_pass: DeepSeek-V4.1 (docs/mhc.md 10)
 H_RES_MODES = ("sinkhorn", "identity")
 B_RES_INITS = ("uniform", "identity")
 READ_INITS = ("uniform", "one_hot")
@@ -31,6 +31,8 @@ RECOMPUTE_MODES = ("none", "mhc", "full")
 CHECKPOINT_FORMATS = ("auto", "file", "dcp")
 WANDB_MODES = ("offline", "online", "disabled")
 ATTENTIONS = ("gqa", "mla")  # model.attention: grouped-query (LLaMA) or multi-head latent attention (DeepSeek-V2/V3)
+NUMERICS = ("paper", "deepseek_v4")  # connection.numerics: the mHC arithmetic (docs/mhc.md section 8)
+COLLAPSES = ("sum", "mean", "learned")  # connection.collapse: the final read of the n streams
 
 
 class ConfigError(MhcTrainError, ValueError):
@@ -85,7 +87,7 @@ class ConnectionConfig:
     # The arm's name, recorded in each run's summary.json (see arm.py); every configs/connection/*.yaml sets it to
     # its file name. "" (a config built in Python): derived from the values, as for runs written before names existed.
     name: str = ""
-    type: str = "mhc"  # residual | hc | mhc
+    type: str = "mhc"  # residual | hc | mhc | mhc_single_pass (DeepSeek-V4.1's lagged read)
     n_streams: int = 4  # n, the expansion rate; residual forces 1
     backend: str = "auto"  # torch | triton | auto (triton for CUDA tensors, torch elsewhere)
     # --- HC (Zhu et al.) ---
@@ -105,6 +107,14 @@ class ConnectionConfig:
     b_res_init: str = "uniform"  # uniform (H_res = J/n) | identity (diagonal logit b_res_diag, 0 elsewhere)
     b_res_diag: float = 2.0  # diagonal logit for b_res_init=identity (2 -> ~0.71 on the diagonal at n=4)
     eps: float = 1e-6  # epsilon of the flattened nC RMSNorm
+    # --- DeepSeek-V4 forms (docs/mhc.md sections 8-9) ---
+    # paper: the mHC paper's arithmetic (exp start, no eps in Sinkhorn) | deepseek_v4: transformers' DeepseekV4
+    # HyperConnection's (softmax start, + hc_eps after it and in every Sinkhorn denominator, H_pre + hc_eps)
+    numerics: str = "paper"
+    hc_eps: float = 1e-6  # deepseek_v4 numerics and the learned collapse: DeepSeek's hc_eps (their default 1e-6)
+    # the final read of the n streams before the last RMSNorm: sum (the paper's) | mean (GLM-5.3) | learned
+    # (DeepSeek-V4's HyperHead: sigmoid(scale * RMSNorm(vec x) @ fn + base) + hc_eps weights per stream)
+    collapse: str = "sum"
 
 
 @dataclass

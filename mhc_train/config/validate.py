@@ -17,11 +17,13 @@ from mhc_train.config.schema import (
     B_RES_INITS,
     BACKENDS,
     CHECKPOINT_FORMATS,
+    COLLAPSES,
     CONNECTION_TYPES,
     DEVICES,
     ENGINES,
     H_RES_MODES,
     LR_SCHEDULES,
+    NUMERICS,
     OUT_PROJ_INITS,
     PP_SCHEDULES,
     PRECISIONS,
@@ -120,6 +122,41 @@ def validate_connection(c: ConnectionConfig, prefix: str = "connection") -> None
         fail(f"{prefix}.eps", c.eps, "must be > 0")
     if c.phi_init_std < 0 or c.hc_dynamic_scale_init < 0:
         fail(f"{prefix}.phi_init_std/hc_dynamic_scale_init", (c.phi_init_std, c.hc_dynamic_scale_init), "must be >= 0")
+    validate_deepseek_forms(c, prefix)
+
+
+def validate_deepseek_forms(c: ConnectionConfig, prefix: str = "connection") -> None:
+    """connection.numerics / hc_eps / collapse (docs/mhc.md sections 8-9)."""
+    choice(f"{prefix}.numerics", c.numerics, NUMERICS)
+    choice(f"{prefix}.collapse", c.collapse, COLLAPSES)
+    if c.hc_eps < 0:
+        fail(f"{prefix}.hc_eps", c.hc_eps, "must be >= 0 (DeepSeek's default is 1e-6)")
+    if c.type == "mhc_single_pass" and c.collapse != "sum":
+        fail(
+            f"{prefix}.collapse", c.collapse, "mhc_single_pass collapses with the last FFN site's mix; leave it at sum"
+        )
+    if c.type == "mhc_single_pass" and c.h_res != "sinkhorn":
+        fail(f"{prefix}.h_res", c.h_res, "mhc_single_pass is built on the Sinkhorn H_res; set h_res=sinkhorn")
+    if c.numerics == "deepseek_v4" and (c.type not in ("mhc", "mhc_single_pass") or c.h_res != "sinkhorn"):
+        fail(f"{prefix}.numerics", c.numerics, "deepseek_v4 is mHC's arithmetic; it needs type=mhc, h_res=sinkhorn")
+    if c.numerics == "deepseek_v4" and c.sinkhorn_backward != "unrolled":
+        fail(
+            f"{prefix}.sinkhorn_backward",
+            c.sinkhorn_backward,
+            "numerics=deepseek_v4 differentiates its unrolled iterates; set sinkhorn_backward=unrolled",
+        )
+    if c.collapse != "sum" and c.type == "residual":
+        fail(f"{prefix}.collapse", c.collapse, "the residual baseline has one stream; keep collapse=sum")
+
+
+def validate_single_pass(cfg: Config) -> None:
+    """connection.type=mhc_single_pass against the rest of the run (model/single_pass.py's module docstring)."""
+    if cfg.connection.type != "mhc_single_pass":
+        return
+    if cfg.model.stream_dtype != "fp32":
+        fail(
+            "model.stream_dtype", cfg.model.stream_dtype, "mhc_single_pass carries its read mix in the stream; use fp32"
+        )
 
 
 def validate(cfg: Config) -> None:
@@ -127,6 +164,7 @@ def validate(cfg: Config) -> None:
     violation. `load_config` runs it; the launched world size is checked apart (`validate_world`)."""
     validate_model(cfg.model)
     validate_connection(cfg.connection)
+    validate_single_pass(cfg)
     t, o, s = cfg.train, cfg.optim, cfg.schedule
     for key in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "log_every"):
         at_least(f"train.{key}", getattr(t, key), 1)

@@ -14,6 +14,12 @@ Notes:
 - A tied LM head is written as its own copy (safetensors stores no aliases); config.json says tie_word_embeddings=false.
 - A tied LM head is written as its own copy `lm_head.weight` (safetensors stores no aliases); config.json says
   tie_word_embeddings=false. The decoder is `model.<mhc-train name>` (AutoModel loads it alone).
+- `hc_names="deepseek"` (`--hc-names deepseek`): the mHC sites and the learned collapse under DeepSeek-V4's names and
+  layouts (`model.layers.{i}.attn_hc.fn` ..., `model.hc_head.hc_fn`; `mhc_train.model.deepseek_map`), config.json
+  gains `hc_names` and the `DeepseekV4Config` connection fields, for DeepSeek-format tooling and `import-hf`. Such a
+  directory has no `AutoModelForCausalLM` entry (modeling_mhc.py reads our names; it would start the sites from scratch).
+- modeling_mhc.py runs the paper numerics and the sum collapse: other `connection.numerics` / `collapse` values are
+  refused there with our names (use `--hc-names deepseek`).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import torch
 
 from mhc_train.infer.errors import InferenceError
 from mhc_train.infer.load import Loaded
+from mhc_train.model import deepseek_map
 from mhc_train.model.transformer import ffn_hidden_dim, head_dim
 
 HF_DIR = Path(__file__).parent / "hf"
@@ -95,10 +102,28 @@ def export_weights(loaded: Loaded) -> dict:
     return out
 
 
-def export(loaded: Loaded, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write the export directory for `loaded`; returns its path."""
+HC_NAMES = ("mhc", "deepseek")
+
+
+def _check_hc_names(loaded: Loaded, hc_names: str) -> None:
+    conn = loaded.model.conn_cfg
+    if hc_names not in HC_NAMES:
+        raise InferenceError(f"--hc-names must be one of {HC_NAMES}, got {hc_names!r}")
+    if hc_names == "deepseek" and conn.type not in ("mhc", "mhc_single_pass"):
+        raise InferenceError(f"--hc-names deepseek maps mHC sites; this is a {conn.type} model: use --hc-names mhc")
+    extra = getattr(conn, "numerics", "paper") != "paper" or getattr(conn, "collapse", "sum") != "sum"
+    if hc_names == "mhc" and (extra or conn.type == "mhc_single_pass"):
+        raise InferenceError(
+            f"modeling_mhc.py runs the residual, hc and mhc arms with numerics=paper and collapse=sum; this model is "
+            f"{conn.type} with numerics={conn.numerics}, collapse={conn.collapse}: export it with --hc-names deepseek"
+        )
+
+
+def export(loaded: Loaded, out_dir: str | Path, overwrite: bool = False, hc_names: str = "mhc") -> Path:
+    """Write the export directory for `loaded`; returns its path. `hc_names`: mhc (ours) | deepseek (see the module)."""
     from safetensors.torch import save_file
 
+    _check_hc_names(loaded, hc_names)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise InferenceError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
@@ -106,7 +131,12 @@ def export(loaded: Loaded, out_dir: str | Path, overwrite: bool = False) -> Path
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     config = hf_config(loaded)
-    save_file(export_weights(loaded), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    weights = export_weights(loaded)
+    if hc_names == "deepseek":
+        weights = deepseek_map.to_deepseek(weights)
+        config = {k: v for k, v in config.items() if k != "auto_map"}
+        config.update(hc_names="deepseek", **deepseek_map.deepseek_config_values(loaded.model.conn_cfg))
+    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     shutil.copyfile(HF_DIR / "modeling_mhc.py", tmp / "modeling_mhc.py")
     if hasattr(loaded.tokenizer, "sp"):

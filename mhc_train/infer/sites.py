@@ -21,6 +21,7 @@ autocast region, and `mhc_post_res`'s separate matmul, multiply and add. Here, p
 
 The arithmetic is the torch path's (`mhc_train/ops/reference.py`, `connections.HCSite`): the same operations in the
 same order, only regrouped over columns; tests/infer check decode against the model's full forward (1e-5, fp32).
+`connection.numerics: deepseek_v4` sites decode through `DeepseekDecodeSite` (DeepSeek's ops, not regrouped).
 Sites the torch path does not run (the triton backend on CUDA, whose fused kernels already do this) and non-fp32
 models keep the model's own `Site.forward`.
 
@@ -41,6 +42,7 @@ import torch
 from mhc_train.infer.sinkhorn_cpu import native_sinkhorn
 from mhc_train.model.connections import HCSite, MHCSite, Site
 from mhc_train.ops import SiteStep, TorchBackend
+from mhc_train.ops.deepseek import mhc_coefficients_deepseek_ref
 from mhc_train.ops.reference import sinkhorn_forward
 
 SubLayer = Callable[[torch.Tensor], torch.Tensor]
@@ -115,6 +117,20 @@ class MHCDecodeSite(DecodeSite):
         return gates[:, :n], gates[:, n:], sinkhorn_forward(res, self.iters, inplace=True)
 
 
+class DeepseekDecodeSite(DecodeSite):
+    """mHC with `connection.numerics: deepseek_v4`: DeepSeek's arithmetic (`ops/deepseek.py`) on the N new tokens,
+    the parameters read once (no autograd). Not regrouped like `MHCDecodeSite`: the same ops as the training site."""
+
+    def __init__(self, site: MHCSite):
+        cfg = site.cfg
+        self.n, self.iters, self.eps, self.hc_eps = site.n, cfg.t_max, cfg.eps, cfg.hc_eps
+        self.phi, self.alpha, self.bias = (p.detach().float() for p in (site.phi, site.alpha, site.bias))
+
+    def coefficients(self, x, kernels=None):
+        xs = x.reshape(-1, *x.shape[-2:])  # [N, n, C]
+        return mhc_coefficients_deepseek_ref(xs, self.phi, self.alpha, self.bias, self.iters, self.eps, self.hc_eps)
+
+
 class HCDecodeSite(DecodeSite):
     """HC (`HCSite`): row j of the block [N, n, n+2] is (A_m[j], B[j], A_r[j, :]) = static + scale * tanh(...)."""
 
@@ -149,10 +165,14 @@ def decode_site(site: Site, native: bool = True) -> Site | DecodeSite:
     """The decode path of `site`: a `DecodeSite` where the torch backend runs an fp32 site, else the site itself (the
     residual site's `x + F(x)` is already minimal; the triton backend's kernels are fused). `native`: mHC's Sinkhorn
     as the C loop on CPU where it builds (False: torch ops only)."""
+    if getattr(site, "lagged", False):  # single-pass mHC: its own forward carries the mix (model/single_pass.py)
+        return site
     params = list(site.parameters())
     if not params or params[0].dtype != torch.float32 or site.step.backend(params[0].device).name != "torch":
         return site
     with torch.no_grad():
+        if isinstance(site, MHCSite) and getattr(site.cfg, "numerics", "paper") == "deepseek_v4":
+            return DeepseekDecodeSite(site)
         if isinstance(site, MHCSite):
             return MHCDecodeSite(site, native)
         if isinstance(site, HCSite):

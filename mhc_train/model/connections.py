@@ -6,7 +6,8 @@ A `Connection` is the whole residual-stream policy of a model:
 - `expand(h)`   [B, T, C] -> [B, T, n, C]: the token embedding replicated n times (spec section 1);
 - `site(C, k)`  the module of connection site k (two per block: attention, FFN). A site wraps a sub-layer F,
                 `x_{l+1} = site(x_l, F)`, and replaces the residual add and nothing else;
-- `collapse(x)` [B, T, n, C] -> [B, T, C]: sum over streams, before the final RMSNorm.
+- `collapse(x)` [B, T, n, C] -> [B, T, C]: sum over streams, before the final RMSNorm; `collapse_module(C)` is the
+                one the model runs (`connection.collapse`: sum, mean, or DeepSeek-V4's learned head).
 
 Every site exposes `coefficients(x) -> (h_pre [B,T,n], h_post [B,T,n], h_res [B,T,n,n] | None)` in this file's
 convention (H_res left-multiplied: new stream i = sum_j H_res[i, j] x_j). The stability diagnostics read it, and
@@ -205,7 +206,54 @@ class MHCSite(Site):
 
     def _coefficients(self, x, kernels):
         c = self.cfg
+        if c.numerics == "deepseek_v4":  # DeepSeek-V4's arithmetic (docs/mhc.md section 8)
+            return kernels.mhc_coefficients_deepseek(x, self.phi, self.alpha, self.bias, c.t_max, c.eps, c.hc_eps)
         return kernels.mhc_coefficients(x, self.phi, self.alpha, self.bias, c.t_max, c.eps, c.sinkhorn_backward)
+
+
+class Collapse(nn.Module):
+    """The final read of the n streams, [B, T, n, C] -> [B, T, C] in at least fp32 (`connection.collapse`): `sum`
+    (the paper's) or `mean` (GLM-5.3); no parameters. `LearnedCollapse` is DeepSeek-V4's head."""
+
+    def __init__(self, mode: str = "sum"):
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        acc = torch.promote_types(x.dtype, torch.float32)
+        if self.mode == "mean":
+            return x.mean(dim=-2, dtype=acc)  # [B, T, C]
+        return x.sum(dim=-2, dtype=acc)  # [B, T, C], accumulated in >= fp32
+
+
+class LearnedCollapse(Collapse):
+    """DeepSeek-V4's `HyperHead` (docs/mhc.md section 9): `sum_j w_j x_j` with `w = sigmoid(scale * RMSNorm(vec x) @
+    weight + bias) + hc_eps`. weight [nC, n] (their `hc_fn` transposed), bias [n] (`hc_base`), scale [1] (`hc_scale`).
+    Init as transformers': weight ~ N(0, phi_init_std), bias 0, scale 1 (w = 0.5 + hc_eps per stream). Its parameters
+    are connection parameters (the module is the model's `collapse_conn`: the optimizer's connection groups)."""
+
+    def __init__(self, dim: int, n: int, cfg: ConnectionConfig):
+        super().__init__("learned")
+        self.n, self.cfg = n, cfg
+        self.weight = nn.Parameter(torch.empty(n * dim, n))
+        self.bias = nn.Parameter(torch.empty(n))
+        self.scale = nn.Parameter(torch.empty(1))
+
+    def initial_values(self, generator=None):
+        dev = generator.device if generator is not None else None
+        weight = torch.zeros(self.weight.shape, device=dev)
+        if self.cfg.phi_init_std:
+            weight.normal_(0.0, self.cfg.phi_init_std, generator=generator)
+        return {"weight": weight, "bias": torch.zeros(self.n, device=dev), "scale": torch.ones(1, device=dev)}
+
+    def init_weights(self, generator=None) -> None:
+        with torch.no_grad():
+            for name, value in self.initial_values(generator).items():
+                getattr(self, name).copy_(value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with ops.coefficient_region(x):
+            return ops.collapse_learned_ref(x, self.weight, self.bias, self.scale, self.cfg.eps, self.cfg.hc_eps)
 
 
 class Connection:
@@ -226,6 +274,11 @@ class Connection:
 
     def site(self, dim: int, index: int) -> Site:
         return self.site_cls(dim, self.n_streams, index, self.cfg, self.step)
+
+    def collapse_module(self, dim: int) -> Collapse:
+        """The model's final read as a module (`connection.collapse`); `sum` computes exactly `collapse`."""
+        mode = getattr(self.cfg, "collapse", "sum")
+        return LearnedCollapse(dim, self.n_streams, self.cfg) if mode == "learned" else Collapse(mode)
 
     @property
     def out_proj_std_factor(self) -> float:
@@ -251,8 +304,9 @@ class MHC(Connection):
     site_cls = MHCSite
 
 
-CONNECTIONS: dict[str, type[Connection]] = {"residual": Residual, "hc": HC, "mhc": MHC}
+CONNECTIONS: dict[str, type[Connection]] = {"residual": Residual, "hc": HC, "mhc": MHC}  # + single_pass.py's
 
 
 def build_connection(cfg: ConnectionConfig) -> Connection:
+    # `mhc_single_pass` (single_pass.py, which builds on this file) registers itself; the package imports it
     return CONNECTIONS[cfg.type](cfg)  # cfg was validated by build_model or load_config

@@ -101,6 +101,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleDict({str(i): Block(cfg, self.conn, i) for i in range(cfg.n_layer)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.collapse_conn = self.conn.collapse_module(cfg.dim)  # the final stream read (connection.collapse)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
@@ -216,7 +217,7 @@ class Transformer(nn.Module):
         """[B, T, n, C] -> logits [B, T, V]; a stage without the final norm passes the stream state through."""
         if self.norm is None:  # a stage's boundary output: never a view (pipelining detaches it in place)
             return h if h._base is None else h.clone()
-        h = self.norm(self.conn.collapse(h))  # [B, T, C]
+        h = self.norm(self.collapse_conn(h))  # [B, T, C]
         return self.output(h) if self.output is not None else h
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
@@ -226,7 +227,7 @@ class Transformer(nn.Module):
         h = self.run_blocks(self.embed(tokens))
         if targets is None or self.norm is None:  # a pipeline stage before the last passes the stream on
             return self.head(h)
-        return (self._loss_fn or chunked_lm_loss)(self.norm(self.conn.collapse(h)), self.output, targets)
+        return (self._loss_fn or chunked_lm_loss)(self.norm(self.collapse_conn(h)), self.output, targets)
 
 
 def module_seed(seed: int, name: str) -> int:

@@ -15,6 +15,8 @@ The plain functions below are the kernel-level ops for standalone use (tests, be
 - `mhc_post_res(x, y, h_post, h_res)`: -> [..., n, C]; H_res left-multiplied, None = identity
 - `hc_projection(x, weight, eps=1e-6)`: HC's dynamic projection, RMSNorm per stream then @ weight: [..., n, C] ->
   [..., n, K_s] (weight [C, K_s], the norm gain folded in)
+- `mhc_coefficients_deepseek_ref`, `sinkhorn_deepseek_ref`, `collapse_learned_ref` (`deepseek.py`): DeepSeek-V4's
+  arithmetic (`connection.numerics: deepseek_v4`) and learned collapse, in this project's frame
 - `hc_gates(h, static, scale)`: HC's coefficients from it: tanh(h) * scale + static -> (h_pre, h_post, h_res)
 
 One dx per site (`link`, a `library.Link` of slot tensors, None on the torch path): a site's linked projection returns
@@ -32,6 +34,12 @@ import torch
 from mhc_train.config import BACKENDS, SINKHORN_BACKWARDS
 
 from .backends import TorchBackend, TritonBackend, coefficient_region, resolve, resolve_backend, triton_available
+from .deepseek import (
+    collapse_learned_ref,
+    mhc_coefficients_deepseek_ref,
+    mhc_projection_deepseek_ref,
+    sinkhorn_deepseek_ref,
+)
 from .reference import (
     coefficient_dtype,
     hc_gates_ref,
@@ -98,6 +106,10 @@ __all__ = [
     "TorchBackend",
     "TritonBackend",
     "coefficient_dtype",
+    "collapse_learned_ref",
+    "mhc_coefficients_deepseek_ref",
+    "mhc_projection_deepseek_ref",
+    "sinkhorn_deepseek_ref",
     "coefficient_region",
     "hc_gates",
     "hc_gates_ref",

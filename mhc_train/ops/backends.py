@@ -29,6 +29,7 @@ import torch
 from mhc_train.config import BACKENDS
 
 from . import library, library_gates  # (register the mhc_train:: ops; import triton lazily)
+from .deepseek import mhc_coefficients_deepseek_ref
 from .reference import hc_gates_ref, hc_projection_ref, mhc_coefficients_ref, mhc_post_res_ref, mhc_pre_ref
 from .sinkhorn import sinkhorn_knopp_implicit, sinkhorn_knopp_torch
 
@@ -76,6 +77,10 @@ class TorchBackend:
         """((h_pre, h_post, h_res | None), the site's link or None)."""
         sinkhorn = sinkhorn_knopp_implicit if implicit else sinkhorn_knopp_torch
         return mhc_coefficients_ref(x, phi, alpha, bias, iters, eps, sinkhorn=sinkhorn), None
+
+    def mhc_coefficients_deepseek(self, x, phi, alpha, bias, iters: int, eps: float, hc_eps: float, linked=False):
+        """DeepSeek-V4 numerics (`deepseek.py`): ((h_pre, h_post, h_res), the site's link or None)."""
+        return mhc_coefficients_deepseek_ref(x, phi, alpha, bias, iters, eps, hc_eps), None
 
     def hc_projection(self, x, weight, eps: float, linked=False):
         """(h [..., n, K_s], the site's link or None)."""
@@ -139,6 +144,14 @@ class TritonBackend(TorchBackend):
             return coefficients, link
         alpha, bias = alpha.float().contiguous(), bias.float().contiguous()
         return library_gates.mhc_gates_sinkhorn(h, alpha, bias, x.shape[-2], iters), link
+
+    def mhc_coefficients_deepseek(self, x, phi, alpha, bias, iters, eps, hc_eps, linked=False):
+        """The projection kernel (reordered norm, linked as the paper's path) and DeepSeek's tail in torch."""
+        if not _kernel_takes("mhc_coefficients", x.shape[-2]):
+            return super().mhc_coefficients_deepseek(x, phi, alpha, bias, iters, eps, hc_eps)
+        h, link = library.mhc_projection(x.contiguous(), phi, eps, linked=linked)  # kernel 1: [..., K] fp32
+        project = lambda v, p, e: h  # noqa: E731
+        return mhc_coefficients_deepseek_ref(x, phi, alpha, bias, iters, eps, hc_eps, projection=project), link
 
     def hc_projection(self, x, weight, eps, linked=False):
         n = x.shape[-2]

@@ -52,6 +52,13 @@ class SiteKernels:
         self.link = link if linked else self.link
         return out
 
+    def mhc_coefficients_deepseek(self, x, phi, alpha, bias, iters: int, eps: float, hc_eps: float):
+        """mHC's coefficients with DeepSeek-V4's arithmetic (`deepseek.mhc_coefficients_deepseek_ref`); linked."""
+        linked = self._links()
+        out, link = self.backend.mhc_coefficients_deepseek(x, phi, alpha, bias, iters, eps, hc_eps, linked)
+        self.link = link if linked else self.link
+        return out
+
     def hc_projection(self, x, weight, eps: float = 1e-6):
         """HC's per-stream RMSNorm @ weight (`reference.hc_projection_ref`); makes the site's link."""
         linked = self._links()

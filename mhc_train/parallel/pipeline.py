@@ -79,6 +79,7 @@ def cut_stage(model, stage: int, n_stages: int):
         part.tok_embeddings = None
     if stage != n_stages - 1:
         part.norm, part.output = None, None
+        part.collapse_conn = None  # the final stream read (learned: DeepSeek-V4's head weights) lives on the last stage
     return part
 
 
@@ -236,8 +237,8 @@ class PipelineEngine(Engine):
         module_of = dict(zip(self.stage_ids, self.modules))
         stream_dtype = self.model.stream_dtype or torch.float32
         x = self.to_device(tokens)
-        n = self.model.conn.n_streams
-        state_shape, comp_shape = (*x.shape, n, self.model.cfg.dim), (*x.shape, n, n)
+        n, k = self.model.conn.n_streams, self.model.conn_cfg.n_streams  # state rows; H_res is k x k (single-pass: n-1)
+        state_shape, comp_shape = (*x.shape, n, self.model.cfg.dim), (*x.shape, k, k)
         probes, h, prefix = {}, x, None
         try:
             for s in [s for s in range(self.n_stages) if owner[s] == me]:

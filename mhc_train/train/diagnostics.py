@@ -70,7 +70,8 @@ class SiteProbe:
         self._order = list(module.sites())
 
         def keep(name, site, x):
-            self._coeffs[name] = (*site.coefficients(x), x.shape[-2])
+            coeffs = site.coefficients(x)  # n from h_pre: a single-pass state carries one row more than n
+            self._coeffs[name] = (*coeffs, coeffs[0].shape[-1])
 
         handles = [
             site.register_forward_pre_hook(lambda mod, args, name=name: keep(name, mod, args[0]))

@@ -80,7 +80,7 @@ def site_flops(conn_cfg: ConnectionConfig, dim: int) -> dict[str, int]:
         if not conn_cfg.hc_dynamic:
             return mix
         return {"norm": 4 * n * c, "project": 2 * n * c * (n + 2), "gates": 3 * n * (n + 2), **mix}
-    if conn_cfg.type == "mhc":
+    if conn_cfg.type in ("mhc", "mhc_single_pass"):  # single-pass: the same site ops, its read mix lagged
         identity = conn_cfg.h_res == "identity"
         k = 2 * n if identity else n * n + 2 * n
         return {

@@ -1,0 +1,141 @@
+"""Single-pass ("lagged") mHC, DeepSeek-V4.1's connection (`connection.type: mhc_single_pass`; docs/mhc.md section 10).
+
+Axis legend: B batch, T time, n streams, C channels.
+
+Semantics (per token; site l = 0 .. L-1, two per block):
+    (p_l', post_l, H_res_l) = coefficients(x_l)          # mHC's map of x_l (connection.numerics: paper | deepseek_v4)
+    x_{l+1} = H_res_l x_l + post_l^T F_l(m_l . x_l)      # read with the mix m_l the PREVIOUS site computed
+    m_{l+1} = p_l'                                       # this site's read mix is the next site's
+with m_0 = e_0 (the first sub-layer reads stream 0) and the output collapse `m_L . x_L` (the last FFN site's mix; no
+head weights). A site's read mix is thus known before the site runs, so F's input needs no projection of x_l first.
+
+Notable choices:
+- The lagged mix travels inside the stream state: the model's state is [B, T, n + 1, C], rows 0..n-1 the streams and
+  row n the mix (its first n channels; zeros after). The block calls its sites and the transformer its connection
+  exactly as for the other arms (no branch on the type), and everything that moves the state (pipeline boundaries,
+  decode's per-token state, saved activations) moves the mix with it: `Connection.n_streams` is n + 1 here, the
+  state's row count; the sites' stream count stays `connection.n_streams`. Cost: C elements per token instead of n;
+  bf16 streams would round the carried mix (refused).
+- The ops are the other arms' (`SiteStep` on `connection.backend`), unlinked: each op writes its own dx (the read
+  mix is not the projection's, so the one-dx chaining of `library.Link` does not apply).
+- The packing lives in the arm's step (`SinglePassStep`), so selective and full recomputation, which replay sites
+  through `site.read` / `site.step.write`, run this arm unchanged. Refused at config time: bf16 streams and
+  `connection.collapse` (the arm's collapse is its mix).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mhc_train import ops
+from mhc_train.config import ConnectionConfig
+from mhc_train.model.connections import CONNECTIONS, Collapse, Connection, MHCSite
+
+
+class SinglePassRead(ops.SiteRead):
+    """A single-pass site's read half for its write: mixing coefficients, kernels and the next site's read mix."""
+
+    __slots__ = ("mix",)
+
+    def __init__(self, h_post, h_res, kernels, mix):
+        super().__init__(h_post, h_res, kernels)
+        self.mix = mix
+
+
+def split_state(state: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T, n+1, C] -> (streams [B, T, n, C], the carried read mix [B, T, n])."""
+    return state[..., :n, :], state[..., n, :n]
+
+
+def pack_state(x: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    """(streams [B, T, n, C], mix [B, T, n]) -> [B, T, n+1, C], the mix in row n's first n channels."""
+    row = F.pad(mix.to(x.dtype), (0, x.shape[-1] - mix.shape[-1])).unsqueeze(-2)  # [B, T, 1, C]
+    return torch.cat([x, row], dim=-2)
+
+
+class SinglePassStep(ops.SiteStep):
+    """The connection's site step for the packed state: `read` splits off the carried mix and reads x_l with it,
+    `write` merges and packs this site's H_pre as the next mix. Every caller of a step (the site, selective
+    recomputation's replays, DualPipeV's runner) thus handles the single-pass state without knowing the arm."""
+
+    def __init__(self, backend, n: int):
+        super().__init__(backend)
+        self.n = n
+
+    def read(self, coefficients, state, linked: bool = True, pre: bool = True):
+        x, mix = split_state(state, self.n)  # [B, T, n, C], [B, T, n]
+        kernels = self.kernels(x, linked=False)  # unlinked: the read mix is not this projection's (module docstring)
+        h_pre, h_post, h_res = self.coefficients(coefficients, x, kernels)  # from x_l
+        f_in = kernels.pre(x, mix) if pre else None  # [B, T, C]: the previous site's mix reads x_l
+        return f_in, SinglePassRead(h_post, h_res, kernels, h_pre)
+
+    def write(self, state, y, read: SinglePassRead, runner=None) -> torch.Tensor:
+        args = (state[..., : self.n, :], y, read.h_post, read.h_res)
+        out = read.kernels.post_res(*args) if runner is None else runner(read.kernels.post_res, *args)
+        return pack_state(out, read.mix)  # [B, T, n+1, C]
+
+
+class SinglePassSite(MHCSite):
+    """An mHC site (same parameters, init and coefficient math as `MHCSite`) run by a `SinglePassStep`: it reads with
+    the carried mix and hands its own H_pre on as the next site's. Input and output: the packed state."""
+
+    lagged = True  # decode runs this site as it is (infer/sites.py)
+
+    @property
+    def backend(self) -> str:
+        return self.step.name
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self.step = SinglePassStep(name, self.n)
+
+    def coefficients(self, x: torch.Tensor):
+        """(h_pre, h_post, h_res) of the streams; takes the packed state or the streams alone (the diagnostics)."""
+        return super().coefficients(x[..., : self.n, :] if x.shape[-2] == self.n + 1 else x)
+
+
+class MixCollapse(Collapse):
+    """The single-pass output collapse: the carried mix (the last FFN site's H_pre) reads the streams. No weights."""
+
+    def __init__(self, n: int):
+        super().__init__("mix")
+        self.n = n
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        x, mix = split_state(state, self.n)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        return (mix.to(acc).unsqueeze(-2) @ x.to(acc)).squeeze(-2)  # [B, T, C]
+
+
+class MHCSinglePass(Connection):
+    """Single-pass mHC: the state carries the lagged read mix as row n (module docstring)."""
+
+    site_cls = SinglePassSite
+
+    def __init__(self, cfg: ConnectionConfig):
+        super().__init__(cfg)
+        self.n = cfg.n_streams
+        self.n_streams = cfg.n_streams + 1  # rows of the state: n streams and the carried mix
+        self.step = SinglePassStep(cfg.backend, self.n)
+
+    def site(self, dim: int, index: int) -> SinglePassSite:
+        if dim < self.n:
+            raise ValueError(
+                f"mhc_single_pass carries its n = {self.n} mix in a row of C = {dim} channels: need C >= n"
+            )
+        return SinglePassSite(dim, self.n, index, self.cfg, self.step)
+
+    def expand(self, h: torch.Tensor) -> torch.Tensor:
+        x = h.unsqueeze(-2).expand(*h.shape[:-1], self.n, h.shape[-1])  # [B, T, n, C]
+        mix = F.one_hot(torch.zeros(h.shape[:-1], dtype=torch.long, device=h.device), self.n)  # m_0 = e_0
+        return pack_state(x, mix)  # [B, T, n+1, C]
+
+    def collapse(self, x: torch.Tensor) -> torch.Tensor:
+        return MixCollapse(self.n)(x)
+
+    def collapse_module(self, dim: int) -> Collapse:
+        return MixCollapse(self.n)
+
+
+CONNECTIONS["mhc_single_pass"] = MHCSinglePass  # `build_connection` finds it (mhc_train.model imports this file)
