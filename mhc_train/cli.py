@@ -36,8 +36,16 @@ def _load(args):
 def cmd_prepare(args) -> None:
     from mhc_train.data import prepare
 
-    manifest = prepare(_load(args).data)
-    print(f"prepared data: {manifest['dir']} (tokenizer sha256 {manifest['tokenizer']['sha256'][:12]})")
+    data = _load(args).data
+    if data.blend:  # each source of the blend on its own, one tokenizer (mhc_train.data.blend)
+        from mhc_train.data.blend import prepare_blend
+
+        blend, manifest = prepare_blend(data, 0, lambda value: [value])
+        for label, weight, part in zip(blend.labels, blend.weights, blend.parts):
+            print(f"prepared data: {label} (weight {weight:.4g}): {part.dir}")
+    else:
+        manifest = prepare(data)
+        print(f"prepared data: {manifest['dir']} (tokenizer sha256 {manifest['tokenizer']['sha256'][:12]})")
 
 
 def cmd_train(args) -> None:

@@ -99,7 +99,7 @@ def _train(data_cfg_dir, run, blend, **over):
 @pytest.mark.slow
 def test_blend_run_resumes_bit_exact_and_reports_per_source(blend_data, two_sources, tmp_path):
     """A 4-step blend run equals (losses, bytes) the same run stopped at step 2 and resumed; its val records carry
-    each source's loss and the meta record each source's realised token share."""
+    each source's loss (shown by `compare`) and the meta record each source's realised token share."""
     _, manifest, cfg = blend_data
     blend = [(two_sources / "comedy", 0.75), (two_sources / "tragedy", 0.25)]
     over = {"train.max_steps": 4, "data.txt_per_line": "true"}
@@ -115,6 +115,11 @@ def test_blend_run_resumes_bit_exact_and_reports_per_source(blend_data, two_sour
     assert val[-1]["loss"] == pytest.approx(mix, rel=1e-12)
     meta = read_metrics(tmp_path / "whole")["meta"][0]
     assert set(meta["token_share"]) == {"comedy", "tragedy"} and meta["blend_weights"]["comedy"] == 0.75
+    from mhc_train.analysis.report import compare
+
+    result = compare([tmp_path / "whole"], tmp_path / "cmp")  # `compare` shows the per-source val losses
+    assert result["rows"][0]["val_loss/tragedy"] == val[-1]["source_loss"]["tragedy"]
+    assert "val_loss/comedy" in (tmp_path / "cmp" / "summary.md").read_text()
     a = torch.load(tmp_path / "whole/checkpoints/step_00000004.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "split/checkpoints/step_00000004.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
