@@ -6,7 +6,7 @@ and without per-document attention masking.
     .venv/bin/python scripts/bench_data.py --steps 50 --seq-len 1024 --batch-size 8
 
 - Sources: the bundled plays cut in three groups by name (a line a document, as data.txt_per_line=true, and also a
-  play a document for the masking part), prepared once into a temporary out_dir with one 4096-piece tokenizer
+  play a document for the masking part), prepared once into a temporary out_dir with one `--vocab-size` tokenizer
   trained on the weighted sample (the blend's own path). "One source" is the first group on its own.
 - Each measurement runs `--rounds` times, the kinds interleaved, and keeps its best round (the machine may be shared).
 - Loader: `train_batch(seed, step, 0, B, T)` for `--loader-steps` steps (what the trainer's prefetch thread calls); windows
@@ -56,9 +56,11 @@ def _sources(root: Path) -> list[Path]:
     return dirs
 
 
-def _prepare(dirs, out: Path, per_line: bool, weights):
+def _prepare(dirs, out: Path, per_line: bool, weights, vocab: int, tokenizer: str = ""):
     entries = [BlendSourceConfig(source=str(d), weight=w) for d, w in zip(dirs, weights)]
-    cfg = DataConfig(out_dir=str(out), vocab_size=4096, txt_per_line=per_line, blend=entries)
+    cfg = DataConfig(
+        out_dir=str(out), vocab_size=vocab, txt_per_line=per_line, blend=entries, tokenizer_model=tokenizer
+    )
     return prepare_blend(cfg, 0, lambda v: [v])[0]
 
 
@@ -111,13 +113,14 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--step-batch-size", type=int, default=4)
     p.add_argument("--model", default="demo", help="model preset of the step measurement (configs/model/)")
+    p.add_argument("--vocab-size", type=int, default=4096, help="the BPE trained on the weighted sample")
     p.add_argument("--rounds", type=int, default=3, help="interleaved repeats; the best of each kind is kept")
     args = p.parse_args()
     torch.manual_seed(0)
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         dirs = _sources(Path(tmp))
-        blend = _prepare(dirs, Path(tmp) / "lines", True, (0.5, 0.3, 0.2))
+        blend = _prepare(dirs, Path(tmp) / "lines", True, (0.5, 0.3, 0.2), args.vocab_size)
         one = blend.parts[0]
         b, t = args.batch_size, args.seq_len
         rounds = {"one_source": [], "blend_3_sources": []}
@@ -129,7 +132,10 @@ def main() -> None:
         ld["blend_vs_one"] = round(ld["blend_3_sources"]["windows_per_s"] / ld["one_source"]["windows_per_s"], 3)
         results["step"] = {}
         for docs, per_line in (("line_documents", True), ("play_documents", False)):
-            data = blend if per_line else _prepare(dirs, Path(tmp) / "plays", False, (0.5, 0.3, 0.2))
+            tok = blend.manifest["tokenizer"]["path"]  # the same tokenizer, the plays as whole documents
+            data = (
+                blend if per_line else _prepare(dirs, Path(tmp) / "plays", False, (0.5, 0.3, 0.2), args.vocab_size, tok)
+            )
             row = {"no_mask": None, "document_mask": None}
             for _ in range(args.rounds):
                 for mask in (False, True):
