@@ -40,8 +40,16 @@ def cmd_prepare(args) -> None:
     from mhc_train.data import prepare
 
     # the data part only: prepare has no sequence length, so `prepare model=test` must not trip train.seq_len's rule
-    manifest = prepare(load_config(args.overrides, args.config, full=False).data)
-    print(f"prepared data: {manifest['dir']} (tokenizer sha256 {manifest['tokenizer']['sha256'][:12]})")
+    data = load_config(args.overrides, args.config, full=False).data
+    if data.blend:  # each source of the blend on its own, one tokenizer (mhc_train.data.blend)
+        from mhc_train.data.blend import prepare_blend
+
+        blend, manifest = prepare_blend(data, 0, lambda value: [value])
+        for label, weight, part in zip(blend.labels, blend.weights, blend.parts):
+            print(f"prepared data: {label} (weight {weight:.4g}): {part.dir}")
+    else:
+        manifest = prepare(data)
+        print(f"prepared data: {manifest['dir']} (tokenizer sha256 {manifest['tokenizer']['sha256'][:12]})")
 
 
 def cmd_train(args) -> None:

@@ -1,4 +1,10 @@
-"""AdamW with weight-decay groups, and the learning-rate schedules (warm-up, then cosine, step or constant)."""
+"""AdamW with weight-decay groups, and the learning-rate schedules (warm-up, then cosine, step, constant or wsd).
+
+- wsd (warmup-stable-decay): the multiplier is a function of the step and the config alone, and nothing of the decay is
+  kept in a checkpoint (LambdaLR saves its position, not its function): a checkpoint of the constant stage resumed
+  with `schedule.decay_start` at its step (and `train.max_steps` at the cooldown's end) cools down from there, and the
+  same checkpoint serves any other cooldown.
+"""
 
 from __future__ import annotations
 
@@ -49,6 +55,8 @@ def lr_multiplier(step: int, total: int, cfg: ScheduleConfig) -> float:
         return (step + 1) / cfg.warmup_steps
     if cfg.name == "constant":
         return 1.0
+    if cfg.name == "wsd":
+        return wsd_multiplier(step, total, cfg)
     if cfg.name == "step":  # mHC paper Table 5: 0.316x at 80%, 0.1x at 90% of training
         frac, mult = step / max(total, 1), 1.0
         for milestone, factor in zip(cfg.step_milestones, cfg.step_factors):
@@ -58,6 +66,25 @@ def lr_multiplier(step: int, total: int, cfg: ScheduleConfig) -> float:
     progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+
+
+def wsd_decay_start(total: int, cfg: ScheduleConfig) -> int:
+    """The first decay step of schedule=wsd: `decay_start` when set, else the last `decay_fraction` of `total`."""
+    if cfg.decay_start:
+        return cfg.decay_start
+    return max(cfg.warmup_steps, total - round(cfg.decay_fraction * total))
+
+
+def wsd_multiplier(step: int, total: int, cfg: ScheduleConfig) -> float:
+    """Warmup-stable-decay past the warm-up: 1 until the decay starts at step s, then over the D = total - s decay
+    steps, with progress p = (step - s + 1) / D (so the last step trains at exactly `min_lr_ratio`):
+    linear m + (1 - m)(1 - p), or 1-sqrt m + (1 - m)(1 - sqrt(p)). Steps past `total` stay at m."""
+    start = wsd_decay_start(total, cfg)
+    if step < start:
+        return 1.0
+    progress = min(1.0, (step - start + 1) / max(1, total - start))
+    left = 1.0 - math.sqrt(progress) if cfg.decay_shape == "1-sqrt" else 1.0 - progress
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * left
 
 
 def build_scheduler(opt: torch.optim.Optimizer, total: int, cfg: ScheduleConfig):

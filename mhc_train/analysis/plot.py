@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mhc_train.analysis.runs import lr_str, series
+from mhc_train.analysis.runs import lr_str, series, sources
 from mhc_train.analysis.stats import seed_statistics
 
 
@@ -70,6 +70,8 @@ def plot(runs: list[dict], out_png: Path, stats: dict | None = None) -> None:
         lab = f"{arm} (lr {lr_str(group[0].get('lr'))})"
         _band(ax_loss, group, "val", "loss", c, f"{lab} val")
         _band(ax_loss, group, "train", "loss", c, f"{lab} train", ls=":")
+        for k in dict.fromkeys(k for r in group for k in sources(r)):  # a blend: each source's val loss
+            _band(ax_loss, group, "val", f"loss/{k}", c, f"{lab} val {k}")
         if arm != "residual" and base:
             _band(ax_gap, group, "val", "loss", c, f"{lab} - residual (val, paired by seed)", base=base)
         _band(ax_gn, group, "train", "grad_norm", c, lab)

@@ -18,6 +18,7 @@ from mhc_train.analysis.runs import (
     mean_over_sites,
     run_names,
     series,
+    sources,
 )
 from mhc_train.analysis.stats import seed_statistics, val_at_or_before, verdict
 
@@ -39,6 +40,7 @@ def summary_rows(runs: list[dict], step: int | None = None) -> list[dict]:
         return (same or residuals or [None])[0]
 
     eval_cols = sorted({k for r in runs for k in r.get("eval", {})})
+    source_cols = list(dict.fromkeys(k for r in runs for k in sources(r)))  # blend runs: val loss per source
     names = run_names(runs)
     rows = []
     for r in runs:
@@ -70,12 +72,20 @@ def summary_rows(runs: list[dict], step: int | None = None) -> list[dict]:
             "h_res_dist_identity": last.get("h_res_dist_identity_mean", mean_over_sites(last, "h_res_dist_identity")),
             "unigram_entropy": r["recs"].get("meta", [{}])[-1].get("unigram_entropy"),
             **{col: r.get("eval", {}).get(col) for col in eval_cols},  # downstream scores (mhc-train eval)
+            **{f"val_loss/{k}": _val_key(r, f"loss/{k}", step) for k in source_cols},
         }
         for col, na in NOT_APPLICABLE.items():
             if na(arm.split(":")[0]):  # "arm:run" when runs of one arm differ otherwise (`disambiguate`)
                 row[col] = "n/a"
         rows.append(row)
     return rows
+
+
+def _val_key(run: dict, key: str, step: int | None) -> float | None:
+    """The val record's `key` at `step` (None: the last record that has it)."""
+    s, y = series(run["recs"], "val", key)
+    hit = y if step is None else y[s == step]
+    return float(hit[-1]) if len(hit) else None
 
 
 def _fmt(v) -> str:

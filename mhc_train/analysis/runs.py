@@ -4,6 +4,9 @@ Reads only what runs wrote (`config.yaml`, `metrics.jsonl`, `summary.json`, `eva
 running or killed runs. Each run belongs to an arm (`arm`: recorded in `summary.json` at train time; for a run written
 before that, `mhc_train.config.arm_name` of its `config.yaml`), a learning rate and a seed (`train.seed`, which fixes
 the init and the data order, so seed k of every arm sees the same batches).
+
+A blend run's val records carry each source's loss (`source_loss`); `load_run` flattens them to `loss/<source>`
+keys of the same records, so `series(recs, "val", "loss/<source>")` reads them like any metric.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ def load_run(run_dir: str | Path) -> dict:
     if not run_dir.is_dir():
         raise CompareError(f"run directory {run_dir} does not exist; pass the directories `mhc-train train` wrote")
     recs = read_metrics(run_dir)
+    for rec in recs.get("val", []):  # a blend: each source's val loss as a key of its own
+        rec.update({f"loss/{k}": v for k, v in (rec.get("source_loss") or {}).items()})
     cfg_path = RunDir(run_dir).config
     cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
     if not cfg and recs.get("meta"):
@@ -75,6 +80,11 @@ def val_at(run: dict, step: int | None) -> float | None:
         return float(y[-1])
     hit = y[s == step]
     return float(hit[0]) if len(hit) else None
+
+
+def sources(run: dict) -> list[str]:
+    """The blend sources whose val losses the run logged (none for a single-source run)."""
+    return list(dict.fromkeys(k for r in run["recs"].get("val", []) for k in r.get("source_loss") or {}))
 
 
 def mean_over_sites(last: dict, key: str) -> float | None:

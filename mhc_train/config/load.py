@@ -73,6 +73,8 @@ def _expected(hint: Any, key: str) -> str:
         return f"a mapping of {key}.* keys"
     if typing.get_origin(hint) is list:
         item = (typing.get_args(hint) or (None,))[0]
+        if isinstance(item, type) and dataclasses.is_dataclass(item):  # data.blend
+            return f"a list of mappings with keys {', '.join(f.name for f in dataclasses.fields(item))}"
         return {int: "a list of integers", float: "a list of numbers", str: "a list of strings"}.get(item, "a list")
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
 
@@ -151,6 +153,8 @@ class _Checker:
         try:
             node[name] = value
         except OmegaConfBaseException:
+            if _merges(node, name, value):  # a list of mappings into a list of dataclasses (data.blend): merge only
+                return
             expected = _expected(_hints(schema)[name], key)
             sub = _sub_schema(schema, name)
             if sub is not None and isinstance(value, str) and not example:
@@ -162,6 +166,18 @@ class _Checker:
             else:
                 fix = f"the default is {_literal(_default(schema, name))}"
             raise ConfigError(f"{key} expects {expected}, got {value!r}{where} ({fix})") from None
+
+
+def _merges(node, name: str, value: Any) -> bool:
+    """Whether `value` merges into `node[name]` (OmegaConf converts mappings to dataclass items on merge only)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        OmegaConf.merge(node, {name: value})
+    except OmegaConfBaseException:
+        return False
+    return True
 
 
 def _check_overrides(overrides: list[str], cfg_dir: str) -> None:

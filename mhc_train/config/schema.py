@@ -19,7 +19,8 @@ READ_INITS = ("uniform", "one_hot")
 OUT_PROJ_INITS = ("none", "mul_sqrt_n", "div_sqrt_n")
 BACKENDS = ("torch", "triton", "auto")
 SINKHORN_BACKWARDS = ("unrolled", "implicit")
-LR_SCHEDULES = ("cosine", "step", "constant")
+LR_SCHEDULES = ("cosine", "step", "constant", "wsd")
+WSD_DECAY_SHAPES = ("linear", "1-sqrt")  # schedule.decay_shape of schedule=wsd
 PRECISIONS = ("fp32", "bf16", "auto")
 STREAM_DTYPES = ("fp32", "bf16")
 ROPE_SCALINGS = ("none", "llama3")
@@ -118,6 +119,19 @@ class ConnectionConfig:
 
 
 @dataclass
+class BlendSourceConfig:
+    """One entry of `data.blend`: a source and its share of the training tokens; the per-source keys left empty take
+    the value of `data.*`."""
+
+    source: str = ""  # as data.source: shakespeare | a file, directory or glob | hf:<name>
+    weight: float = 1.0  # share of the training windows (normalised over the entries; must be > 0)
+    name: str = ""  # label in the metrics (val loss per source, token shares); "" = derived from the source
+    text_field: str = ""  # "" = data.text_field
+    hf_config: str = ""  # "" = data.hf_config
+    hf_split: str = ""  # "" = data.hf_split
+
+
+@dataclass
 class DataConfig:
     source: str = (
         "shakespeare"  # shakespeare (bundled) | a file, directory or glob of txt/jsonl[.gz|.zst]/parquet | hf:<name>
@@ -136,6 +150,11 @@ class DataConfig:
     tokenizer_sample_lines: int = 1_000_000  # lines in the seeded reservoir sample the tokenizer trains on (its memory)
     shard_tokens: int = 100_000_000  # tokens per shard file (200 MB at uint16): a 10B-token corpus is ~100 files
     verify: str = "size"  # check of the shards before training: size (cheap) | digest (sha256 of every shard)
+    # Per-document attention (issue 29): a packed window's tokens attend only within their own document (EOS ends one)
+    document_mask: bool = False  # false: attention runs across document boundaries (as before)
+    document_rope_restart: bool = False  # with document_mask: RoPE positions restart at 0 at each document
+    # A weighted blend of sources ([] = data.source alone); each prepared on its own with one shared tokenizer
+    blend: list[BlendSourceConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -158,6 +177,10 @@ class ScheduleConfig:
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of the peak
     step_milestones: list[float] = field(default_factory=lambda: [0.8, 0.9])  # fractions of training
     step_factors: list[float] = field(default_factory=lambda: [0.316, 0.1])  # LR multipliers at the milestones
+    # --- wsd (warmup-stable-decay): warm-up, constant peak, then a decay to min_lr_ratio ending at the last step ---
+    decay_fraction: float = 0.2  # wsd: share of train.max_steps the decay takes (the last 20%, a common choice)
+    decay_shape: str = "linear"  # wsd: linear | 1-sqrt (Hagele et al. 2024: 1 - sqrt(progress))
+    decay_start: int = 0  # wsd: step the decay starts (cool down from a constant-stage checkpoint); 0 = decay_fraction
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from mhc_train.config.pipeline import read_csv_schedule
+from mhc_train.config.recipe import validate_blend, validate_recipe
 from mhc_train.config.schema import (
     ATTENTIONS,
     B_RES_INITS,
@@ -66,6 +67,7 @@ def validate_data(d: DataConfig) -> None:
     at_least("data.tokenizer_sample_lines", d.tokenizer_sample_lines, 1)
     at_least("data.shard_tokens", d.shard_tokens, 1024)
     choice("data.verify", d.verify, ("size", "digest"))
+    validate_blend(d)
 
 
 def validate_model(m: ModelConfig, prefix: str = "model") -> None:
@@ -190,6 +192,7 @@ def validate(cfg: Config) -> None:
         fail("schedule.step_milestones", list(s.step_milestones), "must be increasing fractions in (0, 1)")
     if not 0 <= s.min_lr_ratio <= 1:
         fail("schedule.min_lr_ratio", s.min_lr_ratio, "must be in [0, 1]")
+    validate_recipe(cfg)
     at_least("checkpoint.every", cfg.checkpoint.every, 0)
     at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 1)
     choice("checkpoint.format", cfg.checkpoint.format, CHECKPOINT_FORMATS)

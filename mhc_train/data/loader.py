@@ -5,8 +5,8 @@
   [r B/W, (r+1) B/W) of the same global batch, so any world size sees the same data.
 - A split is the concatenation of its shards (each `np.memmap`ed, nothing read up front); a window may cross a shard
   boundary. Windows are packed: they start anywhere and run across document boundaries, the EOS token between
-  documents telling the model where one ends. (Per-document attention masking is not done yet: the EOS positions
-  are where it would start.)
+  documents telling the model where one ends (with data.document_mask the model attends within each document:
+  mhc_train/model/documents.py). A weighted blend of several prepared sources is data/blend.py.
 - `Prefetcher` draws the next batches on a background thread while the model computes, pinning them on CUDA so the
   host-to-device copy can overlap.
 """

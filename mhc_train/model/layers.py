@@ -81,16 +81,21 @@ class Attention(nn.Module):
         if qk_norm:  # Qwen3: RMSNorm over each head of q and k, before RoPE
             self.q_norm, self.k_norm = RMSNorm(head_dim, norm_eps), RMSNorm(head_dim, norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, doc=None) -> torch.Tensor:
+        """`doc`: a `DocumentLayout` (model/documents.py) keeps attention and RoPE within documents; None: causal."""
         B, T, _ = x.shape  # batch, time, channels
         q = self.wq(x).view(B, T, -1, self.head_dim)  # -1: local heads under tensor parallelism
         k = self.wk(x).view(B, T, -1, self.head_dim)
         v = self.wv(x).view(B, T, -1, self.head_dim)
         if hasattr(self, "q_norm"):  # model.qk_norm
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, rope[:T]), apply_rope(k, rope[:T])
+        if doc is None:
+            q, k = apply_rope(q, rope[:T]), apply_rope(k, rope[:T])
+        else:
+            q, k = doc.rotate(q, rope), doc.rotate(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+        masking = {"is_causal": True} if doc is None else {"attn_mask": doc.mask}
+        y = F.scaled_dot_product_attention(q, k, v, **masking, enable_gqa=self.n_kv_head != self.n_head)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 

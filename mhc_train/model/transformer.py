@@ -26,6 +26,7 @@ from torch import nn
 
 from mhc_train.config import ConnectionConfig, ModelConfig, validate_connection, validate_model
 from mhc_train.model.connections import Connection, build_connection
+from mhc_train.model.documents import document_ids, document_layout
 from mhc_train.model.layers import Attention, FeedForward, RMSNorm, scaled_rope_cache
 from mhc_train.model.mla import MLAttention, rope_dim
 
@@ -78,15 +79,17 @@ class Block(nn.Module):
         self.attn_conn = conn.site(cfg.dim, 2 * layer_id)
         self.ffn_conn = conn.site(cfg.dim, 2 * layer_id + 1)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        x = self.attn_conn(x, lambda h: self.attn(self.attn_norm(h), rope))  # [B, T, n, C]
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, doc=None) -> torch.Tensor:
+        kw = {} if doc is None else {"doc": doc}  # per-document attention (model/documents.py) only when asked
+        x = self.attn_conn(x, lambda h: self.attn(self.attn_norm(h), rope, **kw))  # [B, T, n, C]
         x = self.ffn_conn(x, lambda h: self.ffn(self.ffn_norm(h)))  # [B, T, n, C]
         return x
 
-    def site_parts(self, rope: torch.Tensor) -> list[SitePart]:
+    def site_parts(self, rope: torch.Tensor, doc=None) -> list[SitePart]:
         """The block's two sites as `forward` composes them, with the RMSNorm apart from F (recompute needs it)."""
+        kw = {} if doc is None else {"doc": doc}
         return [
-            SitePart(self.attn_conn, self.attn_norm, lambda h: self.attn(h, rope), self.attn),
+            SitePart(self.attn_conn, self.attn_norm, lambda h: self.attn(h, rope, **kw), self.attn),
             SitePart(self.ffn_conn, self.ffn_norm, self.ffn, self.ffn),
         ]
 
@@ -107,6 +110,8 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self._block_runner: BlockRunner | None = None  # see `use_block_runner`
         self._loss_fn: Callable | None = None  # see `use_loss`
+        self.document_eos: int | None = None  # see `use_documents`
+        self.document_rope_restart = False
         self.register_buffer("rope", model_rope_cache(cfg), persistent=False)
 
     @property
@@ -127,9 +132,23 @@ class Transformer(nn.Module):
         `chunked_lm_loss` (None restores it): tensor parallelism installs its vocab-parallel loss this way."""
         self._loss_fn = loss_fn
 
-    def site_parts(self) -> list[SitePart]:
+    def site_parts(self, doc=None) -> list[SitePart]:
         """Every connection site of the blocks this module holds, in forward order."""
-        return [part for layer in self.layers.values() for part in layer.site_parts(self.rope)]
+        return [part for layer in self.layers.values() for part in layer.site_parts(self.rope, doc)]
+
+    def use_documents(self, eos_id: int | None, restart_rope: bool = False) -> None:
+        """Per-document attention in training (data.document_mask): `forward` finds the documents of its token
+        batches at `eos_id` (None: off, the default) and attends within each, RoPE restarting per document with
+        `restart_rope`. Set once, like `use_block_runner`; generation and export build models without it."""
+        self.document_eos, self.document_rope_restart = eos_id, restart_rope
+
+    def document_layout(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None):
+        """The `DocumentLayout` of a forward: from `doc_ids` [B, T] when given, else from the EOS tokens of `tokens`
+        when `use_documents` is on; None (plain causal attention) otherwise."""
+        if doc_ids is None and (self.document_eos is None or tokens.dtype.is_floating_point):
+            return None
+        doc_ids = document_ids(tokens, self.document_eos) if doc_ids is None else doc_ids
+        return document_layout(doc_ids, self.document_rope_restart)
 
     def sites(self) -> list[tuple[str, nn.Module]]:
         """Connection sites in forward order: (name, site)."""
@@ -205,12 +224,13 @@ class Transformer(nn.Module):
         # model.stream_dtype, or at least fp32 (a bf16 embedding weight, e.g. FSDP's bf16 gather, keeps fp32 streams)
         return h.to(self.stream_dtype or torch.promote_types(h.dtype, torch.float32))
 
-    def run_blocks(self, h: torch.Tensor, plain: bool = False) -> torch.Tensor:
-        """[B, T, n, C] through the blocks: the chosen block runner, or the plain loop (always with `plain`)."""
+    def run_blocks(self, h: torch.Tensor, plain: bool = False, doc=None) -> torch.Tensor:
+        """[B, T, n, C] through the blocks: the chosen block runner, or the plain loop (always with `plain`); `doc`: a
+        `DocumentLayout` (per-document attention) or None."""
         if self._block_runner is not None and not plain:
-            return self._block_runner(self.site_parts(), h)
+            return self._block_runner(self.site_parts(doc), h)
         for layer in self.layers.values():
-            h = layer(h, self.rope)  # [B, T, n, C]
+            h = layer(h, self.rope) if doc is None else layer(h, self.rope, doc)  # [B, T, n, C]
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -220,11 +240,14 @@ class Transformer(nn.Module):
         h = self.norm(self.collapse_conn(h))  # [B, T, C]
         return self.output(h) if self.output is not None else h
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, targets: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """tokens [B, T] (or the stream state [B, T, n, C] on a later pipeline stage) -> logits [B, T, V]; with
         `targets` [B, T] (a whole model), the mean next-token loss instead, chunked over tokens (`chunked_lm_loss`):
-        no full fp32 [B*T, V] logits tensor is held."""
-        h = self.run_blocks(self.embed(tokens))
+        no full fp32 [B*T, V] logits tensor is held. `doc_ids` [B, T] (or `use_documents`): attention stays within
+        each document (model/documents.py); None and documents off: plain causal attention, as always."""
+        h = self.run_blocks(self.embed(tokens), doc=self.document_layout(tokens, doc_ids))
         if targets is None or self.norm is None:  # a pipeline stage before the last passes the stream on
             return self.head(h)
         return (self._loss_fn or chunked_lm_loss)(self.norm(self.collapse_conn(h)), self.output, targets)

@@ -51,8 +51,9 @@ class StepMetrics:
     def load_state(self, state: dict) -> None:
         self.tokens_seen, self.train_time = state.get("tokens_seen", 0), state.get("train_time", 0.0)
 
-    def open(self, step: int, n_params: int, n_streams: int, unigram_entropy: float | None) -> None:
-        """Start this launch's segment of metrics.jsonl with its `meta` record, and the progress bar."""
+    def open(self, step: int, n_params: int, n_streams: int, unigram_entropy: float | None, **extra) -> None:
+        """Start this launch's segment of metrics.jsonl with its `meta` record (plus `extra` fields), and the progress
+        bar."""
         cfg = self.cfg
         self.writer = MetricsLogger(self.run_root, cfg.logging, self.config_dict, cfg.run_name, self.dist.is_main)
         self.record(
@@ -68,6 +69,7 @@ class StepMetrics:
             peak_tflops=self.peak,
             world_size=self.dist.world,
             torch=torch.__version__,
+            **extra,
         )
         if cfg.train.progress and self.dist.is_main:
             from tqdm import tqdm

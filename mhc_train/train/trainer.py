@@ -33,6 +33,7 @@ from mhc_train.config import Config, arm_name, to_dict, validate_world
 from mhc_train.config.validate import validate_launch
 from mhc_train.data import TokenData
 from mhc_train.data.agreement import prepare_agreed
+from mhc_train.data.blend import prepare_blend
 from mhc_train.data.loader import Prefetcher
 from mhc_train.io.log import ensure_logging, get_logger
 from mhc_train.io.rundir import RunDir
@@ -95,10 +96,14 @@ class Trainer:
         def exchange(value: str) -> list[str]:  # no deadline: another rank may still be building the data
             return exchange_without_deadline(value, self.dist)
 
-        manifest = prepare_agreed(cfg.data, self.dist.rank, exchange)
-        self.data = TokenData(manifest["dir"], verify=cfg.data.verify)  # the directory prepare() made or reused
+        if cfg.data.blend:  # several sources, each prepared on its own, drawn by weight (data/blend.py)
+            self.data, manifest = prepare_blend(cfg.data, self.dist.rank, exchange, t.grad_accum)
+        else:
+            manifest = prepare_agreed(cfg.data, self.dist.rank, exchange)
+            self.data = TokenData(manifest["dir"], verify=cfg.data.verify)  # the directory prepare() made or reused
         self.data.check_compatible(cfg.model.vocab_size, t.seq_len, cfg.model.vocab_padded)
         self.tokenizer_ref = {"path": manifest["tokenizer"]["path"], "sha256": manifest["tokenizer"]["sha256"]}
+        self.eos_id = manifest["tokenizer"].get("eos_id")  # where documents end (data.document_mask)
         # after the data: a data error leaves no run directory behind
         self.lock = claim_run_dir(self.run_dir, cfg.checkpoint, self.dist)
         try:
@@ -113,6 +118,10 @@ class Trainer:
         device = "meta" if builds_on_meta(cfg) else self.device
         self.model = build_model(cfg.model, cfg.connection, seed=t.seed, device=device)
         self.n_params = sum(p.numel() for p in self.model.parameters())
+        if cfg.data.document_mask:  # attention within each document of a packed window (model/documents.py)
+            if self.eos_id is None:
+                raise TrainingError("data.document_mask=true needs the EOS id in the data manifest: prepare it again")
+            self.model.use_documents(self.eos_id, cfg.data.document_rope_restart)
         self.checkpointer = Checkpointer(cfg, self.config_dict, self.tokenizer_ref, self.run_dir, self.dist)
         resume = self.checkpointer.resume_point()
         if self.dist.is_main:
@@ -231,7 +240,7 @@ class Trainer:
         t = self.cfg.train
         # from the manifest; one written before prepare stored it is read through on rank 0 alone (the one writer)
         entropy = self.data.unigram_entropy("val") if self.dist.is_main else None
-        self.metrics.open(self.step, self.n_params, self.model.n_streams, entropy)
+        self.metrics.open(self.step, self.n_params, self.model.n_streams, entropy, **self._blend_meta())
         try:
             self.evaluator.at_start(self.step)
             while self.step < t.max_steps:
@@ -256,6 +265,14 @@ class Trainer:
         finally:
             self.metrics.close()
         return self.summary()
+
+    def _blend_meta(self) -> dict:
+        """A blend's weights and each source's realised share of the run's training tokens (for the meta record)."""
+        if not self.cfg.data.blend:
+            return {}
+        t, labels = self.cfg.train, self.data.labels
+        shares = self.data.token_shares(t.seed, t.max_steps, t.batch_size)
+        return {"blend_weights": dict(zip(labels, self.data.weights.round(6).tolist())), "token_share": shares}
 
     def summary(self) -> dict:
         recs = read_metrics(self.run_dir.root)
