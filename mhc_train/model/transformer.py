@@ -27,6 +27,7 @@ from torch import nn
 from mhc_train.config import ConnectionConfig, ModelConfig, validate_connection, validate_model
 from mhc_train.model.connections import Connection, build_connection
 from mhc_train.model.layers import Attention, FeedForward, RMSNorm, rope_cache
+from mhc_train.model.moe import GroupedExperts, MoE
 
 
 def head_dim(cfg: ModelConfig) -> int:
@@ -53,13 +54,20 @@ class SitePart(NamedTuple):
 BlockRunner = Callable[[list[SitePart], torch.Tensor], torch.Tensor]  # (sites in order, x [B,T,n,C]) -> x
 
 
+def build_ffn(cfg: ModelConfig, layer_id: int) -> nn.Module:
+    """The block's FFN: SwiGLU, or (model.ffn=moe, past the first_k_dense blocks) the MoE FFN (moe.py)."""
+    if cfg.ffn == "moe" and layer_id >= cfg.moe.first_k_dense:
+        return MoE(cfg.dim, cfg.moe, cfg.moe.expert_hidden_dim or ffn_hidden_dim(cfg))
+    return FeedForward(cfg.dim, ffn_hidden_dim(cfg))
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, conn: Connection, layer_id: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg.dim, cfg.n_head, cfg.n_kv_head or cfg.n_head, head_dim(cfg))
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn = FeedForward(cfg.dim, ffn_hidden_dim(cfg))
+        self.ffn = build_ffn(cfg, layer_id)
         self.attn_conn = conn.site(cfg.dim, 2 * layer_id)
         self.ffn_conn = conn.site(cfg.dim, 2 * layer_id + 1)
 
@@ -157,8 +165,11 @@ class Transformer(nn.Module):
             values = {"weight": torch.ones(mod.weight.shape)}
         elif isinstance(mod, (nn.Linear, nn.Embedding)):
             out_std = std / (2 * self.cfg.n_layer) ** 0.5 * self.conn.out_proj_std_factor
-            s = out_std if name.endswith(("attn.wo", "ffn.w2")) else std
+            s = out_std if name.endswith(("attn.wo", "ffn.w2", "ffn.shared.w2")) else std
             values = {"weight": torch.empty(mod.weight.shape).normal_(0.0, s, generator=g)}
+        elif isinstance(mod, GroupedExperts):  # routed experts: w2 is an output projection
+            out_std = std / (2 * self.cfg.n_layer) ** 0.5 * self.conn.out_proj_std_factor
+            values = mod.expert_initial_values(g, std, out_std)
         elif hasattr(mod, "initial_values"):  # a connection site
             values = mod.initial_values(g)
         else:
@@ -172,6 +183,10 @@ class Transformer(nn.Module):
     def init_buffers(self) -> None:
         """Recompute the buffers (the RoPE table), e.g. after `to_empty` moved the model off the meta device."""
         self.rope.copy_(rope_cache(head_dim(self.cfg), self.cfg.max_seq_len, self.cfg.rope_theta, self.rope.device))
+        for mod in self.modules():  # MoE: no balancing bias yet, no counts (a checkpoint's bias is loaded after)
+            if isinstance(mod, MoE):
+                mod.expert_bias.zero_()
+                mod.load_stats.zero_()
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] -> stream state [B, T, n, C]; a stage without the embedding passes its input through."""

@@ -34,6 +34,7 @@ from mhc_train.parallel.compile import apply_compile as compile_blocks
 from mhc_train.parallel.data_parallel import DeepSpeedEngine
 from mhc_train.parallel.dist import DistInfo
 from mhc_train.parallel.engine import Engine, LocalEngine
+from mhc_train.parallel.expert_parallel import apply_ep
 from mhc_train.parallel.fsdp import FSDPEngine, shard
 from mhc_train.parallel.mesh import ParallelMesh, build_mesh
 from mhc_train.parallel.pipeline import PipelineEngine, StagePlan, cut_stage
@@ -192,6 +193,7 @@ def pipeline_engine(model: torch.nn.Module, ctx: BuildContext) -> PipelineEngine
 def data_parallel_engine(model: torch.nn.Module, ctx: BuildContext) -> Engine:
     """One process, DDP, FSDP2 / HSDP or DeepSpeed over the whole model: recompute, compile, then the engine."""
     p, t = ctx.cfg.parallel, ctx.cfg.train
+    apply_ep(model, ctx)  # 2.
     apply_recompute(model, ctx)  # 3.
     if p.engine in ("none", "ddp"):  # FSDP and DeepSpeed compile the copy they train (apply_compile's note)
         apply_compile(model, ctx)  # 4.

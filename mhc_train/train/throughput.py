@@ -24,6 +24,9 @@ T = seq_len, n = n_streams, S = 2 L connection sites (attention and FFN per bloc
     connection = S * site + collapse   `site_flops` below, forward per site; collapse = (n - 1) C, the stream sum
                                        before the final norm (the expand is a copy: 0)
 
+MoE layers (model.ffn=moe) count their active FFN weights instead of 3 C F: the router C E and the top-k routed
+plus shared experts, 3 C H each (`model.moe.active_ffn_delta`).
+
 `site_flops` (forward, one token, one site), k = n^2 + 2n coefficients (2n for mHC's identity-H_res arm):
 
     residual   add       C                  x + F(x)
@@ -54,6 +57,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from mhc_train.config import ConnectionConfig, ModelConfig
+from mhc_train.model.moe import active_ffn_delta
 from mhc_train.model.transformer import ffn_hidden_dim, head_dim
 
 TRAIN_FACTOR = 3  # forward + backward = 3 x forward
@@ -104,6 +108,7 @@ def flops_per_token(
     attn_proj = 2 * c * heads * d + 2 * c * kv * d  # wq, wo: C x HD; wk, wv: C x KD
     ffn = 3 * c * ffn_hidden_dim(m)  # SwiGLU w1, w3: C x F; w2: F x C
     dense = 2 * (layers * (attn_proj + ffn) + c * m.vocab_size)  # + the LM head C x V
+    dense += 2 * active_ffn_delta(m, ffn_hidden_dim(m))  # MoE: router + top-k and shared experts, not F
     attention = layers * 4 * seq_len * heads * d  # QK^T and AV, 2 T H D each per query token
     if causal:
         attention //= 2
