@@ -155,7 +155,7 @@ class MoE(nn.Module):
         """x [N, C] -> (scores [N, E] fp32, selected experts [N, k], gate weights [N, k] fp32)."""
         scores = torch.sigmoid(self.gate(x).float())  # [N, E]
         top = torch.topk(scores + self.expert_bias.float(), self.top_k, dim=-1, sorted=False).indices  # [N, k]
-        w = scores.gather(-1, top)
+        w = torch.take_along_dim(scores, top, dim=-1)  # [N, k]
         return scores, top, w / w.sum(-1, keepdim=True) * self.route_scale
 
     def keep_mask(self, sorted_experts: torch.Tensor, counts: torch.Tensor, n_tokens: int) -> torch.Tensor | None:

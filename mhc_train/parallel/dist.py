@@ -210,3 +210,11 @@ def all_to_all_uneven(x: torch.Tensor, out_splits: list[int], in_splits: list[in
     """Expert parallelism's exchange (gloo and NCCL take uneven splits): `in_splits[r]` rows of x [M, ...] go to rank
     r of `group`, `out_splits[r]` rows come from it, concatenated in rank order; differentiable."""
     return _AllToAllUneven.apply(x, out_splits, in_splits, group)
+
+
+def all_to_all_equal(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Row r of x [world, ...] to rank r of `group`; returns the rows received, row s from rank s (not
+    differentiable: expert parallelism's token counts)."""
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x.contiguous(), group=group)
+    return out

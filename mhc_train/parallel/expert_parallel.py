@@ -25,7 +25,7 @@ import torch
 
 from mhc_train.config.validate import validate_ep
 from mhc_train.model.moe import STATS, MoE, moe_modules
-from mhc_train.parallel.dist import all_reduce_sum_, all_to_all_uneven, gather_dicts
+from mhc_train.parallel.dist import all_reduce_sum_, all_to_all_equal, all_to_all_uneven, gather_dicts
 
 EP_PARAM = "_mhc_expert_parallel"  # set on expert weights laid out by `distribute_experts`
 
@@ -76,8 +76,7 @@ class AllToAllDispatch:
         group = w.device_mesh.get_group()
         ep = w.device_mesh.size()
         send = counts.view(ep, -1)  # [ep, E_local]: what goes to each rank, per its local expert
-        recv = torch.empty_like(send)
-        torch.distributed.all_to_all_single(recv, send.contiguous(), group=group)  # [ep (source), E_local]
+        recv = all_to_all_equal(send, group)  # [ep (source), E_local]
         send_splits, recv_splits = send.sum(1).tolist(), recv.sum(1).tolist()
         got = all_to_all_uneven(x, recv_splits, send_splits, group)  # [sum recv, C]: by source, then local expert
         expert = torch.arange(recv.shape[1], device=x.device).repeat(ep).repeat_interleave(recv.flatten())
