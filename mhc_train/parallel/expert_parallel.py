@@ -27,7 +27,7 @@ from mhc_train.config.validate import validate_ep
 from mhc_train.model.moe import STATS, MoE, moe_modules
 from mhc_train.parallel.dist import all_reduce_sum_, all_to_all_equal, all_to_all_uneven, gather_dicts
 
-EP_PARAM = "_mhc_expert_parallel"  # set on expert weights laid out by `distribute_experts`
+EP_PARAM = "_mhc_expert_parallel"  # set on the experts modules whose weights `distribute_experts` laid out
 
 
 # ---- balancing ---------------------------------------------------------------------------------------------------
@@ -103,25 +103,27 @@ def apply_ep(model: torch.nn.Module, ctx) -> None:
 
 def distribute_experts(module: torch.nn.Module, mesh) -> set:
     """Lay out the expert weights of every MoE layer that dispatches by all-to-all as DTensors Shard(0) over `mesh`
-    (the 1-D data-parallel mesh, of size ep), marked `EP_PARAM`; returns them (FSDP leaves them out)."""
+    (the 1-D data-parallel mesh, of size ep; the experts module is marked `EP_PARAM`); returns them (FSDP leaves
+    them out)."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
     out = set()
     for _, m in moe_modules(module):
         if not isinstance(m._dispatcher, AllToAllDispatch) or mesh.ndim != 1:
             continue
-        for key, p in list(m.experts.named_parameters(recurse=False)):
-            if not getattr(p, EP_PARAM, False):
-                d = torch.nn.Parameter(distribute_tensor(p.data, mesh, [Shard(0)], src_data_rank=None))
-                setattr(d, EP_PARAM, True)
-                setattr(m.experts, key, d)
-                p = d
-            out.add(p)
+        if not getattr(m.experts, EP_PARAM, False):
+            for key, p in list(m.experts.named_parameters(recurse=False)):
+                d = distribute_tensor(p.data, mesh, [Shard(0)], src_data_rank=None)
+                setattr(m.experts, key, torch.nn.Parameter(d))
+            setattr(m.experts, EP_PARAM, True)
+        out.update(m.experts.parameters())
     return out
 
 
 def scale_expert_grads(module: torch.nn.Module, dp: int) -> None:
     """Once per step, after the last backward: the experts' gradients (sums over the ranks they served) / dp."""
-    for p in module.parameters():
-        if getattr(p, EP_PARAM, False) and p.grad is not None:
-            p.grad.div_(dp)
+    for _, m in moe_modules(module):
+        if getattr(m.experts, EP_PARAM, False):
+            for p in m.experts.parameters():
+                if p.grad is not None:
+                    p.grad.div_(dp)
