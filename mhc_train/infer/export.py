@@ -62,6 +62,8 @@ def export(loaded: Loaded, out_dir: str | Path, overwrite: bool = False) -> Path
     from safetensors.torch import save_file
 
     out = Path(out_dir)
+    if getattr(loaded.model.cfg, "ffn", "dense") == "moe":
+        raise InferenceError("export writes dense models only; model.ffn=moe is not exportable yet (generate works)")
     if not hasattr(loaded.tokenizer, "sp"):  # TODO: a tokenizer.json run could export with PreTrainedTokenizerFast
         raise InferenceError(
             f"export supports runs tokenised with sentencepiece only; {loaded.tokenizer.path} is a Hugging Face "
