@@ -29,6 +29,7 @@ PRESETS = {
     "pp_1f1b": ([2], []),
     "pp_dualpipev": ([2], ["model.n_layer=4"]),
     "pp_fsdp": ([4, 8], ["train.batch_size=16"]),
+    "ep": ([2], ["model.ffn=moe", "model.moe.n_routed_experts=4"]),
 }
 
 
