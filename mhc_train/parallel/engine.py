@@ -125,11 +125,13 @@ class Engine:
 
     def balance_experts(self) -> None:
         """MoE models: the balancing bias update from this step's global expert load (expert_parallel.py)."""
-        balance_experts(self.live_modules(), self.dist, self.model.cfg.n_layer)
+        cfg = getattr(self.model, "cfg", None)
+        if getattr(cfg, "ffn", "dense") == "moe":
+            balance_experts(self.live_modules(), self.dist, cfg)
 
     def moe_metrics(self) -> dict:
         """Per MoE layer, the last step's load, drops, router entropy and bias on rank 0 ({}: no MoE). A collective."""
-        if getattr(self.model.cfg, "ffn", "dense") != "moe":
+        if getattr(getattr(self.model, "cfg", None), "ffn", "dense") != "moe":
             return {}
         return moe_metrics(self.live_modules(), self.dist)
 

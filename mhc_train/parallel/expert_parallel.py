@@ -36,14 +36,15 @@ def _layer_id(name: str) -> int:
     return int(parts[parts.index("layers") + 1])
 
 
-def balance_experts(modules, dist, n_layer: int) -> None:
-    """After an optimizer step: every MoE layer's load summed over the global batch (one all-reduce of [n_layer, E +
-    3] float64 where world > 1), then each layer's bias update. No host read."""
-    layers = [(name, m) for mod in modules for name, m in moe_modules(mod)]
-    if not layers:
+def balance_experts(modules, dist, model_cfg) -> None:
+    """After an optimizer step of an MoE model (`model_cfg.ffn == "moe"`): every MoE layer's load summed over the
+    global batch (one all-reduce of [n_layer, E + 3] float64 where world > 1, joined by every rank, also one whose
+    pipeline stage holds no MoE layer), then each layer's bias update. No host read."""
+    if model_cfg.ffn != "moe":
         return
-    width = layers[0][1].n_experts + STATS
-    table = torch.zeros(n_layer, width, dtype=torch.float64, device=layers[0][1].load_stats.device)
+    layers = [(name, m) for mod in modules for name, m in moe_modules(mod)]
+    device = layers[0][1].load_stats.device if layers else dist.device
+    table = torch.zeros(model_cfg.n_layer, model_cfg.moe.n_routed_experts + STATS, dtype=torch.float64, device=device)
     for name, m in layers:
         table[_layer_id(name)] = m.load_stats
     all_reduce_sum_(table, dist)

@@ -103,6 +103,22 @@ def test_dropless_never_drops_and_capacity_drops_are_counted():
     torch.testing.assert_close(y.view(-1, 16)[16:], capped.shared(flat[16:]))
 
 
+def test_sequence_aux_loss_adds_its_gradient_and_not_its_value():
+    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(4))
+    plain, aux = _moe(), _moe(seq_aux_loss_coef=0.3)
+    y0, y1 = plain(x), aux(x)
+    assert torch.equal(y0, y1)  # the returned value is the FFN's alone
+    (g0,) = torch.autograd.grad(y0.sum(), plain.gate.weight)
+    (g1,) = torch.autograd.grad(y1.sum(), aux.gate.weight)
+    scores, top, _ = aux.route(x.view(-1, 16))
+    loss = aux.seq_aux_loss(scores, top, 2)  # 0.3 * sum_i f_i P_i, by its formula
+    f = torch.zeros(2, 4).scatter_add_(1, top.view(2, -1), torch.ones(2, 12)) * 4 / (2 * 6)
+    p = (scores.view(2, 6, 4) / scores.view(2, 6, 4).sum(-1, keepdim=True)).mean(1)
+    torch.testing.assert_close(loss, 0.3 * (f * p).sum(-1).mean())
+    (ga,) = torch.autograd.grad(loss, aux.gate.weight)
+    torch.testing.assert_close(g1 - g0, ga)
+
+
 @pytest.mark.parametrize(
     "kw, match",
     [
@@ -176,7 +192,7 @@ def test_moe_resume_is_bit_exact(prepared_data, tmp_path):
     from tests.support import runs
     from tests.support.configs import run_overrides
 
-    common = {"model": "moe_test", "connection": "mhc", "train.max_steps": 6, "checkpoint.every": 0,
+    common = {"model": "moe_test", "connection": "mhc", "train.max_steps": 6, "checkpoint.every": 0, "model.moe.bias_update_rate": 0.05,
               "train.log_every": 1}  # fmt: skip
     full = Trainer(load_config(run_overrides(prepared_data, tmp_path / "full", **common)))
     full.run()
@@ -187,6 +203,6 @@ def test_moe_resume_is_bit_exact(prepared_data, tmp_path):
     a, b = runs.losses_by_step(tmp_path / "full"), runs.losses_by_step(tmp_path / "split")
     assert a.keys() == b.keys() == set(range(1, 7)) and all(a[s] == b[s] for s in a)
     sa, sb = full.model.state_dict(), split.model.state_dict()
-    assert sa["layers.1.ffn.expert_bias"].abs().max() > 0
+    assert runs.weights(tmp_path / "split", 3)["layers.1.ffn.expert_bias"].abs().max() > 0  # the bias is state
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
