@@ -44,11 +44,13 @@ def bench_layer(args, device) -> dict:
     from mhc_train.model.moe import MoE
 
     cfg = MoEConfig(n_routed_experts=args.experts, top_k=args.top_k, n_shared_experts=1)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # grouped_mm on CUDA: bf16
     moe = MoE(args.dim, cfg, args.hidden).to(device)
-    dense = FeedForward(args.dim, (args.top_k + 1) * args.hidden).to(device)
+    dense = FeedForward(args.dim, (args.top_k + 1) * args.hidden).to(device, dtype)
     for p in [*moe.parameters(), *dense.parameters()]:
         torch.nn.init.normal_(p, std=0.02)
-    x = torch.randn(1, args.tokens, args.dim, device=device, requires_grad=True)
+    moe.gate.to(dtype), moe.shared.to(dtype), moe.experts.to(dtype)
+    x = torch.randn(1, args.tokens, args.dim, device=device, dtype=dtype, requires_grad=True)
 
     def step(module):
         return lambda: module(x).sum().backward()

@@ -41,6 +41,7 @@ def summary_rows(runs: list[dict], step: int | None = None) -> list[dict]:
 
     eval_cols = sorted({k for r in runs for k in r.get("eval", {})})
     names = run_names(runs)
+    has_moe = any("moe" in (r["recs"].get("diag") or [{}])[-1] for r in runs)
     rows = []
     for r in runs:
         base = base_of(r)
@@ -72,11 +73,21 @@ def summary_rows(runs: list[dict], step: int | None = None) -> list[dict]:
             "unigram_entropy": r["recs"].get("meta", [{}])[-1].get("unigram_entropy"),
             **{col: r.get("eval", {}).get(col) for col in eval_cols},  # downstream scores (mhc-train eval)
         }
+        if has_moe:  # MoE runs: expert balance at the last diagnostic (worst layer)
+            row.update(moe_columns(last))
         for col, na in NOT_APPLICABLE.items():
             if na(arm.split(":")[0]):  # "arm:run" when runs of one arm differ otherwise (`disambiguate`)
                 row[col] = "n/a"
         rows.append(row)
     return rows
+
+
+def moe_columns(diag: dict) -> dict:
+    """The worst MoE layer's expert load (max over mean tokens per expert) and its router entropy, from a `diag`
+    record (None for a dense run)."""
+    layers = list(diag.get("moe", {}).values())
+    worst = max(layers, key=lambda v: v.get("load_max_over_mean", 0.0), default={})
+    return {"expert_load_max_over_mean": worst.get("load_max_over_mean"), "router_entropy": worst.get("router_entropy")}
 
 
 def _fmt(v) -> str:
