@@ -112,7 +112,10 @@ class GroupedExperts(nn.Module):
         }
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x [M, C] sorted by (local) expert, counts [E_local] -> [M, C]."""
+        """x [M, C] sorted by (local) expert, counts [E_local] -> [M, C] (in the autocast dtype under autocast, which
+        does not cover grouped_mm itself)."""
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         w1, w3, w2 = (_local(w).to(x.dtype) for w in (self.w1, self.w3, self.w2))
         if self.grouped and grouped_ok(w1.shape[1], w1.shape[2], dtype=x.dtype) and x.shape[0] > 0:
             return experts_grouped(x.contiguous(), w1, w3, w2, counts)
@@ -184,7 +187,7 @@ class MoE(nn.Module):
         rows = x[order // k]  # [M, C]
         local, local_counts, handle = self.dispatch(rows, kept_counts)
         y = self.combine(self.experts(local, local_counts), handle)  # [M, C]
-        y = y * w.flatten()[order, None].to(y.dtype)
+        y = y.to(x.dtype) * w.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, order // k, y), counts, dropped
 
     def seq_aux_loss(self, scores: torch.Tensor, top: torch.Tensor, B: int) -> torch.Tensor:
