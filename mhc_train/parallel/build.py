@@ -170,6 +170,7 @@ def sharded_modules(model: torch.nn.Module, ctx: BuildContext) -> tuple[list[tor
     if p.pp > 1:
         plan = stage_plan(ctx)
         return pipeline_stages(model, ctx, plan), plan
+    apply_ep(model, ctx)  # 2.
     apply_recompute(model, ctx)  # 3.
     if p.engine == "fsdp":
         return [apply_fsdp(model, ctx, per_block=True)], None  # 5.
