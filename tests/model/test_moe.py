@@ -206,3 +206,17 @@ def test_moe_resume_is_bit_exact(prepared_data, tmp_path):
     assert runs.weights(tmp_path / "split", 3)["layers.1.ffn.expert_bias"].abs().max() > 0  # the bias is state
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
+
+
+def test_flops_count_the_active_experts():
+    """An MoE layer's FFN FLOPs: the router and top-k + shared experts of width H, not the dense SwiGLU of width F."""
+    import dataclasses
+
+    from mhc_train.train.throughput import flops_per_token
+
+    moe = tiny_model_cfg(ffn="moe", moe=MoEConfig(n_routed_experts=8, top_k=2, n_shared_experts=1, expert_hidden_dim=8))
+    dense = dataclasses.replace(moe, ffn="dense")
+    F_, C = 96, 32  # the test shape's dense width (2/3 * 4 * 32 rounded up to 32) and dim
+    per_layer = C * 8 + 3 * C * 8 * (2 + 1) - 3 * C * F_
+    got = flops_per_token(moe, conn_cfg("mhc"), 16)["dense"] - flops_per_token(dense, conn_cfg("mhc"), 16)["dense"]
+    assert got == 6 * per_layer  # one MoE layer (first_k_dense=1 of 2), x2 FLOPs per MAC, x3 for training
