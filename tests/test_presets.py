@@ -31,6 +31,7 @@ PRESETS = {
     "pp_fsdp": ([4, 8], ["train.batch_size=16"]),
     "tp2_fsdp": ([4, 8], ["train.batch_size=8"]),
     "tp4_fsdp": ([8], ["train.batch_size=8"]),
+    "ep": ([2], ["model.ffn=moe", "model.moe.n_routed_experts=4"]),
 }
 
 

@@ -42,6 +42,7 @@ def summary_rows(runs: list[dict], step: int | None = None) -> list[dict]:
     eval_cols = sorted({k for r in runs for k in r.get("eval", {})})
     source_cols = list(dict.fromkeys(k for r in runs for k in sources(r)))  # blend runs: val loss per source
     names = run_names(runs)
+    has_moe = any("moe" in (r["recs"].get("diag") or [{}])[-1] for r in runs)
     rows = []
     for r in runs:
         base = base_of(r)
@@ -74,6 +75,8 @@ def summary_rows(runs: list[dict], step: int | None = None) -> list[dict]:
             **{col: r.get("eval", {}).get(col) for col in eval_cols},  # downstream scores (mhc-train eval)
             **{f"val_loss/{k}": _val_key(r, f"loss/{k}", step) for k in source_cols},
         }
+        if has_moe:  # MoE runs: expert balance at the last diagnostic (worst layer)
+            row.update(moe_columns(last))
         for col, na in NOT_APPLICABLE.items():
             if na(arm.split(":")[0]):  # "arm:run" when runs of one arm differ otherwise (`disambiguate`)
                 row[col] = "n/a"
@@ -86,6 +89,14 @@ def _val_key(run: dict, key: str, step: int | None) -> float | None:
     s, y = series(run["recs"], "val", key)
     hit = y if step is None else y[s == step]
     return float(hit[-1]) if len(hit) else None
+
+
+def moe_columns(diag: dict) -> dict:
+    """The worst MoE layer's expert load (max over mean tokens per expert) and its router entropy, from a `diag`
+    record (None for a dense run)."""
+    layers = list(diag.get("moe", {}).values())
+    worst = max(layers, key=lambda v: v.get("load_max_over_mean", 0.0), default={})
+    return {"expert_load_max_over_mean": worst.get("load_max_over_mean"), "router_entropy": worst.get("router_entropy")}
 
 
 def _fmt(v) -> str:

@@ -26,6 +26,7 @@ STREAM_DTYPES = ("fp32", "bf16")
 ROPE_SCALINGS = ("none", "llama3")
 DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("none", "ddp", "fsdp", "deepspeed")  # data parallel across the launched ranks (parallel.engine)
+FFN_TYPES = ("dense", "moe")  # model.ffn
 PP_SCHEDULES = ("1f1b", "interleaved1f1b", "zbv", "dualpipev", "csv")
 SPLIT_BACKWARD_SCHEDULES = ("zbv", "dualpipev")  # schedules that run input and weight gradients as separate actions
 RECOMPUTE_MODES = ("none", "mhc", "full")
@@ -81,6 +82,23 @@ class ModelConfig:
     rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_max / this are kept
     rope_original_max_seq_len: int = 8192  # llama3: the context the model was first trained at
     vocab_padded: bool = False  # vocab_size may exceed the tokenizer's pieces (Qwen pads its embedding rows)
+    ffn: str = "dense"  # dense (SwiGLU) | moe (routed + shared experts, model.moe; the first_k_dense blocks stay dense)
+    moe: MoEConfig = field(default_factory=lambda: MoEConfig())  # the MoE FFN's settings (read when ffn=moe)
+
+
+@dataclass
+class MoEConfig:
+    """DeepSeek-V3-style mixture-of-experts FFN (model.ffn=moe; mhc_train/model/moe.py)."""
+
+    n_routed_experts: int = 8  # routed experts per MoE layer (E)
+    n_shared_experts: int = 1  # always-on experts, one dense SwiGLU of n_shared x expert_hidden_dim; 0 = none
+    top_k: int = 2  # routed experts each token goes to (must be <= n_routed_experts)
+    expert_hidden_dim: int = 0  # SwiGLU width of one expert; 0 = the model's FFN width
+    first_k_dense: int = 1  # the leading blocks keep the dense FFN (DeepSeek-V3: 3, the mHC paper: 1)
+    route_scale: float = 1.0  # the gate weights (sigmoid scores normalised over the selected experts) times this
+    bias_update_rate: float = 0.001  # auxiliary-loss-free balancing: b_i += rate * sign(mean load - load_i) per step
+    seq_aux_loss_coef: float = 0.0  # weight of DeepSeek-V3's sequence-wise balance loss; 0 = off (bias only)
+    capacity_factor: float = 0.0  # tokens an expert takes, x its fair share N*k/E; 0 = dropless (overflow dropped)
 
 
 @dataclass
@@ -260,6 +278,7 @@ class ParallelConfig:
     timeout_s: int = 1800  # seconds a collective may wait before the process group aborts it (torch: 600)
     tp: int = 1  # tensor (+ sequence) parallel ranks, innermost on the mesh; data parallel = world / (pp x tp)
     cp: int = 1  # context parallel ranks: room on the mesh only (refused above 1: not built)
+    ep: int = 1  # expert-parallel ranks (engine=fsdp, = the data-parallel size): experts sharded, tokens all-to-all
 
 
 @dataclass

@@ -22,6 +22,7 @@ from mhc_train.config.schema import (
     CONNECTION_TYPES,
     DEVICES,
     ENGINES,
+    FFN_TYPES,
     H_RES_MODES,
     LR_SCHEDULES,
     NUMERICS,
@@ -96,6 +97,8 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
     if m.attention == "mla":
         validate_mla(m, prefix)
 
+    validate_moe(m, prefix)
+
 
 def validate_mla(m: ModelConfig, prefix: str = "model") -> None:
     """model.mla.* (only when model.attention=mla; n_kv_head and head_dim are then unused)."""
@@ -106,6 +109,24 @@ def validate_mla(m: ModelConfig, prefix: str = "model") -> None:
     at_least(f"{prefix}.mla.qk_rope_head_dim", a.qk_rope_head_dim, 2)
     if a.qk_rope_head_dim % 2:
         fail(f"{prefix}.mla.qk_rope_head_dim", a.qk_rope_head_dim, "must be even (RoPE rotates pairs)")
+
+
+def validate_moe(m: ModelConfig, prefix: str = "model") -> None:
+    """model.ffn and, for ffn=moe, model.moe.*."""
+    choice(f"{prefix}.ffn", m.ffn, FFN_TYPES)
+    if m.ffn != "moe":
+        return
+    e, key = m.moe, f"{prefix}.moe"
+    at_least(f"{key}.n_routed_experts", e.n_routed_experts, 1)
+    for name in ("n_shared_experts", "expert_hidden_dim", "first_k_dense"):
+        at_least(f"{key}.{name}", getattr(e, name), 0)
+    at_least(f"{key}.top_k", e.top_k, 1)
+    if e.top_k > e.n_routed_experts:
+        fail(f"{key}.top_k", e.top_k, f"a token picks at most {key}.n_routed_experts={e.n_routed_experts}; lower it")
+    for name in ("route_scale", "bias_update_rate", "seq_aux_loss_coef", "capacity_factor"):
+        at_least(f"{key}.{name}", getattr(e, name), 0, (int, float))
+    if not e.route_scale > 0:
+        fail(f"{key}.route_scale", e.route_scale, "must be > 0")
 
 
 def validate_connection(c: ConnectionConfig, prefix: str = "connection") -> None:
@@ -167,6 +188,7 @@ def validate(cfg: Config) -> None:
     validate_model(cfg.model)
     validate_connection(cfg.connection)
     validate_single_pass(cfg)
+    validate_ep(cfg)
     t, o, s = cfg.train, cfg.optim, cfg.schedule
     for key in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "log_every"):
         at_least(f"train.{key}", getattr(t, key), 1)
@@ -320,10 +342,31 @@ def validate_pipeline(cfg: Config) -> None:
         fail("train.skip_nonfinite", True, "is not supported with a pipeline yet")
 
 
+def validate_ep(cfg: Config, world: int | None = None) -> None:
+    """parallel.ep (expert parallelism): its engine, model and (with `world`) layout; each refusal names the fix."""
+    p, m = cfg.parallel, cfg.model
+    at_least("parallel.ep", p.ep, 1)
+    if m.ffn == "moe" and p.engine == "deepspeed":
+        fail("model.ffn", m.ffn, "MoE balancing is not wired into parallel.engine=deepspeed: use fsdp or ddp")
+    if p.ep == 1:
+        return
+    if p.engine != "fsdp":
+        fail("parallel.ep", p.ep, f"expert parallelism needs parallel.engine=fsdp (got {p.engine}); or set ep=1")
+    if m.ffn != "moe":
+        fail("parallel.ep", p.ep, f"shards experts, but model.ffn={m.ffn}: set model.ffn=moe, or ep=1")
+    if m.moe.n_routed_experts % p.ep:
+        fail("parallel.ep", p.ep, f"must divide model.moe.n_routed_experts={m.moe.n_routed_experts}")
+    if p.pp > 1 or p.dp_replicate > 1:
+        fail("parallel.ep", p.ep, "runs without pp and dp_replicate so far; set them to 1, or ep=1")
+    if world is not None and p.ep != world:
+        fail("parallel.ep", p.ep, f"must equal the data-parallel size ({world} ranks launched) so far; set ep={world}")
+
+
 def validate_world(cfg: Config, world: int) -> None:
     """Rules that need the launched world size; the trainer runs them before the process group starts."""
     p = cfg.parallel
     world = data_parallel_world(cfg, world)  # the rules below count data-parallel (and pipeline) ranks
+    validate_ep(cfg, world)
     if p.dp_replicate > 1 and world % (p.pp * p.dp_replicate):
         fail(
             "parallel.dp_replicate",

@@ -27,6 +27,9 @@ def validate_tp(cfg: Config) -> None:
         _fail("parallel.tp", p.tp, "pipeline x tensor parallelism is not built yet: set parallel.pp=1 or parallel.tp=1")
     if p.engine == "fsdp" and p.recompute != "none":
         _fail("parallel.recompute", p.recompute, "with tp x fsdp is not built yet: set parallel.recompute=none")
+    if m.attention != "gqa" or m.ffn != "dense" or p.ep > 1:
+        _fail("parallel.tp", p.tp, f"the tensor-parallel plan covers GQA attention and the dense FFN (this model: "
+              f"attention={m.attention}, ffn={m.ffn}, parallel.ep={p.ep}): set parallel.tp=1")  # fmt: skip
     if m.tie_embeddings:
         _fail("parallel.tp", p.tp, "tied embeddings shard differently from the head: set model.tie_embeddings=false")
     kv = m.n_kv_head or m.n_head

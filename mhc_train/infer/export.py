@@ -125,6 +125,8 @@ def export(loaded: Loaded, out_dir: str | Path, overwrite: bool = False, hc_name
 
     _check_hc_names(loaded, hc_names)
     out = Path(out_dir)
+    if getattr(loaded.model.cfg, "ffn", "dense") == "moe":
+        raise InferenceError("export writes dense models only; model.ffn=moe is not exportable yet (generate works)")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise InferenceError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")

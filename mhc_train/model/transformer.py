@@ -29,6 +29,7 @@ from mhc_train.model.connections import Connection, build_connection
 from mhc_train.model.documents import document_ids, document_layout
 from mhc_train.model.layers import Attention, FeedForward, RMSNorm, scaled_rope_cache
 from mhc_train.model.mla import MLAttention, rope_dim
+from mhc_train.model.moe import GroupedExperts, MoE
 
 
 def head_dim(cfg: ModelConfig) -> int:
@@ -65,6 +66,13 @@ class SitePart(NamedTuple):
 BlockRunner = Callable[[list[SitePart], torch.Tensor], torch.Tensor]  # (sites in order, x [B,T,n,C]) -> x
 
 
+def build_ffn(cfg: ModelConfig, layer_id: int) -> nn.Module:
+    """The block's FFN: SwiGLU, or (model.ffn=moe, past the first_k_dense blocks) the MoE FFN (moe.py)."""
+    if cfg.ffn == "moe" and layer_id >= cfg.moe.first_k_dense:
+        return MoE(cfg.dim, cfg.moe, cfg.moe.expert_hidden_dim or ffn_hidden_dim(cfg))
+    return FeedForward(cfg.dim, ffn_hidden_dim(cfg))
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, conn: Connection, layer_id: int):
         super().__init__()
@@ -75,7 +83,7 @@ class Block(nn.Module):
             self.attn = Attention(cfg.dim, cfg.n_head, cfg.n_kv_head or cfg.n_head, head_dim(cfg), cfg.qkv_bias,
                                   cfg.qk_norm, cfg.norm_eps)  # fmt: skip
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn = FeedForward(cfg.dim, ffn_hidden_dim(cfg))
+        self.ffn = build_ffn(cfg, layer_id)
         self.attn_conn = conn.site(cfg.dim, 2 * layer_id)
         self.ffn_conn = conn.site(cfg.dim, 2 * layer_id + 1)
 
@@ -198,10 +206,13 @@ class Transformer(nn.Module):
             values = {"weight": torch.ones(mod.weight.shape)}
         elif isinstance(mod, (nn.Linear, nn.Embedding)):
             out_std = std / (2 * self.cfg.n_layer) ** 0.5 * self.conn.out_proj_std_factor
-            s = out_std if name.endswith(("attn.wo", "ffn.w2")) else std
+            s = out_std if name.endswith(("attn.wo", "ffn.w2", "ffn.shared.w2")) else std
             values = {"weight": torch.empty(mod.weight.shape).normal_(0.0, s, generator=g)}
             if getattr(mod, "bias", None) is not None:  # model.qkv_bias
                 values["bias"] = torch.zeros(mod.bias.shape)
+        elif isinstance(mod, GroupedExperts):  # routed experts: w2 is an output projection
+            out_std = std / (2 * self.cfg.n_layer) ** 0.5 * self.conn.out_proj_std_factor
+            values = mod.expert_initial_values(g, std, out_std)
         elif hasattr(mod, "initial_values"):  # a connection site
             values = mod.initial_values(g)
         else:
@@ -215,6 +226,10 @@ class Transformer(nn.Module):
     def init_buffers(self) -> None:
         """Recompute the buffers (the RoPE table), e.g. after `to_empty` moved the model off the meta device."""
         self.rope.copy_(model_rope_cache(self.cfg, self.rope.device))
+        for mod in self.modules():  # MoE: no balancing bias yet, no counts (a checkpoint's bias is loaded after)
+            if isinstance(mod, MoE):
+                mod.expert_bias.zero_()
+                mod.load_stats.zero_()
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] -> stream state [B, T, n, C]; a stage without the embedding passes its input through."""

@@ -36,6 +36,7 @@ from mhc_train.parallel.compile import apply_compile as compile_blocks
 from mhc_train.parallel.data_parallel import DeepSpeedEngine
 from mhc_train.parallel.dist import DistInfo
 from mhc_train.parallel.engine import Engine, LocalEngine
+from mhc_train.parallel.expert_parallel import apply_ep
 from mhc_train.parallel.fsdp import FSDPEngine, shard
 from mhc_train.parallel.mesh import ParallelMesh, build_mesh
 from mhc_train.parallel.pipeline import PipelineEngine, StagePlan, cut_stage
@@ -192,6 +193,7 @@ def sharded_modules(model: torch.nn.Module, ctx: BuildContext) -> tuple[list[tor
         return pipeline_stages(model, ctx, plan), plan
     if ctx.mesh.tp > 1:  # 2. (the engines apply it to their copy; the plan's skeleton is its own)
         apply_tp(model, ctx.mesh.tp_mesh())
+    apply_ep(model, ctx)  # 2. (after tensor parallelism)
     apply_recompute(model, ctx)  # 3.
     if p.engine == "fsdp":
         return [apply_fsdp(model, ctx, per_block=True)], None  # 5.
@@ -215,6 +217,7 @@ def pipeline_engine(model: torch.nn.Module, ctx: BuildContext) -> PipelineEngine
 def data_parallel_engine(model: torch.nn.Module, ctx: BuildContext) -> Engine:
     """One process, DDP, FSDP2 / HSDP or DeepSpeed over the whole model: recompute, compile, then the engine."""
     p, t = ctx.cfg.parallel, ctx.cfg.train
+    apply_ep(model, ctx)  # 2.
     apply_recompute(model, ctx)  # 3.
     if ctx.mesh.tp > 1 and p.engine == "none":  # 2. on the copy it trains, then 4.
         return TPEngine(model, ctx, compile_blocks if t.compile else None)

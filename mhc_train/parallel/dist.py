@@ -198,3 +198,36 @@ def read_scalars(*values: torch.Tensor | float) -> list[float]:
         return [float(v) for v in values]
     read = iter(torch.stack([t.detach().reshape(()).to(tensors[0].device, torch.float64) for t in tensors]).tolist())
     return [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
+
+
+class _AllToAllUneven(torch.autograd.Function):
+    """Rows of x to the ranks of `group` (in_splits rows to each, in rank order), out_splits rows from each; backward
+    is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        out_splits, in_splits = ctx.splits
+        gx = g.new_empty((sum(in_splits), *g.shape[1:]))
+        dist.all_to_all_single(gx, g.contiguous(), in_splits, out_splits, group=ctx.group)
+        return gx, None, None, None
+
+
+def all_to_all_uneven(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None) -> torch.Tensor:
+    """Expert parallelism's exchange (gloo and NCCL take uneven splits): `in_splits[r]` rows of x [M, ...] go to rank
+    r of `group`, `out_splits[r]` rows come from it, concatenated in rank order; differentiable."""
+    return _AllToAllUneven.apply(x, out_splits, in_splits, group)
+
+
+def all_to_all_equal(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Row r of x [world, ...] to rank r of `group`; returns the rows received, row s from rank s (not
+    differentiable: expert parallelism's token counts)."""
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x.contiguous(), group=group)
+    return out

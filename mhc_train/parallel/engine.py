@@ -35,6 +35,7 @@ import torch
 
 from mhc_train.parallel import state
 from mhc_train.parallel.dist import DistInfo, reduce_sum, sum_across_ranks
+from mhc_train.parallel.expert_parallel import balance_experts, moe_metrics, reset_counts
 
 BatchFn = Callable[[int, int, int], tuple[torch.Tensor, torch.Tensor]]
 
@@ -130,14 +131,28 @@ class Engine:
         tensor, not read on the host)."""
         norm = self.clip()
         self.optimizer.step()
+        self.balance_experts()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._version += 1
         return norm
 
+    def balance_experts(self) -> None:
+        """MoE models: the balancing bias update from this step's global expert load (expert_parallel.py)."""
+        cfg = getattr(self.model, "cfg", None)
+        if getattr(cfg, "ffn", "dense") == "moe":
+            balance_experts(self.live_modules(), self.dist, cfg)
+
+    def moe_metrics(self) -> dict:
+        """Per MoE layer, the last step's load, drops, router entropy and bias on rank 0 ({}: no MoE). A collective."""
+        if getattr(getattr(self.model, "cfg", None), "ffn", "dense") != "moe":
+            return {}
+        return moe_metrics(self.live_modules(), self.dist)
+
     def skip(self) -> None:
         """Drop this step's gradients (a non-finite loss); the schedule advances as if it had stepped."""
         self.optimizer.zero_grad(set_to_none=True)
+        reset_counts(self.live_modules())
         self.scheduler.step()
 
     def lr(self) -> float:

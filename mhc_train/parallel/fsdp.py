@@ -56,6 +56,7 @@ import torch
 from mhc_train.parallel.compile import apply_compile as compile_blocks
 from mhc_train.parallel.dist import mean_over_mesh_
 from mhc_train.parallel.engine import LocalEngine, host_state, release_eval_copy
+from mhc_train.parallel.expert_parallel import distribute_experts, scale_expert_grads
 from mhc_train.parallel.state import full, local, materialise, on_meta
 
 
@@ -71,6 +72,9 @@ def shard(
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     root_kw = {} if reshard_after_forward else {"reshard_after_forward": False}
+    experts = distribute_experts(module, mesh)  # expert parallelism: experts on ep, not in FSDP's units
+    if experts:
+        root_kw["ignored_params"] = experts
     if not per_block:
         return fully_shard(module, mesh=mesh, **root_kw)
     fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
@@ -78,6 +82,8 @@ def shard(
         fp32 if compute_dtype is None else MixedPrecisionPolicy(compute_dtype, torch.float32, cast_forward_inputs=False)
     )
     unit = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
+    if experts:
+        unit["ignored_params"] = experts
     if module.block_runner is not None:
         return _shard_compute_units(module, low, unit, root_kw)
     from mhc_train.model.connections import Site
@@ -100,7 +106,8 @@ def _shard_compute_units(module, low, unit: dict, root_kw: dict) -> torch.nn.Mod
     for part in module.site_parts():
         fully_shard(part.owner, **unit, mp_policy=low)
         replicated.update([*part.site.parameters(), *part.norm.parameters()])
-    return fully_shard(module, mesh=unit["mesh"], mp_policy=low, ignored_params=replicated, **root_kw)
+    root_kw = {**root_kw, "ignored_params": replicated | root_kw.get("ignored_params", set())}
+    return fully_shard(module, mesh=unit["mesh"], mp_policy=low, **root_kw)
 
 
 def replicated_params(modules) -> list[torch.Tensor]:
@@ -192,6 +199,7 @@ class FSDPEngine(LocalEngine):
         (loss / self.grad_accum).backward()
         if last:
             sync_replicated_grads([self.train_model])
+            scale_expert_grads(self.train_model, self.dist.world)
 
     def clip(self) -> torch.Tensor:
         limit = self.grad_clip if self.grad_clip > 0 else float("inf")

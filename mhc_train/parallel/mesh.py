@@ -10,8 +10,10 @@ dimensions land on ranks of one node):
     cp            context parallel                    parallel.cp  (room only: refused above 1)
     tp            tensor (+ sequence) parallel        parallel.tp  (parallel/tensor_parallel.py)
 
-Expert parallelism (parallel.ep) is carved from the data-parallel ranks (ep divides dp_shard x cp) and is only
-recorded here until the MoE issue adds its sub-mesh. The data-parallel size is world / (pp x tp x cp).
+Expert parallelism (parallel.ep) is carved from the data-parallel ranks; today ep equals dp_shard (config
+validate_ep), so the experts are laid out over `dp_mesh()` itself (parallel/expert_parallel.py) and no sub-mesh is
+built; an ep below dp_shard would split dp_shard into (dp_shard / ep, ep). The data-parallel size is
+world / (pp x tp x cp).
 
 Notable choices:
 - Coordinates are arithmetic on the rank (rank = ((((pp_rank * R + r) * S + s) * CP + c) * TP + t)), so sizes,

@@ -87,6 +87,9 @@ def materialise(module: torch.nn.Module, device, seed: int, weights: dict | None
     for name, p in params.items():
         write_shard(p, _checkpoint_value(weights, name, p))
     module.init_buffers()
+    for name, b in module.named_buffers():  # state kept in buffers (the MoE balancing bias)
+        if name in weights:
+            b.copy_(weights[name])
 
 
 @torch.no_grad()

@@ -201,6 +201,9 @@ class Diagnostics:
         # every site call rather than a graph traced before they existed
         with torch.compiler.set_stance("force_eager"):
             sites = engine.site_statistics(self.batch, SiteProbe)
+        moe = engine.moe_metrics()  # MoE models: per-layer expert load, drops, router entropy, bias (a collective)
         if self.dist.is_main:
             diag = summarise(sites)
+            if moe:
+                diag["moe"] = moe
             metrics.record("diag", step, grad_norms=self._norms or {"global": result.grad_norm}, **diag)

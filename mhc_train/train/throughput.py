@@ -29,6 +29,8 @@ attention projections C H D + C K D (x2) become C Q + Q H (N + P) (or C H (N + P
 + R H (N + V) + H V C (`attention_shapes`), and attention = L * 2 T H (N + P + V): the training forward
 decompresses keys and values, so the scores are over N + P per head (the decode cache's absorbed form is not
 counted here).
+MoE layers (model.ffn=moe) count their active FFN weights instead of 3 C F: the router C E and the top-k routed
+plus shared experts, 3 C H each (`model.moe.active_ffn_delta`).
 
 `site_flops` (forward, one token, one site), k = n^2 + 2n coefficients (2n for mHC's identity-H_res arm):
 
@@ -60,6 +62,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from mhc_train.config import ConnectionConfig, ModelConfig
+from mhc_train.model.moe import active_ffn_delta
 from mhc_train.model.transformer import ffn_hidden_dim, head_dim
 
 TRAIN_FACTOR = 3  # forward + backward = 3 x forward
@@ -109,6 +112,7 @@ def flops_per_token(
     attn_proj, qk_v_width = attention_shapes(m)
     ffn = 3 * c * ffn_hidden_dim(m)  # SwiGLU w1, w3: C x F; w2: F x C
     dense = 2 * (layers * (attn_proj + ffn) + c * m.vocab_size)  # + the LM head C x V
+    dense += 2 * active_ffn_delta(m, ffn_hidden_dim(m))  # MoE: router + top-k and shared experts, not F
     attention = layers * 2 * seq_len * heads * qk_v_width  # QK^T and AV: 2 T H (D + D) per query token for GQA
     if causal:
         attention //= 2
