@@ -177,22 +177,15 @@ def test_flops_per_token_counts_mla_shapes(case):
     "name, layers, dim, heads", [("3b", 12, 1280, 16), ("9b", 18, 1920, 24), ("27b", 30, 2560, 32)]
 )
 def test_paper_presets_have_table5_attention(name, layers, dim, heads):
-    """The mHC paper's presets: MLA with KV rank 512, RoPE 64 (theta 1e4), heads of 128, seq 4096, vocab 129280.
-    Read as YAML and built on the meta device from the keys this schema knows (the MoE keys are loaded by the MoE
-    tests), one block deep."""
+    """The mHC paper's presets through the config loader (MLA with KV rank 512, RoPE 64 (theta 1e4), heads of 128,
+    seq 4096, vocab 129280; the MoE keys of Table 5), built on the meta device one block deep."""
     import dataclasses
-    from pathlib import Path
 
-    import yaml
+    from mhc_train.config import load_config
 
-    from mhc_train.config import ModelConfig, validate_model
-
-    text = yaml.safe_load((Path(__file__).parents[2] / "configs" / "model" / f"mhc_paper_{name}.yaml").read_text())
-    assert (text["n_layer"], text["dim"], text["n_head"], text["vocab_size"]) == (layers, dim, heads, 129280)
-    assert text["moe"]["top_k"] == 6 and text["moe"]["n_shared_experts"] == 2 and text["moe"]["first_k_dense"] == 1
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    cfg = ModelConfig(**{**{k: v for k, v in text.items() if k in known}, "mla": MLAConfig(**text["mla"])})
-    validate_model(cfg)
+    cfg = load_config([f"model=mhc_paper_{name}"]).model
+    assert (cfg.n_layer, cfg.dim, cfg.n_head, cfg.vocab_size) == (layers, dim, heads, 129280)
+    assert cfg.ffn == "moe" and cfg.moe.top_k == 6 and cfg.moe.n_shared_experts == 2 and cfg.moe.first_k_dense == 1
     assert cfg.attention == "mla" and cfg.mla == MLAConfig(0, 512, 128, 64, 128)
     assert cfg.rope_theta == 10000.0 and cfg.max_seq_len == 4096
     model = build_model(dataclasses.replace(cfg, n_layer=1), conn_cfg("mhc"), device="meta")
