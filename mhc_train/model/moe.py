@@ -175,7 +175,11 @@ class MoE(nn.Module):
         N, k = top.shape
         flat = top.flatten()  # [N*k]
         order = torch.argsort(flat, stable=True)  # pairs sorted by expert, token order within
-        counts = torch.bincount(flat, minlength=self.n_experts)  # [E]
+        # [E]; a scatter-add, not bincount, whose output shape depends on the data: `mhc-train plan` traces this
+        # dropless path with fake tensors, which cannot size a bincount
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=flat.device).scatter_add_(
+            0, flat, torch.ones_like(flat)
+        )
         keep = self.keep_mask(flat[order], counts, N)
         dropped = 0
         if keep is not None:
