@@ -1,0 +1,176 @@
+"""Single-pass (lagged) mHC, DeepSeek-V4.1 (docs/mhc.md section 10): the site's read and write on the packed state.
+
+The arm's state is [T, n + 1, C]: rows 0..n-1 the streams x, row n the read mix m carried from the previous site (its
+first n channels; zeros after). Per site two stream passes, each one kernel:
+- `sp_read`:  F_in[t, c] = sum_j m[t, j] x[t, j, c]   and   h = (v @ phi) / r, r = sqrt(sum(v^2) / nC + eps)
+              (v = vec(x), the reordered RMSNorm of projection.py), in ONE pass over x: the mix is known before the site
+              runs, so F's input needs no coefficient first. Reads nC (+ n), writes C + K + 1 per token.
+- `sp_write`: x'[t, i, c] = sum_j H_res[t, i, j] x[t, j, c] + h_post[t, i] y[t, c] (rows 0..n-1) and row n = the next
+              mix (this site's H_pre), zero-padded: the packed state of the next site in one pass. Reads (n + 1)C,
+              writes (n + 1)C per token.
+Tiles as in stream_mix.py / projection.py: fp32 accumulation, tf32 tensor-core dots on GPU (exact fp32 in the
+interpreter), C masked (any width), n <= 16. The read walks channel blocks outside and streams inside, so F_in's tile
+is complete after each channel block (stored by the K-tile-0 program only).
+References: `mhc_train/ops/single_pass.py` (`single_pass_read_ref`, `single_pass_write_ref`); the backward is there.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import interpreting, launch, launch_tuned, next_pow2
+
+
+@triton.jit(do_not_specialize=["n_tokens"])
+def _sp_read_fwd_kernel(
+    s_ptr,
+    phi_ptr,
+    fin_ptr,
+    h_ptr,
+    r_ptr,
+    n_tokens,
+    C,
+    K,
+    eps,
+    N: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_k = tl.program_id(1)
+    offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mt, mk = offs_t < n_tokens, offs_k < K
+    S = (N + 1) * C  # a token's row of the packed state
+    acc = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    ss = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mc = offs_c < C
+        m_tc = mt[:, None] & mc[None, :]
+        fin = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+        for j in range(0, N):  # a loop, not unrolled (n = 16)
+            v = tl.load(s_ptr + offs_t[:, None] * S + j * C + offs_c[None, :], mask=m_tc, other=0.0).to(tl.float32)
+            rows = j * C + offs_c
+            p = tl.load(phi_ptr + rows[:, None] * K + offs_k[None, :], mask=mc[:, None] & mk[None, :], other=0.0)
+            acc = tl.dot(v, p, acc, input_precision="tf32")
+            ss += tl.sum(v * v, axis=1)
+            mj = tl.load(s_ptr + offs_t * S + N * C + j, mask=mt, other=0.0).to(tl.float32)  # the carried mix
+            fin += mj[:, None] * v
+        if pid_k == 0:
+            tl.store(fin_ptr + offs_t[:, None] * C + offs_c[None, :], fin.to(fin_ptr.dtype.element_ty), mask=m_tc)
+    r = tl.sqrt(ss / (N * C) + eps)
+    acc = acc / r[:, None]
+    if pid_k == 0:
+        tl.store(r_ptr + offs_t, r, mask=mt)
+    tl.store(h_ptr + offs_t[:, None] * K + offs_k[None, :], acc, mask=mt[:, None] & mk[None, :])
+
+
+@triton.jit(do_not_specialize=["n_tokens"])
+def _sp_write_fwd_kernel(
+    s_ptr,
+    y_ptr,
+    hp_ptr,
+    hr_ptr,
+    mix_ptr,
+    out_ptr,
+    n_tokens,
+    C,
+    N: tl.constexpr,
+    N_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_n = tl.arange(0, N_PAD)
+    mt, mn, mc = offs_t < n_tokens, offs_n < N, offs_c < C
+    m_tc = mt[:, None] & mc[None, :]
+    m_tn = mt[:, None] & mn[None, :]
+    S = (N + 1) * C
+    y = tl.load(y_ptr + offs_t[:, None] * C + offs_c[None, :], mask=m_tc, other=0.0)
+    hp = tl.load(hp_ptr + offs_t[:, None] * N + offs_n[None, :], mask=m_tn, other=0.0)
+    out = hp.to(tl.float32)[:, :, None] * y.to(tl.float32)[:, None, :]  # [T, i, c]
+    for j in range(0, N):  # rank-1 updates, one input stream at a time (stream_mix.py)
+        xj = tl.load(s_ptr + offs_t[:, None] * S + j * C + offs_c[None, :], mask=m_tc, other=0.0)
+        hj = tl.load(hr_ptr + offs_t[:, None] * (N * N) + offs_n[None, :] * N + j, mask=m_tn, other=0.0)
+        out += hj[:, :, None] * xj.to(tl.float32)[:, None, :]
+    p3 = offs_t[:, None, None] * S + offs_n[None, :, None] * C + offs_c[None, None, :]
+    tl.store(out_ptr + p3, out.to(out_ptr.dtype.element_ty), mask=m_tn[:, :, None] & mc[None, None, :])
+    # row n: the next site's read mix in its first n channels, zeros after
+    mix = tl.load(mix_ptr + offs_t[:, None] * N + offs_c[None, :], mask=mt[:, None] & (offs_c < N)[None, :], other=0.0)
+    tl.store(out_ptr + offs_t[:, None] * S + N * C + offs_c[None, :], mix.to(out_ptr.dtype.element_ty), mask=m_tc)
+
+
+def _read_config(n: int, C: int, K: int) -> dict:
+    """tl.dot needs every tile side >= 16; one K tile up to 128 columns (n <= 10), so x is read once there. The
+    interpreter gets small tiles (it is slow per element, not per program)."""
+    block_c = max(16, min(64, next_pow2(C)))
+    block_k = min(32 if interpreting() else 128, max(16, next_pow2(K)))
+    if interpreting():
+        return dict(BLOCK_T=16, BLOCK_C=min(block_c, 32), BLOCK_K=block_k, num_warps=4, num_stages=1)
+    return dict(BLOCK_T=32, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=4, num_stages=3)
+
+
+def sp_read_fwd(state: torch.Tensor, phi: torch.Tensor, eps: float):
+    """state [T, n+1, C], phi [nC, K] fp32 -> (F_in [T, C] in the state's dtype, h [T, K] fp32, r [T] fp32)."""
+    T, rows, C = state.shape
+    n, K = rows - 1, phi.shape[1]
+    f_in = torch.empty(T, C, device=state.device, dtype=state.dtype)
+    h = torch.empty(T, K, device=state.device, dtype=torch.float32)
+    r = torch.empty(T, device=state.device, dtype=torch.float32)
+    cfg = _read_config(n, C, K)
+    launch(
+        _sp_read_fwd_kernel,
+        (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(K, cfg["BLOCK_K"])),
+        writes=("fin_ptr", "h_ptr", "r_ptr"),
+        s_ptr=state,
+        phi_ptr=phi,
+        fin_ptr=f_in,
+        h_ptr=h,
+        r_ptr=r,
+        n_tokens=T,
+        C=C,
+        K=K,
+        eps=eps,
+        N=n,
+        **cfg,
+    )
+    return f_in, h, r
+
+
+def _write_blocks(n: int, C: int) -> tuple[int, int, int]:
+    """(N_PAD, BLOCK_T, BLOCK_C): a [T, n, C] tile of ~1k values per program (stream_mix.py's rule)."""
+    n_pad = next_pow2(n)
+    block_c = min(128, next_pow2(C), max(16, 1024 // n_pad))
+    block_t = max(1, min(16, 1024 // (n_pad * block_c)))
+    return n_pad, block_t, block_c
+
+
+def sp_write_fwd(state, y, h_post, h_res, mix):
+    """state [T, n+1, C], y [T, C], h_post [T, n], h_res [T, n, n], mix [T, n] fp32 -> the next state [T, n+1, C]."""
+    T, rows, C = state.shape
+    n = rows - 1
+    n_pad, bt, bc = _write_blocks(n, C)
+    out = torch.empty_like(state)
+    wide = dict(BLOCK_T=bt, BLOCK_C=2 * bc) if 2 * bc <= next_pow2(C) else dict(BLOCK_T=2 * bt, BLOCK_C=bc)
+    launch_tuned(
+        _sp_write_fwd_kernel,
+        lambda cfg: (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(C, cfg["BLOCK_C"])),
+        [dict(BLOCK_T=bt, BLOCK_C=bc, num_warps=4), dict(**wide, num_warps=8)],
+        key=(next_pow2(T), n, C, state.dtype, y.dtype),
+        writes=("out_ptr",),
+        s_ptr=state,
+        y_ptr=y,
+        hp_ptr=h_post,
+        hr_ptr=h_res,
+        mix_ptr=mix,
+        out_ptr=out,
+        n_tokens=T,
+        C=C,
+        N=n,
+        N_PAD=n_pad,
+    )
+    return out
