@@ -19,7 +19,7 @@ Notable choices:
 - On the torch backend the ops are the other arms' (`SiteStep`), unlinked: each op writes its own dx (the read mix
   is not the projection's, so the one-dx chaining of `library.Link` does not apply). On triton (n <= 16) the arm's
   own fused ops run (`ops/single_pass.py`): one pass over the packed state reads F's input with the carried mix and
-  projects x_l; one pass writes x_{l+1} with the next mix packed (their backward: the torch reference, recomputed).
+  projects x_l; one pass writes x_{l+1} with the next mix packed; backward kernels chained to one state gradient.
 - The packing lives in the arm's step (`SinglePassStep`), so selective and full recomputation, which replay sites
   through `site.read` / `site.step.write`, run this arm unchanged. Refused at config time: bf16 streams and
   `connection.collapse` (the arm's collapse is its mix).
@@ -85,7 +85,7 @@ class SinglePassStep(ops.SiteStep):
 
     def write(self, state, y, read: SinglePassRead, runner=None) -> torch.Tensor:
         if isinstance(read.kernels, SinglePassKernels):  # one pass: x_{l+1} and the packed next mix
-            args = (state.contiguous(), y, read.h_post, read.h_res, read.mix)
+            args = (state.contiguous(), y, read.h_post, read.h_res, read.mix, read.kernels.link)
             return single_pass_write(*args) if runner is None else runner(single_pass_write, *args)
         args = (state[..., : self.n, :], y, read.h_post, read.h_res)
         out = read.kernels.post_res(*args) if runner is None else runner(read.kernels.post_res, *args)

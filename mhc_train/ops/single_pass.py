@@ -7,9 +7,11 @@ Axis legend: `...` leading token axes, n streams, C channels, K = n^2 + 2n coeff
 - `single_pass_read_ref(state, phi, eps)` -> (F_in = m . x, h = RMSNorm(vec x) @ phi with the reordered norm)
 - `single_pass_write_ref(state, y, h_post, h_res, mix)` -> [H_res x + h_post (x) y ; the next mix, zero-padded]
 - `single_pass_read` / `single_pass_write`: the same on the kernels, one pass over the stream each (autograd
-  Functions). Their backward recomputes the reference from the saved inputs (no intermediates kept) and differentiates
-  it with autograd: no fused backward kernel yet, and each op writes its own gradient of the state (autograd adds the
-  two), so the other arms' one-dx chaining is not done here.
+  Functions saving their inputs, and h and r). Backward: the write's kernel reads g, x, y and writes dy, dh_post,
+  dH_res; it hands (g, H_res) through the read's link slots to the read's kernel, which writes the site's one
+  gradient of the packed state (projection term, the mix's F_in term, H_res^T g, and the mix's own gradient in row
+  n) and dphi: the other arms' one-dx chaining. The mix's gradient sum_c x dF_in is a torch einsum (one more read of
+  x: the read kernel's programs own channel blocks, so a reduction over C would need a cross-program sum).
 - `SinglePassKernels`: a `SiteKernels` whose coefficient methods run the fused read (its F_in kept for the step) and
   the backend's usual coefficient tail (gates + Sinkhorn kernel, or DeepSeek's torch tail).
 """
@@ -44,54 +46,79 @@ def single_pass_write_ref(state, y, h_post, h_res, mix):
     return torch.cat([out, row], dim=-2)
 
 
-def _recompute_grads(ref, inputs, outputs_grads):
-    """Gradients of `ref(*inputs)` for the inputs that need them, from a recomputation of the reference."""
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(t.is_floating_point()) if t is not None else None for t in inputs]
-        outs = ref(*leaves)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        pairs = [(o, g) for o, g in zip(outs, outputs_grads) if g is not None]
-        wanted = [t for t in leaves if t is not None and t.requires_grad]
-        grads = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
-    it = iter(grads)
-    return [next(it) if t is not None and t.requires_grad else None for t in leaves]
+def _own_node(t: torch.Tensor) -> torch.Tensor:
+    """t as a view with a grad_fn of its own: the backward can ask the engine whether t's gradient is wanted in this
+    call (split backwards run input and weight gradients apart; `library.py`)."""
+    return t.view_as(t) if t.requires_grad else t
+
+
+def _slot(like: torch.Tensor, *shape, dtype) -> torch.Tensor:
+    """A link slot (`library.py`): never read, it carries the write's (g, H_res) to the read's backward."""
+    return like.new_empty((), dtype=dtype).expand(*shape)
 
 
 class SinglePassRead(torch.autograd.Function):
-    """One pass over the packed state: F_in and the projection (mhc_kernels/single_pass.py). Saves the inputs."""
+    """One pass over the packed state: F_in and the projection; saves state, phi, h and r. Also returns the site's
+    link slots (g [T, n+1, C], H_res [T, n, n]): `SinglePassWrite` takes them, and its backward returns (g, H_res)
+    as their gradients, so this backward writes the state's one gradient (its own terms and H_res^T g) in one kernel."""
 
     @staticmethod
     def forward(ctx, state, phi, eps):
         from mhc_kernels.single_pass import sp_read_fwd
 
-        f_in, h, _r = sp_read_fwd(state, phi, eps)
-        ctx.eps = eps
-        ctx.save_for_backward(state, phi)
+        f_in, h, r = sp_read_fwd(state, phi, eps)
+        ctx.save_for_backward(state, phi, h, r)
         ctx.set_materialize_grads(False)
-        return f_in, h
+        ctx.nodes = [t.grad_fn if t.requires_grad else None for t in (state, phi)]
+        T, rows, C = state.shape
+        slots = _slot(state, T, rows, C, dtype=state.dtype), _slot(state, T, rows - 1, rows - 1, dtype=torch.float32)
+        return f_in, h, *slots
 
     @staticmethod
-    def backward(ctx, g_fin, g_h):
-        state, phi = ctx.saved_tensors
-        if g_fin is None and g_h is None:
+    def backward(ctx, g_fin, g_h, g_link, hres_link):
+        from mhc_kernels.single_pass import sp_read_bwd
+
+        state, phi, h, r = ctx.saved_tensors
+        want_ds, want_dphi = (n is not None and torch._C._will_engine_execute_node(n) for n in ctx.nodes)
+        if not (want_ds or want_dphi) or (g_fin is None and g_h is None and g_link is None):
             return None, None, None
-        ds, dphi = _recompute_grads(lambda s, p: single_pass_read_ref(s, p, ctx.eps), (state, phi), (g_fin, g_h))
+        T, rows, C = state.shape
+        gh = torch.zeros_like(h) if g_h is None else g_h.float().contiguous()
+        gf = state.new_zeros(T, C) if g_fin is None else g_fin.contiguous()
+        dmix = torch.einsum("tjc,tc->tj", state[:, : rows - 1].float(), gf.float())  # [T, n]: the carried mix's
+        g = h_res = None
+        if g_link is not None and want_ds:
+            g, h_res = g_link.to(state.dtype).contiguous(), hres_link.float().contiguous()
+        ds, dphi = sp_read_bwd(state, phi, h, r, gh, gf, dmix, g, h_res, want_ds, want_dphi)
         return ds, dphi, None
 
 
 class SinglePassWrite(torch.autograd.Function):
-    """One pass writing the next packed state (mhc_kernels/single_pass.py). Saves the inputs."""
+    """One pass writing the next packed state; saves state, y, h_post, h_res. Linked (the read's slots given): its
+    backward writes no state gradient and returns (g, H_res) as the slots' gradients; unlinked: H_res^T g in torch."""
 
     @staticmethod
-    def forward(ctx, state, y, h_post, h_res, mix):
+    def forward(ctx, state, y, h_post, h_res, mix, g_slot, hres_slot):
         from mhc_kernels.single_pass import sp_write_fwd
 
-        ctx.save_for_backward(state, y, h_post, h_res, mix)
+        ctx.linked = g_slot is not None
+        ctx.save_for_backward(state, y, h_post, h_res)
         return sp_write_fwd(state, y, h_post, h_res, mix)
 
     @staticmethod
     def backward(ctx, g):
-        return tuple(_recompute_grads(single_pass_write_ref, ctx.saved_tensors, (g,)))
+        from mhc_kernels.single_pass import sp_write_bwd
+
+        state, y, h_post, h_res = ctx.saved_tensors
+        n = state.shape[1] - 1
+        g = g.contiguous()
+        dy, dhp, dhr = sp_write_bwd(state, y, h_post, g)
+        dmix = g[:, n, :n].float()
+        if ctx.linked:
+            return None, dy, dhp, dhr, dmix, g, h_res
+        ds = torch.zeros_like(state)
+        ds[:, :n] = torch.einsum("tij,tic->tjc", h_res, g[:, :n].float()).to(state.dtype)
+        return ds, dy, dhp, dhr, dmix, None, None
 
 
 def _check(state: torch.Tensor) -> None:
@@ -104,15 +131,19 @@ def _check(state: torch.Tensor) -> None:
 
 
 def single_pass_read(state: torch.Tensor, phi: torch.Tensor, eps: float = 1e-6):
-    """`single_pass_read_ref` on the kernel: state [..., n+1, C] (contiguous), phi [nC, K] -> (F_in, h fp32)."""
+    """`single_pass_read_ref` on the kernel: state [..., n+1, C] (contiguous), phi [nC, K] -> (F_in, h fp32, link):
+    `link` (the slots) goes to this site's `single_pass_write`, whose backward then hands the read's backward its
+    terms (one gradient of the state per site)."""
     lead, (rows, C) = state.shape[:-2], state.shape[-2:]
     _check(state)
-    f_in, h = SinglePassRead.apply(state.reshape(-1, rows, C), phi.float().contiguous(), eps)
-    return f_in.reshape(*lead, C), h.reshape(*lead, phi.shape[1])
+    phi = phi if phi.dtype == torch.float32 and phi.is_contiguous() else phi.float().contiguous()
+    f_in, h, *link = SinglePassRead.apply(_own_node(state.reshape(-1, rows, C)), _own_node(phi), eps)
+    return f_in.reshape(*lead, C), h.reshape(*lead, phi.shape[1]), tuple(link)
 
 
-def single_pass_write(state, y, h_post, h_res, mix):
-    """`single_pass_write_ref` on the kernel (coefficients cast to fp32, y in any stream dtype)."""
+def single_pass_write(state, y, h_post, h_res, mix, link=None):
+    """`single_pass_write_ref` on the kernel (coefficients cast to fp32, y in any stream dtype); `link`: the site's
+    from `single_pass_read` (None: the backward writes its own gradient of the state)."""
     lead, (rows, C) = state.shape[:-2], state.shape[-2:]
     n = rows - 1
     _check(state)
@@ -122,6 +153,7 @@ def single_pass_write(state, y, h_post, h_res, mix):
         h_post.reshape(-1, n).float().contiguous(),
         h_res.reshape(-1, n, n).float().contiguous(),
         mix.reshape(-1, n).float().contiguous(),
+        *(link or (None, None)),
     )
     return out.reshape(*lead, rows, C)
 
@@ -135,7 +167,8 @@ class SinglePassKernels(SiteKernels):
         self.state, self.f_in = state.contiguous(), None
 
     def _project(self, phi, eps):
-        self.f_in, h = single_pass_read(self.state, phi, eps)
+        self.f_in, h, link = single_pass_read(self.state, phi, eps)
+        self.link = link if torch.is_grad_enabled() else None
         return h
 
     def mhc_coefficients(self, x, phi, alpha, bias, iters: int = 20, eps: float = 1e-6, sinkhorn_backward="unrolled"):

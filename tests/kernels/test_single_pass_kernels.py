@@ -57,15 +57,46 @@ def test_single_pass_read_matches_reference(shape, dtype):
     dt, rtol = DTYPES[dtype]
     state, phi = _state(T, n, C, dt), _rand(n * C, n * n + 2 * n, scale=0.3)
     _compare(
-        lambda s, p: single_pass_read(s, p, 1e-6), lambda s, p: single_pass_read_ref(s, p, 1e-6), [state, phi], rtol
+        lambda s, p: single_pass_read(s, p, 1e-6)[:2], lambda s, p: single_pass_read_ref(s, p, 1e-6), [state, phi], rtol
     )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=list(DTYPES))
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"T{t}-n{n}-C{c}" for t, n, c in SHAPES])
 def test_single_pass_write_matches_reference(shape, dtype):
-    """x' = H_res x + h_post (x) y on rows 0..n-1, the next mix zero-padded on row n, in one pass."""
+    """x' = H_res x + h_post (x) y on rows 0..n-1, the next mix zero-padded on row n, in one pass (unlinked: the
+    backward writes its own gradient of the state)."""
     T, n, C = shape
     dt, rtol = DTYPES[dtype]
     inputs = [_state(T, n, C, dt), _rand(T, C, dtype=dt), _rand(T, n), _rand(T, n, n), _rand(T, n)]
     _compare(single_pass_write, single_pass_write_ref, inputs, rtol)
+
+
+def _site(read, write, state, phi, w):
+    """A whole single-pass site: read (F_in, h), coefficients from h (smooth stand-ins), F = tanh(F_in @ w), write."""
+    f_in, h, *link = read(state, phi, 1e-6)
+    n = state.shape[-2] - 1
+    h_pre, h_post = torch.sigmoid(h[..., :n]), 2 * torch.sigmoid(h[..., n : 2 * n])
+    h_res = torch.softmax(h[..., 2 * n :].unflatten(-1, (n, n)), -1)
+    y = torch.tanh(f_in @ w.to(f_in.dtype))
+    return write(state, y, h_post, h_res, h_pre, *link)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=list(DTYPES))
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"T{t}-n{n}-C{c}" for t, n, c in SHAPES])
+def test_linked_single_pass_site_writes_one_gradient_that_matches_the_reference(shape, dtype):
+    """The write's backward hands (g, H_res) to the read's, which writes the state's one gradient: values and the
+    gradients of the state, phi and F's weight against the reference site."""
+    T, n, C = shape
+    dt, rtol = DTYPES[dtype]
+    state, phi, w = _state(T, n, C, dt), _rand(n * C, n * n + 2 * n, scale=0.3), _rand(C, C, scale=C**-0.5)
+
+    def ref_read(s, p, eps):
+        return single_pass_read_ref(s, p, eps)
+
+    _compare(
+        lambda s, p, w: _site(single_pass_read, single_pass_write, s, p, w),
+        lambda s, p, w: _site(ref_read, single_pass_write_ref, s, p, w),
+        [state, phi, w],
+        rtol,
+    )
