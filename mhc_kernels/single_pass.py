@@ -181,7 +181,7 @@ def sp_write_fwd(state, y, h_post, h_res, mix):
 # reads g, x, y and writes dy, dh_post, dH_res (no dx); it hands (g, H_res) to the read's backward, which writes the
 # site's one gradient of the packed state (the other arms' one-dx chaining):
 #     ds[j, c] = dproj @ phi^T + s v + m_j dF_in[c] + sum_i H_res[i, j] g[i, c]     (rows j < n)
-#     ds[n, :] = [dm, 0 ...],  dm_j = sum_c x[j, c] dF_in[c]                         (the carried mix's gradient)
+#     ds[n, :] = [dm, 0 ...],  dm_j = sum_c x[j, c] dF_in[c]    (the carried mix's gradient: per-block partials)
 # with dproj = dh / r and s = -sum_k(dh h) / r^2 / nC from projection.py's prep kernel; dphi = v^T dproj in a
 # two-stage reduction over token splits (projection.py's scheme).
 
@@ -313,9 +313,13 @@ def _sp_read_bwd_kernel(
             mix = tl.where(mt[:, None] & mn[None, :], mix.to(tl.float32), 0.0)
             dv += tl.reshape(mix[:, :, None] * fg[:, None, :], [BLOCK_T, R])
             tl.store(ds_ptr + offs_t[:, None] * S + offs_r[None, :], dv.to(ds_ptr.dtype.element_ty), mask=m_tr)
-            dm = tl.load(dmix_ptr + offs_t[:, None] * N + offs_c[None, :], mask=mt[:, None] & (offs_c < N)[None, :])
-            dm = tl.where(mt[:, None] & (offs_c < N)[None, :], dm, 0.0)
-            tl.store(ds_ptr + offs_t[:, None] * S + N * C + offs_c[None, :], dm.to(ds_ptr.dtype.element_ty), mask=m_tc)
+            # the mix's gradient over this channel block (a partial: the launcher sums the blocks into row n), and
+            # row n itself zero here
+            dmp = tl.sum(tl.reshape(v, [BLOCK_T, N_PAD, BLOCK_C]) * fg[:, None, :], axis=2)  # [T, n]
+            m_tn = mt[:, None] & mn[None, :]
+            tl.store(dmix_ptr + (pid_c * n_tokens + offs_t[:, None]) * N + offs_n[None, :], dmp, mask=m_tn)
+            zero = tl.zeros([BLOCK_T, BLOCK_C], dtype=ds_ptr.dtype.element_ty)
+            tl.store(ds_ptr + offs_t[:, None] * S + N * C + offs_c[None, :], zero, mask=m_tc)
     if WRITE_DPHI:
         dphi = dphi_ptr + pid_s.to(tl.int64) * (N * C) * K + offs_r[:, None] * K + offs_k[None, :]
         tl.store(dphi, acc, mask=mr[:, None] & mk[None, :])
@@ -350,9 +354,10 @@ def sp_write_bwd(state, y, h_post, g):
     return dy, dhp, dhr
 
 
-def sp_read_bwd(state, phi, h, r, gh, f_grad, dmix, g=None, h_res=None, write_ds=True, write_dphi=True):
+def sp_read_bwd(state, phi, h, r, gh, f_grad, g=None, h_res=None, write_ds=True, write_dphi=True):
     """(d state [T, n+1, C] or None, dphi [nC, K] or None): the site's one gradient of the packed state when (g,
-    h_res) come from the write's backward; dmix [T, n] fp32 (the mix's gradient, row n of the result)."""
+    h_res) come from the write's backward (the carried mix's gradient in row n: the kernel's per-channel-block
+    partials [C blocks, T, n], summed here)."""
     from .projection import _bwd_config, _bwd_prep, _splits
 
     T, rows, C = state.shape
@@ -363,6 +368,7 @@ def sp_read_bwd(state, phi, h, r, gh, f_grad, dmix, g=None, h_res=None, write_ds
     splits = _splits(T, c_blocks, k_tiles, cfg["BLOCK_T"])
     per_split = triton.cdiv(triton.cdiv(T, splits), cfg["BLOCK_T"]) * cfg["BLOCK_T"]
     ds = torch.empty_like(state) if write_ds else None
+    dmix = torch.empty(c_blocks if write_ds else 0, T, n, device=state.device, dtype=torch.float32)
     dphi = torch.empty(splits, n * C, K, device=state.device, dtype=torch.float32) if write_dphi else None
     link = g is not None
     launch(
@@ -391,6 +397,8 @@ def sp_read_bwd(state, phi, h, r, gh, f_grad, dmix, g=None, h_res=None, write_ds
         ONE_K_TILE=k_tiles == 1 and cfg["BLOCK_K"] >= 32,
         **cfg,
     )
+    if write_ds:
+        ds[:, n, :n] = dmix.sum(0) if c_blocks > 1 else dmix[0]
     if not write_dphi:
         return ds, None
     return ds, dphi.sum(0) if splits > 1 else dphi[0]

@@ -10,8 +10,7 @@ Axis legend: `...` leading token axes, n streams, C channels, K = n^2 + 2n coeff
   Functions saving their inputs, and h and r). Backward: the write's kernel reads g, x, y and writes dy, dh_post,
   dH_res; it hands (g, H_res) through the read's link slots to the read's kernel, which writes the site's one
   gradient of the packed state (projection term, the mix's F_in term, H_res^T g, and the mix's own gradient in row
-  n) and dphi: the other arms' one-dx chaining. The mix's gradient sum_c x dF_in is a torch einsum (one more read of
-  x: the read kernel's programs own channel blocks, so a reduction over C would need a cross-program sum).
+  n, from per-channel-block partials the kernel writes) and dphi: the other arms' one-dx chaining.
 - `SinglePassKernels`: a `SiteKernels` whose coefficient methods run the fused read (its F_in kept for the step) and
   the backend's usual coefficient tail (gates + Sinkhorn kernel, or DeepSeek's torch tail).
 """
@@ -85,11 +84,10 @@ class SinglePassRead(torch.autograd.Function):
         T, rows, C = state.shape
         gh = torch.zeros_like(h) if g_h is None else g_h.float().contiguous()
         gf = state.new_zeros(T, C) if g_fin is None else g_fin.contiguous()
-        dmix = torch.einsum("tjc,tc->tj", state[:, : rows - 1].float(), gf.float())  # [T, n]: the carried mix's
         g = h_res = None
         if g_link is not None and want_ds:
             g, h_res = g_link.to(state.dtype).contiguous(), hres_link.float().contiguous()
-        ds, dphi = sp_read_bwd(state, phi, h, r, gh, gf, dmix, g, h_res, want_ds, want_dphi)
+        ds, dphi = sp_read_bwd(state, phi, h, r, gh, gf, g, h_res, want_ds, want_dphi)
         return ds, dphi, None
 
 
