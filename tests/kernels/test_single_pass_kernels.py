@@ -100,3 +100,22 @@ def test_linked_single_pass_site_writes_one_gradient_that_matches_the_reference(
         [state, phi, w],
         rtol,
     )
+
+
+def test_the_audit_counts_the_single_pass_site_as_two_stream_passes_each_way():
+    """The traffic audit (meta tensors, nothing runs): forward, only the read and the write pass touch the streams;
+    backward, only the read's kernel writes a state-sized tensor (the site's one gradient: the write's backward is
+    linked to it) and no torch op reads or writes one."""
+    from scripts.bench_kernels import traffic_audit
+
+    n, C = 2, 64
+    audit = traffic_audit("mhc_single_pass", n=n, C=C, tokens=4096)
+    stream = n * C * 4  # fp32 streams, bytes per token
+    fwd, bwd = audit["forward"]["kernels"], audit["backward"]["kernels"]
+    assert [r["kernel"] for r in fwd if r["read_B_per_token"] >= stream] == [
+        "_sp_read_fwd_kernel",
+        "_sp_write_fwd_kernel",
+    ]
+    assert [r["kernel"] for r in bwd if r["written_B_per_token"] >= stream] == ["_sp_read_bwd_kernel"]
+    big_torch = [r for r in fwd + bwd if r["kernel"].startswith("aten.") and r["read_B_per_token"] >= stream / 2]
+    assert big_torch == [], big_torch
