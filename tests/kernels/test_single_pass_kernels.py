@@ -1,6 +1,6 @@
 """The single-pass arm's fused kernels (mhc_kernels/single_pass.py, ops/single_pass.py) against their torch reference
-(fp64), forward and every gradient, random upstream gradients; n = 2, 4 (8 with MHC_TRAIN_MATRIX_FULL=1), fp32 and
-bf16 streams. Interpreter-sized shapes (TRITON_INTERPRET=1 on CPU, tests/conftest.py)."""
+(fp64), forward and every gradient, random upstream gradients; n = 2, 4, 8 (16 with MHC_TRAIN_MATRIX_FULL=1), fp32
+and bf16 streams. Interpreter-sized shapes (TRITON_INTERPRET=1 on CPU, tests/conftest.py)."""
 
 import os
 
@@ -18,7 +18,7 @@ from tests.support.numerics import assert_close
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FULL = os.environ.get("MHC_TRAIN_MATRIX_FULL", "") not in ("", "0")
-SHAPES = [(9, 2, 37), (5, 4, 24)] + ([(3, 8, 19)] if FULL else [])  # (tokens, n, C): odd C, C > BLOCK_C once
+SHAPES = [(9, 2, 37), (5, 4, 24), (3, 8, 19)] + ([(4, 16, 16)] if FULL else [])  # (tokens, n, C); n = 8: 3 K tiles
 DTYPES = {"fp32": (torch.float32, 2e-5), "bf16": (torch.bfloat16, 2e-2)}  # state dtype, relative tolerance
 
 
