@@ -5,13 +5,16 @@ of it, and the `hyper-connections` package's mHC module (a public peer).
     python scripts/bench_kernels.py --shapes 4x4096x4096 demo 1.3b      # GPU: everything, plus per-kernel bandwidth
     .venv/bin/python scripts/bench_kernels.py --audit                  # any machine: memory-traffic audit only
 
-Traffic audit (`--audit`, no GPU needed): one mHC site and one HC site (backend triton, F = identity, n = 4,
-C = 4096, bf16 streams) are run on `meta` tensors; every Triton launch (its tensor arguments, as the compile gate
-records them) and every aten op that moves data (autograd's gradient sums, dtype conversions, partial sums) is
-listed with its bytes read and written per token, forward and backward, next to the minimum: spec section 6,
-(3n+1)C read and (n+1)C written forward in the stream dtype; backward [ours] (4n+2)C read and (n+1)C written (one
-kernel reads g, x, y and writes dy; one after F's backward reads dF_in, g, x and writes the single dx). Goal:
-<= 1.25x. Counted from arguments: a tile a kernel re-reads from L2 counts once. JSON:
+Traffic audit (`--audit`, no GPU needed): one mHC site, one HC site (backend triton, F = identity, n = 4,
+C = 4096, bf16 streams) and one single-pass site are run on `meta` tensors; every Triton launch (its tensor arguments,
+as the compile gate records them) and every aten op that moves data (autograd's gradient sums, dtype conversions,
+partial sums) is listed with its bytes read and written per token, forward and backward, next to the minimum: spec
+section 6, (3n+1)C read and (n+1)C written forward in the stream dtype; backward [ours] (4n+2)C read and (n+1)C
+written (one kernel reads g, x, y and writes dy; one after F's backward reads dF_in, g, x and writes the single dx).
+Goal: <= 1.25x. The single-pass site (fp32 streams, deepseek_v4 numerics, the packed [n + 1, C] state) is held to
+issue 27's forward target, (n + 1)C read and (n + 1)C written per token (<= 1.1x each: the previous site's write fused
+with this site's read), and to mHC's backward minimum plus its mix row (C) written. Counted from arguments: a tile a
+kernel re-reads from L2 counts once, and a kernel given the packed state counts all of it. JSON:
 benchmarks/results/traffic_audit.json.
 
 Per kernel (GPU only): time and effective bandwidth = minimal bytes read + written / time, as a fraction of the copy
@@ -37,6 +40,7 @@ import torch  # noqa: E402
 
 from mhc_train.config import ConnectionConfig  # noqa: E402
 from mhc_train.model.connections import HCSite, MHCSite  # noqa: E402
+from mhc_train.model.single_pass import MHCSinglePass  # noqa: E402
 
 SHAPES = {"demo": (16, 128, 192), "1.3b": (1, 4096, 2048), "4x4096x4096": (4, 4096, 4096)}  # (batch, seq, C)
 
@@ -131,9 +135,14 @@ def traffic_audit(arm: str, n: int = 4, C: int = 4096, dtype=torch.bfloat16, tok
     """Bytes per token of every launched kernel and data-moving torch op of one site, forward and backward."""
     from mhc_train.ops.audit import record
 
-    site = (MHCSite if arm == "mhc" else HCSite)(C, n, 0, ConnectionConfig(type=arm, n_streams=n, backend="triton"))
+    rows = n + 1 if arm == "mhc_single_pass" else n  # the single-pass state carries the read mix as row n
+    if arm == "mhc_single_pass":  # the arm's preset numerics; fp32 streams (it refuses bf16)
+        cfg = ConnectionConfig(type=arm, n_streams=n, backend="triton", numerics="deepseek_v4")
+        site, dtype = MHCSinglePass(cfg).site(C, 0), torch.float32
+    else:
+        site = (MHCSite if arm == "mhc" else HCSite)(C, n, 0, ConnectionConfig(type=arm, n_streams=n, backend="triton"))
     site = site.to("meta")
-    x = torch.empty(1, tokens, n, C, device="meta", dtype=dtype, requires_grad=True)
+    x = torch.empty(1, tokens, rows, C, device="meta", dtype=dtype, requires_grad=True)
     with record(torch_ops=True) as fwd:
         out = site(x, lambda h: h)
     upstream = torch.empty_like(out)
@@ -144,6 +153,12 @@ def traffic_audit(arm: str, n: int = 4, C: int = 4096, dtype=torch.bfloat16, tok
         "forward": ((3 * n + 1) * C * es, (n + 1) * C * es),
         "backward": ((4 * n + 2) * C * es, (n + 1) * C * es),
     }
+    if arm == "mhc_single_pass":  # forward: issue 27's target, (n + 1)C each way with the next site's read fused in;
+        # backward [ours]: mHC's, plus the state's mix row written (its gradient is a row of the packed state)
+        minimum = {
+            "forward": ((n + 1) * C * es, (n + 1) * C * es),
+            "backward": ((4 * n + 2) * C * es, (n + 2) * C * es),
+        }
     result = {"arm": arm, "n": n, "C": C, "stream_dtype": str(dtype), "tokens": tokens}
     for phase, launches in (("forward", fwd), ("backward", bwd)):
         rows = []
@@ -161,6 +176,8 @@ def traffic_audit(arm: str, n: int = 4, C: int = 4096, dtype=torch.bfloat16, tok
             "minimum_read_B_per_token": min_r,
             "minimum_written_B_per_token": min_w,
             "ratio_to_minimum": (read + written) / (min_r + min_w),
+            "read_to_minimum": read / min_r,
+            "written_to_minimum": written / min_w,
         }
     return result
 
@@ -168,13 +185,14 @@ def traffic_audit(arm: str, n: int = 4, C: int = 4096, dtype=torch.bfloat16, tok
 def run_audit(out: Path) -> None:
     # 4096 tokens (one sequence) and 16384 (B4 T4096, the GPU timing shape): the weight-sized terms (phi, the
     # dphi partials and their sum) are per step, so their share per token shrinks with the tokens of a step
-    sites = [traffic_audit(arm, tokens=tokens) for tokens in (4096, 16384) for arm in ("mhc", "hc")]
+    arms = ("mhc", "hc", "mhc_single_pass")
+    sites = [traffic_audit(arm, tokens=tokens) for tokens in (4096, 16384) for arm in arms]
     report = {"goal_ratio": 1.25, "sites": sites}
     for site in report["sites"]:
         for phase in ("forward", "backward"):
             ph = site[phase]
             print(
-                f"{site['arm']:3s} {phase:8s} n{site['n']} C{site['C']} {site['stream_dtype']} {site['tokens']} tokens: "
+                f"{site['arm']:15s} {phase:8s} n{site['n']} C{site['C']} {site['stream_dtype']} {site['tokens']} tokens: "
                 f"{ph['read_B_per_token']:.0f} B read + {ph['written_B_per_token']:.0f} B written per token over "
                 f"{ph['launches']} launches; minimum {ph['minimum_read_B_per_token']} + "
                 f"{ph['minimum_written_B_per_token']}: {ph['ratio_to_minimum']:.3f}x (goal <= 1.25x)"

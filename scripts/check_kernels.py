@@ -4,7 +4,7 @@ B200 (sm_100) with Triton's bundled ptxas; no GPU, no driver. Run by `make test`
     .venv/bin/python scripts/check_kernels.py                 # the full matrix, JSON to benchmarks/results/
     .venv/bin/python scripts/check_kernels.py --n 4 --arch 90 # a subset
 
-The matrix: arms mhc, mhc_identity, hc and the standalone Sinkhorn op, every autotune candidate of each launch; n in 1, 2, 4, 8, 16; C in 4096, 1280, 192 and
+The matrix: arms mhc, mhc_identity, hc, mhc_single_pass (`--arms` picks some) and the standalone Sinkhorn op, every autotune candidate of each launch; n in 1, 2, 4, 8, 16; C in 4096, 1280, 192 and
 an odd 67; fp32 and bf16 streams; both Sinkhorn backwards. Launches are recorded on `meta`
 tensors through `mhc_train.ops` (mhc_train/ops/audit.py), forward and backward, then deduplicated by what the
 compiler sees (C is a runtime argument, so most widths share a specialization). Fails (exit 1) on a compile error,
@@ -48,6 +48,9 @@ def matrix(ns, widths, dtypes):
             yield dict(arm=arm, n=n, C=C, stream_dtype=DTYPES[dt])
     for n in ns:
         yield dict(arm="sinkhorn", n=n, C=1)
+    for n, C, dt in itertools.product(ns, widths, [d for d in dtypes if d == "fp32"]):  # the single-pass arm (it
+        for tail in ("unrolled", "deepseek_v4"):  # refuses bf16 streams): fused read and write, both coefficient tails
+            yield dict(arm="mhc_single_pass", n=n, C=C, stream_dtype=DTYPES[dt], sinkhorn_backward=tail)
 
 
 def unique_launches(cases, archs):
@@ -61,8 +64,8 @@ def unique_launches(cases, archs):
         cid = "{arm}-n{n}-C{C}".format(**case) + (
             f"-{str(case['stream_dtype']).split('.')[-1]}" if "stream_dtype" in case else ""
         )
-        if case.get("sinkhorn_backward") == "implicit":
-            cid += "-implicit"
+        if case.get("sinkhorn_backward") in ("implicit", "deepseek_v4"):
+            cid += f"-{case['sinkhorn_backward']}"
         if case.get("chain") is False:
             cid += "-unchained"
         if case.get("split_backward"):
@@ -135,12 +138,16 @@ def main(argv=None) -> int:
     p.add_argument("--C", type=int, nargs="*", default=[4096, 1280, 192, 67])
     p.add_argument("--dtype", nargs="*", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--arch", type=int, nargs="*", default=[90, 100])
+    p.add_argument(
+        "--arms", nargs="*", default=None, help="only these arms (mhc mhc_identity hc sinkhorn mhc_single_pass)"
+    )
     p.add_argument("--no-cache", action="store_true", help="recompile everything (ignore ~/.cache/mhc_aot)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: one per core)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "check_kernels.json")
     args = p.parse_args(argv)
     t0 = time.time()
-    launches = unique_launches(matrix(args.n, args.C, args.dtype), args.arch)
+    cases = [c for c in matrix(args.n, args.C, args.dtype) if args.arms is None or c["arm"] in args.arms]
+    launches = unique_launches(cases, args.arch)
     reports = run_gate(launches, use_cache=not args.no_cache, jobs=args.jobs)
     print_table(reports)
     failed = [r for r in reports if not r["ok"]]

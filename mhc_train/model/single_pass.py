@@ -16,8 +16,10 @@ Notable choices:
   decode's per-token state, saved activations) moves the mix with it: `Connection.n_streams` is n + 1 here, the
   state's row count; the sites' stream count stays `connection.n_streams`. Cost: C elements per token instead of n;
   bf16 streams would round the carried mix (refused).
-- The ops are the other arms' (`SiteStep` on `connection.backend`), unlinked: each op writes its own dx (the read
-  mix is not the projection's, so the one-dx chaining of `library.Link` does not apply).
+- On the torch backend the ops are the other arms' (`SiteStep`), unlinked: each op writes its own dx (the read mix
+  is not the projection's, so the one-dx chaining of `library.Link` does not apply). On triton (n <= 16) the arm's
+  own fused ops run (`ops/single_pass.py`): one pass over the packed state reads F's input with the carried mix and
+  projects x_l; one pass writes x_{l+1} with the next mix packed; backward kernels chained to one state gradient.
 - The packing lives in the arm's step (`SinglePassStep`), so selective and full recomputation, which replay sites
   through `site.read` / `site.step.write`, run this arm unchanged. Refused at config time: bf16 streams and
   `connection.collapse` (the arm's collapse is its mix).
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from mhc_train import ops
 from mhc_train.config import ConnectionConfig
 from mhc_train.model.connections import CONNECTIONS, Collapse, Connection, MHCSite
+from mhc_train.ops.single_pass import SinglePassKernels, single_pass_write
 
 
 class SinglePassRead(ops.SiteRead):
@@ -63,14 +66,27 @@ class SinglePassStep(ops.SiteStep):
         super().__init__(backend)
         self.n = n
 
+    def fused(self, state: torch.Tensor) -> bool:
+        """Whether this call runs the arm's fused kernels (ops/single_pass.py): the triton backend within its limits."""
+        from mhc_kernels.utils import MAX_STREAMS
+
+        return self.backend(state.device).name == "triton" and self.n <= MAX_STREAMS
+
     def read(self, coefficients, state, linked: bool = True, pre: bool = True):
         x, mix = split_state(state, self.n)  # [B, T, n, C], [B, T, n]
+        if self.fused(state):  # one pass over x_l: F's input with the carried mix, and the projection
+            kernels = SinglePassKernels(self.backend(state.device), state)
+            h_pre, h_post, h_res = self.coefficients(coefficients, x, kernels)
+            return (kernels.f_in if pre else None), SinglePassRead(h_post, h_res, kernels, h_pre)
         kernels = self.kernels(x, linked=False)  # unlinked: the read mix is not this projection's (module docstring)
         h_pre, h_post, h_res = self.coefficients(coefficients, x, kernels)  # from x_l
         f_in = kernels.pre(x, mix) if pre else None  # [B, T, C]: the previous site's mix reads x_l
         return f_in, SinglePassRead(h_post, h_res, kernels, h_pre)
 
     def write(self, state, y, read: SinglePassRead, runner=None) -> torch.Tensor:
+        if isinstance(read.kernels, SinglePassKernels):  # one pass: x_{l+1} and the packed next mix
+            args = (state.contiguous(), y, read.h_post, read.h_res, read.mix, read.kernels.link)
+            return single_pass_write(*args) if runner is None else runner(single_pass_write, *args)
         args = (state[..., : self.n, :], y, read.h_post, read.h_res)
         out = read.kernels.post_res(*args) if runner is None else runner(read.kernels.post_res, *args)
         return pack_state(out, read.mix)  # [B, T, n+1, C]

@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_leaves
 from mhc_train import ops
 from mhc_train.ops import library, library_gates
 
-ARMS = ("mhc", "mhc_identity", "hc", "sinkhorn")
+ARMS = ("mhc", "mhc_identity", "hc", "sinkhorn", "mhc_single_pass")
 
 
 _ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh"}
@@ -96,6 +96,9 @@ def site_launches(
     projection, HC's gates, pre and post_res), sinkhorn (the standalone Sinkhorn op). `torch_ops=True` also records
     every aten op that moves data (as `TorchOp`s, in order with the launches): what the traffic audit counts.
     `chain=True` links the site's ops as a model site does (one dx per site); False runs each op unlinked.
+    mhc_single_pass: the arm's fused read and write on the packed state [T, n + 1, C] (`single_pass.py`), its
+    coefficient tail by `sinkhorn_backward`: unrolled (the paper's numerics: the gates + Sinkhorn kernel) or
+    `deepseek_v4` (DeepSeek's torch tail, the arm's preset); never linked.
     """
     meta = dict(device="meta")
 
@@ -103,7 +106,9 @@ def site_launches(
         return torch.empty(*shape, dtype=dtype, **meta).requires_grad_()
 
     with record(torch_ops, alternates) as fwd:
-        if arm == "sinkhorn":
+        if arm == "mhc_single_pass":
+            inputs, out = _single_pass_site(leaf, n, C, stream_dtype, tokens, t_max, sinkhorn_backward)
+        elif arm == "sinkhorn":
             inputs = [leaf(tokens, n, n)]
             out = ops.sinkhorn_knopp(inputs[0], t_max, backend="triton")
         else:
@@ -140,3 +145,19 @@ def traffic(launches) -> tuple[int, int]:
         r, w = launch.bytes_moved()
         read, written = read + r, written + w
     return read, written
+
+
+def _single_pass_site(leaf, n, C, stream_dtype, tokens, t_max, tail):
+    """(inputs, output) of one single-pass site with F = identity on the triton backend (`site_launches`)."""
+    from .single_pass import SinglePassKernels, single_pass_write
+
+    k = n * n + 2 * n
+    state, phi, alpha, bias = leaf(tokens, n + 1, C, dtype=stream_dtype), leaf(n * C, k), leaf(3), leaf(k)
+    kernels = SinglePassKernels(ops.resolve("triton", "meta"), state)
+    x = state[..., :n, :]
+    with kernels.backend.coefficient_region(x):
+        if tail == "deepseek_v4":
+            h_pre, h_post, h_res = kernels.mhc_coefficients_deepseek(x, phi, alpha, bias, t_max, 1e-6, 1e-6)
+        else:
+            h_pre, h_post, h_res = kernels.mhc_coefficients(x, phi, alpha, bias, t_max, 1e-6, tail)
+    return [state, phi, alpha, bias], single_pass_write(state, kernels.f_in, h_post, h_res, h_pre, kernels.link)

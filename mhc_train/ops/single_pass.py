@@ -1,0 +1,185 @@
+"""Single-pass (lagged) mHC's site ops on the packed state (docs/mhc.md section 10): the torch reference of the fused
+read and write, and the Triton ops (`mhc_kernels/single_pass.py`) that the arm's step runs on the triton backend.
+
+Axis legend: `...` leading token axes, n streams, C channels, K = n^2 + 2n coefficient columns. The packed state is
+[..., n + 1, C]: rows 0..n-1 the streams, row n the carried read mix in its first n channels (model/single_pass.py).
+
+- `single_pass_read_ref(state, phi, eps)` -> (F_in = m . x, h = RMSNorm(vec x) @ phi with the reordered norm)
+- `single_pass_write_ref(state, y, h_post, h_res, mix)` -> [H_res x + h_post (x) y ; the next mix, zero-padded]
+- `single_pass_read` / `single_pass_write`: the same on the kernels, one pass over the stream each (autograd
+  Functions saving their inputs, and h and r). Backward: the write's kernel reads g, x, y and writes dy, dh_post,
+  dH_res; it hands (g, H_res) through the read's link slots to the read's kernel, which writes the site's one
+  gradient of the packed state (projection term, the mix's F_in term, H_res^T g, and the mix's own gradient in row
+  n, from per-channel-block partials the kernel writes) and dphi: the other arms' one-dx chaining.
+- `SinglePassKernels`: a `SiteKernels` whose coefficient methods run the fused read (its F_in kept for the step) and
+  the backend's usual coefficient tail (gates + Sinkhorn kernel, or DeepSeek's torch tail).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .deepseek import mhc_coefficients_deepseek_ref
+from .reference import mhc_coefficients_ref, mhc_post_res_ref, mhc_pre_ref, mhc_projection_ref
+from .sinkhorn import sinkhorn_knopp_implicit
+from .step import SiteKernels
+
+
+def _split(state: torch.Tensor):
+    n = state.shape[-2] - 1
+    return state[..., :n, :], state[..., n, :n]
+
+
+def single_pass_read_ref(state: torch.Tensor, phi: torch.Tensor, eps: float):
+    """state [..., n+1, C], phi [nC, K] -> (F_in [..., C] in the state's dtype, h [..., K] in the coefficient dtype)."""
+    x, mix = _split(state)
+    return mhc_pre_ref(x, mix), mhc_projection_ref(x, phi, eps)
+
+
+def single_pass_write_ref(state, y, h_post, h_res, mix):
+    """state [..., n+1, C], y [..., C], h_post [..., n], h_res [..., n, n], mix [..., n] -> [..., n+1, C]."""
+    x, _ = _split(state)
+    out = mhc_post_res_ref(x, y, h_post, h_res)  # [..., n, C]
+    row = F.pad(mix.to(state.dtype), (0, state.shape[-1] - mix.shape[-1])).unsqueeze(-2)  # [..., 1, C]
+    return torch.cat([out, row], dim=-2)
+
+
+def _own_node(t: torch.Tensor) -> torch.Tensor:
+    """t as a view with a grad_fn of its own: the backward can ask the engine whether t's gradient is wanted in this
+    call (split backwards run input and weight gradients apart; `library.py`)."""
+    return t.view_as(t) if t.requires_grad else t
+
+
+def _slot(like: torch.Tensor, *shape, dtype) -> torch.Tensor:
+    """A link slot (`library.py`): never read, it carries the write's (g, H_res) to the read's backward."""
+    return like.new_empty((), dtype=dtype).expand(*shape)
+
+
+class SinglePassRead(torch.autograd.Function):
+    """One pass over the packed state: F_in and the projection; saves state, phi, h and r. Also returns the site's
+    link slots (g [T, n+1, C], H_res [T, n, n]): `SinglePassWrite` takes them, and its backward returns (g, H_res)
+    as their gradients, so this backward writes the state's one gradient (its own terms and H_res^T g) in one kernel."""
+
+    @staticmethod
+    def forward(ctx, state, phi, eps):
+        from mhc_kernels.single_pass import sp_read_fwd
+
+        f_in, h, r = sp_read_fwd(state, phi, eps)
+        ctx.save_for_backward(state, phi, h, r)
+        ctx.set_materialize_grads(False)
+        ctx.nodes = [t.grad_fn if t.requires_grad else None for t in (state, phi)]
+        T, rows, C = state.shape
+        slots = _slot(state, T, rows, C, dtype=state.dtype), _slot(state, T, rows - 1, rows - 1, dtype=torch.float32)
+        return f_in, h, *slots
+
+    @staticmethod
+    def backward(ctx, g_fin, g_h, g_link, hres_link):
+        from mhc_kernels.single_pass import sp_read_bwd
+
+        state, phi, h, r = ctx.saved_tensors
+        want_ds, want_dphi = (n is not None and torch._C._will_engine_execute_node(n) for n in ctx.nodes)
+        if not (want_ds or want_dphi) or (g_fin is None and g_h is None and g_link is None):
+            return None, None, None
+        T, rows, C = state.shape
+        gh = torch.zeros_like(h) if g_h is None else g_h.float().contiguous()
+        gf = state.new_zeros(T, C) if g_fin is None else g_fin.contiguous()
+        g = h_res = None
+        if g_link is not None and want_ds:
+            g, h_res = g_link.to(state.dtype).contiguous(), hres_link.float().contiguous()
+        ds, dphi = sp_read_bwd(state, phi, h, r, gh, gf, g, h_res, want_ds, want_dphi)
+        return ds, dphi, None
+
+
+class SinglePassWrite(torch.autograd.Function):
+    """One pass writing the next packed state; saves state, y, h_post, h_res. Linked (the read's slots given): its
+    backward writes no state gradient and returns (g, H_res) as the slots' gradients; unlinked: H_res^T g in torch."""
+
+    @staticmethod
+    def forward(ctx, state, y, h_post, h_res, mix, g_slot, hres_slot):
+        from mhc_kernels.single_pass import sp_write_fwd
+
+        ctx.linked = g_slot is not None
+        ctx.save_for_backward(state, y, h_post, h_res)
+        return sp_write_fwd(state, y, h_post, h_res, mix)
+
+    @staticmethod
+    def backward(ctx, g):
+        from mhc_kernels.single_pass import sp_write_bwd
+
+        state, y, h_post, h_res = ctx.saved_tensors
+        n = state.shape[1] - 1
+        g = g.contiguous()
+        dy, dhp, dhr = sp_write_bwd(state, y, h_post, g)
+        dmix = g[:, n, :n].float()
+        if ctx.linked:
+            return None, dy, dhp, dhr, dmix, g, h_res
+        ds = torch.zeros_like(state)
+        ds[:, :n] = torch.einsum("tij,tic->tjc", h_res, g[:, :n].float()).to(state.dtype)
+        return ds, dy, dhp, dhr, dmix, None, None
+
+
+def _check(state: torch.Tensor) -> None:
+    from mhc_kernels.utils import MAX_STREAMS, STREAM_DTYPES, check_tensor
+
+    check_tensor("state", state, STREAM_DTYPES)
+    n = state.shape[-2] - 1
+    if n > MAX_STREAMS or state.shape[-1] < n:
+        raise ValueError(f"the single-pass kernels take 1 <= n <= {MAX_STREAMS} and C >= n; got state {state.shape}")
+
+
+def single_pass_read(state: torch.Tensor, phi: torch.Tensor, eps: float = 1e-6):
+    """`single_pass_read_ref` on the kernel: state [..., n+1, C] (contiguous), phi [nC, K] -> (F_in, h fp32, link):
+    `link` (the slots) goes to this site's `single_pass_write`, whose backward then hands the read's backward its
+    terms (one gradient of the state per site)."""
+    lead, (rows, C) = state.shape[:-2], state.shape[-2:]
+    _check(state)
+    phi = phi if phi.dtype == torch.float32 and phi.is_contiguous() else phi.float().contiguous()
+    f_in, h, *link = SinglePassRead.apply(_own_node(state.reshape(-1, rows, C)), _own_node(phi), eps)
+    return f_in.reshape(*lead, C), h.reshape(*lead, phi.shape[1]), tuple(link)
+
+
+def single_pass_write(state, y, h_post, h_res, mix, link=None):
+    """`single_pass_write_ref` on the kernel (coefficients cast to fp32, y in any stream dtype); `link`: the site's
+    from `single_pass_read` (None: the backward writes its own gradient of the state)."""
+    lead, (rows, C) = state.shape[:-2], state.shape[-2:]
+    n = rows - 1
+    _check(state)
+    out = SinglePassWrite.apply(
+        state.reshape(-1, rows, C),
+        y.reshape(-1, C).contiguous(),
+        h_post.reshape(-1, n).float().contiguous(),
+        h_res.reshape(-1, n, n).float().contiguous(),
+        mix.reshape(-1, n).float().contiguous(),
+        *(link or (None, None)),
+    )
+    return out.reshape(*lead, rows, C)
+
+
+class SinglePassKernels(SiteKernels):
+    """The triton backend's ops for one single-pass site call: the coefficient methods project through the fused read
+    of the packed `state` (keeping F's input in `f_in`), then run the backend's coefficient tail; no link."""
+
+    def __init__(self, backend, state: torch.Tensor):
+        super().__init__(backend, linked=False)
+        self.state, self.f_in = state.contiguous(), None
+
+    def _project(self, phi, eps):
+        self.f_in, h, link = single_pass_read(self.state, phi, eps)
+        self.link = link if torch.is_grad_enabled() else None
+        return h
+
+    def mhc_coefficients(self, x, phi, alpha, bias, iters: int = 20, eps: float = 1e-6, sinkhorn_backward="unrolled"):
+        from . import library_gates
+
+        h = self._project(phi, eps)
+        if sinkhorn_backward == "implicit":
+            project = lambda v, p, e: h  # noqa: E731
+            return mhc_coefficients_ref(x, phi, alpha, bias, iters, eps, sinkhorn_knopp_implicit, project)
+        n = x.shape[-2]
+        return library_gates.mhc_gates_sinkhorn(h, alpha.float().contiguous(), bias.float().contiguous(), n, iters)
+
+    def mhc_coefficients_deepseek(self, x, phi, alpha, bias, iters: int, eps: float, hc_eps: float):
+        h = self._project(phi, eps)
+        project = lambda v, p, e: h  # noqa: E731
+        return mhc_coefficients_deepseek_ref(x, phi, alpha, bias, iters, eps, hc_eps, projection=project)

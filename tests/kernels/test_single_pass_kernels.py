@@ -1,0 +1,121 @@
+"""The single-pass arm's fused kernels (mhc_kernels/single_pass.py, ops/single_pass.py) against their torch reference
+(fp64), forward and every gradient, random upstream gradients; n = 2, 4, 8 (16 with MHC_TRAIN_MATRIX_FULL=1), fp32
+and bf16 streams. Interpreter-sized shapes (TRITON_INTERPRET=1 on CPU, tests/conftest.py)."""
+
+import os
+
+import pytest
+import torch
+
+from mhc_train.ops.single_pass import (
+    single_pass_read,
+    single_pass_read_ref,
+    single_pass_write,
+    single_pass_write_ref,
+)
+from tests.support.numerics import assert_close
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FULL = os.environ.get("MHC_TRAIN_MATRIX_FULL", "") not in ("", "0")
+SHAPES = [(9, 2, 37), (5, 4, 24), (3, 8, 19)] + ([(4, 16, 16)] if FULL else [])  # (tokens, n, C); n = 8: 3 K tiles
+DTYPES = {"fp32": (torch.float32, 2e-5), "bf16": (torch.bfloat16, 2e-2)}  # state dtype, relative tolerance
+
+
+def _rand(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype).to(DEVICE).requires_grad_()
+
+
+def _state(T, n, C, dtype):
+    """A packed state: n streams and the carried mix (a softmax-like read, zeros after channel n)."""
+    x = torch.randn(T, n, C, dtype=torch.float64)
+    mix = torch.nn.functional.pad(torch.rand(T, n, dtype=torch.float64) + 0.1, (0, C - n)).unsqueeze(1)
+    return torch.cat([x, mix], 1).to(dtype).to(DEVICE).requires_grad_()
+
+
+def _compare(kernel_fn, ref_fn, inputs, rtol):
+    """Every output and every input gradient of kernel_fn vs ref_fn in fp64 on the same (rounded) inputs."""
+    outs = kernel_fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    refs = ref_fn(*ref_inputs)
+    refs = refs if isinstance(refs, tuple) else (refs,)
+    for i, (a, b) in enumerate(zip(outs, refs)):
+        assert_close(a, b, atol=rtol * b.abs().max().item(), what=f"output {i}")
+    gs = [torch.randn(o.shape, dtype=torch.float64, device=DEVICE) for o in outs]
+    got = torch.autograd.grad(outs, inputs, [g.to(o.dtype) for g, o in zip(gs, outs)])
+    want = torch.autograd.grad(refs, ref_inputs, gs)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert_close(a, b, atol=rtol * b.abs().max().item(), what=f"grad of input {i}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=list(DTYPES))
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"T{t}-n{n}-C{c}" for t, n, c in SHAPES])
+def test_single_pass_read_matches_reference(shape, dtype):
+    """F_in = m . x with the carried mix and the projection h, from one pass over the packed state."""
+    T, n, C = shape
+    dt, rtol = DTYPES[dtype]
+    state, phi = _state(T, n, C, dt), _rand(n * C, n * n + 2 * n, scale=0.3)
+    _compare(
+        lambda s, p: single_pass_read(s, p, 1e-6)[:2], lambda s, p: single_pass_read_ref(s, p, 1e-6), [state, phi], rtol
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=list(DTYPES))
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"T{t}-n{n}-C{c}" for t, n, c in SHAPES])
+def test_single_pass_write_matches_reference(shape, dtype):
+    """x' = H_res x + h_post (x) y on rows 0..n-1, the next mix zero-padded on row n, in one pass (unlinked: the
+    backward writes its own gradient of the state)."""
+    T, n, C = shape
+    dt, rtol = DTYPES[dtype]
+    inputs = [_state(T, n, C, dt), _rand(T, C, dtype=dt), _rand(T, n), _rand(T, n, n), _rand(T, n)]
+    _compare(single_pass_write, single_pass_write_ref, inputs, rtol)
+
+
+def _site(read, write, state, phi, w):
+    """A whole single-pass site: read (F_in, h), coefficients from h (smooth stand-ins), F = tanh(F_in @ w), write."""
+    f_in, h, *link = read(state, phi, 1e-6)
+    n = state.shape[-2] - 1
+    h_pre, h_post = torch.sigmoid(h[..., :n]), 2 * torch.sigmoid(h[..., n : 2 * n])
+    h_res = torch.softmax(h[..., 2 * n :].unflatten(-1, (n, n)), -1)
+    y = torch.tanh(f_in @ w.to(f_in.dtype))
+    return write(state, y, h_post, h_res, h_pre, *link)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=list(DTYPES))
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"T{t}-n{n}-C{c}" for t, n, c in SHAPES])
+def test_linked_single_pass_site_writes_one_gradient_that_matches_the_reference(shape, dtype):
+    """The write's backward hands (g, H_res) to the read's, which writes the state's one gradient: values and the
+    gradients of the state, phi and F's weight against the reference site."""
+    T, n, C = shape
+    dt, rtol = DTYPES[dtype]
+    state, phi, w = _state(T, n, C, dt), _rand(n * C, n * n + 2 * n, scale=0.3), _rand(C, C, scale=C**-0.5)
+
+    def ref_read(s, p, eps):
+        return single_pass_read_ref(s, p, eps)
+
+    _compare(
+        lambda s, p, w: _site(single_pass_read, single_pass_write, s, p, w),
+        lambda s, p, w: _site(ref_read, single_pass_write_ref, s, p, w),
+        [state, phi, w],
+        rtol,
+    )
+
+
+def test_the_audit_counts_the_single_pass_site_as_two_stream_passes_each_way():
+    """The traffic audit (meta tensors, nothing runs): forward, only the read and the write pass touch the streams;
+    backward, only the read's kernel writes a state-sized tensor (the site's one gradient: the write's backward is
+    linked to it) and no torch op reads or writes one."""
+    from scripts.bench_kernels import traffic_audit
+
+    n, C = 2, 64
+    audit = traffic_audit("mhc_single_pass", n=n, C=C, tokens=4096)
+    stream = n * C * 4  # fp32 streams, bytes per token
+    fwd, bwd = audit["forward"]["kernels"], audit["backward"]["kernels"]
+    assert [r["kernel"] for r in fwd if r["read_B_per_token"] >= stream] == [
+        "_sp_read_fwd_kernel",
+        "_sp_write_fwd_kernel",
+    ]
+    assert [r["kernel"] for r in bwd if r["written_B_per_token"] >= stream] == ["_sp_read_bwd_kernel"]
+    big_torch = [r for r in fwd + bwd if r["kernel"].startswith("aten.") and r["read_B_per_token"] >= stream / 2]
+    assert big_torch == [], big_torch
