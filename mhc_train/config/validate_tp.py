@@ -25,8 +25,6 @@ def validate_tp(cfg: Config) -> None:
         _fail("parallel.tp", p.tp, "data parallelism with tensor parallelism is FSDP2: use parallel.engine=fsdp")
     if p.pp > 1:
         _fail("parallel.tp", p.tp, "pipeline x tensor parallelism is not built yet: set parallel.pp=1 or parallel.tp=1")
-    if p.engine == "fsdp" and p.recompute != "none":
-        _fail("parallel.recompute", p.recompute, "with tp x fsdp is not built yet: set parallel.recompute=none")
     if m.tie_embeddings:
         _fail("parallel.tp", p.tp, "tied embeddings shard differently from the head: set model.tie_embeddings=false")
     kv = m.n_kv_head or m.n_head

@@ -106,12 +106,24 @@ def _shard_compute_units(module, low, unit: dict, root_kw: dict) -> torch.nn.Mod
 def replicated_params(modules) -> list[torch.Tensor]:
     """The parameters FSDP leaves whole on every rank where it shards the others (the recompute layout, note 1):
     plain tensors next to DTensor shards. Empty where nothing is sharded (no FSDP) or everything is."""
+    params = [p for m in modules for p in m.parameters()]
+    if not any(_dp_sharded(p) for p in params):
+        return []
+    return [p for p in params if not _dp_sharded(p)]
+
+
+def _dp_sharded(p: torch.Tensor) -> bool:
+    """Whether FSDP sharded `p`: a DTensor on a mesh other than tensor parallelism's alone (under TP x FSDP the norms'
+    gains FSDP leaves out are `Replicate` DTensors over ("tp",): replicated over the data-parallel ranks)."""
     from torch.distributed.tensor import DTensor
 
-    params = [p for m in modules for p in m.parameters()]
-    if not any(isinstance(p, DTensor) for p in params):
-        return []
-    return [p for p in params if not isinstance(p, DTensor)]
+    return isinstance(p, DTensor) and p.device_mesh.mesh_dim_names != ("tp",)
+
+
+def _data_parallel_part(mesh):
+    """The data-parallel dims of an FSDP parameter's mesh: the mesh itself, or its dp part under TP x FSDP (2-D)."""
+    names = mesh.mesh_dim_names or ()
+    return mesh[tuple(n for n in names if n != "tp")] if "tp" in names else mesh
 
 
 def sync_replicated_grads(modules) -> set:
@@ -120,12 +132,11 @@ def sync_replicated_grads(modules) -> set:
     parameters it leaves out. Call once per step, after the last backward; returns those parameters (a clip counts
     them once, not once per rank)."""
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-    from torch.distributed.tensor import DTensor
 
     params = replicated_params(modules)
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [local(p.grad) for p in params if p.grad is not None]
     if grads:
-        mesh = next(p for m in modules for p in m.parameters() if isinstance(p, DTensor)).device_mesh
+        mesh = _data_parallel_part(next(p for m in modules for p in m.parameters() if _dp_sharded(p)).device_mesh)
         if mesh.size() == 1:  # a pipeline's stage sharded over one rank for its bf16 weights alone: nothing to average
             return set(params)
         flat = _flatten_dense_tensors([g.float() for g in grads])

@@ -169,7 +169,22 @@ class VocabParallelLoss:
         return _VocabParallelCE.apply(logits, targets, offset, self.group)
 
 
-# ---- the engine ------------------------------------------------------------------------------------------------
+# ---- the engines ------------------------------------------------------------------------------------------------
+class SequenceParallelDiagnostics:
+    """Engine mixin: the diagnostics' site statistics over the whole batch, not this rank's T/tp tokens (each probe's
+    coefficients gathered along T over tp before its statistics), so rank 0 logs one process's numbers."""
+
+    tp_mesh = None
+
+    def site_statistics(self, tokens: torch.Tensor, new_probe) -> dict | None:
+        def probe():
+            p = new_probe()
+            p.whole_tokens = lambda c: gather_tokens(c.contiguous(), self.tp_mesh)
+            return p
+
+        return super().site_statistics(tokens, probe)
+
+
 def clip_grads(params, limit: float) -> torch.Tensor:
     """The global pre-clip norm (`grad_norm`); every gradient scaled by min(1, limit / norm) on the device (0: never)."""
     norm = grad_norm(params)
@@ -187,7 +202,7 @@ def grad_norm(params) -> torch.Tensor:
     return torch.stack([s.reshape(()) for s in squares]).sum().sqrt()
 
 
-class TPEngine(LocalEngine):
+class TPEngine(SequenceParallelDiagnostics, LocalEngine):
     """Tensor (+ sequence) parallelism over the mesh's tp ranks, no data parallelism beyond (`parallel.engine=none`
     with world = tp): trains a tensor-parallel copy; `self.model` stays plain for rank 0's files and export. The ranks
     of a tp group read the same data slice (`data_shard` = the mesh's dp rank)."""
@@ -249,7 +264,7 @@ class TPEngine(LocalEngine):
         return [self.train_model]
 
 
-class TPFSDPEngine(FSDPEngine):
+class TPFSDPEngine(SequenceParallelDiagnostics, FSDPEngine):
     """TP x FSDP2 (2-D: `parallel.tp` > 1 with `parallel.engine=fsdp`): the plan applied to FSDPEngine's copy before
     it shards it over the data-parallel dims, so every TP parameter is a 2-D DTensor (dp_shard, tp) and the sites'
     parameters 1-D over dp_shard (their gradients summed over tp after FSDP's reduce-scatter)."""

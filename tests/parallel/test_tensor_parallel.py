@@ -19,6 +19,7 @@ import pytest
 
 from mhc_train.config import ConfigError, load_config
 from mhc_train.config.validate import validate_world
+from mhc_train.train.metrics import read_metrics
 from tests.support import launch, runs
 from tests.support.configs import run_overrides
 from tests.support.numerics import assert_close_runs
@@ -58,12 +59,26 @@ def test_trainer_tp2_matches_single_process(prepared_data, reference_runs, tmp_p
 
 @pytest.mark.slow
 def test_trainer_tp2_fsdp2_matches_single_process(prepared_data, reference_runs, tmp_path):
-    """2-D: TP2 x FSDP2 at 4 ranks (the same reference as the TP2 test)."""
-    ref, run = reference_runs(**COMMON), tmp_path / "tp2_fsdp2"
-    overrides = {**COMMON, "parallel.tp": 2, "parallel.engine": "fsdp"}
+    """2-D: TP2 x FSDP2 at 4 ranks with recompute=mhc (the FSDP units follow the recompute blocks; gradients equal the
+    plain model's, so the same reference as the TP2 test)."""
+    common = {**COMMON, "train.diag_every": 3}  # a diag step: its site statistics cover every token, as in one process
+    ref, run = reference_runs(**common), tmp_path / "tp2_fsdp2"
+    overrides = {**common, "parallel.tp": 2, "parallel.engine": "fsdp", "parallel.recompute": "mhc"}
     out = launch.run(launch.torchrun_cmd(run_overrides(prepared_data, run, **overrides), nproc=4), timeout=600)
     assert "tp x fsdp: tp=2" in out, out[-2000:]
     assert_close_runs(run, ref, 3)
+    assert_close_diag(run, ref)
+
+
+def assert_close_diag(run, ref) -> None:
+    """The diag records' site statistics (every site, every statistic) equal the reference's to fp32 rounding."""
+    (got,), (want,) = (read_metrics(d)["diag"] for d in (run, ref))
+    assert got["sites"].keys() == want["sites"].keys() and got["sites"], (got["sites"].keys(), want["sites"].keys())
+    for site, stats in want["sites"].items():
+        for key, value in stats.items():
+            mine = got["sites"][site][key]
+            assert (mine is None) == (value is None), (site, key, mine, value)
+            assert value is None or abs(mine - value) <= 1e-5 * max(1.0, abs(value)), (site, key, mine, value)
 
 
 @pytest.mark.parametrize(
