@@ -23,8 +23,8 @@ def validate_tp(cfg: Config) -> None:
         _fail("parallel.tp", p.tp, "DeepSpeed does not compose with tensor parallelism: use parallel.engine=fsdp")
     if p.engine == "ddp":
         _fail("parallel.tp", p.tp, "data parallelism with tensor parallelism is FSDP2: use parallel.engine=fsdp")
-    if p.pp > 1:
-        _fail("parallel.tp", p.tp, "pipeline x tensor parallelism is not built yet: set parallel.pp=1 or parallel.tp=1")
+    if p.pp > 1 and p.pp_schedule not in ("1f1b", "interleaved1f1b"):
+        _fail("parallel.pp_schedule", p.pp_schedule, "with tp > 1 is not built: use 1f1b or interleaved1f1b")
     if m.tie_embeddings:
         _fail("parallel.tp", p.tp, "tied embeddings shard differently from the head: set model.tie_embeddings=false")
     kv = m.n_kv_head or m.n_head

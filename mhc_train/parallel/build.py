@@ -172,7 +172,9 @@ def pipeline_stages(model: torch.nn.Module, ctx: BuildContext, plan: StagePlan) 
     """Steps 1-5 of a pipeline rank: its stages cut, recomputing, compiled and (dp > 1) sharded, still on the meta
     device when `model` is (nothing allocated: `mhc-train plan` reads what each rank will hold from here)."""
     stages = apply_pipeline_split(model, plan)  # 1.
-    # 2. apply_tp / apply_ep go here, on each stage
+    for stage in stages:  # 2. tensor + sequence parallelism on each stage (apply_ep goes here too)
+        if ctx.mesh.tp > 1:
+            apply_tp(stage, ctx.mesh.tp_mesh())
     for stage in stages:
         apply_recompute(stage, ctx)  # 3.
         apply_compile(stage, ctx)  # 4.

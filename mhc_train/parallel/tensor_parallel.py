@@ -102,6 +102,17 @@ def sum_site_grads(model: torch.nn.Module, tp_mesh) -> None:
             g.copy_(summed)
 
 
+def tp_copies(p: torch.Tensor, tp: int) -> int:
+    """How many tp ranks hold `p`'s local gradient whole: tp for a parameter replicated over tp (the sites' plain
+    tensors, FSDP's 1-D shards, the norms' `Replicate` gains), 1 for one sharded over tp (a norm sums it once)."""
+    from torch.distributed.tensor import DTensor
+
+    names = p.device_mesh.mesh_dim_names or () if isinstance(p, DTensor) else ()
+    if tp == 1 or "tp" not in names:
+        return tp
+    return tp if p.placements[names.index("tp")].is_replicate() else 1
+
+
 # ---- the loss on vocab-sharded logits -------------------------------------------------------------------------
 class _VocabParallelCE(torch.autograd.Function):
     """Sum over tokens of the cross-entropy of logits sharded along the vocabulary: local [N, V/tp] fp32, this

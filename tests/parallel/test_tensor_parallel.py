@@ -70,8 +70,24 @@ def test_trainer_tp2_fsdp2_matches_single_process(prepared_data, reference_runs,
     assert_close_diag(run, ref)
 
 
+@pytest.mark.slow
+def test_trainer_pp2_tp2_matches_single_process(prepared_data, reference_runs, tmp_path):
+    """PP2 x TP2 at 4 ranks (each stage's [B, T/tp, n, C] slice crossing the boundary) equals one process, the diag
+    step's statistics included (composed across the stages, gathered over tp)."""
+    common = {**COMMON, "train.diag_every": 3}
+    ref, run = reference_runs(**common), tmp_path / "pp2_tp2"
+    overrides = {**common, "parallel.tp": 2, "parallel.pp": 2, "parallel.pp_schedule": "1f1b"}
+    out = launch.run(launch.torchrun_cmd(run_overrides(prepared_data, run, **overrides), nproc=4), timeout=600)
+    assert "pipeline: pp=2 x tp=2" in out, out[-2000:]
+    assert_close_runs(run, ref, 3)
+    assert_close_diag(run, ref)
+
+
 def assert_close_diag(run, ref) -> None:
-    """The diag records' site statistics (every site, every statistic) equal the reference's to fp32 rounding."""
+    """The diag records' site statistics (every site, every statistic) and every step's pre-clip grad norm equal the
+    reference's to fp32 rounding."""
+    norms = [[r["grad_norm"] for r in read_metrics(d)["train"]] for d in (run, ref)]
+    assert all(abs(a - b) <= 1e-5 * b for a, b in zip(*norms)), norms
     (got,), (want,) = (read_metrics(d)["diag"] for d in (run, ref))
     assert got["sites"].keys() == want["sites"].keys() and got["sites"], (got["sites"].keys(), want["sites"].keys())
     for site, stats in want["sites"].items():
