@@ -4,10 +4,12 @@
   beside its TP copy): TP=2 equals one process loss for loss and gradient for gradient over 3 SGD steps (mHC, with
   and without recompute=mhc); no rank materialises [B, T, V] logits (a dispatch spy, checked to see them in one
   process) and the vocab-parallel loss equals the loss on the gathered logits; per-rank saved stream bytes are 1/tp
-  of tp=1's. MHC_TRAIN_TP_FULL=1 adds the residual and HC arms, recompute=full and the Triton backend (interpreter).
-- The trainer at TP2 x FSDP2 (4 ranks) equals one process: losses, val losses, every gradient of step 1, weights
-  (the tp ranks of a dp group read the same batch: the engine slices data by the mesh's dp rank, not the global
-  rank). MHC_TRAIN_TP_FULL=1 adds pure TP2 (engine=none, 2 ranks).
+  of tp=1's. MHC_TRAIN_TP_FULL=1 adds the residual and HC arms, recompute=full, the Triton backend (interpreter) and
+  a per-block compiled TP copy (train.compile, aot_eager) against eager.
+- The trainer at TP2 x FSDP2 with recompute=mhc (4 ranks) equals one process: losses, val losses, every gradient of
+  step 1, weights (the tp ranks of a dp group read the same batch: the engine slices data by the mesh's dp rank, not
+  the global rank), every pre-clip grad norm and a diag step's site statistics (gathered over tp). PP2 x TP2 (4
+  ranks, 1F1B) the same. MHC_TRAIN_TP_FULL=1 adds pure TP2 (engine=none, 2 ranks).
 - Config-time refusals, one line each (no launch).
 """
 
@@ -26,7 +28,7 @@ from tests.support.numerics import assert_close_runs
 
 FULL = os.environ.get("MHC_TRAIN_TP_FULL") == "1"
 CASES = ["mhc:torch:none", "mhc:torch:mhc", "spy", "saved"]
-FULL_CASES = ["residual:torch:none", "hc:torch:none", "hc:torch:full", "mhc:triton:none", "mhc:triton:mhc"]
+FULL_CASES = ["residual:torch:none", "hc:torch:none", "hc:torch:full", "mhc:triton:none", "mhc:triton:mhc", "compile"]
 
 
 @pytest.mark.slow
