@@ -17,6 +17,7 @@ The order (torchtitan's `parallelize_llama` shape), and why:
 Per layout:
 
     parallel.pp > 1            1 -> 3 -> 4 -> 5 (dp > 1, or bf16 at dp = 1: `stage_fsdp`) -> 6 -> 7 -> 8 (schedule)
+    parallel.pp, tp > 1        1 -> 2 (each stage) -> 3 -> 4 -> 5 -> 6 -> 7 -> 8 (3-D with dp > 1: PP x TP x FSDP2)
     parallel.engine=none/ddp   3 -> 4 -> 7 -> 8 (a built, initialised model)
     parallel.tp > 1, none      3 -> 2 -> 4 -> 7 -> 8 (TPEngine: the plan on a copy, world = tp)
     parallel.engine=fsdp       3 -> 4 -> 8 (FSDPEngine shards, materialises and builds its optimizer itself)

@@ -3,7 +3,9 @@
 - Stages are cut from the plain model by deleting what a stage does not own (blocks outside its range; the embedding
   except on the first stage; the final norm and head except on the last), so every parameter keeps its original
   name and a checkpoint does not depend on the layout.
-- One tensor crosses each stage boundary: the `[B, T, n, C]` stream state (n times the residual baseline's traffic).
+- One tensor crosses each stage boundary: the `[B, T, n, C]` stream state (n times the residual baseline's traffic);
+  under tensor + sequence parallelism (tp > 1, the plan applied to each stage) this rank's `[B, T/tp, n, C]` slice,
+  so the messages shrink by tp; the sites' gradients are summed over tp after the schedule's step.
 - Schedules: `1f1b` (one stage per rank), `interleaved1f1b` (v stages per rank), the V-shaped `zbv` and `dualpipev`
   (rank r holds stages r and 2P-1-r; micro-batches enter and leave at rank 0), or a `csv` schedule file in torch's
   compute-only format (the file decides which stages each rank holds). DualPipeV's OVERLAP_F_B actions run through our

@@ -23,7 +23,12 @@ Notable choices:
 - The loss is computed in chunks of tokens (the same cap as `chunked_lm_loss`), each chunk's logits recomputed in
   backward; max, sum of exp and the target logit are all-reduced over tp (three scalars per token).
 - Refusals (config time, `config/validate_tp.py`): heads, KV heads, the FFN width, the vocabulary and the
-  sequence must divide by tp; DeepSpeed and the pipeline with tp > 1; context parallelism.
+  sequence must divide by tp; DeepSpeed and DDP with tp > 1; the split-backward and CSV pipeline schedules with
+  tp > 1 (1F1B and interleaved 1F1B run it); context parallelism.
+- Composition: the plan is applied before recompute and FSDP2 (build.py), also to each cut pipeline stage, whose
+  boundary then carries this rank's [B, T/tp, n, C] slice. Norms' gains FSDP leaves out under recompute stay
+  `Replicate` DTensors over tp (fsdp.py averages them over dp). Diagnostics gather each site's coefficients along T
+  over tp (`SequenceParallelDiagnostics`, the pipeline's probes too): rank 0 logs one process's statistics.
 """
 
 from __future__ import annotations
