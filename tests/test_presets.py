@@ -31,6 +31,7 @@ PRESETS = {
     "pp_fsdp": ([4, 8], ["train.batch_size=16"]),
     "tp2_fsdp": ([4, 8], ["train.batch_size=8"]),
     "tp4_fsdp": ([8], ["train.batch_size=8"]),
+    "pp_tp_fsdp": ([8], ["train.batch_size=8"]),
 }
 
 
