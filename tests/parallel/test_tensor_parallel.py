@@ -141,3 +141,16 @@ def test_dcp_checkpoint_resumes_across_a_change_of_tp(prepared_data, tmp_path, f
     assert "resumed from" in train(run, second)
     tail_full, tail = runs.losses(full)[2:], runs.losses(run)
     assert len(tail) == 2 and all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(tail_full, tail)), (tail_full, tail)
+
+
+def test_plan_covers_pp_tp_fsdp_with_stage_activations_split_over_tp():
+    """`mhc-train plan` on the 3-D preset: the layout names pp x tp x dp, and a rank's activations and pipeline
+    buffers (the [micro, T/tp, n, C] slices received) are below the same pipeline's at tp = 1 (same micro-batch)."""
+    from mhc_train.plan import make_plan
+
+    base = ["model=test", "train=gpu", "train.seq_len=64", "parallel=pp_tp_fsdp", "train.grad_accum=1"]
+    tp = make_plan(load_config([*base, "train.batch_size=8"]), 8)
+    one = make_plan(load_config([*base, "train.batch_size=16", "parallel.tp=1"]), 8)
+    assert "pp=2 x tp=2 x dp=2" in tp["engine"], tp["engine"]
+    for key in ("activations", "buffers"):
+        assert tp["bytes"][key] < 0.6 * one["bytes"][key], (key, tp["bytes"], one["bytes"])
