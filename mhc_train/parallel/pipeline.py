@@ -38,7 +38,7 @@ from mhc_train.parallel.fsdp import reshard_all, sync_replicated_grads
 from mhc_train.parallel.overlap import install_overlap, issue_order
 from mhc_train.parallel.schedules import build_schedule, layer_ranges
 from mhc_train.parallel.state import full, local
-from mhc_train.parallel.tensor_parallel import gather_tokens, sum_site_grads, tp_copies
+from mhc_train.parallel.tensor_parallel import gather_tokens, match_grad_placements, sum_site_grads, tp_copies
 
 
 def keep_resharding_after_backward(module) -> None:
@@ -161,9 +161,10 @@ class PipelineEngine(Engine):
         if self.overlap is not None:
             self.overlap.finish()
         self.replicated = sync_replicated_grads(self.modules)  # FSDP's recompute layout (fsdp.py note 1)
-        if self.mesh.tp > 1:  # the connection sites' gradients, each tp rank's from its slice of the sequence
+        if self.mesh.tp > 1:  # the sites' and the norms' gradients, each tp rank's from its slice of the sequence
             for m in self.modules:
                 sum_site_grads(m, self.mesh.tp_mesh())
+                match_grad_placements(m)
         mine = torch.stack(losses).detach().float().mean() if losses else torch.zeros((), device=self.device)
         # the last stage's ranks of each replica (its tp ranks: the same loss) hold one replica's mean each
         return reduce_sum(mine, self.dist, self.device) / (self.mesh.dp * self.mesh.tp)

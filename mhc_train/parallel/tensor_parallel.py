@@ -107,6 +107,19 @@ def sum_site_grads(model: torch.nn.Module, tp_mesh) -> None:
             g.copy_(summed)
 
 
+def match_grad_placements(model: torch.nn.Module) -> None:
+    """Redistribute each DTensor gradient whose placements differ from its parameter's to the parameter's, in place:
+    DTensor leaves some `Partial` over tp (the norms' `Replicate` gains under SequenceParallel, each rank's from its
+    own tokens) or whole (the vocab-sharded embedding's), which a caller that reads local gradients (the pipeline's
+    clip) would count wrongly. The optimizer does the same redistribution on its first use of the gradient."""
+    from torch.distributed.tensor import DTensor
+
+    for p in model.parameters():
+        g = p.grad
+        if isinstance(g, DTensor) and isinstance(p, DTensor) and tuple(g.placements) != tuple(p.placements):
+            p.grad = g.redistribute(p.device_mesh, p.placements)
+
+
 def tp_copies(p: torch.Tensor, tp: int) -> int:
     """How many tp ranks hold `p`'s local gradient whole: tp for a parameter replicated over tp (the sites' plain
     tensors, FSDP's 1-D shards, the norms' `Replicate` gains), 1 for one sharded over tp (a norm sums it once)."""
