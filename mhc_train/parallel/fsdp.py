@@ -16,7 +16,8 @@ Notes:
      there. The connection sites' and the blocks' norms' parameters (phi, gates, biases, gains: small) are left out
      of FSDP (`ignored_params`): fp32, whole on every rank, given to `_SitePre` as inputs as in one process, and
      their gradients averaged over the data-parallel mesh once per step (`sync_replicated_grads`, by the engine
-     after its last backward; the clip counts them once). `full` recompute of sharded F units goes through torch's
+     after its last backward; the clip counts them once). Under TP x FSDP the norms' gains left out are `Replicate`
+     DTensors over ("tp",) (not sharded by FSDP: averaged the same way, over the dp part of the 2-D mesh). `full` recompute of sharded F units goes through torch's
      non-reentrant checkpoint (recompute.py), which re-runs F's forward and hooks in backward.
    - Split-backward schedules (ZBV, DualPipeV): per block as above under bf16 (the units kept gathered from forward
      to the weight half of the backward, which reads the parameters registered at its input half: a resharded unit
