@@ -32,6 +32,7 @@ PRESETS = {
     "tp2_fsdp": ([4, 8], ["train.batch_size=8"]),
     "tp4_fsdp": ([8], ["train.batch_size=8"]),
     "ep": ([2], ["model.ffn=moe", "model.moe.n_routed_experts=4"]),
+    "pp_tp_fsdp": ([8], ["train.batch_size=8"]),
 }
 
 

@@ -23,10 +23,8 @@ def validate_tp(cfg: Config) -> None:
         _fail("parallel.tp", p.tp, "DeepSpeed does not compose with tensor parallelism: use parallel.engine=fsdp")
     if p.engine == "ddp":
         _fail("parallel.tp", p.tp, "data parallelism with tensor parallelism is FSDP2: use parallel.engine=fsdp")
-    if p.pp > 1:
-        _fail("parallel.tp", p.tp, "pipeline x tensor parallelism is not built yet: set parallel.pp=1 or parallel.tp=1")
-    if p.engine == "fsdp" and p.recompute != "none":
-        _fail("parallel.recompute", p.recompute, "with tp x fsdp is not built yet: set parallel.recompute=none")
+    if p.pp > 1 and p.pp_schedule not in ("1f1b", "interleaved1f1b"):
+        _fail("parallel.pp_schedule", p.pp_schedule, "with tp > 1 is not built: use 1f1b or interleaved1f1b")
     if m.attention != "gqa" or m.ffn != "dense" or p.ep > 1:
         _fail("parallel.tp", p.tp, f"the tensor-parallel plan covers GQA attention and the dense FFN (this model: "
               f"attention={m.attention}, ffn={m.ffn}, parallel.ep={p.ep}): set parallel.tp=1")  # fmt: skip

@@ -16,7 +16,8 @@ Notes:
      there. The connection sites' and the blocks' norms' parameters (phi, gates, biases, gains: small) are left out
      of FSDP (`ignored_params`): fp32, whole on every rank, given to `_SitePre` as inputs as in one process, and
      their gradients averaged over the data-parallel mesh once per step (`sync_replicated_grads`, by the engine
-     after its last backward; the clip counts them once). `full` recompute of sharded F units goes through torch's
+     after its last backward; the clip counts them once). Under TP x FSDP the norms' gains left out are `Replicate`
+     DTensors over ("tp",) (not sharded by FSDP: averaged the same way, over the dp part of the 2-D mesh). `full` recompute of sharded F units goes through torch's
      non-reentrant checkpoint (recompute.py), which re-runs F's forward and hooks in backward.
    - Split-backward schedules (ZBV, DualPipeV): per block as above under bf16 (the units kept gathered from forward
      to the weight half of the backward, which reads the parameters registered at its input half: a resharded unit
@@ -113,12 +114,24 @@ def _shard_compute_units(module, low, unit: dict, root_kw: dict) -> torch.nn.Mod
 def replicated_params(modules) -> list[torch.Tensor]:
     """The parameters FSDP leaves whole on every rank where it shards the others (the recompute layout, note 1):
     plain tensors next to DTensor shards. Empty where nothing is sharded (no FSDP) or everything is."""
+    params = [p for m in modules for p in m.parameters()]
+    if not any(_dp_sharded(p) for p in params):
+        return []
+    return [p for p in params if not _dp_sharded(p)]
+
+
+def _dp_sharded(p: torch.Tensor) -> bool:
+    """Whether FSDP sharded `p`: a DTensor on a mesh other than tensor parallelism's alone (under TP x FSDP the norms'
+    gains FSDP leaves out are `Replicate` DTensors over ("tp",): replicated over the data-parallel ranks)."""
     from torch.distributed.tensor import DTensor
 
-    params = [p for m in modules for p in m.parameters()]
-    if not any(isinstance(p, DTensor) for p in params):
-        return []
-    return [p for p in params if not isinstance(p, DTensor)]
+    return isinstance(p, DTensor) and p.device_mesh.mesh_dim_names != ("tp",)
+
+
+def _data_parallel_part(mesh):
+    """The data-parallel dims of an FSDP parameter's mesh: the mesh itself, or its dp part under TP x FSDP (2-D)."""
+    names = mesh.mesh_dim_names or ()
+    return mesh[tuple(n for n in names if n != "tp")] if "tp" in names else mesh
 
 
 def sync_replicated_grads(modules) -> set:
@@ -127,12 +140,11 @@ def sync_replicated_grads(modules) -> set:
     parameters it leaves out. Call once per step, after the last backward; returns those parameters (a clip counts
     them once, not once per rank)."""
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-    from torch.distributed.tensor import DTensor
 
     params = replicated_params(modules)
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [local(p.grad) for p in params if p.grad is not None]
     if grads:
-        mesh = next(p for m in modules for p in m.parameters() if isinstance(p, DTensor)).device_mesh
+        mesh = _data_parallel_part(next(p for m in modules for p in m.parameters() if _dp_sharded(p)).device_mesh)
         if mesh.size() == 1:  # a pipeline's stage sharded over one rank for its bf16 weights alone: nothing to average
             return set(params)
         flat = _flatten_dense_tensors([g.float() for g in grads])

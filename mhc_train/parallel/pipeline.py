@@ -3,7 +3,9 @@
 - Stages are cut from the plain model by deleting what a stage does not own (blocks outside its range; the embedding
   except on the first stage; the final norm and head except on the last), so every parameter keeps its original
   name and a checkpoint does not depend on the layout.
-- One tensor crosses each stage boundary: the `[B, T, n, C]` stream state (n times the residual baseline's traffic).
+- One tensor crosses each stage boundary: the `[B, T, n, C]` stream state (n times the residual baseline's traffic);
+  under tensor + sequence parallelism (tp > 1, the plan applied to each stage) this rank's `[B, T/tp, n, C]` slice,
+  so the messages shrink by tp; the sites' gradients are summed over tp after the schedule's step.
 - Schedules: `1f1b` (one stage per rank), `interleaved1f1b` (v stages per rank), the V-shaped `zbv` and `dualpipev`
   (rank r holds stages r and 2P-1-r; micro-batches enter and leave at rank 0), or a `csv` schedule file in torch's
   compute-only format (the file decides which stages each rank holds). DualPipeV's OVERLAP_F_B actions run through our
@@ -36,6 +38,7 @@ from mhc_train.parallel.fsdp import reshard_all, sync_replicated_grads
 from mhc_train.parallel.overlap import install_overlap, issue_order
 from mhc_train.parallel.schedules import build_schedule, layer_ranges
 from mhc_train.parallel.state import full, local
+from mhc_train.parallel.tensor_parallel import gather_tokens, match_grad_placements, sum_site_grads, tp_copies
 
 
 def keep_resharding_after_backward(module) -> None:
@@ -124,8 +127,9 @@ class PipelineEngine(Engine):
         ids = [st.stage_index for st in self.stages]
         hsdp = f", HSDP {self.mesh.dp_replicate} x {self.mesh.dp_shard}" if self.mesh.dp_replicate > 1 else ""
         dp = f" x dp={self.mesh.dp} (FSDP2 per stage{hsdp})" if self.mesh.dp > 1 else ""
+        tp = f" x tp={self.mesh.tp}" if self.mesh.tp > 1 else ""
         return (
-            f"pipeline: pp={self.mesh.pp}{dp}; rank {self.dist.rank} runs stages {ids} and holds {held:,} of "
+            f"pipeline: pp={self.mesh.pp}{tp}{dp}; rank {self.dist.rank} runs stages {ids} and holds {held:,} of "
             f"{total:,} parameter elements"
         )
 
@@ -157,8 +161,13 @@ class PipelineEngine(Engine):
         if self.overlap is not None:
             self.overlap.finish()
         self.replicated = sync_replicated_grads(self.modules)  # FSDP's recompute layout (fsdp.py note 1)
+        if self.mesh.tp > 1:  # the sites' and the norms' gradients, each tp rank's from its slice of the sequence
+            for m in self.modules:
+                sum_site_grads(m, self.mesh.tp_mesh())
+                match_grad_placements(m)
         mine = torch.stack(losses).detach().float().mean() if losses else torch.zeros((), device=self.device)
-        return reduce_sum(mine, self.dist, self.device) / self.mesh.dp  # one rank per replica holds the last stage
+        # the last stage's ranks of each replica (its tp ranks: the same loss) hold one replica's mean each
+        return reduce_sum(mine, self.dist, self.device) / (self.mesh.dp * self.mesh.tp)
 
     def report(self) -> str:
         """What the overlapped F/B pairs did so far on this rank (empty without our OVERLAP_F_B)."""
@@ -182,7 +191,7 @@ class PipelineEngine(Engine):
         for p, g in zip(self.params_with_grad(), grads):
             # every rank adds its local squares and the world sums them: a replicated gradient sits whole on each of
             # its dp ranks, a shard on each of its dp_replicate ranks (HSDP), so each is counted once
-            copies = self.mesh.dp if p in replicated else self.mesh.dp_replicate
+            copies = (self.mesh.dp if p in replicated else self.mesh.dp_replicate) * tp_copies(p, self.mesh.tp)
             sq += g.double().square().sum() / copies
         all_reduce_sum_(sq, self.dist)
         norm = sq.sqrt().reshape(())
@@ -209,7 +218,7 @@ class PipelineEngine(Engine):
             per = x.shape[0] // self.mesh.dp
             rows = slice(self.mesh.dp_rank * per, (self.mesh.dp_rank + 1) * per)
             x, y = self.to_device(x[rows]), self.to_device(y[rows])
-            state_shape = (*x.shape, self.model.conn.n_streams, self.model.cfg.dim)
+            state_shape = (x.shape[0], x.shape[1] // self.mesh.tp, self.model.conn.n_streams, self.model.cfg.dim)
             h = x
             for s in range(self.n_stages):
                 if owner[s] != me:
@@ -225,7 +234,7 @@ class PipelineEngine(Engine):
         for m in self.modules:
             m.train()
         reshard_all(self.modules)  # FSDP2 per stage (dp > 1): back to the shards the optimizer steps
-        return sum_across_ranks(total, self.dist, self.device) / (self.mesh.dp * len(batches))
+        return sum_across_ranks(total, self.dist, self.device) / (self.mesh.dp * self.mesh.tp * len(batches))
 
     def site_statistics(self, tokens: torch.Tensor, new_probe) -> dict | None:
         """The diagnostics through the stages where they live, like `evaluate`: every data-parallel replica takes the
@@ -238,7 +247,8 @@ class PipelineEngine(Engine):
         stream_dtype = self.model.stream_dtype or torch.float32
         x = self.to_device(tokens)
         n, k = self.model.conn.n_streams, self.model.conn_cfg.n_streams  # state rows; H_res is k x k (single-pass: n-1)
-        state_shape, comp_shape = (*x.shape, n, self.model.cfg.dim), (*x.shape, k, k)
+        # sequence parallel (tp > 1): this rank's [B, T/tp, n, C] slice crosses; the probes gather the coefficients
+        state_shape, comp_shape = (x.shape[0], x.shape[1] // self.mesh.tp, n, self.model.cfg.dim), (*x.shape, k, k)
         probes, h, prefix = {}, x, None
         try:
             for s in [s for s in range(self.n_stages) if owner[s] == me]:
@@ -246,6 +256,8 @@ class PipelineEngine(Engine):
                     h = recv_from(state_shape, stream_dtype, self.device, owner[s - 1], self.group)
                     prefix = recv_from(comp_shape, torch.float64, self.device, owner[s - 1], self.group)
                 probes[s] = new_probe()
+                if self.mesh.tp > 1:
+                    probes[s].whole_tokens = lambda c: gather_tokens(c.contiguous(), self.mesh.tp_mesh())
                 with probes[s].capture(module_of[s]), plain_blocks(module_of[s]), self.autocast():
                     h = module_of[s](h)
                 prefix = probes[s].forward(prefix)

@@ -23,7 +23,12 @@ Notable choices:
 - The loss is computed in chunks of tokens (the same cap as `chunked_lm_loss`), each chunk's logits recomputed in
   backward; max, sum of exp and the target logit are all-reduced over tp (three scalars per token).
 - Refusals (config time, `config/validate_tp.py`): heads, KV heads, the FFN width, the vocabulary and the
-  sequence must divide by tp; DeepSpeed and the pipeline with tp > 1; context parallelism.
+  sequence must divide by tp; DeepSpeed and DDP with tp > 1; the split-backward and CSV pipeline schedules with
+  tp > 1 (1F1B and interleaved 1F1B run it); context parallelism.
+- Composition: the plan is applied before recompute and FSDP2 (build.py), also to each cut pipeline stage, whose
+  boundary then carries this rank's [B, T/tp, n, C] slice. Norms' gains FSDP leaves out under recompute stay
+  `Replicate` DTensors over tp (fsdp.py averages them over dp). Diagnostics gather each site's coefficients along T
+  over tp (`SequenceParallelDiagnostics`, the pipeline's probes too): rank 0 logs one process's statistics.
 """
 
 from __future__ import annotations
@@ -102,6 +107,30 @@ def sum_site_grads(model: torch.nn.Module, tp_mesh) -> None:
             g.copy_(summed)
 
 
+def match_grad_placements(model: torch.nn.Module) -> None:
+    """Redistribute each DTensor gradient whose placements differ from its parameter's to the parameter's, in place:
+    DTensor leaves some `Partial` over tp (the norms' `Replicate` gains under SequenceParallel, each rank's from its
+    own tokens) or whole (the vocab-sharded embedding's), which a caller that reads local gradients (the pipeline's
+    clip) would count wrongly. The optimizer does the same redistribution on its first use of the gradient."""
+    from torch.distributed.tensor import DTensor
+
+    for p in model.parameters():
+        g = p.grad
+        if isinstance(g, DTensor) and isinstance(p, DTensor) and tuple(g.placements) != tuple(p.placements):
+            p.grad = g.redistribute(p.device_mesh, p.placements)
+
+
+def tp_copies(p: torch.Tensor, tp: int) -> int:
+    """How many tp ranks hold `p`'s local gradient whole: tp for a parameter replicated over tp (the sites' plain
+    tensors, FSDP's 1-D shards, the norms' `Replicate` gains), 1 for one sharded over tp (a norm sums it once)."""
+    from torch.distributed.tensor import DTensor
+
+    names = p.device_mesh.mesh_dim_names or () if isinstance(p, DTensor) else ()
+    if tp == 1 or "tp" not in names:
+        return tp
+    return tp if p.placements[names.index("tp")].is_replicate() else 1
+
+
 # ---- the loss on vocab-sharded logits -------------------------------------------------------------------------
 class _VocabParallelCE(torch.autograd.Function):
     """Sum over tokens of the cross-entropy of logits sharded along the vocabulary: local [N, V/tp] fp32, this
@@ -169,7 +198,22 @@ class VocabParallelLoss:
         return _VocabParallelCE.apply(logits, targets, offset, self.group)
 
 
-# ---- the engine ------------------------------------------------------------------------------------------------
+# ---- the engines ------------------------------------------------------------------------------------------------
+class SequenceParallelDiagnostics:
+    """Engine mixin: the diagnostics' site statistics over the whole batch, not this rank's T/tp tokens (each probe's
+    coefficients gathered along T over tp before its statistics), so rank 0 logs one process's numbers."""
+
+    tp_mesh = None
+
+    def site_statistics(self, tokens: torch.Tensor, new_probe) -> dict | None:
+        def probe():
+            p = new_probe()
+            p.whole_tokens = lambda c: gather_tokens(c.contiguous(), self.tp_mesh)
+            return p
+
+        return super().site_statistics(tokens, probe)
+
+
 def clip_grads(params, limit: float) -> torch.Tensor:
     """The global pre-clip norm (`grad_norm`); every gradient scaled by min(1, limit / norm) on the device (0: never)."""
     norm = grad_norm(params)
@@ -187,7 +231,7 @@ def grad_norm(params) -> torch.Tensor:
     return torch.stack([s.reshape(()) for s in squares]).sum().sqrt()
 
 
-class TPEngine(LocalEngine):
+class TPEngine(SequenceParallelDiagnostics, LocalEngine):
     """Tensor (+ sequence) parallelism over the mesh's tp ranks, no data parallelism beyond (`parallel.engine=none`
     with world = tp): trains a tensor-parallel copy; `self.model` stays plain for rank 0's files and export. The ranks
     of a tp group read the same data slice (`data_shard` = the mesh's dp rank)."""
@@ -249,7 +293,7 @@ class TPEngine(LocalEngine):
         return [self.train_model]
 
 
-class TPFSDPEngine(FSDPEngine):
+class TPFSDPEngine(SequenceParallelDiagnostics, FSDPEngine):
     """TP x FSDP2 (2-D: `parallel.tp` > 1 with `parallel.engine=fsdp`): the plan applied to FSDPEngine's copy before
     it shards it over the data-parallel dims, so every TP parameter is a 2-D DTensor (dp_shard, tp) and the sites'
     parameters 1-D over dp_shard (their gradients summed over tp after FSDP's reduce-scatter)."""

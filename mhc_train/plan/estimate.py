@@ -125,7 +125,9 @@ def rank_memory(cfg: Config, world: int, rank: int, pp_rank: int = 0) -> tuple[d
         saved = sum(tr.saved for tr in traces) / len(traces)
         saved_copies = sum(tr.saved_copies for tr in traces) / len(traces)
         worst = max(traces, key=lambda tr: tr.peak)
-        acts = (k - 1) * saved + worst.peak
+        acts = (k - 1) * tp_activations(cfg, saved, micro, amp, per_stage) + tp_activations(
+            cfg, worst.peak, micro, amp, per_stage
+        )
         copies = (k - 1) * saved_copies + worst.peak_copies
         boundary = _pipeline_buffers(cfg, lay, m, micro, amp)
     else:
@@ -141,29 +143,33 @@ def rank_memory(cfg: Config, world: int, rank: int, pp_rank: int = 0) -> tuple[d
     return terms, lay
 
 
-def tp_activations(cfg: Config, traced: float, micro: int, amp) -> float:
+def tp_activations(cfg: Config, traced: float, micro: int, amp, layers: int | None = None) -> float:
     """Assumption 6: a rank's activations under tensor + sequence parallelism, from the tp = 1 trace: everything
     divides by tp (the stream state and the norms along T, heads and the FFN width, the logits along V), except each
-    sub-layer's all-gathered input [micro, T, C], which the column-parallel GEMMs keep whole for their backward."""
+    sub-layer's all-gathered input [micro, T, C], which the column-parallel GEMMs keep whole for their backward.
+    `layers`: the blocks the trace covers (a pipeline stage's; default the whole model's)."""
     tp = cfg.parallel.tp
     if tp == 1:
         return traced
-    gathered = 2 * cfg.model.n_layer * micro * cfg.train.seq_len * cfg.model.dim * _bytes(amp or torch.float32)
+    gathered = (
+        2 * (layers or cfg.model.n_layer) * micro * cfg.train.seq_len * cfg.model.dim * _bytes(amp or torch.float32)
+    )
     return traced / tp + gathered * (1 - 1 / tp)
 
 
 def _pipeline_buffers(cfg: Config, lay: Layout, m: int, micro: int, amp) -> float:
     """torch.distributed.pipelining's per-micro-batch buffers, kept across steps: a receive buffer for each
     micro-batch's input (every stage but the first) and for its output gradient (every stage but the last), each
-    `[micro, T, n, C]`; the last stage keeps every micro-batch's logits for the step's merged output."""
-    t = cfg.train
+    `[micro, T, n, C]`; the last stage keeps every micro-batch's logits for the step's merged output. Under tensor
+    parallelism both are 1/tp (the stream's [micro, T/tp, n, C] slice crosses, the logits are vocab-sharded)."""
+    t, tp = cfg.train, cfg.parallel.tp
     stream = 2 if cfg.model.stream_dtype == "bf16" else 4
-    per = micro * t.seq_len * cfg.connection.n_streams * cfg.model.dim * stream
+    per = micro * t.seq_len * cfg.connection.n_streams * cfg.model.dim * stream / tp
     total = 0.0
     for s in lay.stage_ids:
         total += m * per * ((s != 0) + (s != lay.n_stages - 1))
         if s == lay.n_stages - 1:
-            total += m * micro * t.seq_len * cfg.model.vocab_size * (2 if amp is not None else 4)
+            total += m * micro * t.seq_len * cfg.model.vocab_size * (2 if amp is not None else 4) / tp
     return total
 
 
@@ -186,6 +192,7 @@ def describe(cfg: Config, lay: Layout, world: int, rank: int) -> str:
     p = cfg.parallel
     if lay.engine == "pipeline":
         dp = f" x dp={lay.dp} (FSDP2 per stage)" if lay.dp > 1 else ""
+        dp = (f" x tp={p.tp}" if p.tp > 1 else "") + dp
         head = f"pipeline {p.pp_schedule}: pp={lay.pp}{dp}; rank {rank} runs stages {lay.stage_ids}"
         return f"{head}; holds {lay.held_numel:,} of {lay.total_numel:,} parameter elements"
     if lay.engine == "fsdp":

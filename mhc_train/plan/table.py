@@ -12,7 +12,7 @@ from __future__ import annotations
 from mhc_train.config import ConfigError, load_config
 from mhc_train.plan.estimate import make_plan
 
-PRESETS = ("ddp", "zero1", "zero2", "zero3", "fsdp", "fsdp_recompute", "pp_fsdp", "tp2_fsdp", "tp4_fsdp")
+PRESETS = ("ddp", "zero1", "zero2", "zero3", "fsdp", "fsdp_recompute", "pp_fsdp", "tp2_fsdp", "tp4_fsdp", "pp_tp_fsdp")
 MARK_START, MARK_END = "<!-- plan-table:start -->", "<!-- plan-table:end -->"
 
 
@@ -21,7 +21,7 @@ def overrides(model: str, preset: str, world: int) -> list[str]:
     cfg = load_config([f"parallel={preset}"])
     if cfg.parallel.pp > 1:
         m = cfg.parallel.pp_microbatches or 2 * cfg.parallel.pp
-        batch = world // cfg.parallel.pp * m
+        batch = world // (cfg.parallel.pp * cfg.parallel.tp) * m  # the data-parallel ranks x micro-batches
         return [f"model={model}", "train=gpu", f"parallel={preset}", f"train.batch_size={batch}", "train.grad_accum=1"]
     dp = max(1, world // cfg.parallel.tp)  # the tp ranks of a data-parallel group share its sequence
     return [f"model={model}", "train=gpu", f"parallel={preset}", f"train.batch_size={dp}"]

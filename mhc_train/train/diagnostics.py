@@ -64,6 +64,9 @@ class SiteProbe:
         self._coeffs: dict[str, tuple] = {}
         self._h_res: list[tuple[str, torch.Tensor]] = []
         self._order: list[tuple[str, torch.nn.Module]] = []
+        # sequence parallelism: this rank's coefficients [B, T/tp, ...] -> every token's [B, T, ...] (a collective),
+        # set by the tensor-parallel engines so that the statistics cover the whole batch; None: the tokens are whole
+        self.whole_tokens = None
 
     @contextlib.contextmanager
     def capture(self, module):
@@ -71,6 +74,8 @@ class SiteProbe:
 
         def keep(name, site, x):
             coeffs = site.coefficients(x)  # n from h_pre: a single-pass state carries one row more than n
+            if self.whole_tokens is not None:
+                coeffs = tuple(c if c is None else self.whole_tokens(c) for c in coeffs)
             self._coeffs[name] = (*coeffs, coeffs[0].shape[-1])
 
         handles = [

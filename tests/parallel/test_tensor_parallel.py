@@ -4,10 +4,12 @@
   beside its TP copy): TP=2 equals one process loss for loss and gradient for gradient over 3 SGD steps (mHC, with
   and without recompute=mhc); no rank materialises [B, T, V] logits (a dispatch spy, checked to see them in one
   process) and the vocab-parallel loss equals the loss on the gathered logits; per-rank saved stream bytes are 1/tp
-  of tp=1's. MHC_TRAIN_TP_FULL=1 adds the residual and HC arms, recompute=full and the Triton backend (interpreter).
-- The trainer at TP2 x FSDP2 (4 ranks) equals one process: losses, val losses, every gradient of step 1, weights
-  (the tp ranks of a dp group read the same batch: the engine slices data by the mesh's dp rank, not the global
-  rank). MHC_TRAIN_TP_FULL=1 adds pure TP2 (engine=none, 2 ranks).
+  of tp=1's. MHC_TRAIN_TP_FULL=1 adds the residual and HC arms, recompute=full, the Triton backend (interpreter) and
+  a per-block compiled TP copy (train.compile, aot_eager) against eager.
+- The trainer at TP2 x FSDP2 with recompute=mhc (4 ranks) equals one process: losses, val losses, every gradient of
+  step 1, weights (the tp ranks of a dp group read the same batch: the engine slices data by the mesh's dp rank, not
+  the global rank), every pre-clip grad norm and a diag step's site statistics (gathered over tp). PP2 x TP2 (4
+  ranks, 1F1B) the same. MHC_TRAIN_TP_FULL=1 adds pure TP2 (engine=none, 2 ranks).
 - Config-time refusals, one line each (no launch).
 """
 
@@ -19,13 +21,14 @@ import pytest
 
 from mhc_train.config import ConfigError, load_config
 from mhc_train.config.validate import validate_world
+from mhc_train.train.metrics import read_metrics
 from tests.support import launch, runs
 from tests.support.configs import run_overrides
 from tests.support.numerics import assert_close_runs
 
 FULL = os.environ.get("MHC_TRAIN_TP_FULL") == "1"
 CASES = ["mhc:torch:none", "mhc:torch:mhc", "spy", "saved"]
-FULL_CASES = ["residual:torch:none", "hc:torch:none", "hc:torch:full", "mhc:triton:none", "mhc:triton:mhc"]
+FULL_CASES = ["residual:torch:none", "hc:torch:none", "hc:torch:full", "mhc:triton:none", "mhc:triton:mhc", "compile"]
 
 
 @pytest.mark.slow
@@ -58,12 +61,42 @@ def test_trainer_tp2_matches_single_process(prepared_data, reference_runs, tmp_p
 
 @pytest.mark.slow
 def test_trainer_tp2_fsdp2_matches_single_process(prepared_data, reference_runs, tmp_path):
-    """2-D: TP2 x FSDP2 at 4 ranks (the same reference as the TP2 test)."""
-    ref, run = reference_runs(**COMMON), tmp_path / "tp2_fsdp2"
-    overrides = {**COMMON, "parallel.tp": 2, "parallel.engine": "fsdp"}
+    """2-D: TP2 x FSDP2 at 4 ranks with recompute=mhc (the FSDP units follow the recompute blocks; gradients equal the
+    plain model's, so the same reference as the TP2 test)."""
+    common = {**COMMON, "train.diag_every": 3}  # a diag step: its site statistics cover every token, as in one process
+    ref, run = reference_runs(**common), tmp_path / "tp2_fsdp2"
+    overrides = {**common, "parallel.tp": 2, "parallel.engine": "fsdp", "parallel.recompute": "mhc"}
     out = launch.run(launch.torchrun_cmd(run_overrides(prepared_data, run, **overrides), nproc=4), timeout=600)
     assert "tp x fsdp: tp=2" in out, out[-2000:]
     assert_close_runs(run, ref, 3)
+    assert_close_diag(run, ref)
+
+
+@pytest.mark.slow
+def test_trainer_pp2_tp2_matches_single_process(prepared_data, reference_runs, tmp_path):
+    """PP2 x TP2 at 4 ranks (each stage's [B, T/tp, n, C] slice crossing the boundary) equals one process, the diag
+    step's statistics included (composed across the stages, gathered over tp)."""
+    common = {**COMMON, "train.diag_every": 3}
+    ref, run = reference_runs(**common), tmp_path / "pp2_tp2"
+    overrides = {**common, "parallel.tp": 2, "parallel.pp": 2, "parallel.pp_schedule": "1f1b"}
+    out = launch.run(launch.torchrun_cmd(run_overrides(prepared_data, run, **overrides), nproc=4), timeout=600)
+    assert "pipeline: pp=2 x tp=2" in out, out[-2000:]
+    assert_close_runs(run, ref, 3)
+    assert_close_diag(run, ref)
+
+
+def assert_close_diag(run, ref) -> None:
+    """The diag records' site statistics (every site, every statistic) and every step's pre-clip grad norm equal the
+    reference's to fp32 rounding."""
+    norms = [[r["grad_norm"] for r in read_metrics(d)["train"]] for d in (run, ref)]
+    assert all(abs(a - b) <= 1e-5 * b for a, b in zip(*norms)), norms
+    (got,), (want,) = (read_metrics(d)["diag"] for d in (run, ref))
+    assert got["sites"].keys() == want["sites"].keys() and got["sites"], (got["sites"].keys(), want["sites"].keys())
+    for site, stats in want["sites"].items():
+        for key, value in stats.items():
+            mine = got["sites"][site][key]
+            assert (mine is None) == (value is None), (site, key, mine, value)
+            assert value is None or abs(mine - value) <= 1e-5 * max(1.0, abs(value)), (site, key, mine, value)
 
 
 @pytest.mark.parametrize(
@@ -72,7 +105,7 @@ def test_trainer_tp2_fsdp2_matches_single_process(prepared_data, reference_runs,
         ({"parallel.tp": 3}, "must divide model.n_head=4"),
         ({"parallel.tp": 2, "parallel.engine": "deepspeed"}, "DeepSpeed does not compose"),
         ({"parallel.cp": 2}, "context parallelism is not built"),
-        ({"parallel.tp": 2, "parallel.pp": 2}, "pipeline x tensor parallelism"),
+        ({"parallel.tp": 2, "parallel.pp": 2, "parallel.pp_schedule": "zbv"}, "with tp > 1 is not built"),
     ],
 )
 def test_tp_refusals_are_one_line(overrides, needle):
@@ -108,3 +141,16 @@ def test_dcp_checkpoint_resumes_across_a_change_of_tp(prepared_data, tmp_path, f
     assert "resumed from" in train(run, second)
     tail_full, tail = runs.losses(full)[2:], runs.losses(run)
     assert len(tail) == 2 and all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(tail_full, tail)), (tail_full, tail)
+
+
+def test_plan_covers_pp_tp_fsdp_with_stage_activations_split_over_tp():
+    """`mhc-train plan` on the 3-D preset: the layout names pp x tp x dp, and a rank's activations and pipeline
+    buffers (the [micro, T/tp, n, C] slices received) are below the same pipeline's at tp = 1 (same micro-batch)."""
+    from mhc_train.plan import make_plan
+
+    base = ["model=test", "train=gpu", "train.seq_len=64", "parallel=pp_tp_fsdp", "train.grad_accum=1"]
+    tp = make_plan(load_config([*base, "train.batch_size=8"]), 8)
+    one = make_plan(load_config([*base, "train.batch_size=16", "parallel.tp=1"]), 8)
+    assert "pp=2 x tp=2 x dp=2" in tp["engine"], tp["engine"]
+    for key in ("activations", "buffers"):
+        assert tp["bytes"][key] < 0.6 * one["bytes"][key], (key, tp["bytes"], one["bytes"])

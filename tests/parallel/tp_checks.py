@@ -5,7 +5,8 @@ the plain model and its TP=2 copy from the same seed, so the one-process referen
 
 Cases: `arm:backend:recompute` (e.g. mhc:torch:none): 3 SGD steps, loss for loss and gradient for gradient;
 `spy` (no rank materialises [B, T, V] logits; the loss equals the gathered loss); `saved` (per-rank saved bytes of the
-stream state are 1/tp of tp=1's). Prints `PASS <case>` per case; any mismatch raises (non-zero exit).
+stream state are 1/tp of tp=1's); `compile` (a per-block compiled TP copy, aot_eager, equals the eager one process for
+2 steps). Prints `PASS <case>` per case; any mismatch raises (non-zero exit).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mhc_train.config import ConnectionConfig, ModelConfig
 from mhc_train.model.transformer import build_model
 from mhc_train.parallel import tensor_parallel
+from mhc_train.parallel.compile import apply_compile
 from mhc_train.parallel.recompute import apply_recompute
 from mhc_train.parallel.state import full
 from mhc_train.parallel.tensor_parallel import VocabParallelLoss, apply_tp, gather_tokens, sum_site_grads
@@ -41,11 +43,14 @@ def batch(step: int):
     return torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g)
 
 
-def check_steps(mesh, arm: str, backend: str, recompute: str, steps: int = 3) -> None:
+def check_steps(mesh, arm: str, backend: str, recompute: str, steps: int = 3, compiled: bool = False) -> None:
     ref = build(arm, backend)
     tp = apply_tp(copy.deepcopy(ref), mesh)
     for m in (ref, tp):
         apply_recompute(m, recompute)
+    if compiled:  # train.compile's per-block regions on the TP copy (aot_eager: Inductor's C++ build costs minutes)
+        apply_compile(tp, backend="aot_eager")
+        assert sum(getattr(m, "_compiled_call_impl", None) is not None for m in tp.modules()) == 2
     opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (ref, tp)]
     for step in range(steps):
         x, y = batch(step)
@@ -142,6 +147,8 @@ def main(cases) -> None:
             check_spy(mesh)
         elif case == "saved":
             check_saved(mesh)
+        elif case == "compile":
+            check_steps(mesh, "mhc", "torch", "none", steps=2, compiled=True)
         else:
             arm, backend, recompute = case.split(":")
             check_steps(mesh, arm, backend, recompute, steps=1 if backend == "triton" else 3)
