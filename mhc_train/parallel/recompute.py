@@ -221,7 +221,7 @@ class _FullRecompute(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, parts, n_params, *params):
-        ctx.parts = parts
+        ctx.parts, ctx.autocast = parts, _autocast_state(x.device.type)
         _remember_nodes(ctx, (x, *params))
         ctx.save_for_backward(x.detach())
         with torch.no_grad():
@@ -232,11 +232,17 @@ class _FullRecompute(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         params = [p for part in ctx.parts for p in _part_params(part)]
         needed = _wanted(ctx)  # a split backward asks for the input, then the weights: recompute computes each once
-        with torch.enable_grad():
+        device_type, enabled, dtype = ctx.autocast  # the replay runs F as the forward did (bf16 under autocast)
+        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
             xg = x.detach().requires_grad_(needed[0])
             out = _plain_sites(ctx.parts, xg)
-            gx, *gp = _grads(out, [xg, *params], g, needed)
+        gx, *gp = _grads(out, [xg, *params], g, needed)
         return (gx, None, None, *gp)
+
+
+def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
+    """(device type, enabled, dtype) of autocast now: backward runs outside the forward's autocast context."""
+    return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
 def _part_params(part) -> list:

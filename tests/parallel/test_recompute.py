@@ -178,3 +178,27 @@ def test_trainer_with_recompute_gives_the_same_losses(prepared_data, tmp_path):
         Trainer(cfg).run()
         losses[mode] = [r["loss"] for r in read_metrics(run)["train"]]
     assert losses["none"] == losses["mhc"] == losses["full"], losses
+
+
+@pytest.mark.parametrize("mode", ["mhc", "full"])
+def test_recompute_under_bf16_autocast_replays_in_bf16(mode):
+    """The trainer runs forward under autocast and backward outside it: a replay in backward must restore the
+    forward's autocast state, or F is recomputed in fp32 (gradients of another function than the forward's, and on
+    CUDA the MoE's grouped matmul, which takes bf16 only, fails)."""
+    model = _model("mhc")
+    tokens = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(2))
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = next_token_loss(model, tokens)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref_loss, ref = grads()
+    apply_recompute(model, mode, 2)
+    loss, got = grads()
+    apply_recompute(model, "none")
+    assert torch.equal(loss, ref_loss)
+    for name in ref:
+        assert torch.equal(got[name], ref[name]), f"{mode}: {name} differs by {(got[name] - ref[name]).abs().max():.3e}"
