@@ -15,7 +15,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-_PORTS = itertools.count(29500 + os.getpid() % 1000)
+# Each pytest-xdist worker (`make test` runs two) counts in its own range of 2000 ports, so that two workers'
+# concurrent launches never pick the same port; the pid spreads successive sessions within it.
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+_PORTS = itertools.count(20000 + 2000 * (_WORKER % 20) + os.getpid() % 1000)
 
 
 def env(**extra: str) -> dict:
