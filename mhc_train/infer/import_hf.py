@@ -28,9 +28,7 @@ Notes:
   the step file's config and in hf_import.yaml; residual and an export read in its own arm keep 0.
 - An mhc-train export (`MHCForCausalLM`) is read back under its own names and connection; one written with
   `export --hc-names deepseek` (config.json `hc_names: deepseek`) has its mHC sites and learned collapse mapped back
-  from DeepSeek-V4's names and layouts (`deepseek_map.from_deepseek`, bit-exact). A site's three tensors may lie in
-  different shards: they are held until the site is complete. config.json's DeepSeek fields (hc_mult, ...) must
-  agree with the recorded connection.
+  from DeepSeek-V4's names and layouts (`import_deepseek.py`).
 """
 
 from __future__ import annotations
@@ -45,9 +43,9 @@ import torch
 
 from mhc_train.config import load_config, to_dict
 from mhc_train.infer.errors import InferenceError
+from mhc_train.infer.import_deepseek import check_deepseek_fields, from_deepseek_names, hc_names_of
 from mhc_train.infer.upcycle import DEFAULT_SKEW, upcycle
 from mhc_train.io.rundir import RunDir
-from mhc_train.model import deepseek_map
 from mhc_train.model.transformer import Transformer, head_dim
 
 DEFAULT_CONNECTION_WARMUP = 100  # steps of the upcycled connection's LR ramp (optim.connection_warmup_steps)
@@ -170,28 +168,6 @@ def shard_files(src: Path) -> list[Path]:
                          "safe_serialization (the default of save_pretrained)")  # fmt: skip
 
 
-def hc_names_of(hf: dict) -> str:
-    """The mHC parameter names of an mhc-train export: mhc (ours) or deepseek (`export --hc-names deepseek`)."""
-    names = hf.get("hc_names", "mhc")
-    if names not in ("mhc", "deepseek"):
-        raise InferenceError(f"config.json hc_names={names!r} is not known (mhc or deepseek); export it again")
-    return names
-
-
-def from_deepseek_names(tensors: dict, pending: dict) -> dict:
-    """One shard's tensors with DeepSeek-named sites (`*_hc.fn/base/scale`) and head (`hc_head.*`) under our names;
-    a site whose three tensors are not all seen yet waits in `pending` (filled across shards)."""
-    out = {}
-    for key, t in tensors.items():
-        (pending if deepseek_map.is_deepseek_site_key(key) else out)[key] = t
-    stems = {k.rpartition(".")[0] for k in pending}
-    for stem in stems:
-        keys = [f"{stem}.{leaf}" for leaf in ("fn", "base", "scale")]
-        if all(k in pending for k in keys):
-            out.update({k: pending.pop(k) for k in keys})
-    return deepseek_map.from_deepseek(out)
-
-
 def converted_shards(src: Path, hf: dict, head_dim: int) -> Iterator[tuple[Path, dict]]:
     """(shard, {our name: fp32 tensor}) one shard at a time; q/k rows permuted to mhc-train's RoPE pairs."""
     from safetensors import safe_open
@@ -270,17 +246,6 @@ def import_config(hf: dict, connection: str | None, out: Path, connection_warmup
     if one_stream_source and cfg.connection.type != "residual":  # upcycled: the new connection warms up
         cfg.optim.connection_warmup_steps = connection_warmup
     return cfg
-
-
-def check_deepseek_fields(hf: dict, conn) -> None:
-    """A DeepSeek-named export's DeepseekV4 connection fields (hc_mult, hc_sinkhorn_iters, hc_eps, rms_norm_eps) must
-    be the recorded connection's (`deepseek_map.deepseek_config_values`): one edited without the other is refused."""
-    if hc_names_of(hf) != "deepseek":
-        return
-    for key, want in deepseek_map.deepseek_config_values(conn).items():
-        if key in hf and hf[key] != want:
-            raise InferenceError(f"config.json {key}={hf[key]!r} disagrees with its mhc_train.connection ({want!r}); "
-                                 "edit both or export the checkpoint again")  # fmt: skip
 
 
 def import_hf(src: str | Path, connection: str | None, out: str | Path, skew: float = DEFAULT_SKEW,

@@ -61,7 +61,7 @@ def test_import_hf_reads_deepseek_named_export(tmp_path):
 
 
 def test_a_site_split_across_shards_waits_for_its_tensors():
-    from mhc_train.infer.import_hf import from_deepseek_names
+    from mhc_train.infer.import_deepseek import from_deepseek_names
 
     k, n_c = 4 * 4 + 8, 8
     site = {"model.layers.0.attn_hc.fn": torch.randn(k, n_c), "model.layers.0.attn_hc.base": torch.randn(k),
