@@ -141,7 +141,8 @@ def cmd_export(args) -> None:
 def cmd_import_hf(args) -> None:
     from mhc_train.infer.import_hf import import_hf
 
-    path = import_hf(args.source, args.connection, args.out, args.upcycle_skew, args.overwrite, args.format)
+    path = import_hf(args.source, args.connection, args.out, args.upcycle_skew, args.overwrite, args.format,
+                     args.connection_warmup)  # fmt: skip
     run = Path(args.out)
     print(f"imported {args.source} to {path}\ncontinue: mhc-train train --config {run / 'hf_import.yaml'} "
           "data.source=YOUR_TEXT [train.* overrides]")  # fmt: skip
@@ -226,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--out", required=True, help="the run directory to write")
     s.add_argument("--upcycle-skew", type=float, default=0.5, help="n-stream arms: site k's extra write share to "
                    "stream k mod n, in [0, 1) (breaks the streams' symmetry; the start is the same function)")  # fmt: skip
+    s.add_argument("--connection-warmup", type=int, default=100, help="upcycled arms: steps over which the new "
+                   "connection's LR ramps from 0 (optim.connection_warmup_steps; 0: none)")  # fmt: skip
     s.add_argument("--format", default="dcp", choices=("dcp", "file"), help="dcp (default): streamed, one source "
                    "shard in memory at a time; file: the whole model in one step file")  # fmt: skip
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")

@@ -4,6 +4,10 @@
   kept in a checkpoint (LambdaLR saves its position, not its function): a checkpoint of the constant stage resumed
   with `schedule.decay_start` at its step (and `train.max_steps` at the cooldown's end) cools down from there, and the
   same checkpoint serves any other cooldown.
+- `optim.connection_warmup_steps` W > 0: the connection groups (`conn_*`) get their own LambdaLR function, the main
+  multiplier times min(1, (step + 1) / W) (the main warm-up's convention). A function of the step alone, so resume
+  is exact (`checkpoint/resume.apply_hyperparameters` re-evaluates each group's function). W = 0 builds the same one
+  function as before.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
 
     With `connection_lr_mult != 1` or `connection_weight_decay: false`, the connection parameters (every name with
     `_conn.`: mHC phi / alpha / bias, HC static and dynamic parts) get groups of their own, `conn_decay` and
-    `conn_no_decay`, at `lr * connection_lr_mult` (0 freezes them)."""
-    own_groups = cfg.connection_lr_mult != 1.0 or not cfg.connection_weight_decay
+    `conn_no_decay`, at `lr * connection_lr_mult` (0 freezes them); so does `connection_warmup_steps > 0`."""
+    own_groups = cfg.connection_lr_mult != 1.0 or not cfg.connection_weight_decay or cfg.connection_warmup_steps > 0
     buckets: dict[str, list] = {"decay": [], "no_decay": [], "conn_decay": [], "conn_no_decay": []}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -87,5 +91,20 @@ def wsd_multiplier(step: int, total: int, cfg: ScheduleConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * left
 
 
-def build_scheduler(opt: torch.optim.Optimizer, total: int, cfg: ScheduleConfig):
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_multiplier(step, total, cfg))
+def build_scheduler(opt: torch.optim.Optimizer, total: int, cfg: ScheduleConfig, connection_warmup_steps: int = 0):
+    """LambdaLR over the main multiplier; with `connection_warmup_steps` W > 0, the `conn_*` groups' function is it
+    times the connection's ramp (`connection_ramp`)."""
+    if connection_warmup_steps <= 0:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_multiplier(step, total, cfg))
+    fns = [
+        (lambda step: lr_multiplier(step, total, cfg) * connection_ramp(step, connection_warmup_steps))
+        if g.get("name", "").startswith("conn_")
+        else (lambda step: lr_multiplier(step, total, cfg))
+        for g in opt.param_groups
+    ]
+    return torch.optim.lr_scheduler.LambdaLR(opt, fns)
+
+
+def connection_ramp(step: int, warmup: int) -> float:
+    """The connection groups' extra multiplier at 0-based step `step`: (step + 1) / warmup, then 1."""
+    return min(1.0, (step + 1) / warmup)

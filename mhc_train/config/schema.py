@@ -186,6 +186,9 @@ class OptimConfig:
     # Connection parameters (mHC phi / alpha / bias, HC static and dynamic parts), for ablations (issue 15):
     connection_lr_mult: float = 1.0  # their LR = lr * this; 0 freezes them at their init
     connection_weight_decay: bool = True  # decay their matrices (mHC phi, HC dyn_proj); gates and biases never
+    # their LR ramps linearly from 0 to full over this many steps, on top of the schedule (an upcycled connection's
+    # warm-up; import-hf sets it); 0 = no ramp
+    connection_warmup_steps: int = 0
 
 
 @dataclass

@@ -206,6 +206,7 @@ def validate(cfg: Config) -> None:
         fail("optim.weight_decay/grad_clip", (o.weight_decay, o.grad_clip), "must be >= 0")
     if o.connection_lr_mult < 0:
         fail("optim.connection_lr_mult", o.connection_lr_mult, "must be >= 0 (0 freezes the connection parameters)")
+    at_least("optim.connection_warmup_steps", o.connection_warmup_steps, 0)
     choice("schedule.name", s.name, LR_SCHEDULES)
     at_least("schedule.warmup_steps", s.warmup_steps, 0)
     if len(s.step_milestones) != len(s.step_factors):

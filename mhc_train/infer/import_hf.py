@@ -23,7 +23,12 @@ Notes:
   sites on the CPU): the process holds one converted shard at a time. --format file builds the whole model on
   the CPU and writes one step file. `train` resumes either (tested in one process).
 - The connection arm's sites are set for a function-preserving start (`upcycle.py`); `residual` equals the source.
-- An mhc-train export (`MHCForCausalLM`) is read back under its own names and connection.
+  An upcycled arm (a one-stream source, an n-stream arm) gets `optim.connection_warmup_steps` (--connection-warmup,
+  default 100): the new connection's LR ramps from 0 while the imported weights train at the schedule's LR. It is in
+  the step file's config and in hf_import.yaml; residual and an export read in its own arm keep 0.
+- An mhc-train export (`MHCForCausalLM`) is read back under its own names and connection; one written with
+  `export --hc-names deepseek` (config.json `hc_names: deepseek`) has its mHC sites and learned collapse mapped back
+  from DeepSeek-V4's names and layouts (`import_deepseek.py`).
 """
 
 from __future__ import annotations
@@ -38,10 +43,12 @@ import torch
 
 from mhc_train.config import load_config, to_dict
 from mhc_train.infer.errors import InferenceError
+from mhc_train.infer.import_deepseek import check_deepseek_fields, from_deepseek_names, hc_names_of
 from mhc_train.infer.upcycle import DEFAULT_SKEW, upcycle
 from mhc_train.io.rundir import RunDir
 from mhc_train.model.transformer import Transformer, head_dim
 
+DEFAULT_CONNECTION_WARMUP = 100  # steps of the upcycled connection's LR ramp (optim.connection_warmup_steps)
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MHCForCausalLM")
 LAYER_NAMES = {  # transformers' name under model.layers.<i>. -> ours under layers.<i>.
     "self_attn.q_proj": "attn.wq",
@@ -166,6 +173,7 @@ def converted_shards(src: Path, hf: dict, head_dim: int) -> Iterator[tuple[Path,
     from safetensors import safe_open
 
     ours = hf["architectures"][0] == "MHCForCausalLM"
+    deepseek, pending = ours and hc_names_of(hf) == "deepseek", {}
     for path in shard_files(src):
         out = {}
         with safe_open(str(path), framework="pt") as f:
@@ -180,7 +188,10 @@ def converted_shards(src: Path, hf: dict, head_dim: int) -> Iterator[tuple[Path,
                 if key.rsplit(".", 2)[-2] in ("wq", "wk", "q_norm", "k_norm"):
                     t = to_pairs(t, head_dim)
                 out[key] = t.contiguous()
-        yield path, out
+        yield path, from_deepseek_names(out, pending) if deepseek else out
+    if pending:
+        raise InferenceError(f"{src}: DeepSeek-named site tensors without their site's fn, base and scale, e.g. "
+                             f"{sorted(pending)[:3]}; the export is incomplete")  # fmt: skip
 
 
 def load_weights(model: Transformer, src: Path, hf: dict) -> set[str]:
@@ -207,9 +218,10 @@ def load_weights(model: Transformer, src: Path, hf: dict) -> set[str]:
     return seen
 
 
-def import_config(hf: dict, connection: str | None, out: Path):
+def import_config(hf: dict, connection: str | None, out: Path, connection_warmup: int = DEFAULT_CONNECTION_WARMUP):
     """The resolved Config of the imported run: the source's model, the arm (`connection`: a configs/connection
-    preset; None: an export's own arm, else residual), the source's tokenizer."""
+    preset; None: an export's own arm, else residual), the source's tokenizer; an upcycled arm's connection LR
+    warm-up (`connection_warmup` steps)."""
     from dataclasses import asdict
 
     from mhc_train.config import ConnectionConfig, ModelConfig, validate_connection, validate_model
@@ -225,15 +237,23 @@ def import_config(hf: dict, connection: str | None, out: Path):
         cfg.model.vocab_padded = True
     if export_conn and connection is None:
         cfg.connection = ConnectionConfig(**export_conn)
+        check_deepseek_fields(hf, cfg.connection)
     validate_model(cfg.model)
     validate_connection(cfg.connection)
+    if connection_warmup < 0:
+        raise InferenceError(f"--connection-warmup {connection_warmup}: give a number of steps >= 0 (0: no ramp)")
+    one_stream_source = not export_conn or export_conn.get("type") == "residual"
+    if one_stream_source and cfg.connection.type != "residual":  # upcycled: the new connection warms up
+        cfg.optim.connection_warmup_steps = connection_warmup
     return cfg
 
 
 def import_hf(src: str | Path, connection: str | None, out: str | Path, skew: float = DEFAULT_SKEW,
-              overwrite: bool = False, fmt: str = "dcp") -> Path:  # fmt: skip
+              overwrite: bool = False, fmt: str = "dcp",
+              connection_warmup: int = DEFAULT_CONNECTION_WARMUP) -> Path:  # fmt: skip
     """Write the step-0 run directory `out` from the Hugging Face directory `src`; returns the step file. `fmt`:
-    dcp (streamed, one source shard in memory at a time) or file (the whole model in one step file)."""
+    dcp (streamed, one source shard in memory at a time) or file (the whole model in one step file);
+    `connection_warmup`: optim.connection_warmup_steps of an upcycled arm."""
     src, out = Path(src), Path(out).absolute()
     hf = read_hf_config(src)
     if not (src / "tokenizer.json").is_file():
@@ -243,7 +263,7 @@ def import_hf(src: str | Path, connection: str | None, out: str | Path, skew: fl
         raise InferenceError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
     if fmt not in ("dcp", "file"):
         raise InferenceError(f"--format {fmt!r}: choose dcp (streamed, sharded) or file (one step file)")
-    cfg = import_config(hf, connection, out)
+    cfg = import_config(hf, connection, out, connection_warmup)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")  # renamed into place when complete
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -283,7 +303,7 @@ def fresh_optimizer(model: Transformer, cfg):
     from mhc_train.optim import build_optimizer, build_scheduler
 
     optimizer = build_optimizer(model, cfg.optim)
-    return optimizer, build_scheduler(optimizer, cfg.train.max_steps, cfg.schedule)
+    return optimizer, build_scheduler(optimizer, cfg.train.max_steps, cfg.schedule, cfg.optim.connection_warmup_steps)
 
 
 def stream_dcp_body(src: Path, hf: dict, cfg, run: RunDir, skew: float) -> dict:
@@ -360,6 +380,7 @@ def write_step_zero(body: dict, cfg, tmp: Path, out: Path) -> Path:
     run.checkpoints.mkdir(parents=True, exist_ok=True)
     path = write_step_file(run.temp_file(0, os.getpid()), run.step_file(0), state)
     keep = {"run_dir": str(out), "model": config["model"], "connection": config["connection"],
-            "data": {"tokenizer_model": str(tok)}}  # fmt: skip
+            "data": {"tokenizer_model": str(tok)},
+            "optim": {"connection_warmup_steps": cfg.optim.connection_warmup_steps}}  # fmt: skip
     (tmp / "hf_import.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(keep)))
     return path

@@ -110,6 +110,12 @@ def from_deepseek(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def is_deepseek_site_key(key: str) -> bool:
+    """True for a DeepSeek-named site tensor (`layers.{i}.attn_hc.fn` ...), which `from_deepseek` maps only together
+    with its site's other two."""
+    return _DS_SITE.match(key) is not None
+
+
 def deepseek_config_values(conn) -> dict:
     """The `DeepseekV4Config` fields a `ConnectionConfig` fixes (see the module docstring)."""
     return {"hc_mult": conn.n_streams, "hc_sinkhorn_iters": conn.t_max, "hc_eps": conn.hc_eps, "rms_norm_eps": conn.eps}

@@ -86,7 +86,8 @@ class BuildContext:
         return build_optimizer(module, cfg=self.cfg.optim)
 
     def make_scheduler(self, optimizer: torch.optim.Optimizer):
-        return build_scheduler(optimizer, total=self.cfg.train.max_steps, cfg=self.cfg.schedule)
+        return build_scheduler(optimizer, total=self.cfg.train.max_steps, cfg=self.cfg.schedule,
+                               connection_warmup_steps=self.cfg.optim.connection_warmup_steps)  # fmt: skip
 
 
 def build_context(cfg: Config, dist: DistInfo, weights: dict | None = None, pp: int | None = None) -> BuildContext:

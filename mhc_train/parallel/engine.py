@@ -51,7 +51,7 @@ def materialise_on_host(model: torch.nn.Module, weights: dict) -> None:
     """Rank 0's plain view of a sharded engine: built on the meta device and kept there until something needs it
     whole (a file checkpoint, an export); then allocated in host memory, never on the accelerator, and filled."""
     if state.on_meta(model):
-        model.to_empty(device="cpu")
+        state.to_empty_tied(model, "cpu")  # a tied head stays the embedding's parameter
         model.init_buffers()
     model.load_state_dict(weights)
 
@@ -61,7 +61,7 @@ def host_state(model: torch.nn.Module) -> dict:
     model's storage: a sharded engine fills it in place one gathered tensor at a time, so rank 0 never holds a second
     copy of the model beside it."""
     if state.on_meta(model):
-        model.to_empty(device="cpu")
+        state.to_empty_tied(model, "cpu")  # a tied head stays the embedding's parameter
         model.init_buffers()
     return model.state_dict()
 

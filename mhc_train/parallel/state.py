@@ -5,6 +5,9 @@ DDP, FSDP at another world size or any pipeline layout.
   tensor laid out like a parameter);
 - the optimizer's state keyed by parameter name instead of position (`optimizer_state_by_name` and its loader);
 - `live_state`: the live tensors a torch DCP save reads and a DCP load fills in place.
+- `to_empty_tied`: `to_empty` off the meta device gives each name of a shared parameter (a tied LM head) its own
+  tensor, so the head would train apart from the embedding: the names are re-tied to the first one. FSDP2's
+  `to_empty` keeps the tie (the parameter objects survive); a pipeline never ties across stages (config refuses it).
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ def _checkpoint_value(weights: dict, name: str, param: torch.Tensor) -> torch.Te
 def materialise(module: torch.nn.Module, device, seed: int, weights: dict | None = None) -> None:
     """Allocate a module built on the meta device on `device` and fill it: the initial values of `seed`, or the
     full tensors of `weights` (a plain state dict by name, from a checkpoint file), each rank writing what it holds."""
-    module.to_empty(device=device)
+    to_empty_tied(module, device)
     if weights is None:
         module.init_weights(seed, write=write_shard)
         return
@@ -90,6 +93,24 @@ def materialise(module: torch.nn.Module, device, seed: int, weights: dict | None
     for name, b in module.named_buffers():  # state kept in buffers (the MoE balancing bias)
         if name in weights:
             b.copy_(weights[name])
+
+
+def to_empty_tied(module: torch.nn.Module, device) -> None:
+    """`module.to_empty(device=device)` keeping every shared parameter shared: a name that aliased another's
+    parameter before (`output.weight` of a tied head) is set to that name's new parameter after."""
+    owner: dict[int, str] = {}
+    aliases = []  # (alias, owner name)
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in owner:
+            aliases.append((name, owner[id(p)]))
+        else:
+            owner[id(p)] = name
+    module.to_empty(device=device)
+    for alias, first in aliases:
+        param = module.get_parameter(first)
+        if module.get_parameter(alias) is not param:
+            path, _, leaf = alias.rpartition(".")
+            setattr(module.get_submodule(path), leaf, param)
 
 
 @torch.no_grad()

@@ -117,6 +117,12 @@ def test_import_train_export_round_trip(family, corpus, tmp_path, monkeypatch):
     streams = upcycled.run_blocks(upcycled.embed(tokens))  # [B, T, n, C]: the symmetry is broken
     assert streams.std(dim=-2).max() > 1e-3  # the streams are not n copies
 
+    from omegaconf import OmegaConf
+
+    warmups = {
+        r: OmegaConf.load(tmp_path / r / "hf_import.yaml").optim.connection_warmup_steps for r in ("residual", arm)
+    }
+    assert warmups == {"residual": 0, arm: 100}  # the upcycled connection's LR warms up (optim.connection_*)
     train_three_steps(run, corpus, tmp_path / "data")
     trained = load_checkpoint(run)
     assert trained.step == 3
