@@ -2,7 +2,7 @@
 
 <out>/
   config.json               MHCConfig: the model shape in transformers' names, `connection` = our ConnectionConfig
-  model.safetensors         the weights, fp32, named `model.<mhc-train parameter name>`
+  model.safetensors         the weights, fp32, named `model.<mhc-train parameter name>` (the head `lm_head.weight`)
   modeling_mhc.py           MHCConfig + MHCForCausalLM, all three arms (torch and transformers only)
   tokenization_mhc.py       MHCTokenizer (sentencepiece itself, so ids equal ours)
   tokenizer.model           the run's sentencepiece model
@@ -10,8 +10,8 @@
 
 Notes:
 - The directory is written under a temporary name and renamed, so a half-written export never carries the name.
+- MoE models (model.ffn=moe) are refused with one line (not exportable yet; generate runs them).
 - MLA models (model.attention=mla) add `attention` and `mla` (model.mla.*) to config.json; GQA exports are unchanged.
-- A tied LM head is written as its own copy (safetensors stores no aliases); config.json says tie_word_embeddings=false.
 - A tied LM head is written as its own copy `lm_head.weight` (safetensors stores no aliases); config.json says
   tie_word_embeddings=false. The decoder is `model.<mhc-train name>` (AutoModel loads it alone).
 - `hc_names="deepseek"` (`--hc-names deepseek`): the mHC sites and the learned collapse under DeepSeek-V4's names and
