@@ -32,13 +32,15 @@ $(STAMP): pyproject.toml
 # The compile gate first: every Triton kernel specialization compiled for sm_90 and sm_100 (no GPU needed), failing
 # on a compile error, shared memory over the limit or any register spill. Its report goes to build/ (untracked; the
 # committed benchmarks/results/check_kernels.json is written by running the script by hand). Then the tests.
+# Two pytest-xdist workers: most tests are one process on one core, so two share a 2-core machine (each worker keeps
+# its own prepared data and one-process references, and launches torchrun on its own port range).
 test: $(STAMP)
 	$(PY) scripts/check_kernels.py --out build/check_kernels.json
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist worksteal tests
 
 # The inner loop: no compile gate, no slow tests (subprocesses, torchrun, multi-rank runs); under 3 minutes on 2 cores.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow" tests
 
 # The whole engine x precision x recompute x backend matrix: `make test` runs one case per row of it, this all of them.
 test-matrix: $(STAMP)
