@@ -42,9 +42,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow" tests
 
-# The whole engine x precision x recompute x backend matrix: `make test` runs one case per row of it, this all of them.
+# The whole engine x precision x recompute x backend matrix, the tensor-parallel arms / backends / resume cases and
+# the single-pass arm's extra kernel and pipeline cases: `make test` runs one case per row of each, this all of them.
 test-matrix: $(STAMP)
-	MHC_TRAIN_MATRIX_FULL=1 $(PY) -m pytest -q tests/parallel/test_matrix.py
+	MHC_TRAIN_MATRIX_FULL=1 $(PY) -m pytest -q -n 2 --dist worksteal tests/parallel/test_matrix.py \
+		tests/parallel/test_tensor_parallel.py tests/kernels/test_single_pass_kernels.py tests/model/test_single_pass.py
 
 demo: $(STAMP)
 	$(PY) -m mhc_train.cli demo

@@ -26,7 +26,7 @@ from tests.support import launch, runs
 from tests.support.configs import run_overrides
 from tests.support.numerics import assert_close_runs
 
-FULL = os.environ.get("MHC_TRAIN_TP_FULL") == "1"
+FULL = "1" in (os.environ.get("MHC_TRAIN_TP_FULL"), os.environ.get("MHC_TRAIN_MATRIX_FULL"))  # make test-matrix
 CASES = ["mhc:torch:none", "mhc:torch:mhc", "spy", "saved"]
 FULL_CASES = ["residual:torch:none", "hc:torch:none", "hc:torch:full", "mhc:triton:none", "mhc:triton:mhc", "compile"]
 
