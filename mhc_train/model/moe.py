@@ -16,9 +16,11 @@ Notable choices:
 - Balancing (DeepSeek-V3 section 2.1.2): `expert_bias` is a persistent buffer (checkpoints carry it, resume is
   bit-exact), used for selection only. Each training forward adds its token counts to `load_stats`; after the
   optimizer step the engine sums them over the global batch and calls `apply_balance(load)`:
-  b_i += rate * sign(mean(load) - load_i). A recomputed forward counts again (all experts alike: the sign is kept).
+  b_i += rate * sign(mean(load) - load_i). Only forwards with grad count: recompute=full's no-grad forward does not,
+  its replay does (once); the paper's recompute replays the sites only, not F.
 - The optional sequence-wise auxiliary loss (seq_aux_loss_coef) enters as a gradient on the MoE output
-  (`_AddAuxLoss`), once per micro-batch; the logged loss stays the LM loss.
+  (`_AddAuxLoss`), once per micro-batch, scaled as the engine scales the LM loss (`set_aux_loss_scale`: 1 / grad_accum
+  under gradient accumulation); the logged loss stays the LM loss.
 - Dropless by default; capacity_factor > 0 keeps at most ceil(cf * N * k / E) tokens per expert (the earliest),
   drops the rest (counted in `load_stats`).
 - The model knows nothing of parallelism: `dispatch` and `combine` move the expert-sorted rows to where the experts
@@ -57,16 +59,25 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 class _AddAuxLoss(torch.autograd.Function):
-    """Returns `out`; backward also sends gradient 1 into `aux` (a loss that never joins the returned value)."""
+    """Returns `out`; backward also sends gradient `scale` into `aux` (a loss that never joins the returned value;
+    `scale` is the factor the trainer applies to the LM loss, 1 / grad_accum, so that both weigh alike)."""
 
     @staticmethod
-    def forward(ctx, out, aux):
-        ctx.aux_shape = aux.shape
+    def forward(ctx, out, aux, scale: float):
+        ctx.aux_shape, ctx.scale = aux.shape, scale
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, g):
-        return g, torch.ones(ctx.aux_shape, device=g.device, dtype=torch.float32)
+        return g, torch.full(ctx.aux_shape, ctx.scale, device=g.device, dtype=torch.float32), None
+
+
+def set_aux_loss_scale(module: nn.Module, scale: float) -> None:
+    """The factor on every MoE's auxiliary-loss gradient: the engine's scale of the LM loss (1 / grad_accum where
+    it divides the loss per micro-batch; 1 where the schedule scales the gradients itself, as the pipeline's do)."""
+    for m in module.modules():
+        if isinstance(m, MoE):
+            m.aux_loss_scale = scale
 
 
 def grouped_ok(*widths: int, dtype: torch.dtype = torch.float32) -> bool:
@@ -136,6 +147,7 @@ class MoE(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(self.n_experts))  # balancing bias: state, not a parameter
         self.register_buffer("load_stats", torch.zeros(self.n_experts + STATS, dtype=torch.float64), persistent=False)
         self._dispatcher = None  # see `use_dispatch`
+        self.aux_loss_scale = 1.0  # see `set_aux_loss_scale`
 
     # ---- placement of the routed rows (replaced by expert parallelism) --------------------------------------------
     def use_dispatch(self, dispatcher) -> None:
@@ -216,7 +228,7 @@ class MoE(nn.Module):
         if self.training and torch.is_grad_enabled():
             self.count(scores, counts, dropped)
             if self.aux_coef:
-                out = _AddAuxLoss.apply(out, self.seq_aux_loss(scores, top, B))
+                out = _AddAuxLoss.apply(out, self.seq_aux_loss(scores, top, B), self.aux_loss_scale)
         return out.view(B, T, C)
 
     # ---- balancing -----------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from mhc_train.model.moe import set_aux_loss_scale
 from mhc_train.parallel import state
 from mhc_train.parallel.dist import DistInfo, reduce_sum, sum_across_ranks
 from mhc_train.parallel.expert_parallel import balance_experts, moe_metrics, reset_counts
@@ -323,6 +324,7 @@ class LocalEngine(Engine):
 
     def forward_backward(self, batch: BatchFn) -> torch.Tensor:
         total = torch.zeros((), device=self.device)
+        set_aux_loss_scale(self.forward, 1 / self.grad_accum)  # MoE's auxiliary loss weighs as the LM loss does
         for micro in range(self.grad_accum):
             x, y = batch(micro, self.data_shard, self.data_shards)
             loss = self.loss(self.forward, x, y)

@@ -211,7 +211,7 @@ class FSDPEngine(LocalEngine):
         (loss / self.grad_accum).backward()
         if last:
             sync_replicated_grads([self.train_model])
-            scale_expert_grads(self.train_model, self.dist.world)
+            scale_expert_grads(self.train_model, self.mesh.dp)  # the experts served every data-parallel rank's tokens
 
     def clip(self) -> torch.Tensor:
         limit = self.grad_clip if self.grad_clip > 0 else float("inf")

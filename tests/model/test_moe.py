@@ -220,3 +220,27 @@ def test_flops_count_the_active_experts():
     per_layer = C * 8 + 3 * C * 8 * (2 + 1) - 3 * C * F_
     got = flops_per_token(moe, conn_cfg("mhc"), 16)["dense"] - flops_per_token(dense, conn_cfg("mhc"), 16)["dense"]
     assert got == 6 * per_layer  # one MoE layer (first_k_dense=1 of 2), x2 FLOPs per MAC, x3 for training
+
+
+def test_aux_loss_weighs_alike_under_gradient_accumulation():
+    """The engine divides the LM loss by grad_accum; the auxiliary loss's gradient must be divided alike, or
+    grad_accum = k multiplies seq_aux_loss_coef by k: two micro-batches of 2 give one batch of 4's gradients."""
+    from mhc_train.model import build_model
+    from mhc_train.parallel.dist import DistInfo
+    from mhc_train.parallel.engine import LocalEngine
+
+    moe = MoEConfig(n_routed_experts=4, top_k=2, first_k_dense=0, seq_aux_loss_coef=0.5, expert_hidden_dim=16)
+    tokens = torch.randint(0, 256, (4, 9), generator=torch.Generator().manual_seed(3))
+
+    def grads(accum):
+        model = build_model(tiny_model_cfg(ffn="moe", moe=moe), conn_cfg("mhc"), seed=0)
+        engine = LocalEngine(model, None, None, DistInfo(), torch.device("cpu"), 1.0, None, accum)
+        rows = 4 // accum
+        engine.forward_backward(
+            lambda m, *_: (tokens[m * rows : (m + 1) * rows, :-1], tokens[m * rows : (m + 1) * rows, 1:])
+        )
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    one, two = grads(1), grads(2)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-7, msg=name)
