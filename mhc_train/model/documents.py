@@ -12,6 +12,8 @@ Axis legend: B batch, T time, H heads, D head size.
   `torch.nn.attention.flex_attention` with a `BlockMask` (mask_mod: causal and same document) that skips the blocks
   no query of a document needs. Either is built once per forward in the layout and shared by every layer; `auto`
   takes flex on CUDA where torch has it, sdpa otherwise. Attention asks `layout.block_mask` (None: the sdpa mask).
+- Under autocast, flex's inputs are cast to the autocast dtype and it runs with autocast off (SDPA is an autocast op
+  and gets the same cast from autocast itself; mixed fp32/bf16 inputs to a compiled flex are a known torch failure).
 - flex_attention is compiled once, lazily, at module level on CUDA (eager flex materialises the scores, which is
   slow); elsewhere it runs eagerly. torch 2.13's CPU flex has a forward but no backward, so training refuses
   `flex` off CUDA (one line); the forward still runs on CPU, which is how the tests check it against sdpa.
@@ -55,8 +57,14 @@ class DocumentLayout(NamedTuple):
 
     def flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
              enable_gqa: bool = False) -> torch.Tensor:  # fmt: skip
-        """flex_attention of q [B, H, T, D], k, v [B, H_kv, T, *] under this layout's block mask: [B, H, T, Dv]."""
-        return _flex_attention(q.device)(q, k, v, block_mask=self.block_mask, scale=scale, enable_gqa=enable_gqa)
+        """flex_attention of q [B, H, T, D], k, v [B, H_kv, T, *] under this layout's block mask: [B, H, T, Dv].
+        Under autocast the inputs are cast to its dtype first, as autocast casts SDPA's (flex is not an autocast op)."""
+        kind = q.device.type
+        if torch.is_autocast_enabled(kind):
+            dtype = torch.get_autocast_dtype(kind)
+            q, k, v = (t.to(dtype) for t in (q, k, v))
+        with torch.autocast(kind, enabled=False):
+            return _flex_attention(q.device)(q, k, v, block_mask=self.block_mask, scale=scale, enable_gqa=enable_gqa)
 
 
 def flex_available() -> bool:

@@ -63,4 +63,6 @@ def test_kernel_knob_resolves_and_refuses():
         load_config(["data.document_mask=true", "data.document_mask_kernel=varlen"])
     with pytest.raises(ConfigError, match="no backward on CPU"):
         load_config(["data.document_mask=true", "data.document_mask_kernel=flex", "train.device=cpu"])
-    assert load_config(["data.document_mask=true", "data.document_mask_kernel=flex"]).data.document_mask_kernel == "flex"
+    assert (
+        load_config(["data.document_mask=true", "data.document_mask_kernel=flex"]).data.document_mask_kernel == "flex"
+    )
