@@ -18,7 +18,8 @@ Axis legend: B batch, T time, H heads, D head size.
   slow); elsewhere it runs eagerly. torch 2.13's CPU flex has a forward but no backward, so training refuses
   `flex` off CUDA (one line); the forward still runs on CPU, which is how the tests check it against sdpa.
 - The BlockMask comes from `create_block_mask` uncompiled: it evaluates the mask_mod once per batch over [B, T, T]
-  (the memory the sdpa mask takes anyway), then every layer reuses the block indices.
+  (transient memory a few times the sdpa mask's), then every layer reuses the block indices. Building the block
+  indices straight from the document boundaries would avoid that; not done.
 - RoPE scores depend on relative positions only, so under the mask a restart changes the attention by rounding alone;
   it is offered because it keeps every document's absolute positions in the range decode sees (from 0).
 - Restarted positions gather the RoPE table per token and rotate through `apply_rope` itself (batch folded into time),
