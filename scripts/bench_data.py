@@ -13,8 +13,8 @@ and without per-document attention masking.
   per second and the 20/50/80% quantiles of one batch's time.
 - Step: forward + backward of the `--model` preset (mHC, torch backend) on the same packed batches, documents masked
   (data.document_mask=true, RoPE restarted) or not; the quantiles of the step time and the mean document length.
-  On CUDA the masked path is SDPA with a boolean mask (no flash kernel; the varlen / flex-attention path is not
-  built), so the ratio there is the cost of that choice.
+  The masked step runs SDPA with a boolean mask (document_mask) and, on CUDA where torch has it, flex_attention
+  (document_mask_flex); the attention kernels alone are timed by scripts/bench_document_attention.py.
 
 Writes benchmarks/results/bench_data_<device>.json.
 """
@@ -39,6 +39,7 @@ from mhc_train.config import ConnectionConfig, DataConfig, load_config  # noqa: 
 from mhc_train.config.schema import BlendSourceConfig  # noqa: E402
 from mhc_train.data.blend import prepare_blend  # noqa: E402
 from mhc_train.data.sources import bundled_shakespeare_files  # noqa: E402
+from mhc_train.model.documents import flex_available  # noqa: E402
 from mhc_train.model.transformer import build_model  # noqa: E402
 
 GROUPS = ("abcdefghij", "klmnopqr", "stuvwxyz")  # plays by first letter: three sources of similar size
@@ -79,12 +80,13 @@ def bench_loader(data, steps: int, batch: int, seq: int) -> dict:
     return {"windows_per_s": round(batch / float(np.mean(times)), 1), **_quantiles(times)}
 
 
-def bench_step(data, model_preset: str, device: str, steps: int, batch: int, seq: int, mask: bool) -> dict:
+def bench_step(data, model_preset: str, device: str, steps: int, batch: int, seq: int, mask: str | None) -> dict:
+    """`mask`: None (no document mask) or the data.document_mask_kernel ("sdpa" or "flex")."""
     cfg = load_config([f"model={model_preset}", f"model.max_seq_len={seq}", f"train.seq_len={seq}"])
     cfg.model.vocab_size = data.vocab_size
     model = build_model(cfg.model, ConnectionConfig(type="mhc", n_streams=4, backend="torch"), device=device)
     if mask:
-        model.use_documents(int(data.manifest["tokenizer"]["eos_id"]), restart_rope=True)
+        model.use_documents(int(data.manifest["tokenizer"]["eos_id"]), restart_rope=True, kernel=mask)
     batches = [data.train_batch(1, s, 0, batch, seq) for s in range(steps + 2)]
     eos = data.manifest["tokenizer"]["eos_id"]
     doc_len = float(np.mean([seq / (1 + int((x[:, :-1] == eos).sum(1).float().mean())) for x, _ in batches]))
@@ -131,18 +133,22 @@ def main() -> None:
         ld = results["loader"]
         ld["blend_vs_one"] = round(ld["blend_3_sources"]["windows_per_s"] / ld["one_source"]["windows_per_s"], 3)
         results["step"] = {}
+        kinds = {"no_mask": None, "document_mask": "sdpa"}  # the document mask's kernel: data.document_mask_kernel
+        if args.device == "cuda" and flex_available():
+            kinds["document_mask_flex"] = "flex"
         for docs, per_line in (("line_documents", True), ("play_documents", False)):
             tok = blend.manifest["tokenizer"]["path"]  # the same tokenizer, the plays as whole documents
             data = (
                 blend if per_line else _prepare(dirs, Path(tmp) / "plays", False, (0.5, 0.3, 0.2), args.vocab_size, tok)
             )
-            row = {"no_mask": None, "document_mask": None}
+            row = {key: None for key in kinds}
             for _ in range(args.rounds):
-                for mask in (False, True):
-                    key = "document_mask" if mask else "no_mask"
+                for key, mask in kinds.items():
                     r = bench_step(data, args.model, args.device, args.steps, args.step_batch_size, t, mask)
                     row[key] = r if row[key] is None or r["ms_p50"] < row[key]["ms_p50"] else row[key]
             row["mask_vs_no_mask_time"] = round(row["document_mask"]["ms_p50"] / row["no_mask"]["ms_p50"], 3)
+            if "document_mask_flex" in row:
+                row["flex_vs_no_mask_time"] = round(row["document_mask_flex"]["ms_p50"] / row["no_mask"]["ms_p50"], 3)
             results["step"][docs] = row
     meta = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",

@@ -7,6 +7,8 @@
 #                             the failing test ids
 #   bench_kernels             scripts/bench_kernels.py's JSON (full mHC site vs torch / torch.compile, per kernel GB/s)
 #   bench_sinkhorn_backward   scripts/bench_sinkhorn_backward.py's JSON (unrolled vs implicit, at 65536 tokens)
+#   bench_document_attention  scripts/bench_document_attention.py's JSON: per-document attention, SDPA mask vs
+#                             flex_attention (data.document_mask_kernel) vs plain causal, fwd+bwd ms, flex-vs-sdpa diffs
 #   bench_overlap             scripts/bench_overlap.py's JSON, with MFU per variant (only where hydra-core and
 #                             omegaconf are installed; otherwise the reason it was skipped)
 #   serve_vllm                scripts/check_vllm_serving.py's JSON: an export served by vLLM's Transformers backend,
@@ -171,6 +173,7 @@ else:
         if isinstance(ov, dict) and "error" not in ov:
             ov["mfu_error"] = f"{type(e).__name__}: {e}"
 
+report["bench_document_attention"] = load(os.path.join(work, "bench_document_attention.json"))
 report["serve_vllm"] = load(os.path.join(work, "serve_vllm.json"))
 
 report["steps"] = steps
@@ -245,9 +248,11 @@ fi
 
 # the GPU sizes; a CPU dry run takes the benchmarks' small CPU defaults (the test model for bench_overlap)
 SINKHORN_TOKENS=65536
+DOCATTN_ARGS=""
 OVERLAP_ARGS="--model 125m --seq 2048 --micro-batch 2 --microbatches 8 --steps 10"
 if [ "$CUDA" != "True" ]; then
   SINKHORN_TOKENS=2048
+  DOCATTN_ARGS="--cases 256x2 --doc-lens 32 --heads 4 --kv-heads 2 --head-dim 16 --iters 3 --warmup 1"
   OVERLAP_ARGS=""
 fi
 
@@ -262,7 +267,11 @@ fi
 mkdir -p "$WORK/sinkhorn"
 (cd "$WORK/sinkhorn" && run_step bench_sinkhorn_backward 60 "$PY" "$REPO/scripts/bench_sinkhorn_backward.py" \
   --tokens "$SINKHORN_TOKENS")
-# 5. DualPipeV's overlapped F/B on one GPU (its config needs hydra-core and omegaconf)
+# 5. per-document attention: SDPA with the boolean mask vs flex_attention (its compile included in the first calls)
+# shellcheck disable=SC2086  # DOCATTN_ARGS is a list of words
+run_step bench_document_attention 90 "$PY" scripts/bench_document_attention.py $DOCATTN_ARGS \
+  --out "$WORK/bench_document_attention.json"
+# 6. DualPipeV's overlapped F/B on one GPU (its config needs hydra-core and omegaconf)
 if "$PY" -c "import hydra, omegaconf" 2>/dev/null; then
   # shellcheck disable=SC2086  # OVERLAP_ARGS is a list of words
   run_step bench_overlap 90 "$PY" scripts/bench_overlap.py $OVERLAP_ARGS --out "$WORK/bench_overlap.json"
@@ -271,7 +280,7 @@ else
   echo "== bench_overlap: skipped (hydra-core/omegaconf not installed)"
 fi
 
-# 6. an export served by vLLM's Transformers backend (skipped, with a note, where vLLM is not installed)
+# 7. an export served by vLLM's Transformers backend (skipped, with a note, where vLLM is not installed)
 run_step serve_vllm 120 "$PY" scripts/check_vllm_serving.py --out "$WORK/serve_vllm.json"
 
 merge

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mhc_train.config.schema import WSD_DECAY_SHAPES, Config, ConfigError, DataConfig
+from mhc_train.config.schema import DOCUMENT_MASK_KERNELS, WSD_DECAY_SHAPES, Config, ConfigError, DataConfig
 
 
 def _fail(key: str, value: Any, fix: str) -> None:
@@ -36,6 +36,10 @@ def validate_recipe(cfg: Config) -> None:
     d = cfg.data
     if d.document_rope_restart and not d.document_mask:
         _fail("data.document_rope_restart", True, "restarts positions per document: set data.document_mask=true too")
+    if d.document_mask_kernel not in DOCUMENT_MASK_KERNELS:
+        _fail("data.document_mask_kernel", d.document_mask_kernel, f"allowed: {', '.join(DOCUMENT_MASK_KERNELS)}")
+    if d.document_mask and d.document_mask_kernel == "flex" and t.device == "cpu":
+        _fail("data.document_mask_kernel", "flex", "flex_attention has no backward on CPU: set it to auto or sdpa")
     if d.document_mask and cfg.parallel.pp > 1:
         _fail("data.document_mask", True, "later pipeline stages see no tokens to find documents in: set parallel.pp=1")
 

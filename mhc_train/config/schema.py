@@ -21,6 +21,7 @@ BACKENDS = ("torch", "triton", "auto")
 SINKHORN_BACKWARDS = ("unrolled", "implicit")
 LR_SCHEDULES = ("cosine", "step", "constant", "wsd")
 WSD_DECAY_SHAPES = ("linear", "1-sqrt")  # schedule.decay_shape of schedule=wsd
+DOCUMENT_MASK_KERNELS = ("auto", "sdpa", "flex")  # data.document_mask_kernel (model/documents.py)
 PRECISIONS = ("fp32", "bf16", "auto")
 STREAM_DTYPES = ("fp32", "bf16")
 ROPE_SCALINGS = ("none", "llama3")
@@ -173,6 +174,7 @@ class DataConfig:
     document_rope_restart: bool = False  # with document_mask: RoPE positions restart at 0 at each document
     # A weighted blend of sources ([] = data.source alone); each prepared on its own with one shared tokenizer
     blend: list[BlendSourceConfig] = field(default_factory=list)
+    document_mask_kernel: str = "auto"  # auto (flex on CUDA where torch has it, else sdpa) | sdpa | flex
 
 
 @dataclass

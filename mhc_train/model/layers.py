@@ -94,8 +94,11 @@ class Attention(nn.Module):
         else:
             q, k = doc.rotate(q, rope), doc.rotate(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
-        masking = {"is_causal": True} if doc is None else {"attn_mask": doc.mask}
-        y = F.scaled_dot_product_attention(q, k, v, **masking, enable_gqa=self.n_kv_head != self.n_head)
+        if getattr(doc, "block_mask", None) is not None:  # data.document_mask_kernel=flex (model/documents.py)
+            y = doc.flex(q, k, v, enable_gqa=self.n_kv_head != self.n_head)
+        else:
+            masking = {"is_causal": True} if doc is None else {"attn_mask": doc.mask}
+            y = F.scaled_dot_product_attention(q, k, v, **masking, enable_gqa=self.n_kv_head != self.n_head)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -19,7 +19,8 @@ P qk_rope_head_dim, V v_head_dim.
 - RoPE is the repository's convention (`layers.apply_rope`: pairs (2i, 2i+1)), over the P rope columns, with the
   model's table (`Transformer.rope`, built for width P when model.attention=mla) and theta model.rope_theta.
 - `forward(x, rope, doc)` takes the same optional document layout as the GQA attention (a packed window's
-  block-diagonal mask and per-document RoPE positions), duck-typed: `doc.mask` and `doc.rotate(x, rope)`.
+  block-diagonal mask and per-document RoPE positions), duck-typed: `doc.mask` and `doc.rotate(x, rope)`, or
+  `doc.flex(q, k, v, scale)` where `doc.block_mask` is set (data.document_mask_kernel=flex).
 - No YaRN scaling of the softmax (DeepSeek-V3's context extension) and no biases, as in DeepSeek-V3's pretraining.
 - Parameters are `nn.Linear` and `RMSNorm` modules, so `Transformer.init_weights` initialises them as every other
   projection (N(0, init_std), `wo` depth-scaled as the GQA `attn.wo`; norm gains 1). Construction allocates only.
@@ -86,8 +87,11 @@ class MLAttention(nn.Module):
         if pad:
             v = F.pad(v, (0, pad))  # [B, T, H, N + P]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, *]
-        masking = {"is_causal": True} if doc is None else {"attn_mask": doc.mask}
-        y = F.scaled_dot_product_attention(q, k, v, **masking, scale=self.scale)  # [B, H, T, V (+ pad)]
+        if getattr(doc, "block_mask", None) is not None:  # data.document_mask_kernel=flex (model/documents.py)
+            y = doc.flex(q, k, v, scale=self.scale)  # [B, H, T, V (+ pad)]
+        else:
+            masking = {"is_causal": True} if doc is None else {"attn_mask": doc.mask}
+            y = F.scaled_dot_product_attention(q, k, v, **masking, scale=self.scale)  # [B, H, T, V (+ pad)]
         if pad:
             y = y[..., :V]
         return self.wo(y.transpose(1, 2).reshape(B, T, H * V))

@@ -120,6 +120,7 @@ class Transformer(nn.Module):
         self._loss_fn: Callable | None = None  # see `use_loss`
         self.document_eos: int | None = None  # see `use_documents`
         self.document_rope_restart = False
+        self.document_kernel = "sdpa"  # see `use_documents`
         self.register_buffer("rope", model_rope_cache(cfg), persistent=False)
 
     @property
@@ -144,11 +145,12 @@ class Transformer(nn.Module):
         """Every connection site of the blocks this module holds, in forward order."""
         return [part for layer in self.layers.values() for part in layer.site_parts(self.rope, doc)]
 
-    def use_documents(self, eos_id: int | None, restart_rope: bool = False) -> None:
+    def use_documents(self, eos_id: int | None, restart_rope: bool = False, kernel: str = "sdpa") -> None:
         """Per-document attention in training (data.document_mask): `forward` finds the documents of its token
         batches at `eos_id` (None: off, the default) and attends within each, RoPE restarting per document with
-        `restart_rope`. Set once, like `use_block_runner`; generation and export build models without it."""
-        self.document_eos, self.document_rope_restart = eos_id, restart_rope
+        `restart_rope`. Set once, like `use_block_runner`; generation and export build models without it. `kernel`:
+        "sdpa" (a boolean mask) or "flex" (flex_attention; `documents.document_kernel` resolves the config's auto)."""
+        self.document_eos, self.document_rope_restart, self.document_kernel = eos_id, restart_rope, kernel
 
     def document_layout(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None):
         """The `DocumentLayout` of a forward: from `doc_ids` [B, T] when given, else from the EOS tokens of `tokens`
@@ -156,7 +158,7 @@ class Transformer(nn.Module):
         if doc_ids is None and (self.document_eos is None or tokens.dtype.is_floating_point):
             return None
         doc_ids = document_ids(tokens, self.document_eos) if doc_ids is None else doc_ids
-        return document_layout(doc_ids, self.document_rope_restart)
+        return document_layout(doc_ids, self.document_rope_restart, self.document_kernel)
 
     def sites(self) -> list[tuple[str, nn.Module]]:
         """Connection sites in forward order: (name, site)."""

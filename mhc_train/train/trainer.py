@@ -38,6 +38,7 @@ from mhc_train.data.loader import Prefetcher
 from mhc_train.io.log import ensure_logging, get_logger
 from mhc_train.io.rundir import RunDir
 from mhc_train.model import build_model
+from mhc_train.model.documents import document_kernel
 from mhc_train.parallel import (
     build_engine,
     builds_on_meta,
@@ -121,7 +122,8 @@ class Trainer:
         if cfg.data.document_mask:  # attention within each document of a packed window (model/documents.py)
             if self.eos_id is None:
                 raise TrainingError("data.document_mask=true needs the EOS id in the data manifest: prepare it again")
-            self.model.use_documents(self.eos_id, cfg.data.document_rope_restart)
+            kernel = document_kernel(cfg.data.document_mask_kernel, self.device)  # auto: flex on CUDA, else sdpa
+            self.model.use_documents(self.eos_id, cfg.data.document_rope_restart, kernel)
         self.checkpointer = Checkpointer(cfg, self.config_dict, self.tokenizer_ref, self.run_dir, self.dist)
         resume = self.checkpointer.resume_point()
         if self.dist.is_main:

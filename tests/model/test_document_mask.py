@@ -87,6 +87,7 @@ def test_trainer_turns_the_mask_on(prepared_data, tmp_path):
     t = Trainer(load_config(run_overrides(prepared_data, tmp_path / "r", **over)))
     try:
         assert t.model.document_eos == t.eos_id == 1 and t.model.document_rope_restart
+        assert t.model.document_kernel == "sdpa"  # data.document_mask_kernel=auto on CPU
         x, _ = t.data.train_batch(0, 0, 0, 4, 32)
         assert t.model.document_layout(x) is not None
     finally:
