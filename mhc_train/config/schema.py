@@ -174,7 +174,7 @@ class DataConfig:
     document_rope_restart: bool = False  # with document_mask: RoPE positions restart at 0 at each document
     # A weighted blend of sources ([] = data.source alone); each prepared on its own with one shared tokenizer
     blend: list[BlendSourceConfig] = field(default_factory=list)
-    document_mask_kernel: str = "auto"  # auto (flex on CUDA where torch has it, else sdpa) | sdpa | flex
+    document_mask_kernel: str = "auto"  # auto (= sdpa until flex is measured on a GPU) | sdpa | flex (CUDA)
 
 
 @dataclass

@@ -77,10 +77,11 @@ def flex_available() -> bool:
 
 
 def document_kernel(kernel: str, device: torch.device | str) -> str:
-    """data.document_mask_kernel on `device` -> "sdpa" or "flex" (auto: flex on CUDA where torch has it). Training
-    with flex off CUDA, or on a torch without it, is one line (flex_attention has no CPU backward)."""
+    """data.document_mask_kernel on `device` -> "sdpa" or "flex". auto is sdpa everywhere until flex has run on a
+    GPU here (scripts/gpu_check.sh times and checks it; no GPU has been lent yet): flex is opt-in. Training with flex
+    off CUDA, or on a torch without it, is one line (flex_attention has no CPU backward)."""
     cuda = torch.device(device).type == "cuda"
-    if kernel == "sdpa" or (kernel == "auto" and not (cuda and flex_available())):
+    if kernel in ("sdpa", "auto"):
         return "sdpa"
     if not cuda:
         raise ConfigError(

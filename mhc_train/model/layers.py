@@ -96,9 +96,13 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
         if getattr(doc, "block_mask", None) is not None:  # data.document_mask_kernel=flex (model/documents.py)
             y = doc.flex(q, k, v, enable_gqa=self.n_kv_head != self.n_head)
-        else:
-            masking = {"is_causal": True} if doc is None else {"attn_mask": doc.mask}
-            y = F.scaled_dot_product_attention(q, k, v, **masking, enable_gqa=self.n_kv_head != self.n_head)
+        elif doc is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+        else:  # a boolean mask: CUDA's memory-efficient kernel takes it, but not with enable_gqa (SDPA would fall
+            # back to the math kernel and hold [B, H, T, T]), so the kv heads are repeated to the query heads here
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=doc.mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
