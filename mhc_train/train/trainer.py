@@ -270,7 +270,7 @@ class Trainer:
 
     def _blend_meta(self) -> dict:
         """A blend's weights and each source's realised share of the run's training tokens (for the meta record)."""
-        if not self.cfg.data.blend:
+        if not self.cfg.data.blend or not self.dist.is_main:  # only rank 0 writes the record: the others skip the draw
             return {}
         t, labels = self.cfg.train, self.data.labels
         shares = self.data.token_shares(t.seed, t.max_steps, t.batch_size)
