@@ -67,6 +67,17 @@ def host_state(model: torch.nn.Module) -> dict:
     return model.state_dict()
 
 
+def stream_into_host(model: torch.nn.Module, train_model: torch.nn.Module, is_main: bool) -> None:
+    """Fill rank 0's plain `model` from a sharded `train_model` (FSDP2 / DTensor) one tensor at a time: every rank
+    joins each all-gather, rank 0 copies the whole tensor into its host view and drops it, so no rank ever holds a
+    dict of the whole model beside it."""
+    target = host_state(model) if is_main else None
+    for k, v in train_model.state_dict().items():
+        whole = state.full(v).detach()  # a collective: every rank
+        if target is not None:
+            target[k].copy_(whole)
+
+
 @contextlib.contextmanager
 def plain_blocks(module: torch.nn.Module):
     """`module`'s blocks as the plain loop for the duration (a recompute runner calls the sites without their forward,

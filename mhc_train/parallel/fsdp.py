@@ -56,7 +56,7 @@ import torch
 
 from mhc_train.parallel.compile import apply_compile as compile_blocks
 from mhc_train.parallel.dist import mean_over_mesh_
-from mhc_train.parallel.engine import LocalEngine, host_state, release_eval_copy
+from mhc_train.parallel.engine import LocalEngine, release_eval_copy, stream_into_host
 from mhc_train.parallel.expert_parallel import distribute_experts, scale_expert_grads
 from mhc_train.parallel.state import full, local, materialise, on_meta
 
@@ -243,12 +243,7 @@ class FSDPEngine(LocalEngine):
         reshard_all([self.train_model])
 
     def _sync_full_model(self) -> None:
-        """All-gather one tensor at a time; rank 0 copies each into its plain model on the host and drops it."""
-        target = host_state(self.model) if self.dist.is_main else None
-        for k, v in self.train_model.state_dict().items():
-            whole = full(v).detach()  # a collective: every rank
-            if target is not None:
-                target[k].copy_(whole)
+        stream_into_host(self.model, self.train_model, self.dist.is_main)
 
     def gather_grads(self) -> dict:
         return {n: full(p.grad).detach().cpu().clone() for p, n in self.param_names().items() if p.grad is not None}

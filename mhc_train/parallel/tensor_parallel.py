@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 
 from mhc_train.parallel.dist import all_reduce_over, sum_over_group
-from mhc_train.parallel.engine import LocalEngine, materialise_on_host, release_eval_copy
+from mhc_train.parallel.engine import LocalEngine, release_eval_copy, stream_into_host
 from mhc_train.parallel.fsdp import FSDPEngine
-from mhc_train.parallel.state import full, full_model_state, local
+from mhc_train.parallel.state import full, local
 
 LOSS_CHUNK_ELEMENTS = 1 << 26  # fp32 local logits per chunk, as model.transformer.LOSS_CHUNK_ELEMENTS
 
@@ -279,9 +279,7 @@ class TPEngine(SequenceParallelDiagnostics, LocalEngine):
         return self.train_model, self.train_model
 
     def _sync_full_model(self) -> None:
-        state = full_model_state([self.train_model], keep=self.dist.is_main)
-        if self.dist.is_main:
-            materialise_on_host(self.model, state)
+        stream_into_host(self.model, self.train_model, self.dist.is_main)  # one tensor at a time, as FSDP does
 
     def gather_grads(self) -> dict:
         return {n: full(p.grad).detach().cpu().clone() for p, n in self.param_names().items() if p.grad is not None}
