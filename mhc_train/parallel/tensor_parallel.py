@@ -227,8 +227,16 @@ def clip_grads(params, limit: float) -> torch.Tensor:
 def grad_norm(params) -> torch.Tensor:
     """The global gradient norm over DTensor (sharded or replicated over tp) and plain replicated gradients: each
     DTensor's norm is made whole over its mesh, each plain one counted once (every tp rank holds the same sum)."""
-    squares = [full(torch.linalg.vector_norm(p.grad.float())) ** 2 for p in params]
-    return torch.stack([s.reshape(()) for s in squares]).sum().sqrt()
+    from torch.distributed.tensor import DTensor
+    from torch.nn.utils import get_total_norm
+
+    groups: dict = {}  # one norm (and so one collective) per layout, not per parameter
+    for p in params:
+        g = p.grad
+        key = (id(g.device_mesh), tuple(g.placements)) if isinstance(g, DTensor) else None
+        groups.setdefault(key, []).append(g)
+    squares = [full(get_total_norm(grads)).float().reshape(()) ** 2 for grads in groups.values()]
+    return torch.stack(squares).sum().sqrt()
 
 
 class TPEngine(SequenceParallelDiagnostics, LocalEngine):
