@@ -129,7 +129,7 @@ def rank_memory(cfg: Config, world: int, rank: int, pp_rank: int = 0) -> tuple[d
             cfg, worst.peak, micro, amp, per_stage
         )
         copies = (k - 1) * saved_copies + worst.peak_copies
-        boundary = _pipeline_buffers(cfg, lay, m, micro, amp)
+        boundary = _pipeline_buffers(cfg, lay, m, micro)
     else:
         micro = max(1, t.batch_size // (world // p.tp))  # the tp ranks of a data-parallel group share a batch
         tr = trace_stage(cfg, cfg.model.n_layer, micro, True, True, amp)
@@ -157,19 +157,18 @@ def tp_activations(cfg: Config, traced: float, micro: int, amp, layers: int | No
     return traced / tp + gathered * (1 - 1 / tp)
 
 
-def _pipeline_buffers(cfg: Config, lay: Layout, m: int, micro: int, amp) -> float:
+def _pipeline_buffers(cfg: Config, lay: Layout, m: int, micro: int) -> float:
     """torch.distributed.pipelining's per-micro-batch buffers, kept across steps: a receive buffer for each
     micro-batch's input (every stage but the first) and for its output gradient (every stage but the last), each
-    `[micro, T, n, C]`; the last stage keeps every micro-batch's logits for the step's merged output. Under tensor
-    parallelism both are 1/tp (the stream's [micro, T/tp, n, C] slice crosses, the logits are vocab-sharded)."""
+    `[micro, T, n, C]`. The last stage returns each micro-batch's chunked loss, a scalar, not its logits (the chunks'
+    logits are transient, in the traced activations). Under tensor parallelism the buffers are 1/tp (the stream's
+    [micro, T/tp, n, C] slice crosses)."""
     t, tp = cfg.train, cfg.parallel.tp
     stream = 2 if cfg.model.stream_dtype == "bf16" else 4
     per = micro * t.seq_len * cfg.connection.n_streams * cfg.model.dim * stream / tp
     total = 0.0
     for s in lay.stage_ids:
         total += m * per * ((s != 0) + (s != lay.n_stages - 1))
-        if s == lay.n_stages - 1:
-            total += m * micro * t.seq_len * cfg.model.vocab_size * (2 if amp is not None else 4) / tp
     return total
 
 
