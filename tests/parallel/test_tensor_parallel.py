@@ -152,5 +152,7 @@ def test_plan_covers_pp_tp_fsdp_with_stage_activations_split_over_tp():
     tp = make_plan(load_config([*base, "train.batch_size=8"]), 8)
     one = make_plan(load_config([*base, "train.batch_size=16", "parallel.tp=1"]), 8)
     assert "pp=2 x tp=2 x dp=2" in tp["engine"], tp["engine"]
-    for key in ("activations", "buffers"):
-        assert tp["bytes"][key] < 0.6 * one["bytes"][key], (key, tp["bytes"], one["bytes"])
+    assert tp["bytes"]["activations"] < 0.6 * one["bytes"]["activations"], (tp["bytes"], one["bytes"])
+    # the buffers hold the received [micro, T/tp, n, C] slices (halved) beside the gather buffers (not halved): the
+    # last stage returns its chunked loss, so no vocab-sharded logits are kept across micro-batches any more
+    assert tp["bytes"]["buffers"] < 0.8 * one["bytes"]["buffers"], (tp["bytes"], one["bytes"])
