@@ -194,6 +194,20 @@ def converted_shards(src: Path, hf: dict, head_dim: int) -> Iterator[tuple[Path,
                              f"{sorted(pending)[:3]}; the export is incomplete")  # fmt: skip
 
 
+def fitting(src, tensors: dict, params: dict, tied: bool) -> dict:
+    """One converted shard's tensors, each checked against the model's parameter of that name and shape (one line
+    naming the tensor otherwise); a tied model's separate head is dropped (transformers may store both)."""
+    out = {}
+    for key, t in tensors.items():
+        if key == "output.weight" and tied:
+            continue
+        if key not in params or params[key].shape != t.shape:
+            got = tuple(params[key].shape) if key in params else "no such parameter"
+            raise InferenceError(f"{src}: tensor {key} {tuple(t.shape)} does not fit the model ({got})")
+        out[key] = t
+    return out
+
+
 def load_weights(model: Transformer, src: Path, hf: dict) -> set[str]:
     """Fill `model` from the shards of `src`, one shard at a time; returns the names filled. Every parameter must be
     covered, the connection sites' only where the source has any (an mhc-train export of an n-stream arm)."""
@@ -202,12 +216,7 @@ def load_weights(model: Transformer, src: Path, hf: dict) -> set[str]:
     tied = model.cfg.tie_embeddings
     with torch.no_grad():
         for _, tensors in converted_shards(src, hf, head_dim(model.cfg)):
-            for key, t in tensors.items():
-                if key == "output.weight" and tied:
-                    continue  # the tied head is the embedding (transformers may store both)
-                if key not in params or params[key].shape != t.shape:
-                    got = tuple(params[key].shape) if key in params else "no such parameter"
-                    raise InferenceError(f"{src}: tensor {key} {tuple(t.shape)} does not fit the model ({got})")
+            for key, t in fitting(src, tensors, params, tied).items():
                 params[key].copy_(t)
                 seen.add(key)
     has_sites = any("_conn." in k for k in seen)
@@ -335,16 +344,9 @@ def stream_dcp_body(src: Path, hf: dict, cfg, run: RunDir, skew: float) -> dict:
         seen.update(part)
 
     for _, tensors in converted_shards(src, hf, head_dim(cfg.model)):
-        part = {}
-        for key, t in tensors.items():
-            if key == "output.weight" and tied:
-                continue  # the tied head is the embedding (transformers may store both)
-            if key not in params or params[key].shape != t.shape:
-                got = tuple(params[key].shape) if key in params else "no such parameter"
-                raise InferenceError(f"{src}: tensor {key} {tuple(t.shape)} does not fit the model ({got})")
-            part[key] = t
-            if tied and key == "tok_embeddings.weight":
-                part["output.weight"] = t
+        part = fitting(src, tensors, params, tied)
+        if tied and "tok_embeddings.weight" in part:
+            part["output.weight"] = part["tok_embeddings.weight"]
         if part:
             write(part)
     if not any("_conn." in k for k in seen):  # a one-stream source: start as its function
