@@ -14,18 +14,12 @@ import torch
 from mhc_train.checkpoint import CheckpointManager
 from mhc_train.train.metrics import read_metrics
 from tests.support import chunked_train, launch, runs
-from tests.support.configs import run_overrides
+from tests.support.configs import DISTRIBUTED, run_overrides
 from tests.support.numerics import assert_close_runs
 
 pytestmark = pytest.mark.slow  # every test launches torchrun (2 or 4 gloo ranks)
 
-COMMON = {
-    "train.max_steps": 3,
-    "train.batch_size": 4,
-    "checkpoint.every": 0,
-    "train.threads": 1,
-    "train.dump_grads_at": 1,
-}
+COMMON = DISTRIBUTED  # the settings one-process references are shared under (tests/support/configs.py)
 
 
 @pytest.mark.parametrize("arm", ["residual", "hc", "mhc"])

@@ -23,7 +23,7 @@ from mhc_train.config import ConfigError, load_config
 from mhc_train.config.validate import validate_world
 from mhc_train.train.metrics import read_metrics
 from tests.support import launch, runs
-from tests.support.configs import run_overrides
+from tests.support.configs import DISTRIBUTED, run_overrides
 from tests.support.numerics import assert_close_runs
 
 FULL = "1" in (os.environ.get("MHC_TRAIN_TP_FULL"), os.environ.get("MHC_TRAIN_MATRIX_FULL"))  # make test-matrix
@@ -40,14 +40,7 @@ def test_tp2_matches_one_process_and_never_gathers_logits():
         assert f"PASS {case}" in out, out[-3000:]
 
 
-COMMON = {
-    "train.max_steps": 3,
-    "train.batch_size": 4,
-    "checkpoint.every": 0,
-    "train.threads": 1,
-    "train.dump_grads_at": 1,
-    "connection": "mhc",
-}  # test_distributed.py's settings with connection=mhc: one reference run serves both files
+COMMON = {**DISTRIBUTED, "connection": "mhc"}  # test_distributed.py's settings: shared one-process references
 
 
 @pytest.mark.slow

@@ -10,6 +10,16 @@ import torch
 from mhc_train.config import ConnectionConfig, ModelConfig
 
 TINY = dict(vocab_size=256, dim=32, n_layer=2, n_head=4, max_seq_len=64)
+# The multi-rank tests' common run settings (test_distributed.py, test_tensor_parallel.py): equal settings share one
+# session-wide one-process reference run (conftest's reference_runs).
+DISTRIBUTED = {
+    "train.max_steps": 3,
+    "train.batch_size": 4,
+    "checkpoint.every": 0,
+    "train.threads": 1,
+    "train.dump_grads_at": 1,
+}
+
 ARMS = {
     "residual": dict(type="residual", n_streams=1),
     "hc": dict(type="hc", n_streams=4),
