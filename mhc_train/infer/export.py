@@ -3,23 +3,29 @@
 <out>/
   config.json               MHCConfig: the model shape in transformers' names, `connection` = our ConnectionConfig
   model.safetensors         the weights, fp32, named `model.<mhc-train parameter name>` (the head `lm_head.weight`)
-  modeling_mhc.py           MHCConfig + MHCForCausalLM, all three arms (torch and transformers only)
+  modeling_mhc.py           MHCModel + MHCForCausalLM, every arm (torch and transformers only), importing
+  configuration_mhc.py      MHCConfig
+  connections_mhc.py        the connection sites and collapses (paper and DeepSeek-V4 numerics, single-pass)
+  layers_mhc.py             RMSNorm, RoPE, GQA / MLA attention, the dense and MoE FFNs
   tokenization_mhc.py       MHCTokenizer (sentencepiece itself, so ids equal ours)
   tokenizer.model           the run's sentencepiece model
   tokenizer_config.json, special_tokens_map.json, generation_config.json
 
 Notes:
 - The directory is written under a temporary name and renamed, so a half-written export never carries the name.
-- MoE models (model.ffn=moe) are refused with one line (not exportable yet; generate runs them).
-- MLA models (model.attention=mla) add `attention` and `mla` (model.mla.*) to config.json; GQA exports are unchanged.
+- Every model the trainer trains exports with equal logits (fp32, 1e-5; tests/infer): residual, HC, mHC with
+  `connection.numerics` paper or deepseek_v4 and `connection.collapse` sum, mean or learned, and single-pass mHC
+  (`connection.type=mhc_single_pass`; config.json's `connection.n_streams` is n, the state has n + 1 rows).
+- MLA models (model.attention=mla) add `attention` and `mla` (model.mla.*) to config.json; MoE models (model.ffn=moe)
+  add `ffn` and `moe` (model.moe.*), and each MoE layer's balancing bias is the buffer `model.layers.{i}.ffn.
+  expert_bias` in model.safetensors. Dense GQA exports are unchanged. An MoE with a capacity factor is refused (its
+  inference drops tokens depending on the batch; transformers' cached decode could not match it).
 - A tied LM head is written as its own copy `lm_head.weight` (safetensors stores no aliases); config.json says
   tie_word_embeddings=false. The decoder is `model.<mhc-train name>` (AutoModel loads it alone).
 - `hc_names="deepseek"` (`--hc-names deepseek`): the mHC sites and the learned collapse under DeepSeek-V4's names and
   layouts (`model.layers.{i}.attn_hc.fn` ..., `model.hc_head.hc_fn`; `mhc_train.model.deepseek_map`), config.json
   gains `hc_names` and the `DeepseekV4Config` connection fields, for DeepSeek-format tooling and `import-hf`. Such a
   directory has no `AutoModelForCausalLM` entry (modeling_mhc.py reads our names; it would start the sites from scratch).
-- modeling_mhc.py runs the paper numerics and the sum collapse: other `connection.numerics` / `collapse` values are
-  refused there with our names (use `--hc-names deepseek`).
 """
 
 from __future__ import annotations
@@ -38,8 +44,9 @@ from mhc_train.model import deepseek_map
 from mhc_train.model.transformer import ffn_hidden_dim, head_dim
 
 HF_DIR = Path(__file__).parent / "hf"
+MODELING_FILES = ("configuration_mhc.py", "connections_mhc.py", "layers_mhc.py", "modeling_mhc.py")
 AUTO_MAP = {
-    "AutoConfig": "modeling_mhc.MHCConfig",
+    "AutoConfig": "configuration_mhc.MHCConfig",
     "AutoModel": "modeling_mhc.MHCModel",
     "AutoModelForCausalLM": "modeling_mhc.MHCForCausalLM",
 }
@@ -62,7 +69,7 @@ def hf_config(loaded: Loaded) -> dict:
         "max_position_embeddings": cfg.max_seq_len,
         "rope_theta": cfg.rope_theta,
         "rms_norm_eps": cfg.norm_eps,
-        "connection": {**dataclasses.asdict(conn), "n_streams": loaded.model.n_streams},
+        "connection": {**dataclasses.asdict(conn), "n_streams": site_streams(loaded)},
         "attention_bias": cfg.qkv_bias,
         "qk_norm": cfg.qk_norm,
         "mhc_rope_scaling": rope_scaling(cfg),
@@ -77,7 +84,20 @@ def hf_config(loaded: Loaded) -> dict:
             "connection": dataclasses.asdict(conn),
         },  # fmt: skip
         **mla_config(cfg),  # MLA models only
+        **moe_config(cfg),  # MoE models only
     }
+
+
+def site_streams(loaded: Loaded) -> int:
+    """n of the connection sites: 1 for the residual, the model's stream count otherwise (single-pass: its n, not the
+    n + 1 rows of its state)."""
+    conn = loaded.model.conn
+    return getattr(conn, "n", None) or loaded.model.n_streams
+
+
+def moe_config(cfg) -> dict:
+    """MoE's keys of config.json (model.ffn and model.moe.*); none for a dense model, whose export is unchanged."""
+    return {"ffn": "moe", "moe": dataclasses.asdict(cfg.moe)} if getattr(cfg, "ffn", "dense") == "moe" else {}
 
 
 def mla_config(cfg) -> dict:
@@ -111,12 +131,6 @@ def _check_hc_names(loaded: Loaded, hc_names: str) -> None:
         raise InferenceError(f"--hc-names must be one of {HC_NAMES}, got {hc_names!r}")
     if hc_names == "deepseek" and conn.type not in ("mhc", "mhc_single_pass"):
         raise InferenceError(f"--hc-names deepseek maps mHC sites; this is a {conn.type} model: use --hc-names mhc")
-    extra = getattr(conn, "numerics", "paper") != "paper" or getattr(conn, "collapse", "sum") != "sum"
-    if hc_names == "mhc" and (extra or conn.type == "mhc_single_pass"):
-        raise InferenceError(
-            f"modeling_mhc.py runs the residual, hc and mhc arms with numerics=paper and collapse=sum; this model is "
-            f"{conn.type} with numerics={conn.numerics}, collapse={conn.collapse}: export it with --hc-names deepseek"
-        )
 
 
 def export(loaded: Loaded, out_dir: str | Path, overwrite: bool = False, hc_names: str = "mhc") -> Path:
@@ -125,8 +139,10 @@ def export(loaded: Loaded, out_dir: str | Path, overwrite: bool = False, hc_name
 
     _check_hc_names(loaded, hc_names)
     out = Path(out_dir)
-    if getattr(loaded.model.cfg, "ffn", "dense") == "moe":
-        raise InferenceError("export writes dense models only; model.ffn=moe is not exportable yet (generate works)")
+    cfg = loaded.model.cfg
+    if getattr(cfg, "ffn", "dense") == "moe" and cfg.moe.capacity_factor:
+        raise InferenceError(f"model.moe.capacity_factor={cfg.moe.capacity_factor} drops tokens by batch position, "
+                             "which a KV-cached export cannot reproduce; export dropless MoE models (capacity 0)")  # fmt: skip
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise InferenceError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
@@ -140,7 +156,8 @@ def export(loaded: Loaded, out_dir: str | Path, overwrite: bool = False, hc_name
         config.update(hc_names="deepseek", **deepseek_map.deepseek_config_values(loaded.model.conn_cfg))
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    shutil.copyfile(HF_DIR / "modeling_mhc.py", tmp / "modeling_mhc.py")
+    for name in MODELING_FILES:
+        shutil.copyfile(HF_DIR / name, tmp / name)
     if hasattr(loaded.tokenizer, "sp"):
         write_sentencepiece_tokenizer(loaded.tokenizer, tmp)
     else:

@@ -26,7 +26,8 @@ Notes:
   An upcycled arm (a one-stream source, an n-stream arm) gets `optim.connection_warmup_steps` (--connection-warmup,
   default 100): the new connection's LR ramps from 0 while the imported weights train at the schedule's LR. It is in
   the step file's config and in hf_import.yaml; residual and an export read in its own arm keep 0.
-- An mhc-train export (`MHCForCausalLM`) is read back under its own names and connection; one written with
+- An mhc-train export (`MHCForCausalLM`) is read back under its own names, model (MLA and MoE sections included)
+  and connection, an MoE layer's balancing bias (a buffer) with the weights; one written with
   `export --hc-names deepseek` (config.json `hc_names: deepseek`) has its mHC sites and learned collapse mapped back
   from DeepSeek-V4's names and layouts (`import_deepseek.py`).
 """
@@ -208,10 +209,18 @@ def fitting(src, tensors: dict, params: dict, tied: bool) -> dict:
     return out
 
 
+def weight_targets(model: Transformer) -> dict[str, torch.Tensor]:
+    """What a source tensor may fill, by name: every parameter (a tied one under both names) and every persistent
+    buffer (an MoE layer's balancing bias `ffn.expert_bias`, which an MoE export carries)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in params}
+    return {**params, **buffers}
+
+
 def load_weights(model: Transformer, src: Path, hf: dict) -> set[str]:
     """Fill `model` from the shards of `src`, one shard at a time; returns the names filled. Every parameter must be
     covered, the connection sites' only where the source has any (an mhc-train export of an n-stream arm)."""
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = weight_targets(model)
     seen: set[str] = set()
     tied = model.cfg.tie_embeddings
     with torch.no_grad():
@@ -233,7 +242,8 @@ def import_config(hf: dict, connection: str | None, out: Path, connection_warmup
     warm-up (`connection_warmup` steps)."""
     from dataclasses import asdict
 
-    from mhc_train.config import ConnectionConfig, ModelConfig, validate_connection, validate_model
+    from mhc_train.config import ConnectionConfig, validate_connection, validate_model
+    from mhc_train.infer.load import model_config
 
     export_conn = hf.get("mhc_train", {}).get("connection") if hf["architectures"][0] == "MHCForCausalLM" else None
     if export_conn and export_conn.get("type") != "residual" and connection not in (None, export_conn.get("name")):
@@ -241,7 +251,7 @@ def import_config(hf: dict, connection: str | None, out: Path, connection_warmup
                              "as that arm (omit --connection): only a residual model is upcycled to another arm")  # fmt: skip
     arm = connection or (export_conn or {}).get("name") or "residual"
     cfg = load_config([f"connection={arm}", f"run_dir={out}", f"data.tokenizer_model={out / 'tokenizer.json'}"])
-    cfg.model = ModelConfig(**{**asdict(cfg.model), **model_overrides(hf)})
+    cfg.model = model_config({**asdict(cfg.model), **model_overrides(hf)})  # nested sections (mla, moe) rebuilt
     if hf["architectures"][0] != "MHCForCausalLM":  # the tokenizer may have fewer pieces than the embedding rows
         cfg.model.vocab_padded = True
     if export_conn and connection is None:
@@ -332,7 +342,7 @@ def stream_dcp_body(src: Path, hf: dict, cfg, run: RunDir, skew: float) -> dict:
             with torch.no_grad():
                 for key, value in model.initial_values(name, mod, cfg.train.seed).items():
                     getattr(mod, key).copy_(value)
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = weight_targets(model)
     trained = {n for n, _ in model.named_parameters()}  # a tied head is the embedding's parameter
     tag, tied = run.tag(0), cfg.model.tie_embeddings
     writer, seen = StreamingDcp(run.dcp_dir(tag)), set()

@@ -171,8 +171,8 @@ def test_state_dict_mapping_is_lossless_both_ways():
 
 
 def test_export_with_deepseek_names_reads_back_bit_identical(prepared_data, tmp_path):
-    """`export --hc-names deepseek` writes DeepSeek's names, and mapping them back gives our weights exactly; the
-    default names are refused for numerics modeling_mhc.py does not run."""
+    """`export --hc-names deepseek` writes DeepSeek's names, and mapping them back gives our weights exactly; a
+    residual model has no sites to name so (the default names export every arm: tests/infer/test_export_arms.py)."""
     import json
 
     from safetensors.torch import load_file
@@ -187,8 +187,10 @@ def test_export_with_deepseek_names_reads_back_bit_identical(prepared_data, tmp_
     cfg = conn_cfg("mhc", numerics="deepseek_v4", collapse="learned")
     model = build_model(tiny_model_cfg(vocab_size=512), cfg, seed=5)
     loaded = Loaded(model, Tokenizer(prepared_data / "tokenizer.model"), {}, tmp_path / "step.pt", 0)
-    with pytest.raises(InferenceError, match="--hc-names deepseek"):
-        export(loaded, tmp_path / "refused")
+    residual = Loaded(build_model(tiny_model_cfg(vocab_size=512), conn_cfg("residual")), loaded.tokenizer, {},
+                      tmp_path / "step.pt", 0)  # fmt: skip
+    with pytest.raises(InferenceError, match="use --hc-names mhc"):
+        export(residual, tmp_path / "refused", hc_names="deepseek")
     out = export(loaded, tmp_path / "hf", hc_names="deepseek")
     weights = load_file(out / "model.safetensors")
     assert "model.layers.0.attn_hc.fn" in weights and "model.hc_head.hc_scale" in weights
