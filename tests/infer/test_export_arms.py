@@ -1,8 +1,8 @@
 """The Hugging Face export of every model the trainer trains beyond the dense paper arms (test_infer.py): MoE (residual,
-mHC, and MLA + MoE), `connection.numerics: deepseek_v4` with the learned collapse, the mean collapse, and single-pass
-mHC (DeepSeek and paper numerics). Each: the exported logits equal ours (fp32, 1e-5), the collapse after block 0
-equals ours (output_hidden_states), transformers' KV-cached decode equals its full forward, and its `generate()`
-gives our greedy tokens. import-hf reads an MoE + MLA export back (balancing biases included) with equal logits.
+mHC, and MLA + MoE), `connection.numerics: deepseek_v4` with the learned collapse, the mean collapse, HC with the
+learned collapse, and single-pass mHC (DeepSeek and paper numerics). Each: the exported logits equal ours (fp32,
+1e-5), the collapse after block 0 equals ours (output_hidden_states), transformers' KV-cached decode equals its full
+forward, and its `generate()` gives our greedy tokens. import-hf reads an MoE + MLA export back (balancing biases included) with equal logits.
 
 The sites are moved off their init with peaked res logits (bias noise 2, t_max 4, hc_eps 1e-3) so DeepSeek's
 arithmetic, its eps placements and the routing's balancing bias all move the logits far beyond 1e-5."""
@@ -35,6 +35,7 @@ CASES = {  # id -> (connection overrides, model overrides)
     "moe-mla-mhc": (dict(arm="mhc", phi_init_std=0.5), {**MOE, **MLA}),
     "deepseek_v4-learned": (dict(arm="mhc", numerics="deepseek_v4", collapse="learned", **PEAKED), {}),
     "mean": (dict(arm="mhc", collapse="mean", phi_init_std=0.5), {}),
+    "hc-learned": (dict(arm="hc", collapse="learned", hc_dynamic_scale_init=0.5), {}),
     "single_pass-deepseek_v4": (dict(arm="mhc", type="mhc_single_pass", numerics="deepseek_v4", **PEAKED), {}),
     "single_pass-paper": (dict(arm="mhc", type="mhc_single_pass", phi_init_std=0.5), {}),
 }
