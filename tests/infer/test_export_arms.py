@@ -92,19 +92,24 @@ def test_export_logits_cached_decode_and_greedy_tokens_equal_ours(case, tokenize
     assert [row[: len(mine)] for row, mine in zip(theirs, greedy)] == greedy
 
 
-def test_moe_export_writes_the_balancing_bias_and_its_config(tokenizer, tmp_path):
+def test_moe_export_writes_the_balancing_bias_config_and_every_modeling_file(tokenizer, tmp_path):
     import json
 
     from safetensors.torch import load_file
 
-    model, _ = exported("moe-mla-mhc", tokenizer, tmp_path)
+    model, hf = exported("moe-mla-mhc", tokenizer, tmp_path)
     weights = load_file(tmp_path / "hf" / "model.safetensors")
     assert torch.equal(weights["model.layers.1.ffn.expert_bias"], model.layers["1"].ffn.expert_bias)
     assert "model.layers.0.ffn.expert_bias" not in weights  # first_k_dense: block 0 stays dense
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["ffn"] == "moe" and config["moe"]["n_routed_experts"] == 4 and config["attention"] == "mla"
-    files = {p.name for p in (tmp_path / "hf").glob("*.py")}
-    assert {"modeling_mhc.py", "configuration_mhc.py", "connections_mhc.py", "layers_mhc.py"} <= files
+    modeling = {"modeling_mhc.py", "configuration_mhc.py", "connections_mhc.py", "layers_mhc.py"}
+    assert modeling <= {p.name for p in (tmp_path / "hf").glob("*.py")}
+    hf.save_pretrained(tmp_path / "again")  # transformers copies the remote code with its relative imports
+    assert modeling <= {p.name for p in (tmp_path / "again").glob("*.py")}
+    tokens = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert_close(load(tmp_path / "again")(tokens).logits, model(tokens), atol=1e-5, what="save_pretrained copy")
 
 
 def test_a_capacity_factor_moe_is_refused(tokenizer, tmp_path):

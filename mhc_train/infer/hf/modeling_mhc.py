@@ -123,6 +123,8 @@ class MHCModel(MHCPreTrainedModel):
 
     def __init__(self, config):
         super().__init__(config)
+        conn = config.connection
+        self.n_streams = 1 if conn.get("type") == "residual" else conn.get("n_streams", 4)  # the sites' n
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleDict({str(i): Block(config, i) for i in range(config.num_hidden_layers)})
         self.collapse_conn = make_collapse(config)  # the final stream read (connection.collapse)
