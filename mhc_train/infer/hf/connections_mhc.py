@@ -55,6 +55,7 @@ def mhc_coefficients(x, phi, alpha, bias, iters, eps):
     return h_pre, h_post, sinkhorn_knopp(res_logits, iters)
 
 
+# ---- DeepSeek-V4's arithmetic (mhc_train/ops/deepseek.py; connection.numerics: deepseek_v4) ------------------------
 def sinkhorn_deepseek(logits, iters, eps):
     """DeepSeek-V4's Sinkhorn in our frame (mhc_train/ops/deepseek.py, `sinkhorn_deepseek_ref`): logits [..., n, n]."""
     m = torch.softmax(logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32), dim=-2) + eps
