@@ -359,8 +359,8 @@ def validate_ep(cfg: Config, world: int | None = None) -> None:
         fail("parallel.ep", p.ep, f"must divide model.moe.n_routed_experts={m.moe.n_routed_experts}")
     if p.pp > 1 or p.dp_replicate > 1:
         fail("parallel.ep", p.ep, "runs without pp and dp_replicate so far; set them to 1, or ep=1")
-    if world is not None and p.ep != world:
-        fail("parallel.ep", p.ep, f"must equal the data-parallel size ({world} ranks launched) so far; set ep={world}")
+    if world is not None and world % p.ep:
+        fail("parallel.ep", p.ep, f"must divide the data-parallel size ({world} ranks launched); set ep to a divisor")
 
 
 def validate_world(cfg: Config, world: int) -> None:
