@@ -43,7 +43,7 @@ class ParallelMesh:
     sizes: dict[str, int]  # every name of DIMS -> its size (1 where unused)
     rank: int = 0
     device_type: str = "cpu"
-    ep: int = 1  # expert-parallel size, carved from the data-parallel ranks (no sub-mesh yet)
+    ep: int = 1  # expert-parallel size, carved from dp_shard (`expert_meshes` where it is below dp_shard)
     _mesh: object = field(default=None, repr=False)  # the torch DeviceMesh, built on first use
     _expert_mesh: object = field(default=None, repr=False)  # the experts' torch DeviceMesh (`expert_meshes`)
 
