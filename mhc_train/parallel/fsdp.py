@@ -193,7 +193,7 @@ class FSDPEngine(LocalEngine):
             f"HSDP dp_replicate={m.dp_replicate} x dp_shard={m.dp_shard}"
             if m.dp_replicate > 1
             else (f"dp_shard={m.dp_shard}")
-        )
+        ) + (f", experts on ep={m.ep}" if m.ep > 1 else "")
         return (
             f"fsdp: {self.dist.world} ranks ({kind}); rank {self.dist.rank} holds {shards + whole:,} of {total:,} "
             f"parameter elements ({shards:,} in shards, {whole:,} replicated)"
