@@ -6,7 +6,8 @@ sub-mesh carved from dp_shard and FSDP2-sharded over the rest, the other paramet
   neighbouring ranks, the other parameters are sharded over all 8; `mhc-train plan` at ep < dp counts the expert
   bytes a rank stores and gathers. Every refusal of `validate_ep` names its fix on one line.
 - Slow (4 gloo ranks, one torchrun launch of this file's worker): ep = 2 inside dp = 4 equals one process loss for
-  loss, gradient for gradient, the balancing bias and the weights after 3 steps, residual and mHC (`moe_test`); a
+  loss, gradient for gradient, pre-clip norm for norm, the balancing bias and the weights after 3 steps, residual
+  and mHC (`moe_test`); a
   DCP checkpoint written at ep = 2 after 2 steps resumes at ep = 4 (dp = 4) and in one process, and the third step's
   loss equals the uninterrupted run's. MHC_TRAIN_MATRIX_FULL=1 (make test-matrix) adds HSDP 2 x 2 with ep = 2 (the
   experts replicated over dp_replicate) in the same launch.
@@ -152,7 +153,7 @@ def _step(engine, step: int, dist) -> tuple[float, dict]:
 
     loss = float(engine.forward_backward(batch))
     grads = engine.gather_grads()
-    engine.step()
+    grads["pre-clip norm"] = torch.as_tensor(float(engine.step()))  # the clip over both meshes counts each once
     return loss, grads
 
 
