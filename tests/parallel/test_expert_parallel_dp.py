@@ -7,9 +7,8 @@ sub-mesh carved from dp_shard and FSDP2-sharded over the rest, the other paramet
   bytes a rank stores and gathers. Every refusal of `validate_ep` names its fix on one line.
 - Slow (4 gloo ranks, one torchrun launch of this file's worker): ep = 2 inside dp = 4 equals one process loss for
   loss, gradient for gradient, pre-clip norm for norm, the balancing bias and the weights after 3 steps, residual
-  and mHC (`moe_test`); a
-  DCP checkpoint written at ep = 2 after 2 steps resumes at ep = 4 (dp = 4) and in one process, and the third step's
-  loss equals the uninterrupted run's. MHC_TRAIN_MATRIX_FULL=1 (make test-matrix) adds HSDP 2 x 2 with ep = 2 (the
+  and mHC (`moe_test`); a DCP checkpoint written at ep = 2 after 2 steps resumes at ep = 4 (dp = 4) and in one
+  process, and the third step's loss equals the uninterrupted run's. MHC_TRAIN_MATRIX_FULL=1 (make test-matrix) adds HSDP 2 x 2 with ep = 2 (the
   experts replicated over dp_replicate) in the same launch.
 """
 
