@@ -1,12 +1,16 @@
 """The MoE FFN's cost: the layer against a dense reference, and expert parallelism's step time and all-to-all volume.
 
     .venv/bin/python scripts/bench_moe.py                 # CPU: ~1 minute, writes benchmarks/results/bench_moe_cpu.json
-    python scripts/bench_moe.py --tokens 16384 --dim 1280 --hidden 896 --experts 64 --top-k 6   # a GPU (layer only)
+    python scripts/bench_moe.py --tokens 16384 --dim 1280 --hidden 896 --experts 64 --top-k 6 --no-ep   # a GPU
 
 1. Layer (forward + backward, one process): the MoE FFN with its grouped matmul, the same with the per-expert loop,
    and the dense reference of equal active width (one SwiGLU of (top_k + shared) x hidden: the FLOPs a token
    spends); tokens/s of each.
-2. Expert parallelism (CPU, gloo; skipped with --no-ep): a training step of `--model` on one process against
+2. Grouped GEMM (the routed experts alone, forward + backward): `torch._grouped_mm` (`experts_grouped`) against the
+   per-expert loop (`experts_loop`), rows balanced over the experts; tokens/s (tokens of top_k rows each) and TFLOPS.
+   On CPU at the layer's small shapes in fp32; on CUDA in bf16 at the mHC paper's expert shapes (Table 5: C x H, E
+   experts, top-6, 3B / 9B / 27B) at --grouped-tokens tokens; --grouped-shapes C:H:E:k,... overrides either.
+3. Expert parallelism (CPU, gloo; skipped with --no-ep): a training step of `--model` on one process against
    `parallel=ep` on 2 ranks (torchrun of this file), the same global batch; and the bytes each rank hands to
    all-to-all per step (dispatch + combine, forward + backward, counted on the calls).
 """
@@ -26,10 +30,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
+PAPER_EXPERTS = "1280:896:64:6,1920:1280:64:6,2560:1536:72:6"  # Table 5's C:H:E:k of the 3B, 9B, 27B models
 
 
 def _time(fn, reps: int) -> float:
     fn()  # warm-up
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()
@@ -62,6 +69,54 @@ def bench_layer(args, device) -> dict:
         s = _time(step(module), args.reps)
         out[name] = {"ms": 1e3 * s, "tokens_per_s": args.tokens / s}
     out["moe_grouped_over_dense"] = out["moe_grouped"]["ms"] / out["dense_ref"]["ms"]
+    return out
+
+
+def bench_grouped(shape: str, tokens: int, device, reps: int) -> dict:
+    """The experts of one MoE layer of `shape` (C:H:E:k) over `tokens` tokens (tokens x k rows, balanced), forward +
+    backward with random upstream gradients: grouped_mm vs the per-expert loop."""
+    from mhc_train.model.moe import experts_grouped, experts_loop, grouped_ok
+
+    dim, hidden, experts, top_k = (int(v) for v in shape.split(":"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # grouped_mm on CUDA: bf16
+    rows = tokens * top_k
+    counts = torch.full((experts,), rows // experts, device=device)
+    counts[: rows % experts] += 1
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*size, std=1.0):
+        return (torch.randn(*size, generator=g, device=device) * std).to(dtype).requires_grad_()
+
+    x, gy = randn(rows, dim), randn(rows, dim).detach()
+    w1, w3, w2 = (
+        randn(experts, dim, hidden, std=0.02),
+        randn(experts, dim, hidden, std=0.02),
+        randn(experts, hidden, dim, std=0.02),
+    )
+    flops = 3 * 6 * rows * dim * hidden  # three matmuls of 2 x rows x C x H, the backward twice the forward
+    out = {"shape": {"dim": dim, "hidden": hidden, "experts": experts, "top_k": top_k, "tokens": tokens},
+           "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
+    fns = {"loop": experts_loop}
+    if grouped_ok(dim, hidden, dtype=dtype):
+        fns["grouped_mm"] = experts_grouped
+    for name, fn in fns.items():
+        s = _time(lambda fn=fn: fn(x, w1, w3, w2, counts).backward(gy), reps)
+        out[name] = {"ms": 1e3 * s, "tokens_per_s": tokens / s, "tflops": flops / s / 1e12}
+    if "grouped_mm" in out:
+        out["grouped_over_loop_speedup"] = out["loop"]["ms"] / out["grouped_mm"]["ms"]
+    return out
+
+
+def _versions(device) -> dict:
+    """The device and the versions the numbers were measured with."""
+    out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+           "torch": torch.__version__, "cuda": torch.version.cuda}  # fmt: skip
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
     return out
 
 
@@ -147,14 +202,26 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--no-ep", action="store_true")
+    ap.add_argument(
+        "--grouped-shapes", default="", help=f"C:H:E:k,... (default: the layer's on CPU, {PAPER_EXPERTS} on CUDA)"
+    )
+    ap.add_argument(
+        "--grouped-tokens",
+        type=int,
+        default=0,
+        help="tokens per grouped-GEMM run (default: --tokens on CPU, 16384 on CUDA)",
+    )
     ap.add_argument("--ep-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     if args.ep_worker:
         return ep_worker(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-              "torch": torch.__version__, "layer": {**vars(args), **bench_layer(args, device)}}  # fmt: skip
+    result = {**_versions(device), "layer": {**vars(args), **bench_layer(args, device)}}
+    cuda = device.type == "cuda"
+    shapes = args.grouped_shapes or (PAPER_EXPERTS if cuda else f"{args.dim}:{args.hidden}:{args.experts}:{args.top_k}")
+    tokens = args.grouped_tokens or (16384 if cuda else args.tokens)
+    result["grouped_gemm"] = [bench_grouped(shape, tokens, device, args.reps) for shape in shapes.split(",")]
     if not args.no_ep:
         result["expert_parallel_cpu"] = bench_ep(args)
     path = Path(args.out or REPO / f"benchmarks/results/bench_moe_{device.type}.json")

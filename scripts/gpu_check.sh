@@ -11,6 +11,9 @@
 #                             flex_attention (data.document_mask_kernel) vs plain causal, fwd+bwd ms, flex-vs-sdpa diffs
 #   bench_overlap             scripts/bench_overlap.py's JSON, with MFU per variant (only where hydra-core and
 #                             omegaconf are installed; otherwise the reason it was skipped)
+#   bench_moe                 scripts/bench_moe.py's JSON (--no-ep): the MoE layer at the 3B paper model's shapes and
+#                             grouped-GEMM tokens/s (torch._grouped_mm vs the per-expert loop, bf16, Table 5's expert
+#                             shapes), with device and versions; also copied to OUT_DIR/bench_moe_cuda.json
 #   serve_vllm                scripts/check_vllm_serving.py's JSON: an export served by vLLM's Transformers backend,
 #                             its greedy tokens against mhc-train generate's ("skipped" where vLLM is not installed)
 #   steps                     per step: rc, seconds, time limit and the tail of its output
@@ -174,6 +177,7 @@ else:
             ov["mfu_error"] = f"{type(e).__name__}: {e}"
 
 report["bench_document_attention"] = load(os.path.join(work, "bench_document_attention.json"))
+report["bench_moe"] = load(os.path.join(work, "bench_moe.json"))
 report["serve_vllm"] = load(os.path.join(work, "serve_vllm.json"))
 
 report["steps"] = steps
@@ -250,10 +254,14 @@ fi
 SINKHORN_TOKENS=65536
 DOCATTN_ARGS=""
 OVERLAP_ARGS="--model 125m --seq 2048 --micro-batch 2 --microbatches 8 --steps 10"
+MOE_ARGS="--tokens 16384 --dim 1280 --hidden 896 --experts 64 --top-k 6 --reps 5"
+MOE_JSON="bench_moe_cuda.json"
 if [ "$CUDA" != "True" ]; then
   SINKHORN_TOKENS=2048
   DOCATTN_ARGS="--cases 256x2 --doc-lens 32 --heads 4 --kv-heads 2 --head-dim 16 --iters 3 --warmup 1"
   OVERLAP_ARGS=""
+  MOE_ARGS="--reps 1 --grouped-tokens 256"
+  MOE_JSON="bench_moe_cpu_dry_run.json"
 fi
 
 # 2. the kernels and their references, compiled for real
@@ -279,6 +287,11 @@ else
   echo "hydra-core/omegaconf not installed on this machine" >"$WORK/bench_overlap.skipped"
   echo "== bench_overlap: skipped (hydra-core/omegaconf not installed)"
 fi
+
+# 6b. the MoE layer and grouped-GEMM tokens/s (grouped_mm vs the per-expert loop; EP's gloo step is CPU-only: --no-ep)
+# shellcheck disable=SC2086  # MOE_ARGS is a list of words
+run_step bench_moe 90 "$PY" scripts/bench_moe.py $MOE_ARGS --no-ep --out "$WORK/bench_moe.json"
+if [ -s "$WORK/bench_moe.json" ]; then cp "$WORK/bench_moe.json" "$OUT_DIR/$MOE_JSON"; fi
 
 # 7. an export served by vLLM's Transformers backend (skipped, with a note, where vLLM is not installed)
 run_step serve_vllm 120 "$PY" scripts/check_vllm_serving.py --out "$WORK/serve_vllm.json"

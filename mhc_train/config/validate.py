@@ -357,10 +357,11 @@ def validate_ep(cfg: Config, world: int | None = None) -> None:
         fail("parallel.ep", p.ep, f"shards experts, but model.ffn={m.ffn}: set model.ffn=moe, or ep=1")
     if m.moe.n_routed_experts % p.ep:
         fail("parallel.ep", p.ep, f"must divide model.moe.n_routed_experts={m.moe.n_routed_experts}")
-    if p.pp > 1 or p.dp_replicate > 1:
-        fail("parallel.ep", p.ep, "runs without pp and dp_replicate so far; set them to 1, or ep=1")
-    if world is not None and p.ep != world:
-        fail("parallel.ep", p.ep, f"must equal the data-parallel size ({world} ranks launched) so far; set ep={world}")
+    if p.pp > 1:
+        fail("parallel.ep", p.ep, "runs without pp so far; set parallel.pp=1, or ep=1")
+    if world is not None and world % (p.ep * p.dp_replicate):
+        shard = f"{world} ranks / dp_replicate={p.dp_replicate}" if p.dp_replicate > 1 else f"{world} ranks launched"
+        fail("parallel.ep", p.ep, f"must divide the data-parallel size ({shard}); set ep to a divisor")
 
 
 def validate_world(cfg: Config, world: int) -> None:

@@ -6,7 +6,7 @@ layer over all ranks in one all-reduce (data-parallel replicas, expert-parallel 
 layer's row is zero on ranks that do not hold it) and applies each layer's bias update on every rank, so the bias,
 like a weight, is the same on every replica.
 
-Expert parallelism (torchtitan's layout, restricted to ep = the FSDP data-parallel size):
+Expert parallelism (torchtitan's layout; ep = the FSDP data-parallel size here, ep below it in expert_layout.py):
 - `apply_ep(model, ctx)` (build step 2) installs `AllToAllDispatch` as every MoE layer's dispatch / combine;
 - FSDP2 (`fsdp.shard`) then lays each layer's stacked expert weights out as DTensors `Shard(0)` over the
   data-parallel mesh (`distribute_experts`: rank r holds experts [r E/ep, (r+1) E/ep)) and leaves them out of its
@@ -26,6 +26,7 @@ import torch
 from mhc_train.config.validate import validate_ep
 from mhc_train.model.moe import STATS, MoE, moe_modules
 from mhc_train.parallel.dist import all_reduce_sum_, all_to_all_equal, all_to_all_uneven, gather_dicts
+from mhc_train.parallel.expert_layout import EP_GRAD_DIVISOR, ep_group, set_expert_layout, shard_experts_below_dp
 
 EP_PARAM = "_mhc_expert_parallel"  # set on the experts modules whose weights `distribute_experts` laid out
 
@@ -74,8 +75,7 @@ class AllToAllDispatch:
         w = moe.experts.w1
         if not hasattr(w, "device_mesh"):  # whole weights: the local path
             return x, counts, None
-        group = w.device_mesh.get_group()
-        ep = w.device_mesh.size()
+        group, ep = ep_group(moe.experts)
         send = counts.view(ep, -1)  # [ep, E_local]: what goes to each rank, per its local expert
         recv = all_to_all_equal(send, group)  # [ep (source), E_local]
         send_splits, recv_splits = send.sum(1).tolist(), recv.sum(1).tolist()
@@ -100,6 +100,7 @@ def apply_ep(model: torch.nn.Module, ctx) -> None:
     validate_ep(ctx.cfg, ctx.dist.world)
     for _, m in moe_modules(model):
         m.use_dispatch(AllToAllDispatch())
+    set_expert_layout(model, ctx.mesh)  # ep below dp: the experts' own meshes (expert_layout.py)
 
 
 def distribute_experts(module: torch.nn.Module, mesh) -> set:
@@ -110,7 +111,7 @@ def distribute_experts(module: torch.nn.Module, mesh) -> set:
 
     out = set()
     for _, m in moe_modules(module):
-        if not isinstance(m._dispatcher, AllToAllDispatch) or mesh.ndim != 1:
+        if not isinstance(m._dispatcher, AllToAllDispatch) or shard_experts_below_dp(m, EP_PARAM) or mesh.ndim != 1:
             continue
         if not getattr(m.experts, EP_PARAM, False):
             for key, p in list(m.experts.named_parameters(recurse=False)):
@@ -122,9 +123,10 @@ def distribute_experts(module: torch.nn.Module, mesh) -> set:
 
 
 def scale_expert_grads(module: torch.nn.Module, dp: int) -> None:
-    """Once per step, after the last backward: the experts' gradients (sums over the ranks they served) / dp."""
+    """Once per step, after the last backward: the experts' gradients (sums over the ranks they served) / dp (/ ep
+    where FSDP2 averaged them over the rest of dp: expert_layout.py)."""
     for _, m in moe_modules(module):
         if getattr(m.experts, EP_PARAM, False):
             for p in m.experts.parameters():
                 if p.grad is not None:
-                    p.grad.div_(dp)
+                    p.grad.div_(getattr(m.experts, EP_GRAD_DIVISOR, dp))

@@ -193,7 +193,7 @@ class FSDPEngine(LocalEngine):
             f"HSDP dp_replicate={m.dp_replicate} x dp_shard={m.dp_shard}"
             if m.dp_replicate > 1
             else (f"dp_shard={m.dp_shard}")
-        )
+        ) + (f", experts on ep={m.ep}" if m.ep > 1 else "")
         return (
             f"fsdp: {self.dist.world} ranks ({kind}); rank {self.dist.rank} holds {shards + whole:,} of {total:,} "
             f"parameter elements ({shards:,} in shards, {whole:,} replicated)"
@@ -217,9 +217,10 @@ class FSDPEngine(LocalEngine):
         limit = self.grad_clip if self.grad_clip > 0 else float("inf")
         params = self.params_with_grad()
         replicated = set(replicated_params([self.train_model]))
-        if not replicated:
+        by_mesh = _by_mesh([p for p in params if p not in replicated])  # several under expert parallelism below dp
+        if not replicated and len(by_mesh) < 2:
             return full(torch.nn.utils.clip_grad_norm_(params, limit))
-        return _clip_mixed([p for p in params if p not in replicated], [p for p in params if p in replicated], limit)
+        return _clip_mixed([*by_mesh, [p for p in params if p in replicated]], limit)
 
     def param_names(self) -> dict:
         return {p: n for n, p in self.train_model.named_parameters()}
@@ -252,15 +253,24 @@ class FSDPEngine(LocalEngine):
         return [self.train_model]
 
 
-def _clip_mixed(sharded, replicated, limit: float) -> torch.Tensor:
-    """`clip_grad_norm_` over DTensor-sharded and plain replicated gradients together (torch's refuses the mix): the
-    norm of the two groups' norms, then every gradient scaled by min(1, limit / norm) on the device."""
+def _by_mesh(params) -> list[list[torch.Tensor]]:
+    """`params` grouped by their DTensor mesh (the experts' own mesh beside the FSDP mesh, expert_layout.py)."""
+    groups: dict = {}
+    for p in params:
+        groups.setdefault(getattr(p, "device_mesh", None), []).append(p)
+    return list(groups.values())
+
+
+def _clip_mixed(groups, limit: float) -> torch.Tensor:
+    """`clip_grad_norm_` over gradients torch's cannot take together (DTensors on different meshes, DTensor-sharded
+    beside plain replicated ones): the norm of the groups' norms, then every gradient scaled by min(1, limit / norm)
+    on the device."""
     from torch.nn.utils import get_total_norm
 
-    norms = [full(get_total_norm([p.grad for p in group])) for group in (sharded, replicated) if group]
+    norms = [full(get_total_norm([p.grad for p in group])) for group in groups if group]
     norm = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
     scale = (limit / (norm + 1e-6)).clamp(max=1.0)
-    for p in (*sharded, *replicated):
+    for p in (p for group in groups for p in group):
         local(p.grad).mul_(scale.to(p.grad.dtype))
     return norm
 

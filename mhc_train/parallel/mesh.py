@@ -10,10 +10,11 @@ dimensions land on ranks of one node):
     cp            context parallel                    parallel.cp  (room only: refused above 1)
     tp            tensor (+ sequence) parallel        parallel.tp  (parallel/tensor_parallel.py)
 
-Expert parallelism (parallel.ep) is carved from the data-parallel ranks; today ep equals dp_shard (config
-validate_ep), so the experts are laid out over `dp_mesh()` itself (parallel/expert_parallel.py) and no sub-mesh is
-built; an ep below dp_shard would split dp_shard into (dp_shard / ep, ep). The data-parallel size is
-world / (pp x tp x cp).
+Expert parallelism (parallel.ep) is carved from the data-parallel ranks (ep divides dp_shard: config validate_ep).
+Where ep equals dp_shard the experts are laid out over `dp_mesh()` itself (parallel/expert_parallel.py); where ep is
+below it, or with dp_replicate > 1, `expert_meshes()` splits dp_shard into (dp_mod_ep = dp_shard / ep, ep), ep
+innermost (an expert group is ep neighbouring ranks), in a second torch mesh over the same ranks
+(parallel/expert_layout.py). The data-parallel size is world / (pp x tp x cp).
 
 Notable choices:
 - Coordinates are arithmetic on the rank (rank = ((((pp_rank * R + r) * S + s) * CP + c) * TP + t)), so sizes,
@@ -42,8 +43,9 @@ class ParallelMesh:
     sizes: dict[str, int]  # every name of DIMS -> its size (1 where unused)
     rank: int = 0
     device_type: str = "cpu"
-    ep: int = 1  # expert-parallel size, carved from the data-parallel ranks (no sub-mesh yet)
+    ep: int = 1  # expert-parallel size, carved from dp_shard (`expert_meshes` where it is below dp_shard)
     _mesh: object = field(default=None, repr=False)  # the torch DeviceMesh, built on first use
+    _expert_mesh: object = field(default=None, repr=False)  # the experts' torch DeviceMesh (`expert_meshes`)
 
     def __post_init__(self):
         self.coords = {}
@@ -123,6 +125,25 @@ class ParallelMesh:
         if self.pp == self.world:
             return None
         return self.device_mesh["pp"].get_group()
+
+    def expert_meshes(self):
+        """(the 1-D ("ep",) sub-mesh the experts are Shard(0) over and their token all-to-all runs on, the mesh FSDP2
+        shards them over: ("dp_mod_ep",), or ("dp_replicate", "dp_mod_ep") for HSDP) from a second torch mesh whose
+        dp_shard is split into (dp_shard / ep, ep), row-major, so each rank keeps its coordinates. Built on first use
+        (a collective: every rank reaches it in the same order)."""
+        if self._expert_mesh is None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            names, shape = [], []
+            for n in DIMS:
+                if n == "dp_shard":  # ep innermost within dp_shard: an expert group is ep neighbouring ranks
+                    names, shape = names + ["dp_mod_ep", "ep"], shape + [self.dp_shard // self.ep, self.ep]
+                elif self.sizes[n] > 1:
+                    names, shape = names + [n], shape + [self.sizes[n]]
+            self._expert_mesh = init_device_mesh(self.device_type, tuple(shape), mesh_dim_names=tuple(names))
+        mesh = self._expert_mesh
+        fsdp = mesh["dp_replicate", "dp_mod_ep"] if self.dp_replicate > 1 else mesh["dp_mod_ep"]
+        return mesh["ep"], fsdp
 
 
 def _prod(values) -> int:

@@ -197,10 +197,19 @@ def describe(cfg: Config, lay: Layout, world: int, rank: int) -> str:
     if lay.engine == "fsdp":
         kind = "one unit" if len(lay.units) == 1 else f"{len(lay.units)} units"
         tp = f"tp={p.tp} x " if p.tp > 1 else ""
-        return f"{tp}fsdp: {world} ranks ({kind}); {share}"
+        return f"{tp}fsdp: {world} ranks ({kind}{_experts(cfg, lay)}); {share}"
     if lay.engine == "deepspeed":
         return f"deepspeed ZeRO-{p.zero_stage}: {world} ranks; {share} ({lay.notes[0]})"
     return f"{lay.engine}: {world} ranks; {share}"
+
+
+def _experts(cfg: Config, lay: Layout) -> str:
+    """Where the routed experts live under expert parallelism, as a clause of `describe` ("" without it)."""
+    p, moe = cfg.parallel, cfg.model.moe
+    if p.ep == 1:
+        return ""
+    rest = f", FSDP over dp/ep={lay.dp // p.ep}" if lay.dp > p.ep else ""
+    return f", ep={p.ep}: {moe.n_routed_experts // p.ep} of {moe.n_routed_experts} experts per expert group rank{rest}"
 
 
 def make_plan(cfg: Config, world: int, device_gib: float = 80.0) -> dict:

@@ -80,8 +80,15 @@ def fsdp_units(module) -> list[tuple[int, torch.dtype]]:
         own = [p for p in m.parameters() if id(p) not in nested]
         policy = getattr(m._get_fsdp_state(), "_mp_policy", None)
         dtype = getattr(policy, "param_dtype", None) or (own[0].dtype if own else torch.float32)
-        units.append((sum(p.numel() for p in own), dtype))
+        units.append((sum(_gathered_numel(p) for p in own), dtype))
     return units
+
+
+def _gathered_numel(p) -> int:
+    """Elements an FSDP all-gather of `p` materialises on a rank: the whole parameter, or under expert parallelism
+    below dp (a DTensor also sharded over "ep") the rank's expert group's share, E / ep experts."""
+    names = getattr(getattr(p, "device_mesh", None), "mesh_dim_names", None) or ()
+    return p.numel() // p.device_mesh["ep"].size() if "ep" in names else p.numel()
 
 
 def deepspeed_layout(cfg: Config, world: int, total: int, layers: int) -> Layout:

@@ -149,8 +149,9 @@ def test_ep_refusals_name_the_fix():
         assert "\n" not in str(e.value)
     cfg.model.moe.n_routed_experts = 8
     with pytest.raises(ConfigError, match="data-parallel size"):
-        validate_ep(cfg, 8)
+        validate_ep(cfg, 6)
     validate_ep(cfg, 4)
+    validate_ep(cfg, 8)  # ep below the data-parallel size (parallel/expert_layout.py)
 
 
 def test_dense_models_are_unchanged_by_the_moe_code():
