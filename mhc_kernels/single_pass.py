@@ -237,6 +237,7 @@ def _sp_write_bwd_kernel(
 @triton.jit(do_not_specialize=["n_tokens", "tokens_per_split"])
 def _sp_read_bwd_kernel(
     s_ptr,
+    mix_ptr,
     phi_ptr,
     dproj_ptr,
     sc_ptr,
@@ -310,7 +311,7 @@ def _sp_read_bwd_kernel(
                     dv += hri * gi.to(tl.float32)
             m_tc = mt[:, None] & mc[None, :]
             fg = tl.load(fg_ptr + offs_t[:, None] * C + offs_c[None, :], mask=m_tc, other=0.0).to(tl.float32)
-            mix = tl.load(s_ptr + offs_t[:, None] * S + N * C + offs_n[None, :], mask=mt[:, None] & mn[None, :])
+            mix = tl.load(mix_ptr + offs_t[:, None] * S + offs_n[None, :], mask=mt[:, None] & mn[None, :])
             mix = tl.where(mt[:, None] & mn[None, :], mix.to(tl.float32), 0.0)
             dv += tl.reshape(mix[:, :, None] * fg[:, None, :], [BLOCK_T, R])
             tl.store(ds_ptr + offs_t[:, None] * S + offs_r[None, :], dv.to(ds_ptr.dtype.element_ty), mask=m_tr)
@@ -338,10 +339,10 @@ def sp_write_bwd(state, y, h_post, g):
         _sp_write_bwd_kernel,
         (triton.cdiv(T, bt),),
         writes=("dy_ptr", "dhp_ptr", "dhr_ptr"),
-        s_ptr=state,
+        s_ptr=state[:, :n],  # the stream rows of the packed state and of its gradient (same pointers): what is read
         y_ptr=y,
         hp_ptr=h_post,
-        g_ptr=g,
+        g_ptr=g[:, :n],
         dy_ptr=dy,
         dhp_ptr=dhp,
         dhr_ptr=dhr,
@@ -372,20 +373,22 @@ def sp_read_bwd(state, phi, h, r, gh, f_grad, g=None, h_res=None, write_ds=True,
     dmix = torch.empty(c_blocks if write_ds else 0, T, n, device=state.device, dtype=torch.float32)
     dphi = torch.empty(splits, n * C, K, device=state.device, dtype=torch.float32) if write_dphi else None
     link = g is not None
+    x = state[:, :n]  # views with the packed tensors' pointers: the stream rows and the mix are what is read
     launch(
         _sp_read_bwd_kernel,
         (c_blocks, k_tiles, splits),
         writes=("ds_ptr", "dphi_ptr"),
-        s_ptr=state,
+        s_ptr=x,
+        mix_ptr=state[:, n, :n],
         phi_ptr=phi,
         dproj_ptr=dproj,
         sc_ptr=s,
-        g_ptr=g if link else state,  # unread placeholders when the term is off (compile-time flags)
+        g_ptr=g[:, :n] if link else x,  # unread placeholders when the term is off (compile-time flags)
         hres_ptr=h_res if link else s,
         fg_ptr=f_grad,
         dmix_ptr=dmix,
-        ds_ptr=ds if write_ds else state,
-        dphi_ptr=dphi if write_dphi else state,
+        ds_ptr=ds if write_ds else x,
+        dphi_ptr=dphi if write_dphi else x,
         n_tokens=T,
         tokens_per_split=per_split,
         C=C,

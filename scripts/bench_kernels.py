@@ -136,13 +136,21 @@ def traffic_audit(arm: str, n: int = 4, C: int = 4096, dtype=torch.bfloat16, tok
     from mhc_train.ops.audit import record
 
     rows = n + 1 if arm == "mhc_single_pass" else n  # the single-pass state carries the read mix as row n
-    if arm == "mhc_single_pass":  # the arm's preset numerics; fp32 streams (it refuses bf16)
-        cfg = ConnectionConfig(type=arm, n_streams=n, backend="triton", numerics="deepseek_v4")
-        site, dtype = MHCSinglePass(cfg).site(C, 0), torch.float32
+    x = None
+    if arm == "mhc_single_pass":  # the arm's preset numerics; fp32 streams (it refuses bf16). A site inside the
+        # model: three chained sites, the middle one counted; its read was computed by site 0's fused write, and its
+        # write computes site 2's read (one stream pass per sub-layer boundary)
+        dtype = torch.float32
+        conn = MHCSinglePass(ConnectionConfig(type=arm, n_streams=n, backend="triton", numerics="deepseek_v4"))
+        sites = [conn.site(C, k).to("meta") for k in range(3)]
+        conn.chain_sites(sites)
+        x0 = torch.empty(1, tokens, rows, C, device="meta", dtype=dtype, requires_grad=True)
+        with record(torch_ops=False):  # not counted (meta tensors run nothing only inside a capture)
+            x, site = sites[0](x0, lambda h: h), sites[1]
     else:
         site = (MHCSite if arm == "mhc" else HCSite)(C, n, 0, ConnectionConfig(type=arm, n_streams=n, backend="triton"))
-    site = site.to("meta")
-    x = torch.empty(1, tokens, rows, C, device="meta", dtype=dtype, requires_grad=True)
+        site = site.to("meta")
+    x = torch.empty(1, tokens, rows, C, device="meta", dtype=dtype, requires_grad=True) if x is None else x
     with record(torch_ops=True) as fwd:
         out = site(x, lambda h: h)
     upstream = torch.empty_like(out)
