@@ -23,6 +23,17 @@ import triton.language as tl
 from .utils import interpreting, launch, launch_tuned, next_pow2
 
 
+@triton.jit
+def _read_row(v, mj, rows, mc, offs_k, mk, phi_ptr, K, acc, ss, fin):
+    """One stream row j of a token block's read, v [T, C block] fp32 as stored: the projection's dot with phi's rows,
+    the sum of squares, and F_in's term m_j v. Shared by the read and the fused boundary kernel (the same bits)."""
+    p = tl.load(phi_ptr + rows[:, None] * K + offs_k[None, :], mask=mc[:, None] & mk[None, :], other=0.0)
+    acc = tl.dot(v, p, acc, input_precision="tf32")
+    ss += tl.sum(v * v, axis=1)
+    fin += mj[:, None] * v
+    return acc, ss, fin
+
+
 @triton.jit(do_not_specialize=["n_tokens"])
 def _sp_read_fwd_kernel(
     s_ptr,
@@ -53,12 +64,8 @@ def _sp_read_fwd_kernel(
         fin = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
         for j in range(0, N):  # a loop, not unrolled (n = 16)
             v = tl.load(s_ptr + offs_t[:, None] * S + j * C + offs_c[None, :], mask=m_tc, other=0.0).to(tl.float32)
-            rows = j * C + offs_c
-            p = tl.load(phi_ptr + rows[:, None] * K + offs_k[None, :], mask=mc[:, None] & mk[None, :], other=0.0)
-            acc = tl.dot(v, p, acc, input_precision="tf32")
-            ss += tl.sum(v * v, axis=1)
             mj = tl.load(s_ptr + offs_t * S + N * C + j, mask=mt, other=0.0).to(tl.float32)  # the carried mix
-            fin += mj[:, None] * v
+            acc, ss, fin = _read_row(v, mj, j * C + offs_c, mc, offs_k, mk, phi_ptr, K, acc, ss, fin)
         if pid_k == 0:
             tl.store(fin_ptr + offs_t[:, None] * C + offs_c[None, :], fin.to(fin_ptr.dtype.element_ty), mask=m_tc)
     r = tl.sqrt(ss / (N * C) + eps)

@@ -8,7 +8,8 @@ and writes, per token:
   `single_pass.sp_read_fwd` would compute them from the state just written (site l+1's phi passed in).
 
 Notable choices:
-- Bit-identical to the unfused pair (tested in the interpreter): the tiles, the grid (token blocks x K tiles), the
+- Bit-identical to the unfused pair (tested in the interpreter): the row step (`single_pass._read_row`) is the read
+  kernel's own @triton.jit helper, and the tiles, the grid (token blocks x K tiles), the
   channel-block-outside / stream-inside loop order and the launch options are the read kernel's (`_read_config`), each
   x_{l+1} element is accumulated in the write kernel's order (h_post y first, then input streams 0..n-1), and the
   projection, the RMS statistics and F's input are taken from x_{l+1} rounded to the state's dtype, as the read
@@ -27,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .single_pass import _read_config
+from .single_pass import _read_config, _read_row
 from .utils import launch
 
 
@@ -76,19 +77,16 @@ def _sp_write_read_fwd_kernel(
             if pid_k == 0:
                 tl.store(out_ptr + offs_t[:, None] * S + j * C + offs_c[None, :], o, mask=m_tc)
             # the next site's read of x_{l+1} as stored: the read kernel's projection, statistics and F_in
-            v = o.to(tl.float32)
-            rows = j * C + offs_c
-            p = tl.load(phi_ptr + rows[:, None] * K + offs_k[None, :], mask=mc[:, None] & mk[None, :], other=0.0)
-            acc = tl.dot(v, p, acc, input_precision="tf32")
-            ss += tl.sum(v * v, axis=1)
             mj = tl.load(mix_ptr + offs_t * N + j, mask=mt, other=0.0).to(out_ptr.dtype.element_ty).to(tl.float32)
-            fin += mj[:, None] * v
+            acc, ss, fin = _read_row(o.to(tl.float32), mj, j * C + offs_c, mc, offs_k, mk, phi_ptr, K, acc, ss, fin)
         if pid_k == 0:
             tl.store(fin_ptr + offs_t[:, None] * C + offs_c[None, :], fin.to(fin_ptr.dtype.element_ty), mask=m_tc)
             # row n: the next mix in its first n channels, zeros after (the write kernel's row)
             mix = tl.load(mix_ptr + offs_t[:, None] * N + offs_c[None, :], mask=mt[:, None] & (offs_c < N)[None, :])
             mix = tl.where(mt[:, None] & (offs_c < N)[None, :], mix, 0.0)
-            tl.store(out_ptr + offs_t[:, None] * S + N * C + offs_c[None, :], mix.to(out_ptr.dtype.element_ty), mask=m_tc)
+            tl.store(
+                out_ptr + offs_t[:, None] * S + N * C + offs_c[None, :], mix.to(out_ptr.dtype.element_ty), mask=m_tc
+            )
     r = tl.sqrt(ss / (N * C) + eps)
     acc = acc / r[:, None]
     if pid_k == 0:

@@ -93,7 +93,6 @@ class SinglePassStep(ops.SiteStep):
         out = read.kernels.post_res(*args) if runner is None else runner(read.kernels.post_res, *args)
         return pack_state(out, read.mix)  # [B, T, n+1, C]
 
-
     def run(self, site: SinglePassSite, state, sublayer, runner=None) -> torch.Tensor:
         """The whole site as the plain model runs it, fused across the boundary where it can be: its read is taken
         from the previous site's write when that computed it from `state` itself, and its write computes the next

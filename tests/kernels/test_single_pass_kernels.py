@@ -104,10 +104,10 @@ def test_linked_single_pass_site_writes_one_gradient_that_matches_the_reference(
 
 def test_the_audit_counts_one_stream_pass_per_site_forward_and_the_issue_ratios():
     """The traffic audit (meta tensors, nothing runs) of a site inside the model: forward, one kernel touches the
-    streams (its write fused with the next site's read; its own read came from the previous site's), within issue
-    27's 1.1x on reads; backward, only the read's kernel writes a state-sized tensor (the write's backward is linked
-    to it), no torch op reads or writes one. At n = 4, C = 4096: forward reads within 1.1x of (n + 1)C, backward within
-1.25x of its minimum (the writes' 1.25x forward: the mix row's padding, docs/mhc.md section 10)."""
+    streams (its write fused with the next site's read; its own read came from the previous site's); backward, only
+    the read's kernel writes a state-sized tensor (the write's backward is linked to it), no torch op reads or writes
+    one. At n = 4, C = 4096: forward reads within issue 27's 1.1x of (n + 1)C, backward within 1.25x of its minimum
+    (the forward writes' 1.25x: the mix row's padding, docs/mhc.md section 10)."""
     from scripts.bench_kernels import traffic_audit
 
     n, C = 2, 64
