@@ -203,7 +203,8 @@ def test_recompute_gradients_are_bit_identical(mode, backend):
 def test_cross_site_fusion_runs_at_every_inner_boundary_with_the_unfused_bits():
     """triton (interpreter): each site's write also computes the next site's read (one fused kernel per inner
     sub-layer boundary, 2L - 1 of them; only the first site reads on its own), and loss and every gradient equal the
-    unfused model's (the sites' successors forgotten) bit for bit. Recompute's replays run the unfused pair:
+    unfused model's (the sites' successors forgotten) bit for bit; a pipeline stage's last site writes unfused.
+    Recompute's replays run the unfused pair:
     test_recompute_gradients_are_bit_identical[mhc-triton] compares them with this fused model."""
     pytest.importorskip("triton")
     from mhc_kernels.utils import capture
@@ -233,6 +234,15 @@ def test_cross_site_fusion_runs_at_every_inner_boundary_with_the_unfused_bits():
     assert torch.equal(loss, ref_loss)
     for name in ref:
         assert torch.equal(grads[name], ref[name]), name
+    # a pipeline stage's last site: the next site's phi is on another rank (here: meta), so its write is the plain one
+    from mhc_train.parallel.pipeline import cut_stage
+
+    model.conn.chain_sites([site for _, site in model.sites()])
+    stage = cut_stage(model, 0, 2)
+    model.layers["1"].to("meta")
+    with torch.no_grad(), capture() as launches:
+        stage(tokens)
+    assert [launch.name for launch in launches].count("_sp_write_read_fwd_kernel") == 1
 
 
 @pytest.mark.slow  # a torchrun launch of 2 gloo ranks, and the one-process reference
