@@ -11,6 +11,7 @@ Axis legend: `...` leading token axes, n streams, C channels, K = n^2 + 2n coeff
   dH_res; it hands (g, H_res) through the read's link slots to the read's kernel, which writes the site's one
   gradient of the packed state (projection term, the mix's F_in term, H_res^T g, and the mix's own gradient in row
   n, from per-channel-block partials the kernel writes) and dphi: the other arms' one-dx chaining.
+- Under torch.compile both run as the custom ops of `library_single_pass.py` (no graph break at a site).
 - `SinglePassKernels`: a `SiteKernels` whose coefficient methods run the fused read (its F_in kept for the step) and
   the backend's usual coefficient tail (gates + Sinkhorn kernel, or DeepSeek's torch tail).
 """
@@ -166,6 +167,11 @@ def single_pass_read(state: torch.Tensor, phi: torch.Tensor, eps: float = 1e-6, 
     lead, (rows, C) = state.shape[:-2], state.shape[-2:]
     _check(state)
     phi = _phi(phi)
+    if torch.compiler.is_compiling():  # the custom ops (no prefetch inside a graph: `SinglePassStep.run`)
+        from . import library_single_pass
+
+        f_in, h, link = library_single_pass.read(state.reshape(-1, rows, C), phi, eps)
+        return f_in.reshape(*lead, C), h.reshape(*lead, phi.shape[1]), link
     f_in, h, *link = SinglePassRead.apply(_own_node(state.reshape(-1, rows, C)), _own_node(phi), eps, fetched)
     return f_in.reshape(*lead, C), h.reshape(*lead, phi.shape[1]), tuple(link)
 
@@ -177,15 +183,18 @@ def single_pass_write(state, y, h_post, h_res, mix, link=None, ahead: Prefetch |
     lead, (rows, C) = state.shape[:-2], state.shape[-2:]
     n = rows - 1
     _check(state)
-    out = SinglePassWrite.apply(
+    args = (
         state.reshape(-1, rows, C),
         y.reshape(-1, C).contiguous(),
         h_post.reshape(-1, n).float().contiguous(),
         h_res.reshape(-1, n, n).float().contiguous(),
         mix.reshape(-1, n).float().contiguous(),
-        *(link or (None, None)),
-        ahead,
     )
+    if torch.compiler.is_compiling():  # the custom ops (`library_single_pass.py`); never fused ahead there
+        from . import library_single_pass
+
+        return library_single_pass.write(*args, link).reshape(*lead, rows, C)
+    out = SinglePassWrite.apply(*args, *(link or (None, None)), ahead)
     out = out.reshape(*lead, rows, C)
     if ahead is not None:
         ahead.bind(out)
