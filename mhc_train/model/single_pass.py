@@ -20,6 +20,11 @@ Notable choices:
   is not the projection's, so the one-dx chaining of `library.Link` does not apply). On triton (n <= 16) the arm's
   own fused ops run (`ops/single_pass.py`): one pass over the packed state reads F's input with the carried mix and
   projects x_l; one pass writes x_{l+1} with the next mix packed; backward kernels chained to one state gradient.
+- Cross-site fusion (triton): the connection tells each site its successor (`chain_sites`, once, from the model's
+  forward order); `SinglePassStep.run` has a site's write compute the next site's read in the same kernel
+  (`mhc_kernels/single_pass_fused.py`) and hands it over (`ops.single_pass.Prefetch`), taken only for the very state
+  tensor it was computed from. Where the next site cannot be served (another rank's or a sharded phi, compile, the
+  halves that recomputation replays) the unfused pair runs, with the same bits.
 - The packing lives in the arm's step (`SinglePassStep`), so selective and full recomputation, which replay sites
   through `site.read` / `site.step.write`, run this arm unchanged. Refused at config time: bf16 streams and
   `connection.collapse` (the arm's collapse is its mix).

@@ -12,6 +12,9 @@ Axis legend: `...` leading token axes, n streams, C channels, K = n^2 + 2n coeff
   gradient of the packed state (projection term, the mix's F_in term, H_res^T g, and the mix's own gradient in row
   n, from per-channel-block partials the kernel writes) and dphi: the other arms' one-dx chaining.
 - Under torch.compile both run as the custom ops of `library_single_pass.py` (no graph break at a site).
+- Cross-site fusion: `single_pass_write(..., ahead=Prefetch(next phi, eps))` runs the fused boundary kernel
+  (`mhc_kernels/single_pass_fused.py`), which also computes the next site's read of the state it returns;
+  `single_pass_read(..., fetched=prefetch.take(state))` then returns those values instead of launching (same bits).
 - `SinglePassKernels`: a `SiteKernels` whose coefficient methods run the fused read (its F_in kept for the step) and
   the backend's usual coefficient tail (gates + Sinkhorn kernel, or DeepSeek's torch tail).
 """
