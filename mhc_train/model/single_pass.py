@@ -111,6 +111,9 @@ class SinglePassStep(ops.SiteStep):
         ahead = self._ahead(site, state) if isinstance(read.kernels, SinglePassKernels) else None
         out = self.write(state, y, read, runner, ahead)
         if ahead is not None:
+            if runner is not None and out.is_cuda:  # made on DualPipeV's priority stream: used on this one (as `out`)
+                for t in ahead.values:
+                    t.record_stream(torch.cuda.current_stream())
             site.next_site.fetched = ahead
         return out
 
