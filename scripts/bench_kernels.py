@@ -11,11 +11,11 @@ as the compile gate records them) and every aten op that moves data (autograd's 
 partial sums) is listed with its bytes read and written per token, forward and backward, next to the minimum: spec
 section 6, (3n+1)C read and (n+1)C written forward in the stream dtype; backward [ours] (4n+2)C read and (n+1)C
 written (one kernel reads g, x, y and writes dy; one after F's backward reads dF_in, g, x and writes the single dx).
-Goal: <= 1.25x. The single-pass site (fp32 streams, deepseek_v4 numerics, the packed [n + 1, C] state) is held to
-issue 27's forward target, (n + 1)C read and (n + 1)C written per token (<= 1.1x each: the previous site's write fused
-with this site's read), and to mHC's backward minimum plus its mix row (C) written. Counted from arguments: a tile a
-kernel re-reads from L2 counts once, and a kernel given the packed state counts all of it. JSON:
-benchmarks/results/traffic_audit.json.
+Goal: <= 1.25x. The single-pass site (fp32 streams, deepseek_v4 numerics, the packed [n + 1, C] state; the middle
+of three chained sites, so its read comes from the previous site's fused write and its write computes the next read)
+is held to issue 27's forward target, (n + 1)C read and (n + 1)C written per token (<= 1.1x each), and to mHC's
+backward minimum plus its mix row (C) written. Counted from arguments: a tile a kernel re-reads from L2 counts once;
+the single-pass kernels get views of the packed state's rows they read. JSON: benchmarks/results/traffic_audit.json.
 
 Per kernel (GPU only): time and effective bandwidth = minimal bytes read + written / time, as a fraction of the copy
 bandwidth measured in the same run. Full site = coefficients + Sinkhorn + pre + post_res with F = identity, fwd+bwd.
