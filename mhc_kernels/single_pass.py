@@ -23,6 +23,17 @@ import triton.language as tl
 from .utils import interpreting, launch, launch_tuned, next_pow2
 
 
+@triton.jit
+def _read_row(v, mj, rows, mc, offs_k, mk, phi_ptr, K, acc, ss, fin):
+    """One stream row j of a token block's read, v [T, C block] fp32 as stored: the projection's dot with phi's rows,
+    the sum of squares, and F_in's term m_j v. Shared by the read and the fused boundary kernel (the same bits)."""
+    p = tl.load(phi_ptr + rows[:, None] * K + offs_k[None, :], mask=mc[:, None] & mk[None, :], other=0.0)
+    acc = tl.dot(v, p, acc, input_precision="tf32")
+    ss += tl.sum(v * v, axis=1)
+    fin += mj[:, None] * v
+    return acc, ss, fin
+
+
 @triton.jit(do_not_specialize=["n_tokens"])
 def _sp_read_fwd_kernel(
     s_ptr,
@@ -53,12 +64,8 @@ def _sp_read_fwd_kernel(
         fin = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
         for j in range(0, N):  # a loop, not unrolled (n = 16)
             v = tl.load(s_ptr + offs_t[:, None] * S + j * C + offs_c[None, :], mask=m_tc, other=0.0).to(tl.float32)
-            rows = j * C + offs_c
-            p = tl.load(phi_ptr + rows[:, None] * K + offs_k[None, :], mask=mc[:, None] & mk[None, :], other=0.0)
-            acc = tl.dot(v, p, acc, input_precision="tf32")
-            ss += tl.sum(v * v, axis=1)
             mj = tl.load(s_ptr + offs_t * S + N * C + j, mask=mt, other=0.0).to(tl.float32)  # the carried mix
-            fin += mj[:, None] * v
+            acc, ss, fin = _read_row(v, mj, j * C + offs_c, mc, offs_k, mk, phi_ptr, K, acc, ss, fin)
         if pid_k == 0:
             tl.store(fin_ptr + offs_t[:, None] * C + offs_c[None, :], fin.to(fin_ptr.dtype.element_ty), mask=m_tc)
     r = tl.sqrt(ss / (N * C) + eps)
@@ -237,6 +244,7 @@ def _sp_write_bwd_kernel(
 @triton.jit(do_not_specialize=["n_tokens", "tokens_per_split"])
 def _sp_read_bwd_kernel(
     s_ptr,
+    mix_ptr,
     phi_ptr,
     dproj_ptr,
     sc_ptr,
@@ -310,7 +318,7 @@ def _sp_read_bwd_kernel(
                     dv += hri * gi.to(tl.float32)
             m_tc = mt[:, None] & mc[None, :]
             fg = tl.load(fg_ptr + offs_t[:, None] * C + offs_c[None, :], mask=m_tc, other=0.0).to(tl.float32)
-            mix = tl.load(s_ptr + offs_t[:, None] * S + N * C + offs_n[None, :], mask=mt[:, None] & mn[None, :])
+            mix = tl.load(mix_ptr + offs_t[:, None] * S + offs_n[None, :], mask=mt[:, None] & mn[None, :])
             mix = tl.where(mt[:, None] & mn[None, :], mix.to(tl.float32), 0.0)
             dv += tl.reshape(mix[:, :, None] * fg[:, None, :], [BLOCK_T, R])
             tl.store(ds_ptr + offs_t[:, None] * S + offs_r[None, :], dv.to(ds_ptr.dtype.element_ty), mask=m_tr)
@@ -338,10 +346,10 @@ def sp_write_bwd(state, y, h_post, g):
         _sp_write_bwd_kernel,
         (triton.cdiv(T, bt),),
         writes=("dy_ptr", "dhp_ptr", "dhr_ptr"),
-        s_ptr=state,
+        s_ptr=state[:, :n],  # the stream rows of the packed state and of its gradient (same pointers): what is read
         y_ptr=y,
         hp_ptr=h_post,
-        g_ptr=g,
+        g_ptr=g[:, :n],
         dy_ptr=dy,
         dhp_ptr=dhp,
         dhr_ptr=dhr,
@@ -372,20 +380,22 @@ def sp_read_bwd(state, phi, h, r, gh, f_grad, g=None, h_res=None, write_ds=True,
     dmix = torch.empty(c_blocks if write_ds else 0, T, n, device=state.device, dtype=torch.float32)
     dphi = torch.empty(splits, n * C, K, device=state.device, dtype=torch.float32) if write_dphi else None
     link = g is not None
+    x = state[:, :n]  # views with the packed tensors' pointers: the stream rows and the mix are what is read
     launch(
         _sp_read_bwd_kernel,
         (c_blocks, k_tiles, splits),
         writes=("ds_ptr", "dphi_ptr"),
-        s_ptr=state,
+        s_ptr=x,
+        mix_ptr=state[:, n, :n],
         phi_ptr=phi,
         dproj_ptr=dproj,
         sc_ptr=s,
-        g_ptr=g if link else state,  # unread placeholders when the term is off (compile-time flags)
+        g_ptr=g[:, :n] if link else x,  # unread placeholders when the term is off (compile-time flags)
         hres_ptr=h_res if link else s,
         fg_ptr=f_grad,
         dmix_ptr=dmix,
-        ds_ptr=ds if write_ds else state,
-        dphi_ptr=dphi if write_dphi else state,
+        ds_ptr=ds if write_ds else x,
+        dphi_ptr=dphi if write_dphi else x,
         n_tokens=T,
         tokens_per_split=per_split,
         C=C,

@@ -11,11 +11,11 @@ as the compile gate records them) and every aten op that moves data (autograd's 
 partial sums) is listed with its bytes read and written per token, forward and backward, next to the minimum: spec
 section 6, (3n+1)C read and (n+1)C written forward in the stream dtype; backward [ours] (4n+2)C read and (n+1)C
 written (one kernel reads g, x, y and writes dy; one after F's backward reads dF_in, g, x and writes the single dx).
-Goal: <= 1.25x. The single-pass site (fp32 streams, deepseek_v4 numerics, the packed [n + 1, C] state) is held to
-issue 27's forward target, (n + 1)C read and (n + 1)C written per token (<= 1.1x each: the previous site's write fused
-with this site's read), and to mHC's backward minimum plus its mix row (C) written. Counted from arguments: a tile a
-kernel re-reads from L2 counts once, and a kernel given the packed state counts all of it. JSON:
-benchmarks/results/traffic_audit.json.
+Goal: <= 1.25x. The single-pass site (fp32 streams, deepseek_v4 numerics, the packed [n + 1, C] state; the middle
+of three chained sites, so its read comes from the previous site's fused write and its write computes the next read)
+is held to issue 27's forward target, (n + 1)C read and (n + 1)C written per token (<= 1.1x each), and to mHC's
+backward minimum plus its mix row (C) written. Counted from arguments: a tile a kernel re-reads from L2 counts once;
+the single-pass kernels get views of the packed state's rows they read. JSON: benchmarks/results/traffic_audit.json.
 
 Per kernel (GPU only): time and effective bandwidth = minimal bytes read + written / time, as a fraction of the copy
 bandwidth measured in the same run. Full site = coefficients + Sinkhorn + pre + post_res with F = identity, fwd+bwd.
@@ -136,13 +136,21 @@ def traffic_audit(arm: str, n: int = 4, C: int = 4096, dtype=torch.bfloat16, tok
     from mhc_train.ops.audit import record
 
     rows = n + 1 if arm == "mhc_single_pass" else n  # the single-pass state carries the read mix as row n
-    if arm == "mhc_single_pass":  # the arm's preset numerics; fp32 streams (it refuses bf16)
-        cfg = ConnectionConfig(type=arm, n_streams=n, backend="triton", numerics="deepseek_v4")
-        site, dtype = MHCSinglePass(cfg).site(C, 0), torch.float32
+    x = None
+    if arm == "mhc_single_pass":  # the arm's preset numerics; fp32 streams (it refuses bf16). A site inside the
+        # model: three chained sites, the middle one counted; its read was computed by site 0's fused write, and its
+        # write computes site 2's read (one stream pass per sub-layer boundary)
+        dtype = torch.float32
+        conn = MHCSinglePass(ConnectionConfig(type=arm, n_streams=n, backend="triton", numerics="deepseek_v4"))
+        sites = [conn.site(C, k).to("meta") for k in range(3)]
+        conn.chain_sites(sites)
+        x0 = torch.empty(1, tokens, rows, C, device="meta", dtype=dtype, requires_grad=True)
+        with record(torch_ops=False):  # not counted (meta tensors run nothing only inside a capture)
+            x, site = sites[0](x0, lambda h: h), sites[1]
     else:
         site = (MHCSite if arm == "mhc" else HCSite)(C, n, 0, ConnectionConfig(type=arm, n_streams=n, backend="triton"))
-    site = site.to("meta")
-    x = torch.empty(1, tokens, rows, C, device="meta", dtype=dtype, requires_grad=True)
+        site = site.to("meta")
+    x = torch.empty(1, tokens, rows, C, device="meta", dtype=dtype, requires_grad=True) if x is None else x
     with record(torch_ops=True) as fwd:
         out = site(x, lambda h: h)
     upstream = torch.empty_like(out)

@@ -51,6 +51,10 @@ def matrix(ns, widths, dtypes):
     for n, C, dt in itertools.product(ns, widths, [d for d in dtypes if d == "fp32"]):  # the single-pass arm (it
         for tail in ("unrolled", "deepseek_v4"):  # refuses bf16 streams): fused read and write, both coefficient tails
             yield dict(arm="mhc_single_pass", n=n, C=C, stream_dtype=DTYPES[dt], sinkhorn_backward=tail)
+        # the plain write (a stage's last site; the chained case above fuses the write with the next site's read)
+        yield dict(
+            arm="mhc_single_pass", n=n, C=C, stream_dtype=DTYPES[dt], sinkhorn_backward="deepseek_v4", chain=False
+        )
 
 
 def unique_launches(cases, archs):

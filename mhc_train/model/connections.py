@@ -285,6 +285,10 @@ class Connection:
         """Multiplier of the output projections' init std (HC's sqrt(n) flag; 1 otherwise)."""
         return 1.0
 
+    def chain_sites(self, sites: list[Site]) -> None:
+        """The model's sites in forward order, once, after they are built: an arm whose site can do the next site's
+        work in its own pass (single-pass mHC) remembers its successor; the others need nothing."""
+
 
 class Residual(Connection):
     def site(self, dim: int, index: int) -> Site:

@@ -20,6 +20,11 @@ Notable choices:
   is not the projection's, so the one-dx chaining of `library.Link` does not apply). On triton (n <= 16) the arm's
   own fused ops run (`ops/single_pass.py`): one pass over the packed state reads F's input with the carried mix and
   projects x_l; one pass writes x_{l+1} with the next mix packed; backward kernels chained to one state gradient.
+- Cross-site fusion (triton): the connection tells each site its successor (`chain_sites`, once, from the model's
+  forward order); `SinglePassStep.run` has a site's write compute the next site's read in the same kernel
+  (`mhc_kernels/single_pass_fused.py`) and hands it over (`ops.single_pass.Prefetch`), taken only for the very state
+  tensor it was computed from. Where the next site cannot be served (another rank's or a sharded phi, compile, the
+  halves that recomputation replays) the unfused pair runs, with the same bits.
 - The packing lives in the arm's step (`SinglePassStep`), so selective and full recomputation, which replay sites
   through `site.read` / `site.step.write`, run this arm unchanged. Refused at config time: bf16 streams and
   `connection.collapse` (the arm's collapse is its mix).
@@ -33,7 +38,7 @@ import torch.nn.functional as F
 from mhc_train import ops
 from mhc_train.config import ConnectionConfig
 from mhc_train.model.connections import CONNECTIONS, Collapse, Connection, MHCSite
-from mhc_train.ops.single_pass import SinglePassKernels, single_pass_write
+from mhc_train.ops.single_pass import Prefetch, SinglePassKernels, single_pass_write
 
 
 class SinglePassRead(ops.SiteRead):
@@ -72,10 +77,11 @@ class SinglePassStep(ops.SiteStep):
 
         return self.backend(state.device).name == "triton" and self.n <= MAX_STREAMS
 
-    def read(self, coefficients, state, linked: bool = True, pre: bool = True):
+    def read(self, coefficients, state, linked: bool = True, pre: bool = True, fetched=None):
+        """`fetched`: this site's read as the previous site's fused write computed it (`Prefetch.take`), or None."""
         x, mix = split_state(state, self.n)  # [B, T, n, C], [B, T, n]
         if self.fused(state):  # one pass over x_l: F's input with the carried mix, and the projection
-            kernels = SinglePassKernels(self.backend(state.device), state)
+            kernels = SinglePassKernels(self.backend(state.device), state, fetched)
             h_pre, h_post, h_res = self.coefficients(coefficients, x, kernels)
             return (kernels.f_in if pre else None), SinglePassRead(h_post, h_res, kernels, h_pre)
         kernels = self.kernels(x, linked=False)  # unlinked: the read mix is not this projection's (module docstring)
@@ -83,20 +89,66 @@ class SinglePassStep(ops.SiteStep):
         f_in = kernels.pre(x, mix) if pre else None  # [B, T, C]: the previous site's mix reads x_l
         return f_in, SinglePassRead(h_post, h_res, kernels, h_pre)
 
-    def write(self, state, y, read: SinglePassRead, runner=None) -> torch.Tensor:
+    def write(self, state, y, read: SinglePassRead, runner=None, ahead: Prefetch | None = None) -> torch.Tensor:
+        """`ahead`: the next site's `Prefetch` (fused path only): the same pass computes that site's read."""
         if isinstance(read.kernels, SinglePassKernels):  # one pass: x_{l+1} and the packed next mix
-            args = (state.contiguous(), y, read.h_post, read.h_res, read.mix, read.kernels.link)
+            args = (state.contiguous(), y, read.h_post, read.h_res, read.mix, read.kernels.link, ahead)
             return single_pass_write(*args) if runner is None else runner(single_pass_write, *args)
         args = (state[..., : self.n, :], y, read.h_post, read.h_res)
         out = read.kernels.post_res(*args) if runner is None else runner(read.kernels.post_res, *args)
         return pack_state(out, read.mix)  # [B, T, n+1, C]
 
+    def run(self, site: SinglePassSite, state, sublayer, runner=None) -> torch.Tensor:
+        """The whole site as the plain model runs it, fused across the boundary where it can be: its read is taken
+        from the previous site's write when that computed it from `state` itself, and its write computes the next
+        site's read when `site.next_site` is one this call can serve (`_ahead`). Same bits as read + write apart."""
+        if torch.compiler.is_compiling():  # no Python hand-over between sites inside a graph
+            out, _ = self(site._coefficients, state, sublayer, runner)
+            return out
+        fetched, site.fetched = (site.fetched.take(state) if site.fetched is not None else None), None
+        f_in, read = self.read(site._coefficients, state, fetched=fetched)
+        y = sublayer(f_in)
+        ahead = self._ahead(site, state) if isinstance(read.kernels, SinglePassKernels) else None
+        out = self.write(state, y, read, runner, ahead)
+        if ahead is not None:
+            if runner is not None and out.is_cuda:  # made on DualPipeV's priority stream: used on this one (as `out`)
+                for t in ahead.values:
+                    t.record_stream(torch.cuda.current_stream())
+            site.next_site.fetched = ahead
+        return out
+
+    @staticmethod
+    def _ahead(site: SinglePassSite, state: torch.Tensor) -> Prefetch | None:
+        """The next site's `Prefetch` when its read can run in this write: it is known (`Connection.chain_sites`), runs
+        the fused kernels on this device, and its phi is a plain tensor here (not a shard: FSDP / TP gather it only
+        inside that site's own call; not on another device or meta: a pipeline stage's last site). Never while
+        compiling (the hand-over is Python state between two sites)."""
+        nxt = site.next_site
+        if nxt is None or torch.compiler.is_compiling() or not isinstance(nxt.step, SinglePassStep):
+            return None
+        phi = nxt.phi
+        plain = type(phi) in (torch.Tensor, torch.nn.Parameter) and phi.device == state.device
+        if not plain or not nxt.step.fused(state) or phi.shape[0] != nxt.n * state.shape[-1]:
+            return None
+        return Prefetch(phi, nxt.cfg.eps)
+
 
 class SinglePassSite(MHCSite):
     """An mHC site (same parameters, init and coefficient math as `MHCSite`) run by a `SinglePassStep`: it reads with
-    the carried mix and hands its own H_pre on as the next site's. Input and output: the packed state."""
+    the carried mix and hands its own H_pre on as the next site's. Input and output: the packed state.
+    `next_site`: the site that runs after this one in the same module (`MHCSinglePass.chain_sites`), or None; its
+    `fetched` holds the read this site's fused write computed for it (`SinglePassStep.run`)."""
 
     lagged = True  # decode runs this site as it is (infer/sites.py)
+    _next: tuple = ()  # (the next site,): a tuple, so that the module does not register it as a child
+    fetched: Prefetch | None = None
+
+    @property
+    def next_site(self) -> SinglePassSite | None:
+        return self._next[0] if self._next else None
+
+    def forward(self, state: torch.Tensor, sublayer) -> torch.Tensor:
+        return self.step.run(self, state, sublayer, self._post_res_runner)
 
     @property
     def backend(self) -> str:
@@ -152,6 +204,11 @@ class MHCSinglePass(Connection):
 
     def collapse_module(self, dim: int) -> Collapse:
         return MixCollapse(self.n)
+
+    def chain_sites(self, sites: list) -> None:
+        """Tell each site which runs next (the model's forward order), so its write can compute that site's read."""
+        for site, nxt in zip(sites, [*sites[1:], None]):
+            site._next = (nxt,) if isinstance(nxt, SinglePassSite) else ()
 
 
 CONNECTIONS["mhc_single_pass"] = MHCSinglePass  # `build_connection` finds it (mhc_train.model imports this file)

@@ -111,6 +111,7 @@ class Transformer(nn.Module):
         self.stream_dtype = torch.bfloat16 if cfg.stream_dtype == "bf16" else None
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleDict({str(i): Block(cfg, self.conn, i) for i in range(cfg.n_layer)})
+        self.conn.chain_sites([site for _, site in self.sites()])  # forward order (single-pass mHC fuses across it)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.collapse_conn = self.conn.collapse_module(cfg.dim)  # the final stream read (connection.collapse)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)

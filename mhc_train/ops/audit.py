@@ -98,7 +98,8 @@ def site_launches(
     `chain=True` links the site's ops as a model site does (one dx per site); False runs each op unlinked.
     mhc_single_pass: the arm's fused read and write on the packed state [T, n + 1, C] (`single_pass.py`), its
     coefficient tail by `sinkhorn_backward`: unrolled (the paper's numerics: the gates + Sinkhorn kernel) or
-    `deepseek_v4` (DeepSeek's torch tail, the arm's preset); never linked.
+    `deepseek_v4` (DeepSeek's torch tail, the arm's preset); `chain=True`: its write fused with the next site's read
+    (single_pass_fused.py; a site inside the model), False: the plain write (a stage's or the model's last site).
     """
     meta = dict(device="meta")
 
@@ -107,7 +108,7 @@ def site_launches(
 
     with record(torch_ops, alternates) as fwd:
         if arm == "mhc_single_pass":
-            inputs, out = _single_pass_site(leaf, n, C, stream_dtype, tokens, t_max, sinkhorn_backward)
+            inputs, out = _single_pass_site(leaf, n, C, stream_dtype, tokens, t_max, sinkhorn_backward, chain)
         elif arm == "sinkhorn":
             inputs = [leaf(tokens, n, n)]
             out = ops.sinkhorn_knopp(inputs[0], t_max, backend="triton")
@@ -147,9 +148,10 @@ def traffic(launches) -> tuple[int, int]:
     return read, written
 
 
-def _single_pass_site(leaf, n, C, stream_dtype, tokens, t_max, tail):
-    """(inputs, output) of one single-pass site with F = identity on the triton backend (`site_launches`)."""
-    from .single_pass import SinglePassKernels, single_pass_write
+def _single_pass_site(leaf, n, C, stream_dtype, tokens, t_max, tail, fuse_next: bool = False):
+    """(inputs, output) of one single-pass site with F = identity on the triton backend (`site_launches`); with
+    `fuse_next` its write also computes the next site's read (that site's phi: an extra input)."""
+    from .single_pass import Prefetch, SinglePassKernels, single_pass_write
 
     k = n * n + 2 * n
     state, phi, alpha, bias = leaf(tokens, n + 1, C, dtype=stream_dtype), leaf(n * C, k), leaf(3), leaf(k)
@@ -160,4 +162,5 @@ def _single_pass_site(leaf, n, C, stream_dtype, tokens, t_max, tail):
             h_pre, h_post, h_res = kernels.mhc_coefficients_deepseek(x, phi, alpha, bias, t_max, 1e-6, 1e-6)
         else:
             h_pre, h_post, h_res = kernels.mhc_coefficients(x, phi, alpha, bias, t_max, 1e-6, tail)
-    return [state, phi, alpha, bias], single_pass_write(state, kernels.f_in, h_post, h_res, h_pre, kernels.link)
+    ahead = Prefetch(leaf(n * C, k), 1e-6) if fuse_next else None
+    return [state, phi, alpha, bias], single_pass_write(state, kernels.f_in, h_post, h_res, h_pre, kernels.link, ahead)

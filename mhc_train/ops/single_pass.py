@@ -11,11 +11,17 @@ Axis legend: `...` leading token axes, n streams, C channels, K = n^2 + 2n coeff
   dH_res; it hands (g, H_res) through the read's link slots to the read's kernel, which writes the site's one
   gradient of the packed state (projection term, the mix's F_in term, H_res^T g, and the mix's own gradient in row
   n, from per-channel-block partials the kernel writes) and dphi: the other arms' one-dx chaining.
+- Under torch.compile both run as the custom ops of `library_single_pass.py` (no graph break at a site).
+- Cross-site fusion: `single_pass_write(..., ahead=Prefetch(next phi, eps))` runs the fused boundary kernel
+  (`mhc_kernels/single_pass_fused.py`), which also computes the next site's read of the state it returns;
+  `single_pass_read(..., fetched=prefetch.take(state))` then returns those values instead of launching (same bits).
 - `SinglePassKernels`: a `SiteKernels` whose coefficient methods run the fused read (its F_in kept for the step) and
   the backend's usual coefficient tail (gates + Sinkhorn kernel, or DeepSeek's torch tail).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -62,10 +68,11 @@ class SinglePassRead(torch.autograd.Function):
     as their gradients, so this backward writes the state's one gradient (its own terms and H_res^T g) in one kernel."""
 
     @staticmethod
-    def forward(ctx, state, phi, eps):
+    def forward(ctx, state, phi, eps, fetched=None):
         from mhc_kernels.single_pass import sp_read_fwd
 
-        f_in, h, r = sp_read_fwd(state, phi, eps)
+        # fetched: (F_in, h, r) the previous site's fused write computed from this very state (`Prefetch`)
+        f_in, h, r = sp_read_fwd(state, phi, eps) if fetched is None else fetched
         ctx.save_for_backward(state, phi, h, r)
         ctx.set_materialize_grads(False)
         ctx.nodes = [t.grad_fn if t.requires_grad else None for t in (state, phi)]
@@ -80,7 +87,7 @@ class SinglePassRead(torch.autograd.Function):
         state, phi, h, r = ctx.saved_tensors
         want_ds, want_dphi = (n is not None and torch._C._will_engine_execute_node(n) for n in ctx.nodes)
         if not (want_ds or want_dphi) or (g_fin is None and g_h is None and g_link is None):
-            return None, None, None
+            return None, None, None, None
         T, rows, C = state.shape
         gh = torch.zeros_like(h) if g_h is None else g_h.float().contiguous()
         gf = state.new_zeros(T, C) if g_fin is None else g_fin.contiguous()
@@ -88,7 +95,7 @@ class SinglePassRead(torch.autograd.Function):
         if g_link is not None and want_ds:
             g, h_res = g_link.to(state.dtype).contiguous(), hres_link.float().contiguous()
         ds, dphi = sp_read_bwd(state, phi, h, r, gh, gf, g, h_res, want_ds, want_dphi)
-        return ds, dphi, None
+        return ds, dphi, None, None
 
 
 class SinglePassWrite(torch.autograd.Function):
@@ -96,12 +103,17 @@ class SinglePassWrite(torch.autograd.Function):
     backward writes no state gradient and returns (g, H_res) as the slots' gradients; unlinked: H_res^T g in torch."""
 
     @staticmethod
-    def forward(ctx, state, y, h_post, h_res, mix, g_slot, hres_slot):
+    def forward(ctx, state, y, h_post, h_res, mix, g_slot, hres_slot, ahead=None):
         from mhc_kernels.single_pass import sp_write_fwd
+        from mhc_kernels.single_pass_fused import sp_write_read_fwd
 
         ctx.linked = g_slot is not None
         ctx.save_for_backward(state, y, h_post, h_res)
-        return sp_write_fwd(state, y, h_post, h_res, mix)
+        if ahead is None:
+            return sp_write_fwd(state, y, h_post, h_res, mix)
+        out, f_in, h, r = sp_write_read_fwd(state, y, h_post, h_res, mix, ahead.phi, ahead.eps)
+        ahead.values = (f_in, h, r)  # not outputs: the next site's read returns them (its own autograd node)
+        return out
 
     @staticmethod
     def backward(ctx, g):
@@ -113,10 +125,10 @@ class SinglePassWrite(torch.autograd.Function):
         dy, dhp, dhr = sp_write_bwd(state, y, h_post, g)
         dmix = g[:, n, :n].float()
         if ctx.linked:
-            return None, dy, dhp, dhr, dmix, g, h_res
+            return None, dy, dhp, dhr, dmix, g, h_res, None
         ds = torch.zeros_like(state)
         ds[:, :n] = torch.einsum("tij,tic->tjc", h_res, g[:, :n].float()).to(state.dtype)
-        return ds, dy, dhp, dhr, dmix, None, None
+        return ds, dy, dhp, dhr, dmix, None, None, None
 
 
 def _check(state: torch.Tensor) -> None:
@@ -128,44 +140,80 @@ def _check(state: torch.Tensor) -> None:
         raise ValueError(f"the single-pass kernels take 1 <= n <= {MAX_STREAMS} and C >= n; got state {state.shape}")
 
 
-def single_pass_read(state: torch.Tensor, phi: torch.Tensor, eps: float = 1e-6):
+def _phi(phi: torch.Tensor) -> torch.Tensor:
+    return phi if phi.dtype == torch.float32 and phi.is_contiguous() else phi.float().contiguous()
+
+
+class Prefetch:
+    """Site l+1's read, computed by site l's fused write (`single_pass_write(..., ahead=Prefetch(phi, eps))`): after
+    the write, `values` holds (F_in, h, r) of the state it returned (`state`, a weak reference). The next site takes
+    them only for that very tensor (`take`); any other input (a pipeline boundary, a recompute replay) reads it anew."""
+
+    __slots__ = ("phi", "eps", "values", "_state")
+
+    def __init__(self, phi: torch.Tensor, eps: float):
+        self.phi, self.eps, self.values, self._state = _phi(phi.detach()), eps, None, None
+
+    def bind(self, state: torch.Tensor) -> None:
+        self._state = weakref.ref(state)
+
+    def take(self, state: torch.Tensor):
+        """(F_in, h, r) flattened over tokens when computed from `state` itself, else None."""
+        ok = self.values is not None and self._state is not None and self._state() is state
+        return tuple(self.values) if ok else None
+
+
+def single_pass_read(state: torch.Tensor, phi: torch.Tensor, eps: float = 1e-6, fetched=None):
     """`single_pass_read_ref` on the kernel: state [..., n+1, C] (contiguous), phi [nC, K] -> (F_in, h fp32, link):
     `link` (the slots) goes to this site's `single_pass_write`, whose backward then hands the read's backward its
-    terms (one gradient of the state per site)."""
+    terms (one gradient of the state per site). `fetched`: `Prefetch.take(state)` (no kernel runs; same values)."""
     lead, (rows, C) = state.shape[:-2], state.shape[-2:]
     _check(state)
-    phi = phi if phi.dtype == torch.float32 and phi.is_contiguous() else phi.float().contiguous()
-    f_in, h, *link = SinglePassRead.apply(_own_node(state.reshape(-1, rows, C)), _own_node(phi), eps)
+    phi = _phi(phi)
+    if torch.compiler.is_compiling():  # the custom ops (no prefetch inside a graph: `SinglePassStep.run`)
+        from . import library_single_pass
+
+        f_in, h, link = library_single_pass.read(state.reshape(-1, rows, C), phi, eps)
+        return f_in.reshape(*lead, C), h.reshape(*lead, phi.shape[1]), link
+    f_in, h, *link = SinglePassRead.apply(_own_node(state.reshape(-1, rows, C)), _own_node(phi), eps, fetched)
     return f_in.reshape(*lead, C), h.reshape(*lead, phi.shape[1]), tuple(link)
 
 
-def single_pass_write(state, y, h_post, h_res, mix, link=None):
+def single_pass_write(state, y, h_post, h_res, mix, link=None, ahead: Prefetch | None = None):
     """`single_pass_write_ref` on the kernel (coefficients cast to fp32, y in any stream dtype); `link`: the site's
-    from `single_pass_read` (None: the backward writes its own gradient of the state)."""
+    from `single_pass_read` (None: the backward writes its own gradient of the state). `ahead`: the next site's
+    `Prefetch` (its phi and eps): the same kernel pass also computes that site's read of the returned state."""
     lead, (rows, C) = state.shape[:-2], state.shape[-2:]
     n = rows - 1
     _check(state)
-    out = SinglePassWrite.apply(
+    args = (
         state.reshape(-1, rows, C),
         y.reshape(-1, C).contiguous(),
         h_post.reshape(-1, n).float().contiguous(),
         h_res.reshape(-1, n, n).float().contiguous(),
         mix.reshape(-1, n).float().contiguous(),
-        *(link or (None, None)),
     )
-    return out.reshape(*lead, rows, C)
+    if torch.compiler.is_compiling():  # the custom ops (`library_single_pass.py`); never fused ahead there
+        from . import library_single_pass
+
+        return library_single_pass.write(*args, link).reshape(*lead, rows, C)
+    out = SinglePassWrite.apply(*args, *(link or (None, None)), ahead)
+    out = out.reshape(*lead, rows, C)
+    if ahead is not None:
+        ahead.bind(out)
+    return out
 
 
 class SinglePassKernels(SiteKernels):
     """The triton backend's ops for one single-pass site call: the coefficient methods project through the fused read
     of the packed `state` (keeping F's input in `f_in`), then run the backend's coefficient tail; no link."""
 
-    def __init__(self, backend, state: torch.Tensor):
+    def __init__(self, backend, state: torch.Tensor, fetched=None):
         super().__init__(backend, linked=False)
-        self.state, self.f_in = state.contiguous(), None
+        self.state, self.f_in, self.fetched = state.contiguous(), None, fetched
 
     def _project(self, phi, eps):
-        self.f_in, h, link = single_pass_read(self.state, phi, eps)
+        self.f_in, h, link = single_pass_read(self.state, phi, eps, self.fetched)
         self.link = link if torch.is_grad_enabled() else None
         return h
 

@@ -200,6 +200,51 @@ def test_recompute_gradients_are_bit_identical(mode, backend):
     apply_recompute(model, "none")
 
 
+def test_cross_site_fusion_runs_at_every_inner_boundary_with_the_unfused_bits():
+    """triton (interpreter): each site's write also computes the next site's read (one fused kernel per inner
+    sub-layer boundary, 2L - 1 of them; only the first site reads on its own), and loss and every gradient equal the
+    unfused model's (the sites' successors forgotten) bit for bit; a pipeline stage's last site writes unfused.
+    Recompute's replays run the unfused pair:
+    test_recompute_gradients_are_bit_identical[mhc-triton] compares them with this fused model."""
+    pytest.importorskip("triton")
+    from mhc_kernels.utils import capture
+    from mhc_train.model.transformer import build_model
+    from tests.support.configs import tiny_model_cfg
+    from tools.measure import next_token_loss
+
+    cfg = conn_cfg("mhc", type="mhc_single_pass", numerics="deepseek_v4", phi_init_std=0.3, backend="triton")
+    model = build_model(tiny_model_cfg(n_layer=2), cfg, seed=0)
+    tokens = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        with capture() as launches:
+            loss = next_token_loss(model, tokens)
+        loss.backward()
+        names = [launch.name for launch in launches]
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        return names.count("_sp_write_read_fwd_kernel"), names.count("_sp_read_fwd_kernel"), loss.detach(), grads
+
+    fused, reads, loss, grads = run()
+    assert (fused, reads) == (3, 1)
+    for _, site in model.sites():
+        site._next = ()
+    fused, reads, ref_loss, ref = run()
+    assert (fused, reads) == (0, 4)
+    assert torch.equal(loss, ref_loss)
+    for name in ref:
+        assert torch.equal(grads[name], ref[name]), name
+    # a pipeline stage's last site: the next site's phi is on another rank (here: meta), so its write is the plain one
+    from mhc_train.parallel.pipeline import cut_stage
+
+    model.conn.chain_sites([site for _, site in model.sites()])
+    stage = cut_stage(model, 0, 2)
+    model.layers["1"].to("meta")
+    with torch.no_grad(), capture() as launches:
+        stage(tokens)
+    assert [launch.name for launch in launches].count("_sp_write_read_fwd_kernel") == 1
+
+
 @pytest.mark.slow  # a torchrun launch of 2 gloo ranks, and the one-process reference
 @pytest.mark.parametrize(  # 1F1B only with MHC_TRAIN_MATRIX_FULL=1 (this issue's test-time budget)
     "schedule", [pytest.param("1f1b", marks=pytest.mark.matrix_full), "dualpipev"]

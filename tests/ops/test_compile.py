@@ -61,3 +61,40 @@ def test_a_model_compiled_per_block_equals_eager(arm, n_layer):
 def test_apply_compile_refuses_a_module_without_blocks():
     with pytest.raises(TypeError, match="no `layers`"):
         apply_compile(torch.nn.Linear(2, 2))
+
+
+def _single_pass(n_layer: int):
+    cfg = conn_cfg("mhc", type="mhc_single_pass", numerics="deepseek_v4", backend="triton", t_max=3, phi_init_std=0.3)
+    return build_model(tiny_model_cfg(n_layer=n_layer), cfg)
+
+
+def test_a_single_pass_block_traces_without_a_graph_break():
+    """The single-pass arm's read and write enter the graph as `mhc_train::` ops (ops/library_single_pass.py), linked
+    through their slots; its autograd Functions (and the cross-site prefetch, off while compiling) would break it."""
+    pytest.importorskip("triton")
+    model = _single_pass(1)
+    torch._dynamo.reset()
+    x = torch.randn(1, 8, model.n_streams, model.cfg.dim, requires_grad=True)
+    explained = torch._dynamo.explain(model.layers["0"])(x, model.rope[:8])
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+    graph = "\n".join(str(g.graph) for g in explained.graphs)
+    assert "mhc_train.sp_read" in graph and "mhc_train.sp_write_linked" in graph
+
+
+def test_a_single_pass_model_compiled_per_block_equals_eager_bit_for_bit():
+    """triton (interpreter) under aot_eager: the compiled blocks run the unfused custom ops, eager fuses across sites;
+    the loss and every gradient are the same bits."""
+    pytest.importorskip("triton")
+    torch._dynamo.reset()
+    eager, compiled = _single_pass(2), _single_pass(2)
+    apply_compile(compiled, backend="aot_eager")
+    tokens = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    results = []
+    for model in (eager, compiled):
+        logits = model(tokens)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens.roll(-1, 1).flatten())
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    assert torch.equal(results[0][0], results[1][0])
+    for (name, _), a, b in zip(eager.named_parameters(), results[0][1], results[1][1], strict=True):
+        assert torch.equal(a, b), name
