@@ -34,6 +34,7 @@ import torch
 
 from mhc_train.parallel.dist import all_reduce_sum_, gather_dicts, recv_from, reduce_sum, send_to, sum_across_ranks
 from mhc_train.parallel.engine import Engine, host_state, plain_blocks
+from mhc_train.parallel.expert_parallel import scale_expert_grads
 from mhc_train.parallel.fsdp import reshard_all, sync_replicated_grads
 from mhc_train.parallel.overlap import install_overlap, issue_order
 from mhc_train.parallel.schedules import build_schedule, layer_ranges
@@ -52,6 +53,30 @@ def keep_resharding_after_backward(module) -> None:
     if isinstance(module, FSDPModule):
         module.set_reshard_after_backward(True)
         module.set_reshard_after_backward = lambda *args, **kwargs: None  # the stage's per-backward False
+
+
+def keep_moe_counts_through_inference(stage) -> None:
+    """torch's stage infers its tensors' metadata on the first step by running its module forward (with grad) on the
+    first micro-batch or on uninitialised tensors of the received shapes: MoE layers would count those tokens in
+    the balancing load (`MoE.load_stats`). Their counts are restored after it (the all-to-alls of expert parallelism
+    still run in it, on every data-parallel rank of the stage alike). No-op without MoE layers."""
+    from mhc_train.model.moe import moe_modules
+
+    layers = [m for _, m in moe_modules(stage.submod)]
+    for name in ("_forward_metadata_inference", "_shape_inference"):  # the name in this torch; an older one's
+        original = getattr(stage, name, None)
+        if original is None or not layers:
+            continue
+
+        def inference(*args, _original=original, **kwargs):
+            saved = [m.load_stats.clone() for m in layers]
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                for m, counts in zip(layers, saved):
+                    m.load_stats.copy_(counts)
+
+        setattr(stage, name, inference)
 
 
 def stage_loss(loss: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -110,6 +135,8 @@ class PipelineEngine(Engine):
         self._synced = -1  # the plain model is on meta on every rank: the first full_model() fills rank 0's
         self.stages = [PipelineStage(m, s, self.n_stages, self.device, group=self.group)
                        for m, s in zip(modules, self.stage_ids)]  # fmt: skip
+        for stage in self.stages:
+            keep_moe_counts_through_inference(stage)
         if mesh.dp == 1 and p.pp_schedule in ("1f1b", "interleaved1f1b"):
             for m in modules:
                 keep_resharding_after_backward(m)
@@ -161,6 +188,8 @@ class PipelineEngine(Engine):
         if self.overlap is not None:
             self.overlap.finish()
         self.replicated = sync_replicated_grads(self.modules)  # FSDP's recompute layout (fsdp.py note 1)
+        for m in self.modules:  # expert parallelism: the experts served every data-parallel rank of the stage
+            scale_expert_grads(m, self.mesh.dp)
         if self.mesh.tp > 1:  # the sites' and the norms' gradients, each tp rank's from its slice of the sequence
             for m in self.modules:
                 sum_site_grads(m, self.mesh.tp_mesh())
