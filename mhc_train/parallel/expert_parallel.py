@@ -77,9 +77,9 @@ class AllToAllDispatch:
         group = w.device_mesh.get_group()
         ep = w.device_mesh.size()
         send = counts.view(ep, -1)  # [ep, E_local]: what goes to each rank, per its local expert
-        recv = all_to_all_equal(send, group)  # [ep (source), E_local]
+        recv = all_to_all_equal(send, group, tag="dispatch_counts")  # [ep (source), E_local]
         send_splits, recv_splits = send.sum(1).tolist(), recv.sum(1).tolist()
-        got = all_to_all_uneven(x, recv_splits, send_splits, group)  # [sum recv, C]: by source, then local expert
+        got = all_to_all_uneven(x, recv_splits, send_splits, group, tag="dispatch")  # [sum recv, C]: by source
         expert = torch.arange(recv.shape[1], device=x.device).repeat(ep).repeat_interleave(recv.flatten())
         order = torch.argsort(expert, stable=True)  # rows by local expert, source order within
         return got[order], recv.sum(0), (order, send_splits, recv_splits, group)
@@ -89,7 +89,7 @@ class AllToAllDispatch:
             return y
         order, send_splits, recv_splits, group = handle
         back = torch.empty_like(y).index_copy(0, order, y)  # undo the sort: by source again
-        return all_to_all_uneven(back, send_splits, recv_splits, group)
+        return all_to_all_uneven(back, send_splits, recv_splits, group, tag="combine")
 
 
 def apply_ep(model: torch.nn.Module, ctx) -> None:

@@ -37,6 +37,7 @@ from mhc_train.parallel.engine import Engine, host_state, plain_blocks
 from mhc_train.parallel.expert_parallel import scale_expert_grads
 from mhc_train.parallel.fsdp import reshard_all, sync_replicated_grads
 from mhc_train.parallel.overlap import install_overlap, issue_order
+from mhc_train.parallel.overlap_ep import hidden_all_to_alls
 from mhc_train.parallel.schedules import build_schedule, layer_ranges
 from mhc_train.parallel.state import full, local
 from mhc_train.parallel.tensor_parallel import gather_tokens, match_grad_placements, sum_site_grads, tp_copies
@@ -144,7 +145,7 @@ class PipelineEngine(Engine):
         self.schedule = build_schedule(p.pp_schedule, self.stages, n_microbatches, stage_loss, p.pp_schedule_csv)
         self.overlap = None
         if p.pp_schedule == "dualpipev" and p.pp_overlap:  # our OVERLAP_F_B: forward and backward overlap on CUDA
-            self.overlap = install_overlap(self.schedule, modules, self.device)
+            self.overlap = install_overlap(self.schedule, modules, self.device, interleave_a2a=p.ep > 1)
         self.first = any(st.is_first for st in self.stages)
         self.last = any(st.is_last for st in self.stages)
 
@@ -205,10 +206,14 @@ class PipelineEngine(Engine):
         o = self.overlap
         where = "F and B on two streams, FFN post_res on a priority -1 stream" if o.cuda else "in order (CPU)"
         split = sum(f != b for *_, f, _, _, b in o.trace)
+        a2a = ""
+        if o.interleave_a2a:  # expert parallelism: the all-to-alls of each half behind the other's compute
+            hidden, posted = hidden_all_to_alls(o.a2a_events)
+            a2a = f"; {hidden} of {posted} expert all-to-alls posted before the other half's compute and waited after"
         return (
             f"OVERLAP_F_B: {o.pairs} overlapped F/B pairs, {o.runner.calls} FFN post_res through the priority "
             f"runner, {split} of the first {len(o.trace)} pairs with F and B on different streams, {o.early_sends} "
-            f"boundary sends posted before the pair's backward; {where}; issue order: {issue_order(o.events)}"
+            f"boundary sends posted before the pair's backward; {where}; issue order: {issue_order(o.events)}{a2a}"
         )
 
     def clip(self) -> torch.Tensor:
