@@ -371,7 +371,7 @@ def validate_pp_ep(cfg: Config, world: int | None = None) -> None:
     tensor parallelism is not combined with it yet."""
     p = cfg.parallel
     if p.tp > 1:
-        fail("parallel.ep", p.ep, f"runs inside pipeline stages without tensor parallelism so far (tp={p.tp}): set tp=1")
+        fail("parallel.ep", p.ep, f"runs in pipeline stages without tensor parallelism so far (tp={p.tp}): set tp=1")
     if world is not None and world % p.pp == 0 and p.ep != world // p.pp:
         fail("parallel.ep", p.ep, f"must equal each stage's data-parallel size ({world} ranks / pp={p.pp}) so far; "
              f"set ep={world // p.pp}")  # fmt: skip

@@ -19,7 +19,12 @@ pinned torch) and on CUDA actually overlaps the pair:
   long GEMMs do not delay the hand-off; the backward of those ops follows them onto that stream (autograd runs a
   backward op on its forward op's stream). The FFN sites get the priority runner once, when the engine is built
   (`Site.run_post_res_through`); it is active only inside an overlapped forward and calls the op directly elsewhere.
-On CPU there are no streams: the same function runs the forward, then the backward, in order (what CI checks).
+- with expert parallelism (parallel.ep > 1, `interleave_a2a`) the two halves are interleaved at their expert
+  all-to-alls (overlap_ep.py: DeepSeek-V3's attention / dispatch / MLP / combine chunking): each exchange of one
+  micro-batch is posted async and waited only after the other micro-batch has issued its next compute chunk; both
+  halves' receives are waited before the pair starts, as torch's in-order pair does.
+On CPU there are no streams: the same function runs the forward, then the backward, in order (what CI checks), or,
+with expert parallelism, the interleaved halves in their fixed issue order (`a2a_events`, checked by tests).
 
 Bookkeeping the runtime would do for the pair, done here (torch's `_PipelineScheduleRuntime._step_microbatches`,
 FORWARD and FULL_BACKWARD branches): wait the matching receives, forward one chunk, compute the loss on the last

@@ -14,6 +14,10 @@
   meta), shards them (dp > 1) and materialises only them on its device, from the seed or a file checkpoint's weights.
   No rank holds another stage; the plain `model` stays on meta until `full_model()` (file checkpoints, export), which
   streams each stage from one replica to rank 0 tensor by tensor, into rank 0's plain model on the host.
+- Pipeline x expert parallelism (parallel.ep = each stage's data-parallel size): each stage's MoE layers dispatch by
+  all-to-all over the stage's data-parallel ranks, the experts `Shard(0)` there (expert_parallel.py); after the
+  schedule's step their gradients are divided by dp (`scale_expert_grads`). torch's first-step metadata-inference
+  forward must not count tokens for the balancing bias (`keep_moe_counts_through_inference`).
 - Recompute is applied to each stage module on its own, so blocks never cross a stage boundary and each stage keeps
   its x_{l0} locally: recomputation never waits on communication (`recompute_block=stage`: one block per stage).
 - Pipeline x data parallel: the ranks' `mesh.ParallelMesh` has pp outermost; each stage is sharded over its

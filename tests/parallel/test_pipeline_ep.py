@@ -140,14 +140,13 @@ def _check_trace(events) -> int:
     for i, ev in enumerate(events):
         if ev[0] != "POST":
             continue
-        half, tag = ev[1], ev[2:]
+        half = ev[1]
         j = next(j for j in range(i + 1, len(events)) if events[j][0] == "WAIT" and events[j][1:] == ev[1:])
         between = events[i + 1 : j]
         other_ran = any(e[0] == "RUN" and e[1] != half for e in between)
-        other_done = any(e[0] == "DONE" and e[1] != half for e in events[:i])
+        other_done = any(e[0] == "DONE" and e[1] != half and e[2] == ev[2] for e in events[:i])  # in this pair
         assert other_ran or other_done, (i, ev, between)
         hidden += other_ran
-        del tag
     return hidden
 
 
