@@ -158,7 +158,8 @@ class PipelineEngine(Engine):
         total = sum(p.numel() for p in self.model.parameters())
         ids = [st.stage_index for st in self.stages]
         hsdp = f", HSDP {self.mesh.dp_replicate} x {self.mesh.dp_shard}" if self.mesh.dp_replicate > 1 else ""
-        dp = f" x dp={self.mesh.dp} (FSDP2 per stage{hsdp})" if self.mesh.dp > 1 else ""
+        ep = f", the experts over ep={self.mesh.ep}" if self.mesh.ep > 1 else ""  # expert parallelism in the stages
+        dp = f" x dp={self.mesh.dp} (FSDP2 per stage{hsdp}{ep})" if self.mesh.dp > 1 else ""
         tp = f" x tp={self.mesh.tp}" if self.mesh.tp > 1 else ""
         return (
             f"pipeline: pp={self.mesh.pp}{tp}{dp}; rank {self.dist.rank} runs stages {ids} and holds {held:,} of "
