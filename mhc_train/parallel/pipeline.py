@@ -210,6 +210,8 @@ class PipelineEngine(Engine):
             return ""
         o = self.overlap
         where = "F and B on two streams, FFN post_res on a priority -1 stream" if o.cuda else "in order (CPU)"
+        if o.interleave_a2a and not o.cuda:
+            where = "interleaved at the expert all-to-alls, one half at a time (CPU)"
         split = sum(f != b for *_, f, _, _, b in o.trace)
         a2a = ""
         if o.interleave_a2a:  # expert parallelism: the all-to-alls of each half behind the other's compute
