@@ -6,7 +6,8 @@ layer over all ranks in one all-reduce (data-parallel replicas, expert-parallel 
 layer's row is zero on ranks that do not hold it) and applies each layer's bias update on every rank, so the bias,
 like a weight, is the same on every replica.
 
-Expert parallelism (torchtitan's layout, restricted to ep = the FSDP data-parallel size):
+Expert parallelism (torchtitan's layout, restricted to ep = the FSDP data-parallel size; under a pipeline, each
+stage's, `build.pipeline_stages` applying it per stage and `PipelineEngine` scaling the gradients):
 - `apply_ep(model, ctx)` (build step 2) installs `AllToAllDispatch` as every MoE layer's dispatch / combine;
 - FSDP2 (`fsdp.shard`) then lays each layer's stacked expert weights out as DTensors `Shard(0)` over the
   data-parallel mesh (`distribute_experts`: rank r holds experts [r E/ep, (r+1) E/ep)) and leaves them out of its
