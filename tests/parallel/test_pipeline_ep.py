@@ -8,7 +8,7 @@ ranks, the experts Shard(0) over each stage's data-parallel mesh and left out of
   equal one process loss for loss over STEPS steps, and so do the balancing bias and the weights after them; the
   DualPipeV run's gradients are bit-identical to the same run without the interleaving (torch's in-order
   OVERLAP_F_B), and its issue trace shows each all-to-all posted before the other half's compute chunk and waited
-  after it. One launch: ~40 s on a loaded 2-core machine (test_expert_parallel's 2 ranks: ~30 s beside it).
+  after it. One launch: 20 s on the shared 2-core machine at load 4 (test_expert_parallel's 2 ranks: 14 s beside it).
 """
 
 from __future__ import annotations
