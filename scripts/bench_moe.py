@@ -13,6 +13,12 @@
 3. Expert parallelism (CPU, gloo; skipped with --no-ep): a training step of `--model` on one process against
    `parallel=ep` on 2 ranks (torchrun of this file), the same global batch; and the bytes each rank hands to
    all-to-all per step (dispatch + combine, forward + backward, counted on the calls).
+3. `--overlap` (2 CUDA GPUs; elsewhere it says so and records nothing): DualPipeV folded onto each of 2 ranks x
+   ep = 2, step time with each overlapped pair's halves interleaved at their all-to-alls (parallel/overlap_ep.py)
+   against the same pairs in order, and the in-order run's exchange time (CUDA events around each exchange): the
+   fraction of all-to-all time hidden = (in order - interleaved) / exchange time, clipped to [0, 1].
+
+    python scripts/bench_moe.py --no-ep --overlap --model moe_demo --seq 512     # on a 2-GPU machine
 """
 
 from __future__ import annotations
@@ -190,6 +196,118 @@ def bench_ep(args) -> dict:
             "all_to_all_bytes_per_rank_per_step": ep["all_to_all_bytes_per_rank_per_step"]}  # fmt: skip
 
 
+# ---- 3. the all-to-all hidden by DualPipeV's overlapped pairs (CUDA, >= 2 GPUs) --------------------------------
+def _overlap_engine(args, dist, device):
+    """DualPipeV folded onto each rank (pp=1: both V stages here, as scripts/bench_overlap.py) x FSDP x ep = 2 over
+    the 2 ranks: every OVERLAP_F_B pair has MoE layers on both halves."""
+    import dataclasses
+
+    from mhc_train.config import load_config
+    from mhc_train.model import build_model
+    from mhc_train.parallel.build import build_pipeline
+    from mhc_train.parallel.mesh import ParallelMesh
+
+    cfg = load_config([f"model={args.model}", "train=test", "logging.wandb=false", f"train.seq_len={args.seq}",
+                       f"model.max_seq_len={max(args.seq, 64)}", "model.n_layer=4"])  # fmt: skip
+    parallel = dataclasses.replace(cfg.parallel, engine="fsdp", ep=2, pp_schedule="dualpipev", pp_overlap=True,
+                                   pp_microbatches=args.microbatches, recompute="mhc", recompute_block="auto")  # fmt: skip
+    train = dataclasses.replace(cfg.train, precision="bf16" if device.type == "cuda" else "fp32", max_steps=1000)
+    cfg = dataclasses.replace(cfg, parallel=parallel, train=train)
+    model = build_model(cfg.model, cfg.connection, seed=0, device="meta")
+    # each rank is a whole pipeline of its own (no point-to-point): its stages' group is the rank alone
+    solo = [torch.distributed.new_group([r]) for r in range(dist.world)][dist.rank]
+    ParallelMesh.pp_group = lambda self: solo
+    return build_pipeline(model, cfg, dist, pp=1), cfg
+
+
+def _timed_all_to_all(device, spans: list):
+    """`all_to_all_single` wrapped to time each synchronous exchange on the stream that consumes it (CUDA events;
+    perf_counter on CPU)."""
+    real = torch.distributed.all_to_all_single
+
+    def timed(*a, **kw):
+        if kw.get("async_op"):
+            return real(*a, **kw)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = real(*a, **kw)
+            end.record()
+            spans.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            out = real(*a, **kw)
+            spans.append(time.perf_counter() - t0)
+        return out
+
+    return real, timed
+
+
+def overlap_worker(args) -> None:
+    """Step time with the expert all-to-alls interleaved in the overlapped pairs (T_on) and without (T_off, the same
+    pairs in order), and the time of the in-order run's exchanges (A); hidden fraction = (T_off - T_on) / A, clipped
+    to [0, 1]. Rank 0 prints one OVERLAP_RESULT line."""
+    from mhc_train.parallel import init_distributed
+    from mhc_train.parallel.dist import shutdown
+
+    dist = init_distributed("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(dist.device)
+    engine, cfg = _overlap_engine(args, dist, device)
+    g = torch.Generator().manual_seed(0)
+    n = args.micro_batch * args.microbatches * 2
+    tokens = torch.randint(0, cfg.model.vocab_size, (n, args.seq + 1), generator=g)
+
+    def step():
+        engine.forward_backward(lambda m, shard, k: (tokens[shard::k, :-1], tokens[shard::k, 1:]))
+        engine.optimizer.zero_grad(set_to_none=True)  # timing only: the same work every step
+
+    def timed_steps(interleave: bool, spans=None) -> float:
+        engine.overlap.interleave_a2a = interleave
+        step()  # warm-up
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        real, timed = _timed_all_to_all(device, spans) if spans is not None else (None, None)
+        if timed is not None:
+            torch.distributed.all_to_all_single = timed
+        t0 = time.perf_counter()
+        for _ in range(args.reps):
+            step()
+        sync()
+        if real is not None:
+            torch.distributed.all_to_all_single = real
+        return (time.perf_counter() - t0) / args.reps
+
+    spans: list = []
+    t_off = timed_steps(False, spans)
+    t_on = timed_steps(True)
+    ms = [s.elapsed_time(e) / 1e3 for s, e in spans] if device.type == "cuda" else spans
+    a2a = sum(ms) / args.reps
+    hidden = min(max((t_off - t_on) / a2a, 0.0), 1.0) if a2a > 0 else 0.0
+    if dist.is_main:
+        result = {"step_s_in_order": t_off, "step_s_interleaved": t_on, "all_to_all_s_per_step": a2a,
+                  "hidden_fraction": hidden, "device": device.type, "pairs": engine.overlap.pairs}  # fmt: skip
+        print("OVERLAP_RESULT " + json.dumps(result), flush=True)
+    shutdown()
+
+
+def bench_overlap_hidden(args) -> dict | None:
+    """The fraction of all-to-all time DualPipeV's interleaved pairs hide, on 2 GPUs (torchrun of this file); None
+    (and a line saying why) where there is no GPU pair: a CPU number would say nothing about NCCL on streams."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        print("bench_moe --overlap: needs 2 CUDA GPUs (expert parallelism over 2 ranks, NCCL on streams); "
+              f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} here, nothing measured")  # fmt: skip
+        return None
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29814",
+           str(Path(__file__).resolve()), "--overlap-worker", *sys.argv[1:]]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("OVERLAP_RESULT ")), None)
+    if line is None:
+        raise SystemExit(out.stdout[-3000:] + out.stderr[-3000:])
+    return {"model": args.model, "seq": args.seq, "microbatches": args.microbatches,
+            **json.loads(line.removeprefix("OVERLAP_RESULT "))}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=2048)
@@ -212,10 +330,16 @@ def main() -> None:
         help="tokens per grouped-GEMM run (default: --tokens on CPU, 16384 on CUDA)",
     )
     ap.add_argument("--ep-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--overlap", action="store_true", help="also the all-to-all hidden by DualPipeV (2 GPUs)")
+    ap.add_argument("--overlap-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--microbatches", type=int, default=8, help="--overlap: DualPipeV micro-batches per step")
+    ap.add_argument("--micro-batch", type=int, default=2, help="--overlap: sequences per micro-batch and rank")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     if args.ep_worker:
         return ep_worker(args)
+    if args.overlap_worker:
+        return overlap_worker(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = {**_versions(device), "layer": {**vars(args), **bench_layer(args, device)}}
     cuda = device.type == "cuda"
@@ -224,6 +348,10 @@ def main() -> None:
     result["grouped_gemm"] = [bench_grouped(shape, tokens, device, args.reps) for shape in shapes.split(",")]
     if not args.no_ep:
         result["expert_parallel_cpu"] = bench_ep(args)
+    if args.overlap:
+        hidden = bench_overlap_hidden(args)
+        if hidden is not None:
+            result["dualpipev_all_to_all_hidden"] = hidden
     path = Path(args.out or REPO / f"benchmarks/results/bench_moe_{device.type}.json")
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

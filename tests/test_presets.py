@@ -33,6 +33,7 @@ PRESETS = {
     "tp4_fsdp": ([8], ["train.batch_size=8"]),
     "ep": ([2], ["model.ffn=moe", "model.moe.n_routed_experts=4"]),
     "pp_tp_fsdp": ([8], ["train.batch_size=8"]),
+    "pp_dualpipev_ep": ([6], ["model=moe_test", "model.n_layer=6", "train.batch_size=12"]),
 }
 
 

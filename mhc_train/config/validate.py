@@ -357,11 +357,29 @@ def validate_ep(cfg: Config, world: int | None = None) -> None:
         fail("parallel.ep", p.ep, f"shards experts, but model.ffn={m.ffn}: set model.ffn=moe, or ep=1")
     if m.moe.n_routed_experts % p.ep:
         fail("parallel.ep", p.ep, f"must divide model.moe.n_routed_experts={m.moe.n_routed_experts}")
+    if p.pp > 1 and p.dp_replicate == 1:  # expert parallelism inside pipeline stages
+        return validate_pp_ep(cfg, world)
     if p.pp > 1:
-        fail("parallel.ep", p.ep, "runs without pp so far; set parallel.pp=1, or ep=1")
+        fail(
+            "parallel.ep",
+            p.ep,
+            "runs in pipeline stages without dp_replicate so far; set parallel.dp_replicate=1, or ep=1",
+        )
     if world is not None and world % (p.ep * p.dp_replicate):
         shard = f"{world} ranks / dp_replicate={p.dp_replicate}" if p.dp_replicate > 1 else f"{world} ranks launched"
         fail("parallel.ep", p.ep, f"must divide the data-parallel size ({shard}); set ep to a divisor")
+
+
+def validate_pp_ep(cfg: Config, world: int | None = None) -> None:
+    """Expert parallelism inside pipeline stages (pp > 1, ep > 1): the experts are laid out over each stage's
+    data-parallel ranks, so ep must equal them (world / pp, `world` counting data-parallel and pipeline ranks), and
+    tensor parallelism is not combined with it yet."""
+    p = cfg.parallel
+    if p.tp > 1:
+        fail("parallel.ep", p.ep, f"runs in pipeline stages without tensor parallelism so far (tp={p.tp}): set tp=1")
+    if world is not None and world % p.pp == 0 and p.ep != world // p.pp:
+        fail("parallel.ep", p.ep, f"must equal each stage's data-parallel size ({world} ranks / pp={p.pp}) so far; "
+             f"set ep={world // p.pp}")  # fmt: skip
 
 
 def validate_world(cfg: Config, world: int) -> None:

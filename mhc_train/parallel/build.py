@@ -16,7 +16,7 @@ The order (torchtitan's `parallelize_llama` shape), and why:
 
 Per layout:
 
-    parallel.pp > 1            1 -> 3 -> 4 -> 5 (dp > 1, or bf16 at dp = 1: `stage_fsdp`) -> 6 -> 7 -> 8 (schedule)
+    parallel.pp > 1            1 -> 2 (ep) -> 3 -> 4 -> 5 (dp > 1, or bf16 at dp = 1: `stage_fsdp`) -> 6 -> 7 -> 8
     parallel.pp, tp > 1        1 -> 2 (each stage) -> 3 -> 4 -> 5 -> 6 -> 7 -> 8 (3-D with dp > 1: PP x TP x FSDP2)
     parallel.engine=none/ddp   3 -> 4 -> 7 -> 8 (a built, initialised model)
     parallel.tp > 1, none      3 -> 2 -> 4 -> 7 -> 8 (TPEngine: the plan on a copy, world = tp)
@@ -175,9 +175,10 @@ def pipeline_stages(model: torch.nn.Module, ctx: BuildContext, plan: StagePlan) 
     """Steps 1-5 of a pipeline rank: its stages cut, recomputing, compiled and (dp > 1) sharded, still on the meta
     device when `model` is (nothing allocated: `mhc-train plan` reads what each rank will hold from here)."""
     stages = apply_pipeline_split(model, plan)  # 1.
-    for stage in stages:  # 2. tensor + sequence parallelism on each stage (apply_ep goes here too)
+    for stage in stages:  # 2. tensor + sequence parallelism on each stage, expert parallelism (parallel.ep > 1)
         if ctx.mesh.tp > 1:
             apply_tp(stage, ctx.mesh.tp_mesh())
+        apply_ep(stage, ctx)  # the experts over the stage's data-parallel ranks when FSDP shards it (5.)
     for stage in stages:
         apply_recompute(stage, ctx)  # 3.
         apply_compile(stage, ctx)  # 4.

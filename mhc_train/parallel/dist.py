@@ -200,34 +200,57 @@ def read_scalars(*values: torch.Tensor | float) -> list[float]:
     return [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
 
 
+# The all-to-alls of expert parallelism run synchronously unless an overlapped pipeline pair (overlap_ep.Interleave)
+# installs a waiter: the exchange is then posted async and `waiter(work, tag)` decides when it is waited (after the
+# other micro-batch's compute chunk has been issued).
+_A2A_WAITER = None
+
+
+def set_all_to_all_waiter(waiter):
+    """Install `waiter(work, tag)` for the all-to-alls below (None: wait at once); returns the previous one."""
+    global _A2A_WAITER
+    previous, _A2A_WAITER = _A2A_WAITER, waiter
+    return previous
+
+
+def _exchange(out, x, out_splits, in_splits, group, tag: str):
+    """`all_to_all_single` into `out`, waited at once or by the installed waiter (see `set_all_to_all_waiter`)."""
+    waiter = _A2A_WAITER
+    if waiter is None:
+        dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
+    else:
+        waiter(dist.all_to_all_single(out, x, out_splits, in_splits, group=group, async_op=True), tag)
+    return out
+
+
 class _AllToAllUneven(torch.autograd.Function):
     """Rows of x to the ranks of `group` (in_splits rows to each, in rank order), out_splits rows from each; backward
-    is the reverse exchange."""
+    is the reverse exchange (tagged `<tag>_bwd`)."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group):
-        ctx.splits, ctx.group = (out_splits, in_splits), group
+    def forward(ctx, x, out_splits, in_splits, group, tag):
+        ctx.splits, ctx.group, ctx.tag = (out_splits, in_splits), group, tag
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
+        return _exchange(out, x.contiguous(), out_splits, in_splits, group, tag)
 
     @staticmethod
     def backward(ctx, g):
         out_splits, in_splits = ctx.splits
         gx = g.new_empty((sum(in_splits), *g.shape[1:]))
-        dist.all_to_all_single(gx, g.contiguous(), in_splits, out_splits, group=ctx.group)
-        return gx, None, None, None
+        _exchange(gx, g.contiguous(), in_splits, out_splits, ctx.group, f"{ctx.tag}_bwd")
+        return gx, None, None, None, None
 
 
-def all_to_all_uneven(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None) -> torch.Tensor:
+def all_to_all_uneven(
+    x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None, tag: str = "all_to_all"
+) -> torch.Tensor:
     """Expert parallelism's exchange (gloo and NCCL take uneven splits): `in_splits[r]` rows of x [M, ...] go to rank
-    r of `group`, `out_splits[r]` rows come from it, concatenated in rank order; differentiable."""
-    return _AllToAllUneven.apply(x, out_splits, in_splits, group)
+    r of `group`, `out_splits[r]` rows come from it, concatenated in rank order; differentiable. `tag` names it in
+    an overlapped pair's trace."""
+    return _AllToAllUneven.apply(x, out_splits, in_splits, group, tag)
 
 
-def all_to_all_equal(x: torch.Tensor, group=None) -> torch.Tensor:
+def all_to_all_equal(x: torch.Tensor, group=None, tag: str = "counts") -> torch.Tensor:
     """Row r of x [world, ...] to rank r of `group`; returns the rows received, row s from rank s (not
     differentiable: expert parallelism's token counts)."""
-    out = torch.empty_like(x)
-    dist.all_to_all_single(out, x.contiguous(), group=group)
-    return out
+    return _exchange(torch.empty_like(x), x.contiguous(), None, None, group, tag)

@@ -6,7 +6,9 @@ layer over all ranks in one all-reduce (data-parallel replicas, expert-parallel 
 layer's row is zero on ranks that do not hold it) and applies each layer's bias update on every rank, so the bias,
 like a weight, is the same on every replica.
 
-Expert parallelism (torchtitan's layout; ep = the FSDP data-parallel size here, ep below it in expert_layout.py):
+Expert parallelism (torchtitan's layout; ep = the FSDP data-parallel size here, ep below it in expert_layout.py;
+under a pipeline, ep = each stage's data-parallel size, `build.pipeline_stages` applying it per stage and
+`PipelineEngine` scaling the gradients):
 - `apply_ep(model, ctx)` (build step 2) installs `AllToAllDispatch` as every MoE layer's dispatch / combine;
 - FSDP2 (`fsdp.shard`) then lays each layer's stacked expert weights out as DTensors `Shard(0)` over the
   data-parallel mesh (`distribute_experts`: rank r holds experts [r E/ep, (r+1) E/ep)) and leaves them out of its
@@ -77,9 +79,9 @@ class AllToAllDispatch:
             return x, counts, None
         group, ep = ep_group(moe.experts)
         send = counts.view(ep, -1)  # [ep, E_local]: what goes to each rank, per its local expert
-        recv = all_to_all_equal(send, group)  # [ep (source), E_local]
+        recv = all_to_all_equal(send, group, tag="dispatch_counts")  # [ep (source), E_local]
         send_splits, recv_splits = send.sum(1).tolist(), recv.sum(1).tolist()
-        got = all_to_all_uneven(x, recv_splits, send_splits, group)  # [sum recv, C]: by source, then local expert
+        got = all_to_all_uneven(x, recv_splits, send_splits, group, tag="dispatch")  # [sum recv, C]: by source
         expert = torch.arange(recv.shape[1], device=x.device).repeat(ep).repeat_interleave(recv.flatten())
         order = torch.argsort(expert, stable=True)  # rows by local expert, source order within
         return got[order], recv.sum(0), (order, send_splits, recv_splits, group)
@@ -89,7 +91,7 @@ class AllToAllDispatch:
             return y
         order, send_splits, recv_splits, group = handle
         back = torch.empty_like(y).index_copy(0, order, y)  # undo the sort: by source again
-        return all_to_all_uneven(back, send_splits, recv_splits, group)
+        return all_to_all_uneven(back, send_splits, recv_splits, group, tag="combine")
 
 
 def apply_ep(model: torch.nn.Module, ctx) -> None:

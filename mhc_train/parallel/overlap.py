@@ -19,7 +19,12 @@ pinned torch) and on CUDA actually overlaps the pair:
   long GEMMs do not delay the hand-off; the backward of those ops follows them onto that stream (autograd runs a
   backward op on its forward op's stream). The FFN sites get the priority runner once, when the engine is built
   (`Site.run_post_res_through`); it is active only inside an overlapped forward and calls the op directly elsewhere.
-On CPU there are no streams: the same function runs the forward, then the backward, in order (what CI checks).
+- with expert parallelism (parallel.ep > 1, `interleave_a2a`) the two halves are interleaved at their expert
+  all-to-alls (overlap_ep.py: DeepSeek-V3's attention / dispatch / MLP / combine chunking): each exchange of one
+  micro-batch is posted async and waited only after the other micro-batch has issued its next compute chunk; both
+  halves' receives are waited before the pair starts, as torch's in-order pair does.
+On CPU there are no streams: the same function runs the forward, then the backward, in order (what CI checks), or,
+with expert parallelism, the interleaved halves in their fixed issue order (`a2a_events`, checked by tests).
 
 Bookkeeping the runtime would do for the pair, done here (torch's `_PipelineScheduleRuntime._step_microbatches`,
 FORWARD and FULL_BACKWARD branches): wait the matching receives, forward one chunk, compute the loss on the last
@@ -36,8 +41,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 
 import torch
+
+from mhc_train.parallel.overlap_ep import Interleave
 
 
 class _PriorityRunner:
@@ -46,18 +54,18 @@ class _PriorityRunner:
     reported after the first step). Inactive, it calls the op directly."""
 
     def __init__(self, stream):
-        self.stream, self.calls, self.active = stream, 0, False
+        self.stream, self.calls, self.active, self.thread = stream, 0, False, None
 
     @contextlib.contextmanager
     def activated(self):
-        self.active = True
+        self.active, self.thread = True, threading.get_ident()
         try:
             yield
         finally:
             self.active = False
 
     def __call__(self, fn, *args, **kwargs):
-        if not self.active:
+        if not self.active or threading.get_ident() != self.thread:  # only the overlapped forward's own ops
             return fn(*args, **kwargs)
         self.calls += 1
         if self.stream is None:
@@ -83,8 +91,10 @@ def _assert_unsharded(sched, stage) -> None:
 class OverlapFB:
     """The `OVERLAP_F_B` handler: `schedule.register_custom_function(OVERLAP_F_B, OverlapFB(device))`."""
 
-    def __init__(self, device: torch.device | str):
+    def __init__(self, device: torch.device | str, interleave_a2a: bool = False):
         device = torch.device(device)
+        self.interleave_a2a = interleave_a2a  # expert parallelism: the halves interleaved at their all-to-alls
+        self.a2a_events: list[tuple] = []  # `overlap_ep.Interleave`'s trace of the first pairs
         self.cuda = device.type == "cuda"
         if self.cuda:
             greatest = torch.cuda.Stream.priority_range()[1]  # (least, greatest); greater priority is more negative
@@ -131,7 +141,7 @@ class OverlapFB:
         return torch.cuda.stream(self.side)
 
     def __call__(self, action, ctx) -> None:
-        from torch.distributed.pipelining.schedules import _batch_p2p, _wait_batch_p2p
+        from torch.distributed.pipelining.schedules import _wait_batch_p2p
 
         sched = ctx.schedule_ref
         fwd, bwd = action.sub_actions
@@ -146,12 +156,33 @@ class OverlapFB:
                                bwd.microbatch_index, b_stream))  # fmt: skip
         if self.cuda:
             self.side.wait_stream(torch.cuda.current_stream())
+        if not self.interleave_a2a:  # the forward, then the backward
+            self._forward(sched, ctx, stages, fwd, f_stream, wait_recv=True)
+            self._backward(sched, stages, bwd, b_stream, wait_recv=True)
+        else:  # both receives first (as torch's in-order pair), then the halves interleaved at their all-to-alls
+            if not stages[fwd.stage_index].is_first and fwd.stage_index - 1 not in stages:
+                _wait_batch_p2p(sched.fwd_recv_ops.pop((fwd.stage_index, fwd.microbatch_index)))
+            if not stages[bwd.stage_index].is_last and bwd.stage_index + 1 not in stages:
+                _wait_batch_p2p(sched.bwd_recv_ops.pop((bwd.stage_index, bwd.microbatch_index)))
+            labels = {"F": (fwd.stage_index, fwd.microbatch_index), "B": (bwd.stage_index, bwd.microbatch_index)}
+            stream = torch.cuda.current_stream() if self.cuda else None  # a new thread starts on the default stream
+            Interleave(self.pairs, labels, self.a2a_events).run(
+                lambda: self._forward(sched, ctx, stages, fwd, f_stream, wait_recv=False, current=stream),
+                lambda: self._backward(sched, stages, bwd, b_stream, wait_recv=False),
+            )
+        if self.cuda:
+            torch.cuda.current_stream().wait_stream(self.side)
 
-        # forward of micro-batch fwd.microbatch_index on its stage
+    def _forward(self, sched, ctx, stages, fwd, f_stream, wait_recv: bool, current=None) -> None:
+        """The pair's forward of micro-batch fwd.microbatch_index on its stage, on stream `f_stream`, and its early
+        send."""
+        from torch.distributed.pipelining.schedules import _batch_p2p, _wait_batch_p2p
+
         stage, mb = stages[fwd.stage_index], fwd.microbatch_index
         _assert_unsharded(sched, stage)
-        with self._on(f_stream):
-            if not stage.is_first and fwd.stage_index - 1 not in stages:
+        on = self._on(f_stream) if current is None or f_stream == self.SIDE else torch.cuda.stream(current)
+        with on:
+            if wait_recv and not stage.is_first and fwd.stage_index - 1 not in stages:
                 _wait_batch_p2p(sched.fwd_recv_ops.pop((fwd.stage_index, mb)))
             with self.runner.activated():
                 out = stage.forward_one_chunk(mb, ctx.arg_mbs[mb], ctx.kwarg_mbs[mb], save_forward_output=True)
@@ -165,10 +196,14 @@ class OverlapFB:
                 self.early_sends += 1
                 self._record("SEND_F", fwd.stage_index, mb, f_stream)
 
-        # full backward of micro-batch bwd.microbatch_index on the other stage (on b_stream, where autograd runs it)
+    def _backward(self, sched, stages, bwd, b_stream, wait_recv: bool) -> None:
+        """The pair's full backward of micro-batch bwd.microbatch_index on the other stage (on b_stream, where
+        autograd runs it)."""
+        from torch.distributed.pipelining.schedules import _wait_batch_p2p
+
         stage, mb = stages[bwd.stage_index], bwd.microbatch_index
         _assert_unsharded(sched, stage)
-        if not stage.is_last and bwd.stage_index + 1 not in stages:
+        if wait_recv and not stage.is_last and bwd.stage_index + 1 not in stages:
             _wait_batch_p2p(sched.bwd_recv_ops.pop((bwd.stage_index, mb)))
         loss = sched._maybe_get_loss(stage, mb)
         sched.backward_counter[bwd.stage_index] += 1
@@ -177,9 +212,6 @@ class OverlapFB:
         stage.backward_one_chunk(mb, loss=loss, full_backward=True, last_backward=last)
         if bwd.stage_index - 1 in stages:
             stages[bwd.stage_index - 1].set_local_bwd_input(stage.get_local_bwd_output(mb), mb)
-
-        if self.cuda:
-            torch.cuda.current_stream().wait_stream(self.side)
 
 
 def _works(result) -> list:
@@ -195,12 +227,13 @@ def issue_order(events, limit: int = 16) -> str:
     return " ".join(f"{kind}{stage}.{mb}@{stream}" for kind, stage, mb, stream in events[:limit])
 
 
-def install_overlap(schedule, modules, device) -> OverlapFB:
+def install_overlap(schedule, modules, device, interleave_a2a: bool = False) -> OverlapFB:
     """Install `OverlapFB` as the schedule's OVERLAP_F_B handler and route the FFN sites' post_res of the stage
-    `modules` through its priority runner; returns it (its counters feed logs and tests)."""
+    `modules` through its priority runner; returns it (its counters feed logs and tests). `interleave_a2a`: expert
+    parallelism's all-to-alls of each half hidden behind the other half's compute (overlap_ep.py)."""
     from torch.distributed.pipelining.schedules import OVERLAP_F_B
 
-    handler = OverlapFB(device)
+    handler = OverlapFB(device, interleave_a2a)
     schedule.register_custom_function(OVERLAP_F_B, handler)
     for stage in schedule._stages:
         handler.wrap_send_ops(stage)

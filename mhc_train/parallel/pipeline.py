@@ -14,6 +14,10 @@
   meta), shards them (dp > 1) and materialises only them on its device, from the seed or a file checkpoint's weights.
   No rank holds another stage; the plain `model` stays on meta until `full_model()` (file checkpoints, export), which
   streams each stage from one replica to rank 0 tensor by tensor, into rank 0's plain model on the host.
+- Pipeline x expert parallelism (parallel.ep = each stage's data-parallel size): each stage's MoE layers dispatch by
+  all-to-all over the stage's data-parallel ranks, the experts `Shard(0)` there (expert_parallel.py); after the
+  schedule's step their gradients are divided by dp (`scale_expert_grads`). torch's first-step metadata-inference
+  forward must not count tokens for the balancing bias (`keep_moe_counts_through_inference`).
 - Recompute is applied to each stage module on its own, so blocks never cross a stage boundary and each stage keeps
   its x_{l0} locally: recomputation never waits on communication (`recompute_block=stage`: one block per stage).
 - Pipeline x data parallel: the ranks' `mesh.ParallelMesh` has pp outermost; each stage is sharded over its
@@ -34,8 +38,10 @@ import torch
 
 from mhc_train.parallel.dist import all_reduce_sum_, gather_dicts, recv_from, reduce_sum, send_to, sum_across_ranks
 from mhc_train.parallel.engine import Engine, host_state, plain_blocks
+from mhc_train.parallel.expert_parallel import scale_expert_grads
 from mhc_train.parallel.fsdp import reshard_all, sync_replicated_grads
 from mhc_train.parallel.overlap import install_overlap, issue_order
+from mhc_train.parallel.overlap_ep import hidden_all_to_alls
 from mhc_train.parallel.schedules import build_schedule, layer_ranges
 from mhc_train.parallel.state import full, local
 from mhc_train.parallel.tensor_parallel import gather_tokens, match_grad_placements, sum_site_grads, tp_copies
@@ -52,6 +58,30 @@ def keep_resharding_after_backward(module) -> None:
     if isinstance(module, FSDPModule):
         module.set_reshard_after_backward(True)
         module.set_reshard_after_backward = lambda *args, **kwargs: None  # the stage's per-backward False
+
+
+def keep_moe_counts_through_inference(stage) -> None:
+    """torch's stage infers its tensors' metadata on the first step by running its module forward (with grad) on the
+    first micro-batch or on uninitialised tensors of the received shapes: MoE layers would count those tokens in
+    the balancing load (`MoE.load_stats`). Their counts are restored after it (the all-to-alls of expert parallelism
+    still run in it, on every data-parallel rank of the stage alike). No-op without MoE layers."""
+    from mhc_train.model.moe import moe_modules
+
+    layers = [m for _, m in moe_modules(stage.submod)]
+    for name in ("_forward_metadata_inference", "_shape_inference"):  # the name in this torch; an older one's
+        original = getattr(stage, name, None)
+        if original is None or not layers:
+            continue
+
+        def inference(*args, _original=original, **kwargs):
+            saved = [m.load_stats.clone() for m in layers]
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                for m, counts in zip(layers, saved):
+                    m.load_stats.copy_(counts)
+
+        setattr(stage, name, inference)
 
 
 def stage_loss(loss: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -110,6 +140,8 @@ class PipelineEngine(Engine):
         self._synced = -1  # the plain model is on meta on every rank: the first full_model() fills rank 0's
         self.stages = [PipelineStage(m, s, self.n_stages, self.device, group=self.group)
                        for m, s in zip(modules, self.stage_ids)]  # fmt: skip
+        for stage in self.stages:
+            keep_moe_counts_through_inference(stage)
         if mesh.dp == 1 and p.pp_schedule in ("1f1b", "interleaved1f1b"):
             for m in modules:
                 keep_resharding_after_backward(m)
@@ -117,7 +149,7 @@ class PipelineEngine(Engine):
         self.schedule = build_schedule(p.pp_schedule, self.stages, n_microbatches, stage_loss, p.pp_schedule_csv)
         self.overlap = None
         if p.pp_schedule == "dualpipev" and p.pp_overlap:  # our OVERLAP_F_B: forward and backward overlap on CUDA
-            self.overlap = install_overlap(self.schedule, modules, self.device)
+            self.overlap = install_overlap(self.schedule, modules, self.device, interleave_a2a=p.ep > 1)
         self.first = any(st.is_first for st in self.stages)
         self.last = any(st.is_last for st in self.stages)
 
@@ -126,7 +158,8 @@ class PipelineEngine(Engine):
         total = sum(p.numel() for p in self.model.parameters())
         ids = [st.stage_index for st in self.stages]
         hsdp = f", HSDP {self.mesh.dp_replicate} x {self.mesh.dp_shard}" if self.mesh.dp_replicate > 1 else ""
-        dp = f" x dp={self.mesh.dp} (FSDP2 per stage{hsdp})" if self.mesh.dp > 1 else ""
+        ep = f", the experts over ep={self.mesh.ep}" if self.mesh.ep > 1 else ""  # expert parallelism in the stages
+        dp = f" x dp={self.mesh.dp} (FSDP2 per stage{hsdp}{ep})" if self.mesh.dp > 1 else ""
         tp = f" x tp={self.mesh.tp}" if self.mesh.tp > 1 else ""
         return (
             f"pipeline: pp={self.mesh.pp}{tp}{dp}; rank {self.dist.rank} runs stages {ids} and holds {held:,} of "
@@ -161,6 +194,8 @@ class PipelineEngine(Engine):
         if self.overlap is not None:
             self.overlap.finish()
         self.replicated = sync_replicated_grads(self.modules)  # FSDP's recompute layout (fsdp.py note 1)
+        for m in self.modules:  # expert parallelism: the experts served every data-parallel rank of the stage
+            scale_expert_grads(m, self.mesh.dp)
         if self.mesh.tp > 1:  # the sites' and the norms' gradients, each tp rank's from its slice of the sequence
             for m in self.modules:
                 sum_site_grads(m, self.mesh.tp_mesh())
@@ -175,11 +210,17 @@ class PipelineEngine(Engine):
             return ""
         o = self.overlap
         where = "F and B on two streams, FFN post_res on a priority -1 stream" if o.cuda else "in order (CPU)"
+        if o.interleave_a2a and not o.cuda:
+            where = "interleaved at the expert all-to-alls, one half at a time (CPU)"
         split = sum(f != b for *_, f, _, _, b in o.trace)
+        a2a = ""
+        if o.interleave_a2a:  # expert parallelism: the all-to-alls of each half behind the other's compute
+            hidden, posted = hidden_all_to_alls(o.a2a_events)
+            a2a = f"; {hidden} of {posted} expert all-to-alls posted before the other half's compute and waited after"
         return (
             f"OVERLAP_F_B: {o.pairs} overlapped F/B pairs, {o.runner.calls} FFN post_res through the priority "
             f"runner, {split} of the first {len(o.trace)} pairs with F and B on different streams, {o.early_sends} "
-            f"boundary sends posted before the pair's backward; {where}; issue order: {issue_order(o.events)}"
+            f"boundary sends posted before the pair's backward; {where}; issue order: {issue_order(o.events)}{a2a}"
         )
 
     def clip(self) -> torch.Tensor:

@@ -190,7 +190,8 @@ def describe(cfg: Config, lay: Layout, world: int, rank: int) -> str:
     share = f"rank {rank} holds {lay.held_numel:,} of {lay.total_numel:,} parameter elements"
     p = cfg.parallel
     if lay.engine == "pipeline":
-        dp = f" x dp={lay.dp} (FSDP2 per stage)" if lay.dp > 1 else ""
+        ep = f", the experts over ep={p.ep}" if p.ep > 1 else ""  # expert parallelism inside the stages
+        dp = f" x dp={lay.dp} (FSDP2 per stage{ep})" if lay.dp > 1 else ""
         dp = (f" x tp={p.tp}" if p.tp > 1 else "") + dp
         head = f"pipeline {p.pp_schedule}: pp={lay.pp}{dp}; rank {rank} runs stages {lay.stage_ids}"
         return f"{head}; holds {lay.held_numel:,} of {lay.total_numel:,} parameter elements"
