@@ -107,7 +107,8 @@ def test_ep_refusals_name_the_fix():
     refused = [
         ({"dp_replicate": 1}, 3, "must divide the data-parallel size \\(3 ranks launched\\)"),
         ({"dp_replicate": 2}, 6, "must divide the data-parallel size \\(6 ranks / dp_replicate=2\\)"),
-        ({"dp_replicate": 1, "pp": 2}, 4, "runs without pp so far; set parallel.pp=1"),
+        ({"dp_replicate": 1, "pp": 2}, 8, "must equal each stage's data-parallel size \\(8 ranks / pp=2\\)"),
+        ({"dp_replicate": 2, "pp": 2}, 8, "runs in pipeline stages without dp_replicate so far"),
     ]
     for parallel, world, match in refused:
         for key, value in parallel.items():
@@ -115,7 +116,7 @@ def test_ep_refusals_name_the_fix():
         with pytest.raises(ConfigError, match=match) as e:
             validate_ep(cfg, world)
         assert "\n" not in str(e.value)
-    cfg.parallel.pp, cfg.model.ffn = 1, "dense"
+    cfg.parallel.pp, cfg.parallel.dp_replicate, cfg.model.ffn = 1, 1, "dense"
     with pytest.raises(ConfigError, match="set model.ffn=moe, or ep=1"):
         validate_ep(cfg, 4)
 
