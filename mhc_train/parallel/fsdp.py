@@ -54,6 +54,7 @@ import copy
 
 import torch
 
+from mhc_train.parallel.clip import clip_grads
 from mhc_train.parallel.compile import apply_compile as compile_blocks
 from mhc_train.parallel.dist import mean_over_mesh_
 from mhc_train.parallel.engine import LocalEngine, release_eval_copy, stream_into_host
@@ -219,7 +220,7 @@ class FSDPEngine(LocalEngine):
         replicated = set(replicated_params([self.train_model]))
         if not replicated:
             return full(torch.nn.utils.clip_grad_norm_(params, limit))
-        return _clip_mixed([p for p in params if p not in replicated], [p for p in params if p in replicated], limit)
+        return clip_grads(params, self.grad_clip, self.dist, self.device)  # DTensor shards beside plain tensors
 
     def param_names(self) -> dict:
         return {p: n for n, p in self.train_model.named_parameters()}
@@ -250,19 +251,6 @@ class FSDPEngine(LocalEngine):
 
     def live_modules(self):
         return [self.train_model]
-
-
-def _clip_mixed(sharded, replicated, limit: float) -> torch.Tensor:
-    """`clip_grad_norm_` over DTensor-sharded and plain replicated gradients together (torch's refuses the mix): the
-    norm of the two groups' norms, then every gradient scaled by min(1, limit / norm) on the device."""
-    from torch.nn.utils import get_total_norm
-
-    norms = [full(get_total_norm([p.grad for p in group])) for group in (sharded, replicated) if group]
-    norm = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
-    scale = (limit / (norm + 1e-6)).clamp(max=1.0)
-    for p in (*sharded, *replicated):
-        local(p.grad).mul_(scale.to(p.grad.dtype))
-    return norm
 
 
 def reshard_all(modules) -> None:

@@ -38,6 +38,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from mhc_train.parallel.clip import clip_grads
 from mhc_train.parallel.dist import all_reduce_over, sum_over_group
 from mhc_train.parallel.engine import LocalEngine, release_eval_copy, stream_into_host
 from mhc_train.parallel.fsdp import FSDPEngine
@@ -214,31 +215,6 @@ class SequenceParallelDiagnostics:
         return super().site_statistics(tokens, probe)
 
 
-def clip_grads(params, limit: float) -> torch.Tensor:
-    """The global pre-clip norm (`grad_norm`); every gradient scaled by min(1, limit / norm) on the device (0: never)."""
-    norm = grad_norm(params)
-    if limit > 0:
-        scale = (limit / (norm + 1e-6)).clamp(max=1.0)
-        for p in params:
-            local(p.grad).mul_(scale.to(p.grad.dtype))
-    return norm
-
-
-def grad_norm(params) -> torch.Tensor:
-    """The global gradient norm over DTensor (sharded or replicated over tp) and plain replicated gradients: each
-    DTensor's norm is made whole over its mesh, each plain one counted once (every tp rank holds the same sum)."""
-    from torch.distributed.tensor import DTensor
-    from torch.nn.utils import get_total_norm
-
-    groups: dict = {}  # one norm (and so one collective) per layout, not per parameter
-    for p in params:
-        g = p.grad
-        key = (id(g.device_mesh), tuple(g.placements)) if isinstance(g, DTensor) else None
-        groups.setdefault(key, []).append(g)
-    squares = [full(get_total_norm(grads)).float().reshape(()) ** 2 for grads in groups.values()]
-    return torch.stack(squares).sum().sqrt()
-
-
 class TPEngine(SequenceParallelDiagnostics, LocalEngine):
     """Tensor (+ sequence) parallelism over the mesh's tp ranks, no data parallelism beyond (`parallel.engine=none`
     with world = tp): trains a tensor-parallel copy; `self.model` stays plain for rank 0's files and export. The ranks
@@ -275,7 +251,7 @@ class TPEngine(SequenceParallelDiagnostics, LocalEngine):
         return self.train_model.parameters()
 
     def clip(self) -> torch.Tensor:
-        return clip_grads(self.params_with_grad(), self.grad_clip)
+        return clip_grads(self.params_with_grad(), self.grad_clip, self.dist, self.device)
 
     def param_names(self) -> dict:
         return {p: n for n, p in self.train_model.named_parameters()}
@@ -320,7 +296,7 @@ class TPFSDPEngine(SequenceParallelDiagnostics, FSDPEngine):
             sum_site_grads(self.train_model, self.tp_mesh)
 
     def clip(self) -> torch.Tensor:
-        return clip_grads(self.params_with_grad(), self.grad_clip)
+        return clip_grads(self.params_with_grad(), self.grad_clip, self.dist, self.device)
 
     def describe(self) -> str:
         return f"tp x fsdp: tp={self.tp_mesh.size()}; " + super().describe()
