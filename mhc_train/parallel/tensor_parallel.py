@@ -38,13 +38,12 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from mhc_train.model import transformer
 from mhc_train.parallel.clip import clip_grads
 from mhc_train.parallel.dist import all_reduce_over, sum_over_group
 from mhc_train.parallel.engine import LocalEngine, release_eval_copy, stream_into_host
 from mhc_train.parallel.fsdp import FSDPEngine
 from mhc_train.parallel.state import full, local
-
-LOSS_CHUNK_ELEMENTS = 1 << 26  # fp32 local logits per chunk, as model.transformer.LOSS_CHUNK_ELEMENTS
 
 
 def block_plan() -> dict:
@@ -185,7 +184,8 @@ class VocabParallelLoss:
         offset = rank * weight.shape[0]
         flat_h = gather_tokens(h, self.mesh).flatten(0, 1)  # [N, C]
         flat_t = targets.flatten()
-        n, per = flat_t.numel(), max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
+        # fp32 local logits per chunk: the model's constant, read per call (tests lower it)
+        n, per = flat_t.numel(), max(1, transformer.LOSS_CHUNK_ELEMENTS // weight.shape[0])
         if n <= per:
             return self._chunk(flat_h, weight, flat_t, offset) / n
         sums = [
