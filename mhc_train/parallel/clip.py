@@ -5,6 +5,8 @@ parameters it leaves whole, pipeline stages): one function, one all-reduce in al
   divided by how many ranks hold that same local gradient, so the world's sum counts every element once: one scalar
   all-reduce, whatever the mix of layouts (torch's `clip_grad_norm_` refuses DTensors on different meshes beside plain
   tensors).
+- A gradient DTensor left `Partial` (or laid out otherwise than its parameter) is first redistributed like its
+  parameter, as the optimizer would at its first use of it.
 - The copies come from the gradient's placements by default: the ranks summed over divided by the product of the mesh
   dims it is sharded over (a plain tensor: whole on every one of them). A pipeline passes its own count (a gradient
   lives only on its stage's ranks).
@@ -33,6 +35,18 @@ def placement_copies(grad: torch.Tensor, ranks: int) -> int:
     return ranks // math.prod(mesh.size(i) for i, pl in enumerate(grad.placements) if pl.is_shard())
 
 
+def _placed_like_param(p: torch.Tensor) -> torch.Tensor:
+    """`p.grad`, redistributed in place to `p`'s placements where they differ: DTensor leaves some gradients `Partial`
+    over tp (the norms' `Replicate` gains under sequence parallelism), whose local pieces are not the gradient's
+    elements. The optimizer would redistribute it at its first use anyway (pipeline: `match_grad_placements`)."""
+    from torch.distributed.tensor import DTensor
+
+    g = p.grad
+    if isinstance(g, DTensor) and isinstance(p, DTensor) and tuple(g.placements) != tuple(p.placements):
+        p.grad = g = g.redistribute(p.device_mesh, p.placements)
+    return g
+
+
 def clip_grads(params: Iterable[torch.Tensor], limit: float, info: DistInfo, device,
                copies: Callable[[torch.Tensor], int] | None = None) -> torch.Tensor:  # fmt: skip
     """The global pre-clip gradient norm over every rank and placement (a 0-dim float64 tensor on `device`, one
@@ -47,7 +61,7 @@ def clip_grads(params: Iterable[torch.Tensor], limit: float, info: DistInfo, dev
     sq = torch.zeros(1, dtype=torch.float64, device=device)
     grads = []
     for p in params:
-        g = local(p.grad.detach())  # a shard shares storage with its DTensor gradient: scaled in place below
+        g = local(_placed_like_param(p).detach())  # a shard shares storage with its DTensor gradient: scaled below
         sq += g.double().square().sum() / copies(p)
         grads.append(g)
     all_reduce_sum_(sq, info)
