@@ -26,13 +26,14 @@ from mhc_train.parallel.state import local
 
 def placement_copies(grad: torch.Tensor, ranks: int) -> int:
     """How many of `ranks` ranks hold this rank's piece of `grad`: `ranks` over the number of pieces a DTensor is cut
-    into (the sizes of the mesh dims it is sharded over); `ranks` for a plain tensor."""
+    into (the sizes of the mesh dims it is not replicated over; laid out like its parameter, it is never `Partial`);
+    `ranks` for a plain tensor."""
     from torch.distributed.tensor import DTensor
 
     if not isinstance(grad, DTensor):
         return ranks
-    mesh = grad.device_mesh
-    return ranks // math.prod(mesh.size(i) for i, pl in enumerate(grad.placements) if pl.is_shard())
+    mesh = grad.device_mesh  # FSDP's dim under TP is a `_StridedShard`, which `is_shard()` does not count
+    return ranks // math.prod(mesh.size(i) for i, pl in enumerate(grad.placements) if not pl.is_replicate())
 
 
 def _placed_like_param(p: torch.Tensor) -> torch.Tensor:
