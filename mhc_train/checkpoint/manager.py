@@ -15,6 +15,10 @@ A step file holds: step, RNG states (torch, CUDA, numpy, python), the data posit
 a function of them), the resolved config, the tokenizer reference, the scheduler, and the weights and optimizer state
 in one of three formats (`checkpoint.format`). Sharded directories are complete before the step file that points at
 them is renamed into place. Leftover temporaries are removed on the next save.
+
+A synchronous save that fails on one rank (disk full writing a shard or the step file) fails on every rank at once:
+after each phase the ranks exchange their outcome (`agree`, one small all-gather in place of the old barrier) and
+every rank raises the same line, instead of the others waiting at their next collective until parallel.timeout_s.
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ from mhc_train.checkpoint.stepfile import load_step_file, write_step_file
 from mhc_train.config import CheckpointConfig
 from mhc_train.io.log import get_logger
 from mhc_train.io.rundir import RunDir
-from mhc_train.parallel import DistInfo, Engine, barrier
-from mhc_train.parallel.dist import broadcast_from_main, gather_dicts
+from mhc_train.parallel import DistInfo, Engine
+from mhc_train.parallel.dist import broadcast_from_main, first_failure, gather_dicts
 
 log = get_logger(__name__)
 
@@ -81,25 +85,59 @@ class CheckpointManager:
         fmt = FORMATS[self.format_for(engine)]
         if self.cfg.async_save and fmt.name == "dcp":
             return self.save_async(engine, step, meta)
-        body, sharded = self._save_shards(fmt, engine, step)
+        saved, error = _attempt(lambda: self._save_shards(fmt, engine, step))
+        self.agree(step, error, partial=self.run.tag(step))  # a collective: one rank's failure fails every rank now
+        body, sharded = saved
         # a collective: rank 0 goes on only once every rank's shards are complete and digested
         files = self.shard_digests(fmt, sharded) if sharded is not None else None
         path = self.path_for(step)
+        error = None
         if self.dist.is_main:
             if sharded is not None:
                 body["shards"] = {"dir": str(sharded.relative_to(self.dir)), "files": files}
-            self.write(step, {**body, **meta, "world_size": self.dist.world, "step": step, "rng": rng_state()})
-        barrier(self.dist)
+            state = {**body, **meta, "world_size": self.dist.world, "step": step, "rng": rng_state()}
+            _, error = _attempt(lambda: self.write(step, state))
+        self.agree(step, error)  # in place of a barrier: rank 0's failure to write the step file reaches every rank
         return path
+
+    def agree(self, step: int, error: BaseException | None, partial: str | None = None) -> None:
+        """Every rank, after a phase of a save (`error`: this rank's failure in it, if any): learn whether any rank
+        failed, and if one did, raise on every rank at once, instead of leaving the others at the next collective
+        until parallel.timeout_s. A CheckpointError (disk full, ...) is raised on every rank with the same line, the
+        lowest failing rank's; any other exception is re-raised as it is on its rank (a bug keeps its traceback)
+        and the other ranks raise a CheckpointError naming it. `partial`: the tag whose sharded directories no rank
+        writes any more (removed before raising: nothing half-written stays; older checkpoints are untouched). A
+        collective; alone, the error is raised as it is."""
+        if self.dist.world == 1:
+            if error is not None:
+                raise error
+            return
+        failed = first_failure(None if error is None else self._one_line(step, error), self.dist)
+        if failed is None:
+            return
+        if partial is not None:
+            for d in self.run.sharded_dirs(partial):
+                shutil.rmtree(d, ignore_errors=True)
+        if error is not None and not isinstance(error, CheckpointError):
+            raise error
+        raise CheckpointError(failed[1]) from error
+
+    def _one_line(self, step: int, error: BaseException) -> str:
+        """A failure as every rank raises it: a CheckpointError's own line, else the rank, the type and a line."""
+        if isinstance(error, CheckpointError):
+            return str(error)
+        first = (str(error).strip().splitlines() or [""])[0][:300]
+        return f"checkpoint of step {step} failed on rank {self.dist.rank} ({type(error).__name__}: {first})"
 
     def _save_shards(self, fmt: Format, engine: Engine, step: int) -> tuple[dict, Path | None]:
         """`fmt.save`; disk full: one line naming the directory and the space the engine's state needs (one process:
-        the partial directory is removed; with several ranks it is left to the next save of that step)."""
+        the partial directory is removed here; with several ranks by `agree`, once no rank writes there any more)."""
         tag = self.run.tag(step)
         try:
             return fmt.save(engine, self.run, tag)
-        except OSError as e:
-            if not space.is_no_space(e):
+        except BaseException as e:  # an OSError, or DCP's CheckpointException carrying one (every rank gets it)
+            cause = space.no_space_cause(e)
+            if cause is None:
                 raise
             partial = [d for d in self.run.sharded_dirs(tag) if d.is_dir()]
             if self.dist.world == 1:
@@ -109,7 +147,7 @@ class CheckpointManager:
                 needed = space.state_nbytes(engine.live_state()) * self.dist.world
             except Exception:
                 needed = None
-            raise space.no_space_error(partial[0] if partial else self.path_for(step), needed, e) from None
+            raise space.no_space_error(partial[0] if partial else self.path_for(step), needed, cause) from None
 
     def shard_digests(self, fmt: Format, sharded: Path) -> dict:
         """Every rank: digest the files of `sharded` that this rank wrote (`Format.writer_of`), in parallel with the
@@ -281,3 +319,15 @@ class CheckpointManager:
         resume.apply_hyperparameters(engine.optimizer, engine.scheduler, fresh)
         set_rng_state(state["rng"])
         return notes
+
+
+def _attempt(fn):
+    """(fn(), None), or (None, the exception) for an Exception or DCP's CheckpointException (a BaseException)."""
+    try:
+        return fn(), None
+    except Exception as e:
+        return None, e
+    except BaseException as e:
+        if type(e).__name__ != "CheckpointException":  # KeyboardInterrupt, SystemExit: as they are
+            raise
+        return None, e

@@ -24,6 +24,18 @@ def is_no_space(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in NO_SPACE
 
 
+def no_space_cause(e: BaseException) -> OSError | None:
+    """The disk-full OSError behind `e`: `e` itself, or the one a rank raised inside DCP's save (torch gives every
+    rank a CheckpointException whose `failures` map each failed rank to its exception); None if there is none."""
+    if is_no_space(e):
+        return e
+    for failure in (getattr(e, "failures", None) or {}).values():
+        cause = failure[0] if isinstance(failure, tuple) else failure
+        if is_no_space(cause):
+            return cause
+    return None
+
+
 def state_nbytes(obj) -> int:
     """The bytes of every tensor in a nested state (dicts, lists, tuples)."""
     if isinstance(obj, torch.Tensor):

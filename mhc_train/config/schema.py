@@ -222,7 +222,7 @@ class TrainConfig:
     log_every: int = 10  # steps between metric lines
     skip_nonfinite: bool = False  # skip (and count) steps with a NaN/inf loss instead of stopping
     max_skipped_steps: int = 10  # stop anyway after this many skipped steps
-    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    threads: int = 0  # torch CPU threads (at most the cores per local rank: train/threads.py); 0 leaves torch's default
     stop_at_step: int = 0  # exit cleanly (with a checkpoint) after this step, for time-sliced jobs; 0 = never
     dump_grads_at: int = 0  # debug: save the reduced, pre-clip gradients of this step by name to run_dir (any engine)
     progress: bool = True  # tqdm progress bar

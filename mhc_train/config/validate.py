@@ -69,6 +69,16 @@ def validate_data(d: DataConfig) -> None:
     at_least("data.shard_tokens", d.shard_tokens, 1024)
     choice("data.verify", d.verify, ("size", "digest"))
     validate_blend(d)
+    validate_source_set(d)
+
+
+def validate_source_set(d: DataConfig) -> None:
+    """data.source left empty (configs/data/text_files.yaml leaves it for the user) without a blend: one line."""
+    if not d.source.strip() and not d.blend:
+        raise ConfigError(
+            "data.source is not set: data=text_files trains on your own text; add data.source=<a txt/jsonl/parquet "
+            "file, a directory or glob of them, or hf:<dataset>>"
+        )
 
 
 def validate_model(m: ModelConfig, prefix: str = "model") -> None:

@@ -4,6 +4,7 @@ yet, and the data-parallel size world / (pp x tp) the launched world leaves. Cal
 from __future__ import annotations
 
 from mhc_train.config.schema import Config, ConfigError
+from mhc_train.config.shapes import ffn_hidden_dim
 
 
 def _fail(key: str, value, why: str) -> None:
@@ -31,7 +32,7 @@ def validate_tp(cfg: Config) -> None:
     if m.tie_embeddings:
         _fail("parallel.tp", p.tp, "tied embeddings shard differently from the head: set model.tie_embeddings=false")
     kv = m.n_kv_head or m.n_head
-    hidden = m.ffn_hidden_dim or m.multiple_of * -(-int(8 * m.dim / 3) // m.multiple_of)
+    hidden = ffn_hidden_dim(m)
     for key, value in (("model.n_head", m.n_head), ("model.n_kv_head", kv), ("model.vocab_size", m.vocab_size),
                        ("model.ffn_hidden_dim", hidden), ("train.seq_len", cfg.train.seq_len)):  # fmt: skip
         if value % p.tp:

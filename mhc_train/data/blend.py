@@ -3,8 +3,8 @@
 - Each entry is prepared as a `data.source` of its own (content-addressed and reused as any prepared directory), all
   with one tokenizer: `data.tokenizer_model` when given, else a BPE trained once on a weighted sample of the sources
   (each source gives `weight` of the sampled lines and of the character budget) and kept in
-  `<out_dir>/blend_tokenizers/<key>/`, the key hashing the entries and the tokenizer settings (not the text: an edited
-  source keeps its tokenizer; delete that directory to train a new one).
+  `<out_dir>/blend_tokenizers/<key>/`, the key hashing the entries, the tokenizer settings and each source's content
+  digest (the one the shards' directories are named by, `store.content_digest`): edited text trains a new tokenizer.
 - Weights are normalised (a notice when they do not sum to 1). A missing source is an error naming its entry: a blend
   never falls back to another prepared directory (store.py's fallback for a lone source).
 - The batch of (seed, step, micro) stays a pure function: row r of global batch i = step * grad_accum + micro takes
@@ -36,7 +36,7 @@ from mhc_train.data.loader import TokenData
 from mhc_train.data.lock import PrepareLock
 from mhc_train.data.shards import split_documents
 from mhc_train.data.sources import resolve_source
-from mhc_train.data.store import KIND
+from mhc_train.data.store import KIND, content_digest
 from mhc_train.data.tokenizer import sample_lines, train_tokenizer
 from mhc_train.io.log import get_logger, progress
 
@@ -87,13 +87,14 @@ def blend_tokenizer(cfg: DataConfig, parts: list[BlendPart]) -> str:
     under the prepare lock, and reused)."""
     if cfg.tokenizer_model:
         return cfg.tokenizer_model
+    out = Path(cfg.out_dir).expanduser()
     what = {
         "entries": [[p.cfg.source, p.cfg.text_field, p.cfg.hf_config, p.cfg.hf_split, p.weight] for p in parts],
         "tokenizer": [cfg.vocab_size, cfg.max_sentencepiece_chars, cfg.tokenizer_sample_lines, cfg.seed],
         "split": [cfg.val_fraction, cfg.txt_per_line],
+        "text": [content_digest(out, _source(p.cfg)) for p in parts],  # the same name with other text: another key
     }
     key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
-    out = Path(cfg.out_dir).expanduser()
     home = out / TOKENIZERS / key
     model = home / "tokenizer.model"
     if model.is_file():
@@ -109,12 +110,16 @@ def blend_tokenizer(cfg: DataConfig, parts: list[BlendPart]) -> str:
     return str(model)
 
 
+def _source(c: DataConfig):
+    return resolve_source(c.source, c.hf_split, c.text_field, c.hf_config, c.txt_per_line)
+
+
 def _weighted_sample(cfg: DataConfig, parts: list[BlendPart]) -> list[str]:
     """Each source's share `weight` of the sampled lines and of the character budget, sources in blend order."""
     lines: list[str] = []
     for p in parts:
         c = p.cfg
-        source = resolve_source(c.source, c.hf_split, c.text_field, c.hf_config, c.txt_per_line)
+        source = _source(c)
         docs = split_documents(source.documents(), c.val_fraction, c.seed)
         train = (line for _, split, doc in docs if split == "train" for line in doc.splitlines())
         budget = p.weight * cfg.max_sentencepiece_chars

@@ -161,6 +161,15 @@ def remember_digest(out: Path, fp: str, digest: str) -> None:
         pass  # a read-only out_dir: the digest is recomputed next time
 
 
+def content_digest(out: Path, source) -> str:
+    """The digest of a source's text (`TextSource.digest`), read from `<out>/.source_digests.json` by the source's
+    fingerprint where known, else hashed once and remembered there (the prepare that follows then reads no text)."""
+    fp = source.fingerprint()
+    digest = _read_digest_cache(out).get(fp) or source.digest()
+    remember_digest(out, fp, digest)
+    return digest
+
+
 def find(cfg: DataConfig, notes: list, hash_content: bool = True) -> tuple[dict | None, dict]:
     """(manifest of the reusable prepared directory or None, build context); appends its notices to `notes` as
     (stage, message) for `emit`. Reads the text only on a fingerprint miss (and not at all without `hash_content`:

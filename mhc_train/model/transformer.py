@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mhc_train.config import ConnectionConfig, ModelConfig, validate_connection, validate_model
+from mhc_train.config.shapes import ffn_hidden_dim
 from mhc_train.model.connections import Connection, build_connection
 from mhc_train.model.documents import document_ids, document_layout
 from mhc_train.model.layers import Attention, FeedForward, RMSNorm, scaled_rope_cache
@@ -34,13 +35,6 @@ from mhc_train.model.moe import GroupedExperts, MoE
 
 def head_dim(cfg: ModelConfig) -> int:
     return cfg.head_dim or cfg.dim // cfg.n_head
-
-
-def ffn_hidden_dim(cfg: ModelConfig) -> int:
-    if cfg.ffn_hidden_dim:
-        return cfg.ffn_hidden_dim
-    hidden = int(2 * 4 * cfg.dim / 3)
-    return cfg.multiple_of * ((hidden + cfg.multiple_of - 1) // cfg.multiple_of)
 
 
 def model_rope_cache(cfg: ModelConfig, device=None) -> torch.Tensor:

@@ -191,6 +191,17 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(any_rank_flag(flag, info).item())
 
 
+def first_failure(error: str | None, info: DistInfo, group=None) -> tuple[int, str] | None:
+    """(rank, error) of the lowest rank whose `error` is set, on every rank; None when no rank failed. A collective
+    (of every rank on `group`): a rank that failed locally calls it too, so the others learn of the failure at once
+    instead of waiting at their next collective until the group's timeout."""
+    if info.world == 1:
+        return (info.rank, error) if error is not None else None
+    errors = [None] * info.world
+    dist.all_gather_object(errors, error, group=group)
+    return next(((r, e) for r, e in enumerate(errors) if e is not None), None)
+
+
 def read_scalars(*values: torch.Tensor | float) -> list[float]:
     """The host values of device scalars in one transfer: one host sync however many there are (floats pass)."""
     tensors = [v for v in values if isinstance(v, torch.Tensor)]

@@ -327,6 +327,18 @@ class LocalEngine(Engine):
             forward = DistributedDataParallel(model, device_ids=ids, **no_buffer_sync())
         self.forward = forward  # train.compile: the blocks were compiled in place (build.apply_compile)
 
+    @property
+    def forward(self) -> torch.nn.Module:
+        """The module a training step runs (the model, its DDP / FSDP / TP copy, DeepSpeed's engine)."""
+        return self._forward
+
+    @forward.setter
+    def forward(self, module: torch.nn.Module) -> None:
+        # MoE's auxiliary loss weighs as the LM loss does (1 / grad_accum): set once here, where every engine names
+        # the module it trains, not by walking the modules at every step
+        self._forward = module
+        set_aux_loss_scale(module, 1 / self.grad_accum)
+
     def backward(self, loss: torch.Tensor, micro: int) -> None:
         """Accumulate this micro-batch's gradient; data parallel reduces once per step, in the last micro-batch."""
         last = micro == self.grad_accum - 1
@@ -335,7 +347,6 @@ class LocalEngine(Engine):
 
     def forward_backward(self, batch: BatchFn) -> torch.Tensor:
         total = torch.zeros((), device=self.device)
-        set_aux_loss_scale(self.forward, 1 / self.grad_accum)  # MoE's auxiliary loss weighs as the LM loss does
         for micro in range(self.grad_accum):
             x, y = batch(micro, self.data_shard, self.data_shards)
             loss = self.loss(self.forward, x, y)

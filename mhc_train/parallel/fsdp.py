@@ -54,6 +54,7 @@ import copy
 
 import torch
 
+from mhc_train.parallel.clip import clip_grads
 from mhc_train.parallel.compile import apply_compile as compile_blocks
 from mhc_train.parallel.dist import mean_over_mesh_
 from mhc_train.parallel.engine import LocalEngine, release_eval_copy, stream_into_host
@@ -217,10 +218,10 @@ class FSDPEngine(LocalEngine):
         limit = self.grad_clip if self.grad_clip > 0 else float("inf")
         params = self.params_with_grad()
         replicated = set(replicated_params([self.train_model]))
-        by_mesh = _by_mesh([p for p in params if p not in replicated])  # several under expert parallelism below dp
-        if not replicated and len(by_mesh) < 2:
+        meshes = {getattr(p, "device_mesh", None) for p in params if p not in replicated}  # 2 with ep below dp
+        if not replicated and len(meshes) < 2:
             return full(torch.nn.utils.clip_grad_norm_(params, limit))
-        return _clip_mixed([*by_mesh, [p for p in params if p in replicated]], limit)
+        return clip_grads(params, self.grad_clip, self.dist, self.device)  # DTensor shards beside plain tensors
 
     def param_names(self) -> dict:
         return {p: n for n, p in self.train_model.named_parameters()}
@@ -251,28 +252,6 @@ class FSDPEngine(LocalEngine):
 
     def live_modules(self):
         return [self.train_model]
-
-
-def _by_mesh(params) -> list[list[torch.Tensor]]:
-    """`params` grouped by their DTensor mesh (the experts' own mesh beside the FSDP mesh, expert_layout.py)."""
-    groups: dict = {}
-    for p in params:
-        groups.setdefault(getattr(p, "device_mesh", None), []).append(p)
-    return list(groups.values())
-
-
-def _clip_mixed(groups, limit: float) -> torch.Tensor:
-    """`clip_grad_norm_` over gradients torch's cannot take together (DTensors on different meshes, DTensor-sharded
-    beside plain replicated ones): the norm of the groups' norms, then every gradient scaled by min(1, limit / norm)
-    on the device."""
-    from torch.nn.utils import get_total_norm
-
-    norms = [full(get_total_norm([p.grad for p in group])) for group in groups if group]
-    norm = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
-    scale = (limit / (norm + 1e-6)).clamp(max=1.0)
-    for p in (p for group in groups for p in group):
-        local(p.grad).mul_(scale.to(p.grad.dtype))
-    return norm
 
 
 def reshard_all(modules) -> None:

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mhc_train.parallel.dist import all_reduce_sum_, gather_dicts, recv_from, reduce_sum, send_to, sum_across_ranks
+from mhc_train.parallel.clip import clip_grads
+from mhc_train.parallel.dist import gather_dicts, recv_from, reduce_sum, send_to, sum_across_ranks
 from mhc_train.parallel.engine import Engine, host_state, plain_blocks
 from mhc_train.parallel.expert_parallel import scale_expert_grads
 from mhc_train.parallel.fsdp import reshard_all, sync_replicated_grads
@@ -226,21 +227,13 @@ class PipelineEngine(Engine):
     def clip(self) -> torch.Tensor:
         """The global pre-clip norm over every stage and shard (one all-reduce), and the clip applied on the device
         (a factor min(1, limit / norm): no host read of the norm)."""
-        sq = torch.zeros(1, dtype=torch.float64, device=self.device)
-        grads = [local(p.grad.detach()) for p in self.params_with_grad()]  # shards partition each gradient
         replicated = getattr(self, "replicated", ())
-        for p, g in zip(self.params_with_grad(), grads):
-            # every rank adds its local squares and the world sums them: a replicated gradient sits whole on each of
-            # its dp ranks, a shard on each of its dp_replicate ranks (HSDP), so each is counted once
-            copies = (self.mesh.dp if p in replicated else self.mesh.dp_replicate) * tp_copies(p, self.mesh.tp)
-            sq += g.double().square().sum() / copies
-        all_reduce_sum_(sq, self.dist)
-        norm = sq.sqrt().reshape(())
-        if self.grad_clip > 0:
-            scale = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
-            for g in grads:  # the local shard shares storage with its DTensor gradient
-                g.mul_(scale.to(g.dtype))
-        return norm
+
+        def copies(p):  # a replicated gradient sits whole on each of its dp ranks, a shard on each of its
+            # dp_replicate ranks (HSDP); every rank of a stage holds tp_copies of it: each counted once
+            return (self.mesh.dp if p in replicated else self.mesh.dp_replicate) * tp_copies(p, self.mesh.tp)
+
+        return clip_grads(self.params_with_grad(), self.grad_clip, self.dist, self.device, copies)
 
     @torch.no_grad()
     def evaluate(self, batches) -> float:

@@ -38,12 +38,12 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from mhc_train.model import transformer
+from mhc_train.parallel.clip import clip_grads
 from mhc_train.parallel.dist import all_reduce_over, sum_over_group
 from mhc_train.parallel.engine import LocalEngine, release_eval_copy, stream_into_host
 from mhc_train.parallel.fsdp import FSDPEngine
 from mhc_train.parallel.state import full, local
-
-LOSS_CHUNK_ELEMENTS = 1 << 26  # fp32 local logits per chunk, as model.transformer.LOSS_CHUNK_ELEMENTS
 
 
 def block_plan() -> dict:
@@ -184,7 +184,8 @@ class VocabParallelLoss:
         offset = rank * weight.shape[0]
         flat_h = gather_tokens(h, self.mesh).flatten(0, 1)  # [N, C]
         flat_t = targets.flatten()
-        n, per = flat_t.numel(), max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
+        # fp32 local logits per chunk: the model's constant, read per call (tests lower it)
+        n, per = flat_t.numel(), max(1, transformer.LOSS_CHUNK_ELEMENTS // weight.shape[0])
         if n <= per:
             return self._chunk(flat_h, weight, flat_t, offset) / n
         sums = [
@@ -212,31 +213,6 @@ class SequenceParallelDiagnostics:
             return p
 
         return super().site_statistics(tokens, probe)
-
-
-def clip_grads(params, limit: float) -> torch.Tensor:
-    """The global pre-clip norm (`grad_norm`); every gradient scaled by min(1, limit / norm) on the device (0: never)."""
-    norm = grad_norm(params)
-    if limit > 0:
-        scale = (limit / (norm + 1e-6)).clamp(max=1.0)
-        for p in params:
-            local(p.grad).mul_(scale.to(p.grad.dtype))
-    return norm
-
-
-def grad_norm(params) -> torch.Tensor:
-    """The global gradient norm over DTensor (sharded or replicated over tp) and plain replicated gradients: each
-    DTensor's norm is made whole over its mesh, each plain one counted once (every tp rank holds the same sum)."""
-    from torch.distributed.tensor import DTensor
-    from torch.nn.utils import get_total_norm
-
-    groups: dict = {}  # one norm (and so one collective) per layout, not per parameter
-    for p in params:
-        g = p.grad
-        key = (id(g.device_mesh), tuple(g.placements)) if isinstance(g, DTensor) else None
-        groups.setdefault(key, []).append(g)
-    squares = [full(get_total_norm(grads)).float().reshape(()) ** 2 for grads in groups.values()]
-    return torch.stack(squares).sum().sqrt()
 
 
 class TPEngine(SequenceParallelDiagnostics, LocalEngine):
@@ -275,7 +251,7 @@ class TPEngine(SequenceParallelDiagnostics, LocalEngine):
         return self.train_model.parameters()
 
     def clip(self) -> torch.Tensor:
-        return clip_grads(self.params_with_grad(), self.grad_clip)
+        return clip_grads(self.params_with_grad(), self.grad_clip, self.dist, self.device)
 
     def param_names(self) -> dict:
         return {p: n for n, p in self.train_model.named_parameters()}
@@ -320,7 +296,7 @@ class TPFSDPEngine(SequenceParallelDiagnostics, FSDPEngine):
             sum_site_grads(self.train_model, self.tp_mesh)
 
     def clip(self) -> torch.Tensor:
-        return clip_grads(self.params_with_grad(), self.grad_clip)
+        return clip_grads(self.params_with_grad(), self.grad_clip, self.dist, self.device)
 
     def describe(self) -> str:
         return f"tp x fsdp: tp={self.tp_mesh.size()}; " + super().describe()

@@ -55,6 +55,7 @@ from mhc_train.train.metrics import read_metrics
 from mhc_train.train.nonfinite import NonFinitePolicy
 from mhc_train.train.preemption import Preemption
 from mhc_train.train.step_metrics import StepMetrics
+from mhc_train.train.threads import cpu_threads
 
 __all__ = ["Preempted", "Trainer", "TrainingError", "train"]
 
@@ -88,7 +89,7 @@ class Trainer:
         validate_launch(cfg, os.environ)  # a data-parallel engine without torchrun: one line, not its traceback
         t = cfg.train
         if t.threads:
-            torch.set_num_threads(t.threads)
+            torch.set_num_threads(cpu_threads(t.threads, os.environ))  # never more than the node's cores allow
         self.cfg, self.config_dict = cfg, to_dict(cfg)
         self.dist = init_distributed(t.device, cfg.parallel.timeout_s)
         self.device = self.dist.device

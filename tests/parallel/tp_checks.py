@@ -21,8 +21,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mhc_train.config import ConnectionConfig, ModelConfig
+from mhc_train.model import transformer
 from mhc_train.model.transformer import build_model
-from mhc_train.parallel import tensor_parallel
 from mhc_train.parallel.compile import apply_compile
 from mhc_train.parallel.recompute import apply_recompute
 from mhc_train.parallel.state import full
@@ -103,12 +103,12 @@ def check_spy(mesh) -> None:
     assert abs(got.item() - want.item()) <= 1e-5 * want.item(), (got.item(), want.item())
     (grad,) = torch.autograd.grad(got, h)
     # split into chunks of 8 tokens (each chunk's logits recomputed in backward): the same loss and gradient
-    saved, tensor_parallel.LOSS_CHUNK_ELEMENTS = tensor_parallel.LOSS_CHUNK_ELEMENTS, 8 * V // mesh.size()
+    saved, transformer.LOSS_CHUNK_ELEMENTS = transformer.LOSS_CHUNK_ELEMENTS, 8 * V // mesh.size()
     try:
         chunked = VocabParallelLoss(mesh)(h, tp.output, y)
         (chunked_grad,) = torch.autograd.grad(chunked, h)
     finally:
-        tensor_parallel.LOSS_CHUNK_ELEMENTS = saved
+        transformer.LOSS_CHUNK_ELEMENTS = saved
     assert abs(chunked.item() - got.item()) <= 1e-6 * got.item(), (chunked.item(), got.item())
     assert (chunked_grad - grad).abs().max().item() <= 1e-6, (chunked_grad - grad).abs().max().item()
 
