@@ -230,6 +230,7 @@ def _exchange(out, x, out_splits, in_splits, group, tag: str):
     if waiter is None:
         dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
     else:
+        getattr(waiter, "before_post", lambda: None)()  # raises once the other half has failed: post nothing more
         waiter(dist.all_to_all_single(out, x, out_splits, in_splits, group=group, async_op=True), tag)
     return out
 

@@ -68,11 +68,11 @@ def ep_group(experts) -> tuple:
     return mesh.get_group(), mesh.size()
 
 
-def shard_experts_below_dp(moe, mark: str) -> bool:
+def shard_experts_below_dp(moe, mark: str, compute_dtype=None) -> bool:
     """For an MoE layer whose layout is `below_dp`: its stacked expert weights as DTensors Shard(0) over the ("ep",)
     sub-mesh, then the experts module FSDP2-sharded over the rest of dp; marks the module `mark` (expert_parallel's
     EP_PARAM) and its gradient divisor (ep). Returns whether it took the layer (False: the ep = dp_shard path)."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
 
     experts = moe.experts
@@ -85,7 +85,8 @@ def shard_experts_below_dp(moe, mark: str) -> bool:
     for key, p in list(experts.named_parameters(recurse=False)):
         d = distribute_tensor(p.data, ep_mesh, [Shard(0)], src_data_rank=None)
         setattr(experts, key, torch.nn.Parameter(d))
-    fully_shard(experts, mesh=fsdp_mesh)
+    policy = MixedPrecisionPolicy(compute_dtype or torch.float32, torch.float32, cast_forward_inputs=False)
+    fully_shard(experts, mesh=fsdp_mesh, mp_policy=policy)  # bf16 gathers under bf16, as the blocks' units
     setattr(experts, mark, True)
     setattr(experts, EP_GRAD_DIVISOR, layout.ep)
     return True

@@ -105,15 +105,20 @@ def apply_ep(model: torch.nn.Module, ctx) -> None:
     set_expert_layout(model, ctx.mesh)  # ep below dp: the experts' own meshes (expert_layout.py)
 
 
-def distribute_experts(module: torch.nn.Module, mesh) -> set:
+def distribute_experts(module: torch.nn.Module, mesh, compute_dtype=None) -> set:
     """Lay out the expert weights of every MoE layer that dispatches by all-to-all as DTensors Shard(0) over `mesh`
     (the 1-D data-parallel mesh, of size ep; the experts module is marked `EP_PARAM`); returns them (FSDP leaves
-    them out)."""
+    them out). Below dp the experts become their own FSDP unit instead (`shard_experts_below_dp`), gathered in
+    `compute_dtype` (bf16 under train.precision=bf16 with per-block units, as the blocks are) with fp32 reductions."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
     out = set()
     for _, m in moe_modules(module):
-        if not isinstance(m._dispatcher, AllToAllDispatch) or shard_experts_below_dp(m, EP_PARAM) or mesh.ndim != 1:
+        if (
+            not isinstance(m._dispatcher, AllToAllDispatch)
+            or shard_experts_below_dp(m, EP_PARAM, compute_dtype)
+            or mesh.ndim != 1
+        ):
             continue
         if not getattr(m.experts, EP_PARAM, False):
             for key, p in list(m.experts.named_parameters(recurse=False)):

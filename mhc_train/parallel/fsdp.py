@@ -74,7 +74,7 @@ def shard(
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     root_kw = {} if reshard_after_forward else {"reshard_after_forward": False}
-    experts = distribute_experts(module, mesh)  # expert parallelism: experts on ep, not in FSDP's units
+    experts = distribute_experts(module, mesh, compute_dtype if per_block else None)  # on ep, not in FSDP's units
     if experts:
         root_kw["ignored_params"] = experts
     if not per_block:

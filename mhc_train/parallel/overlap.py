@@ -154,16 +154,17 @@ class OverlapFB:
         if len(self.trace) < 256:
             self.trace.append((self.pairs, fwd.stage_index, fwd.microbatch_index, f_stream, bwd.stage_index,
                                bwd.microbatch_index, b_stream))  # fmt: skip
-        if self.cuda:
-            self.side.wait_stream(torch.cuda.current_stream())
-        if not self.interleave_a2a:  # the forward, then the backward
-            self._forward(sched, ctx, stages, fwd, f_stream, wait_recv=True)
-            self._backward(sched, stages, bwd, b_stream, wait_recv=True)
-        else:  # both receives first (as torch's in-order pair), then the halves interleaved at their all-to-alls
+        if self.interleave_a2a:  # both receives first (as torch's in-order pair), waited on the current stream ...
             if not stages[fwd.stage_index].is_first and fwd.stage_index - 1 not in stages:
                 _wait_batch_p2p(sched.fwd_recv_ops.pop((fwd.stage_index, fwd.microbatch_index)))
             if not stages[bwd.stage_index].is_last and bwd.stage_index + 1 not in stages:
                 _wait_batch_p2p(sched.bwd_recv_ops.pop((bwd.stage_index, bwd.microbatch_index)))
+        if self.cuda:  # ... so the side stream, ordered after the current one here, also sees the received buffers
+            self.side.wait_stream(torch.cuda.current_stream())
+        if not self.interleave_a2a:  # the forward, then the backward
+            self._forward(sched, ctx, stages, fwd, f_stream, wait_recv=True)
+            self._backward(sched, stages, bwd, b_stream, wait_recv=True)
+        else:  # the halves interleaved at their all-to-alls
             labels = {"F": (fwd.stage_index, fwd.microbatch_index), "B": (bwd.stage_index, bwd.microbatch_index)}
             stream = torch.cuda.current_stream() if self.cuda else None  # a new thread starts on the default stream
             Interleave(self.pairs, labels, self.a2a_events).run(

@@ -82,6 +82,18 @@ class Interleave:
         work.wait()
         self._record("WAIT", half, tag, seq)
 
+    __call__ = hide  # the waiter `dist` calls
+
+    def before_post(self) -> None:
+        """Called by `dist` before it posts an all-to-all: once the other half has failed, this half stops posting
+        (raising here), so this rank posts no exchange out of the order its peers follow: they then wait, as without
+        interleaving, until the collective timeout instead of pairing their exchanges with others."""
+        other = B if self._half_of_caller() == F else F
+        if other in self.errors:
+            raise RuntimeError(
+                f"overlapped pair {self.pair}: the other half failed; this half stops before its next all-to-all"
+            )
+
     def _body(self, half: str, fn) -> None:
         self._take(half)
         try:
@@ -105,7 +117,7 @@ class Interleave:
                 self._body(F, forward)
 
         self.f_thread = threading.Thread(target=f_body, name="mhc-overlap-forward", daemon=True)
-        previous = set_all_to_all_waiter(self.hide)
+        previous = set_all_to_all_waiter(self)
         try:
             self.f_thread.start()
             self._body(B, backward)

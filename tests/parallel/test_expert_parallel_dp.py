@@ -75,6 +75,36 @@ def test_ep_below_dp_lays_experts_on_a_sub_mesh_and_fsdp_over_the_rest(replicate
             assert gate.device_mesh.size() == world, gate.device_mesh
 
 
+def test_experts_unit_gathers_in_the_compute_dtype_like_the_blocks():
+    """Under bf16 the experts' own FSDP unit (ep below dp) gathers bf16 weights and reduces in fp32, as the blocks'
+    units do (in fp32 it would move twice the bytes of most of an MoE model's parameters)."""
+    import dataclasses
+
+    from mhc_train.parallel.fsdp import shard
+    from mhc_train.plan.layout import fake_group
+
+    with fake_group(8, 0):
+        model, ctx = _fake_sharded(8, 0, 2, 1)  # fp32 on CPU: the units gather fp32
+        policy = model.layers["1"].ffn.experts._get_fsdp_state()._mp_policy
+        assert policy.param_dtype in (None, torch.float32), policy
+    with fake_group(8, 0):
+        from mhc_train.config import load_config
+        from mhc_train.model import build_model
+        from mhc_train.parallel.build import apply_ep, build_context
+        from mhc_train.parallel.dist import DistInfo
+
+        cfg = load_config(["model=moe_test", "train=test", "parallel=ep", "parallel.ep=2", "train.batch_size=8",
+                           "model.moe.n_routed_experts=8", "train.device=cpu"])  # fmt: skip
+        ctx = dataclasses.replace(build_context(cfg, DistInfo(rank=0, world=8)), amp=torch.bfloat16)
+        model = build_model(cfg.model, cfg.connection, device="meta")
+        apply_ep(model, ctx)
+        shard(model, ctx.mesh.dp_mesh(), per_block=True, compute_dtype=torch.bfloat16)
+        experts, block = model.layers["1"].ffn.experts, model.layers["1"]
+        for unit in (experts, block):
+            policy = unit._get_fsdp_state()._mp_policy
+            assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32), (unit, policy)
+
+
 def test_plan_accepts_ep_below_dp_and_counts_expert_bytes_per_rank():
     """At world 8 with 8 experts of [C=32, H=16] (3 stacked weights): ep = 2 gathers 4 experts per FSDP unit, ep = 8
     one (no FSDP of the experts); either way a rank stores 1/8 of them."""

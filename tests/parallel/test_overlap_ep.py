@@ -71,6 +71,29 @@ def test_interleave_reraises_an_error_of_either_half():
             il.run(halves["F"], halves["B"])
 
 
+def test_after_one_half_fails_the_other_posts_no_more_exchanges():
+    """An exchange posted out of the peers' order would pair with another one of theirs (NCCL matches by issue order):
+    once the forward has failed, the backward stops at its next post (`before_post`, which `dist` calls first)."""
+    from mhc_train.parallel import dist
+
+    posted = []
+
+    def backward():
+        for i in range(3):
+            il.before_post()  # what dist._exchange does before posting
+            posted.append(i)
+            il.hide(_Work([], f"B{i}"), f"x{i}")
+
+    def forward():
+        raise RuntimeError("F failed")
+
+    il = Interleave(1, {"F": (0, 0), "B": (1, 0)}, [])
+    with pytest.raises(RuntimeError, match="F failed"):
+        il.run(forward, backward)
+    assert posted == [] and isinstance(il.errors["B"], RuntimeError), (posted, il.errors)
+    assert dist._A2A_WAITER is None  # the waiter is uninstalled after the pair
+
+
 def test_pipeline_counts_each_token_once_for_the_balancing_load():
     import dataclasses
 
