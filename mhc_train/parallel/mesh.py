@@ -140,10 +140,10 @@ class ParallelMesh:
                     names, shape = names + ["dp_mod_ep", "ep"], shape + [self.dp_shard // self.ep, self.ep]
                 elif self.sizes[n] > 1:
                     names, shape = names + [n], shape + [self.sizes[n]]
-            self._expert_mesh = init_device_mesh(self.device_type, tuple(shape), mesh_dim_names=tuple(names))
-        mesh = self._expert_mesh
-        fsdp = mesh["dp_replicate", "dp_mod_ep"] if self.dp_replicate > 1 else mesh["dp_mod_ep"]
-        return mesh["ep"], fsdp
+            mesh = init_device_mesh(self.device_type, tuple(shape), mesh_dim_names=tuple(names))
+            fsdp = mesh["dp_replicate", "dp_mod_ep"] if self.dp_replicate > 1 else mesh["dp_mod_ep"]
+            self._expert_mesh = (mesh["ep"], fsdp)  # sliced once: the dispatch reads it in every MoE forward
+        return self._expert_mesh
 
 
 def _prod(values) -> int:
