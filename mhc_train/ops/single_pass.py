@@ -147,7 +147,8 @@ def _phi(phi: torch.Tensor) -> torch.Tensor:
 class Prefetch:
     """Site l+1's read, computed by site l's fused write (`single_pass_write(..., ahead=Prefetch(phi, eps))`): after
     the write, `values` holds (F_in, h, r) of the state it returned (`state`, a weak reference). The next site takes
-    them only for that very tensor (`take`); any other input (a pipeline boundary, a recompute replay) reads it anew."""
+    them only for that very tensor (`take`); any other input (a pipeline boundary, a recompute replay) reads it anew.
+    The values are dropped when that tensor dies (no take could succeed after): a read nobody took is not held on."""
 
     __slots__ = ("phi", "eps", "values", "_state")
 
@@ -155,7 +156,10 @@ class Prefetch:
         self.phi, self.eps, self.values, self._state = _phi(phi.detach()), eps, None, None
 
     def bind(self, state: torch.Tensor) -> None:
-        self._state = weakref.ref(state)
+        self._state = weakref.ref(state, self._drop)
+
+    def _drop(self, _ref) -> None:
+        self.values = None
 
     def take(self, state: torch.Tensor):
         """(F_in, h, r) flattened over tokens when computed from `state` itself, else None."""
