@@ -24,9 +24,10 @@ Notable choices:
   forward order); `SinglePassStep.run` has a site's write compute the next site's read in the same kernel
   (`mhc_kernels/single_pass_fused.py`) and hands it over (`ops.single_pass.Prefetch`), taken only for the very state
   tensor it was computed from. Where the next site cannot be served (another rank's or a sharded phi, compile, the
-  halves that recomputation replays) the unfused pair runs, with the same bits.
-- The packing lives in the arm's step (`SinglePassStep`), so selective and full recomputation, which replay sites
-  through `site.read` / `site.step.write`, run this arm unchanged. Refused at config time: bf16 streams and
+  halves of selective recomputation, a full-recomputation group's last site: `parallel/recompute.py` chains within
+  groups) the unfused pair runs, with the same bits.
+- The packing lives in the arm's step (`SinglePassStep`), so selective recomputation, which replays sites through
+  `site.read` / `site.step.write`, and full recomputation, which reruns them, run this arm unchanged. Refused at config time: bf16 streams and
   `connection.collapse` (the arm's collapse is its mix).
 """
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .library import NS, _eager, _empty, _own_node, _recording, _slot
+from .single_pass_grads import read_grads, write_grads
 
 
 def _read_slots(state: torch.Tensor):
@@ -59,7 +60,7 @@ def sp_read_bwd(
     want_dphi: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d state [T, n+1, C] or empty, dphi [nC, K] or empty): `single_pass.sp_read_bwd`."""
-    from mhc_kernels.single_pass import sp_read_bwd as bwd
+    from mhc_kernels.single_pass_bwd import sp_read_bwd as bwd
 
     ds, dphi = bwd(state, phi, h, r, gh, f_grad, g, h_res, want_ds, want_dphi)
     return (ds if want_ds else _empty(state)), (dphi if want_dphi else _empty(phi))
@@ -83,21 +84,7 @@ def _read_setup(ctx, inputs, output):
 
 
 def _read_backward(ctx, g_fin, g_h, _r, g_link, hres_link):
-    state, phi, h, r = ctx.saved_tensors
-    if ctx.nodes is not None:
-        want_ds, want_dphi = (n is not None and torch._C._will_engine_execute_node(n) for n in ctx.nodes)
-    else:
-        want_ds, want_dphi = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if not (want_ds or want_dphi) or (g_fin is None and g_h is None and g_link is None):
-        return None, None, None
-    T, rows, C = state.shape
-    gh = torch.zeros_like(h) if g_h is None else g_h.float().contiguous()
-    gf = state.new_zeros(T, C) if g_fin is None else g_fin.contiguous()
-    g = h_res = None
-    if g_link is not None and want_ds:
-        g, h_res = g_link.to(state.dtype).contiguous(), hres_link.float().contiguous()
-    ds, dphi = sp_read_bwd(state, phi, h, r, gh, gf, g, h_res, want_ds, want_dphi)
-    return (ds if want_ds else None), (dphi if want_dphi else None), None
+    return *read_grads(sp_read_bwd, ctx, g_fin, g_h, g_link, hres_link), None
 
 
 sp_read.register_autograd(_read_backward, setup_context=_read_setup)
@@ -148,7 +135,7 @@ def sp_write_bwd(
     state: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, g: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dy, dh_post, dH_res) (`single_pass.sp_write_bwd`)."""
-    from mhc_kernels.single_pass import sp_write_bwd as bwd
+    from mhc_kernels.single_pass_bwd import sp_write_bwd as bwd
 
     return bwd(state, y, h_post, g)
 
@@ -173,17 +160,7 @@ def _write_setup(ctx, inputs, output):
 
 
 def _write_backward(ctx, g):
-    state, y, h_post, h_res = ctx.saved_tensors
-    n = state.shape[1] - 1
-    g = g.contiguous()
-    dy, dhp, dhr = sp_write_bwd(state, y, h_post, g)
-    dmix = g[:, n, :n].float()
-    if ctx.linked:
-        return None, dy, dhp, dhr, dmix, g, h_res
-    ds = torch.cat(
-        [torch.einsum("tij,tic->tjc", h_res, g[:, :n].float()).to(state.dtype), torch.zeros_like(g[:, n:])], 1
-    )
-    return ds, dy, dhp, dhr, dmix
+    return write_grads(sp_write_bwd, ctx, g)
 
 
 sp_write.register_autograd(_write_backward, setup_context=_write_setup)

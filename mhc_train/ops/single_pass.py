@@ -11,7 +11,8 @@ Axis legend: `...` leading token axes, n streams, C channels, K = n^2 + 2n coeff
   dH_res; it hands (g, H_res) through the read's link slots to the read's kernel, which writes the site's one
   gradient of the packed state (projection term, the mix's F_in term, H_res^T g, and the mix's own gradient in row
   n, from per-channel-block partials the kernel writes) and dphi: the other arms' one-dx chaining.
-- Under torch.compile both run as the custom ops of `library_single_pass.py` (no graph break at a site).
+- Under torch.compile both run as the custom ops of `library_single_pass.py` (no graph break at a site); the two
+  backwards' bodies (`single_pass_grads.py`) are shared with them, the kernel's launch or its op passed in.
 - Cross-site fusion: `single_pass_write(..., ahead=Prefetch(next phi, eps))` runs the fused boundary kernel
   (`mhc_kernels/single_pass_fused.py`), which also computes the next site's read of the state it returns;
   `single_pass_read(..., fetched=prefetch.take(state))` then returns those values instead of launching (same bits).
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 
 from .deepseek import mhc_coefficients_deepseek_ref
 from .reference import mhc_coefficients_ref, mhc_post_res_ref, mhc_pre_ref, mhc_projection_ref
+from .single_pass_grads import read_grads, write_grads
 from .sinkhorn import sinkhorn_knopp_implicit
 from .step import SiteKernels
 
@@ -82,19 +84,9 @@ class SinglePassRead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_fin, g_h, g_link, hres_link):
-        from mhc_kernels.single_pass import sp_read_bwd
+        from mhc_kernels.single_pass_bwd import sp_read_bwd
 
-        state, phi, h, r = ctx.saved_tensors
-        want_ds, want_dphi = (n is not None and torch._C._will_engine_execute_node(n) for n in ctx.nodes)
-        if not (want_ds or want_dphi) or (g_fin is None and g_h is None and g_link is None):
-            return None, None, None, None
-        T, rows, C = state.shape
-        gh = torch.zeros_like(h) if g_h is None else g_h.float().contiguous()
-        gf = state.new_zeros(T, C) if g_fin is None else g_fin.contiguous()
-        g = h_res = None
-        if g_link is not None and want_ds:
-            g, h_res = g_link.to(state.dtype).contiguous(), hres_link.float().contiguous()
-        ds, dphi = sp_read_bwd(state, phi, h, r, gh, gf, g, h_res, want_ds, want_dphi)
+        ds, dphi = read_grads(sp_read_bwd, ctx, g_fin, g_h, g_link, hres_link)
         return ds, dphi, None, None
 
 
@@ -117,18 +109,10 @@ class SinglePassWrite(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        from mhc_kernels.single_pass import sp_write_bwd
+        from mhc_kernels.single_pass_bwd import sp_write_bwd
 
-        state, y, h_post, h_res = ctx.saved_tensors
-        n = state.shape[1] - 1
-        g = g.contiguous()
-        dy, dhp, dhr = sp_write_bwd(state, y, h_post, g)
-        dmix = g[:, n, :n].float()
-        if ctx.linked:
-            return None, dy, dhp, dhr, dmix, g, h_res, None
-        ds = torch.zeros_like(state)
-        ds[:, :n] = torch.einsum("tij,tic->tjc", h_res, g[:, :n].float()).to(state.dtype)
-        return ds, dy, dhp, dhr, dmix, None, None, None
+        grads = write_grads(sp_write_bwd, ctx, g)
+        return *grads, *(None,) * (8 - len(grads))  # the slots' (unlinked) and `ahead`'s
 
 
 def _check(state: torch.Tensor) -> None:
@@ -147,7 +131,8 @@ def _phi(phi: torch.Tensor) -> torch.Tensor:
 class Prefetch:
     """Site l+1's read, computed by site l's fused write (`single_pass_write(..., ahead=Prefetch(phi, eps))`): after
     the write, `values` holds (F_in, h, r) of the state it returned (`state`, a weak reference). The next site takes
-    them only for that very tensor (`take`); any other input (a pipeline boundary, a recompute replay) reads it anew."""
+    them only for that very tensor (`take`); any other input (a pipeline boundary, a recompute replay) reads it anew.
+    The values are dropped when that tensor dies (no take could succeed after): a read nobody took is not held on."""
 
     __slots__ = ("phi", "eps", "values", "_state")
 
@@ -155,7 +140,10 @@ class Prefetch:
         self.phi, self.eps, self.values, self._state = _phi(phi.detach()), eps, None, None
 
     def bind(self, state: torch.Tensor) -> None:
-        self._state = weakref.ref(state)
+        self._state = weakref.ref(state, self._drop)
+
+    def _drop(self, _ref) -> None:
+        self.values = None
 
     def take(self, state: torch.Tensor):
         """(F_in, h, r) flattened over tokens when computed from `state` itself, else None."""

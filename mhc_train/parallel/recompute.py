@@ -36,6 +36,10 @@ Note:
    `full` cannot pass F's parameters into `_FullRecompute` (they are shards, swapped for gathered copies only
    inside F's forward), so a sharded group runs under torch's non-reentrant `checkpoint`, which re-runs F's forward,
    FSDP hooks included, in backward. ZBV / DualPipeV keep one unit per stage and `_FullRecompute`.
+6. Single-pass mHC's cross-site fusion (model/single_pass.py: a site's write computes the next site's read) stops at
+   group boundaries: `_chain_groups` chains the sites within each group only. Across one nothing could take the read
+   (the next group gets a new tensor, `_views`, and the replays run the groups last first), so a group's last site
+   computes none and leaves no prefetched tensor behind; `mhc` replays the halves, which never fuse.
 """
 
 from __future__ import annotations
@@ -258,6 +262,14 @@ def _sharded(parts) -> bool:
     return isinstance(parts[0].owner, FSDPModule)
 
 
+def _chain_groups(model, plan) -> None:
+    """Chain the sites (`Connection.chain_sites`) within each group of `plan` only (note 6); one group of all the
+    sites restores the model's own chain."""
+    sites = [site for _, site in model.sites()]
+    for start, stop in plan:
+        model.conn.chain_sites(sites[start:stop])
+
+
 def apply_recompute(model, mode: str, block: int | str = "auto", stage_sites: list[int] | None = None):
     """Choose `model`'s block runner for `mode` (`model.use_block_runner`); returns the block plan. `none` (and `mhc`
     on the residual baseline, which has no connection intermediates to drop) keeps the plain loop."""
@@ -268,7 +280,9 @@ def apply_recompute(model, mode: str, block: int | str = "auto", stage_sites: li
     plan = plan_blocks(n_sites, model.n_streams, block, stage_sites)
     if mode == "none" or (mode == "mhc" and model.conn_cfg.type == "residual"):
         model.use_block_runner(None)
+        _chain_groups(model, [(0, n_sites)])
         return plan
+    _chain_groups(model, plan)
 
     def runner(parts, h):
         for start, stop in plan:

@@ -262,3 +262,43 @@ def test_pipeline_matches_single_process(prepared_data, reference_runs, tmp_path
     overrides = {"parallel.pp": 2, "parallel.pp_schedule": schedule}
     launch.run(launch.torchrun_cmd(run_overrides(prepared_data, pp, **common, **overrides)))
     assert_close_runs(pp, ref, 3)
+
+
+def test_recompute_computes_no_read_ahead_that_no_site_takes():
+    """triton (interpreter): under recompute=full with L_r = 2 (two groups of two sites) every site read, in the forward
+    and in each backward replay, is served by exactly one launch (its own read kernel or the previous site's fused
+    write): a group's last site computes no read ahead (the next group gets a new tensor, and the replays run the
+    groups last first), and no prefetch is left on any site after the step; loss and gradients equal the plain fused
+    model's bit for bit. recompute=mhc replays the halves: no fused write at all."""
+    pytest.importorskip("triton")
+    from mhc_kernels.utils import capture
+    from mhc_train.model.transformer import build_model
+    from mhc_train.parallel import apply_recompute
+    from tests.support.configs import tiny_model_cfg
+    from tools.measure import next_token_loss
+
+    cfg = conn_cfg("mhc", type="mhc_single_pass", numerics="deepseek_v4", phi_init_std=0.3, backend="triton")
+    model = build_model(tiny_model_cfg(n_layer=2), cfg, seed=0)
+    tokens = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        with capture() as launches:
+            loss = next_token_loss(model, tokens)
+            loss.backward()
+        assert all(site.fetched is None for _, site in model.sites())
+        names = [launch.name for launch in launches]
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        return names.count("_sp_write_read_fwd_kernel"), names.count("_sp_read_fwd_kernel"), loss.detach(), grads
+
+    *_, ref_loss, ref = run()
+    apply_recompute(model, "full", 2)
+    fused, reads, loss, grads = run()
+    assert (fused, reads) == (4, 4)  # 8 site reads: 4 in the forward, 4 in the replays; 2 fused per pass
+    assert torch.equal(loss, ref_loss)
+    for name in ref:
+        assert torch.equal(grads[name], ref[name]), name
+    apply_recompute(model, "mhc", 2)
+    assert run()[0] == 0
+    apply_recompute(model, "none")
+    assert run()[:2] == (3, 1)  # the plain model's chain is whole again
