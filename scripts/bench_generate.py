@@ -1,5 +1,6 @@
-"""Decode speed with the KV cache (mhc-train generate's path): tokens/s for residual, HC and mHC, and the ratio of
-each arm's time per token to the residual's.
+"""Decode speed with the KV cache (mhc-train generate's path): tokens/s for residual, HC, mHC, DeepSeek-V4.1's
+single-pass mHC (`mhc_single_pass`) and mHC with DeepSeek-V4's numerics (`mhc_deepseek_v4`), and the ratio of each
+arm's time per token to the residual's measured in the same invocation (the only comparison a shared machine allows).
 
     .venv/bin/python scripts/bench_generate.py                            # demo size, CPU, batch 1 and 8, 256 tokens
     .venv/bin/python scripts/bench_generate.py --batch 1 8 32 --new-tokens 512 --device cuda --model 125m
@@ -11,7 +12,9 @@ each repeat. Wall time and the process's CPU time (`time.process_time`, one torc
 shared machine the wall time includes waiting for a core, the CPU time does not (the 1-minute load average before
 and after is recorded). mHC runs twice:
 Sinkhorn as the C loop (`mhc_train/infer/sinkhorn_cpu.py`, what generate uses on CPU) and as torch ops (its
-fallback without a C compiler). Prints a table and writes JSON to benchmarks/results/bench_generate_<device>.json.
+fallback without a C compiler). The single-pass and deepseek_v4 arms have no C loop: their Sinkhorn runs as torch
+ops (the single-pass site decodes as it trains; deepseek_v4 through `DeepseekDecodeSite`). Prints a table and writes
+JSON to benchmarks/results/bench_generate_<device>.json (`--note`: what else ran on the machine).
 Target (issue 16): mHC decode within 1.5x of the residual's time per token on CPU at demo size.
 """
 
@@ -35,7 +38,14 @@ from mhc_train.infer.sinkhorn_cpu import native_sinkhorn  # noqa: E402
 from mhc_train.model import build_model  # noqa: E402
 
 # (arm, native): mHC runs twice, with Sinkhorn as the C loop (what generate uses) and as torch ops (the fallback)
-VARIANTS = (("residual", True), ("hc", True), ("mhc", True), ("mhc", False))
+VARIANTS = (
+    ("residual", True),
+    ("hc", True),
+    ("mhc", True),
+    ("mhc", False),
+    ("mhc_single_pass", True),
+    ("mhc_deepseek_v4", True),
+)
 
 
 def main() -> None:
@@ -47,6 +57,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny decode steps are dispatch-bound)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--note", default="", help="recorded in the JSON: what else ran on the machine")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ctx = args.prompt_len + args.new_tokens
@@ -76,7 +87,7 @@ def main() -> None:
                 wall[v] = min(wall[v], time.perf_counter() - t0)
                 cpu[v] = min(cpu[v], time.process_time() - c0)
         for arm, native in VARIANTS:
-            sinkhorn = None if arm != "mhc" else ("c" if native and c_loop else "torch")
+            sinkhorn = None if arm in ("residual", "hc") else ("c" if arm == "mhc" and native and c_loop else "torch")
             results.append(
                 {
                     "arm": arm,
@@ -88,18 +99,19 @@ def main() -> None:
                 }  # fmt: skip
             )
     base = {r["batch"]: r for r in results if r["arm"] == "residual"}
-    print(f"{'arm':>9} {'sinkhorn':>8} {'batch':>5} {'ms/step':>8} {'tokens/s':>9} {'vs residual':>11} "
+    print(f"{'arm':>15} {'sinkhorn':>8} {'batch':>5} {'ms/step':>8} {'tokens/s':>9} {'vs residual':>11} "
           f"{'cpu ms/step':>11} {'cpu vs residual':>15}")  # fmt: skip
     for r in results:
         r["time_vs_residual"] = r["s_per_step"] / base[r["batch"]]["s_per_step"]
         r["cpu_time_vs_residual"] = r["cpu_s_per_step"] / base[r["batch"]]["cpu_s_per_step"]
-        print(f"{r['arm']:>9} {r['sinkhorn'] or '-':>8} {r['batch']:>5} {r['s_per_step'] * 1e3:>8.2f} "
+        print(f"{r['arm']:>15} {r['sinkhorn'] or '-':>8} {r['batch']:>5} {r['s_per_step'] * 1e3:>8.2f} "
               f"{r['tokens_per_s']:>9.0f} {r['time_vs_residual']:>10.2f}x {r['cpu_s_per_step'] * 1e3:>11.2f} "
               f"{r['cpu_time_vs_residual']:>14.2f}x")  # fmt: skip
     out = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / f"bench_generate_{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: v for k, v in vars(args).items()}
     meta.update(torch=torch.__version__, machine=platform.processor() or platform.machine(), target_ratio=1.5)
+    meta.update(ratios="each arm against the residual of this invocation, the arms interleaved in every repeat")
     meta.update(cpus=os.cpu_count(), load_avg_1min=[round(load_before[0], 2), round(os.getloadavg()[0], 2)])
     out.write_text(json.dumps({"config": meta, "results": results}, indent=2) + "\n")
     print(f"wrote {out}")

@@ -4,7 +4,9 @@ For a matrix A (one site's H_res, or a product of them): forward Amax gain = max
 max absolute column sum, each averaged over the tokens of a fixed batch. Composite products: forward up to site l is
 `H_l ... H_1`; backward from site l to the output is `H_L ... H_l`. The minimum column sum is logged too, since
 attenuation is invisible to a max. HC reports its H_res equivalent (A_r^T); identity H_res and the residual baseline
-report exact 1s.
+report exact 1s. Single-pass mHC (docs/mhc.md section 10) composes the same chain: its state carries the lagged read
+mix as row n, which is no stream (the site's coefficients take n from the streams), and its H_res acts as the other
+mHC arms' does; its site l's H_pre is the read mix of site l + 1 (tests/train/test_single_pass_diagnostics.py).
 
 Whether H_res moves at all (issue 15): each site's mean Frobenius distance of H_res from J/n (the symmetric init) and
 from I (the HC-like init). Values that have no meaning are None: the distances for n = 1 (the residual baseline), the

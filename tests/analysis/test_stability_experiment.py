@@ -13,10 +13,13 @@ def test_stability_preset_is_deep_and_aggressive():
     cfg = load_config(["+experiment=stability"])
     assert cfg.model.n_layer == 24 and cfg.model.dim <= 64 and cfg.optim.lr >= 1e-2 and cfg.optim.grad_clip > 0
     assert cfg.train.max_steps >= 200 and cfg.train.diag_every <= 20
-    for size in ("125m", "350m"):  # the GPU study presets: ~1.3B tokens each
-        cfg = load_config([f"+experiment=study_gpu_{size}", "connection=mhc_hclike"])
-        t = cfg.train
-        assert 1.2e9 < t.max_steps * t.batch_size * t.seq_len * t.grad_accum < 1.4e9 and cfg.train.device == "cuda"
+    for size in ("125m", "350m"):  # the GPU study presets: ~1.3B tokens each, every arm of their comment's command
+        for arm in ("mhc_hclike", "mhc_single_pass", "mhc_deepseek_v4"):
+            cfg = load_config([f"+experiment=study_gpu_{size}", f"connection={arm}"])
+            t = cfg.train
+            assert 1.2e9 < t.max_steps * t.batch_size * t.seq_len * t.grad_accum < 1.4e9 and t.device == "cuda"
+    cfg = load_config(["+experiment=stability", "connection=mhc_single_pass_hclike"])  # the single-pass stability arm
+    assert cfg.connection.type == "mhc_single_pass" and cfg.connection.b_res_init == "identity"
 
 
 def test_stability_runs_end_to_end_and_plots_gain_over_steps(prepared_data, tmp_path):
