@@ -43,10 +43,12 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow" tests
 
 # The whole engine x precision x recompute x backend matrix, the tensor-parallel arms / backends / resume cases and
-# the single-pass arm's extra kernel and pipeline cases: `make test` runs one case per row of each, this all of them.
+# the single-pass arm's extra kernel and pipeline cases and HSDP x EP: `make test` runs one case per row of each,
+# this all of them.
 test-matrix: $(STAMP)
 	MHC_TRAIN_MATRIX_FULL=1 $(PY) -m pytest -q -n 2 --dist worksteal tests/parallel/test_matrix.py \
-		tests/parallel/test_tensor_parallel.py tests/kernels/test_single_pass_kernels.py tests/model/test_single_pass.py
+		tests/parallel/test_tensor_parallel.py tests/kernels/test_single_pass_kernels.py tests/model/test_single_pass.py \
+		tests/parallel/test_expert_parallel_dp.py
 
 demo: $(STAMP)
 	$(PY) -m mhc_train.cli demo
