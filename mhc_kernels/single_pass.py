@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import interpreting, launch, launch_tuned, next_pow2
+from .utils import interpreting, launch, launch_tuned, next_pow2, stream_tile
 
 
 @triton.jit
@@ -150,19 +150,11 @@ def sp_read_fwd(state: torch.Tensor, phi: torch.Tensor, eps: float):
     return f_in, h, r
 
 
-def _write_blocks(n: int, C: int) -> tuple[int, int, int]:
-    """(N_PAD, BLOCK_T, BLOCK_C): a [T, n, C] tile of ~1k values per program (stream_mix.py's rule)."""
-    n_pad = next_pow2(n)
-    block_c = min(128, next_pow2(C), max(16, 1024 // n_pad))
-    block_t = max(1, min(16, 1024 // (n_pad * block_c)))
-    return n_pad, block_t, block_c
-
-
 def sp_write_fwd(state, y, h_post, h_res, mix):
     """state [T, n+1, C], y [T, C], h_post [T, n], h_res [T, n, n], mix [T, n] fp32 -> the next state [T, n+1, C]."""
     T, rows, C = state.shape
     n = rows - 1
-    n_pad, bt, bc = _write_blocks(n, C)
+    n_pad, bt, bc = stream_tile(n, C)
     out = torch.empty_like(state)
     wide = dict(BLOCK_T=bt, BLOCK_C=2 * bc) if 2 * bc <= next_pow2(C) else dict(BLOCK_T=2 * bt, BLOCK_C=bc)
     launch_tuned(

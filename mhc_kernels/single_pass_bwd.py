@@ -13,15 +13,15 @@ from __future__ import annotations
 import torch
 import triton
 
-from .single_pass import _sp_read_bwd_kernel, _sp_write_bwd_kernel, _write_blocks
-from .utils import launch, next_pow2
+from .single_pass import _sp_read_bwd_kernel, _sp_write_bwd_kernel
+from .utils import launch, next_pow2, stream_tile
 
 
 def sp_write_bwd(state, y, h_post, g):
     """(dy [T, C] in y's dtype, dh_post [T, n], dh_res [T, n, n]) fp32; no gradient of the state (the read's)."""
     T, rows, C = state.shape
     n = rows - 1
-    n_pad, bt, bc = _write_blocks(n, C)
+    n_pad, bt, bc = stream_tile(n, C)
     dy = torch.empty_like(y)
     dhp = torch.empty(T, n, device=state.device, dtype=torch.float32)
     dhr = torch.empty(T, n, n, device=state.device, dtype=torch.float32)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .link import SiteLink, check_linked
-from .utils import MAX_STREAMS, STREAM_DTYPES, check_tensor, launch_tuned, next_pow2
+from .utils import MAX_STREAMS, STREAM_DTYPES, check_tensor, launch_tuned, next_pow2, stream_tile
 
 
 @triton.jit(do_not_specialize=["n_tokens"])
@@ -194,16 +194,6 @@ def _mhc_post_res_bwd_kernel(
         tl.store(dhr_ptr + p_nn, dhr, mask=m_nn)
 
 
-def _blocks(n: int, C: int) -> tuple[int, int, int]:
-    """(N_PAD, BLOCK_T, BLOCK_C): a [T, n, C] tile of ~1k values per program (8 per thread at 4 warps: every tile
-    holds 64-bit pointers, so more values per thread push the backward past 255 registers and spill; n = 16 with an
-    unaligned C at 2k values per program did, in the compile gate)."""
-    n_pad = next_pow2(n)
-    block_c = min(128, next_pow2(C), max(16, 1024 // n_pad))
-    block_t = max(1, min(16, 1024 // (n_pad * block_c)))
-    return n_pad, block_t, block_c
-
-
 def _candidates(n: int, C: int, bt: int, bc: int, wide: bool = True) -> list[dict]:
     """The autotune set: the rule's [bt, n, bc] tile at 4 warps, and at 8 warps either the same values per thread
     over twice the tile (`wide`: twice the channels while they fit C, else twice the tokens) or the same tile (the
@@ -229,7 +219,7 @@ def _check(n: int, **tensors) -> None:
 
 def mhc_pre_fwd(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     T, n, C = x.shape
-    n_pad, bt, bc = _blocks(n, C)
+    n_pad, bt, bc = stream_tile(n, C)
     out = torch.empty(T, C, device=x.device, dtype=x.dtype)
     launch_tuned(
         _mhc_pre_fwd_kernel,
@@ -251,7 +241,7 @@ def mhc_pre_fwd(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
 def mhc_pre_bwd(x, h_pre, g, write_dx=True):
     """(dx or None, dh_pre); write_dx=False when the site's projection writes dx (a link)."""
     T, n, C = x.shape
-    n_pad, bt, bc = _blocks(n, C)
+    n_pad, bt, bc = stream_tile(n, C)
     dx, dh = (torch.empty_like(x) if write_dx else None), torch.empty_like(h_pre)
     launch_tuned(
         _mhc_pre_bwd_kernel,
@@ -275,7 +265,7 @@ def mhc_pre_bwd(x, h_pre, g, write_dx=True):
 
 def mhc_post_res_fwd(x, y, h_post, h_res):
     T, n, C = x.shape
-    n_pad, bt, bc = _blocks(n, C)
+    n_pad, bt, bc = stream_tile(n, C)
     out = torch.empty_like(x)
     has_res = h_res is not None
     launch_tuned(
@@ -301,7 +291,7 @@ def mhc_post_res_fwd(x, y, h_post, h_res):
 def mhc_post_res_bwd(x, y, h_post, h_res, g, write_dx=True):
     """(dx or None, dy, dh_post, dh_res or None); write_dx=False when the site's projection writes dx (a link)."""
     T, n, C = x.shape
-    n_pad, bt, bc = _blocks(n, C)
+    n_pad, bt, bc = stream_tile(n, C)
     if not write_dx and bt == 1:  # n = 16 without the dx tile: twice the channels (the compile gate: fp32 streams
         bc = min(2 * bc, next_pow2(C))  # spilled 12 B at 48 registers with 64 on sm_90; n <= 2 spilled with 2x)
     has_res = h_res is not None

@@ -218,3 +218,14 @@ def check_tensor(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...], sh
         raise ValueError(f"{name}: on {t.device} the Triton kernels need TRITON_INTERPRET=1 (set before import triton)")
     if shape_tail is not None and tuple(t.shape[-len(shape_tail) :]) != tuple(shape_tail):
         raise ValueError(f"{name}: expected trailing shape {tuple(shape_tail)}, got {tuple(t.shape)}")
+
+
+def stream_tile(n: int, C: int) -> tuple[int, int, int]:
+    """(N_PAD, BLOCK_T, BLOCK_C) of the stream kernels (stream_mix.py, single_pass.py): a [T, n, C] tile of ~1k values
+    per program (8 per thread at 4 warps: every tile holds 64-bit pointers, so more values per thread push the
+    backward past 255 registers and spill; n = 16 with an unaligned C at 2k values per program did, in the compile
+    gate)."""
+    n_pad = next_pow2(n)
+    block_c = min(128, next_pow2(C), max(16, 1024 // n_pad))
+    block_t = max(1, min(16, 1024 // (n_pad * block_c)))
+    return n_pad, block_t, block_c
