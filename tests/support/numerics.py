@@ -37,3 +37,17 @@ def assert_close_runs(a, b, step, rtol=1e-5, grads=True):
     wa, wb = runs.weights(a, step), runs.weights(b, step)
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-4), f"{k}: max diff {(wa[k] - wb[k]).abs().max():.2e}"
+
+
+def assert_ep_run_matches(arm: str, got, want, bias: str = "layers.1.ffn.expert_bias") -> None:
+    """An expert-parallel run (losses, per-step gradient dicts, final state dict) against one process: losses to 1e-5
+    relative, every gradient to 1e-4, the balancing bias bit for bit (and moved), the weights to 1e-4 absolute."""
+    for a, b in zip(got[0], want[0]):
+        assert abs(a - b) < 1e-5 * abs(b), (arm, got[0], want[0])
+    for step, (ga, gb) in enumerate(zip(got[1], want[1])):
+        assert ga.keys() == gb.keys(), (sorted(ga), sorted(gb))
+        for k in gb:
+            torch.testing.assert_close(ga[k], gb[k], rtol=1e-4, atol=1e-6, msg=f"{arm} step {step} {k}")
+    assert got[2][bias].abs().max() > 0 and torch.equal(got[2][bias], want[2][bias]), (got[2][bias], want[2][bias])
+    for k in want[2]:  # Adam turns float-order noise on near-zero gradients into lr-sized steps
+        torch.testing.assert_close(got[2][k], want[2][k], rtol=0, atol=1e-4, msg=k)
