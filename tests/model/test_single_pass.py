@@ -200,6 +200,35 @@ def test_recompute_gradients_are_bit_identical(mode, backend):
     apply_recompute(model, "none")
 
 
+def _fused_chain_model():
+    """A 2-layer single-pass model on the triton backend (deepseek_v4 numerics, phi large enough to matter) and a
+    batch: the model the cross-site fusion tests run."""
+    from mhc_train.model.transformer import build_model
+    from tests.support.configs import tiny_model_cfg
+
+    cfg = conn_cfg("mhc", type="mhc_single_pass", numerics="deepseek_v4", phi_init_std=0.3, backend="triton")
+    model = build_model(tiny_model_cfg(n_layer=2), cfg, seed=0)
+    return model, torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
+
+
+def _fused_step(model, tokens, capture_backward: bool):
+    """One forward and backward: (fused write launches, plain read launches, loss, gradients), the launches counted
+    over the forward (and the backward, with `capture_backward`: recompute's replays)."""
+    from mhc_kernels.utils import capture
+    from tools.measure import next_token_loss
+
+    model.zero_grad(set_to_none=True)
+    with capture() as launches:
+        loss = next_token_loss(model, tokens)
+        if capture_backward:
+            loss.backward()
+    if not capture_backward:
+        loss.backward()
+    names = [launch.name for launch in launches]
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return names.count("_sp_write_read_fwd_kernel"), names.count("_sp_read_fwd_kernel"), loss.detach(), grads
+
+
 def test_cross_site_fusion_runs_at_every_inner_boundary_with_the_unfused_bits():
     """triton (interpreter): each site's write also computes the next site's read (one fused kernel per inner
     sub-layer boundary, 2L - 1 of them; only the first site reads on its own), and loss and every gradient equal the
@@ -208,22 +237,11 @@ def test_cross_site_fusion_runs_at_every_inner_boundary_with_the_unfused_bits():
     test_recompute_gradients_are_bit_identical[mhc-triton] compares them with this fused model."""
     pytest.importorskip("triton")
     from mhc_kernels.utils import capture
-    from mhc_train.model.transformer import build_model
-    from tests.support.configs import tiny_model_cfg
-    from tools.measure import next_token_loss
 
-    cfg = conn_cfg("mhc", type="mhc_single_pass", numerics="deepseek_v4", phi_init_std=0.3, backend="triton")
-    model = build_model(tiny_model_cfg(n_layer=2), cfg, seed=0)
-    tokens = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
+    model, tokens = _fused_chain_model()
 
     def run():
-        model.zero_grad(set_to_none=True)
-        with capture() as launches:
-            loss = next_token_loss(model, tokens)
-        loss.backward()
-        names = [launch.name for launch in launches]
-        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        return names.count("_sp_write_read_fwd_kernel"), names.count("_sp_read_fwd_kernel"), loss.detach(), grads
+        return _fused_step(model, tokens, capture_backward=False)
 
     fused, reads, loss, grads = run()
     assert (fused, reads) == (3, 1)
@@ -271,25 +289,14 @@ def test_recompute_computes_no_read_ahead_that_no_site_takes():
     groups last first), and no prefetch is left on any site after the step; loss and gradients equal the plain fused
     model's bit for bit. recompute=mhc replays the halves: no fused write at all."""
     pytest.importorskip("triton")
-    from mhc_kernels.utils import capture
-    from mhc_train.model.transformer import build_model
     from mhc_train.parallel import apply_recompute
-    from tests.support.configs import tiny_model_cfg
-    from tools.measure import next_token_loss
 
-    cfg = conn_cfg("mhc", type="mhc_single_pass", numerics="deepseek_v4", phi_init_std=0.3, backend="triton")
-    model = build_model(tiny_model_cfg(n_layer=2), cfg, seed=0)
-    tokens = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
+    model, tokens = _fused_chain_model()
 
     def run():
-        model.zero_grad(set_to_none=True)
-        with capture() as launches:
-            loss = next_token_loss(model, tokens)
-            loss.backward()
+        out = _fused_step(model, tokens, capture_backward=True)
         assert all(site.fetched is None for _, site in model.sites())
-        names = [launch.name for launch in launches]
-        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        return names.count("_sp_write_read_fwd_kernel"), names.count("_sp_read_fwd_kernel"), loss.detach(), grads
+        return out
 
     *_, ref_loss, ref = run()
     apply_recompute(model, "full", 2)
